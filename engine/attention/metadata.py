@@ -1,0 +1,83 @@
+"""Batch metadata every attention backend reads: where each sequence's queries are, how long its
+KV is, which pages hold it and where this step's new KV goes.
+
+The batch is flattened ("varlen"): all new tokens of all sequences in one `[T, ...]` tensor.
+Sequences are ordered decodes first (query length 1), then prefill chunks, so backends can run
+a decode kernel on the first `num_decode_tokens` rows and a prefix-prefill kernel on the rest.
+Query token `i` of sequence `b` sits at position `seq_lens[b] - query_len[b] + i` and attends
+causally to KV positions `0 .. that position`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_decode_tokens: int  # == number of decode sequences (they come first)
+    query_start_loc: torch.Tensor  # int32 [B+1], cumulative query lengths
+    seq_lens: torch.Tensor  # int32 [B], KV length after this step (context + new tokens)
+    block_tables: torch.Tensor  # int32 [B, max_pages], page ids; padding entries are 0
+    slot_mapping: torch.Tensor  # int64 [T], page * page_size + offset for each new token; -1 = skip
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    page_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.query_lens_cpu))
+
+    @property
+    def num_decodes(self) -> int:
+        return self.num_decode_tokens
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], page_tables: list[list[int]],
+              page_size: int, device: torch.device | str = "cpu",
+              max_pages: int | None = None) -> "AttentionMetadata":
+        """Build metadata from plain lists; `page_tables[b]` must cover `seq_lens[b]` tokens."""
+        if not (len(query_lens) == len(seq_lens) == len(page_tables)):
+            raise ValueError("query_lens, seq_lens and page_tables must have one entry per sequence")
+        num_decodes = 0
+        for q in query_lens:
+            if q != 1:
+                break
+            num_decodes += 1
+        if any(q == 1 for q in query_lens[num_decodes:]) and any(q > 1 for q in query_lens[:num_decodes]):
+            raise ValueError("decode sequences (query length 1) must come before prefill chunks")
+        slots: list[int] = []
+        for q, s, table in zip(query_lens, seq_lens, page_tables):
+            if q < 1 or q > s:
+                raise ValueError(f"query length {q} must be in [1, seq_len={s}]")
+            if len(table) * page_size < s:
+                raise ValueError(f"page table of {len(table)} pages cannot hold {s} tokens")
+            for pos in range(s - q, s):
+                slots.append(table[pos // page_size] * page_size + pos % page_size)
+        width = max_pages if max_pages is not None else max((len(t) for t in page_tables), default=1)
+        tables = torch.zeros((len(page_tables), max(width, 1)), dtype=torch.int32)
+        for b, t in enumerate(page_tables):
+            if t:
+                tables[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        return cls(
+            num_decode_tokens=num_decodes,
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=tables.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            page_size=page_size,
+        )

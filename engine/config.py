@@ -1,0 +1,221 @@
+"""Typed configuration of the engine: one dataclass per component, validated at construction.
+
+`ModelConfig` is the single source of truth for a model's shape; everything else (KV page
+layout, memory budgets, roofline numbers) is derived from it. It wraps the HF `config.json`
+dict (kept as `hf` for architecture-specific fields) and normalises the handful of fields every
+component needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says which field and why."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Layout of one layer's KV pool: `[num_pages, num_components, page_size, num_heads, head_dim]`.
+
+    A page of one layer is one contiguous block of `page_bytes` bytes, so a KV transfer is a
+    list of (layer, page) blocks. GQA models store K and V (2 components); MLA models store
+    one component: the compressed latent followed by the rope key (`head_dim = kv_lora_rank +
+    qk_rope_head_dim`, one head).
+    """
+
+    num_layers: int
+    page_size: int
+    num_components: int
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    kind: str  # "gqa" or "mla"
+
+    def __post_init__(self):
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
+        if self.kind not in ("gqa", "mla"):
+            raise ConfigError(f"unknown KV kind {self.kind!r}")
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_components, self.page_size, self.num_heads, self.head_dim)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page of one layer."""
+        c, p, h, d = self.page_shape
+        return c * p * h * d * torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of KV one token occupies across all layers."""
+        return self.page_bytes * self.num_layers // self.page_size
+
+    def describe(self) -> dict[str, Any]:
+        """A plain description both sides of a KV transfer compare at handshake."""
+        return {
+            "kind": self.kind, "num_layers": self.num_layers, "page_size": self.page_size,
+            "num_components": self.num_components, "num_heads": self.num_heads,
+            "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+@dataclass
+class ModelConfig:
+    """Normalised view of an HF model config; `hf` keeps the raw dict for model-specific fields."""
+
+    hf: dict[str, Any]
+    path: str | None = None  # checkpoint directory, or None for a preset
+    dtype: torch.dtype = torch.float32
+
+    architecture: str = field(init=False)
+    model_type: str = field(init=False)
+    vocab_size: int = field(init=False)
+    hidden_size: int = field(init=False)
+    num_layers: int = field(init=False)
+    num_heads: int = field(init=False)
+    num_kv_heads: int = field(init=False)
+    head_dim: int = field(init=False)
+    max_model_len: int = field(init=False)
+    tie_word_embeddings: bool = field(init=False)
+    is_mla: bool = field(init=False)
+    is_moe: bool = field(init=False)
+
+    def __post_init__(self):
+        archs = self.hf.get("architectures") or []
+        if not archs:
+            raise ConfigError("config.json has no 'architectures' entry")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        self.architecture = arch
+        self.model_type = self.hf.get("model_type", "")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(self.hf.get(key), int) or self.hf[key] <= 0:
+                raise ConfigError(f"config field {key!r} must be a positive integer, got {self.hf.get(key)!r}")
+        self.vocab_size = self.hf["vocab_size"]
+        self.hidden_size = self.hf["hidden_size"]
+        self.num_layers = self.hf["num_hidden_layers"]
+        self.num_heads = self.hf["num_attention_heads"]
+        self.num_kv_heads = self.hf.get("num_key_value_heads") or self.num_heads
+        self.is_mla = arch.startswith("Deepseek")
+        self.is_moe = arch in ("Qwen3MoeForCausalLM",) or self.is_mla and bool(self.hf.get("n_routed_experts"))
+        if self.is_mla:
+            self.head_dim = self.hf["qk_nope_head_dim"] + self.hf["qk_rope_head_dim"]
+        else:
+            self.head_dim = self.hf.get("head_dim") or self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_kv_heads}")
+        self.max_model_len = int(self.hf.get("max_position_embeddings", 4096))
+        self.tie_word_embeddings = bool(self.hf.get("tie_word_embeddings", False))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str | torch.dtype = "auto") -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ConfigError(f"{path!r} is neither a known preset nor a directory with config.json")
+        with open(cfg_path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        return cls(hf=hf, path=path, dtype=resolve_dtype(dtype, hf))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.hf.get("eos_token_id")
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def kv_spec(self, page_size: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
+        dtype = dtype or self.dtype
+        if self.is_mla:
+            dim = self.hf["kv_lora_rank"] + self.hf["qk_rope_head_dim"]
+            return KVCacheSpec(self.num_layers, page_size, 1, 1, dim, dtype, "mla")
+        return KVCacheSpec(self.num_layers, page_size, 2, self.num_kv_heads, self.head_dim, dtype, "gqa")
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
+    """`auto` means the checkpoint's dtype, but float32 on CPU-only machines is the caller's call."""
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return _DTYPES.get(name, torch.float32)
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache sizing. Exactly one of `num_pages` / `memory_fraction` decides the pool size."""
+
+    page_size: int = 16
+    num_pages: int | None = None  # fixed pool size (CPU default: sized from `cpu_kv_bytes`)
+    gpu_memory_utilization: float = 0.90  # fraction of GPU memory the whole process may use
+    cpu_kv_bytes: int = 1 << 30  # KV budget on CPU when num_pages is not given
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self):
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ConfigError(f"num_pages must be >= 1, got {self.num_pages}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step and tokens per step (chunked prefill budget)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    max_waiting: int = 4096  # bounded admission queue: beyond this, requests are refused as overloaded
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ParallelConfig:
+    """How a node's ranks split the model. EP and attention-DP come with the expert-parallel work."""
+
+    ep_size: int = 1
+    ep_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self):
+        if self.ep_size < 1 or not 0 <= self.ep_rank < self.ep_size:
+            raise ConfigError(f"invalid ep_rank {self.ep_rank} for ep_size {self.ep_size}")
+        if self.tp_size != 1:
+            raise ConfigError("tensor parallelism is not implemented yet (tp_size must be 1)")

@@ -1,0 +1,21 @@
+"""What a model's forward pass gets besides token ids and positions: attention metadata, the
+per-layer KV pool tensors and the chosen attention backend; plus an optional expert-load
+recorder for EPLB. Built by the model runner, read by layers; models never build it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.backend import AttentionBackend
+from engine.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class ForwardBatch:
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # kv_caches[layer_id]: [num_pages, *page_shape]
+    backend: AttentionBackend
+    # [num_layers, num_logical_experts] token counts per expert, accumulated by MoE layers when
+    # set (EPLB's load window); None = not recording.
+    expert_load: torch.Tensor | None = None
