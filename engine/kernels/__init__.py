@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) and, beside each, a torch reference with the same signature."""

@@ -1,0 +1,29 @@
+"""Torch reference of the fused MoE expert computation (what `fused_moe.py`'s Triton kernels
+must reproduce): for every token, the weighted sum over its top-k experts of
+`down(silu(gate(x)) * up(x))`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """hidden `[T, H]`, w13 `[E, 2I, H]` (gate rows then up rows), w2 `[E, H, I]`,
+    topk_weights `[T, k]` (float32), topk_ids `[T, k]` (int) → `[T, H]` in hidden's dtype.
+    Ids outside `[0, E)` (e.g. -1 for experts owned by another rank) contribute nothing."""
+    num_experts = w13.shape[0]
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    flat_ids = topk_ids.reshape(-1)
+    token_idx = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
+    flat_w = topk_weights.reshape(-1).float()
+    for e in torch.unique(flat_ids).tolist():
+        if not 0 <= e < num_experts:
+            continue
+        sel = flat_ids == e
+        x = hidden[token_idx[sel]]
+        gate_up = F.linear(x, w13[e])
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e]).float()
+        out.index_add_(0, token_idx[sel], y * flat_w[sel, None])
+    return out.to(hidden.dtype)
