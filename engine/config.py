@@ -219,3 +219,47 @@ class ParallelConfig:
             raise ConfigError(f"invalid ep_rank {self.ep_rank} for ep_size {self.ep_size}")
         if self.tp_size != 1:
             raise ConfigError("tensor parallelism is not implemented yet (tp_size must be 1)")
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine process needs, built once from the CLI or the `LLM(...)` call."""
+
+    model: str  # preset name or checkpoint directory
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: seeded random weights
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: never capture CUDA graphs
+    cuda_graph_max_batch: int = 256
+    tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but no CUDA device is available")
+        return device
+
+    def resolved_dtype(self, model_hf: dict[str, Any]) -> torch.dtype:
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        if self.resolved_device().type == "cpu":
+            return torch.float32
+        return resolve_dtype("auto", model_hf)

@@ -1,0 +1,148 @@
+"""The engine loop of one GPU rank: admit requests, schedule a step, run it, report deltas.
+
+It owns the scheduler and the model runner and speaks in token ids only; tokenization,
+detokenization and stop strings belong to the front (`engine/llm.py` in-process, or
+`engine/engine_client.py` across a process boundary). Every request it accepts ends with exactly
+one output whose `finished` is true; a bad request is refused at `add_request` with a
+`RequestError` and leaves no state behind.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.model_runner import ModelRunner
+from engine.presets import resolve_model
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (bad prompt, over the context limit, duplicate id...)."""
+
+
+@dataclass
+class EngineOutput:
+    """What one step produced for one request (token-level; the front adds text)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: int | str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None,
+                 model_config: ModelConfig | None = None):
+        self.config = config
+        if model_config is None:
+            model_config = resolve_model(config.model, "auto")
+            model_config.dtype = config.resolved_dtype(model_config.hf)
+        self.model_config = model_config
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config, model_config, model)
+        self.max_model_len = self.runner.max_model_len
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_pages, self.max_model_len)
+        self.eos_token_ids = tuple(model_config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[EngineOutput] = []  # terminal outputs produced outside step()
+        self.num_steps = 0
+
+    # ------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    eos_token_ids: tuple[int, ...] | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in flight")
+        self.validate_prompt(prompt_token_ids, params, request_id)
+        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
+        self.scheduler.add_request(req)  # may raise SchedulerOverloaded; nothing is kept then
+        self.requests[request_id] = req
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "") -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError(f"request {request_id!r}: the prompt is empty")
+        if n >= self.max_model_len:
+            raise RequestError(f"request {request_id!r}: prompt of {n} tokens leaves no room to generate "
+                               f"within the context limit of {self.max_model_len} tokens")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"request {request_id!r}: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"request {request_id!r}: sampling params must be a SamplingParams")
+
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+              error: str | None = None) -> bool:
+        """Idempotent: a second abort, or an abort of a finished/unknown request, does nothing."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id, status=status, error=error)
+        self._pending.append(self._terminal(req, status, error))
+        return True
+
+    def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> EngineOutput:
+        return EngineOutput(req.request_id, [], finished=True, finish_reason=status.value,
+                            stop_reason=req.stop_reason, error=error,
+                            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # ------------------------------------------------------------- the loop
+    def step(self) -> list[EngineOutput]:
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        sched_out = self.scheduler.schedule()
+        if not sched_out.chunks:
+            return outputs
+        now = time.monotonic()
+        for c in sched_out.chunks:
+            if c.request.first_scheduled_time is None:
+                c.request.first_scheduled_time = now
+        result = self.runner.execute(sched_out.chunks)
+        for rid, lp in result.logprobs.items():
+            self.requests[rid].output_logprobs.append(lp)
+        finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
+        self.num_steps += 1
+        for c in sched_out.chunks:
+            req = c.request
+            rid = req.request_id
+            if rid not in result.sampled and rid not in finished:
+                continue
+            new = [result.sampled[rid]] if rid in result.sampled else []
+            if new and req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            out = EngineOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
+                               num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+            if rid in finished:
+                out.finished, out.finish_reason = True, req.finish_reason
+                out.stop_reason, out.error = req.stop_reason, req.error
+                self.requests.pop(rid, None)
+            outputs.append(out)
+        # Requests the scheduler ended without a chunk this step (e.g. refused at its limit).
+        for rid, req in list(self.requests.items()):
+            if req.is_finished:
+                self.requests.pop(rid)
+                outputs.append(self._terminal(req, req.status, req.error))
+        return outputs
+
+    def stats(self) -> dict:
+        s = dict(self.scheduler.stats())
+        s.update(num_steps=self.num_steps, num_pages=self.runner.num_pages, page_size=self.runner.page_size)
+        return s

@@ -1,0 +1,138 @@
+"""The model runner: turns one scheduled step into tensors, runs the model and samples.
+
+It owns the model weights, the KV pool memory, the attention backend and (on CUDA) the decode
+CUDA graphs. It knows nothing about queues or requests' lifecycles: it reads the scheduler's
+chunks (which tokens of which request to compute, into which pages) and returns the sampled
+token of every chunk that ends at its request's last known token.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.backend import select_backend
+from engine.attention.metadata import AttentionMetadata
+from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graph import DecodeGraphs
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache import KVPool
+from engine.sampler import Sampler
+from engine.weight_loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request_id -> new token
+    logprobs: dict[str, object]  # request_id -> logprob entry (only where asked for)
+    num_tokens: int  # tokens computed this step
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module | None = None):
+        self.config = config
+        self.model_config = model_config
+        self.device = config.resolved_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.model = model if model is not None else load_model(
+            model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel)
+        self.backend = select_backend(self.device, config.attention_backend)
+        self.page_size = config.cache.page_size
+        self.kv_spec = model_config.kv_spec(self.page_size)
+        self.max_model_len = config.max_model_len or model_config.max_model_len
+        self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.num_pages = self._decide_num_pages()
+        self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)
+        self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
+            self.graphs = DecodeGraphs(self, max_batch)
+            self.graphs.capture()
+        log.info("model runner ready: %s on %s, %s, %d KV pages of %d tokens (%.1f MiB), backend=%s, graphs=%s",
+                 model_config.architecture, self.device, model_config.dtype, self.num_pages, self.page_size,
+                 self.kv_pool.total_bytes / 2**20, self.backend.name, self.graphs is not None)
+
+    # ---------------------------------------------------------------- memory
+    def _decide_num_pages(self) -> int:
+        cache = self.config.cache
+        if cache.num_pages is not None:
+            return cache.num_pages
+        if self.device.type != "cuda":
+            return max(1, KVPool.pages_for_budget(self.kv_spec, cache.cpu_kv_bytes))
+        peak = self._profile_peak_activation_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * cache.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(self.device) - peak
+        pages = KVPool.pages_for_budget(self.kv_spec, budget)
+        if pages < self.max_pages_per_seq // 8 + 1:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache: {budget / 2**30:.2f} GiB left after weights and "
+                f"activations (gpu_memory_utilization={cache.gpu_memory_utilization}); lower max_num_batched_tokens "
+                f"or raise gpu_memory_utilization")
+        return pages
+
+    @torch.inference_mode()
+    def _profile_peak_activation_bytes(self) -> int:
+        """Run one prefill of `max_num_batched_tokens` into a scratch pool; peak minus resting memory."""
+        tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        pages = -(-tokens // self.page_size)
+        scratch = KVPool(self.kv_spec, pages, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        meta = AttentionMetadata.build([tokens], [tokens], [list(range(pages))], self.page_size, self.device)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(tokens, device=self.device)
+        hidden = self.model(ids, pos, ForwardBatch(meta, scratch.layers, self.backend))
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---------------------------------------------------------------- step
+    @torch.inference_mode()
+    def execute(self, chunks: list, expert_load: torch.Tensor | None = None) -> StepResult:
+        """Run one step over the scheduler's chunks (decodes first, then prefill chunks)."""
+        if not chunks:
+            return StepResult({}, {}, 0)
+        sampling = [c for c in chunks if c.sample]
+        if self.graphs is not None and expert_load is None and self.graphs.can_run(chunks):
+            logits = self.graphs.run(chunks)
+        else:
+            logits = self._run_eager(chunks, expert_load)
+        out = self.sampler.sample(logits, [c.request for c in sampling])
+        sampled = {c.request.request_id: t for c, t in zip(sampling, out.token_ids)}
+        logprobs = {}
+        if out.logprobs is not None:
+            logprobs = {c.request.request_id: lp for c, lp in zip(sampling, out.logprobs) if lp is not None}
+        return StepResult(sampled, logprobs, sum(c.num_new_tokens for c in chunks))
+
+    def _run_eager(self, chunks: list, expert_load: torch.Tensor | None) -> torch.Tensor:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, seq_lens, tables, logits_rows = [], [], [], []
+        for c in chunks:
+            start, n = c.start, c.num_new_tokens
+            input_ids.extend(c.request.all_token_ids[start: start + n])
+            positions.extend(range(start, start + n))
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(c.request.page_ids)
+            if c.sample:
+                logits_rows.append(len(input_ids) - 1)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.page_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load)
+        hidden = self.model(ids, pos, batch)
+        if not logits_rows:
+            return torch.empty(0, self.model_config.vocab_size, device=self.device)
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows])
