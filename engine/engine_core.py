@@ -100,6 +100,11 @@ class EngineCore:
                             stop_reason=req.stop_reason, error=error,
                             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
 
+    def fail_all(self, message: str) -> None:
+        """End every in-flight request with an error and free its pages (after a failed step)."""
+        for rid in list(self.requests):
+            self.abort(rid, RequestStatus.FINISHED_ERROR, message)
+
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._pending)
 

@@ -1,0 +1,209 @@
+"""The front's handle on an engine process: start it, send requests and aborts, receive token
+deltas, detokenize them here (never in the engine process) and hand text deltas to callers.
+
+A receiver thread owns the output socket; each request's deltas go to its own queue, read either
+synchronously (`RequestStream.__iter__`) or from asyncio (`RequestStream.__aiter__`). If the engine
+process dies, every in-flight request ends with an error instead of waiting forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import tempfile
+import threading
+import time
+
+import zmq
+
+from engine.config import EngineConfig, ModelConfig
+from engine.engine_core import EngineOutput
+from engine.engine_process import (AbortRequest, AddRequest, EngineFailed, EngineReady, Shutdown,
+                                   run_engine_process)
+from engine.output_processor import RequestOutput, RequestState
+from engine.request import RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class RequestStream:
+    """Deltas of one request, ending with one whose `finished` is true."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._q: queue.Queue[RequestOutput] = queue.Queue()
+
+    def put(self, delta: RequestOutput) -> None:
+        self._q.put(delta)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        return self._q.get(timeout=timeout)
+
+    def __iter__(self):
+        while True:
+            delta = self._q.get()
+            yield delta
+            if delta.finished:
+                return
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            delta = await loop.run_in_executor(None, self._q.get)
+            yield delta
+            if delta.finished:
+                return
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
+        self.config = config
+        self._dir = tempfile.mkdtemp(prefix="pdserve-engine-")
+        self._in_addr = f"ipc://{os.path.join(self._dir, 'in')}"
+        self._out_addr = f"ipc://{os.path.join(self._dir, 'out')}"
+        self._ctx = zmq.Context()
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.bind(self._out_addr)
+        self._proc = mp.get_context("spawn").Process(
+            target=run_engine_process, args=(config, self._in_addr, self._out_addr), daemon=True,
+            name="pdserve-engine")
+        self._proc.start()
+        self.info = self._wait_ready(startup_timeout_s)
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._in.connect(self._in_addr)
+        self._send_lock = threading.Lock()
+        self.model_config = ModelConfig(hf=self.info.hf_config, path=self.info.model_path)
+        self.max_model_len = self.info.max_model_len
+        self.tokenizer = load_tokenizer(config.tokenizer or self.info.model_path)
+        self._states: dict[str, RequestState] = {}
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closed = False
+        self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="engine-receiver")
+        self._receiver.start()
+
+    def _wait_ready(self, timeout_s: float) -> EngineReady:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._out.poll(200):
+                msg = pickle.loads(self._out.recv())
+                if isinstance(msg, EngineFailed):
+                    self._proc.join(5)
+                    raise RuntimeError(f"engine failed to start: {msg.message}")
+                return msg
+            if not self._proc.is_alive():
+                raise RuntimeError(f"engine process exited during start-up (exit code {self._proc.exitcode})")
+        self._proc.kill()
+        raise RuntimeError(f"engine did not become ready within {timeout_s:.0f} s")
+
+    # ------------------------------------------------------------- API
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    request_id: str | None = None) -> RequestStream:
+        if self._closed:
+            raise EngineDeadError("engine client is shut down")
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(rid)
+        with self._lock:
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already in flight")
+            self._states[rid] = RequestState(rid, prompt, list(prompt_token_ids), params, self.tokenizer)
+            self._streams[rid] = stream
+        self._send(AddRequest(rid, list(prompt_token_ids), params.to_dict(), self._eos_ids()))
+        return stream
+
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+              error: str | None = None) -> None:
+        if not self._closed:
+            self._send(AbortRequest(request_id, status.value, error))
+
+    def generate(self, prompts_or_ids: list, params: SamplingParams) -> list[RequestOutput]:
+        """Blocking convenience: run all prompts (text or id lists) and return final results in order."""
+        streams = []
+        for p in prompts_or_ids:
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            streams.append((self.add_request(ids, params, prompt=p if isinstance(p, str) else None)))
+        return [self._collect(s) for s in streams]
+
+    @staticmethod
+    def _collect(stream: RequestStream) -> RequestOutput:
+        token_ids, text, logprobs = [], [], []
+        for delta in stream:
+            token_ids += delta.token_ids
+            text.append(delta.text)
+            logprobs += delta.logprobs
+        delta.token_ids, delta.text, delta.logprobs = token_ids, "".join(text), logprobs
+        return delta
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._send(Shutdown())
+        except zmq.ZMQError:
+            pass
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._receiver.join(3)
+        self._in.close(0)
+        self._out.close(0)
+        self._ctx.term()
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._in.send(pickle.dumps(msg))
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = list(self.model_config.eos_token_ids)
+        if not ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids = [self.tokenizer.eos_token_id]
+        return tuple(ids)
+
+    # ------------------------------------------------------------- receiver thread
+    def _receive_loop(self) -> None:
+        while not self._closed:
+            if not self._out.poll(200):
+                if not self._proc.is_alive():
+                    self._fail_all(f"engine process died (exit code {self._proc.exitcode})")
+                    return
+                continue
+            try:
+                outputs: list[EngineOutput] = pickle.loads(self._out.recv())
+            except zmq.ZMQError:
+                return
+            for out in outputs:
+                self._deliver(out)
+
+    def _deliver(self, out: EngineOutput) -> None:
+        with self._lock:
+            state = self._states.get(out.request_id)
+            stream = self._streams.get(out.request_id)
+        if state is None or state.finished:
+            return
+        delta, stopped = state.process(out)
+        if stopped:
+            self.abort(out.request_id, RequestStatus.FINISHED_STOPPED)
+        if delta.finished:
+            with self._lock:
+                self._states.pop(out.request_id, None)
+                self._streams.pop(out.request_id, None)
+        stream.put(delta)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            pending = list(self._states)
+        for rid in pending:
+            self._deliver(EngineOutput(rid, [], finished=True, finish_reason="error", error=message))
