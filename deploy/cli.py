@@ -1,0 +1,169 @@
+"""The `pdserve` command. Each subcommand parses its flags into the owning component's typed
+config and hands over; no serving logic lives here.
+
+    pdserve generate --model tiny-llama --load-format dummy --prompt "Hello" --max-tokens 8 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="preset name (see `pdserve presets`) or HF checkpoint directory")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="auto: the checkpoint's safetensors; dummy: seeded random weights (any preset)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's, else DeepSeek's)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: from memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory this process may use (weights + activations + KV)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step (chunked prefill)")
+    g.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
+    g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (also seeds dummy weights)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format,
+                seed=args.seed if args.seed is not None else 0, max_model_len=args.max_model_len,
+                page_size=args.page_size, num_pages=args.num_pages,
+                gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=not args.no_prefix_cache,
+                enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, tokenizer=args.tokenizer)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="run prompts through one engine and print the outputs")
+    _add_engine_args(p)
+    src = p.add_argument_group("prompts (repeatable; one output per prompt)")
+    src.add_argument("--prompt", action="append", default=[], help="prompt text")
+    src.add_argument("--prompt-ids", action="append", default=[], type=_parse_ids, help="prompt token ids: 1,2,3")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=16)
+    s.add_argument("--min-tokens", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="0 or -1 = disabled")
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--stop-token-ids", type=_parse_ids, default=[], help="comma-separated stop token ids")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--logprobs", type=int, default=None, help="top-n logprobs per output token")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the engine loop in this process (default: a separate engine process)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM, build_engine_config
+    from engine.sampling_params import SamplingParams
+
+    prompts = list(args.prompt) + list(args.prompt_ids)
+    if not prompts:
+        print("pdserve generate: give at least one --prompt or --prompt-ids", file=sys.stderr)
+        return 2
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
+            stop=args.stop or None, stop_token_ids=args.stop_token_ids or None, ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs)
+        kwargs = engine_kwargs(args)
+        if args.in_process:
+            results = _generate_in_process(LLM(args.model, **kwargs), prompts, params)
+        else:
+            from engine.engine_client import EngineClient
+
+            client = EngineClient(build_engine_config(args.model, **kwargs))
+            try:
+                results = client.generate(prompts, params)
+            finally:
+                client.shutdown()
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"pdserve generate: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        if args.json:
+            obj = {"prompt": r.prompt, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
+                   "text": r.text, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
+            if r.error:
+                obj["error"] = r.error
+            if args.logprobs is not None:
+                obj["logprobs"] = _jsonable(r.logprobs)
+            print(json.dumps(obj, ensure_ascii=False))
+        else:
+            status = f"[{r.finish_reason}{': ' + r.error if r.error else ''}]"
+            print(f"{r.prompt if r.prompt is not None else r.prompt_token_ids!r} -> {r.text!r} {status}")
+    return 1 if any(r.finish_reason == "error" for r in results) else 0
+
+
+def _generate_in_process(llm, prompts: list, params) -> list:
+    """Text prompts and id prompts batch separately; results come back in the order given."""
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    ids = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    out: dict[int, object] = {}
+    if texts:
+        out.update(zip(texts, llm.generate([prompts[i] for i in texts], params)))
+    if ids:
+        out.update(zip(ids, llm.generate(prompt_token_ids=[prompts[i] for i in ids], sampling_params=params)))
+    return [out[i] for i in range(len(prompts))]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "__dict__"):
+        return _jsonable(vars(obj))
+    return obj
+
+
+def _presets_parser(sub) -> None:
+    p = sub.add_parser("presets", help="list the named model presets")
+    p.set_defaults(func=lambda args: _print_presets())
+
+
+def _print_presets() -> int:
+    from engine.presets import list_presets
+
+    for name in list_presets():
+        print(name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    _presets_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
