@@ -1,0 +1,139 @@
+"""Named model presets: the real `config.json` of well-known checkpoints, and tiny configs of the
+same architectures for CPU runs and tests.
+
+Presets carry no weights: run them with `--load-format dummy` (seeded random weights) or point
+`--model` at a checkpoint directory. Real configs are copied field for field from the published
+checkpoints (DeepSeek-V3 is listed in bf16; its fp8 quantization block is left out).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+
+from engine.config import ConfigError, ModelConfig, resolve_dtype
+
+_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+    "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "initializer_range": 0.02,
+}
+
+_DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6, "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "moe_layer_freq": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.001,
+    "seq_aux": True, "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "initializer_range": 0.02,
+}
+
+_QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": None, "attention_bias": False, "hidden_act": "silu", "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16", "initializer_range": 0.02,
+}
+
+_QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None, "attention_bias": False,
+    "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    "torch_dtype": "bfloat16", "initializer_range": 0.02,
+}
+
+_LLAMA_3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": None, "attention_bias": False,
+    "mlp_bias": False, "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "torch_dtype": "bfloat16", "initializer_range": 0.02,
+}
+
+# Tiny presets use the DeepSeek tokenizer's vocabulary (the default tokenizer) so text prompts work.
+_TINY_VOCAB = 129280
+_TINY_COMMON = {"vocab_size": _TINY_VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1,
+                "tie_word_embeddings": False, "torch_dtype": "float32", "initializer_range": 0.02,
+                "hidden_act": "silu", "attention_bias": False}
+
+
+def _tiny(base: dict[str, Any], **fields) -> dict[str, Any]:
+    cfg = copy.deepcopy(base)
+    cfg.update(_TINY_COMMON)
+    cfg.update(fields)
+    return cfg
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
+    "qwen3-8b": _QWEN3_8B,
+    "llama-3-8b": _LLAMA_3_8B,
+    "tiny-llama": _tiny(_LLAMA_3_8B, intermediate_size=128, num_key_value_heads=2, rope_theta=10000.0,
+                        tie_word_embeddings=True),
+    "tiny-qwen3": _tiny(_QWEN3_8B, intermediate_size=128, num_key_value_heads=2, head_dim=16),
+    "tiny-qwen3-moe": _tiny(_QWEN3_30B_A3B, intermediate_size=128, moe_intermediate_size=32,
+                            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2),
+    "tiny-deepseek-v2": _tiny(_DEEPSEEK_V2_LITE, intermediate_size=128, moe_intermediate_size=32,
+                              num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                              kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                              rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 0.707,
+                                            "mscale_all_dim": 0.707, "original_max_position_embeddings": 512,
+                                            "type": "yarn"}),
+    "tiny-deepseek-v3": _tiny(_DEEPSEEK_V3, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32,
+                              num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                              n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                              qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=0,
+                              rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 512,
+                                            "type": "yarn"}),
+}
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A fresh copy of a preset's HF config dict."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def resolve_model(name_or_dir: str, dtype: str | torch.dtype = "auto") -> ModelConfig:
+    """A preset name or an HF checkpoint directory → ModelConfig (path set only for directories)."""
+    if name_or_dir in PRESETS:
+        hf = preset_config(name_or_dir)
+        return ModelConfig(hf=hf, path=None, dtype=resolve_dtype(dtype, hf))
+    if os.path.isdir(name_or_dir):
+        return ModelConfig.from_pretrained(name_or_dir, dtype)
+    raise ConfigError(f"unknown model {name_or_dir!r}: not a preset ({', '.join(PRESETS)}) "
+                      f"and not a checkpoint directory")

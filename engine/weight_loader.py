@@ -1,0 +1,122 @@
+"""Builds a model on its device and fills its weights: from an HF checkpoint directory
+(safetensors, single file or sharded with an index), from an in-memory iterable of named tensors
+(e.g. an HF model's state dict), or with seeded random values (`load_format="dummy"`).
+
+Every parameter must be filled exactly once; anything missing, unknown or mis-shaped is a
+`WeightError` that names the tensor. The model classes do the name mapping (`load_weights`);
+this module owns files, devices, dtypes and completeness.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import zlib
+from typing import Iterable, Iterator
+
+import torch
+
+from engine.config import ModelConfig, ParallelConfig
+from engine.models import WeightError, get_model_class
+
+log = logging.getLogger(__name__)
+
+_INDEX = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (from its index when sharded)."""
+    index = os.path.join(path, _INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise WeightError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return [os.path.join(path, f) for f in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise WeightError(f"{path}: no *.safetensors files (use --load-format dummy to run without weights)")
+    return [os.path.join(path, f) for f in files]
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, cpu tensor) for every tensor of the checkpoint directory `path`."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise WeightError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def _dummy_fill(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Seeded random weights: norms near 1, biases near 0, matrices N(0, std). Each tensor's values
+    depend only on (seed, its name), so a model's weights do not change when others are added."""
+    for name, param in model.named_parameters():
+        gen = torch.Generator(device=param.device)
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+        with torch.no_grad():
+            if param.dim() == 1 and "norm" in name:
+                noise = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
+                param.copy_(1.0 + 0.1 * noise)
+            elif param.dim() == 1:
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen, device=param.device))
+            else:
+                for chunk in param.view(-1).split(1 << 26):  # bound the float32 temporary (256 MiB)
+                    chunk.copy_(std * torch.randn(chunk.shape, generator=gen, device=param.device))
+
+
+def _check_complete(model: torch.nn.Module, loaded: set[str], source: str) -> None:
+    expected = {name for name, _ in model.named_parameters()}
+    missing = sorted(expected - set(loaded))
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise WeightError(f"{source} is missing tensors for: {', '.join(missing[:8])}{more}")
+
+
+def load_model(model_config: ModelConfig, device: torch.device | str, load_format: str = "auto",
+               seed: int = 0, parallel: ParallelConfig | None = None,
+               weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> torch.nn.Module:
+    """Build `model_config`'s architecture on `device` in `model_config.dtype` and fill its weights."""
+    device = torch.device(device)
+    cls = get_model_class(model_config.architecture)
+    with _default_dtype(model_config.dtype), torch.device(device):
+        model = cls(model_config, parallel or ParallelConfig())
+    if weights is not None:
+        source = "the given weights"
+        loaded = model.load_weights(iter(weights))
+        _check_complete(model, loaded, source)
+    elif load_format == "dummy":
+        _dummy_fill(model, seed, float(model_config.hf.get("initializer_range", 0.02)))
+    else:
+        if model_config.path is None:
+            raise WeightError(f"model {model_config.architecture} has no checkpoint directory; "
+                              f"use --load-format dummy to run a preset with random weights")
+        source = f"checkpoint {model_config.path}"
+        loaded = model.load_weights(iter_safetensors(model_config.path))
+        _check_complete(model, loaded, source)
+    if hasattr(model, "process_weights_after_loading"):
+        model.process_weights_after_loading()
+    model.eval()
+    log.info("loaded %s (%s) on %s: %.2f B parameters", model_config.architecture, load_format, device,
+             sum(p.numel() for p in model.parameters()) / 1e9)
+    return model
