@@ -84,6 +84,10 @@ class EngineCore:
             raise RequestError(f"request {request_id!r}: token id {bad!r} is outside the vocabulary [0, {vocab})")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"request {request_id!r}: sampling params must be a SamplingParams")
+        need = self.scheduler.pages_for(n + 1)
+        if need > self.runner.num_pages:
+            raise RequestError(f"request {request_id!r}: prompt of {n} tokens needs {need} KV pages; "
+                               f"the pool holds {self.runner.num_pages}")
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
               error: str | None = None) -> bool:
