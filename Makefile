@@ -22,4 +22,4 @@ generate: install
 	pdserve generate $(ARGS)
 
 test: install
-	$(PYTHON) -m pytest -q -x --durations=15 tests $(ARGS)
+	$(PYTHON) -m pytest -q --durations=15 tests $(ARGS)
