@@ -9,10 +9,11 @@ from engine.attention.metadata import AttentionMetadata
 
 def write_kv(kv_cache: torch.Tensor, component: int, values: torch.Tensor, slot_mapping: torch.Tensor):
     """Scatter `values [T, H, D]` into `kv_cache[:, component]` at flat slots; slot -1 is skipped."""
-    num_pages, _, page_size, h, d = kv_cache.shape
-    flat = kv_cache[:, component].reshape(num_pages * page_size, h, d)
+    page_size = kv_cache.shape[2]
     keep = slot_mapping >= 0
-    flat[slot_mapping[keep]] = values[keep].to(kv_cache.dtype)
+    slots = slot_mapping[keep]
+    # Index the (non-contiguous) component view directly: a reshape of it would copy.
+    kv_cache[slots // page_size, component, slots % page_size] = values[keep].to(kv_cache.dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, component: int, table: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""The gated (SwiGLU) MLP of Llama/Qwen/DeepSeek dense layers and shared experts: one merged
+gate+up GEMM, `silu(gate) * up`, then the down projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.layers.activation import silu_and_mul
+from engine.layers.linear import Linear, MergedLinear
+from engine.models.weights import WeightTable, into, into_shard
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+    def register_weights(self, table: WeightTable, prefix: str) -> None:
+        """HF names `{prefix}.gate_proj.weight`, `.up_proj.weight`, `.down_proj.weight` (+ biases)."""
+        gu = self.gate_up_proj
+        params = ["weight"] + (["bias"] if gu.bias is not None else [])
+        for p in params:
+            for i, proj in enumerate(("gate_proj", "up_proj")):
+                table.add(f"{prefix}.{proj}.{p}", into_shard(gu, i, p))
+            table.add(f"{prefix}.down_proj.{p}", into(getattr(self.down_proj, p)))
+

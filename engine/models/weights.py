@@ -1,0 +1,70 @@
+"""Checkpoint-name → parameter mapping shared by the model files.
+
+A model lists every HF tensor name it accepts in a `WeightTable`, each with the function that
+copies it into place and the *slots* it fills (a slot is one parameter or one shard of a merged
+parameter). Alternative spellings of the same slots (e.g. transformers-5's fused in-memory MoE
+expert tensors next to the per-expert names of checkpoints on disk) are aliases. Loading fails
+with a `WeightError` naming the tensor on an unknown name or a shape mismatch, and naming the
+missing tensors when a slot was never filled.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable
+
+import torch
+
+from engine.models import WeightError
+
+Loader = Callable[[torch.Tensor, str], None]
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise WeightError(f"tensor {name!r}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def into(dst: torch.Tensor) -> Loader:
+    return lambda t, name: copy_into(dst, t, name)
+
+
+class WeightTable:
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.entries: dict[str, tuple[Loader, list[Hashable]]] = {}
+        self.required: dict[Hashable, str] = {}  # slot -> the canonical tensor name that fills it
+
+    def add(self, name: str, loader: Loader, slots: list[Hashable] | None = None, optional: bool = False) -> None:
+        slots = slots if slots is not None else [name]
+        self.entries[name] = (loader, slots)
+        if not optional:
+            for s in slots:
+                self.required.setdefault(s, name)
+
+    def alias(self, name: str, loader: Loader, slots: list[Hashable]) -> None:
+        """Another spelling that fills existing slots (not required by itself)."""
+        self.entries[name] = (loader, slots)
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]], skip: Callable[[str], bool] = lambda n: False) -> None:
+        filled: set[Hashable] = set()
+        for name, tensor in weights:
+            if skip(name):
+                continue
+            entry = self.entries.get(name)
+            if entry is None:
+                raise WeightError(f"{self.owner}: unexpected checkpoint tensor {name!r}")
+            loader, slots = entry
+            loader(tensor, name)
+            filled.update(slots)
+        missing = sorted({name for slot, name in self.required.items() if slot not in filled})
+        if missing:
+            more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+            raise WeightError(f"{self.owner}: checkpoint is missing tensor(s) {', '.join(missing[:8])}{more}")
+
+
+def into_shard(merged, index: int, param: str = "weight") -> Loader:
+    """Copy into slice `index` of a `MergedLinear`'s weight (or bias)."""
+    target = getattr(merged, param)
+    start, size = merged.offsets[index], merged.out_sizes[index]
+    return lambda t, name: copy_into(target.data[start: start + size], t, name)
