@@ -1,0 +1,142 @@
+"""Mixture-of-experts: routing (which experts each token goes to, with what weight) and the
+expert computation over stacked expert weights.
+
+Routing methods, matching the reference implementations:
+* `softmax` top-k (Qwen3-MoE, DeepSeek-V2 `greedy`), optionally renormalised;
+* `softmax` group-limited (DeepSeek-V2 `group_limited_greedy`: groups ranked by their best expert);
+* `sigmoid` grouped with a correction bias (DeepSeek-V3 `noaux_tc`: the bias only steers the
+  choice; groups ranked by the sum of their two best biased scores; weights are the unbiased
+  scores, renormalised, times `routed_scaling_factor`).
+
+Experts are stored stacked, `w13 [E, 2I, H]` (gate rows then up rows) and `w2 [E, H, I]`, the
+layout the fused kernels and expert-parallel weight moves use. The expert computation runs the
+Triton fused-MoE kernel on CUDA when available, else a CUDA-graph-safe torch path (gathered
+per-slot weights for small batches, all experts batched for large ones), and the torch reference
+on CPU. Expert ids outside `[0, E)` contribute nothing (experts owned by another EP rank).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ParallelConfig
+from engine.forward_batch import ForwardBatch
+from engine.kernels.fused_moe_ref import fused_experts_ref
+from engine.models.weights import WeightTable, copy_into
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
+                   num_groups: int = 1, topk_groups: int = 1, correction_bias: torch.Tensor | None = None,
+                   routed_scaling_factor: float = 1.0, group_score: str = "max"):
+    """router_logits `[T, E]` → (topk_weights `[T, k]` float32, topk_ids `[T, k]` int32)."""
+    logits = router_logits.float()
+    if scoring == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"unknown MoE scoring function {scoring!r}")
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if num_groups > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, num_groups, e // num_groups)
+        if group_score == "top2sum":
+            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            gscore = grouped.max(dim=-1).values
+        keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(topk_groups, dim=-1).indices, 1.0)
+        mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e).bool()
+        fill = float("-inf") if correction_bias is not None else 0.0
+        choice = choice.masked_fill(~mask, fill)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor) -> torch.Tensor:
+    """Capture-safe torch expert computation (no host sync; shapes depend only on T)."""
+    t, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    ids = topk_ids.long().clamp(0, num_experts - 1)
+    wts = (topk_weights.float() * valid).to(hidden.dtype)
+    if t * k <= num_experts:  # small batch: gather the selected experts, one batched GEMM per slot
+        x = hidden.repeat_interleave(k, dim=0).unsqueeze(1)  # [T*k, 1, H]
+        gate_up = torch.bmm(x, w13[ids.view(-1)].transpose(1, 2))  # [T*k, 1, 2I]
+        act = _silu_mul(gate_up)
+        y = torch.bmm(act, w2[ids.view(-1)].transpose(1, 2)).view(t, k, -1)  # [T, k, H]
+        return (y * wts.unsqueeze(-1)).sum(dim=1)
+    # large batch: every expert over every token, combined with a dense routing matrix
+    dense = torch.zeros(t, num_experts, dtype=hidden.dtype, device=hidden.device).scatter_add_(1, ids, wts)
+    x = hidden.unsqueeze(0).expand(num_experts, -1, -1)
+    act = _silu_mul(torch.bmm(x, w13.transpose(1, 2)))  # [E, T, I]
+    y = torch.bmm(act, w2.transpose(1, 2))  # [E, T, H]
+    return torch.einsum("eth,te->th", y, dense)
+
+
+def _silu_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _gpu_fused_experts():
+    try:
+        from engine.kernels.fused_moe import fused_experts
+        return fused_experts
+    except ImportError:
+        return None
+
+
+class FusedMoE(nn.Module):
+    """Routed experts of one MoE layer (routing is the caller's: see `select_experts`)."""
+
+    needs_batch = True
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, layer_id: int,
+                 parallel: ParallelConfig | None = None):
+        super().__init__()
+        self.num_experts, self.top_k, self.layer_id = num_experts, top_k, layer_id
+        self.intermediate_size = intermediate_size
+        self.parallel = parallel or ParallelConfig()
+        if self.parallel.ep_size != 1:
+            raise NotImplementedError("expert parallelism across ranks is not implemented yet (ep_size must be 1)")
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self._kernel = None
+
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                batch: ForwardBatch | None = None) -> torch.Tensor:
+        if batch is not None and batch.expert_load is not None:
+            ids = topk_ids.reshape(-1).long()
+            ok = (ids >= 0) & (ids < self.num_experts)
+            batch.expert_load[self.layer_id].scatter_add_(
+                0, ids.clamp(0, self.num_experts - 1), ok.to(batch.expert_load.dtype))
+        if hidden.device.type != "cuda":
+            return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids)
+        if self._kernel is None:
+            self._kernel = _gpu_fused_experts() or fused_experts_torch
+        return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids)
+
+    def register_weights(self, table: WeightTable, prefix: str) -> None:
+        """Per-expert checkpoint names, plus transformers-5's fused in-memory tensors as aliases."""
+        inter = self.intermediate_size
+        for e in range(self.num_experts):
+            table.add(f"{prefix}.{e}.gate_proj.weight", self._into(self.w13, e, 0, inter), slots=[(prefix, e, "g")])
+            table.add(f"{prefix}.{e}.up_proj.weight", self._into(self.w13, e, inter, inter), slots=[(prefix, e, "u")])
+            table.add(f"{prefix}.{e}.down_proj.weight", self._into(self.w2, e, 0, None), slots=[(prefix, e, "d")])
+        every = range(self.num_experts)
+        table.alias(f"{prefix}.gate_up_proj", lambda t, n: copy_into(self.w13.data, t, n),
+                    [(prefix, e, s) for e in every for s in ("g", "u")])
+        table.alias(f"{prefix}.down_proj", lambda t, n: copy_into(self.w2.data, t, n),
+                    [(prefix, e, "d") for e in every])
+
+    @staticmethod
+    def _into(param: nn.Parameter, e: int, start: int, size: int | None):
+        def load(t: torch.Tensor, name: str) -> None:
+            dst = param.data[e] if size is None else param.data[e, start: start + size]
+            copy_into(dst, t, name)
+        return load
