@@ -1,0 +1,83 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) in the weight-absorbed form, for every step.
+
+The KV cache holds one entry per token: the normalised compressed latent (`kv_lora_rank` = R
+channels) followed by the rotated shared rope key (P channels) — nothing per head. Queries are
+moved into latent space by absorbing the key up-projection (`W_UK`, from `kv_b_proj`) into the
+no-rope part of each head's query, so attention is multi-query over the cached entries with
+key = the whole entry and value = its first R channels; the value up-projection (`W_UV`) is
+applied to the attention output afterwards. The absorbed matrices are derived from `kv_b_proj`
+by `process_weights_after_loading()` (the weight loader calls it after filling weights).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.forward_batch import ForwardBatch
+from engine.layers.linear import Linear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, yarn_softmax_scale
+from engine.models.weights import WeightTable, into
+
+
+class MLAttention(nn.Module):
+    def __init__(self, hf: dict, layer_id: int, rope: RotaryEmbedding):
+        super().__init__()
+        hidden = hf["hidden_size"]
+        bias = bool(hf.get("attention_bias", False))
+        self.layer_id = layer_id
+        self.num_heads = hf["num_attention_heads"]
+        self.dn, self.dr, self.dv = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
+        self.rank = hf["kv_lora_rank"]
+        self.q_lora_rank = hf.get("q_lora_rank")
+        h, qk = self.num_heads, self.dn + self.dr
+        if self.q_lora_rank:
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = Linear(self.q_lora_rank, h * qk)
+        else:
+            self.q_proj = Linear(hidden, h * qk)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.rank + self.dr, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = Linear(self.rank, h * (self.dn + self.dv))
+        self.o_proj = Linear(h * self.dv, hidden, bias=bias)
+        self.rope = rope
+        self.scale = yarn_softmax_scale(hf, qk)
+        self.register_buffer("w_uk", torch.empty(h, self.dn, self.rank), persistent=False)  # q_nope → latent
+        self.register_buffer("w_uv", torch.empty(h, self.rank, self.dv), persistent=False)  # latent → v
+
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.dn + self.dv, self.rank)
+        self.w_uk.copy_(w[:, : self.dn])
+        self.w_uv.copy_(w[:, self.dn:].transpose(1, 2))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t, h = hidden.shape[0], self.num_heads
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        else:
+            q = self.q_proj(hidden)
+        q_nope, q_pe = q.view(t, h, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.rank, self.dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = self.rope.rotate(q_pe, positions)
+        k_pe = self.rope.rotate(k_pe, positions)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, R]
+        query = torch.cat([q_latent, q_pe], dim=-1)
+        entry = torch.cat([latent, k_pe], dim=-1)  # [T, R + P]: what the cache stores
+        out = batch.backend.mla(query, entry, batch.kv_caches[self.layer_id], batch.attn, self.scale, self.rank)
+        out = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # [T, H, dv]
+        return self.o_proj(out.reshape(t, h * self.dv))
+
+    def register_weights(self, table: WeightTable, prefix: str) -> None:
+        names = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+        names += ["q_a_proj", "q_b_proj"] if self.q_lora_rank else ["q_proj"]
+        for n in names:
+            lin = getattr(self, n)
+            table.add(f"{prefix}.{n}.weight", into(lin.weight))
+            if lin.bias is not None:
+                table.add(f"{prefix}.{n}.bias", into(lin.bias))
+        table.add(f"{prefix}.kv_a_layernorm.weight", into(self.kv_a_layernorm.weight))
+        if self.q_lora_rank:
+            table.add(f"{prefix}.q_a_layernorm.weight", into(self.q_a_layernorm.weight))
