@@ -1,0 +1,48 @@
+"""The GPU attention backend: Triton paged kernels (engine/kernels/paged_attention.py) behind the
+`AttentionBackend` interface. Decode rows (query length 1, first in the batch) go to the split-KV
+decode kernel, the rest to the prefill-with-prefix kernel. The pure-decode path reads only device
+tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
+from __future__ import annotations
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+from engine.kernels.paged_attention import decode_attention, prefill_attention, write_kv
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
+        write_kv(kv_cache, 0, k, meta.slot_mapping)
+        write_kv(kv_cache, 1, v, meta.slot_mapping)
+        d = q.shape[-1]
+        if not _pow2(d):
+            raise ValueError(f"triton attention needs a power-of-two head_dim, got {d}")
+        return self._attend(q, kv_cache, meta, scale, k_comp=0, v_comp=1, da=d, db=0)
+
+    def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int):
+        write_kv(kv_cache, 0, latent.unsqueeze(1), meta.slot_mapping)
+        db = q.shape[-1] - v_dim
+        if not _pow2(v_dim) or (db and not _pow2(db)):
+            raise ValueError(f"triton MLA needs power-of-two latent ({v_dim}) and rope ({db}) dims")
+        return self._attend(q, kv_cache, meta, scale, k_comp=0, v_comp=0, da=v_dim, db=db)
+
+    @staticmethod
+    def _attend(q, kv_cache, meta: AttentionMetadata, scale, k_comp, v_comp, da, db):
+        q = q.contiguous()
+        out = torch.empty(q.shape[0], q.shape[1], da, dtype=q.dtype, device=q.device)
+        nd = meta.num_decode_tokens
+        if nd:
+            decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                             k_comp, v_comp, da, db, out[:nd])
+        num_prefill = meta.num_seqs - nd
+        if num_prefill > 0:
+            max_q = max(meta.query_lens_cpu[nd:])
+            prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd, num_prefill,
+                              max_q, scale, k_comp, v_comp, da, db, out)
+        return out
