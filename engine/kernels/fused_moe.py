@@ -1,0 +1,122 @@
+"""Triton fused-MoE expert computation: `fused_experts(hidden, w13, w2, topk_weights, topk_ids)`
+with the contract of `fused_moe_ref.fused_experts_ref`.
+
+Token-expert pairs ("slots", `T*k` of them) are grouped by expert into blocks of BLOCK_M rows
+(`align_by_expert`, torch ops with no host sync); a grouped GEMM kernel then runs one program
+per (block, N tile) reading only that block's expert weights, so every touched expert's weights
+are read once per N tile and untouched experts not at all. Stage 1 computes `x @ w13[e]^T` per
+slot, `silu(gate) * up` follows, stage 2 computes `act @ w2[e]^T` scaled by the routing weight,
+and the k slots of each token are summed. Launch shapes depend only on T (CUDA-graph safe); the
+programs of unused blocks return at once. Slots with an expert id outside `[0, E)` (experts on
+another rank) are never scheduled and contribute zero.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """→ (sorted_slots [P] int32 with padding = T*k, block_expert [P/block_m] int32 with -1 = unused)."""
+    flat = topk_ids.reshape(-1).long()
+    n = flat.numel()
+    valid = (flat >= 0) & (flat < num_experts)
+    bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts = counts[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    first = counts.cumsum(0) - counts
+    order = torch.sort(bucket, stable=True).indices
+    sorted_bucket = bucket[order]
+    ok = sorted_bucket < num_experts
+    e = sorted_bucket.clamp(max=num_experts - 1)
+    rank = torch.arange(n, device=flat.device) - first[e]
+    max_padded = n + num_experts * (block_m - 1)
+    max_padded = (max_padded + block_m - 1) // block_m * block_m
+    dest = torch.where(ok, starts[e] + rank, torch.full_like(rank, max_padded))
+    sorted_slots = torch.full((max_padded + 1,), n, dtype=torch.int32, device=flat.device)
+    sorted_slots.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(0, max_padded, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_slots[:max_padded], block_expert
+
+
+@triton.jit
+def _grouped_gemm_kernel(a, b, c, weights, sorted_slots, block_expert, num_slots, n_out, k_in,
+                         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+                         TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert + pid_m)
+    if e < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots + rows)
+    row_ok = slots < num_slots
+    a_rows = slots // TOP_K if A_PER_TOKEN else slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptr = a + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptr = b + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_in
+        x = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(x, w, out_dtype=tl.float32)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights + slots, mask=row_ok, other=0.0)[:, None]
+    c_ptr = c + slots[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _tiles(num_slots: int, num_experts: int, on_cpu: bool):
+    if on_cpu:
+        return 16, 32, 32
+    per_expert = num_slots / max(1, num_experts)
+    if per_expert <= 16:
+        return 16, 64, 128
+    if per_expert <= 64:
+        return 32, 64, 64
+    return 64, 128, 64
+
+
+def _grouped_gemm(a, w, out, weights, sorted_slots, block_expert, num_slots, top_k, a_per_token, mul_weight,
+                  tiles):
+    bm, bn, bk = tiles
+    n_out, k_in = w.shape[1], w.shape[2]
+    grid = (block_expert.numel(), triton.cdiv(n_out, bn))
+    _grouped_gemm_kernel[grid](
+        a, w, out, weights, sorted_slots, block_expert, num_slots, n_out, k_in,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=mul_weight, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    t, k = topk_ids.shape
+    num_experts, two_i, h = w13.shape
+    num_slots = t * k
+    if num_slots == 0:
+        return torch.zeros_like(hidden)
+    tiles = _tiles(num_slots, num_experts, hidden.device.type == "cpu")
+    sorted_slots, block_expert = align_by_expert(topk_ids, num_experts, tiles[0])
+    hidden = hidden.contiguous()
+    gate_up = torch.empty(num_slots, two_i, dtype=hidden.dtype, device=hidden.device)
+    flat_w = topk_weights.reshape(-1).float().contiguous()
+    _grouped_gemm(hidden, w13, gate_up, flat_w, sorted_slots, block_expert, num_slots, k, True, False, tiles)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = (F.silu(gate) * up).contiguous()
+    down = torch.zeros(num_slots, h, dtype=hidden.dtype, device=hidden.device)
+    _grouped_gemm(act, w2, down, flat_w, sorted_slots, block_expert, num_slots, 1, False, True, tiles)
+    return down.view(t, k, h).sum(dim=1)
