@@ -1,0 +1,202 @@
+"""Engine benchmark for one model: decode tokens/s at several batch sizes and prefill tokens/s,
+each next to its roofline floor and (with --hf-baseline) HF transformers on the same weights.
+
+    python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 --batch 1,16,64 --hf-baseline --out DIR
+
+Decode is timed over steady-state steps only (every request past its prefill, CUDA graphs on);
+prefill is one step of a single prompt (prefix cache off, so nothing is reused).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+from bench import roofline
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.llm import build_engine_config
+from engine.presets import resolve_model
+from engine.sampling_params import SamplingParams
+from engine.weight_loader import load_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = core.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    rids = [f"d{batch}-{i}" for i in range(batch)]
+    for rid in rids:
+        core.add_request(rid, torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), params)
+    reqs = [core.requests[r] for r in rids]
+    while any(not r.output_token_ids for r in reqs):
+        core.step()
+    for _ in range(3):
+        core.step()
+    device = core.runner.device
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    for rid in rids:
+        core.abort(rid)
+    core.step()
+    graphs = core.runner.graphs is not None and batch <= core.runner.graphs.max_batch
+    return {"batch": batch, "steps": steps, "ms_per_step": dt / steps * 1e3, "tok_s": batch * steps / dt,
+            "context": prompt_len + steps, "cuda_graphs": graphs}
+
+
+def measure_prefill(core: EngineCore, tokens: int, seed: int, repeats: int = 3) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = core.model_config.vocab_size
+    device = core.runner.device
+    best = float("inf")
+    for i in range(repeats + 1):
+        rid = f"p{tokens}-{i}"
+        core.add_request(rid, torch.randint(0, vocab, (tokens,), generator=gen).tolist(),
+                         SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        _sync(device)
+        t0 = time.perf_counter()
+        outs = core.step()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        assert any(o.request_id == rid and o.finished for o in outs), "prefill did not finish in one step"
+        if i > 0:  # the first one compiles kernels
+            best = min(best, dt)
+    return {"tokens": tokens, "seconds": best, "tok_s": tokens / best}
+
+
+def run(args) -> dict:
+    mc = resolve_model(args.model, args.dtype)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.dtype == "auto":
+        mc.dtype = torch.float32
+    probe = None
+    if device.type == "cuda":
+        from bench.device_probe import probe as run_probe
+        probe = run_probe(str(device))
+    hf_results, model = None, None
+    if args.hf_baseline:
+        from bench import hf_baseline
+        hf = hf_baseline.build_hf_model(mc.hf, str(device), mc.dtype)
+        hf_results = {"decode": [hf_baseline.time_decode(hf, b, args.prompt_len, args.hf_decode_steps, mc.vocab_size,
+                                                         str(device)) for b in args.batch],
+                      "prefill": hf_baseline.time_prefill(hf, args.prefill_len, mc.vocab_size, str(device))}
+        model = load_model(mc, device, weights=hf.state_dict().items())
+        del hf
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    config: EngineConfig = build_engine_config(
+        args.model, dtype=str(mc.dtype).removeprefix("torch."), device=str(device), load_format="dummy",
+        max_model_len=args.max_model_len, enable_prefix_cache=False, max_num_seqs=max(args.batch),
+        max_num_batched_tokens=max(args.prefill_len, max(args.batch)), gpu_memory_utilization=args.gpu_mem,
+        num_pages=args.num_pages)
+    config.cuda_graph_max_batch = max(args.batch)
+    core = EngineCore(config, model=model, model_config=mc)
+    decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b) for b in args.batch]
+    prefill = measure_prefill(core, args.prefill_len, seed=7)
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "model": args.model, "dtype": str(mc.dtype),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "attention_backend": core.runner.backend.name,
+              "moe_backend": _moe_backend(core), "probe": probe, "decode": decode, "prefill": prefill, "hf": hf_results}
+    if probe:
+        hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
+        for d in decode:
+            f = roofline.floors(mc, hbm, flops, d["batch"], d["context"], args.prefill_len)
+            d["floor_ms_per_step"] = f["decode_step_floor_s"] * 1e3
+            d["ceiling_tok_s"] = f["decode_tok_s_ceiling"]
+            d["bytes_per_step"] = f["decode_bytes"]
+        f = roofline.floors(mc, hbm, flops, 1, 0, args.prefill_len)
+        prefill["floor_s"], prefill["ceiling_tok_s"], prefill["flops"] = (
+            f["prefill_floor_s"], f["prefill_tok_s_ceiling"], f["prefill_flops"])
+    return result
+
+
+def _moe_backend(core: EngineCore) -> str:
+    if not core.model_config.is_moe:
+        return "none"
+    if core.runner.device.type != "cuda":
+        return "torch reference (CPU)"
+    try:
+        import engine.kernels.fused_moe  # noqa: F401
+        return "triton fused_moe (local experts, ep_size=1)"
+    except ImportError:
+        return "torch fallback"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"### {r['model']} ({r['dtype']}) on {r['device']} — {r['date']}", "",
+             f"`{r['command']}`", "",
+             f"torch {r['torch']}, attention backend `{r['attention_backend']}`, MoE: {r['moe_backend']}"]
+    if r["probe"]:
+        p = r["probe"]
+        lines.append(f"Measured in the same run: HBM copy {p['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
+                     f"bf16 matmul {p['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.")
+    lines += ["", "| metric | ours | floor → ceiling | ours / ceiling | HF transformers | ours / HF |",
+              "|---|---|---|---|---|---|"]
+    hf = r.get("hf") or {}
+    for i, d in enumerate(r["decode"]):
+        h = hf["decode"][i] if hf else None
+        ceil = d.get("ceiling_tok_s")
+        floor = (f"{d['floor_ms_per_step']:.2f} ms/step ({d['bytes_per_step'] / 1e9:.2f} GB) → {ceil:,.0f} tok/s"
+                 if ceil else "–")
+        lines.append(f"| decode tok/s, batch {d['batch']} (ctx {d['context']}) | {d['tok_s']:,.0f} "
+                     f"({d['ms_per_step']:.2f} ms/step{', graphs' if d['cuda_graphs'] else ''}) | {floor} | "
+                     f"{d['tok_s'] / ceil:.0%} |" if ceil else f"| decode tok/s, batch {d['batch']} | {d['tok_s']:,.1f} | – | – |")
+        lines[-1] += (f" {h['tok_s']:,.0f} ({h['ms_per_step']:.1f} ms/step) | {d['tok_s'] / h['tok_s']:.1f}× |"
+                      if h else " – | – |")
+    p, h = r["prefill"], hf.get("prefill") if hf else None
+    ceil = p.get("ceiling_tok_s")
+    row = f"| prefill tok/s, {p['tokens']} tokens | {p['tok_s']:,.0f} ({p['seconds'] * 1e3:.1f} ms) |"
+    row += (f" {p['floor_s'] * 1e3:.1f} ms ({p['flops'] / 1e12:.1f} TFLOP) → {ceil:,.0f} tok/s | {p['tok_s'] / ceil:.0%} |"
+            if ceil else " – | – |")
+    row += f" {h['tok_s']:,.0f} | {p['tok_s'] / h['tok_s']:.1f}× |" if h else " – | – |"
+    lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--hf-decode-steps", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--num-pages", type=int, default=None)
+    ap.add_argument("--gpu-mem", type=float, default=0.85)
+    ap.add_argument("--hf-baseline", action="store_true")
+    ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")
+    args = ap.parse_args(argv)
+    r = run(args)
+    md = markdown(r)
+    print(md, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{args.model}.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, f"{args.model}.json"), "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
