@@ -47,6 +47,41 @@ def write_kv(kv_cache: torch.Tensor, comp: int, values: torch.Tensor, slot_mappi
 
 
 @triton.jit
+def _load_block(kv, block_tables, row_table, kvh, n0, end, qa, qb, stride_kp, stride_kc, stride_ks, stride_kh,
+                K_COMP: tl.constexpr, V_COMP: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of the queries against KV positions n0..n0+BLOCK_N (< end) and the values there."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    pmask = pos < end
+    page = tl.load(block_tables + row_table + pos // PAGE, mask=pmask, other=0)
+    base = kv + page * stride_kp + (pos % PAGE) * stride_ks + kvh * stride_kh
+    da = tl.arange(0, DA)
+    ka = tl.load(base[:, None] + K_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
+    qk = tl.dot(qa, tl.trans(ka), out_dtype=tl.float32)
+    if DB > 0:
+        db = tl.arange(0, DB)
+        kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None], other=0.0)
+        qk += tl.dot(qb, tl.trans(kb), out_dtype=tl.float32)
+    if V_COMP == K_COMP:
+        v = ka
+    else:
+        v = tl.load(base[:, None] + V_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
+    return pos, pmask, qk, v
+
+
+@triton.jit
+def _online_softmax(qk, v, m, l, acc):
+    """One flash-attention update of (running max, running sum, unnormalised output)."""
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+    return m_new, l, acc
+
+
+@triton.jit
 def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, scale,
                    stride_qt, stride_qh, stride_kp, stride_kc, stride_ks, stride_kh, stride_bt,
                    K_COMP: tl.constexpr, V_COMP: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -73,27 +108,13 @@ def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, scale,
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DA], tl.float32)
+    if DB == 0:
+        qb = qa
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        pmask = pos < end
-        page = tl.load(block_tables + b * stride_bt + pos // PAGE, mask=pmask, other=0)
-        base = kv + page * stride_kp + (pos % PAGE) * stride_ks + kvh * stride_kh
-        ka = tl.load(base[:, None] + K_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
-        qk = tl.dot(qa, tl.trans(ka), out_dtype=tl.float32)
-        if DB > 0:
-            kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None], other=0.0)
-            qk += tl.dot(qb, tl.trans(kb), out_dtype=tl.float32)
+        pos, pmask, qk, v = _load_block(kv, block_tables, b * stride_bt, kvh, n0, end, qa, qb, stride_kp, stride_kc,
+                                        stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N)
         qk = tl.where(pmask[None, :], qk * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        p = tl.exp(qk - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        if V_COMP == K_COMP:
-            v = ka
-        else:
-            v = tl.load(base[:, None] + V_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-        m = m_new
+        m, l, acc = _online_softmax(qk, v, m, l, acc)
     row = (b * NUM_HEADS + heads) * NUM_SPLITS + s
     tl.store(part_acc + row[:, None] * DA + da[None, :], acc, mask=hmask[:, None])
     tl.store(part_ml + row * 2, m, mask=hmask)
@@ -171,29 +192,14 @@ def _prefill_kernel(q, kv, block_tables, seq_lens, query_start, out, scale, seq_
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DA], tl.float32)
     end = tl.where(mb * BLOCK_M < q_len, tl.minimum(seq_len, ctx + (mb + 1) * BLOCK_M), 0)
+    if DB == 0:
+        qb = qa
     for n0 in range(0, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        pmask = pos < end
-        page = tl.load(block_tables + b * stride_bt + pos // PAGE, mask=pmask, other=0)
-        base = kv + page * stride_kp + (pos % PAGE) * stride_ks + kvh * stride_kh
-        ka = tl.load(base[:, None] + K_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
-        qk = tl.dot(qa, tl.trans(ka), out_dtype=tl.float32)
-        if DB > 0:
-            kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None], other=0.0)
-            qk += tl.dot(qb, tl.trans(kb), out_dtype=tl.float32)
+        pos, pmask, qk, v = _load_block(kv, block_tables, b * stride_bt, kvh, n0, end, qa, qb, stride_kp, stride_kc,
+                                        stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N)
         causal = (pos[None, :] <= q_pos[:, None]) & pmask[None, :]
         qk = tl.where(causal, qk * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        if V_COMP == K_COMP:
-            v = ka
-        else:
-            v = tl.load(base[:, None] + V_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-        m = m_new
+        m, l, acc = _online_softmax(qk, v, m, l, acc)
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
     o_ptr = out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + da[None, :]
     tl.store(o_ptr, o.to(out.dtype.element_ty), mask=mmask[:, None])
