@@ -235,6 +235,8 @@ class EngineConfig:
     enforce_eager: bool = False  # True: never capture CUDA graphs
     cuda_graph_max_batch: int = 256
     tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
+    kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL
+    kv_transfer_timeout_s: float = 30.0  # bound on every KV transfer wait
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -246,6 +248,8 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        if self.kv_role not in (None, "prefill", "decode"):
+            raise ConfigError(f"kv_role must be prefill, decode or unset, got {self.kv_role!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

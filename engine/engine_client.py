@@ -22,8 +22,8 @@ import zmq
 
 from engine.config import EngineConfig, ModelConfig
 from engine.engine_core import EngineOutput
-from engine.engine_process import (AbortRequest, AddRequest, EngineFailed, EngineReady, Shutdown,
-                                   run_engine_process)
+from engine.engine_process import (AbortRequest, AddRequest, EngineFailed, EngineReady, Reserve, Reserved,
+                                   Shutdown, StartDecode, run_engine_process)
 from engine.output_processor import RequestOutput, RequestState
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
@@ -66,8 +66,9 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0, detokenize: bool = True):
         self.config = config
+        self.detokenize = detokenize
         self._dir = tempfile.mkdtemp(prefix="pdserve-engine-")
         self._in_addr = f"ipc://{os.path.join(self._dir, 'in')}"
         self._out_addr = f"ipc://{os.path.join(self._dir, 'out')}"
@@ -87,6 +88,7 @@ class EngineClient:
         self.tokenizer = load_tokenizer(config.tokenizer or self.info.model_path)
         self._states: dict[str, RequestState] = {}
         self._streams: dict[str, RequestStream] = {}
+        self._reservations: dict[str, "queue.Queue[Reserved]"] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
@@ -109,18 +111,58 @@ class EngineClient:
 
     # ------------------------------------------------------------- API
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None) -> RequestStream:
+                    request_id: str | None = None, kv_dest: dict | None = None,
+                    eos_token_ids: tuple[int, ...] | None = None) -> RequestStream:
+        """Start a request. With `kv_dest` (prefill role) its KV is written there once prefilled and
+        the final delta (carrying `kv_transfer`) comes after the WRITE completed."""
+        rid, stream = self._open(request_id, prompt, prompt_token_ids, params)
+        eos = self._eos_ids() if eos_token_ids is None else tuple(eos_token_ids)
+        self._send(AddRequest(rid, list(prompt_token_ids), params.to_dict(), eos, kv_dest))
+        return stream
+
+    def _open(self, request_id, prompt, prompt_token_ids, params) -> tuple[str, RequestStream]:
         if self._closed:
             raise EngineDeadError("engine client is shut down")
         rid = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(rid)
+        tokenizer = self.tokenizer if self.detokenize else None
         with self._lock:
             if rid in self._streams:
                 raise ValueError(f"request id {rid!r} is already in flight")
-            self._states[rid] = RequestState(rid, prompt, list(prompt_token_ids), params, self.tokenizer)
+            self._states[rid] = RequestState(rid, prompt, list(prompt_token_ids), params, tokenizer)
             self._streams[rid] = stream
-        self._send(AddRequest(rid, list(prompt_token_ids), params.to_dict(), self._eos_ids()))
+        return rid, stream
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, timeout_s: float = 30.0) -> dict:
+        """Decode role: reserve pages for a prompt's KV; returns the KV destination for the sender."""
+        if self._closed:
+            raise EngineDeadError("engine client is shut down")
+        box: queue.Queue[Reserved] = queue.Queue(maxsize=1)
+        with self._lock:
+            self._reservations[request_id] = box
+        self._send(Reserve(request_id, num_prompt_tokens))
+        try:
+            reply = box.get(timeout=timeout_s)
+        except queue.Empty:
+            raise EngineDeadError(f"no reservation reply for {request_id!r} within {timeout_s:.0f} s") from None
+        finally:
+            with self._lock:
+                self._reservations.pop(request_id, None)
+        if reply.dest is None:
+            raise ValueError(reply.error or "reservation refused")
+        return reply.dest
+
+    def start_decode(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, first_token: int,
+                     eos_token_ids: tuple[int, ...] | None = None) -> RequestStream:
+        """Decode role: generate after `first_token` once the reserved KV has arrived."""
+        rid, stream = self._open(request_id, None, prompt_token_ids, params)
+        eos = self._eos_ids() if eos_token_ids is None else tuple(eos_token_ids)
+        self._send(StartDecode(rid, list(prompt_token_ids), params.to_dict(), int(first_token), eos))
         return stream
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"in_flight": len(self._streams)}
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
               error: str | None = None) -> None:
@@ -181,9 +223,15 @@ class EngineClient:
                     return
                 continue
             try:
-                outputs: list[EngineOutput] = pickle.loads(self._out.recv())
+                outputs = pickle.loads(self._out.recv())
             except zmq.ZMQError:
                 return
+            if isinstance(outputs, Reserved):
+                with self._lock:
+                    box = self._reservations.get(outputs.request_id)
+                if box is not None:
+                    box.put(outputs)
+                continue
             for out in outputs:
                 self._deliver(out)
 
@@ -205,5 +253,8 @@ class EngineClient:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             pending = list(self._states)
+            boxes = list(self._reservations.items())
+        for rid, box in boxes:
+            box.put(Reserved(rid, None, message))
         for rid in pending:
             self._deliver(EngineOutput(rid, [], finished=True, finish_reason="error", error=message))

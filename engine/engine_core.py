@@ -41,6 +41,7 @@ class EngineOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    kv_transfer: dict | None = None  # prefill role: bytes / seconds of the KV sent for this request
 
 
 class EngineCore:
@@ -62,12 +63,14 @@ class EngineCore:
 
     # ------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    eos_token_ids: tuple[int, ...] | None = None) -> None:
+                    eos_token_ids: tuple[int, ...] | None = None, kv_hold: bool = False) -> None:
+        """`kv_hold` (prefill role): the pages outlive the request until `release_held`."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in flight")
         self.validate_prompt(prompt_token_ids, params, request_id)
         req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
-                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
+                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids),
+                      kv_hold=kv_hold)
         self.scheduler.add_request(req)  # may raise SchedulerOverloaded; nothing is kept then
         self.requests[request_id] = req
 
@@ -88,6 +91,43 @@ class EngineCore:
         if need > self.runner.num_pages:
             raise RequestError(f"request {request_id!r}: prompt of {n} tokens needs {need} KV pages; "
                                f"the pool holds {self.runner.num_pages}")
+
+    # ------------------------------------------------------------- disaggregation
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
+        """Decode role: pages for a prompt's KV that a prefill node will write."""
+        if request_id in self.requests or request_id in self.scheduler.reserved:
+            raise RequestError(f"request id {request_id!r} is already in flight")
+        if not 0 < num_prompt_tokens < self.max_model_len:
+            raise RequestError(f"request {request_id!r}: prompt of {num_prompt_tokens} tokens does not fit the "
+                               f"context limit of {self.max_model_len} tokens")
+        pages = self.scheduler.reserve(request_id, num_prompt_tokens)
+        if pages is None:
+            raise RequestError(f"overloaded: no free KV pages for {num_prompt_tokens} tokens")
+        return pages
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        return self.scheduler.cancel_reservation(request_id)
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, first_token: int,
+                      eos_token_ids: tuple[int, ...] | None = None) -> list[EngineOutput]:
+        """Decode role: start a request whose prompt KV arrived in its reservation; the prefill node
+        already sampled `first_token`. Returns an output at once if that token ended the request."""
+        if request_id not in self.scheduler.reserved:
+            raise RequestError(f"request {request_id!r} has no KV reservation")
+        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
+        req.output_token_ids.append(first_token)
+        status = self.scheduler._check_stop(req, first_token)
+        if status is not None:
+            self.scheduler.cancel_reservation(request_id)
+            req.status = status
+            return [self._terminal(req, status, None)]
+        self.scheduler.start_prefilled(req)
+        self.requests[request_id] = req
+        return []
+
+    def release_held(self, request_id: str) -> None:
+        self.scheduler.release_held(request_id)
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
               error: str | None = None) -> bool:

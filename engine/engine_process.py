@@ -28,6 +28,29 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: dict  # SamplingParams.to_dict()
     eos_token_ids: tuple[int, ...] | None = None
+    kv_dest: dict | None = None  # prefill role: where to write this request's KV
+
+
+@dataclass
+class Reserve:  # decode role: reserve pages for a prompt's incoming KV
+    request_id: str
+    num_prompt_tokens: int
+
+
+@dataclass
+class Reserved:  # engine → front: the reservation (a KV destination) or why there is none
+    request_id: str
+    dest: dict | None
+    error: str | None = None
+
+
+@dataclass
+class StartDecode:  # decode role: run the request once its KV has arrived
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict
+    first_token: int
+    eos_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -50,6 +73,8 @@ class EngineReady:
     num_pages: int
     page_size: int
     eos_token_ids: list[int]
+    kv_role: str | None = None
+    incarnation: str | None = None
 
 
 @dataclass
@@ -73,50 +98,99 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
         outbox.send(pickle.dumps(EngineFailed(f"{type(e).__name__}: {e}")))
         log.error("engine failed to start:\n%s", traceback.format_exc())
         return
+    kv = None
+    if config.kv_role is not None:
+        try:
+            from kvtransfer.engine_side import EngineKVTransfer
+
+            kv = EngineKVTransfer(core, config.kv_role, config.kv_transfer_timeout_s)
+        except Exception as e:
+            outbox.send(pickle.dumps(EngineFailed(f"KV transfer agent failed to start: {type(e).__name__}: {e}")))
+            return
     mc = core.model_config
     outbox.send(pickle.dumps(EngineReady(mc.path, mc.hf, core.max_model_len, core.runner.num_pages,
-                                         core.runner.page_size, mc.eos_token_ids)))
+                                         core.runner.page_size, mc.eos_token_ids, config.kv_role,
+                                         kv.incarnation if kv else None)))
     try:
-        _loop(core, inbox, outbox)
+        _loop(core, inbox, outbox, kv)
     finally:
         inbox.close(0)
         outbox.close(0)
         ctx.term()
 
 
-def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
-    from engine.engine_core import EngineOutput, RequestError
-    from engine.sampling_params import SamplingParams
-    from engine.scheduler import SchedulerOverloaded
+def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
+    from engine.engine_core import EngineOutput
 
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:
-        # Block while idle; only drain what is queued while requests are running.
-        timeout = 0 if core.has_unfinished() else 1000
-        refused: list[EngineOutput] = []
+        # Block while idle; poll briefly while only transfers are in flight; never wait while computing.
+        timeout = 0 if core.has_unfinished() else (1 if kv is not None and kv.busy() else 1000)
+        early: list = []
         while poller.poll(timeout):
             msg = pickle.loads(inbox.recv())
             timeout = 0
             if isinstance(msg, Shutdown):
                 return
-            if isinstance(msg, AbortRequest):
-                core.abort(msg.request_id, RequestStatus(msg.status), msg.error)
-            elif isinstance(msg, AddRequest):
-                try:
-                    params = SamplingParams.from_dict(msg.params)
-                    core.add_request(msg.request_id, msg.prompt_token_ids, params, msg.eos_token_ids)
-                except SchedulerOverloaded as e:
-                    refused.append(EngineOutput(msg.request_id, [], finished=True, finish_reason="error",
-                                                error=f"overloaded: {e}"))
-                except (RequestError, ValueError, TypeError) as e:
-                    refused.append(EngineOutput(msg.request_id, [], finished=True, finish_reason="error",
-                                                error=str(e)))
+            reply = _handle(core, kv, msg, early)
+            if reply is not None:
+                outbox.send(pickle.dumps(reply))
         try:
-            outputs = refused + core.step()
+            outputs = early + (core.step() if core.has_unfinished() else [])
         except Exception as e:  # a bug in one step must not kill the loop: fail what was in flight
             log.error("engine step failed; failing in-flight requests:\n%s", traceback.format_exc())
             core.fail_all(f"engine step failed: {type(e).__name__}: {e}")
-            outputs = refused + core.step()
+            outputs = early + core.step()
+        if kv is not None:
+            outputs = kv.take_outputs(outputs) + kv.poll(
+                lambda rid, reason, error: EngineOutput(rid, [], finished=True, finish_reason=reason, error=error))
         if outputs:
             outbox.send(pickle.dumps(outputs))
+
+
+def _handle(core, kv, msg, outputs: list):
+    """Apply one front message; refusals become terminal outputs; returns a direct reply if any."""
+    from engine.engine_core import EngineOutput, RequestError
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import SchedulerOverloaded
+
+    def refuse(rid: str, error: str) -> None:
+        outputs.append(EngineOutput(rid, [], finished=True, finish_reason="error", error=error))
+
+    if isinstance(msg, AbortRequest):
+        if kv is not None:
+            kv.abort_sending(msg.request_id)
+            if kv.abort_reservation(msg.request_id):
+                outputs.append(EngineOutput(msg.request_id, [], finished=True, finish_reason=msg.status,
+                                            error=msg.error))
+        core.abort(msg.request_id, RequestStatus(msg.status), msg.error)
+    elif isinstance(msg, AddRequest):
+        try:
+            params = SamplingParams.from_dict(msg.params)
+            if msg.kv_dest is not None and (kv is None or kv.role != "prefill"):
+                raise RequestError("this engine is not in the prefill role; it cannot send KV")
+            core.add_request(msg.request_id, msg.prompt_token_ids, params, msg.eos_token_ids,
+                             kv_hold=msg.kv_dest is not None)
+            if msg.kv_dest is not None:
+                kv.expect_send(msg.request_id, msg.kv_dest)
+        except SchedulerOverloaded as e:
+            refuse(msg.request_id, f"overloaded: {e}")
+        except (RequestError, ValueError, TypeError) as e:
+            refuse(msg.request_id, str(e))
+    elif isinstance(msg, Reserve):
+        if kv is None or kv.role != "decode":
+            return Reserved(msg.request_id, None, "this engine is not in the decode role")
+        try:
+            return Reserved(msg.request_id, kv.reserve(msg.request_id, msg.num_prompt_tokens))
+        except (RequestError, ValueError) as e:
+            return Reserved(msg.request_id, None, str(e))
+    elif isinstance(msg, StartDecode):
+        try:
+            if kv is None or kv.role != "decode":
+                raise RequestError("this engine is not in the decode role")
+            kv.start(msg.request_id, msg.prompt_token_ids, SamplingParams.from_dict(msg.params), msg.first_token,
+                     msg.eos_token_ids)
+        except (RequestError, ValueError, TypeError) as e:
+            refuse(msg.request_id, str(e))
+    return None

@@ -43,6 +43,7 @@ class Request:
     error: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    kv_hold: bool = False  # prefill role: keep the pages after finishing until the KV is sent
 
     @property
     def all_token_ids(self) -> list[int]:

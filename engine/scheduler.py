@@ -55,6 +55,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_finished = 0
+        self.held: dict[str, list[int]] = {}  # finished prefill-role requests' pages, until sent
+        self.reserved: dict[str, list[int]] = {}  # decode role: pages reserved for incoming KV
 
     # ------------------------------------------------------------- admission
     def pages_for(self, num_tokens: int) -> int:
@@ -95,8 +97,41 @@ class Scheduler:
             return
         if self.radix is not None:
             self.radix.insert(req.all_token_ids, req.page_ids, req.num_computed_tokens)
-        self.block_pool.decref(req.page_ids)
+        if req.kv_hold and req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.held[req.request_id] = req.page_ids  # released by release_held once sent
+        else:
+            self.block_pool.decref(req.page_ids)
         req.page_ids = []
+
+    def release_held(self, request_id: str) -> None:
+        pages = self.held.pop(request_id, None)
+        if pages:
+            self.block_pool.decref(pages)
+
+    # ------------------------------------------------------------- decode role
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Pages for `num_tokens` tokens of KV that another node will write; None if none free."""
+        if request_id in self.reserved:
+            raise ValueError(f"request {request_id!r} already has a reservation")
+        pages = self._allocate(self.pages_for(num_tokens))
+        if pages is not None:
+            self.reserved[request_id] = pages
+        return pages
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        pages = self.reserved.pop(request_id, None)
+        if pages is None:
+            return False
+        self.block_pool.decref(pages)
+        return True
+
+    def start_prefilled(self, req: Request) -> None:
+        """Run a request whose prompt KV arrived in its reserved pages (first token already sampled)."""
+        pages = self.reserved.pop(req.request_id)
+        req.page_ids = pages
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -240,4 +275,6 @@ class Scheduler:
             "kv_cache_usage": used / pool.num_pages,
             "prefix_cache_queries_tokens": self.radix.num_queries_tokens if self.radix else 0,
             "prefix_cache_hits_tokens": self.radix.num_hit_tokens if self.radix else 0,
+            "num_held_pages": sum(len(p) for p in self.held.values()),
+            "num_reserved_pages": sum(len(p) for p in self.reserved.values()),
         }

@@ -1,0 +1,122 @@
+"""Moving KV pages between nodes with NIXL (UCX backend): DRAM on CPU, VRAM on GPU.
+
+Each engine process that sends or receives KV owns one `KVTransferAgent`: the KV pool's layer
+tensors are registered once at start-up; the receiving side publishes its agent metadata, layer
+base addresses and KV layout (`destination()`); the sending side checks the layout, connects to
+that agent (keyed by name + incarnation, so a restarted peer is a new connection) and WRITEs
+page runs layer by layer with a notification naming the request and transfer. Layouts that
+differ are refused on both sides with the reason.
+
+This module knows a KV layout description (`KVCacheSpec.describe()`), addresses and page ids;
+nothing about models or requests beyond their ids.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class KVLayoutMismatch(ValueError):
+    """The two sides' KV layouts differ; neither side may transfer."""
+
+
+class KVTransferError(RuntimeError):
+    pass
+
+
+def check_layouts(local: dict, remote: dict) -> None:
+    diffs = [f"{k}: ours {local.get(k)!r} vs theirs {remote.get(k)!r}" for k in sorted(set(local) | set(remote))
+             if local.get(k) != remote.get(k)]
+    if diffs:
+        raise KVLayoutMismatch("KV layouts differ (" + "; ".join(diffs) + ")")
+
+
+def page_runs(local_pages: list[int], remote_pages: list[int]) -> list[tuple[int, int, int]]:
+    """Coalesce page pairs into runs `(local_start, remote_start, length)` contiguous on both sides."""
+    runs: list[list[int]] = []
+    for lp, rp in zip(local_pages, remote_pages):
+        if runs and lp == runs[-1][0] + runs[-1][2] and rp == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([lp, rp, 1])
+    return [tuple(r) for r in runs]
+
+
+@dataclass
+class Transfer:
+    request_id: str
+    handle: object
+    nbytes: int
+    num_descs: int
+
+
+class KVTransferAgent:
+    def __init__(self, role: str, layers: list, layout: dict, page_bytes: int):
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.name = f"pdserve-{role}-{uuid.uuid4().hex[:12]}"
+        self.layout = dict(layout)
+        self.page_bytes = page_bytes
+        self.layers = layers
+        self.mem_type = "VRAM" if layers[0].device.type == "cuda" else "DRAM"
+        self.dev_id = layers[0].device.index or 0 if layers[0].device.type == "cuda" else 0
+        self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        self._reg = self.agent.register_memory(layers)
+        self.layer_addrs = [t.data_ptr() for t in layers]
+        self._remotes: dict[str, str] = {}  # "name/incarnation" -> remote agent name
+
+    # ------------------------------------------------------------- receiving side
+    def destination(self) -> dict:
+        return {"agent_name": self.name, "agent_metadata": self.agent.get_agent_metadata(),
+                "layer_addrs": list(self.layer_addrs), "layout": dict(self.layout), "dev_id": self.dev_id}
+
+    def notifications(self) -> list[bytes]:
+        msgs = []
+        for _, notes in self.agent.get_new_notifs().items():
+            msgs.extend(notes)
+        return msgs
+
+    # ------------------------------------------------------------- sending side
+    def _connect(self, dest: dict) -> str:
+        check_layouts(self.layout, dest["layout"])
+        key = f"{dest['agent_name']}/{dest.get('incarnation', '')}"
+        if key not in self._remotes:
+            name = self.agent.add_remote_agent(dest["agent_metadata"])
+            name = name.decode() if isinstance(name, bytes) else name
+            self._remotes[key] = name
+        return self._remotes[key]
+
+    def write(self, request_id: str, local_pages: list[int], dest: dict, notif: bytes) -> Transfer:
+        """Start WRITEs of `local_pages` into the destination's pages (same order), all layers."""
+        remote_pages = list(dest["page_ids"])
+        if len(remote_pages) < len(local_pages):
+            raise KVTransferError(f"request {request_id!r}: {len(local_pages)} pages to send but only "
+                                  f"{len(remote_pages)} reserved at the destination")
+        remote = self._connect(dest)
+        remote_addrs = dest["layer_addrs"]
+        if len(remote_addrs) != len(self.layer_addrs):
+            raise KVLayoutMismatch(f"destination has {len(remote_addrs)} layers, we have {len(self.layer_addrs)}")
+        pb = self.page_bytes
+        src, dst = [], []
+        for lbase, rbase in zip(self.layer_addrs, remote_addrs):
+            for lp, rp, n in page_runs(local_pages, remote_pages):
+                src.append((lbase + lp * pb, n * pb, self.dev_id))
+                dst.append((rbase + rp * pb, n * pb, int(dest.get("dev_id", 0))))
+        src_descs = self.agent.get_xfer_descs(src, self.mem_type)
+        dst_descs = self.agent.get_xfer_descs(dst, self.mem_type)
+        handle = self.agent.initialize_xfer("WRITE", src_descs, dst_descs, remote, notif)
+        state = self.agent.transfer(handle)
+        if state == "ERR":
+            self.agent.release_xfer_handle(handle)
+            raise KVTransferError(f"request {request_id!r}: NIXL refused the transfer")
+        return Transfer(request_id, handle, sum(d[1] for d in src), len(src))
+
+    def poll(self, transfer: Transfer) -> str:
+        """DONE, PROC or ERR; a finished transfer's handle is released."""
+        state = self.agent.check_xfer_state(transfer.handle)
+        if state in ("DONE", "ERR"):
+            self.agent.release_xfer_handle(transfer.handle)
+        return state
