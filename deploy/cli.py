@@ -11,9 +11,10 @@ import logging
 import sys
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="preset name (see `pdserve presets`) or HF checkpoint directory")
+    g.add_argument("--model", required=default_model is None, default=default_model,
+                   help="preset name (see `pdserve presets`) or HF checkpoint directory")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="auto: the checkpoint's safetensors; dummy: seeded random weights (any preset)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -154,12 +155,99 @@ def _print_presets() -> int:
     return 0
 
 
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of `args` as command-line arguments (forwarded by `pdserve up` to nodes)."""
+    out = ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device,
+           "--page-size", str(args.page_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--attention-backend", args.attention_backend]
+    for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
+                        ("--num-pages", args.num_pages), ("--seed", args.seed)):
+        if value is not None:
+            out += [flag, str(value)]
+    if args.no_prefix_cache:
+        out.append("--no-prefix-cache")
+    if args.enforce_eager:
+        out.append("--enforce-eager")
+    return out
+
+
+def _node_parser(sub, role: str) -> None:
+    p = sub.add_parser(role, help=f"run one {role} node (gRPC) over an engine process")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds any KV transfer may take")
+    p.set_defaults(func=lambda args: _run_node(role, args))
+
+
+def _run_node(role: str, args) -> int:
+    from engine.llm import build_engine_config
+
+    config = build_engine_config(args.model, **engine_kwargs(args))
+    config.kv_transfer_timeout_s = args.kv_transfer_timeout
+    if role == "prefill":
+        from prefill_node.server import main as run
+    else:
+        from decode_node.server import main as run
+    run(config, args.model, args.host, args.port)
+    return 0
+
+
+def _router_parser(sub) -> None:
+    p = sub.add_parser("router", help="run the router: gRPC Generate + OpenAI HTTP over prefill/decode nodes")
+    p.add_argument("--model", required=True, help="the served model's name (preset or checkpoint directory)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else DeepSeek's)")
+    p.add_argument("--prefill", action="append", required=True, help="prefill node address host:port (repeatable)")
+    p.add_argument("--decode", action="append", required=True, help="decode node address host:port (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load",
+                   help="how the prefill node is chosen (decode nodes: least load)")
+    p.set_defaults(func=_run_router)
+
+
+def _run_router(args) -> int:
+    import os
+
+    from router.server import main as run
+
+    tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
+    run(args.prefill, args.decode, tokenizer, args.model, args.host, args.grpc_port, args.http_port, args.policy)
+    return 0
+
+
+def _up_parser(sub) -> None:
+    p = sub.add_parser("up", help="start router + prefill + decode processes on this machine")
+    _add_engine_args(p, default_model="tiny-llama")
+    p.set_defaults(load_format="dummy")
+    p.add_argument("--num-prefill", type=int, default=1)
+    p.add_argument("--num-decode", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args) -> int:
+    from deploy.launcher import up
+
+    return up(engine_argv(args), args.model, args.num_prefill, args.num_decode, args.host, args.grpc_port,
+              args.http_port, args.policy)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _presets_parser(sub)
+    _node_parser(sub, "prefill")
+    _node_parser(sub, "decode")
+    _router_parser(sub)
+    _up_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return args.func(args)

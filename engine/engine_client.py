@@ -23,7 +23,7 @@ import zmq
 from engine.config import EngineConfig, ModelConfig
 from engine.engine_core import EngineOutput
 from engine.engine_process import (AbortRequest, AddRequest, EngineFailed, EngineReady, Reserve, Reserved,
-                                   Shutdown, StartDecode, run_engine_process)
+                                   Shutdown, StartDecode, Stats, StatsRequest, run_engine_process)
 from engine.output_processor import RequestOutput, RequestState
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
@@ -160,9 +160,20 @@ class EngineClient:
         self._send(StartDecode(rid, list(prompt_token_ids), params.to_dict(), int(first_token), eos))
         return stream
 
-    def stats(self) -> dict:
+    def engine_stats(self, timeout_s: float = 10.0) -> dict:
+        """The engine's scheduler counters (pages free/cached/held/reserved, queue lengths...)."""
+        token = next(self._ids)
+        box: queue.Queue = queue.Queue(maxsize=1)
         with self._lock:
-            return {"in_flight": len(self._streams)}
+            self._reservations[f"#stats{token}"] = box
+        try:
+            self._send(StatsRequest(token))
+            return box.get(timeout=timeout_s).stats
+        except queue.Empty:
+            raise EngineDeadError(f"no stats reply within {timeout_s:.0f} s") from None
+        finally:
+            with self._lock:
+                self._reservations.pop(f"#stats{token}", None)
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
               error: str | None = None) -> None:
@@ -226,9 +237,10 @@ class EngineClient:
                 outputs = pickle.loads(self._out.recv())
             except zmq.ZMQError:
                 return
-            if isinstance(outputs, Reserved):
+            if isinstance(outputs, (Reserved, Stats)):
+                key = outputs.request_id if isinstance(outputs, Reserved) else f"#stats{outputs.token}"
                 with self._lock:
-                    box = self._reservations.get(outputs.request_id)
+                    box = self._reservations.get(key)
                 if box is not None:
                     box.put(outputs)
                 continue

@@ -10,6 +10,7 @@ work in the front never stalls the GPU. Messages are small typed tuples pickled 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import traceback
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ class Reserved:  # engine → front: the reservation (a KV destination) or why t
 
 
 @dataclass
+class StatsRequest:  # front → engine: a snapshot of the scheduler's counters
+    token: int
+
+
+@dataclass
+class Stats:
+    token: int
+    stats: dict
+
+
+@dataclass
 class StartDecode:  # decode role: run the request once its KV has arrived
     request_id: str
     prompt_token_ids: list[int]
@@ -75,6 +87,7 @@ class EngineReady:
     eos_token_ids: list[int]
     kv_role: str | None = None
     incarnation: str | None = None
+    kv_layout: dict | None = None
 
 
 @dataclass
@@ -110,7 +123,7 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
     mc = core.model_config
     outbox.send(pickle.dumps(EngineReady(mc.path, mc.hf, core.max_model_len, core.runner.num_pages,
                                          core.runner.page_size, mc.eos_token_ids, config.kv_role,
-                                         kv.incarnation if kv else None)))
+                                         kv.incarnation if kv else None, core.runner.kv_spec.describe())))
     try:
         _loop(core, inbox, outbox, kv)
     finally:
@@ -124,7 +137,11 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
 
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    parent = os.getppid()
     while True:
+        if os.getppid() != parent:  # the front died without a Shutdown: leave no orphan behind
+            log.warning("front process %d is gone; engine exiting", parent)
+            return
         # Block while idle; poll briefly while only transfers are in flight; never wait while computing.
         timeout = 0 if core.has_unfinished() else (1 if kv is not None and kv.busy() else 1000)
         early: list = []
@@ -178,6 +195,13 @@ def _handle(core, kv, msg, outputs: list):
             refuse(msg.request_id, f"overloaded: {e}")
         except (RequestError, ValueError, TypeError) as e:
             refuse(msg.request_id, str(e))
+    elif isinstance(msg, StatsRequest):
+        stats = core.stats()
+        stats["num_free_or_cached_pages"] = stats["num_free_pages"] + stats["num_cached_pages"]
+        if kv is not None:
+            stats.update(kv_transfers_in_flight=len(kv.sending), kv_waiting=len(kv.waiting),
+                         kv_quarantined=len(kv.quarantine), kv_bytes_sent=kv.bytes_sent)
+        return Stats(msg.token, stats)
     elif isinstance(msg, Reserve):
         if kv is None or kv.role != "decode":
             return Reserved(msg.request_id, None, "this engine is not in the decode role")

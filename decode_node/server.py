@@ -1,0 +1,58 @@
+"""Decode node: reserves pages for a prompt's KV, waits (bounded) for the prefill node's WRITE
+notification naming the request, joins it to the running batch and streams token ids."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from deploy.node_server import Node, delta_to_proto, serve
+from proto import convert
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+
+class DecodeServicer(pb_grpc.DecodeNodeServicer):
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def Info(self, request, context):
+        return await asyncio.get_running_loop().run_in_executor(None, self.node.info)
+
+    async def Reserve(self, request: pb.ReserveRequest, context) -> pb.KVDestination:
+        loop = asyncio.get_running_loop()
+        try:
+            dest = await loop.run_in_executor(None, self.node.client.reserve, request.request_id,
+                                              request.num_prompt_tokens)
+        except ValueError as e:
+            return pb.KVDestination(request_id=request.request_id, error=str(e))
+        return convert.dest_to_proto(dest)
+
+    async def Decode(self, request: pb.DecodeRequest, context):
+        rid = request.request_id
+        try:
+            params = convert.params_from_proto(request.sampling)
+        except ValueError as e:
+            self.node.client.abort(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        node = self.node
+        node.in_flight.add(rid)
+        try:
+            stream = node.client.start_decode(rid, list(request.prompt_token_ids), params, request.first_token,
+                                              tuple(request.eos_token_ids) or None)
+            async for delta in stream:
+                yield delta_to_proto(rid, delta)
+        except asyncio.CancelledError:
+            node.client.abort(rid)
+            raise
+        finally:
+            node.in_flight.discard(rid)
+
+    async def Abort(self, request, context):
+        return pb.AbortResponse(found=self.node.abort(request.request_id))
+
+
+def main(engine_config, model_name: str, host: str, port: int) -> None:
+    node = Node("decode", engine_config, model_name)
+    asyncio.run(serve(node, DecodeServicer(node), pb_grpc.add_DecodeNodeServicer_to_server,
+                      "pdserve.v1.DecodeNode", host, port))

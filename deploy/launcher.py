@@ -1,0 +1,101 @@
+"""`pdserve up`: router + N prefill + M decode processes on this machine.
+
+Each component is its own OS process (`pdserve prefill|decode|router`), started in its own
+process group; the launcher waits until each prints its ready line, prints the endpoints, and on
+Ctrl-C / SIGTERM (or when any component exits) stops them all — SIGTERM, then SIGKILL after a
+grace period — so no process is left behind.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Component:
+    def __init__(self, name: str, argv: list[str], ready_text: str):
+        self.name = name
+        self.ready_text = ready_text
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True, bufsize=1)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            if self.ready_text in line:
+                self.ready.set()
+            sys.stderr.write(f"[{self.name}] {line}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left in its group (engine processes)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, host: str, grpc_port: int,
+       http_port: int, policy: str, startup_timeout_s: float = 900.0) -> int:
+    comps: list[Component] = []
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        addrs = {"prefill": [], "decode": []}
+        for role, n in (("prefill", num_prefill), ("decode", num_decode)):
+            for i in range(n):
+                port = free_port(host)
+                addrs[role].append(f"{host}:{port}")
+                comps.append(Component(f"{role}{i}", [role, "--host", host, "--port", str(port), *engine_argv],
+                                       f"{role} node ready"))
+        router_argv = ["router", "--model", model, "--host", host, "--grpc-port", str(grpc_port),
+                       "--http-port", str(http_port), "--policy", policy]
+        for a in addrs["prefill"]:
+            router_argv += ["--prefill", a]
+        for a in addrs["decode"]:
+            router_argv += ["--decode", a]
+        if "--tokenizer" in engine_argv:
+            router_argv += ["--tokenizer", engine_argv[engine_argv.index("--tokenizer") + 1]]
+        comps.append(Component("router", router_argv, "router ready"))
+        deadline = time.monotonic() + startup_timeout_s
+        for c in comps:
+            while not c.ready.wait(0.5):
+                if c.proc.poll() is not None or stop.is_set() or time.monotonic() > deadline:
+                    print(f"pdserve up: {c.name} failed to start (exit code {c.proc.poll()})", file=sys.stderr)
+                    return 1
+        pids = " ".join(f"{c.name}={c.proc.pid}" for c in comps)
+        print(f"pdserve up: gRPC Generate on {host}:{grpc_port}, OpenAI HTTP on http://{host}:{http_port}/v1 "
+              f"({num_prefill} prefill, {num_decode} decode; model {model}) pids {pids}", flush=True)
+        reported: set[str] = set()
+        while not stop.wait(0.5):
+            for c in comps:
+                if c.proc.poll() is not None and c.name not in reported:
+                    reported.add(c.name)  # a node may die; the router routes around it
+                    print(f"pdserve up: {c.name} exited (code {c.proc.returncode})", file=sys.stderr, flush=True)
+            if comps[-1].proc.poll() is not None:
+                return 1  # without the router nothing can be served
+        return 0
+    finally:
+        for c in reversed(comps):
+            c.stop()

@@ -1,0 +1,67 @@
+"""Prefill node: runs prompts (chunked prefill, prefix cache), samples the first token, writes the
+prompt's KV into the decode node's reserved pages over NIXL, and answers once the WRITE is done.
+It never decodes beyond the first token."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import grpc
+
+from deploy.node_server import Node, serve
+from proto import convert
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+
+class PrefillServicer(pb_grpc.PrefillNodeServicer):
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def Info(self, request, context):
+        return await asyncio.get_running_loop().run_in_executor(None, self.node.info)
+
+    async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        rid = request.request_id
+        try:
+            params = convert.params_from_proto(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        first = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        dest = convert.dest_from_proto(request.destination)
+        node = self.node
+        t0 = time.monotonic()
+        node.in_flight.add(rid)
+        try:
+            stream = node.client.add_request(list(request.prompt_token_ids), first, request_id=rid, kv_dest=dest,
+                                             eos_token_ids=tuple(request.eos_token_ids) or None)
+            token_ids, logprobs, last = [], [], None
+            async for delta in stream:
+                token_ids += delta.token_ids
+                logprobs += delta.logprobs
+                last = delta
+        except asyncio.CancelledError:
+            node.client.abort(rid)
+            raise
+        except ValueError as e:
+            return pb.PrefillResponse(request_id=rid, finished=True, finish_reason="error", error=str(e))
+        finally:
+            node.in_flight.discard(rid)
+        kv = last.kv_transfer or {}
+        # Finished "for real" only if the first token stopped it or the client asked for one token.
+        done = last.finish_reason in ("stop", "abort", "error") or params.max_tokens == 1
+        return pb.PrefillResponse(
+            request_id=rid, token_ids=token_ids, logprobs=convert.logprobs_to_proto(logprobs), finished=done,
+            finish_reason=last.finish_reason or "", stop_reason="" if last.stop_reason is None else str(last.stop_reason),
+            error=last.error or "", num_cached_tokens=last.num_cached_tokens, kv_bytes=int(kv.get("bytes", 0)),
+            kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0)
+
+    async def Abort(self, request, context):
+        return pb.AbortResponse(found=self.node.abort(request.request_id))
+
+
+def main(engine_config, model_name: str, host: str, port: int) -> None:
+    node = Node("prefill", engine_config, model_name)
+    asyncio.run(serve(node, PrefillServicer(node), pb_grpc.add_PrefillNodeServicer_to_server,
+                      "pdserve.v1.PrefillNode", host, port))

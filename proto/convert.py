@@ -1,0 +1,66 @@
+"""Field mapping between the proto messages and the engine's dataclasses (no behaviour here)."""
+from __future__ import annotations
+
+from proto import pdserve_pb2 as pb
+
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+_PLAIN = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty", "ignore_eos",
+          "include_stop_str_in_output")
+
+
+def params_from_proto(msg: "pb.SamplingParams"):
+    """→ engine SamplingParams (raises ValueError naming the field on impossible values)."""
+    from engine.sampling_params import SamplingParams
+
+    kw = {name: getattr(msg, name) for name in _PLAIN}
+    for name in _OPTIONAL:
+        if msg.HasField(name):
+            kw[name] = getattr(msg, name)
+    kw.setdefault("temperature", 0.0)
+    kw["stop"] = list(msg.stop)
+    kw["stop_token_ids"] = list(msg.stop_token_ids)
+    return SamplingParams(**kw)
+
+
+def params_to_proto(p) -> "pb.SamplingParams":
+    msg = pb.SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids))
+    for name in _PLAIN:
+        setattr(msg, name, getattr(p, name))
+    for name in _OPTIONAL:
+        if getattr(p, name) is not None:
+            setattr(msg, name, getattr(p, name))
+    return msg
+
+
+def layout_to_proto(d: dict) -> "pb.KVLayout":
+    return pb.KVLayout(**d)
+
+
+def layout_from_proto(msg: "pb.KVLayout") -> dict:
+    return {"kind": msg.kind, "num_layers": msg.num_layers, "page_size": msg.page_size,
+            "num_components": msg.num_components, "num_heads": msg.num_heads, "head_dim": msg.head_dim,
+            "dtype": msg.dtype}
+
+
+def dest_to_proto(d: dict) -> "pb.KVDestination":
+    return pb.KVDestination(request_id=d["request_id"], agent_name=d["agent_name"],
+                            agent_metadata=d["agent_metadata"], layer_addrs=d["layer_addrs"],
+                            page_ids=d["page_ids"], layout=layout_to_proto(d["layout"]),
+                            incarnation=d.get("incarnation", ""))
+
+
+def dest_from_proto(msg: "pb.KVDestination") -> dict:
+    return {"request_id": msg.request_id, "agent_name": msg.agent_name, "agent_metadata": msg.agent_metadata,
+            "layer_addrs": list(msg.layer_addrs), "page_ids": list(msg.page_ids),
+            "layout": layout_from_proto(msg.layout), "incarnation": msg.incarnation, "dev_id": 0}
+
+
+def logprobs_to_proto(entries: list) -> list:
+    return [pb.Logprob(token_id=e["token_id"], logprob=e["logprob"], rank=e["rank"],
+                       top_logprobs={int(k): float(v) for k, v in e["top_logprobs"].items()})
+            for e in entries if e]
+
+
+def logprobs_from_proto(msgs) -> list[dict]:
+    return [{"token_id": m.token_id, "logprob": m.logprob, "rank": m.rank,
+             "top_logprobs": dict(m.top_logprobs)} for m in msgs]

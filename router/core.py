@@ -1,0 +1,253 @@
+"""One request's path through the cluster, as the router drives it (DESIGN.md, "The request path").
+
+1. Validate and tokenize; pick a decode node D and reserve KV pages there (its answer is the
+   KV destination: NIXL agent, layer addresses, pages, layout).
+2. Pick a prefill node P and send it the prompt with that destination; P prefills, samples the
+   first token, WRITEs the KV into D's pages and answers once the WRITE completed.
+3. Start decoding on D (it joins the batch when the WRITE's notification names the request) and
+   stream D's tokens, detokenized here with stop strings applied.
+
+Every wait is bounded. A prefill node that fails before anything was streamed is retried once on
+another node (the reservation is released first); any later failure ends the request with an
+error. Cancellation and aborts reach both nodes. Every request ends with exactly one terminal delta.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+from proto import convert
+from proto import pdserve_pb2 as pb
+from router.registry import NoNodeAvailable, NodeHandle, Registry
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """The client's request is invalid (maps to INVALID_ARGUMENT / HTTP 400)."""
+
+
+@dataclass
+class Delta:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    logprobs: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Timeouts:
+    reserve_s: float = 10.0
+    prefill_s: float = 300.0
+    decode_s: float = 600.0
+
+
+class Router:
+    def __init__(self, registry: Registry, tokenizer, model_name: str, policy: str = "least_load",
+                 timeouts: Timeouts | None = None, max_in_flight: int = 1024):
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.policy = policy
+        self.timeouts = timeouts or Timeouts()
+        self.max_in_flight = max_in_flight
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._ids = itertools.count()
+        self.stats = {"requests": 0, "finished": 0, "errors": 0, "aborted": 0, "kv_bytes": 0, "retries": 0}
+
+    # ------------------------------------------------------------- validation
+    def prepare(self, prompt: str | None, prompt_ids: list[int] | None, params: SamplingParams) -> list[int]:
+        if (prompt is None) == (prompt_ids is None):
+            raise BadRequest("give exactly one of a text prompt or prompt token ids")
+        ids = self.tokenizer.encode(prompt) if prompt is not None else [int(t) for t in prompt_ids]
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        nodes = self.registry.of("decode") or self.registry.of("decode", alive_only=False)
+        limit = min((n.info.max_model_len for n in nodes if n.info), default=None)
+        if limit is not None and len(ids) >= limit:
+            raise BadRequest(f"prompt of {len(ids)} tokens leaves no room to generate within the context "
+                             f"limit of {limit} tokens")
+        if any(t < 0 for t in ids):
+            raise BadRequest("token ids must be non-negative")
+        return ids
+
+    def new_id(self) -> str:
+        return f"cmpl-{uuid.uuid4().hex[:16]}"
+
+    # ------------------------------------------------------------- the path
+    async def generate(self, request_id: str, ids: list[int], params: SamplingParams, prompt: str | None = None):
+        """Async iterator of Deltas; the last one has `finished` set."""
+        if len(self.tasks) >= self.max_in_flight:
+            yield self._final(request_id, ids, [], "error", "overloaded: too many requests in flight")
+            return
+        self.stats["requests"] += 1
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        task = asyncio.create_task(self._run(request_id, ids, params, queue))
+        self.tasks[request_id] = task
+        try:
+            while True:
+                delta = await queue.get()
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+            self.tasks.pop(request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        task = self.tasks.get(request_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    def _final(self, rid, ids, out_ids, reason, error=None, stop_reason=None, text="", cached=0) -> Delta:
+        key = {"error": "errors", "abort": "aborted"}.get(reason, "finished")
+        self.stats[key] += 1
+        return Delta(rid, [], text, True, reason, stop_reason, error, prompt_tokens=len(ids),
+                     completion_tokens=len(out_ids), cached_tokens=cached)
+
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, out: asyncio.Queue) -> None:
+        produced: list[int] = []
+        decode: NodeHandle | None = None
+        try:
+            await self._path(rid, ids, params, out, produced)
+        except asyncio.CancelledError:
+            await self._abort_everywhere(rid)
+            out.put_nowait(self._final(rid, ids, produced, "abort"))
+            raise
+        except NoNodeAvailable as e:
+            out.put_nowait(self._final(rid, ids, produced, "error", f"overloaded: {e}"))
+        except Exception as e:  # noqa: BLE001 — every request ends with one terminal status
+            log.exception("request %s failed", rid)
+            await self._abort_everywhere(rid)
+            out.put_nowait(self._final(rid, ids, produced, "error", f"{type(e).__name__}: {e}"))
+        del decode
+
+    async def _abort_everywhere(self, rid: str) -> None:
+        async def one(node: NodeHandle):
+            try:
+                await node.stub.Abort(pb.AbortRequest(request_id=rid), timeout=2.0)
+            except grpc.aio.AioRpcError:
+                pass
+        await asyncio.gather(*(one(n) for n in self.registry.nodes if n.alive), return_exceptions=True)
+
+    async def _reserve(self, rid: str, n: int) -> tuple[NodeHandle, pb.KVDestination]:
+        node = self.registry.pick("decode", "least_load")
+        try:
+            dest = await node.stub.Reserve(pb.ReserveRequest(request_id=rid, num_prompt_tokens=n),
+                                           timeout=self.timeouts.reserve_s)
+        except grpc.aio.AioRpcError as e:
+            self.registry.mark_dead(node)
+            raise NoNodeAvailable(f"decode node {node.address} did not answer ({e.code().name})") from None
+        if dest.error:
+            raise NoNodeAvailable(f"decode node {node.address}: {dest.error}")
+        return node, dest
+
+    async def _prefill(self, rid, ids, params, dest, tried: set) -> tuple[NodeHandle, pb.PrefillResponse]:
+        node = self.registry.pick("prefill", self.policy, ids, exclude=tried)
+        tried.add(node)
+        node.in_flight += 1
+        try:
+            req = pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
+                                    destination=dest)
+            return node, await node.stub.Prefill(req, timeout=self.timeouts.prefill_s)
+        finally:
+            node.in_flight -= 1
+            node.served += 1
+
+    async def _path(self, rid, ids, params, out: asyncio.Queue, produced: list[int]) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                       params.include_stop_str_in_output)
+        tried: set = set()
+        for attempt in range(2):
+            decode, dest = await self._reserve(rid, len(ids))
+            try:
+                prefill, first = await self._prefill(rid, ids, params, dest, tried)
+                break
+            except grpc.aio.AioRpcError as e:
+                await self._release(decode, rid)
+                if attempt == 1 or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise RuntimeError(f"prefill failed: {e.code().name}: {e.details()}") from None
+                self.stats["retries"] += 1
+                log.warning("prefill of %s failed on %s (%s); retrying on another node", rid,
+                            list(tried)[-1].address, e.code().name)
+        if first.error or first.finish_reason == "error":
+            await self._release(decode, rid)
+            out.put_nowait(self._final(rid, ids, produced, "error", first.error or "prefill failed"))
+            return
+        self.stats["kv_bytes"] += first.kv_bytes
+        cached = first.num_cached_tokens
+        if self._emit(rid, ids, list(first.token_ids), convert.logprobs_from_proto(first.logprobs), detok, out,
+                      produced, params):
+            await self._release(decode, rid)
+            return
+        if first.finished:
+            await self._release(decode, rid)
+            tail = detok.flush()
+            out.put_nowait(self._final(rid, ids, produced, first.finish_reason, None,
+                                       first.stop_reason or None, tail, cached))
+            return
+        await self._decode(rid, ids, params, decode, first.token_ids[0], detok, out, produced, cached)
+
+    async def _release(self, node: NodeHandle, rid: str) -> None:
+        try:
+            await node.stub.Abort(pb.AbortRequest(request_id=rid), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            pass
+
+    def _emit(self, rid, ids, new_ids, logprobs, detok, out, produced, params) -> bool:
+        """Queue a delta; returns True when a stop string ended the request (terminal queued)."""
+        if not new_ids:
+            return False
+        produced.extend(new_ids)
+        text = detok.append(new_ids)
+        if detok.stopped:
+            out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs))
+            out.put_nowait(self._final(rid, ids, produced, "stop", stop_reason=detok.stop_reason))
+            return True
+        out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs))
+        return False
+
+    async def _decode(self, rid, ids, params, node: NodeHandle, first_token, detok, out, produced, cached):
+        req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
+                               first_token=first_token)
+        node.in_flight += 1
+        try:
+            async for msg in node.stub.Decode(req, timeout=self.timeouts.decode_s):
+                if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
+                              out, produced, params):
+                    await self._release(node, rid)
+                    return
+                if msg.finished:
+                    tail = "" if msg.finish_reason == "error" else detok.flush()
+                    out.put_nowait(self._final(rid, ids, produced, msg.finish_reason, msg.error or None,
+                                               msg.stop_reason or None, tail, cached))
+                    return
+            raise RuntimeError(f"decode node {node.address} ended the stream without a final status")
+        except grpc.aio.AioRpcError as e:
+            self.registry.mark_dead(node)
+            raise RuntimeError(f"decode node {node.address} failed mid-request: {e.code().name}") from None
+        finally:
+            node.in_flight -= 1
+            node.served += 1

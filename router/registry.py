@@ -1,0 +1,107 @@
+"""The router's view of the cluster: which prefill and decode nodes exist, whether they answer,
+their load, and the routing policies that pick one. The embedded registry holds a static list of
+node addresses and probes each node's `Info` every second; a node that stops answering leaves
+the pool until it answers again, and a new incarnation (a restarted node) is logged and used as
+new. A Redis-backed registry can replace `Registry.refresh` later without touching the policies.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import zlib
+from dataclasses import dataclass, field
+
+import grpc
+
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("round_robin", "least_load", "prefix_aware")
+
+
+class NoNodeAvailable(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class NodeHandle:
+    role: str
+    address: str
+    channel: grpc.aio.Channel = field(repr=False)
+    stub: object = field(repr=False)
+    info: pb.NodeInfo | None = None
+    alive: bool = False
+    in_flight: int = 0  # requests this router has on the node now
+    served: int = 0
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + (self.info.num_running if self.info else 0)
+
+
+class Registry:
+    def __init__(self, prefill_addrs: list[str], decode_addrs: list[str]):
+        self.nodes: list[NodeHandle] = []
+        for role, addrs, stub in (("prefill", prefill_addrs, pb_grpc.PrefillNodeStub),
+                                  ("decode", decode_addrs, pb_grpc.DecodeNodeStub)):
+            for a in addrs:
+                ch = grpc.aio.insecure_channel(a)
+                self.nodes.append(NodeHandle(role, a, ch, stub(ch)))
+        self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
+
+    def of(self, role: str, alive_only: bool = True) -> list[NodeHandle]:
+        return [n for n in self.nodes if n.role == role and (n.alive or not alive_only)]
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._probe(n) for n in self.nodes))
+
+    async def _probe(self, node: NodeHandle) -> None:
+        try:
+            info = await node.stub.Info(pb.InfoRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            if node.alive:
+                log.warning("%s node %s stopped answering", node.role, node.address)
+            node.alive = False
+            return
+        if node.info is not None and info.incarnation != node.info.incarnation:
+            log.warning("%s node %s restarted (incarnation %s -> %s)", node.role, node.address,
+                        node.info.incarnation, info.incarnation)
+        node.info, node.alive = info, True
+
+    def mark_dead(self, node: NodeHandle) -> None:
+        node.alive = False
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval_s)
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            await self.refresh()
+            if all(n.alive for n in self.nodes):
+                return
+            await asyncio.sleep(0.5)
+        dead = [n.address for n in self.nodes if not n.alive]
+        raise NoNodeAvailable(f"nodes not ready within {timeout_s:.0f} s: {', '.join(dead)}")
+
+    def pick(self, role: str, policy: str = "least_load", prompt_ids: list[int] | None = None,
+             exclude: set | None = None) -> NodeHandle:
+        nodes = [n for n in self.of(role) if not exclude or n not in exclude]
+        if not nodes:
+            raise NoNodeAvailable(f"no live {role} node")
+        if policy == "round_robin":
+            return nodes[next(self._rr[role]) % len(nodes)]
+        if policy == "prefix_aware" and role == "prefill" and prompt_ids:
+            # The same leading tokens go to the same node (its prefix cache holds them), unless that
+            # node is clearly busier than the least-loaded one.
+            key = zlib.crc32(repr(prompt_ids[:64]).encode())
+            home = sorted(nodes, key=lambda n: n.address)[key % len(nodes)]
+            least = min(nodes, key=lambda n: n.load)
+            return home if home.load <= least.load + 4 else least
+        return min(nodes, key=lambda n: (n.load, n.served))

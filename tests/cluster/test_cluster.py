@@ -1,0 +1,164 @@
+"""The disaggregated cluster end to end on CPU: router + prefill + decode processes on loopback,
+KV pushed over NIXL. Outputs must equal the offline engine's; bad input gets clear statuses; the
+pools return to full; shutdown leaves no process behind."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from engine import LLM, SamplingParams
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+from tests.cluster.conftest import OFFLINE_KW, Cluster, wait_for
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 422)), [9, 9, 9, 9],
+           [70, 71, 72, 73, 74, 75, 76], list(range(1000, 1031)), [3], [123, 456, 789, 1011, 1213]]
+
+
+@pytest.fixture(scope="module")
+def offline():
+    llm = LLM("tiny-llama", **OFFLINE_KW)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=sp)]
+
+
+def _node_infos(cluster: Cluster) -> list:
+    """Info of every node the router knows, asked directly over gRPC."""
+    infos = []
+    for line in cluster.lines:
+        if "node ready on" in line:
+            role, addr = line.split("]")[1].split()[0], line.strip().split()[-1]
+            stub_cls = pb_grpc.PrefillNodeStub if role == "prefill" else pb_grpc.DecodeNodeStub
+            try:
+                infos.append(stub_cls(grpc.insecure_channel(addr)).Info(pb.InfoRequest(), timeout=5))
+            except grpc.RpcError:
+                pass
+    return infos
+
+
+def _pools_full(cluster: Cluster) -> bool:
+    infos = _node_infos(cluster)
+    return bool(infos) and all(i.num_free_pages == i.num_pages and i.num_running == 0 for i in infos)
+
+
+def test_concurrent_greedy_outputs_equal_the_offline_engine(cluster, offline):
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(lambda p: cluster.generate(p, max_tokens=10), PROMPTS))
+    assert [toks for toks, _ in results] == offline
+    assert all(last.finish_reason == "length" and last.usage.completion_tokens == 10 for _, last in results)
+    assert wait_for(lambda: _pools_full(cluster))
+
+
+def test_streaming_over_http_with_the_openai_client(cluster, offline):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=cluster.http, api_key="none")
+    stream = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    full = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert full.model_extra["token_ids"] == offline[0]
+    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"prompt": "x", "max_tokens": 4, "temperature": -1}, 400, "temperature"),
+    ({"prompt": list(range(200)), "max_tokens": 4}, 400, "context limit"),
+    ({"prompt": "", "max_tokens": 4}, 400, "empty"),
+    ({"prompt": "x", "model": "gpt-5"}, 404, "gpt-5"),
+    ({"prompt": {"not": "a prompt"}}, 400, "prompt"),
+])
+def test_bad_http_requests_get_4xx_with_a_message(cluster, body, status, message):
+    req = urllib.request.Request(cluster.http + "/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == status and message in json.loads(e.value.read())["error"]["message"]
+
+
+def test_bad_grpc_requests_get_invalid_argument(cluster):
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.generate([1, 2, 3], max_tokens=4, top_p=0.0)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.generate(list(range(500)), max_tokens=4)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cancel_storm_frees_every_page_and_the_cluster_keeps_serving(cluster, offline):
+    calls = []
+    for i in range(12):
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPTS[i % len(PROMPTS)]),
+                                 sampling=pb.SamplingParams(max_tokens=60, ignore_eos=True))
+        calls.append(cluster.stub.Generate(req, timeout=120))
+    for i, call in enumerate(calls):
+        if i % 2:
+            next(call)  # some are cancelled mid-stream, others before their first token
+        call.cancel()
+    assert wait_for(lambda: _pools_full(cluster), timeout=60)
+    toks, last = cluster.generate(PROMPTS[1], max_tokens=10)
+    assert toks == offline[1] and last.finish_reason == "length"
+
+
+def test_stop_string_and_max_tokens_one(cluster):
+    toks, last = cluster.generate(PROMPTS[0], max_tokens=1)
+    assert len(toks) == 1 and last.finish_reason == "length"
+    full = list(cluster.stub.Generate(pb.GenerateRequest(text="Hello world", sampling=pb.SamplingParams(
+        max_tokens=6, ignore_eos=True)), timeout=60))
+    text = "".join(d.text for d in full)
+    stop = text.strip().split()[0] if text.strip() else None
+    if stop:
+        cut = list(cluster.stub.Generate(pb.GenerateRequest(text="Hello world", sampling=pb.SamplingParams(
+            max_tokens=6, ignore_eos=True, stop=[stop])), timeout=60))
+        assert cut[-1].finish_reason == "stop" and cut[-1].stop_reason == stop
+        assert stop not in "".join(d.text for d in cut)
+    assert wait_for(lambda: _pools_full(cluster))
+
+
+def test_decode_node_killed_mid_stream_fails_its_requests_and_the_other_serves(offline):
+    import os
+    import signal
+
+    c = Cluster(num_decode=2)
+    try:
+        reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPTS[0]),
+                                   sampling=pb.SamplingParams(max_tokens=80, ignore_eos=True)) for _ in range(4)]
+        calls = [c.stub.Generate(r, timeout=120) for r in reqs]
+        for call in calls:
+            next(call)
+        os.killpg(c.pids["decode0"], signal.SIGKILL)
+        t0 = time.monotonic()
+        finals = []
+        for call in calls:
+            finals.append(list(call)[-1])
+        assert time.monotonic() - t0 < 60
+        reasons = sorted(f.finish_reason for f in finals)
+        assert set(reasons) <= {"length", "error"} and "error" in reasons
+        assert all("decode node" in f.error for f in finals if f.finish_reason == "error")
+        for p in PROMPTS[:3]:  # the survivor serves new requests with the right tokens
+            toks, last = c.generate(p, max_tokens=10)
+            assert last.finish_reason == "length" and toks == offline[PROMPTS.index(p)]
+    finally:
+        c.stop()
+    assert wait_for(lambda: not c.descendants(), timeout=30), "processes left behind"
+
+
+def test_shutdown_leaves_no_process_behind():
+    c = Cluster()
+    pids = c.descendants()
+    assert len(pids) >= 6  # launcher, router, 2 nodes and their 2 engine processes
+    c.stop()
+    assert c.proc.returncode is not None
+    assert wait_for(lambda: not c.descendants(), timeout=30), "processes left behind"
