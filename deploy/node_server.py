@@ -43,7 +43,9 @@ class Node:
         return pb.NodeInfo(role=self.role, node_id=self.node_id, incarnation=self.incarnation, model=self.model_name,
                            max_model_len=i.max_model_len, layout=convert.layout_to_proto(i.kv_layout),
                            num_pages=i.num_pages, num_free_pages=s["num_free_or_cached_pages"],
-                           num_running=s["num_running"], num_waiting=s["num_waiting"])
+                           num_running=s["num_running"], num_waiting=s["num_waiting"],
+                           prefix_cache_queries_tokens=s["prefix_cache_queries_tokens"],
+                           prefix_cache_hits_tokens=s["prefix_cache_hits_tokens"])
 
     def abort(self, request_id: str) -> bool:
         found = request_id in self.in_flight

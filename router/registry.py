@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,6 +26,38 @@ class NoNodeAvailable(RuntimeError):
     pass
 
 
+class PrefixIndex:
+    """Approximate record of the prompt prefixes a node has seen (hashes of 16-token-aligned
+    prefixes, LRU-bounded): the router's guess at what the node's radix cache holds."""
+
+    BLOCK = 16
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity = capacity
+        self._seen: OrderedDict[int, None] = OrderedDict()
+
+    def _hashes(self, ids: list[int]):
+        h = 0
+        for k in range(len(ids) // self.BLOCK):
+            h = hash((h, tuple(ids[k * self.BLOCK:(k + 1) * self.BLOCK])))
+            yield h
+
+    def match_tokens(self, ids: list[int]) -> int:
+        n = 0
+        for h in self._hashes(ids):
+            if h not in self._seen:
+                break
+            n += self.BLOCK
+        return n
+
+    def insert(self, ids: list[int]) -> None:
+        for h in self._hashes(ids):
+            self._seen[h] = None
+            self._seen.move_to_end(h)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
 @dataclass(eq=False)
 class NodeHandle:
     role: str
@@ -36,6 +68,7 @@ class NodeHandle:
     alive: bool = False
     in_flight: int = 0  # requests this router has on the node now
     served: int = 0
+    prefixes: PrefixIndex = field(default_factory=PrefixIndex, repr=False)
 
     @property
     def load(self) -> int:
@@ -98,10 +131,11 @@ class Registry:
         if policy == "round_robin":
             return nodes[next(self._rr[role]) % len(nodes)]
         if policy == "prefix_aware" and role == "prefill" and prompt_ids:
-            # The same leading tokens go to the same node (its prefix cache holds them), unless that
-            # node is clearly busier than the least-loaded one.
-            key = zlib.crc32(repr(prompt_ids[:64]).encode())
-            home = sorted(nodes, key=lambda n: n.address)[key % len(nodes)]
-            least = min(nodes, key=lambda n: n.load)
-            return home if home.load <= least.load + 4 else least
+            # The node that most likely caches the longest prefix of this prompt, unless it is
+            # clearly busier than the least-loaded node; ties go to the least loaded.
+            least = min(nodes, key=lambda n: (n.load, n.served))
+            best = max(nodes, key=lambda n: (n.prefixes.match_tokens(prompt_ids), -n.load, -n.served))
+            chosen = best if best.prefixes.match_tokens(prompt_ids) and best.load <= least.load + 4 else least
+            chosen.prefixes.insert(prompt_ids)
+            return chosen
         return min(nodes, key=lambda n: (n.load, n.served))

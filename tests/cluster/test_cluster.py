@@ -162,3 +162,21 @@ def test_shutdown_leaves_no_process_behind():
     c.stop()
     assert c.proc.returncode is not None
     assert wait_for(lambda: not c.descendants(), timeout=30), "processes left behind"
+
+
+def _prefill_hit_rate(policy: str) -> float:
+    c = Cluster(num_prefill=2, extra=["--policy", policy])
+    try:
+        systems = [list(range(2000 + 100 * s, 2040 + 100 * s)) for s in range(3)]  # 3 shared 40-token prefixes
+        for turn in range(4):
+            for s, system in enumerate(systems):
+                c.generate(system + [50 + turn, 60 + s, 70 + turn], max_tokens=2)
+        infos = [i for i in _node_infos(c) if i.role == "prefill"]
+        return sum(i.prefix_cache_hits_tokens for i in infos) / sum(i.prefix_cache_queries_tokens for i in infos)
+    finally:
+        c.stop()
+
+
+def test_prefix_aware_routing_raises_the_prefix_hit_rate_over_round_robin():
+    rr, aware = _prefill_hit_rate("round_robin"), _prefill_hit_rate("prefix_aware")
+    assert aware > rr + 0.1, (rr, aware)
