@@ -228,14 +228,15 @@ def _up_parser(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load")
+    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds any KV transfer may take")
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args) -> int:
     from deploy.launcher import up
 
-    return up(engine_argv(args), args.model, args.num_prefill, args.num_decode, args.host, args.grpc_port,
-              args.http_port, args.policy)
+    return up(engine_argv(args) + ["--kv-transfer-timeout", str(args.kv_transfer_timeout)], args.model,
+              args.num_prefill, args.num_decode, args.host, args.grpc_port, args.http_port, args.policy)
 
 
 def main(argv: list[str] | None = None) -> int:

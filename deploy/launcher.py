@@ -75,7 +75,7 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
             router_argv += ["--prefill", a]
         for a in addrs["decode"]:
             router_argv += ["--decode", a]
-        if "--tokenizer" in engine_argv:
+        if "--tokenizer" in engine_argv:  # node-only flags (e.g. --kv-transfer-timeout) stay with the nodes
             router_argv += ["--tokenizer", engine_argv[engine_argv.index("--tokenizer") + 1]]
         comps.append(Component("router", router_argv, "router ready"))
         deadline = time.monotonic() + startup_timeout_s

@@ -180,3 +180,84 @@ def _prefill_hit_rate(policy: str) -> float:
 def test_prefix_aware_routing_raises_the_prefix_hit_rate_over_round_robin():
     rr, aware = _prefill_hit_rate("round_robin"), _prefill_hit_rate("prefix_aware")
     assert aware > rr + 0.1, (rr, aware)
+
+
+def test_prefill_node_killed_mid_request_every_request_ends_and_pages_return():
+    import os
+    import signal
+
+    c = Cluster(num_prefill=2, extra=["--kv-transfer-timeout", "3"])
+    try:
+        reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(100 + i, 160 + i))),
+                                   sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True)) for i in range(6)]
+        calls = [c.stub.Generate(r, timeout=120) for r in reqs]
+        time.sleep(0.3)
+        os.killpg(c.pids["prefill0"], signal.SIGKILL)
+        t0 = time.monotonic()
+        finals = [list(call)[-1] for call in calls]
+        assert time.monotonic() - t0 < 60
+        assert all(f.finish_reason in ("length", "error") for f in finals)
+        assert all(f.error for f in finals if f.finish_reason == "error")
+        toks, last = c.generate(PROMPTS[3], max_tokens=5)  # the surviving prefill node serves
+        assert last.finish_reason == "length" and len(toks) == 5
+        # reservations that never got their KV are quarantined one transfer timeout, then freed
+        assert wait_for(lambda: _pools_full(c), timeout=30)
+    finally:
+        c.stop()
+
+
+def test_overload_is_answered_at_once_not_queued():
+    c = Cluster()
+    try:
+        long_prompt = list(range(300, 390))  # 90 tokens: 23 of the decode node's 128 pages
+        reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=long_prompt),
+                                   sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True)) for _ in range(10)]
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(10) as pool:
+            finals = list(pool.map(lambda r: list(c.stub.Generate(r, timeout=120))[-1], reqs))
+        reasons = [f.finish_reason for f in finals]
+        assert "length" in reasons and "error" in reasons
+        assert all("overloaded" in f.error for f in finals if f.finish_reason == "error")
+        assert time.monotonic() - t0 < 60
+        assert wait_for(lambda: _pools_full(c), timeout=30)
+    finally:
+        c.stop()
+
+
+def test_restarted_decode_node_is_a_new_incarnation_and_serves(offline):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.cluster.conftest import ENGINE_ARGS
+
+    c = Cluster()
+    replacement = None
+    try:
+        addr = next(x.strip().split()[-1] for x in c.lines if "decode node ready on" in x)
+        before = next(i for i in _node_infos(c) if i.role == "decode").incarnation
+        os.killpg(c.pids["decode0"], signal.SIGKILL)
+        replacement = subprocess.Popen([sys.executable, "-m", "deploy.cli", "decode", *ENGINE_ARGS, "--port",
+                                        addr.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True)
+        stub = pb_grpc.DecodeNodeStub(grpc.insecure_channel(addr))
+
+        def new_incarnation():
+            try:
+                return stub.Info(pb.InfoRequest(), timeout=2).incarnation != before
+            except grpc.RpcError:
+                return False
+        assert wait_for(new_incarnation, timeout=120)
+
+        def served():
+            try:
+                return c.generate(PROMPTS[0], max_tokens=10)[0] == offline[0]
+            except grpc.RpcError:
+                return False
+        assert wait_for(served, timeout=30, interval=1.0)
+    finally:
+        if replacement is not None:
+            os.killpg(replacement.pid, signal.SIGTERM)
+            replacement.wait(30)
+        c.stop()
