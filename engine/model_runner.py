@@ -66,8 +66,10 @@ class ModelRunner:
             return max(1, KVPool.pages_for_budget(self.kv_spec, cache.cpu_kv_bytes))
         peak = self._profile_peak_activation_bytes()
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * cache.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(self.device) - peak
+        # gpu_memory_utilization is this process's share of the GPU (several engines may share one):
+        # weights + activations + KV stay under it, and never beyond what is actually free now.
+        budget = int(total * cache.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - peak
+        budget = min(budget, free - peak - (512 << 20))
         pages = KVPool.pages_for_budget(self.kv_spec, budget)
         if pages < self.max_pages_per_seq // 8 + 1:
             raise RuntimeError(

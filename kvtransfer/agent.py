@@ -53,9 +53,22 @@ class Transfer:
     num_descs: int
 
 
+def _nixl_api():
+    """`nixl` (the meta package) picks its CUDA build; a lone nixl-cu13/cu12 wheel works too."""
+    import importlib
+
+    for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("NIXL is not installed (pip install nixl)")
+
+
 class KVTransferAgent:
     def __init__(self, role: str, layers: list, layout: dict, page_bytes: int):
-        from nixl._api import nixl_agent, nixl_agent_config
+        api = _nixl_api()
+        nixl_agent, nixl_agent_config = api.nixl_agent, api.nixl_agent_config
 
         self.name = f"pdserve-{role}-{uuid.uuid4().hex[:12]}"
         self.layout = dict(layout)
