@@ -13,6 +13,8 @@ its pages stay quarantined for one more timeout before they are reused.
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,12 +26,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Sending:
-    transfer: Transfer | None
+    transfer: Transfer | None  # None while a (fault-injected) stall delays the WRITE
     output: object  # the held final EngineOutput
     started: float
     deadline: float
     reported: bool = False
     aborted: bool = False
+    pages: list[int] | None = None
+    dest: dict | None = None
+    start_at: float = 0.0
+
+
+def parse_faults(spec: str | None) -> dict:
+    """Fault injection for tests, from `PDSERVE_KV_FAULTS` ("stall=S,drop=P,seed=N"): `stall`
+    delays every WRITE by S seconds; `drop` loses a WRITE (and its notification) with probability
+    P while the sender believes it succeeded — the worst case the receiver must survive."""
+    faults = {}
+    for part in (spec or "").split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            faults[k.strip()] = float(v)
+    return faults
 
 
 @dataclass
@@ -58,6 +75,10 @@ class EngineKVTransfer:
         self.arrived: set[str] = set()
         self.quarantine: dict[str, float] = {}
         self.bytes_sent = 0
+        self.faults = parse_faults(os.environ.get("PDSERVE_KV_FAULTS")) if self.role == "prefill" else {}
+        self._rng = random.Random(int(self.faults.get("seed", 0)))
+        if self.faults:
+            log.warning("KV transfer fault injection active: %s", self.faults)
 
     def busy(self) -> bool:
         return bool(self.sending or self.waiting or self.quarantine)
@@ -80,15 +101,30 @@ class EngineKVTransfer:
                 emit.append(out)
                 continue
             now = time.monotonic()
-            try:
-                transfer = self.agent.write(out.request_id, pages, dest, out.request_id.encode())
-            except (KVTransferError, ValueError) as e:
-                self.core.release_held(out.request_id)
-                out.finish_reason, out.error = "error", f"KV transfer failed: {e}"
+            if self.faults.get("drop", 0) and self._rng.random() < self.faults["drop"]:
+                self.core.release_held(out.request_id)  # injected: the WRITE is lost, the sender thinks it is done
+                out.kv_transfer = {"bytes": 0, "seconds": 0.0, "descriptors": 0, "dropped": True}
                 emit.append(out)
                 continue
-            self.sending[out.request_id] = _Sending(transfer, out, now, now + self.timeout_s)
+            sending = _Sending(None, out, now, now + self.timeout_s, pages=pages, dest=dest,
+                               start_at=now + self.faults.get("stall", 0.0))
+            self.sending[out.request_id] = sending
+            if not self._start(out.request_id, sending):
+                emit.append(out)
         return emit
+
+    def _start(self, request_id: str, s: _Sending) -> bool:
+        """Post the WRITE when its (injected) start time has come; False if it failed at once."""
+        if s.transfer is not None or time.monotonic() < s.start_at:
+            return True
+        try:
+            s.transfer = self.agent.write(request_id, s.pages, s.dest, request_id.encode())
+            return True
+        except (KVTransferError, ValueError) as e:
+            self.sending.pop(request_id, None)
+            self.core.release_held(request_id)
+            s.output.finish_reason, s.output.error = "error", f"KV transfer failed: {e}"
+            return False
 
     def abort_sending(self, request_id: str) -> bool:
         s = self.sending.get(request_id)
@@ -129,6 +165,17 @@ class EngineKVTransfer:
         emit = []
         now = time.monotonic()
         for rid, s in list(self.sending.items()):
+            if s.transfer is None:  # not posted yet (stall)
+                if now > s.deadline:  # nothing in flight: free at once and report the timeout
+                    self.sending.pop(rid)
+                    self.core.release_held(rid)
+                    if not s.reported:
+                        s.output.finish_reason = "abort" if s.aborted else "error"
+                        s.output.error = None if s.aborted else f"KV transfer timed out after {self.timeout_s:.0f} s"
+                        emit.append(s.output)
+                elif not self._start(rid, s):
+                    emit.append(s.output)
+                continue
             state = self.agent.poll(s.transfer)
             if state in ("DONE", "ERR"):
                 self.sending.pop(rid)

@@ -23,12 +23,13 @@ OFFLINE_KW = dict(load_format="dummy", page_size=4, num_pages=128, max_model_len
 
 
 class Cluster:
-    def __init__(self, num_prefill=1, num_decode=1, extra=()):
+    def __init__(self, num_prefill=1, num_decode=1, extra=(), env=None):
         self.grpc_port, self.http_port = free_port(), free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "up", *ENGINE_ARGS, "--num-prefill", str(num_prefill),
              "--num-decode", str(num_decode), "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env=dict(os.environ, **(env or {})))
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()

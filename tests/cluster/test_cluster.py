@@ -261,3 +261,20 @@ def test_restarted_decode_node_is_a_new_incarnation_and_serves(offline):
             os.killpg(replacement.pid, signal.SIGTERM)
             replacement.wait(30)
         c.stop()
+
+
+@pytest.mark.parametrize("faults,expected", [
+    ("drop=1", "did not arrive"),  # WRITE lost, prefill believes it succeeded: decode must not answer success
+    ("stall=6", "timed out"),  # WRITE stalled past the transfer timeout
+])
+def test_lost_or_stalled_kv_never_ends_in_success_and_frees_pages(faults, expected):
+    c = Cluster(extra=["--kv-transfer-timeout", "2"], env={"PDSERVE_KV_FAULTS": faults})
+    try:
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(4) as pool:
+            finals = list(pool.map(lambda p: c.generate(p, max_tokens=5)[1], PROMPTS[:4]))
+        assert all(f.finish_reason == "error" and expected in f.error for f in finals), [f.error for f in finals]
+        assert time.monotonic() - t0 < 30
+        assert wait_for(lambda: _pools_full(c), timeout=30)
+    finally:
+        c.stop()
