@@ -60,6 +60,8 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._pending: list[EngineOutput] = []  # terminal outputs produced outside step()
         self.num_steps = 0
+        # Set by the prefill role's KV sender: chunks -> per-layer callback (or None) for this step.
+        self.layer_hook_factory = None
 
     # ------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -164,7 +166,8 @@ class EngineCore:
         for c in sched_out.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = now
-        result = self.runner.execute(sched_out.chunks)
+        hook = self.layer_hook_factory(sched_out.chunks) if self.layer_hook_factory else None
+        result = self.runner.execute(sched_out.chunks, layer_hook=hook)
         for rid, lp in result.logprobs.items():
             self.requests[rid].output_logprobs.append(lp)
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}

@@ -4,6 +4,7 @@ recorder for EPLB. Built by the model runner, read by layers; models never build
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -19,3 +20,6 @@ class ForwardBatch:
     # [num_layers, num_logical_experts] token counts per expert, accumulated by MoE layers when
     # set (EPLB's load window); None = not recording.
     expert_load: torch.Tensor | None = None
+    # Called with the layer index after each decoder layer wrote its KV (prefill role: push that
+    # layer's pages while later layers compute). Never set for CUDA-graph decode steps.
+    on_layer_done: Callable[[int], None] | None = None

@@ -100,15 +100,15 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
-    def execute(self, chunks: list, expert_load: torch.Tensor | None = None) -> StepResult:
+    def execute(self, chunks: list, expert_load: torch.Tensor | None = None, layer_hook=None) -> StepResult:
         """Run one step over the scheduler's chunks (decodes first, then prefill chunks)."""
         if not chunks:
             return StepResult({}, {}, 0)
         sampling = [c for c in chunks if c.sample]
-        if self.graphs is not None and expert_load is None and self.graphs.can_run(chunks):
+        if self.graphs is not None and expert_load is None and layer_hook is None and self.graphs.can_run(chunks):
             logits = self.graphs.run(chunks)
         else:
-            logits = self._run_eager(chunks, expert_load)
+            logits = self._run_eager(chunks, expert_load, layer_hook)
         out = self.sampler.sample(logits, [c.request for c in sampling])
         sampled = {c.request.request_id: t for c, t in zip(sampling, out.token_ids)}
         logprobs = {}
@@ -116,7 +116,7 @@ class ModelRunner:
             logprobs = {c.request.request_id: lp for c, lp in zip(sampling, out.logprobs) if lp is not None}
         return StepResult(sampled, logprobs, sum(c.num_new_tokens for c in chunks))
 
-    def _run_eager(self, chunks: list, expert_load: torch.Tensor | None) -> torch.Tensor:
+    def _run_eager(self, chunks: list, expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables, logits_rows = [], [], [], []
@@ -132,7 +132,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.page_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load)
+        batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load, layer_hook)
         hidden = self.model(ids, pos, batch)
         if not logits_rows:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)

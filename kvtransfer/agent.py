@@ -102,8 +102,10 @@ class KVTransferAgent:
             self._remotes[key] = name
         return self._remotes[key]
 
-    def write(self, request_id: str, local_pages: list[int], dest: dict, notif: bytes) -> Transfer:
-        """Start WRITEs of `local_pages` into the destination's pages (same order), all layers."""
+    def write(self, request_id: str, local_pages: list[int], dest: dict, notif: bytes = b"",
+              layers: list[int] | None = None) -> Transfer:
+        """Start WRITEs of `local_pages` into the destination's pages (same order) for `layers`
+        (default: all), with `notif` delivered to the receiver when this WRITE completes."""
         remote_pages = list(dest["page_ids"])
         if len(remote_pages) < len(local_pages):
             raise KVTransferError(f"request {request_id!r}: {len(local_pages)} pages to send but only "
@@ -114,7 +116,8 @@ class KVTransferAgent:
             raise KVLayoutMismatch(f"destination has {len(remote_addrs)} layers, we have {len(self.layer_addrs)}")
         pb = self.page_bytes
         src, dst = [], []
-        for lbase, rbase in zip(self.layer_addrs, remote_addrs):
+        for layer in (range(len(self.layer_addrs)) if layers is None else layers):
+            lbase, rbase = self.layer_addrs[layer], remote_addrs[layer]
             for lp, rp, n in page_runs(local_pages, remote_pages):
                 src.append((lbase + lp * pb, n * pb, self.dev_id))
                 dst.append((rbase + rp * pb, n * pb, int(dest.get("dev_id", 0))))
@@ -126,6 +129,10 @@ class KVTransferAgent:
             self.agent.release_xfer_handle(handle)
             raise KVTransferError(f"request {request_id!r}: NIXL refused the transfer")
         return Transfer(request_id, handle, sum(d[1] for d in src), len(src))
+
+    def notify(self, dest: dict, message: bytes) -> None:
+        """A notification alone (after every WRITE of a request is DONE)."""
+        self.agent.send_notif(self._connect(dest), message)
 
     def poll(self, transfer: Transfer) -> str:
         """DONE, PROC or ERR; a finished transfer's handle is released."""

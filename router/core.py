@@ -31,6 +31,11 @@ from router.registry import NoNodeAvailable, NodeHandle, Registry
 log = logging.getLogger(__name__)
 
 
+def _layout_diff(a: pb.KVLayout, b: pb.KVLayout) -> str:
+    return "; ".join(f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+                     for f in pb.KVLayout.DESCRIPTOR.fields if getattr(a, f.name) != getattr(b, f.name))
+
+
 class BadRequest(ValueError):
     """The client's request is invalid (maps to INVALID_ARGUMENT / HTTP 400)."""
 
@@ -167,6 +172,9 @@ class Router:
     async def _prefill(self, rid, ids, params, dest, tried: set) -> tuple[NodeHandle, pb.PrefillResponse]:
         node = self.registry.pick("prefill", self.policy, ids, exclude=tried)
         tried.add(node)
+        if node.info is not None and node.info.layout != dest.layout:
+            raise RuntimeError(f"KV layouts of prefill node {node.address} and the decode node differ "
+                               f"({_layout_diff(node.info.layout, dest.layout)}); refusing to transfer")
         node.in_flight += 1
         try:
             req = pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),

@@ -85,8 +85,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden, residual = layer(positions, hidden, residual, batch)
+            if batch.on_layer_done is not None:
+                batch.on_layer_done(i)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

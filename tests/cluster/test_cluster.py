@@ -278,3 +278,26 @@ def test_lost_or_stalled_kv_never_ends_in_success_and_frees_pages(faults, expect
         assert wait_for(lambda: _pools_full(c), timeout=30)
     finally:
         c.stop()
+
+
+def test_nodes_with_different_kv_layouts_are_refused_with_a_clear_error():
+    from deploy.launcher import Component, free_port
+    from tests.cluster.conftest import ENGINE_ARGS
+
+    base = [a for a in ENGINE_ARGS]
+    ports = [free_port() for _ in range(3)]
+    comps = [Component("p", ["prefill", *base, "--port", str(ports[0])], "prefill node ready"),
+             Component("d", ["decode", *base, "--page-size", "8", "--port", str(ports[1])], "decode node ready")]
+    try:
+        assert all(c.ready.wait(180) for c in comps)
+        comps.append(Component("r", ["router", "--model", "tiny-llama", "--prefill", f"127.0.0.1:{ports[0]}",
+                                     "--decode", f"127.0.0.1:{ports[1]}", "--grpc-port", str(ports[2]),
+                                     "--http-port", str(free_port())], "router ready"))
+        assert comps[-1].ready.wait(120)
+        stub = pb_grpc.GenerateStub(grpc.insecure_channel(f"127.0.0.1:{ports[2]}"))
+        final = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPTS[0]), sampling=pb.SamplingParams(
+            max_tokens=4)), timeout=60))[-1]
+        assert final.finish_reason == "error" and "page_size: 4 vs 8" in final.error
+    finally:
+        for c in comps:
+            c.stop()
