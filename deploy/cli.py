@@ -239,6 +239,24 @@ def _run_up(args) -> int:
               args.num_prefill, args.num_decode, args.host, args.grpc_port, args.http_port, args.policy)
 
 
+def _bench_parser(sub) -> None:
+    from bench.serving.runner import add_args
+
+    p = sub.add_parser("bench", help="serving benchmark against an OpenAI-compatible server (vllm bench serve flags)")
+    add_args(p)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from bench.serving.runner import main_args
+
+    try:
+        return main_args(args)
+    except ValueError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving")
     parser.add_argument("--log-level", default="WARNING")
@@ -249,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     _node_parser(sub, "decode")
     _router_parser(sub)
     _up_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return args.func(args)

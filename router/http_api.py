@@ -157,6 +157,7 @@ class HttpApi:
                     choice = {"index": 0, "delta": delta, "finish_reason": _reason(d.finish_reason)}
                 else:
                     choice = {"index": 0, "text": d.text, "finish_reason": _reason(d.finish_reason)}
+                choice["token_ids"] = d.token_ids  # extension: exact token accounting for benchmarks
                 first = False
                 chunk = {"id": rid, "object": obj, "created": created, "model": self.router.model_name,
                          "choices": [choice]}

@@ -1,0 +1,158 @@
+"""Drives a serving run against any OpenAI-compatible server (ours or a peer): arrivals at a rate
+(Poisson, or gamma with `burstiness`) or as fast as `max_concurrency` allows, streamed
+`/v1/completions` requests, bounded in count and time, and the report. `pdserve bench` is the CLI."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+
+import aiohttp
+
+from bench.serving import datasets
+from bench.serving.metrics import RequestResult, format_report, parse_goodput, report
+
+
+async def send(session: aiohttp.ClientSession, url: str, model: str, req: datasets.SampleRequest,
+               ignore_eos: bool, timeout_s: float) -> RequestResult:
+    body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    res = RequestResult(success=False, prompt_len=req.prompt_len)
+    t0 = time.perf_counter()
+    last = None
+    chunks = 0
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return res
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    res.error = str(msg["error"].get("message"))[:200]
+                    return res
+                if msg.get("usage"):
+                    res.output_len = msg["usage"].get("completion_tokens", res.output_len)
+                choices = msg.get("choices") or []
+                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
+                    now = time.perf_counter()
+                    if last is None:
+                        res.ttft = now - t0
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    chunks += 1
+        res.latency = time.perf_counter() - t0
+        res.output_len = res.output_len or chunks
+        res.success = last is not None
+        if not res.success:
+            res.error = "no tokens received"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        res.error = f"{type(e).__name__}: {e}"[:200]
+    return res
+
+
+def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Gaps between request starts: 0 for rate=inf, else gamma(shape=burstiness, mean=1/rate)
+    (burstiness 1 = Poisson)."""
+    if rate == float("inf"):
+        return [0.0] * n
+    rng = random.Random(seed)
+    return [rng.gammavariate(burstiness, 1.0 / (rate * burstiness)) for _ in range(n)]
+
+
+async def run(base_url: str, model: str, reqs: list, rate: float, burstiness: float, max_concurrency: int | None,
+              ignore_eos: bool, seed: int, timeout_s: float, max_duration_s: float, progress: bool = True):
+    url = base_url.rstrip("/") + "/completions"
+    sem = asyncio.Semaphore(max_concurrency or len(reqs) or 1)
+    results: list[RequestResult] = []
+    gaps = arrival_gaps(len(reqs), rate, burstiness, seed)
+    conv_locks: dict[int, asyncio.Lock] = {}
+    async with aiohttp.ClientSession() as session:
+        async def one(r):
+            lock = conv_locks.setdefault(r.conversation, asyncio.Lock()) if r.conversation >= 0 else None
+            async with sem:
+                if lock:
+                    async with lock:  # the turns of one conversation go in order
+                        res = await send(session, url, model, r, ignore_eos, timeout_s)
+                else:
+                    res = await send(session, url, model, r, ignore_eos, timeout_s)
+            results.append(res)
+            if progress:
+                print(f"\r{len(results)}/{len(reqs)} done", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        tasks = []
+        for r, gap in zip(reqs, gaps):
+            if time.perf_counter() - t0 > max_duration_s:
+                break
+            tasks.append(asyncio.create_task(one(r)))
+            await asyncio.sleep(gap)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(1.0, max_duration_s + timeout_s))
+        duration = time.perf_counter() - t0
+    if progress:
+        print(file=sys.stderr)
+    return results, duration
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
+    p.add_argument("--model", default=None, help="model name (default: the server's first /v1/models entry)")
+    p.add_argument("--dataset-name", choices=["random", "sharegpt", "prefix", "multiturn"], default="random")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1 = Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
+    p.add_argument("--goodput", nargs="*", default=None, help="SLOs, e.g. ttft:1000 tpot:50 e2el:20000 (ms)")
+    p.add_argument("--warmup-requests", type=int, default=2)
+    p.add_argument("--no-ignore-eos", action="store_true", help="let EOS end outputs early")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--max-duration", type=float, default=3600.0, help="stop issuing requests after this many s")
+    p.add_argument("--save-result", action="store_true")
+    p.add_argument("--result-dir", default=".")
+    p.add_argument("--result-filename", default=None)
+
+
+def main_args(args) -> int:
+    slos = parse_goodput(args.goodput)
+    model = args.model or _first_model(args.base_url)
+    reqs = datasets.build(args.dataset_name, args.num_prompts, args.vocab_size, args)
+    ignore_eos = not args.no_ignore_eos
+    if args.warmup_requests:
+        asyncio.run(run(args.base_url, model, reqs[: args.warmup_requests], float("inf"), 1.0, None, ignore_eos,
+                        args.seed, args.request_timeout, args.max_duration, progress=False))
+    results, duration = asyncio.run(run(args.base_url, model, reqs, args.request_rate, args.burstiness,
+                                        args.max_concurrency, ignore_eos, args.seed, args.request_timeout,
+                                        args.max_duration))
+    rep = report(results, duration, slos)
+    rep.update(model=model, dataset=args.dataset_name, request_rate=args.request_rate, burstiness=args.burstiness,
+               max_concurrency=args.max_concurrency, num_prompts=args.num_prompts, base_url=args.base_url,
+               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    print(format_report(rep))
+    if args.save_result:
+        os.makedirs(args.result_dir, exist_ok=True)
+        name = args.result_filename or f"bench-{args.dataset_name}-{args.request_rate}qps-{int(time.time())}.json"
+        with open(os.path.join(args.result_dir, name), "w") as f:
+            json.dump(rep, f, indent=1)
+    return 0 if rep["completed"] else 1
+
+
+def _first_model(base_url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=30) as resp:
+        return json.loads(resp.read())["data"][0]["id"]

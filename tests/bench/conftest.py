@@ -1,0 +1,1 @@
+from tests.cluster.conftest import cluster  # noqa: F401  (a real local cluster for the serving benchmark)
