@@ -142,3 +142,131 @@ def test_deepseek_v3_sized_rebalance_is_fast_and_balanced():
     assert_valid(hierarchical, 256, 288, 32)
     assert placement.imbalance(load).max() < 1.01
     assert elapsed < 5.0, f"rebalance took {elapsed:.2f}s for 61 layers x 256 experts x 288 slots"
+
+
+# --- load recorder -------------------------------------------------------------------------
+
+def test_recorder_window_sums_the_last_steps_recorded_by_a_moe_layer():
+    from types import SimpleNamespace
+
+    from engine.eplb.load_recorder import ExpertLoadRecorder
+    from engine.layers.moe import FusedMoE
+
+    num_layers, num_experts, window, top_k = 3, 6, 4, 2
+    recorder = ExpertLoadRecorder(num_layers, num_experts, window)
+    layers = [FusedMoE(num_experts, top_k, 8, 4, layer_id=i) for i in range(num_layers)]
+    for moe in layers:
+        torch.nn.init.normal_(moe.w13)
+        torch.nn.init.normal_(moe.w2)
+    gen = torch.Generator().manual_seed(0)
+    history = []
+    for step in range(11):
+        manual = torch.zeros(num_layers, num_experts, dtype=torch.long)
+        batch = SimpleNamespace(expert_load=recorder.step_load)
+        tokens = 1 + step % 5
+        for layer, moe in enumerate(layers):
+            ids = torch.randint(0, num_experts, (tokens, top_k), generator=gen, dtype=torch.int32)
+            with torch.no_grad():
+                moe(torch.randn(tokens, 8), torch.ones(tokens, top_k), ids, batch)
+            manual[layer] += torch.bincount(ids.flatten().long(), minlength=num_experts)
+        recorder.end_step()
+        history.append(manual)
+        expected = torch.stack(history[-window:]).sum(0)
+        assert torch.equal(recorder.window_load(), expected.float()), f"step {step}"
+        assert recorder.window_full == (step + 1 >= window)
+    assert recorder.step_load.sum() == 0
+
+
+def test_recorder_imbalance_matches_the_placement_on_the_window():
+    from engine.eplb.load_recorder import ExpertLoadRecorder
+
+    recorder = ExpertLoadRecorder(2, 4, window=2)
+    for counts in ([[9, 1, 1, 1], [1, 1, 1, 1]], [[3, 1, 1, 1], [2, 2, 2, 2]]):
+        recorder.step_load.copy_(torch.tensor(counts))
+        recorder.end_step()
+    placement = ExpertPlacement.from_physical_to_logical(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]), 4, 2)
+    # Layer 0: GPU loads 12+2 vs 2+2 -> max/mean = 14/9; layer 1: even.
+    assert recorder.imbalance(placement).tolist() == pytest.approx([14 / 9, 1.0])
+    recorder.reset()
+    assert recorder.window_load().sum() == 0 and recorder.num_steps == 0
+
+
+# --- expert map ----------------------------------------------------------------------------
+
+def _skewed_placement(seed: int, num_layers=2, num_experts=8, num_physical=12, num_gpus=4):
+    return rebalance(zipf_load(num_layers, num_experts, 1.5, seed), num_physical, num_gpus)
+
+
+def test_route_sends_each_token_to_a_slot_of_its_expert_and_uses_every_replica():
+    from engine.eplb.expert_map import ExpertMap
+
+    placement = _skewed_placement(0)
+    expert_map = ExpertMap(placement)
+    tokens = 60  # a multiple of every replica count up to 5
+    for layer in range(placement.num_layers):
+        for expert in range(placement.num_logical_experts):
+            ids = torch.full((tokens, 1), expert, dtype=torch.int32)
+            physical = expert_map.route(layer, ids)
+            assert (placement.physical_to_logical[layer][physical] == expert).all()
+            slots = placement.logical_to_physical[layer, expert]
+            used, hits = physical.unique(return_counts=True)
+            assert sorted(used.tolist()) == sorted(slots[slots >= 0].tolist())
+            assert (hits == tokens // len(used)).all(), "replicas must share tokens evenly"
+    ids = torch.tensor([[0, -1], [3, 5]])
+    routed = expert_map.route(0, ids, replica_offset=1)
+    assert routed[0, 1] == -1
+    assert (placement.physical_to_logical[0][routed[ids >= 0]] == ids[ids >= 0]).all()
+
+
+def test_ranks_hold_disjoint_slots_covering_the_placement():
+    from engine.eplb.expert_map import ExpertMap
+
+    placement = _skewed_placement(1)
+    expert_map = ExpertMap(placement)
+    slots = [s for rank in range(expert_map.num_ranks) for s in expert_map.slots_of_rank(rank)]
+    assert sorted(slots) == list(range(placement.num_physical_experts))
+    held = torch.cat([expert_map.experts_of_rank(1, r) for r in range(expert_map.num_ranks)])
+    assert torch.equal(held, placement.physical_to_logical[1])
+
+
+def test_swap_moves_turn_old_slot_weights_into_the_new_placement():
+    from engine.eplb.expert_map import ExpertMap
+
+    old, new = _skewed_placement(2), _skewed_placement(3)
+    expert_map = ExpertMap(old)
+    ptr = expert_map.logical_to_physical.data_ptr()
+    expert_weights = torch.randn(old.num_layers, old.num_logical_experts, 5)  # a fingerprint per expert
+    slot_weights = expert_weights.gather(1, old.physical_to_logical.unsqueeze(-1).expand(-1, -1, 5))
+    moves = expert_map.swap(new)
+    changed = (old.physical_to_logical != new.physical_to_logical).sum().item()
+    assert changed > 0 and len(moves) == changed
+    snapshot = slot_weights.clone()  # sources are read from the old placement
+    per_rank = new.slots_per_gpu
+    for move in moves:
+        assert old.physical_to_logical[move.layer, move.src_slot] == move.new_expert
+        assert move.old_expert == old.physical_to_logical[move.layer, move.slot]
+        local = (old.physical_to_logical[move.layer, move.dst_rank * per_rank:(move.dst_rank + 1) * per_rank]
+                 == move.new_expert).any()
+        assert (move.src_rank == move.dst_rank) == bool(local)
+        slot_weights[move.layer, move.slot] = snapshot[move.layer, move.src_slot]
+    expected = expert_weights.gather(1, new.physical_to_logical.unsqueeze(-1).expand(-1, -1, 5))
+    assert torch.equal(slot_weights, expected)
+    # The live map now routes by the new placement, in the same tensors (CUDA-graph safe).
+    assert expert_map.logical_to_physical.data_ptr() == ptr
+    assert torch.equal(expert_map.physical_to_logical, new.physical_to_logical)
+    ids = torch.arange(new.num_logical_experts).repeat(7, 1)
+    assert (new.physical_to_logical[0][expert_map.route(0, ids)] == ids).all()
+    assert expert_map.swap(new) == []
+
+
+def test_swap_rejects_a_mismatched_placement_and_keeps_the_live_map():
+    from engine.eplb.expert_map import ExpertMap
+
+    old = _skewed_placement(4)
+    expert_map = ExpertMap(old)
+    before = expert_map.logical_to_physical.clone()
+    with pytest.raises(ValueError, match="does not match"):
+        expert_map.swap(_skewed_placement(5, num_physical=16))
+    with pytest.raises(ValueError, match="at most"):
+        ExpertMap(old, max_replicas=1)
+    assert torch.equal(expert_map.logical_to_physical, before) and expert_map.placement is old
