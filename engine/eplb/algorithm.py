@@ -197,8 +197,11 @@ def replicate(weights: torch.Tensor, num_slots: int) -> torch.Tensor:
     batch, n = weights.shape
     counts = torch.ones(batch, n, dtype=torch.long)
     rows = torch.arange(batch)
+    # A tiny floor makes ties (an empty window: all zeros) go to the expert with fewer replicas,
+    # spreading redundant slots instead of stacking them on expert 0.
+    floored = weights + (1e-9 * weights.mean(1, keepdim=True) + 1e-30)
     for _ in range(num_slots - n):
-        hottest = (weights / counts).argmax(1)
+        hottest = (floored / counts).argmax(1)
         counts[rows, hottest] += 1
     return counts
 

@@ -124,6 +124,13 @@ def test_no_redundancy_is_a_pure_packing():
     assert (placement.replica_count == 1).all()
 
 
+def test_an_empty_load_window_spreads_redundant_slots():
+    placement = rebalance(torch.zeros(2, 8), 12, 4)
+    assert_valid(placement, 8, 12, 4)
+    assert placement.replica_count.max() == 2
+    assert placement.imbalance(torch.zeros(2, 8)).tolist() == [1.0, 1.0]
+
+
 def test_rebalance_rejects_impossible_shapes():
     load = torch.ones(1, 8)
     with pytest.raises(ValueError, match="cannot hold"):
