@@ -29,7 +29,7 @@ def probe(device: str = "cuda") -> dict:
     dst = torch.empty_like(src)
     ms = _time_ms(lambda: dst.copy_(src))
     hbm = 2 * n / (ms / 1e3)
-    del src, dst
+    src = dst = None  # free 2 GiB before the matmul buffers
     size = 8192
     a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)

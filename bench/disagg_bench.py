@@ -14,12 +14,12 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import time
 
 import torch
 
+from bench.record import emit
 from engine.engine_client import EngineClient
 from engine.llm import build_engine_config
 from engine.sampling_params import SamplingParams
@@ -121,14 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     r = run(args)
-    md = markdown(r)
-    print(md, flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"disagg_{args.model}.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, f"disagg_{args.model}.json"), "w") as f:
-            json.dump(r, f, indent=1)
+    emit(r, markdown(r), args.out, f"disagg_{args.model}")
     return 0
 
 

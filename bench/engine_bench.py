@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
 import sys
 import time
 
 import torch
 
 from bench import roofline
+from bench.record import emit
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.llm import build_engine_config
@@ -187,14 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")
     args = ap.parse_args(argv)
     r = run(args)
-    md = markdown(r)
-    print(md, flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{args.model}.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, f"{args.model}.json"), "w") as f:
-            json.dump(r, f, indent=1)
+    emit(r, markdown(r), args.out, args.model)
     return 0
 
 

@@ -6,18 +6,15 @@ import asyncio
 
 import grpc
 
-from deploy.node_server import Node, delta_to_proto, serve
+from deploy.node_server import Node, NodeServicerBase, delta_to_proto, serve
 from proto import convert
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 
 
-class DecodeServicer(pb_grpc.DecodeNodeServicer):
+class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
     def __init__(self, node: Node):
         self.node = node
-
-    async def Info(self, request, context):
-        return await asyncio.get_running_loop().run_in_executor(None, self.node.info)
 
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.KVDestination:
         loop = asyncio.get_running_loop()
@@ -47,9 +44,6 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
             raise
         finally:
             node.in_flight.discard(rid)
-
-    async def Abort(self, request, context):
-        return pb.AbortResponse(found=self.node.abort(request.request_id))
 
 
 def main(engine_config, model_name: str, host: str, port: int) -> None:

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
+from deploy.grpc_server import GrpcServer, wait_for_signal
 from engine.engine_client import EngineClient
 from proto import convert
 from proto import pdserve_pb2 as pb
@@ -64,22 +60,22 @@ def delta_to_proto(rid: str, delta) -> pb.GenerateResponse:
 
 
 async def serve(node: Node, servicer, add_fn, service_name: str, host: str, port: int) -> None:
-    server = grpc.aio.server()
-    add_fn(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    for name in ("", service_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server = GrpcServer(servicer, add_fn, service_name)
+    bound = await server.start(host, port)
     log.info("%s node %s serving on %s:%d", node.role, node.node_id, host, bound)
     print(f"{node.role} node ready on {host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2)
+    await wait_for_signal()
+    await server.stop()
     node.client.shutdown()
+
+
+class NodeServicerBase:
+    """`Info` and `Abort`, the same on both node kinds."""
+
+    node: Node
+
+    async def Info(self, request, context):
+        return await asyncio.get_running_loop().run_in_executor(None, self.node.info)
+
+    async def Abort(self, request, context):
+        return pb.AbortResponse(found=self.node.abort(request.request_id))

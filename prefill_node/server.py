@@ -9,18 +9,15 @@ import time
 
 import grpc
 
-from deploy.node_server import Node, serve
+from deploy.node_server import Node, NodeServicerBase, serve
 from proto import convert
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 
 
-class PrefillServicer(pb_grpc.PrefillNodeServicer):
+class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
     def __init__(self, node: Node):
         self.node = node
-
-    async def Info(self, request, context):
-        return await asyncio.get_running_loop().run_in_executor(None, self.node.info)
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         rid = request.request_id
@@ -56,9 +53,6 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
             finish_reason=last.finish_reason or "", stop_reason="" if last.stop_reason is None else str(last.stop_reason),
             error=last.error or "", num_cached_tokens=last.num_cached_tokens, kv_bytes=int(kv.get("bytes", 0)),
             kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0)
-
-    async def Abort(self, request, context):
-        return pb.AbortResponse(found=self.node.abort(request.request_id))
 
 
 def main(engine_config, model_name: str, host: str, port: int) -> None:

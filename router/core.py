@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -134,7 +133,6 @@ class Router:
 
     async def _run(self, rid: str, ids: list[int], params: SamplingParams, out: asyncio.Queue) -> None:
         produced: list[int] = []
-        decode: NodeHandle | None = None
         try:
             await self._path(rid, ids, params, out, produced)
         except asyncio.CancelledError:
@@ -147,7 +145,6 @@ class Router:
             log.exception("request %s failed", rid)
             await self._abort_everywhere(rid)
             out.put_nowait(self._final(rid, ids, produced, "error", f"{type(e).__name__}: {e}"))
-        del decode
 
     async def _abort_everywhere(self, rid: str) -> None:
         async def one(node: NodeHandle):

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
-import grpc
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from deploy.grpc_server import GrpcServer, wait_for_signal
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.core import Router, Timeouts
 from router.grpc_api import GenerateServicer
@@ -26,29 +23,17 @@ async def serve(prefill: list[str], decode: list[str], tokenizer, model_name: st
     await registry.wait_ready()
     router = Router(registry, tokenizer, model_name, policy, timeouts)
     probe = asyncio.create_task(registry.run())
-    server = grpc.aio.server()
-    pb_grpc.add_GenerateServicer_to_server(GenerateServicer(router), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(["pdserve.v1.Generate", health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{grpc_port}")
-    await server.start()
-    for name in ("", "pdserve.v1.Generate"):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server = GrpcServer(GenerateServicer(router), pb_grpc.add_GenerateServicer_to_server, "pdserve.v1.Generate")
+    bound = await server.start(host, grpc_port)
     runner = web.AppRunner(HttpApi(router).app())
     await runner.setup()
     site = web.TCPSite(runner, host, http_port)
     await site.start()
     http_bound = site._server.sockets[0].getsockname()[1]
     print(f"router ready: grpc {host}:{bound} http http://{host}:{http_bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_signal()
     probe.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2)
+    await server.stop()
     await runner.cleanup()
 
 

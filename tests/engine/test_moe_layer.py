@@ -1,7 +1,6 @@
 """MoE routing against per-token brute force, and the torch expert paths against the reference."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

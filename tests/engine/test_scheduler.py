@@ -11,7 +11,7 @@ import pytest
 from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
 from engine.radix_cache import RadixCache
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.scheduler import Scheduler, SchedulerOverloaded
 
 
