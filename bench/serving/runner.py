@@ -125,6 +125,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-result", action="store_true")
     p.add_argument("--result-dir", default=".")
     p.add_argument("--result-filename", default=None)
+    p.add_argument("--plot", action="store_true", help="with --save-result: also a PNG of latency CDFs (matplotlib)")
 
 
 def main_args(args) -> int:
@@ -139,6 +140,9 @@ def main_args(args) -> int:
                                         args.max_concurrency, ignore_eos, args.seed, args.request_timeout,
                                         args.max_duration))
     rep = report(results, duration, slos)
+    ok = [r for r in results if r.success]
+    rep["per_request"] = {"ttfts": [r.ttft for r in ok], "tpots": [r.tpot for r in ok], "e2els": [r.latency for r in ok],
+                          "output_lens": [r.output_len for r in ok]}
     rep.update(model=model, dataset=args.dataset_name, request_rate=args.request_rate, burstiness=args.burstiness,
                max_concurrency=args.max_concurrency, num_prompts=args.num_prompts, base_url=args.base_url,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -148,6 +152,9 @@ def main_args(args) -> int:
         name = args.result_filename or f"bench-{args.dataset_name}-{args.request_rate}qps-{int(time.time())}.json"
         with open(os.path.join(args.result_dir, name), "w") as f:
             json.dump(rep, f, indent=1)
+        if args.plot:
+            from bench.serving.plots import latency_cdfs
+            print(latency_cdfs(rep, os.path.join(args.result_dir, name.removesuffix(".json") + "_cdf.png")))
     return 0 if rep["completed"] else 1
 
 

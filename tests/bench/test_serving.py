@@ -66,9 +66,19 @@ def test_benchmark_against_a_real_local_cluster(cluster, tmp_path, capsys):
 
     rc = main(["bench", "--base-url", cluster.http, "--num-prompts", "6", "--random-input-len", "16",
                "--random-output-len", "4", "--vocab-size", "1000", "--request-rate", "20", "--goodput", "ttft:60000",
-               "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json"])
+               "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json", "--plot"])
     assert rc == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["completed"] == 6 and rep["failed"] == 0 and rep["total_output_tokens"] == 24, rep["errors"]
     assert rep["goodput"] == pytest.approx(rep["request_throughput"])
     assert "Serving Benchmark Result" in capsys.readouterr().out
+    assert (tmp_path / "r_cdf.png").read_bytes()[:4] == b"\x89PNG" and len(rep["per_request"]["ttfts"]) == 6
+
+
+def test_sweep_plot_is_written(tmp_path):
+    from bench.serving.plots import sweep
+
+    runs = [dict(report(_trace(), duration_s=d, slos=parse_goodput(["ttft:250"])), model="m", dataset="random",
+                 request_rate=rate) for rate, d in ((1.0, 4.0), (2.0, 2.0), (4.0, 1.5))]
+    path = sweep(runs, str(tmp_path / "sweep.png"))
+    assert open(path, "rb").read(4) == b"\x89PNG"
