@@ -208,17 +208,38 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a node's ranks split the model. EP and attention-DP come with the expert-parallel work."""
+    """How a node's ranks split the model: attention data-parallel, MoE expert-parallel.
+
+    With `ep_size` N, the node runs N engine processes (one per GPU, or gloo processes on CPU);
+    each schedules its own requests and KV pages and owns (experts + redundant) / N physical
+    expert slots. EPLB rebalances every `eplb_interval` steps (0: never) from the load of the
+    last `eplb_window` steps.
+    """
 
     ep_size: int = 1
     ep_rank: int = 0
     tp_size: int = 1
+    num_redundant_experts: int = 0
+    eplb_interval: int = 0
+    eplb_window: int = 32
+    ep_backend: str = "auto"  # auto | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
+    dist_init_method: str | None = None  # torch.distributed rendezvous, set by whoever starts the ranks
 
     def __post_init__(self):
         if self.ep_size < 1 or not 0 <= self.ep_rank < self.ep_size:
             raise ConfigError(f"invalid ep_rank {self.ep_rank} for ep_size {self.ep_size}")
         if self.tp_size != 1:
             raise ConfigError("tensor parallelism is not implemented yet (tp_size must be 1)")
+        if self.num_redundant_experts < 0 or (self.num_redundant_experts and self.ep_size == 1):
+            raise ConfigError(f"num_redundant_experts={self.num_redundant_experts}: redundant experts need "
+                              f"ep_size > 1 and must be >= 0")
+        if self.eplb_interval < 0 or self.eplb_window < 1:
+            raise ConfigError(f"EPLB interval must be >= 0 and window >= 1 step, got {self.eplb_interval}, "
+                              f"{self.eplb_window}")
+        if self.eplb_interval and self.ep_size == 1:
+            raise ConfigError("EPLB rebalancing needs ep_size > 1")
+        if self.ep_backend not in ("auto", "torch", "deepep"):
+            raise ConfigError(f"unknown EP backend {self.ep_backend!r} (auto | torch | deepep)")
 
 
 @dataclass

@@ -65,23 +65,45 @@ class RequestStream:
                 return
 
 
+def rank_device(device: str, rank: int) -> str:
+    """EP rank `rank`'s device: GPU base+rank for cuda/cuda:N/auto-with-CUDA, else the CPU."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    base = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    return f"cuda:{base + rank}"
+
+
 class EngineClient:
+    """With `config.parallel.ep_size` N > 1 it starts N engine processes (EP ranks, attention
+    data-parallel) and spreads requests over them by the fewest requests in flight; a request's
+    messages (reserve, start, abort) always go to the rank that holds it."""
+
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0, detokenize: bool = True):
         self.config = config
         self.detokenize = detokenize
         self._dir = tempfile.mkdtemp(prefix="pdserve-engine-")
-        self._in_addr = f"ipc://{os.path.join(self._dir, 'in')}"
         self._out_addr = f"ipc://{os.path.join(self._dir, 'out')}"
         self._ctx = zmq.Context()
         self._out = self._ctx.socket(zmq.PULL)
         self._out.bind(self._out_addr)
-        self._proc = mp.get_context("spawn").Process(
-            target=run_engine_process, args=(config, self._in_addr, self._out_addr), daemon=True,
-            name="pdserve-engine")
-        self._proc.start()
-        self.info = self._wait_ready(startup_timeout_s)
-        self._in = self._ctx.socket(zmq.PUSH)
-        self._in.connect(self._in_addr)
+        self.num_ranks = config.parallel.ep_size
+        configs = [config] if self.num_ranks == 1 else self._rank_configs(config)
+        self._in_addrs = [f"ipc://{os.path.join(self._dir, f'in{r}')}" for r in range(self.num_ranks)]
+        self._procs = [mp.get_context("spawn").Process(
+            target=run_engine_process, args=(cfg, addr, self._out_addr), daemon=True, name=f"pdserve-engine{r}")
+            for r, (cfg, addr) in enumerate(zip(configs, self._in_addrs))]
+        for proc in self._procs:
+            proc.start()
+        self._proc = self._procs[0]
+        self.rank_info = self._wait_ready(startup_timeout_s)
+        self.info = self.rank_info[0]
+        self._ins = []
+        for addr in self._in_addrs:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.connect(addr)
+            self._ins.append(sock)
         self._send_lock = threading.Lock()
         self.model_config = ModelConfig(hf=self.info.hf_config, path=self.info.model_path)
         self.max_model_len = self.info.max_model_len
@@ -89,25 +111,64 @@ class EngineClient:
         self._states: dict[str, RequestState] = {}
         self._streams: dict[str, RequestStream] = {}
         self._reservations: dict[str, "queue.Queue[Reserved]"] = {}
+        self._rank_of: dict[str, int] = {}  # request id -> EP rank holding it
+        self._in_flight = [0] * self.num_ranks
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="engine-receiver")
         self._receiver.start()
 
-    def _wait_ready(self, timeout_s: float) -> EngineReady:
+    @staticmethod
+    def _rank_configs(config: EngineConfig) -> list[EngineConfig]:
+        from dataclasses import replace
+
+        from deploy.launcher import free_port
+
+        init = f"tcp://127.0.0.1:{free_port()}"
+        return [replace(config, device=rank_device(config.device, r),
+                        parallel=replace(config.parallel, ep_rank=r, dist_init_method=init))
+                for r in range(config.parallel.ep_size)]
+
+    def _wait_ready(self, timeout_s: float) -> list[EngineReady]:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._out.poll(200):
-                msg = pickle.loads(self._out.recv())
-                if isinstance(msg, EngineFailed):
-                    self._proc.join(5)
-                    raise RuntimeError(f"engine failed to start: {msg.message}")
-                return msg
-            if not self._proc.is_alive():
-                raise RuntimeError(f"engine process exited during start-up (exit code {self._proc.exitcode})")
-        self._proc.kill()
-        raise RuntimeError(f"engine did not become ready within {timeout_s:.0f} s")
+        ready: dict[int, EngineReady] = {}
+        try:
+            while time.monotonic() < deadline:
+                if self._out.poll(200):
+                    msg = pickle.loads(self._out.recv())
+                    if isinstance(msg, EngineFailed):
+                        raise RuntimeError(f"engine failed to start: {msg.message}")
+                    ready[msg.rank] = msg
+                    if len(ready) == self.num_ranks:
+                        return [ready[r] for r in range(self.num_ranks)]
+                    continue
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"engine process {dead[0].name} exited during start-up "
+                                       f"(exit code {dead[0].exitcode})")
+            raise RuntimeError(f"engine did not become ready within {timeout_s:.0f} s "
+                               f"({len(ready)} of {self.num_ranks} ranks ready)")
+        except RuntimeError:
+            for p in self._procs:
+                p.kill()
+                p.join(5)
+            raise
+
+    def _pick_rank(self, request_id: str) -> int:
+        with self._lock:
+            rank = self._rank_of.get(request_id)
+            if rank is None:
+                rank = min(range(self.num_ranks), key=lambda r: (self._in_flight[r], r))
+                self._rank_of[request_id] = rank
+                self._in_flight[rank] += 1
+            return rank
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            rank = self._rank_of.pop(request_id, None)
+            if rank is not None:
+                self._in_flight[rank] -= 1
 
     # ------------------------------------------------------------- API
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
@@ -117,7 +178,7 @@ class EngineClient:
         the final delta (carrying `kv_transfer`) comes after the WRITE completed."""
         rid, stream = self._open(request_id, prompt, prompt_token_ids, params)
         eos = self._eos_ids() if eos_token_ids is None else tuple(eos_token_ids)
-        self._send(AddRequest(rid, list(prompt_token_ids), params.to_dict(), eos, kv_dest))
+        self._send(AddRequest(rid, list(prompt_token_ids), params.to_dict(), eos, kv_dest), self._pick_rank(rid))
         return stream
 
     def _open(self, request_id, prompt, prompt_token_ids, params) -> tuple[str, RequestStream]:
@@ -140,7 +201,7 @@ class EngineClient:
         box: queue.Queue[Reserved] = queue.Queue(maxsize=1)
         with self._lock:
             self._reservations[request_id] = box
-        self._send(Reserve(request_id, num_prompt_tokens))
+        self._send(Reserve(request_id, num_prompt_tokens), self._pick_rank(request_id))
         try:
             reply = box.get(timeout=timeout_s)
         except queue.Empty:
@@ -149,6 +210,7 @@ class EngineClient:
             with self._lock:
                 self._reservations.pop(request_id, None)
         if reply.dest is None:
+            self._forget(request_id)
             raise ValueError(reply.error or "reservation refused")
         return reply.dest
 
@@ -157,28 +219,47 @@ class EngineClient:
         """Decode role: generate after `first_token` once the reserved KV has arrived."""
         rid, stream = self._open(request_id, None, prompt_token_ids, params)
         eos = self._eos_ids() if eos_token_ids is None else tuple(eos_token_ids)
-        self._send(StartDecode(rid, list(prompt_token_ids), params.to_dict(), int(first_token), eos))
+        self._send(StartDecode(rid, list(prompt_token_ids), params.to_dict(), int(first_token), eos),
+                   self._pick_rank(rid))
         return stream
 
     def engine_stats(self, timeout_s: float = 10.0) -> dict:
-        """The engine's scheduler counters (pages free/cached/held/reserved, queue lengths...)."""
-        token = next(self._ids)
-        box: queue.Queue = queue.Queue(maxsize=1)
+        """The engine's scheduler counters (pages free/cached/held/reserved, queue lengths...);
+        with several EP ranks, counts are summed, usage averaged, and `ranks` holds each rank's."""
+        tokens = [next(self._ids) for _ in range(self.num_ranks)]
+        boxes = {t: queue.Queue(maxsize=1) for t in tokens}
         with self._lock:
-            self._reservations[f"#stats{token}"] = box
+            for t, box in boxes.items():
+                self._reservations[f"#stats{t}"] = box
         try:
-            self._send(StatsRequest(token))
-            return box.get(timeout=timeout_s).stats
+            for rank, t in enumerate(tokens):
+                self._send(StatsRequest(t), rank)
+            per_rank = [boxes[t].get(timeout=timeout_s).stats for t in tokens]
         except queue.Empty:
             raise EngineDeadError(f"no stats reply within {timeout_s:.0f} s") from None
         finally:
             with self._lock:
-                self._reservations.pop(f"#stats{token}", None)
+                for t in tokens:
+                    self._reservations.pop(f"#stats{t}", None)
+        if self.num_ranks == 1:
+            return dict(per_rank[0], ranks=per_rank)
+        total: dict = {}
+        for s in per_rank:
+            for k, v in s.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+        total["kv_cache_usage"] = sum(s.get("kv_cache_usage", 0.0) for s in per_rank) / self.num_ranks
+        total["ranks"] = per_rank
+        return total
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
               error: str | None = None) -> None:
-        if not self._closed:
-            self._send(AbortRequest(request_id, status.value, error))
+        if self._closed:
+            return
+        with self._lock:
+            rank = self._rank_of.get(request_id)
+        for r in ([rank] if rank is not None else range(self.num_ranks)):  # unknown: every rank (idempotent)
+            self._send(AbortRequest(request_id, status.value, error), r)
 
     def generate(self, prompts_or_ids: list, params: SamplingParams) -> list[RequestOutput]:
         """Blocking convenience: run all prompts (text or id lists) and return final results in order."""
@@ -202,22 +283,25 @@ class EngineClient:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._send(Shutdown())
-        except zmq.ZMQError:
-            pass
-        self._proc.join(10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
+        for r in range(self.num_ranks):
+            try:
+                self._send(Shutdown(), r)
+            except zmq.ZMQError:
+                pass
+        for p in self._procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
         self._receiver.join(3)
-        self._in.close(0)
+        for sock in self._ins:
+            sock.close(0)
         self._out.close(0)
         self._ctx.term()
 
-    def _send(self, msg) -> None:
+    def _send(self, msg, rank: int = 0) -> None:
         with self._send_lock:
-            self._in.send(pickle.dumps(msg))
+            self._ins[rank].send(pickle.dumps(msg))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = list(self.model_config.eos_token_ids)
@@ -229,8 +313,9 @@ class EngineClient:
     def _receive_loop(self) -> None:
         while not self._closed:
             if not self._out.poll(200):
-                if not self._proc.is_alive():
-                    self._fail_all(f"engine process died (exit code {self._proc.exitcode})")
+                dead = next((p for p in self._procs if not p.is_alive()), None)
+                if dead is not None:  # one EP rank gone stalls the others' collectives: fail everything
+                    self._fail_all(f"engine process {dead.name} died (exit code {dead.exitcode})")
                     return
                 continue
             try:
@@ -248,6 +333,8 @@ class EngineClient:
                 self._deliver(out)
 
     def _deliver(self, out: EngineOutput) -> None:
+        if out.finished:
+            self._forget(out.request_id)
         with self._lock:
             state = self._states.get(out.request_id)
             stream = self._streams.get(out.request_id)

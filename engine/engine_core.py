@@ -62,6 +62,10 @@ class EngineCore:
         self.num_steps = 0
         # Set by the prefill role's KV sender: chunks -> per-layer callback (or None) for this step.
         self.layer_hook_factory = None
+        # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
+        # rank in the same step, after which no rank enters another collective.
+        self.stop_requested = False
+        self.stopped = False
 
     # ------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -157,10 +161,18 @@ class EngineCore:
     # ------------------------------------------------------------- the loop
     def step(self) -> list[EngineOutput]:
         outputs, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
-            return outputs
-        sched_out = self.scheduler.schedule()
-        if not sched_out.chunks:
+        sched_out = self.scheduler.schedule() if self.scheduler.has_unfinished() else None
+        has_work = sched_out is not None and bool(sched_out.chunks)
+        ep = self.runner.ep
+        if ep is not None:  # EP ranks move in lock-step: one forward each whenever any rank has work
+            busy, self.stopped = ep.step_begin(has_work, self.stop_requested)
+            if self.stopped or not busy:
+                return outputs
+            if not has_work:
+                self.runner.execute_idle()
+                ep.step_end()
+                return outputs
+        elif not has_work:
             return outputs
         now = time.monotonic()
         for c in sched_out.chunks:
@@ -172,6 +184,8 @@ class EngineCore:
             self.requests[rid].output_logprobs.append(lp)
         finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
         self.num_steps += 1
+        if ep is not None:
+            ep.step_end()  # may rebalance experts: between steps, on every rank at once
         for c in sched_out.chunks:
             req = c.request
             rid = req.request_id
@@ -197,4 +211,6 @@ class EngineCore:
     def stats(self) -> dict:
         s = dict(self.scheduler.stats())
         s.update(num_steps=self.num_steps, num_pages=self.runner.num_pages, page_size=self.runner.page_size)
+        if self.runner.ep is not None:
+            s.update(self.runner.ep.stats())
         return s

@@ -88,6 +88,7 @@ class EngineReady:
     kv_role: str | None = None
     incarnation: str | None = None
     kv_layout: dict | None = None
+    rank: int = 0  # EP rank
 
 
 @dataclass
@@ -123,7 +124,8 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
     mc = core.model_config
     outbox.send(pickle.dumps(EngineReady(mc.path, mc.hf, core.max_model_len, core.runner.num_pages,
                                          core.runner.page_size, mc.eos_token_ids, config.kv_role,
-                                         kv.incarnation if kv else None, core.runner.kv_spec.describe())))
+                                         kv.incarnation if kv else None, core.runner.kv_spec.describe(),
+                                         config.parallel.ep_rank)))
     try:
         _loop(core, inbox, outbox, kv)
     finally:
@@ -138,27 +140,38 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     parent = os.getppid()
+    ep = core.runner.ep is not None
     while True:
         if os.getppid() != parent:  # the front died without a Shutdown: leave no orphan behind
             log.warning("front process %d is gone; engine exiting", parent)
             return
         # Block while idle; poll briefly while only transfers are in flight; never wait while computing.
-        timeout = 0 if core.has_unfinished() else (1 if kv is not None and kv.busy() else 1000)
+        # EP ranks step in lock-step (every iteration is a collective), so they only poll briefly.
+        idle_wait = 2 if ep else 1000
+        timeout = 0 if core.has_unfinished() else (1 if kv is not None and kv.busy() else idle_wait)
         early: list = []
         while poller.poll(timeout):
             msg = pickle.loads(inbox.recv())
             timeout = 0
             if isinstance(msg, Shutdown):
-                return
+                if not ep:
+                    return
+                core.stop_requested = True
+                continue
             reply = _handle(core, kv, msg, early)
             if reply is not None:
                 outbox.send(pickle.dumps(reply))
         try:
-            outputs = early + (core.step() if core.has_unfinished() else [])
+            outputs = early + (core.step() if core.has_unfinished() or ep else [])
         except Exception as e:  # a bug in one step must not kill the loop: fail what was in flight
+            if ep:  # the other ranks are inside the same collective: this EP group cannot go on
+                log.error("EP rank step failed; exiting so the node fails its requests:\n%s", traceback.format_exc())
+                raise
             log.error("engine step failed; failing in-flight requests:\n%s", traceback.format_exc())
             core.fail_all(f"engine step failed: {type(e).__name__}: {e}")
             outputs = early + core.step()
+        if core.stopped:
+            return
         if kv is not None:
             outputs = kv.take_outputs(outputs) + kv.poll(
                 lambda rid, reason, error: EngineOutput(rid, [], finished=True, finish_reason=reason, error=error))

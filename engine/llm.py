@@ -24,7 +24,8 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                         cpu_kv_bytes: int = 1 << 30, enable_prefix_cache: bool = True,
                         max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_waiting: int = 4096,
                         enforce_eager: bool = False, attention_backend: str = "auto",
-                        tokenizer: str | None = None, ep_size: int = 1) -> EngineConfig:
+                        tokenizer: str | None = None, ep_size: int = 1, num_redundant_experts: int = 0,
+                        eplb_interval: int = 0, eplb_window: int = 32, ep_backend: str = "auto") -> EngineConfig:
     """Keyword form of EngineConfig shared by `LLM`, the CLI and the node servers."""
     return EngineConfig(
         model=model, dtype=dtype, device=device, load_format=load_format, seed=seed,
@@ -34,13 +35,17 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                           cpu_kv_bytes=cpu_kv_bytes, enable_prefix_cache=enable_prefix_cache),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_waiting=max_waiting),
-        parallel=ParallelConfig(ep_size=ep_size))
+        parallel=ParallelConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts,
+                                eplb_interval=eplb_interval, eplb_window=eplb_window, ep_backend=ep_backend))
 
 
 class LLM:
     def __init__(self, model: str, *, model_object: torch.nn.Module | None = None,
                  model_config: ModelConfig | None = None, **kwargs):
         self.config = build_engine_config(model, **kwargs)
+        if self.config.parallel.ep_size > 1:
+            raise ValueError("LLM runs one engine in this process; for ep_size > 1 use EngineClient "
+                             "(one engine process per EP rank) or `pdserve generate --ep-size N`")
         self.core = EngineCore(self.config, model=model_object, model_config=model_config)
         path = self.config.tokenizer or self.core.model_config.path
         self.tokenizer = load_tokenizer(path)

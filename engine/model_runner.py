@@ -40,6 +40,11 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.model = model if model is not None else load_model(
             model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel)
+        self.ep = None
+        if config.parallel.ep_size > 1:
+            from engine.ep.runtime import ExpertParallel
+            mode = "low_latency" if config.kv_role == "decode" else "normal"
+            self.ep = ExpertParallel(config.parallel, self.model, self.device, model_config.hf["hidden_size"], mode)
         self.backend = select_backend(self.device, config.attention_backend)
         self.page_size = config.cache.page_size
         self.kv_spec = model_config.kv_spec(self.page_size)
@@ -49,7 +54,8 @@ class ModelRunner:
         self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the torch all-to-all reads counts on the host
+        if self.device.type == "cuda" and not config.enforce_eager and graphs_ok:
             max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = DecodeGraphs(self, max_batch)
             self.graphs.capture()
@@ -115,6 +121,11 @@ class ModelRunner:
         if out.logprobs is not None:
             logprobs = {c.request.request_id: lp for c, lp in zip(sampling, out.logprobs) if lp is not None}
         return StepResult(sampled, logprobs, sum(c.num_new_tokens for c in chunks))
+
+    @torch.inference_mode()
+    def execute_idle(self) -> None:
+        """EP rank with no tokens this step: serve the other ranks' MoE dispatches."""
+        self.ep.run_idle()
 
     def _run_eager(self, chunks: list, expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:
         input_ids: list[int] = []

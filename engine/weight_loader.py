@@ -71,7 +71,14 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 def _dummy_fill(model: torch.nn.Module, seed: int, std: float) -> None:
     """Seeded random weights: norms near 1, biases near 0, matrices N(0, std). Each tensor's values
     depend only on (seed, its name), so a model's weights do not change when others are added."""
+    own = set()  # parameters of modules that fill themselves (MoE experts: per logical expert)
+    for prefix, module in model.named_modules():
+        if hasattr(module, "dummy_fill"):
+            module.dummy_fill(seed, std, prefix)
+            own.update(f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False))
     for name, param in model.named_parameters():
+        if name in own:
+            continue
         gen = torch.Generator(device=param.device)
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
         with torch.no_grad():

@@ -16,13 +16,16 @@ on CPU. Expert ids outside `[0, E)` contribute nothing (experts owned by another
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ParallelConfig
+from engine.config import ConfigError, ParallelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
+from engine.models import WeightError
 from engine.models.weights import WeightTable, copy_into
 
 
@@ -100,13 +103,25 @@ class FusedMoE(nn.Module):
                  parallel: ParallelConfig | None = None):
         super().__init__()
         self.num_experts, self.top_k, self.layer_id = num_experts, top_k, layer_id
-        self.intermediate_size = intermediate_size
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.parallel = parallel or ParallelConfig()
-        if self.parallel.ep_size != 1:
-            raise NotImplementedError("expert parallelism across ranks is not implemented yet (ep_size must be 1)")
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        ep_size, ep_rank = self.parallel.ep_size, self.parallel.ep_rank
+        # Physical slots: the logical experts plus redundant replicas, split evenly over EP ranks.
+        self.num_slots = num_experts + (self.parallel.num_redundant_experts if ep_size > 1 else 0)
+        if self.num_slots % ep_size:
+            raise ConfigError(f"layer {layer_id}: {num_experts} experts + {self.num_slots - num_experts} redundant "
+                              f"do not split evenly over ep_size={ep_size} ranks")
+        self.num_local_slots = self.num_slots // ep_size
+        from engine.ep.runtime import initial_slot_experts
+        first = ep_rank * self.num_local_slots
+        self.slot_experts = initial_slot_experts(num_experts, self.num_slots)[first: first + self.num_local_slots]
+        self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_slots, hidden_size, intermediate_size))
         self._kernel = None
+        self.ep = None  # engine.ep.runtime.ExpertParallel once bound (ep_size > 1)
+
+    def bind_ep(self, ep) -> None:
+        self.ep = ep
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 batch: ForwardBatch | None = None) -> torch.Tensor:
@@ -115,28 +130,86 @@ class FusedMoE(nn.Module):
             ok = (ids >= 0) & (ids < self.num_experts)
             batch.expert_load[self.layer_id].scatter_add_(
                 0, ids.clamp(0, self.num_experts - 1), ok.to(batch.expert_load.dtype))
+        if self.ep is None:
+            return self._experts(hidden, topk_weights, topk_ids)
+        # Expert parallel: logical experts -> physical slots (spread over replicas), tokens to the
+        # slots' ranks, the same local grouped GEMM, partial sums back and added up.
+        self.ep.record(self.layer_id, topk_ids)
+        slots = self.ep.expert_map.route(self.layer_id, topk_ids, replica_offset=self.ep.rank)
+        sent = self.ep.all_to_all.dispatch(hidden, slots, topk_weights)
+        partial = self._experts(sent.hidden, sent.topk_weights, sent.topk_ids)
+        return self.ep.all_to_all.combine(partial, sent.handle)
+
+    def idle_forward(self) -> None:
+        """Join this layer's dispatch/combine with no tokens of our own (idle EP rank)."""
+        p = self.w13
+        empty = torch.empty((0, self.hidden_size), dtype=p.dtype, device=p.device)
+        self.forward(empty, torch.empty((0, self.top_k), dtype=torch.float32, device=p.device),
+                     torch.empty((0, self.top_k), dtype=torch.int32, device=p.device))
+
+    def _experts(self, hidden, topk_weights, topk_ids) -> torch.Tensor:
+        if hidden.shape[0] == 0:
+            return hidden.new_zeros(hidden.shape)
         if hidden.device.type != "cuda":
             return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids)
         if self._kernel is None:
             self._kernel = _gpu_fused_experts() or fused_experts_torch
         return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids)
 
+    # ---------------------------------------------------------------- EPLB weight moves
+    def pack_slot(self, slot: int) -> torch.Tensor:
+        """One local slot's weights as one flat tensor (a copy: safe to send while slots change)."""
+        return torch.cat([self.w13.data[slot].reshape(-1), self.w2.data[slot].reshape(-1)])
+
+    def empty_packed(self) -> torch.Tensor:
+        n = self.w13.shape[1] * self.w13.shape[2] + self.w2.shape[1] * self.w2.shape[2]
+        return self.w13.data.new_empty(n)
+
+    def unpack_slot(self, slot: int, packed: torch.Tensor) -> None:
+        n13 = self.w13.shape[1] * self.w13.shape[2]
+        self.w13.data[slot].copy_(packed[:n13].view_as(self.w13.data[slot]))
+        self.w2.data[slot].copy_(packed[n13:].view_as(self.w2.data[slot]))
+
+    def dummy_fill(self, seed: int, std: float, prefix: str) -> None:
+        """Random weights that depend on (seed, logical expert) only, so every replica of an expert,
+        on any rank and for any EP size, holds the same values."""
+        for slot, e in enumerate(self.slot_experts):
+            for param, part in ((self.w13, "w13"), (self.w2, "w2")):
+                gen = torch.Generator(device=param.device)
+                gen.manual_seed((seed * 1_000_003 + zlib.crc32(f"{prefix}.{e}.{part}".encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+                with torch.no_grad():
+                    param.data[slot].copy_(std * torch.randn(param.shape[1:], generator=gen, device=param.device))
+
     def register_weights(self, table: WeightTable, prefix: str) -> None:
-        """Per-expert checkpoint names, plus transformers-5's fused in-memory tensors as aliases."""
+        """Per-expert checkpoint names, plus transformers-5's fused in-memory tensors as aliases.
+        With EP, an expert held by no local slot is accepted and skipped; one held by several local
+        slots (redundant replicas) is copied into each."""
         inter = self.intermediate_size
         for e in range(self.num_experts):
-            table.add(f"{prefix}.{e}.gate_proj.weight", self._into(self.w13, e, 0, inter), slots=[(prefix, e, "g")])
-            table.add(f"{prefix}.{e}.up_proj.weight", self._into(self.w13, e, inter, inter), slots=[(prefix, e, "u")])
-            table.add(f"{prefix}.{e}.down_proj.weight", self._into(self.w2, e, 0, None), slots=[(prefix, e, "d")])
+            local = [s for s, x in enumerate(self.slot_experts) if x == e]
+            optional = not local
+            table.add(f"{prefix}.{e}.gate_proj.weight", self._into(self.w13, local, 0, inter),
+                      slots=[(prefix, e, "g")], optional=optional)
+            table.add(f"{prefix}.{e}.up_proj.weight", self._into(self.w13, local, inter, inter),
+                      slots=[(prefix, e, "u")], optional=optional)
+            table.add(f"{prefix}.{e}.down_proj.weight", self._into(self.w2, local, 0, None),
+                      slots=[(prefix, e, "d")], optional=optional)
         every = range(self.num_experts)
-        table.alias(f"{prefix}.gate_up_proj", lambda t, n: copy_into(self.w13.data, t, n),
-                    [(prefix, e, s) for e in every for s in ("g", "u")])
-        table.alias(f"{prefix}.down_proj", lambda t, n: copy_into(self.w2.data, t, n),
-                    [(prefix, e, "d") for e in every])
+        experts = torch.tensor(self.slot_experts, dtype=torch.long)
+
+        def fused(param):
+            def load(t: torch.Tensor, name: str) -> None:
+                if t.shape[0] != self.num_experts:
+                    raise WeightError(f"tensor {name!r}: expected {self.num_experts} experts, got {t.shape[0]}")
+                copy_into(param.data, t[experts.to(t.device)], name)
+            return load
+        table.alias(f"{prefix}.gate_up_proj", fused(self.w13), [(prefix, e, s) for e in every for s in ("g", "u")])
+        table.alias(f"{prefix}.down_proj", fused(self.w2), [(prefix, e, "d") for e in every])
 
     @staticmethod
-    def _into(param: nn.Parameter, e: int, start: int, size: int | None):
+    def _into(param: nn.Parameter, slots: list[int], start: int, size: int | None):
         def load(t: torch.Tensor, name: str) -> None:
-            dst = param.data[e] if size is None else param.data[e, start: start + size]
-            copy_into(dst, t, name)
+            for slot in slots:
+                dst = param.data[slot] if size is None else param.data[slot, start: start + size]
+                copy_into(dst, t, name)
         return load

@@ -1,0 +1,155 @@
+"""The expert-parallel runtime of one engine rank: binds the model's MoE layers to the EP group,
+the token all-to-all and the live expert map, keeps ranks in lock-step, and applies EPLB.
+
+Lock-step: attention is data-parallel (each rank schedules its own requests), but every MoE
+layer is a collective. Each engine-loop iteration every rank calls `step_begin(has_work)`;
+if any rank has work, all run one forward — ranks without requests run `run_idle()`, which
+walks the MoE layers with zero tokens so they still serve the others' dispatches.
+
+EPLB: MoE layers add their routed logical experts into the load recorder; every
+`eplb_interval` steps (once the window is full) the ranks sum their windows, compute the same
+placement (`engine.eplb.rebalance` is deterministic), and — between two steps, before any
+rank's next forward — exchange the expert weights the new placement needs and swap the map in
+place. Requests in flight see one consistent placement per step and are never dropped.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ParallelConfig
+from engine.ep.all_to_all import select_all_to_all
+from engine.ep.group import EPGroup
+from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMove, rebalance
+
+log = logging.getLogger(__name__)
+
+
+def initial_slot_experts(num_experts: int, num_slots: int) -> list[int]:
+    """Logical expert of each physical slot before any load is known: slot s holds s mod E (the
+    first `num_slots - E` experts get a second replica)."""
+    return [s % num_experts for s in range(num_slots)]
+
+
+def initial_placement(num_layers: int, num_experts: int, num_slots: int, num_ranks: int) -> ExpertPlacement:
+    p2l = torch.tensor(initial_slot_experts(num_experts, num_slots), dtype=torch.long)
+    return ExpertPlacement.from_physical_to_logical(p2l.expand(num_layers, -1).clone(), num_experts, num_ranks)
+
+
+class ExpertParallel:
+    def __init__(self, parallel: ParallelConfig, model: torch.nn.Module, device: torch.device, hidden_size: int,
+                 mode: str = "normal"):
+        from engine.layers.moe import FusedMoE
+
+        self.parallel = parallel
+        self.moe_layers: dict[int, FusedMoE] = {m.layer_id: m for m in model.modules() if isinstance(m, FusedMoE)}
+        if not self.moe_layers:
+            raise ValueError(f"--ep-size {parallel.ep_size}: the model has no MoE layers to split across ranks")
+        first = next(iter(self.moe_layers.values()))
+        self.num_experts, self.num_slots = first.num_experts, first.num_slots
+        self.slots_per_rank = first.num_local_slots
+        self.num_layers = max(self.moe_layers) + 1
+        self.group = EPGroup(parallel.ep_rank, parallel.ep_size, parallel.dist_init_method, device)
+        self.rank = self.group.rank
+        self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size)
+        if mode == "low_latency" and getattr(self.all_to_all, "mode", None) == "normal":
+            from engine.ep.all_to_all import DeepEPAllToAll
+            self.all_to_all = DeepEPAllToAll(self.group, self.slots_per_rank, hidden_size, "low_latency")
+        placement = initial_placement(self.num_layers, self.num_experts, self.num_slots, parallel.ep_size)
+        self.expert_map = ExpertMap(placement, device)
+        self.recorder = ExpertLoadRecorder(self.num_layers, self.num_experts, max(1, parallel.eplb_window), device)
+        self.total_load = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=device)
+        self.num_steps = 0
+        self.num_rebalances = 0
+        self.num_weight_moves = 0
+        for m in self.moe_layers.values():
+            m.bind_ep(self)
+
+    @property
+    def backend_name(self) -> str:
+        return self.all_to_all.name
+
+    # ------------------------------------------------------------- per step
+    def step_begin(self, has_work: bool, stop: bool = False) -> tuple[bool, bool]:
+        """Collective: (any rank has work — then every rank runs a forward, any rank stops)."""
+        return self.group.agree(has_work, stop)
+
+    def record(self, layer_id: int, topk_ids: torch.Tensor) -> None:
+        ids = topk_ids.reshape(-1).long()
+        ok = (ids >= 0) & (ids < self.num_experts)
+        self.recorder.step_load[layer_id].scatter_add_(0, ids.clamp(0, self.num_experts - 1), ok.to(torch.int32))
+
+    @torch.inference_mode()
+    def run_idle(self) -> None:
+        """This rank has no tokens: still take part in every MoE layer's dispatch and combine."""
+        for layer_id in sorted(self.moe_layers):
+            self.moe_layers[layer_id].idle_forward()
+
+    def step_end(self) -> None:
+        self.total_load += self.recorder.step_load
+        self.recorder.end_step()
+        self.num_steps += 1
+        interval = self.parallel.eplb_interval
+        if interval > 0 and self.num_steps % interval == 0 and self.recorder.window_full:
+            self.rebalance()
+
+    # ------------------------------------------------------------- EPLB
+    @torch.inference_mode()
+    def rebalance(self) -> list[WeightMove]:
+        """Collective: sum the load windows, place, move weights, swap the map (between steps)."""
+        load = self.recorder.window_load().to(torch.float64).cpu()
+        self.group.sum_(load)
+        layers = sorted(self.moe_layers)
+        # Dense layers have no load; give them a uniform one so the placement stays valid there.
+        full = torch.ones((self.num_layers, self.num_experts), dtype=torch.float64)
+        full[layers] = load[layers]
+        placement = rebalance(full, self.num_slots, self.group.size)
+        moves = [m for m in self.expert_map.plan_moves(placement) if m.layer in self.moe_layers]
+        self._move_weights(moves)
+        self.expert_map.swap(placement)
+        for layer_id, moe in self.moe_layers.items():
+            moe.slot_experts = self.expert_map.experts_of_rank(layer_id, self.rank).tolist()
+        self.num_rebalances += 1
+        self.num_weight_moves += len(moves)
+        log.info("EPLB rebalance %d on rank %d: %d slot(s) changed; imbalance now %.3f", self.num_rebalances,
+                 self.rank, len(moves), float(placement.imbalance(full)[layers].max()))
+        return moves
+
+    def _move_weights(self, moves: list[WeightMove]) -> None:
+        """Every rank walks the same list: sources are read (packed) before any slot is written."""
+        me, per_rank = self.rank, self.slots_per_rank
+        ops, writes = [], []
+        for tag, mv in enumerate(moves):
+            moe = self.moe_layers[mv.layer]
+            if mv.src_rank == me:
+                packed = moe.pack_slot(mv.src_slot - me * per_rank)
+                if mv.dst_rank == me:
+                    writes.append((moe, mv.slot - me * per_rank, packed))
+                else:
+                    ops.append(dist.P2POp(dist.isend, packed, mv.dst_rank, self.group.group, tag))
+            elif mv.dst_rank == me:
+                buf = moe.empty_packed()
+                ops.append(dist.P2POp(dist.irecv, buf, mv.src_rank, self.group.group, tag))
+                writes.append((moe, mv.slot - me * per_rank, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        for moe, local_slot, packed in writes:
+            moe.unpack_slot(local_slot, packed)
+
+    # ------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        """Cumulative tokens per (layer, logical expert) and the window's imbalance per layer."""
+        total = self.total_load.cpu()
+        layers = sorted(self.moe_layers)
+        tokens = {(layer, e): int(total[layer, e]) for layer in layers for e in range(self.num_experts)}
+        window = self.recorder.window_load().cpu()
+        imb = self.expert_map.placement.imbalance(window)
+        return {"ep_rank": self.rank, "ep_size": self.group.size, "ep_backend": self.backend_name,
+                "expert_tokens": tokens, "ep_imbalance": {layer: float(imb[layer]) for layer in layers},
+                "eplb_rebalances": self.num_rebalances, "eplb_weight_moves": self.num_weight_moves}
+
+    def close(self) -> None:
+        self.group.close()
