@@ -8,7 +8,12 @@ ARGS ?=
 
 # CPU torch 2.13.0 comes from this machine family's local disk; installing it before the project
 # keeps pip from resolving an unpinned torch (or nixl's unpinned dependency) to a multi-GB CUDA build.
+# Redis and Prometheus servers are real parts of the tests (Debian packages; needs root + apt).
 .install-stamp: pyproject.toml
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus >/dev/null; } || \
+	  echo "make: redis-server/prometheus not installed; their tests will skip"
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	touch $@
