@@ -3,6 +3,7 @@ notification naming the request, joins it to the running batch and streams token
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -37,7 +38,16 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
         try:
             stream = node.client.start_decode(rid, list(request.prompt_token_ids), params, request.first_token,
                                               tuple(request.eos_token_ids) or None)
+            start = last = time.monotonic()
+            num_tokens = 1  # the prefill node's first token
             async for delta in stream:
+                now = time.monotonic()
+                if delta.token_ids:
+                    node.metrics.observe("inter_token_latency_seconds", now - last)
+                    num_tokens += len(delta.token_ids)
+                    last = now
+                if delta.finished:
+                    _observe_decode(node, delta, now - start, num_tokens)
                 yield delta_to_proto(rid, delta)
         except asyncio.CancelledError:
             node.client.abort(rid)
@@ -46,7 +56,20 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
             node.in_flight.discard(rid)
 
 
-def main(engine_config, model_name: str, host: str, port: int) -> None:
-    node = Node("decode", engine_config, model_name)
+def _observe_decode(node: Node, final, seconds: float, num_tokens: int) -> None:
+    m = node.metrics
+    if final.finish_reason == "error":
+        m.inc("request_failure_total", reason="kv_transfer" if "KV" in (final.error or "") else "decode")
+        return
+    m.inc("request_success_total", finished_reason=final.finish_reason or "unknown")
+    m.inc("generation_tokens_total", num_tokens)
+    m.observe("request_generation_tokens", num_tokens)
+    m.observe("request_decode_time_seconds", seconds)
+    if num_tokens > 1:
+        m.observe("request_time_per_output_token_seconds", seconds / (num_tokens - 1))
+
+
+def main(engine_config, model_name: str, host: str, port: int, options=None) -> None:
+    node = Node("decode", engine_config, model_name, options)
     asyncio.run(serve(node, DecodeServicer(node), pb_grpc.add_DecodeNodeServicer_to_server,
                       "pdserve.v1.DecodeNode", host, port))

@@ -32,6 +32,17 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
     g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
     g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (also seeds dummy weights)")
+    e = p.add_argument_group("expert parallelism (MoE models)")
+    e.add_argument("--ep-size", type=int, default=1,
+                   help="EP ranks of this node: one engine process per GPU (gloo processes on CPU); attention is "
+                        "data-parallel over them, MoE experts are split across them")
+    e.add_argument("--num-redundant-experts", type=int, default=0,
+                   help="extra physical expert slots for EPLB to replicate hot experts into")
+    e.add_argument("--eplb-interval", type=int, default=0, help="rebalance experts every N engine steps (0: never)")
+    e.add_argument("--eplb-window", type=int, default=32, help="steps of expert load the rebalancer looks at")
+    e.add_argument("--ep-backend", choices=["auto", "torch", "deepep"], default="auto",
+                   help="token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep) or torch.distributed; "
+                        "auto: DeepEP on CUDA when importable")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,7 +51,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 page_size=args.page_size, num_pages=args.num_pages,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=not args.no_prefix_cache,
-                enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, tokenizer=args.tokenizer)
+                enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, tokenizer=args.tokenizer,
+                ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
+                eplb_interval=args.eplb_interval, eplb_window=args.eplb_window, ep_backend=args.ep_backend)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -160,7 +173,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device,
            "--page-size", str(args.page_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--attention-backend", args.attention_backend]
+           "--attention-backend", args.attention_backend, "--ep-size", str(args.ep_size),
+           "--num-redundant-experts", str(args.num_redundant_experts), "--eplb-interval", str(args.eplb_interval),
+           "--eplb-window", str(args.eplb_window), "--ep-backend", args.ep_backend]
     for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
                         ("--num-pages", args.num_pages), ("--seed", args.seed)):
         if value is not None:
@@ -178,19 +193,35 @@ def _node_parser(sub, role: str) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds any KV transfer may take")
+    o = p.add_argument_group("operations")
+    o.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics and /health over HTTP on this port (0: any free port)")
+    o.add_argument("--redis-url", default=None,
+                   help="register in this Redis (redis://host:port/db) with expiring heartbeats, so routers "
+                        "find this node without --prefill/--decode lists")
+    o.add_argument("--node-name", default=None, help="this node's name in metrics and the registry "
+                                                     "(default: role-<random>)")
+    o.add_argument("--advertise-host", default=None,
+                   help="host routers should dial (default: --host, or this machine's name when --host is 0.0.0.0)")
+    o.add_argument("--heartbeat-ttl", type=float, default=3.0,
+                   help="seconds a Redis registration lives without a heartbeat (heartbeats every TTL/3)")
+    o.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
     p.set_defaults(func=lambda args: _run_node(role, args))
 
 
 def _run_node(role: str, args) -> int:
+    from deploy.node_server import NodeOptions
     from engine.llm import build_engine_config
 
     config = build_engine_config(args.model, **engine_kwargs(args))
     config.kv_transfer_timeout_s = args.kv_transfer_timeout
+    options = NodeOptions(metrics_port=args.metrics_port, redis_url=args.redis_url, node_name=args.node_name,
+                          advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo)
     if role == "prefill":
         from prefill_node.server import main as run
     else:
         from decode_node.server import main as run
-    run(config, args.model, args.host, args.port)
+    run(config, args.model, args.host, args.port, options)
     return 0
 
 
@@ -198,8 +229,13 @@ def _router_parser(sub) -> None:
     p = sub.add_parser("router", help="run the router: gRPC Generate + OpenAI HTTP over prefill/decode nodes")
     p.add_argument("--model", required=True, help="the served model's name (preset or checkpoint directory)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else DeepSeek's)")
-    p.add_argument("--prefill", action="append", required=True, help="prefill node address host:port (repeatable)")
-    p.add_argument("--decode", action="append", required=True, help="decode node address host:port (repeatable)")
+    p.add_argument("--prefill", action="append", default=[], help="prefill node address host:port (repeatable)")
+    p.add_argument("--decode", action="append", default=[], help="decode node address host:port (repeatable)")
+    p.add_argument("--redis-url", default=None,
+                   help="discover nodes and their load from Redis (nodes started with the same --redis-url); "
+                        "several routers can share one cluster this way")
+    p.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
+    p.add_argument("--node-name", default=None, help="this router's name in metrics (default: router-<random>)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8000)
@@ -213,8 +249,12 @@ def _run_router(args) -> int:
 
     from router.server import main as run
 
+    if not args.redis_url and not (args.prefill and args.decode):
+        print("pdserve router: give --prefill and --decode node addresses, or --redis-url", file=sys.stderr)
+        return 2
     tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
-    run(args.prefill, args.decode, tokenizer, args.model, args.host, args.grpc_port, args.http_port, args.policy)
+    run(args.prefill, args.decode, tokenizer, args.model, args.host, args.grpc_port, args.http_port, args.policy,
+        redis_url=args.redis_url, slo=args.slo, name=args.node_name)
     return 0
 
 
@@ -229,14 +269,23 @@ def _up_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load")
     p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds any KV transfer may take")
+    p.add_argument("--redis-url", default=None, help="nodes register in this Redis and the router discovers them there")
+    p.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
+    p.add_argument("--prometheus-targets", default=None,
+                   help="write the processes' /metrics endpoints here (Prometheus file_sd JSON; "
+                        "see deploy/prometheus/prometheus.yml)")
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args) -> int:
     from deploy.launcher import up
 
-    return up(engine_argv(args) + ["--kv-transfer-timeout", str(args.kv_transfer_timeout)], args.model,
-              args.num_prefill, args.num_decode, args.host, args.grpc_port, args.http_port, args.policy)
+    node_argv = ["--kv-transfer-timeout", str(args.kv_transfer_timeout)]
+    if args.slo:
+        node_argv += ["--slo", args.slo]
+    return up(engine_argv(args) + node_argv, args.model, args.num_prefill, args.num_decode, args.host,
+              args.grpc_port, args.http_port, args.policy, redis_url=args.redis_url, slo=args.slo,
+              prometheus_targets=args.prometheus_targets)
 
 
 def _bench_parser(sub) -> None:

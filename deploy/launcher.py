@@ -7,6 +7,7 @@ grace period — so no process is left behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def write_targets(path: str, targets: list[dict]) -> None:
+    """Prometheus file_sd JSON, written atomically (Prometheus re-reads the file when it changes)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(targets, f, indent=1)
+    os.replace(tmp, path)
 
 
 class Component:
@@ -56,28 +65,43 @@ class Component:
 
 
 def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, host: str, grpc_port: int,
-       http_port: int, policy: str, startup_timeout_s: float = 900.0) -> int:
+       http_port: int, policy: str, startup_timeout_s: float = 900.0, redis_url: str | None = None,
+       slo: str | None = None, prometheus_targets: str | None = None) -> int:
     comps: list[Component] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         addrs = {"prefill": [], "decode": []}
+        targets = []  # Prometheus file_sd entries: every process's /metrics
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(n):
-                port = free_port(host)
+                port, metrics_port = free_port(host), free_port(host)
                 addrs[role].append(f"{host}:{port}")
-                comps.append(Component(f"{role}{i}", [role, "--host", host, "--port", str(port), *engine_argv],
-                                       f"{role} node ready"))
+                name = f"{role}{i}"
+                argv = [role, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),
+                        "--node-name", name, *engine_argv]
+                if redis_url:
+                    argv += ["--redis-url", redis_url]
+                comps.append(Component(name, argv, f"{role} node ready"))
+                targets.append({"targets": [f"{host}:{metrics_port}"], "labels": {"role": role, "node": name}})
         router_argv = ["router", "--model", model, "--host", host, "--grpc-port", str(grpc_port),
-                       "--http-port", str(http_port), "--policy", policy]
-        for a in addrs["prefill"]:
-            router_argv += ["--prefill", a]
-        for a in addrs["decode"]:
-            router_argv += ["--decode", a]
+                       "--http-port", str(http_port), "--policy", policy, "--node-name", "router"]
+        if redis_url:
+            router_argv += ["--redis-url", redis_url]
+        else:
+            for a in addrs["prefill"]:
+                router_argv += ["--prefill", a]
+            for a in addrs["decode"]:
+                router_argv += ["--decode", a]
+        if slo:
+            router_argv += ["--slo", slo]
         if "--tokenizer" in engine_argv:  # node-only flags (e.g. --kv-transfer-timeout) stay with the nodes
             router_argv += ["--tokenizer", engine_argv[engine_argv.index("--tokenizer") + 1]]
         comps.append(Component("router", router_argv, "router ready"))
+        targets.append({"targets": [f"{host}:{http_port}"], "labels": {"role": "router", "node": "router"}})
+        if prometheus_targets:
+            write_targets(prometheus_targets, targets)
         deadline = time.monotonic() + startup_timeout_s
         for c in comps:
             while not c.ready.wait(0.5):

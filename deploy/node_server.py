@@ -10,27 +10,61 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 import uuid
+from dataclasses import dataclass
 
 from deploy.grpc_server import GrpcServer, wait_for_signal
 from engine.engine_client import EngineClient
+from engine.metrics import EngineStatsCollector, ServingMetrics, SLOTargets, pdserve_version
 from proto import convert
 from proto import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
-class Node:
-    """What both servicers share: the engine client and the node's identity and load."""
+@dataclass
+class NodeOptions:
+    """Operations knobs of a node process (see `pdserve prefill --help`)."""
 
-    def __init__(self, role: str, engine_config, model_name: str):
+    metrics_port: int | None = None  # None: no HTTP /metrics; 0: any free port
+    redis_url: str | None = None
+    node_name: str | None = None
+    advertise_host: str | None = None
+    heartbeat_ttl_s: float = 3.0
+    slo: str | None = None
+
+
+class Node:
+    """What both servicers share: the engine client, the node's identity, load and metrics."""
+
+    def __init__(self, role: str, engine_config, model_name: str, options: NodeOptions | None = None):
         engine_config.kv_role = role
+        self.options = options or NodeOptions()
         self.role = role
         self.model_name = model_name
-        self.node_id = f"{role}-{uuid.uuid4().hex[:8]}"
+        self.node_id = self.options.node_name or f"{role}-{uuid.uuid4().hex[:8]}"
+        self.metrics = ServingMetrics(model_name, role, self.node_id, SLOTargets.parse(self.options.slo))
         self.client = EngineClient(engine_config, detokenize=False)
         self.incarnation = self.client.info.incarnation or uuid.uuid4().hex[:12]
         self.in_flight: set[str] = set()
+        self._stats_cache: tuple[float, list | None] = (0.0, None)
+        self.metrics.registry.register(EngineStatsCollector(self.rank_stats, self.metrics.base))
+        ep = engine_config.parallel
+        backend = (self.rank_stats() or [{}])[0].get("ep_backend", "none")
+        self.metrics.set("node_info", 1, version=pdserve_version(), ep_size=str(ep.ep_size), ep_backend=backend)
+
+    def rank_stats(self, max_age_s: float = 0.5) -> list | None:
+        """Per-rank engine stats for the metrics collector (cached briefly; None if the engine is stuck)."""
+        at, stats = self._stats_cache
+        if time.monotonic() - at > max_age_s:
+            try:
+                stats = self.client.engine_stats(timeout_s=2.0)["ranks"]
+            except Exception:  # dead or stuck engine: export no engine-side values this scrape
+                stats = None
+            self._stats_cache = (time.monotonic(), stats)
+        return stats
 
     def info(self) -> pb.NodeInfo:
         """Identity, layout and load; free pages count prefix-cached pages (reclaimable) as free."""
@@ -38,7 +72,7 @@ class Node:
         s = self.client.engine_stats()
         return pb.NodeInfo(role=self.role, node_id=self.node_id, incarnation=self.incarnation, model=self.model_name,
                            max_model_len=i.max_model_len, layout=convert.layout_to_proto(i.kv_layout),
-                           num_pages=i.num_pages, num_free_pages=s["num_free_or_cached_pages"],
+                           num_pages=s.get("num_pages", i.num_pages), num_free_pages=s["num_free_or_cached_pages"],
                            num_running=s["num_running"], num_waiting=s["num_waiting"],
                            prefix_cache_queries_tokens=s["prefix_cache_queries_tokens"],
                            prefix_cache_hits_tokens=s["prefix_cache_hits_tokens"])
@@ -63,10 +97,55 @@ async def serve(node: Node, servicer, add_fn, service_name: str, host: str, port
     server = GrpcServer(servicer, add_fn, service_name)
     bound = await server.start(host, port)
     log.info("%s node %s serving on %s:%d", node.role, node.node_id, host, bound)
+    opts = node.options
+    metrics_runner = None
+    if opts.metrics_port is not None:
+        metrics_runner, metrics_port = await _serve_metrics(node, host, opts.metrics_port)
+        print(f"{node.role} node metrics on http://{host}:{metrics_port}/metrics", flush=True)
+    registration = heartbeat = None
+    if opts.redis_url:
+        from router.redis_registry import NodeRegistration
+
+        advertise = opts.advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
+        registration = NodeRegistration(opts.redis_url, node.model_name, node.role, node.node_id,
+                                        f"{advertise}:{bound}", node.info, opts.heartbeat_ttl_s)
+        await registration.beat()  # registered before we say ready
+        heartbeat = asyncio.create_task(registration.run())
     print(f"{node.role} node ready on {host}:{bound}", flush=True)
     await wait_for_signal()
+    if heartbeat is not None:
+        heartbeat.cancel()
+        await registration.close()
     await server.stop()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     node.client.shutdown()
+
+
+async def _serve_metrics(node: Node, host: str, port: int):
+    """HTTP `/metrics` (Prometheus text) and `/health` (200 while the engine answers)."""
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    loop = asyncio.get_running_loop()
+
+    async def metrics(request):
+        body = await loop.run_in_executor(None, generate_latest, node.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health(request):
+        ok = await loop.run_in_executor(None, node.rank_stats) is not None
+        return web.json_response({"status": "ok" if ok else "engine not answering", "node": node.node_id},
+                                 status=200 if ok else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
 
 
 class NodeServicerBase:

@@ -42,6 +42,7 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_transfer: dict | None = None  # prefill role: bytes / seconds of the KV sent for this request
+    queue_seconds: float | None = None  # set on a request's first token: arrival -> first scheduled step
 
 
 class EngineCore:
@@ -192,10 +193,13 @@ class EngineCore:
             if rid not in result.sampled and rid not in finished:
                 continue
             new = [result.sampled[rid]] if rid in result.sampled else []
+            queued = None
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
+                queued = req.first_scheduled_time - req.arrival_time
             out = EngineOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
-                               num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+                               num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+                               queue_seconds=queued)
             if rid in finished:
                 out.finished, out.finish_reason = True, req.finish_reason
                 out.stop_reason, out.error = req.stop_reason, req.error

@@ -102,6 +102,15 @@ CATALOGUE: tuple[MetricSpec, ...] = (
 BY_NAME = {m.full_name: m for m in CATALOGUE}
 
 
+def pdserve_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pdserve")
+    except Exception:
+        return "unknown"
+
+
 def exported_series(spec: MetricSpec) -> list[str]:
     """Names Prometheus stores for one metric (histograms expand to _bucket/_sum/_count)."""
     if spec.kind == "histogram":
@@ -158,7 +167,8 @@ class ServingMetrics:
         self.slo = slo or SLOTargets()
         self._metrics = {}
         for spec in CATALOGUE:
-            if spec.labels and spec.labels[0] == "rank" or spec.name in ("expert_tokens_total", "ep_imbalance"):
+            if spec.labels and spec.labels[0] == "rank" or spec.name in ("expert_tokens_total", "ep_imbalance",
+                                                                              "eplb_rebalances_total"):
                 continue  # engine-side: exported by EngineStatsCollector
             names = LABELS + spec.labels
             if spec.kind == "histogram":
@@ -242,23 +252,24 @@ class EngineStatsCollector:
         base = [self.base[k] for k in LABELS]
         expert_sum: dict[tuple[int, int], float] = {}
         imbalance_of: dict[int, float] = {}
+        rebalances = 0
         for rank, s in enumerate(stats):
-            labels = base + [str(s.get("rank", rank))]
+            labels = base + [str(s.get("ep_rank", rank))]
             pages = s.get("num_pages") or 0
-            free = s.get("num_free_pages", pages)
             fams["num_requests_running"].add_metric(labels, s.get("num_running", 0))
             fams["num_requests_waiting"].add_metric(labels, s.get("num_waiting", 0))
             fams["num_requests_reserved"].add_metric(labels, s.get("num_reserved", 0))
-            fams["kv_cache_usage_perc"].add_metric(labels, (pages - free) / pages if pages else 0.0)
+            fams["kv_cache_usage_perc"].add_metric(labels, s.get("kv_cache_usage", 0.0))
             fams["kv_cache_pages_total"].add_metric(labels, pages)
-            counters["prefix_cache_queries"].add_metric(labels, s.get("prefix_queried_tokens", 0))
-            counters["prefix_cache_hits"].add_metric(labels, s.get("prefix_hit_tokens", 0))
+            counters["prefix_cache_queries"].add_metric(labels, s.get("prefix_cache_queries_tokens", 0))
+            counters["prefix_cache_hits"].add_metric(labels, s.get("prefix_cache_hits_tokens", 0))
             counters["num_preemptions"].add_metric(labels, s.get("num_preemptions", 0))
             counters["engine_steps"].add_metric(labels, s.get("num_steps", 0))
             for (layer, e), n in (s.get("expert_tokens") or {}).items():
                 expert_sum[(layer, e)] = expert_sum.get((layer, e), 0.0) + n
             for layer, v in (s.get("ep_imbalance") or {}).items():
                 imbalance_of[layer] = max(imbalance_of.get(layer, 0.0), v)
+            rebalances = max(rebalances, s.get("eplb_rebalances", 0))
         for (layer, e), n in sorted(expert_sum.items()):
             expert.add_metric(base + [str(layer), str(e)], n)
         for layer, v in sorted(imbalance_of.items()):
@@ -267,3 +278,7 @@ class EngineStatsCollector:
         yield from counters.values()
         yield expert
         yield imbalance
+        fam = CounterMetricFamily(PREFIX + "eplb_rebalances", BY_NAME[PREFIX + "eplb_rebalances_total"].doc,
+                                  labels=list(LABELS))
+        fam.add_metric(base, rebalances)
+        yield fam

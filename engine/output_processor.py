@@ -31,6 +31,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     kv_transfer: dict | None = None  # prefill role: the KV sent for this request (bytes, seconds)
+    queue_seconds: float | None = None  # on the first token's delta: waiting time before the first step
 
 
 class RequestState:
@@ -79,7 +80,8 @@ class RequestState:
             stop_reason=stop_reason if finished else None, error=out.error,
             logprobs=list(out.new_logprobs), num_cached_tokens=out.num_cached_tokens,
             arrival_time=self.arrival_time, first_token_time=self.first_token_time,
-            finish_time=time.monotonic() if finished else None, kv_transfer=out.kv_transfer)
+            finish_time=time.monotonic() if finished else None, kv_transfer=out.kv_transfer,
+            queue_seconds=out.queue_seconds)
         return delta, stopped_by_string
 
     def result(self, last: RequestOutput) -> RequestOutput:

@@ -277,4 +277,5 @@ class Scheduler:
             "prefix_cache_hits_tokens": self.radix.num_hit_tokens if self.radix else 0,
             "num_held_pages": sum(len(p) for p in self.held.values()),
             "num_reserved_pages": sum(len(p) for p in self.reserved.values()),
+            "num_reserved": len(self.reserved),
         }

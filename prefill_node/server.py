@@ -33,10 +33,12 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         try:
             stream = node.client.add_request(list(request.prompt_token_ids), first, request_id=rid, kv_dest=dest,
                                              eos_token_ids=tuple(request.eos_token_ids) or None)
-            token_ids, logprobs, last = [], [], None
+            token_ids, logprobs, last, first_delta_queue = [], [], None, None
             async for delta in stream:
                 token_ids += delta.token_ids
                 logprobs += delta.logprobs
+                if delta.queue_seconds is not None:
+                    first_delta_queue = delta.queue_seconds
                 last = delta
         except asyncio.CancelledError:
             node.client.abort(rid)
@@ -46,6 +48,7 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         finally:
             node.in_flight.discard(rid)
         kv = last.kv_transfer or {}
+        _observe_prefill(node, request, first_delta_queue, time.monotonic() - t0, last, kv)
         # Finished "for real" only if the first token stopped it or the client asked for one token.
         done = last.finish_reason in ("stop", "abort", "error") or params.max_tokens == 1
         return pb.PrefillResponse(
@@ -55,7 +58,25 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
             kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0)
 
 
-def main(engine_config, model_name: str, host: str, port: int) -> None:
-    node = Node("prefill", engine_config, model_name)
+def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dict) -> None:
+    m = node.metrics
+    if last.finish_reason == "error":
+        reason = "kv_transfer" if "KV" in (last.error or "") else "prefill"
+        m.inc("request_failure_total", reason=reason)
+        if reason == "kv_transfer":
+            m.inc("kv_transfer_failures_total", reason="timeout" if "time" in (last.error or "") else "error")
+        return
+    m.inc("prompt_tokens_total", len(request.prompt_token_ids))
+    m.observe("request_prompt_tokens", len(request.prompt_token_ids))
+    if queue_s is not None:
+        m.observe("request_queue_time_seconds", queue_s)
+        m.observe("request_prefill_time_seconds", max(0.0, total_s - queue_s))
+    if kv:
+        m.observe("kv_transfer_time_seconds", float(kv.get("seconds", 0.0)))
+        m.inc("kv_transfer_bytes_total", int(kv.get("bytes", 0)))
+
+
+def main(engine_config, model_name: str, host: str, port: int, options=None) -> None:
+    node = Node("prefill", engine_config, model_name, options)
     asyncio.run(serve(node, PrefillServicer(node), pb_grpc.add_PrefillNodeServicer_to_server,
                       "pdserve.v1.PrefillNode", host, port))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -55,6 +56,26 @@ class Delta:
 
 
 @dataclass
+class _Timing:
+    start: float
+    ttft: float | None = None
+    last: float = 0.0
+    num_tokens: int = 0
+    itls: list = field(default_factory=list)
+
+    def on_delta(self, delta: Delta, now: float) -> None:
+        if delta.token_ids:
+            if self.ttft is None:
+                self.ttft = now - self.start
+            else:
+                self.itls.append(now - self.last)
+            self.num_tokens += len(delta.token_ids)
+            self.last = now
+        if delta.finished and not self.last:
+            self.last = now
+
+
+@dataclass
 class Timeouts:
     reserve_s: float = 10.0
     prefill_s: float = 300.0
@@ -63,8 +84,9 @@ class Timeouts:
 
 class Router:
     def __init__(self, registry: Registry, tokenizer, model_name: str, policy: str = "least_load",
-                 timeouts: Timeouts | None = None, max_in_flight: int = 1024):
+                 timeouts: Timeouts | None = None, max_in_flight: int = 1024, metrics=None):
         self.registry = registry
+        self.metrics = metrics  # engine.metrics.ServingMetrics (role router), or None
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.policy = policy
@@ -103,9 +125,13 @@ class Router:
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         task = asyncio.create_task(self._run(request_id, ids, params, queue))
         self.tasks[request_id] = task
+        timing = _Timing(time.monotonic())
         try:
             while True:
                 delta = await queue.get()
+                timing.on_delta(delta, time.monotonic())
+                if delta.finished:
+                    self._observe(timing, delta, len(ids))
                 yield delta
                 if delta.finished:
                     return
@@ -117,6 +143,22 @@ class Router:
                 except (asyncio.CancelledError, Exception):
                     pass
             self.tasks.pop(request_id, None)
+
+    def _observe(self, timing: "_Timing", final: Delta, num_prompt_tokens: int) -> None:
+        """Client-side latencies of one finished request into the router's histograms."""
+        m = self.metrics
+        if m is None:
+            return
+        reason = final.finish_reason or "error"
+        if reason == "error":
+            kind = "overloaded" if (final.error or "").startswith("overloaded") else "failed"
+            m.inc("request_failure_total", reason=kind)
+            return
+        if reason == "abort":
+            m.inc("request_success_total", finished_reason="abort")
+            return
+        m.observe_request(timing.ttft, timing.last - timing.start, timing.num_tokens, timing.itls,
+                          num_prompt_tokens, reason)
 
     def abort(self, request_id: str) -> bool:
         task = self.tasks.get(request_id)
@@ -167,8 +209,11 @@ class Router:
         return node, dest
 
     async def _prefill(self, rid, ids, params, dest, tried: set) -> tuple[NodeHandle, pb.PrefillResponse]:
-        node = self.registry.pick("prefill", self.policy, ids, exclude=tried)
+        remote = await self.registry.prefix_matches(ids) if self.policy == "prefix_aware" else None
+        node = self.registry.pick("prefill", self.policy, ids, exclude=tried, remote=remote)
         tried.add(node)
+        if self.policy == "prefix_aware":
+            await self.registry.record_prefix(node, ids)
         if node.info is not None and node.info.layout != dest.layout:
             raise RuntimeError(f"KV layouts of prefill node {node.address} and the decode node differ "
                                f"({_layout_diff(node.info.layout, dest.layout)}); refusing to transfer")

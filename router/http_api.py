@@ -84,9 +84,20 @@ class HttpApi:
                                  status=200 if ok else 503)
 
     async def _metrics(self, request):
-        lines = [f"pdserve:router_{k}_total {v}" for k, v in self.router.stats.items()]
-        lines.append(f"pdserve:router_in_flight {len(self.router.tasks)}")
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        r = self.router
+        m = r.metrics
+        if m is None:
+            return web.Response(status=404, text="metrics are off\n")
+        m.set("router_requests_in_flight", len(r.tasks))
+        for role in ("prefill", "decode"):
+            nodes = r.registry.of(role, alive_only=False)
+            alive = sum(1 for n in nodes if n.alive)
+            m.set("router_nodes", alive, node_role=role, state="alive")
+            m.set("router_nodes", len(nodes) - alive, node_role=role, state="dead")
+        body = generate_latest(m.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _handle(self, request: web.Request, chat: bool):
         r = self.router

@@ -2,7 +2,8 @@
 their load, and the routing policies that pick one. The embedded registry holds a static list of
 node addresses and probes each node's `Info` every second; a node that stops answering leaves
 the pool until it answers again, and a new incarnation (a restarted node) is logged and used as
-new. A Redis-backed registry can replace `Registry.refresh` later without touching the policies.
+new. `router/redis_registry.py` replaces the static list with nodes discovered in Redis, under the
+same policies.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class NodeHandle:
     in_flight: int = 0  # requests this router has on the node now
     served: int = 0
     prefixes: PrefixIndex = field(default_factory=PrefixIndex, repr=False)
+    node_id: str = ""  # the node's registered name (Redis registry); the address otherwise
 
     @property
     def load(self) -> int:
@@ -123,8 +125,19 @@ class Registry:
         dead = [n.address for n in self.nodes if not n.alive]
         raise NoNodeAvailable(f"nodes not ready within {timeout_s:.0f} s: {', '.join(dead)}")
 
+    async def prefix_matches(self, ids: list[int]) -> dict[NodeHandle, int]:
+        """Prefix tokens other routers sent to each prefill node (none here: one router)."""
+        return {}
+
+    async def record_prefix(self, node: NodeHandle, ids: list[int]) -> None:
+        """Share that `ids` went to `node` with other routers (nothing to share here)."""
+
+    async def close(self) -> None:
+        for n in self.nodes:
+            await n.channel.close()
+
     def pick(self, role: str, policy: str = "least_load", prompt_ids: list[int] | None = None,
-             exclude: set | None = None) -> NodeHandle:
+             exclude: set | None = None, remote: dict | None = None) -> NodeHandle:
         nodes = [n for n in self.of(role) if not exclude or n not in exclude]
         if not nodes:
             raise NoNodeAvailable(f"no live {role} node")
@@ -133,9 +146,13 @@ class Registry:
         if policy == "prefix_aware" and role == "prefill" and prompt_ids:
             # The node that most likely caches the longest prefix of this prompt, unless it is
             # clearly busier than the least-loaded node; ties go to the least loaded.
+            remote = remote or {}
+
+            def match(n: NodeHandle) -> int:
+                return max(n.prefixes.match_tokens(prompt_ids), remote.get(n, 0))
             least = min(nodes, key=lambda n: (n.load, n.served))
-            best = max(nodes, key=lambda n: (n.prefixes.match_tokens(prompt_ids), -n.load, -n.served))
-            chosen = best if best.prefixes.match_tokens(prompt_ids) and best.load <= least.load + 4 else least
+            best = max(nodes, key=lambda n: (match(n), -n.load, -n.served))
+            chosen = best if match(best) and best.load <= least.load + 4 else least
             chosen.prefixes.insert(prompt_ids)
             return chosen
         return min(nodes, key=lambda n: (n.load, n.served))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from aiohttp import web
 
 from deploy.grpc_server import GrpcServer, wait_for_signal
+from engine.metrics import ServingMetrics, SLOTargets, pdserve_version
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.core import Router, Timeouts
 from router.grpc_api import GenerateServicer
@@ -18,10 +20,18 @@ log = logging.getLogger(__name__)
 
 
 async def serve(prefill: list[str], decode: list[str], tokenizer, model_name: str, host: str, grpc_port: int,
-                http_port: int, policy: str = "least_load", timeouts: Timeouts | None = None) -> None:
-    registry = Registry(prefill, decode)
+                http_port: int, policy: str = "least_load", timeouts: Timeouts | None = None,
+                redis_url: str | None = None, slo: str | None = None, name: str | None = None) -> None:
+    if redis_url:
+        from router.redis_registry import RedisRegistry
+
+        registry = RedisRegistry(redis_url, model_name)
+    else:
+        registry = Registry(prefill, decode)
     await registry.wait_ready()
-    router = Router(registry, tokenizer, model_name, policy, timeouts)
+    metrics = ServingMetrics(model_name, "router", name or f"router-{uuid.uuid4().hex[:8]}", SLOTargets.parse(slo))
+    metrics.set("node_info", 1, version=pdserve_version(), ep_size="", ep_backend="")
+    router = Router(registry, tokenizer, model_name, policy, timeouts, metrics=metrics)
     probe = asyncio.create_task(registry.run())
     server = GrpcServer(GenerateServicer(router), pb_grpc.add_GenerateServicer_to_server, "pdserve.v1.Generate")
     bound = await server.start(host, grpc_port)
@@ -35,10 +45,12 @@ async def serve(prefill: list[str], decode: list[str], tokenizer, model_name: st
     probe.cancel()
     await server.stop()
     await runner.cleanup()
+    await registry.close()
 
 
-def main(prefill, decode, tokenizer_path, model_name, host, grpc_port, http_port, policy) -> None:
+def main(prefill, decode, tokenizer_path, model_name, host, grpc_port, http_port, policy, redis_url=None, slo=None,
+         name=None) -> None:
     from engine.tokenizer import load_tokenizer
 
     asyncio.run(serve(prefill, decode, load_tokenizer(tokenizer_path), model_name, host, grpc_port, http_port,
-                      policy))
+                      policy, redis_url=redis_url, slo=slo, name=name))

@@ -1,0 +1,188 @@
+"""The cluster registry in Redis: nodes announce themselves with expiring heartbeats, routers
+discover nodes (and their load) from it and share prefix-cache summaries through it.
+
+Keys, all under `pdserve:{model}:` so clusters serving different models can share one Redis:
+* `node:{node_id}` — hash {address, role, info (serialized `NodeInfo`: layout, load, pages)},
+  rewritten every heartbeat with a TTL; a node that stops heartbeating disappears by itself.
+* `prefix:{node_id}` — sorted set of 16-token prefix hashes a router sent to that prefill node
+  (score: last use time), trimmed to a bound; every router reads them for prefix-aware routing,
+  so a prefix warmed by one router is found by the others.
+
+`NodeRegistration` is the node side (writer); `RedisRegistry` is the router side (reader), a
+drop-in for the embedded `Registry`. Neither touches tensors or serving logic.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import redis.asyncio as aioredis
+
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+from router.registry import NodeHandle, NoNodeAvailable, PrefixIndex, Registry
+
+log = logging.getLogger(__name__)
+
+PREFIX_CAPACITY = 50_000  # hashes kept per prefill node
+
+
+def _key(model: str, kind: str, node_id: str = "") -> str:
+    return f"pdserve:{model}:{kind}:{node_id}"
+
+
+class NodeRegistration:
+    """Heartbeats one node's identity and load into Redis until stopped; deletes it on stop."""
+
+    def __init__(self, url: str, model: str, role: str, node_id: str, address: str, info_fn, ttl_s: float = 3.0):
+        if ttl_s <= 0:
+            raise ValueError(f"heartbeat TTL must be positive, got {ttl_s}")
+        self.redis = aioredis.from_url(url)
+        self.model, self.role, self.node_id, self.address = model, role, node_id, address
+        self.info_fn, self.ttl_s = info_fn, ttl_s
+        self.key = _key(model, "node", node_id)
+
+    async def beat(self) -> None:
+        info: pb.NodeInfo = await asyncio.get_running_loop().run_in_executor(None, self.info_fn)
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(self.key, mapping={"address": self.address, "role": self.role, "info": info.SerializeToString()})
+            p.pexpire(self.key, int(self.ttl_s * 1000))
+            await p.execute()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except Exception as e:  # Redis down or the engine busy: keep trying; the TTL tells routers
+                log.warning("heartbeat of %s to Redis failed: %s", self.node_id, e)
+            await asyncio.sleep(self.ttl_s / 3)
+
+    async def close(self) -> None:
+        try:
+            await self.redis.delete(self.key)
+        except Exception:
+            pass
+        await self.redis.aclose()
+
+
+class RedisRegistry(Registry):
+    def __init__(self, url: str, model: str, refresh_s: float = 0.5):
+        super().__init__([], [])
+        self.redis = aioredis.from_url(url)
+        self.model = model
+        self.refresh_s = refresh_s
+        self.by_id: dict[str, NodeHandle] = {}
+        self._suspect_until: dict[str, float] = {}
+
+    async def refresh(self) -> None:
+        pattern = _key(self.model, "node", "*")
+        keys = [k async for k in self.redis.scan_iter(match=pattern, count=1000)]
+        async with self.redis.pipeline(transaction=False) as p:
+            for k in keys:
+                p.hgetall(k)
+            entries = await p.execute()
+        seen = set()
+        now = time.monotonic()
+        for entry in entries:
+            if not entry or b"info" not in entry:
+                continue  # expired between SCAN and HGETALL
+            info = pb.NodeInfo.FromString(entry[b"info"])
+            address, role = entry[b"address"].decode(), entry[b"role"].decode()
+            seen.add(info.node_id)
+            node = self.by_id.get(info.node_id)
+            if node is not None and node.address != address:
+                await self._drop(info.node_id)
+                node = None
+            if node is None:
+                stub_cls = pb_grpc.PrefillNodeStub if role == "prefill" else pb_grpc.DecodeNodeStub
+                channel = grpc.aio.insecure_channel(address)
+                node = NodeHandle(role, address, channel, stub_cls(channel))
+                node.node_id = info.node_id
+                self.by_id[info.node_id] = node
+                self.nodes.append(node)
+                log.info("registry: %s node %s at %s joined", role, info.node_id, address)
+            elif node.info is not None and node.info.incarnation != info.incarnation:
+                log.warning("registry: %s node %s restarted (incarnation %s -> %s)", role, info.node_id,
+                            node.info.incarnation, info.incarnation)
+                self._suspect_until.pop(info.node_id, None)
+            node.info = info
+            node.alive = now >= self._suspect_until.get(info.node_id, 0.0)
+        for node_id in [n for n in self.by_id if n not in seen]:
+            log.warning("registry: node %s left (its heartbeat expired)", node_id)
+            await self._drop(node_id)
+
+    async def _drop(self, node_id: str) -> None:
+        node = self.by_id.pop(node_id, None)
+        self._suspect_until.pop(node_id, None)
+        if node is not None:
+            node.alive = False
+            self.nodes.remove(node)
+            await node.channel.close()
+
+    def mark_dead(self, node: NodeHandle) -> None:
+        # Do not route to it again until its registration expires or shows a new incarnation.
+        node.alive = False
+        self._suspect_until[getattr(node, "node_id", node.address)] = time.monotonic() + 30.0
+
+    async def run(self, interval_s: float | None = None) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:  # Redis briefly unreachable: keep the last view, retry
+                log.warning("registry refresh from Redis failed: %s", e)
+            await asyncio.sleep(interval_s or self.refresh_s)
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            try:
+                await self.refresh()
+            except Exception as e:
+                log.warning("waiting for Redis: %s", e)
+            if self.of("prefill") and self.of("decode"):
+                return
+            await asyncio.sleep(0.5)
+        raise NoNodeAvailable(f"no prefill and decode nodes registered in Redis for model {self.model!r} "
+                              f"within {timeout_s:.0f} s")
+
+    # ------------------------------------------------------------- shared prefix summaries
+    async def prefix_matches(self, ids: list[int]) -> dict[NodeHandle, int]:
+        """Tokens of `ids`' longest prefix that any router sent to each live prefill node."""
+        hashes = list(PrefixIndex()._hashes(ids))
+        nodes = self.of("prefill")
+        if not hashes or not nodes:
+            return {}
+        async with self.redis.pipeline(transaction=False) as p:
+            for n in nodes:
+                p.zmscore(_key(self.model, "prefix", n.node_id), [str(h) for h in hashes])
+            scores = await p.execute()
+        out = {}
+        for node, sc in zip(nodes, scores):
+            k = 0
+            while k < len(sc) and sc[k] is not None:
+                k += 1
+            out[node] = k * PrefixIndex.BLOCK
+        return out
+
+    async def record_prefix(self, node: NodeHandle, ids: list[int]) -> None:
+        hashes = list(PrefixIndex()._hashes(ids))
+        if not hashes:
+            return
+        key = _key(self.model, "prefix", node.node_id)
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as p:
+                p.zadd(key, {str(h): now for h in hashes})
+                p.zremrangebyrank(key, 0, -PREFIX_CAPACITY - 1)
+                p.expire(key, 3600)
+                await p.execute()
+        except Exception as e:
+            log.warning("recording a prefix in Redis failed: %s", e)
+
+    async def close(self) -> None:
+        for node_id in list(self.by_id):
+            await self._drop(node_id)
+        await self.redis.aclose()
