@@ -1,6 +1,7 @@
-"""Drives a serving run against any OpenAI-compatible server (ours or a peer): arrivals at a rate
-(Poisson, or gamma with `burstiness`) or as fast as `max_concurrency` allows, streamed
-`/v1/completions` requests, bounded in count and time, and the report. `pdserve bench` is the CLI."""
+"""Drives a serving run against any OpenAI-compatible server (ours or a peer) or pdserve's gRPC
+`Generate` API: arrivals at a rate (Poisson, or gamma with `burstiness`) or as fast as
+`max_concurrency` allows, streamed requests, bounded in count and time, and the report.
+`pdserve bench` is the CLI."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,83 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: datase
     return res
 
 
+async def send_grpc(stub, model: str, req: datasets.SampleRequest, ignore_eos: bool,
+                    timeout_s: float) -> RequestResult:
+    """One streamed request over the router's gRPC `Generate` API (token ids in, token ids out)."""
+    import grpc
+
+    from proto import pdserve_pb2 as pb
+
+    msg = pb.GenerateRequest(model=model or "", sampling=pb.SamplingParams(
+        max_tokens=req.output_len, temperature=0.0, ignore_eos=ignore_eos))
+    msg.token_ids.ids.extend(req.prompt_ids)
+    res = RequestResult(success=False, prompt_len=req.prompt_len)
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async for delta in stub.Generate(msg, timeout=timeout_s):
+            if delta.token_ids:
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft = now - t0
+                else:
+                    res.itl.append(now - last)
+                last = now
+                res.output_len += len(delta.token_ids)
+            if delta.finished:
+                if delta.finish_reason == "error":
+                    res.error = delta.error[:200] or "error"
+                    return res
+                break
+        res.latency = time.perf_counter() - t0
+        res.success = last is not None
+        if not res.success:
+            res.error = "no tokens received"
+    except grpc.aio.AioRpcError as e:
+        res.error = f"gRPC {e.code().name}: {e.details()}"[:200]
+    return res
+
+
+class _Sender:
+    """`openai`: streamed /v1/completions over HTTP; `pdserve-grpc`: the router's gRPC Generate."""
+
+    def __init__(self, backend: str, base_url: str, model: str, ignore_eos: bool, timeout_s: float):
+        self.backend, self.model, self.ignore_eos, self.timeout_s = backend, model, ignore_eos, timeout_s
+        self.base_url = base_url
+
+    async def __aenter__(self):
+        if self.backend == "pdserve-grpc":
+            import grpc
+
+            from proto import pdserve_pb2_grpc as pb_grpc
+
+            self.channel = grpc.aio.insecure_channel(grpc_target(self.base_url))
+            self.stub = pb_grpc.GenerateStub(self.channel)
+        else:
+            self.session = aiohttp.ClientSession()
+            self.url = self.base_url.rstrip("/") + "/completions"
+        return self
+
+    async def __aexit__(self, *exc):
+        if self.backend == "pdserve-grpc":
+            await self.channel.close()
+        else:
+            await self.session.close()
+
+    async def send(self, req: datasets.SampleRequest) -> RequestResult:
+        if self.backend == "pdserve-grpc":
+            return await send_grpc(self.stub, self.model, req, self.ignore_eos, self.timeout_s)
+        return await send(self.session, self.url, self.model, req, self.ignore_eos, self.timeout_s)
+
+
+def grpc_target(base_url: str) -> str:
+    """`grpc://host:port` (or plain `host:port`) → `host:port`."""
+    target = base_url.removeprefix("grpc://").rstrip("/")
+    if "://" in target or ":" not in target:
+        raise ValueError(f"--backend pdserve-grpc needs --base-url grpc://HOST:PORT, got {base_url!r}")
+    return target
+
+
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Gaps between request starts: 0 for rate=inf, else gamma(shape=burstiness, mean=1/rate)
     (burstiness 1 = Poisson)."""
@@ -72,21 +150,21 @@ def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[floa
 
 
 async def run(base_url: str, model: str, reqs: list, rate: float, burstiness: float, max_concurrency: int | None,
-              ignore_eos: bool, seed: int, timeout_s: float, max_duration_s: float, progress: bool = True):
-    url = base_url.rstrip("/") + "/completions"
+              ignore_eos: bool, seed: int, timeout_s: float, max_duration_s: float, progress: bool = True,
+              backend: str = "openai"):
     sem = asyncio.Semaphore(max_concurrency or len(reqs) or 1)
     results: list[RequestResult] = []
     gaps = arrival_gaps(len(reqs), rate, burstiness, seed)
     conv_locks: dict[int, asyncio.Lock] = {}
-    async with aiohttp.ClientSession() as session:
+    async with _Sender(backend, base_url, model, ignore_eos, timeout_s) as sender:
         async def one(r):
             lock = conv_locks.setdefault(r.conversation, asyncio.Lock()) if r.conversation >= 0 else None
             async with sem:
                 if lock:
                     async with lock:  # the turns of one conversation go in order
-                        res = await send(session, url, model, r, ignore_eos, timeout_s)
+                        res = await sender.send(r)
                 else:
-                    res = await send(session, url, model, r, ignore_eos, timeout_s)
+                    res = await sender.send(r)
             results.append(res)
             if progress:
                 print(f"\r{len(results)}/{len(reqs)} done", end="", file=sys.stderr, flush=True)
@@ -105,7 +183,11 @@ async def run(base_url: str, model: str, reqs: list, rate: float, burstiness: fl
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
+    p.add_argument("--backend", choices=["openai", "pdserve-grpc"], default="openai",
+                   help="openai: streamed /v1/completions of any OpenAI-compatible server; pdserve-grpc: the "
+                        "router's gRPC Generate API (--base-url grpc://HOST:PORT)")
+    p.add_argument("--base-url", default=None,
+                   help="server to load (default: http://127.0.0.1:8000/v1, or grpc://127.0.0.1:50051 for gRPC)")
     p.add_argument("--model", default=None, help="model name (default: the server's first /v1/models entry)")
     p.add_argument("--dataset-name", choices=["random", "sharegpt", "prefix", "multiturn"], default="random")
     p.add_argument("--num-prompts", type=int, default=100)
@@ -130,21 +212,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main_args(args) -> int:
     slos = parse_goodput(args.goodput)
-    model = args.model or _first_model(args.base_url)
+    if args.base_url is None:
+        args.base_url = "grpc://127.0.0.1:50051" if args.backend == "pdserve-grpc" else "http://127.0.0.1:8000/v1"
+    if args.backend == "pdserve-grpc":
+        grpc_target(args.base_url)  # validates
+        model = args.model or ""  # empty: the router's served model
+    else:
+        model = args.model or _first_model(args.base_url)
     reqs = datasets.build(args.dataset_name, args.num_prompts, args.vocab_size, args)
     ignore_eos = not args.no_ignore_eos
     if args.warmup_requests:
         asyncio.run(run(args.base_url, model, reqs[: args.warmup_requests], float("inf"), 1.0, None, ignore_eos,
-                        args.seed, args.request_timeout, args.max_duration, progress=False))
+                        args.seed, args.request_timeout, args.max_duration, progress=False, backend=args.backend))
     results, duration = asyncio.run(run(args.base_url, model, reqs, args.request_rate, args.burstiness,
                                         args.max_concurrency, ignore_eos, args.seed, args.request_timeout,
-                                        args.max_duration))
+                                        args.max_duration, backend=args.backend))
     rep = report(results, duration, slos)
     ok = [r for r in results if r.success]
     rep["per_request"] = {"ttfts": [r.ttft for r in ok], "tpots": [r.tpot for r in ok], "e2els": [r.latency for r in ok],
                           "output_lens": [r.output_len for r in ok]}
     rep.update(model=model, dataset=args.dataset_name, request_rate=args.request_rate, burstiness=args.burstiness,
                max_concurrency=args.max_concurrency, num_prompts=args.num_prompts, base_url=args.base_url,
+               backend=args.backend,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(format_report(rep))
     if args.save_result:

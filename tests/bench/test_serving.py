@@ -82,3 +82,22 @@ def test_sweep_plot_is_written(tmp_path):
                  request_rate=rate) for rate, d in ((1.0, 4.0), (2.0, 2.0), (4.0, 1.5))]
     path = sweep(runs, str(tmp_path / "sweep.png"))
     assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_benchmark_over_the_routers_grpc_api(cluster, tmp_path):
+    from deploy.cli import main
+
+    rc = main(["bench", "--backend", "pdserve-grpc", "--base-url", f"grpc://127.0.0.1:{cluster.grpc_port}",
+               "--num-prompts", "5", "--random-input-len", "12", "--random-output-len", "3", "--vocab-size", "1000",
+               "--max-concurrency", "2", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "g.json"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "g.json").read_text())
+    assert rep["backend"] == "pdserve-grpc"
+    assert rep["completed"] == 5 and rep["failed"] == 0 and rep["total_output_tokens"] == 15, rep["errors"]
+    assert all(t > 0 for t in rep["per_request"]["ttfts"])
+
+
+def test_grpc_backend_needs_a_grpc_address():
+    from deploy.cli import main
+
+    assert main(["bench", "--backend", "pdserve-grpc", "--base-url", "http://127.0.0.1:8000/v1"]) == 2
