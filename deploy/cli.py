@@ -288,6 +288,18 @@ def _run_up(args) -> int:
               prometheus_targets=args.prometheus_targets)
 
 
+def _ray_parser(sub) -> None:
+    p = sub.add_parser("ray", help="run the cluster on Ray: pdserve ray up CONFIG [--address ADDR]", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_run_ray)
+
+
+def _run_ray(args) -> int:
+    from deploy.ray.launcher import main as ray_main
+
+    return ray_main(args.rest)
+
+
 def _bench_parser(sub) -> None:
     from bench.serving.runner import add_args
 
@@ -316,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     _node_parser(sub, "decode")
     _router_parser(sub)
     _up_parser(sub)
+    _ray_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
