@@ -1,0 +1,130 @@
+"""Paged attention kernels at real sizes, each next to its floor (one layer).
+
+* Decode (one query token per sequence, split-KV Triton kernel): the floor is the KV cache the
+  batch must read — batch · context · bytes per token of one layer — over the measured HBM copy
+  bandwidth. GQA at Qwen3-8B's shape (32 query heads, 8 KV heads, head dim 128) and MLA at
+  DeepSeek-V3's absorbed shape (128 heads over one 512 + 64 latent).
+* Prefill (whole prompt, causal): the floor is the attention FLOPs — 2 · 2 · heads · L²/2 ·
+  (qk dim + v dim)/2 per sequence — over the measured bf16 matmul rate.
+
+Times are CUDA-event medians through the engine's attention backend (`TritonAttentionBackend`), so
+they include its KV write of the new tokens, as a real step does. `python -m bench.attention_bench
+--out DIR` prints a Markdown table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from bench.device_probe import probe
+from bench.moe_layer_bench import _time_ms
+
+SHAPES = {
+    "gqa": dict(heads=32, kv_heads=8, head_dim=128, label="GQA (Qwen3-8B: 32 q / 8 kv heads × 128)"),
+    "mla": dict(heads=128, latent=512, rope=64, label="MLA absorbed (DeepSeek-V3: 128 heads, 512 + 64 latent)"),
+}
+
+
+def _meta(batch: int, query_len: int, ctx: int, page_size: int, device):
+    from engine.attention.metadata import AttentionMetadata
+
+    seq = ctx + query_len
+    pages = -(-seq // page_size)
+    tables = [list(range(1 + b * pages, 1 + (b + 1) * pages)) for b in range(batch)]
+    return AttentionMetadata.build([query_len] * batch, [seq] * batch, tables, page_size, device), 1 + batch * pages
+
+
+def run_case(kind: str, phase: str, batch: int, ctx: int, page_size: int, bw: float, rate: float,
+             repeats: int) -> dict:
+    from engine.attention.triton_backend import TritonAttentionBackend
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    backend = TritonAttentionBackend()
+    s = SHAPES[kind]
+    query_len = 1 if phase == "decode" else ctx
+    context = ctx if phase == "decode" else 0
+    meta, num_pages = _meta(batch, query_len, context, page_size, dev)
+    t = batch * query_len
+    seq = context + query_len
+    if kind == "gqa":
+        d, kvh, h = s["head_dim"], s["kv_heads"], s["heads"]
+        cache = torch.randn(num_pages, 2, page_size, kvh, d, device=dev, dtype=dt)
+        q = torch.randn(t, h, d, device=dev, dtype=dt)
+        k = torch.randn(t, kvh, d, device=dev, dtype=dt)
+        v = torch.randn(t, kvh, d, device=dev, dtype=dt)
+        fn = lambda: backend.gqa(q, k, v, cache, meta, d ** -0.5)  # noqa: E731
+        kv_bytes_per_token = 2 * kvh * d * 2
+        qk_dim = v_dim = d
+    else:
+        r, p, h = s["latent"], s["rope"], s["heads"]
+        cache = torch.randn(num_pages, 1, page_size, 1, r + p, device=dev, dtype=dt)
+        q = torch.randn(t, h, r + p, device=dev, dtype=dt)
+        lat = torch.randn(t, r + p, device=dev, dtype=dt)
+        fn = lambda: backend.mla(q, lat, cache, meta, (r + p) ** -0.5, r)  # noqa: E731
+        kv_bytes_per_token = (r + p) * 2
+        qk_dim, v_dim = r + p, r
+    ms = _time_ms(fn, repeats)
+    kv_bytes = batch * seq * kv_bytes_per_token
+    if phase == "decode":
+        floor_ms = kv_bytes / bw * 1e3
+        flops = 2 * batch * h * seq * (qk_dim + v_dim)
+    else:
+        flops = 2 * batch * h * (seq * (seq + 1) // 2) * (qk_dim + v_dim)
+        floor_ms = max(flops / rate, kv_bytes / bw) * 1e3
+    return dict(kind=kind, phase=phase, batch=batch, context=seq, ms=ms, kv_bytes=kv_bytes, flops=flops,
+                floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms,
+                achieved_gbps=kv_bytes / (ms / 1e3) / 1e9 if phase == "decode" else None,
+                achieved_tflops=flops / (ms / 1e3) / 1e12)
+
+
+CASES = [("gqa", "decode", b, c) for b, c in ((1, 4096), (16, 4096), (64, 2048), (128, 4096))] + \
+        [("mla", "decode", b, c) for b, c in ((1, 4096), (16, 4096), (64, 2048), (128, 4096))] + \
+        [("gqa", "prefill", 1, c) for c in (2048, 8192)] + [("mla", "prefill", 1, c) for c in (2048, 8192)]
+
+
+def run(page_size: int = 16, repeats: int = 20) -> dict:
+    p = probe()
+    rows = [run_case(k, ph, b, c, page_size, p["hbm_copy_bytes_per_s"], p["bf16_matmul_flops_per_s"], repeats)
+            for k, ph, b, c in CASES]
+    return {"device": p, "page_size": page_size, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    p = result["device"]
+    lines = [f"Device: {p['device']}; HBM copy {p['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s (r+w), "
+             f"bf16 matmul {p['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (same run). Page size "
+             f"{result['page_size']}, bf16.", ""]
+    for k in ("gqa", "mla"):
+        lines.append(f"- {k}: {SHAPES[k]['label']}")
+    lines += ["", "| kernel | phase | batch | context | ms | floor ms | % of floor | achieved |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        ach = (f"{r['achieved_gbps']:.0f} GB/s KV" if r["achieved_gbps"] is not None
+               else f"{r['achieved_tflops']:.0f} TFLOP/s")
+        lines.append(f"| {r['kind']} | {r['phase']} | {r['batch']} | {r['context']} | {r['ms']:.3f} | "
+                     f"{r['floor_ms']:.3f} | {r['pct_of_floor']:.0f}% | {ach} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result = run(args.page_size, args.repeats)
+    md = markdown(result)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "attention.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "attention.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

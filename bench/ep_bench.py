@@ -1,0 +1,176 @@
+"""EP dispatch / combine across the GPUs of one host, with the backend the engine selects.
+
+One process per GPU (NCCL), DeepSeek-V3's MoE shape by default (hidden 7168, 256 routed experts
+split evenly over the ranks, top-8 from random router logits). Per rank and step it times, with
+CUDA events between barriers (median of repeats):
+
+* dispatch: each token sent once to every rank owning one of its experts (+ ids and weights);
+* combine: the per-rank partial sums sent back and added up.
+
+Floor: the bytes a rank sends to *other* ranks (the slowest rank's) over the GPU→GPU copy
+bandwidth measured in the same run between two GPUs (a `copy_` from cuda:0 to cuda:1). It also
+checks, at a reduced expert count, that the expert-parallel MoE output equals the one-GPU output.
+`python -m bench.ep_bench --out DIR` prints a Markdown table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.multiprocessing as mp
+
+
+def peer_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of one large cuda:0 → cuda:1 copy (what a dispatch's cross-GPU traffic rides on)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    times = []
+    for i in range(8):
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(torch.cuda.current_stream("cuda:0"))
+        dst.copy_(src)
+        end.record(torch.cuda.current_stream("cuda:0"))
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end))
+    return nbytes / (statistics.median(times) / 1e3)
+
+
+def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
+    from engine.config import ParallelConfig
+    from engine.ep.all_to_all import select_all_to_all
+    from engine.ep.group import EPGroup
+    from engine.ep.runtime import initial_placement
+    from engine.eplb import ExpertMap
+    from engine.kernels.fused_moe import fused_experts
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    group = EPGroup(rank, world, init, dev)
+    hidden, experts, top_k = args["hidden"], args["experts"], args["top_k"]
+    per_rank = experts // world
+    a2a = select_all_to_all(ParallelConfig(ep_size=world, ep_rank=rank).ep_backend, group, per_rank, hidden)
+    emap = ExpertMap(initial_placement(1, experts, experts, world), dev)
+    rows = []
+    for t in args["tokens"]:
+        gen = torch.Generator(device=dev).manual_seed(1000 * rank + t)
+        x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        logits = torch.randn(t, experts, device=dev, generator=gen)
+        weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+        slots = emap.route(0, ids, replica_offset=rank)
+        sent = a2a.dispatch(x, slots, weights)  # warm-up and the traffic count
+        dest = slots // per_rank
+        to_rank = torch.zeros(t, world, dtype=torch.bool, device=dev).scatter_(1, dest, True)
+        remote_tokens = int(to_rank.sum()) - int(to_rank[:, rank].sum())
+        partial = torch.zeros_like(sent.hidden)
+        a2a.combine(partial, sent.handle)
+
+        def timed(fn):
+            times = []
+            for _ in range(args["repeats"]):
+                group.barrier()
+                torch.cuda.synchronize(dev)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+        t_dispatch = timed(lambda: a2a.dispatch(x, slots, weights))
+        t_combine = timed(lambda: a2a.combine(partial, sent.handle))
+        rows.append(dict(rank=rank, tokens=t, received=int(sent.hidden.shape[0]), remote_tokens=remote_tokens,
+                         dispatch_bytes_remote=remote_tokens * hidden * 2, dispatch_ms=t_dispatch,
+                         combine_ms=t_combine))
+    # Correctness at a reduced expert count: EP output == all experts on this GPU.
+    e_small = world * 8
+    gen = torch.Generator(device=dev).manual_seed(7)  # same weights on every rank
+    w13 = torch.randn(e_small, 2 * args["inter"], hidden, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    w2 = torch.randn(e_small, hidden, args["inter"], device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    small = select_all_to_all("torch", group, e_small // world, hidden)
+    smap = ExpertMap(initial_placement(1, e_small, e_small, world), dev)
+    gen = torch.Generator(device=dev).manual_seed(99 + rank)
+    x = torch.randn(64, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+    weights, ids = torch.randn(64, e_small, device=dev, generator=gen).softmax(-1).topk(top_k, dim=-1)
+    local = slice(rank * (e_small // world), (rank + 1) * (e_small // world))
+    sent = small.dispatch(x, smap.route(0, ids, rank), weights)
+    ep_out = small.combine(fused_experts(sent.hidden, w13[local].contiguous(), w2[local].contiguous(),
+                                         sent.topk_weights, sent.topk_ids), sent.handle)
+    ref = fused_experts(x, w13, w2, weights, ids)
+    rel = float((ep_out.float() - ref.float()).norm() / ref.float().norm())
+    queue.put(dict(rank=rank, rows=rows, rel_err=rel, backend=a2a.name, nccl=torch.cuda.nccl.version()))
+    group.close()
+
+
+def run(world: int, tokens: list[int], hidden=7168, experts=256, top_k=8, inter=2048, repeats=20) -> dict:
+    from deploy.launcher import free_port
+
+    bw = peer_copy_bandwidth()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"tcp://127.0.0.1:{free_port()}"
+    args = dict(hidden=hidden, experts=experts, top_k=top_k, inter=inter, tokens=tokens, repeats=repeats)
+    procs = [ctx.Process(target=_worker, args=(r, world, init, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
+    for p in procs:
+        p.join(60)
+    table = []
+    for i, t in enumerate(tokens):
+        per_rank = [r["rows"][i] for r in results]
+        worst_bytes = max(x["dispatch_bytes_remote"] for x in per_rank)
+        floor_ms = worst_bytes / bw * 1e3
+        d = max(x["dispatch_ms"] for x in per_rank)
+        c = max(x["combine_ms"] for x in per_rank)
+        table.append(dict(tokens_per_rank=t, remote_bytes_worst_rank=worst_bytes, floor_ms=floor_ms,
+                          dispatch_ms=d, combine_ms=c, dispatch_pct_of_floor=100 * floor_ms / d,
+                          combine_pct_of_floor=100 * floor_ms / c, per_rank=per_rank))
+    return {"world": world, "peer_copy_bytes_per_s": bw, "backend": results[0]["backend"],
+            "nccl": results[0]["nccl"], "device": torch.cuda.get_device_name(0),
+            "shape": dict(hidden=hidden, experts=experts, top_k=top_k), "rows": table,
+            "ep_vs_single_gpu_rel_err": [r["rel_err"] for r in results]}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Device: {res['world']}× {res['device']}; backend `{res['backend']}` (NCCL {res['nccl']}); "
+             f"GPU→GPU copy {res['peer_copy_bytes_per_s'] / 1e9:.0f} GB/s (same run).",
+             f"Shape: {res['shape']}; EP output vs all experts on one GPU: rel. err "
+             + ", ".join(f"{e:.1e}" for e in res["ep_vs_single_gpu_rel_err"]), "",
+             "| tokens / rank | remote MB (worst rank) | floor ms | dispatch ms | % of floor | combine ms | % of floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['tokens_per_rank']} | {r['remote_bytes_worst_rank'] / 1e6:.1f} | {r['floor_ms']:.3f} | "
+                     f"{r['dispatch_ms']:.3f} | {r['dispatch_pct_of_floor']:.0f}% | {r['combine_ms']:.3f} | "
+                     f"{r['combine_pct_of_floor']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=int, default=None, help="ranks (default: every visible GPU)")
+    ap.add_argument("--tokens", default="128,4096", help="tokens per rank, comma-separated")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    world = args.world or torch.cuda.device_count()
+    if world < 2:
+        raise SystemExit("ep_bench needs at least 2 GPUs")
+    res = run(world, [int(t) for t in args.tokens.split(",")], repeats=args.repeats)
+    md = markdown(res)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ep_a2a.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "ep_a2a.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
