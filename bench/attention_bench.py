@@ -69,8 +69,9 @@ def run_case(kind: str, phase: str, batch: int, ctx: int, page_size: int, bw: fl
     ms = _time_ms(fn, repeats)
     kv_bytes = batch * seq * kv_bytes_per_token
     if phase == "decode":
-        floor_ms = kv_bytes / bw * 1e3
         flops = 2 * batch * h * seq * (qk_dim + v_dim)
+        # MLA's 128 heads share one latent: its decode is compute-bound once FLOPs/rate > bytes/bw.
+        floor_ms = max(kv_bytes / bw, flops / rate) * 1e3
     else:
         flops = 2 * batch * h * (seq * (seq + 1) // 2) * (qk_dim + v_dim)
         floor_ms = max(flops / rate, kv_bytes / bw) * 1e3
