@@ -10,7 +10,7 @@ import time
 
 
 def compare(model: str, dtype: str, ep: int, num_prompts: int, max_tokens: int, load: str = "dummy",
-            extra: dict | None = None) -> dict:
+            extra: dict | None = None, ep_extra: dict | None = None) -> dict:
     from engine.engine_client import EngineClient
     from engine.llm import build_engine_config
     from engine.sampling_params import SamplingParams
@@ -20,7 +20,7 @@ def compare(model: str, dtype: str, ep: int, num_prompts: int, max_tokens: int, 
     out = {}
     for size in (1, ep):
         kw = dict(load_format=load, dtype=dtype, device="cuda", max_model_len=1024, ep_size=size,
-                  gpu_memory_utilization=0.85, **(extra or {}))
+                  gpu_memory_utilization=0.85, **(extra or {}), **((ep_extra or {}) if size > 1 else {}))
         client = EngineClient(build_engine_config(model, **kw))
         try:
             client.generate(prompts[:2], sp)  # warm-up
@@ -49,7 +49,7 @@ def main() -> None:
     exact = dict(attention_backend="torch", enforce_eager=True)  # the torch reference is not graph-safe
     results = [compare("tiny-deepseek-v3", "float32", args.ep, 8, 16, extra=exact),
                compare("tiny-qwen3-moe", "float32", args.ep, 8, 16,
-                       extra=dict(exact, num_redundant_experts=args.ep * 2, eplb_interval=4, eplb_window=4)),
+                       extra=exact, ep_extra=dict(num_redundant_experts=args.ep * 2, eplb_interval=4, eplb_window=4)),
                compare("deepseek-v2-lite", "bfloat16", args.ep, 32, 32)]
     text = json.dumps(results, indent=1)
     print(text)

@@ -129,6 +129,8 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
     try:
         _loop(core, inbox, outbox, kv)
     finally:
+        if core.runner.ep is not None:
+            core.runner.ep.close()
         inbox.close(0)
         outbox.close(0)
         ctx.term()
