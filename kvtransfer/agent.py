@@ -76,7 +76,12 @@ class KVTransferAgent:
         self.layers = layers
         self.mem_type = "VRAM" if layers[0].device.type == "cuda" else "DRAM"
         self.dev_id = layers[0].device.index or 0 if layers[0].device.type == "cuda" else 0
-        self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        # NIXL's progress thread spins a CPU core per agent even when idle. GPU nodes keep it (a
+        # core per GPU process, and one-sided NVLink/RDMA WRITEs complete without the target's
+        # help); DRAM agents (CPU nodes, tests) run without it and progress when the engine loop
+        # polls transfers and notifications — every millisecond while anything is in flight.
+        progress_thread = self.mem_type == "VRAM"
+        self.agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
         self._reg = self.agent.register_memory(layers)
         self.layer_addrs = [t.data_ptr() for t in layers]
         self._remotes: dict[str, str] = {}  # "name/incarnation" -> remote agent name

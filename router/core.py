@@ -36,6 +36,13 @@ def _layout_diff(a: pb.KVLayout, b: pb.KVLayout) -> str:
                      for f in pb.KVLayout.DESCRIPTOR.fields if getattr(a, f.name) != getattr(b, f.name))
 
 
+_ATTEMPTS = 2  # a prefill that fails before anything streamed is retried once on another node
+
+
+def _attempt_id(rid: str, attempt: int) -> str:
+    return rid if attempt == 0 else f"{rid}.retry{attempt}"
+
+
 class BadRequest(ValueError):
     """The client's request is invalid (maps to INVALID_ARGUMENT / HTTP 400)."""
 
@@ -189,12 +196,13 @@ class Router:
             out.put_nowait(self._final(rid, ids, produced, "error", f"{type(e).__name__}: {e}"))
 
     async def _abort_everywhere(self, rid: str) -> None:
-        async def one(node: NodeHandle):
+        async def one(node: NodeHandle, node_rid: str):
             try:
-                await node.stub.Abort(pb.AbortRequest(request_id=rid), timeout=2.0)
+                await node.stub.Abort(pb.AbortRequest(request_id=node_rid), timeout=2.0)
             except grpc.aio.AioRpcError:
                 pass
-        await asyncio.gather(*(one(n) for n in self.registry.nodes if n.alive), return_exceptions=True)
+        await asyncio.gather(*(one(n, _attempt_id(rid, a)) for n in self.registry.nodes if n.alive
+                               for a in range(_ATTEMPTS)), return_exceptions=True)
 
     async def _reserve(self, rid: str, n: int) -> tuple[NodeHandle, pb.KVDestination]:
         node = self.registry.pick("decode", "least_load")
@@ -230,35 +238,40 @@ class Router:
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                        params.include_stop_str_in_output)
         tried: set = set()
-        for attempt in range(2):
+        orig_rid = rid
+        for attempt in range(_ATTEMPTS):
+            # A retry gets its own node-level id: the first attempt's reservation may still sit in
+            # quarantine on the decode node (a WRITE from the dead prefill node might land there).
+            rid = _attempt_id(orig_rid, attempt)
             decode, dest = await self._reserve(rid, len(ids))
             try:
                 prefill, first = await self._prefill(rid, ids, params, dest, tried)
                 break
             except grpc.aio.AioRpcError as e:
                 await self._release(decode, rid)
-                if attempt == 1 or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if attempt == _ATTEMPTS - 1 or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise RuntimeError(f"prefill failed: {e.code().name}: {e.details()}") from None
                 self.stats["retries"] += 1
                 log.warning("prefill of %s failed on %s (%s); retrying on another node", rid,
                             list(tried)[-1].address, e.code().name)
+        node_rid, rid = rid, orig_rid  # nodes know the attempt's id; the client sees its own
         if first.error or first.finish_reason == "error":
-            await self._release(decode, rid)
+            await self._release(decode, node_rid)
             out.put_nowait(self._final(rid, ids, produced, "error", first.error or "prefill failed"))
             return
         self.stats["kv_bytes"] += first.kv_bytes
         cached = first.num_cached_tokens
         if self._emit(rid, ids, list(first.token_ids), convert.logprobs_from_proto(first.logprobs), detok, out,
                       produced, params):
-            await self._release(decode, rid)
+            await self._release(decode, node_rid)
             return
         if first.finished:
-            await self._release(decode, rid)
+            await self._release(decode, node_rid)
             tail = detok.flush()
             out.put_nowait(self._final(rid, ids, produced, first.finish_reason, None,
                                        first.stop_reason or None, tail, cached))
             return
-        await self._decode(rid, ids, params, decode, first.token_ids[0], detok, out, produced, cached)
+        await self._decode(rid, ids, params, decode, first.token_ids[0], detok, out, produced, cached, node_rid)
 
     async def _release(self, node: NodeHandle, rid: str) -> None:
         try:
@@ -279,15 +292,16 @@ class Router:
         out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs))
         return False
 
-    async def _decode(self, rid, ids, params, node: NodeHandle, first_token, detok, out, produced, cached):
-        req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
+    async def _decode(self, rid, ids, params, node: NodeHandle, first_token, detok, out, produced, cached,
+                      node_rid: str):
+        req = pb.DecodeRequest(request_id=node_rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
                                first_token=first_token)
         node.in_flight += 1
         try:
             async for msg in node.stub.Decode(req, timeout=self.timeouts.decode_s):
                 if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
                               out, produced, params):
-                    await self._release(node, rid)
+                    await self._release(node, node_rid)
                     return
                 if msg.finished:
                     tail = "" if msg.finish_reason == "error" else detok.flush()

@@ -23,12 +23,16 @@ def _agent(role, pages=8, page_size=4):
     return KVTransferAgent(role, pool.layers, spec.describe(), spec.page_bytes), pool
 
 
-def _wait(agent, transfer, timeout=10.0):
+def _wait(agent, transfer, receiver=None, timeout=10.0):
+    """Poll the WRITE; DRAM agents have no progress thread, so the receiver is polled too (as the
+    decode engine loop does while a reservation waits)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = agent.poll(transfer)
         if state != "PROC":
             return state
+        if receiver is not None:
+            assert receiver.notifications() == []
     return "TIMEOUT"
 
 
@@ -39,7 +43,7 @@ def test_pages_land_in_the_reserved_pages_layer_by_layer_and_the_notification_na
         layer.copy_(torch.randn_like(layer))
     dest = dict(receiver.destination(), page_ids=[6, 2, 3], incarnation="x")
     for layer in range(3):
-        assert _wait(sender, sender.write("r1", [0, 1, 2], dest, layers=[layer])) == "DONE"
+        assert _wait(sender, sender.write("r1", [0, 1, 2], dest, layers=[layer]), receiver) == "DONE"
     sender.notify(dest, b"r1")
     deadline = time.monotonic() + 10
     notes = []
