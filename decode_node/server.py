@@ -1,5 +1,6 @@
 """Decode node: reserves pages for a prompt's KV, waits (bounded) for the prefill node's WRITE
-notification naming the request, joins it to the running batch and streams token ids."""
+notification naming the request, joins it to the running batch and streams token ids. In a
+collocated cluster (no prefill nodes) it also runs prompts itself (`Generate`)."""
 from __future__ import annotations
 
 import asyncio
@@ -52,6 +53,44 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
+        finally:
+            node.in_flight.discard(rid)
+
+
+    async def Generate(self, request: pb.DecodeRequest, context):
+        """Collocated serving: prefill and decode here, no KV transfer."""
+        rid = request.request_id
+        try:
+            params = convert.params_from_proto(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        node = self.node
+        node.in_flight.add(rid)
+        try:
+            stream = node.client.add_request(list(request.prompt_token_ids), params, request_id=rid,
+                                             eos_token_ids=tuple(request.eos_token_ids) or None)
+            start = last = time.monotonic()
+            num_tokens = 0
+            async for delta in stream:
+                now = time.monotonic()
+                if delta.token_ids:
+                    if num_tokens == 0:
+                        node.metrics.observe("time_to_first_token_seconds", now - start)
+                        if delta.queue_seconds is not None:
+                            node.metrics.observe("request_queue_time_seconds", delta.queue_seconds)
+                    else:
+                        node.metrics.observe("inter_token_latency_seconds", now - last)
+                    num_tokens += len(delta.token_ids)
+                    last = now
+                if delta.finished:
+                    node.metrics.inc("prompt_tokens_total", len(request.prompt_token_ids))
+                    _observe_decode(node, delta, now - start, num_tokens)
+                yield delta_to_proto(rid, delta)
+        except asyncio.CancelledError:
+            node.client.abort(rid)
+            raise
+        except ValueError as e:  # refused by the engine front (e.g. duplicate id)
+            yield pb.GenerateResponse(request_id=rid, finished=True, finish_reason="error", error=str(e))
         finally:
             node.in_flight.discard(rid)
 

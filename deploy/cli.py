@@ -236,6 +236,8 @@ def _router_parser(sub) -> None:
                         "several routers can share one cluster this way")
     p.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
     p.add_argument("--node-name", default=None, help="this router's name in metrics (default: router-<random>)")
+    p.add_argument("--collocated", action="store_true",
+                   help="no prefill nodes: every request runs whole on one decode node (the collocated baseline)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8000)
@@ -249,12 +251,16 @@ def _run_router(args) -> int:
 
     from router.server import main as run
 
-    if not args.redis_url and not (args.prefill and args.decode):
-        print("pdserve router: give --prefill and --decode node addresses, or --redis-url", file=sys.stderr)
+    if not args.redis_url and not ((args.prefill or args.collocated) and args.decode):
+        print("pdserve router: give --prefill and --decode node addresses (or --collocated with --decode), "
+              "or --redis-url", file=sys.stderr)
+        return 2
+    if args.collocated and args.prefill:
+        print("pdserve router: --collocated takes no --prefill nodes", file=sys.stderr)
         return 2
     tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
     run(args.prefill, args.decode, tokenizer, args.model, args.host, args.grpc_port, args.http_port, args.policy,
-        redis_url=args.redis_url, slo=args.slo, name=args.node_name)
+        redis_url=args.redis_url, slo=args.slo, name=args.node_name, collocated=args.collocated)
     return 0
 
 
@@ -262,7 +268,8 @@ def _up_parser(sub) -> None:
     p = sub.add_parser("up", help="start router + prefill + decode processes on this machine")
     _add_engine_args(p, default_model="tiny-llama")
     p.set_defaults(load_format="dummy")
-    p.add_argument("--num-prefill", type=int, default=1)
+    p.add_argument("--num-prefill", type=int, default=1,
+                   help="0: collocated serving (decode nodes run prompts themselves; the baseline to compare)")
     p.add_argument("--num-decode", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)

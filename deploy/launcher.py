@@ -94,6 +94,8 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
                 router_argv += ["--prefill", a]
             for a in addrs["decode"]:
                 router_argv += ["--decode", a]
+        if num_prefill == 0:
+            router_argv.append("--collocated")
         if slo:
             router_argv += ["--slo", slo]
         if "--tokenizer" in engine_argv:  # node-only flags (e.g. --kv-transfer-timeout) stay with the nodes

@@ -322,6 +322,11 @@ class DecodeNodeStub:
                 request_serializer=proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=proto_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/pdserve.v1.DecodeNode/Generate',
+                request_serializer=proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.v1.DecodeNode/Abort',
                 request_serializer=proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
@@ -350,6 +355,14 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Collocated serving (no prefill node): the node runs the prompt itself, then decodes;
+        `first_token` is ignored. The baseline disaggregation is measured against.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -371,6 +384,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
+                    request_deserializer=proto_dot_pdserve__pb2.DecodeRequest.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
                     request_deserializer=proto_dot_pdserve__pb2.DecodeRequest.FromString,
                     response_serializer=proto_dot_pdserve__pb2.GenerateResponse.SerializeToString,
             ),
@@ -459,6 +477,33 @@ class DecodeNode:
             request,
             target,
             '/pdserve.v1.DecodeNode/Decode',
+            proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
+            proto_dot_pdserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/Generate',
             proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
             proto_dot_pdserve__pb2.GenerateResponse.FromString,
             options,

@@ -91,8 +91,12 @@ class Timeouts:
 
 class Router:
     def __init__(self, registry: Registry, tokenizer, model_name: str, policy: str = "least_load",
-                 timeouts: Timeouts | None = None, max_in_flight: int = 1024, metrics=None):
+                 timeouts: Timeouts | None = None, max_in_flight: int = 1024, metrics=None,
+                 collocated: bool = False):
         self.registry = registry
+        # Collocated: no prefill nodes; each request runs whole on one decode node (the baseline
+        # disaggregation is compared against at equal GPU count).
+        self.collocated = collocated
         self.metrics = metrics  # engine.metrics.ServingMetrics (role router), or None
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -237,6 +241,10 @@ class Router:
     async def _path(self, rid, ids, params, out: asyncio.Queue, produced: list[int]) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                        params.include_stop_str_in_output)
+        if self.collocated:
+            node = self.registry.pick("decode", self.policy, ids)
+            await self._decode(rid, ids, params, node, 0, detok, out, produced, 0, rid, collocated=True)
+            return
         tried: set = set()
         orig_rid = rid
         for attempt in range(_ATTEMPTS):
@@ -293,12 +301,13 @@ class Router:
         return False
 
     async def _decode(self, rid, ids, params, node: NodeHandle, first_token, detok, out, produced, cached,
-                      node_rid: str):
+                      node_rid: str, collocated: bool = False):
         req = pb.DecodeRequest(request_id=node_rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
                                first_token=first_token)
+        rpc = node.stub.Generate if collocated else node.stub.Decode
         node.in_flight += 1
         try:
-            async for msg in node.stub.Decode(req, timeout=self.timeouts.decode_s):
+            async for msg in rpc(req, timeout=self.timeouts.decode_s):
                 if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
                               out, produced, params):
                     await self._release(node, node_rid)

@@ -78,7 +78,7 @@ class HttpApi:
 
     async def _health(self, request):
         reg = self.router.registry
-        ok = bool(reg.of("prefill")) and bool(reg.of("decode"))
+        ok = (self.router.collocated or bool(reg.of("prefill"))) and bool(reg.of("decode"))
         return web.json_response({"status": "ok" if ok else "degraded",
                                   "prefill": len(reg.of("prefill")), "decode": len(reg.of("decode"))},
                                  status=200 if ok else 503)

@@ -75,6 +75,7 @@ class RedisRegistry(Registry):
         self.refresh_s = refresh_s
         self.by_id: dict[str, NodeHandle] = {}
         self._suspect_until: dict[str, float] = {}
+        self.need_prefill = True  # False for a collocated cluster (decode nodes only)
 
     async def refresh(self) -> None:
         pattern = _key(self.model, "node", "*")
@@ -142,7 +143,7 @@ class RedisRegistry(Registry):
                 await self.refresh()
             except Exception as e:
                 log.warning("waiting for Redis: %s", e)
-            if self.of("prefill") and self.of("decode"):
+            if (self.of("prefill") or not self.need_prefill) and self.of("decode"):
                 return
             await asyncio.sleep(0.5)
         raise NoNodeAvailable(f"no prefill and decode nodes registered in Redis for model {self.model!r} "

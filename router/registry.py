@@ -143,7 +143,7 @@ class Registry:
             raise NoNodeAvailable(f"no live {role} node")
         if policy == "round_robin":
             return nodes[next(self._rr[role]) % len(nodes)]
-        if policy == "prefix_aware" and role == "prefill" and prompt_ids:
+        if policy == "prefix_aware" and prompt_ids:  # prefill nodes (or decode nodes when collocated)
             # The node that most likely caches the longest prefix of this prompt, unless it is
             # clearly busier than the least-loaded node; ties go to the least loaded.
             remote = remote or {}

@@ -21,17 +21,19 @@ log = logging.getLogger(__name__)
 
 async def serve(prefill: list[str], decode: list[str], tokenizer, model_name: str, host: str, grpc_port: int,
                 http_port: int, policy: str = "least_load", timeouts: Timeouts | None = None,
-                redis_url: str | None = None, slo: str | None = None, name: str | None = None) -> None:
+                redis_url: str | None = None, slo: str | None = None, name: str | None = None,
+                collocated: bool = False) -> None:
     if redis_url:
         from router.redis_registry import RedisRegistry
 
         registry = RedisRegistry(redis_url, model_name)
+        registry.need_prefill = not collocated
     else:
         registry = Registry(prefill, decode)
     await registry.wait_ready()
     metrics = ServingMetrics(model_name, "router", name or f"router-{uuid.uuid4().hex[:8]}", SLOTargets.parse(slo))
     metrics.set("node_info", 1, version=pdserve_version(), ep_size="", ep_backend="")
-    router = Router(registry, tokenizer, model_name, policy, timeouts, metrics=metrics)
+    router = Router(registry, tokenizer, model_name, policy, timeouts, metrics=metrics, collocated=collocated)
     probe = asyncio.create_task(registry.run())
     server = GrpcServer(GenerateServicer(router), pb_grpc.add_GenerateServicer_to_server, "pdserve.v1.Generate")
     bound = await server.start(host, grpc_port)
@@ -49,8 +51,8 @@ async def serve(prefill: list[str], decode: list[str], tokenizer, model_name: st
 
 
 def main(prefill, decode, tokenizer_path, model_name, host, grpc_port, http_port, policy, redis_url=None, slo=None,
-         name=None) -> None:
+         name=None, collocated=False) -> None:
     from engine.tokenizer import load_tokenizer
 
     asyncio.run(serve(prefill, decode, load_tokenizer(tokenizer_path), model_name, host, grpc_port, http_port,
-                      policy, redis_url=redis_url, slo=slo, name=name))
+                      policy, redis_url=redis_url, slo=slo, name=name, collocated=collocated))

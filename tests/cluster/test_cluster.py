@@ -301,3 +301,19 @@ def test_nodes_with_different_kv_layouts_are_refused_with_a_clear_error():
     finally:
         for c in comps:
             c.stop()
+
+
+def test_collocated_cluster_serves_the_offline_tokens(offline):
+    """`--num-prefill 0`: the baseline without disaggregation — decode nodes run whole requests."""
+    c = Cluster(num_prefill=0, num_decode=2)
+    try:
+        with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            results = list(pool.map(lambda p: c.generate(p, max_tokens=10), PROMPTS))
+        assert [toks for toks, _ in results] == offline
+        assert all(last.finish_reason == "length" for _, last in results)
+        infos = _node_infos(c)
+        assert len(infos) == 2 and all(i.role == "decode" for i in infos)
+        assert all(i.prefix_cache_queries_tokens > 0 for i in infos)  # both nodes ran prompts
+        assert wait_for(lambda: _pools_full(c))
+    finally:
+        c.stop()
