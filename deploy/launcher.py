@@ -1,5 +1,8 @@
 """`pdserve up`: router + N prefill + M decode processes on this machine.
 
+With enough GPUs, each node gets its own (`--ep-size` of them, via CUDA_VISIBLE_DEVICES); with
+fewer, all nodes share them and split memory by `--gpu-memory-utilization`.
+
 Each component is its own OS process (`pdserve prefill|decode|router`), started in its own
 process group; the launcher waits until each prints its ready line, prints the endpoints, and on
 Ctrl-C / SIGTERM (or when any component exits) stops them all — SIGTERM, then SIGKILL after a
@@ -31,13 +34,34 @@ def write_targets(path: str, targets: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def visible_gpus() -> list[str]:
+    """GPU ids this launcher may hand out: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def assign_gpus(num_nodes: int, per_node: int, gpus: list[str]) -> list[str | None]:
+    """Each node its own `per_node` GPUs when there are enough; otherwise None (all share them)."""
+    if len(gpus) < num_nodes * per_node:
+        return [None] * num_nodes
+    return [",".join(gpus[i * per_node:(i + 1) * per_node]) for i in range(num_nodes)]
+
+
 class Component:
-    def __init__(self, name: str, argv: list[str], ready_text: str):
+    def __init__(self, name: str, argv: list[str], ready_text: str, gpus: str | None = None):
         self.name = name
         self.ready_text = ready_text
         self.ready = threading.Event()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus) if gpus is not None else None
         self.proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True, bufsize=1)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True, bufsize=1,
+                                     env=env)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
 
@@ -74,6 +98,9 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
     try:
         addrs = {"prefill": [], "decode": []}
         targets = []  # Prometheus file_sd entries: every process's /metrics
+        ep_size = int(engine_argv[engine_argv.index("--ep-size") + 1]) if "--ep-size" in engine_argv else 1
+        on_cpu = "--device" in engine_argv and engine_argv[engine_argv.index("--device") + 1] == "cpu"
+        gpu_sets = iter(assign_gpus(num_prefill + num_decode, ep_size, [] if on_cpu else visible_gpus()))
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(n):
                 port, metrics_port = free_port(host), free_port(host)
@@ -83,7 +110,10 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
                         "--node-name", name, *engine_argv]
                 if redis_url:
                     argv += ["--redis-url", redis_url]
-                comps.append(Component(name, argv, f"{role} node ready"))
+                gpus = next(gpu_sets)
+                comps.append(Component(name, argv, f"{role} node ready", gpus))
+                if gpus is not None:
+                    print(f"pdserve up: {name} on GPU(s) {gpus}", file=sys.stderr, flush=True)
                 targets.append({"targets": [f"{host}:{metrics_port}"], "labels": {"role": role, "node": name}})
         router_argv = ["router", "--model", model, "--host", host, "--grpc-port", str(grpc_port),
                        "--http-port", str(http_port), "--policy", policy, "--node-name", "router"]
