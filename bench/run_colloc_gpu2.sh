@@ -19,7 +19,7 @@ for mode in disagg colloc; do
   for rate in ${RATES:-4 8 12 16}; do
     echo "$(ts) $mode random 2048/256 @ $rate req/s"
     python -m deploy.cli bench --base-url http://127.0.0.1:8000/v1 --dataset-name random --num-prompts ${NUM:-48} \
-      --random-input-len 2048 --random-output-len 256 --request-rate $rate --goodput ttft:1000 tpot:50 \
+      --random-input-len 2048 --random-output-len 256 --request-rate $rate --goodput ttft:1000 tpot:50 --warmup-requests 8 \
       --save-result --result-dir "$OUT" --result-filename "colloc_${mode}_${rate}.json" 2>/dev/null \
       | grep -E "Successful|throughput|goodput|Median TTFT|P99 TTFT|Median TPOT|P99 TPOT"
   done

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -49,27 +50,33 @@ class Node:
         self.client = EngineClient(engine_config, detokenize=False)
         self.incarnation = self.client.info.incarnation or uuid.uuid4().hex[:12]
         self.in_flight: set[str] = set()
-        self._stats_cache: tuple[float, list | None] = (0.0, None)
+        # Engine stats are refreshed by a background thread and served from this snapshot, so
+        # `Info` and `/metrics` answer at once even while the engine runs a long step (a probe
+        # that waits on the engine would call a busy node dead).
+        self._stats: tuple[float, dict] = (time.monotonic(), self.client.engine_stats())
+        threading.Thread(target=self._refresh_stats, daemon=True, name="engine-stats").start()
         self.metrics.registry.register(EngineStatsCollector(self.rank_stats, self.metrics.base))
         ep = engine_config.parallel
         backend = (self.rank_stats() or [{}])[0].get("ep_backend", "none")
         self.metrics.set("node_info", 1, version=pdserve_version(), ep_size=str(ep.ep_size), ep_backend=backend)
 
-    def rank_stats(self, max_age_s: float = 0.5) -> list | None:
-        """Per-rank engine stats for the metrics collector (cached briefly; None if the engine is stuck)."""
-        at, stats = self._stats_cache
-        if time.monotonic() - at > max_age_s:
+    def _refresh_stats(self, every_s: float = 0.25) -> None:
+        while not self.client._closed:
             try:
-                stats = self.client.engine_stats(timeout_s=2.0)["ranks"]
-            except Exception:  # dead or stuck engine: export no engine-side values this scrape
-                stats = None
-            self._stats_cache = (time.monotonic(), stats)
-        return stats
+                self._stats = (time.monotonic(), self.client.engine_stats(timeout_s=30.0))
+            except Exception:  # engine dead or shut down: the snapshot ages; rank_stats reports None
+                pass
+            time.sleep(every_s)
+
+    def rank_stats(self, max_age_s: float = 30.0) -> list | None:
+        """Per-rank engine stats (None when the engine has not answered for `max_age_s`)."""
+        at, stats = self._stats
+        return stats["ranks"] if time.monotonic() - at <= max_age_s else None
 
     def info(self) -> pb.NodeInfo:
         """Identity, layout and load; free pages count prefix-cached pages (reclaimable) as free."""
         i = self.client.info
-        s = self.client.engine_stats()
+        s = self._stats[1]
         return pb.NodeInfo(role=self.role, node_id=self.node_id, incarnation=self.incarnation, model=self.model_name,
                            max_model_len=i.max_model_len, layout=convert.layout_to_proto(i.kv_layout),
                            num_pages=s.get("num_pages", i.num_pages), num_free_pages=s["num_free_or_cached_pages"],

@@ -71,6 +71,7 @@ class NodeHandle:
     served: int = 0
     prefixes: PrefixIndex = field(default_factory=PrefixIndex, repr=False)
     node_id: str = ""  # the node's registered name (Redis registry); the address otherwise
+    missed: int = 0  # Info probes in a row that timed out
 
     @property
     def load(self) -> int:
@@ -96,11 +97,15 @@ class Registry:
     async def _probe(self, node: NodeHandle) -> None:
         try:
             info = await node.stub.Info(pb.InfoRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            if node.alive:
-                log.warning("%s node %s stopped answering", node.role, node.address)
-            node.alive = False
+        except grpc.aio.AioRpcError as e:
+            # Refused connection: gone now. A slow answer: dead only after several in a row.
+            node.missed += 1
+            if e.code() == grpc.StatusCode.UNAVAILABLE or node.missed >= 3:
+                if node.alive:
+                    log.warning("%s node %s stopped answering (%s)", node.role, node.address, e.code().name)
+                node.alive = False
             return
+        node.missed = 0
         if node.info is not None and info.incarnation != node.info.incarnation:
             log.warning("%s node %s restarted (incarnation %s -> %s)", node.role, node.address,
                         node.info.incarnation, info.incarnation)
