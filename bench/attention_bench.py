@@ -14,13 +14,11 @@ they include its KV write of the new tokens, as a real step does. `python -m ben
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
-from bench.device_probe import probe
-from bench.moe_layer_bench import _time_ms
+from bench.device_probe import probe, time_ms
+from bench.record import emit
 
 SHAPES = {
     "gqa": dict(heads=32, kv_heads=8, head_dim=128, label="GQA (Qwen3-8B: 32 q / 8 kv heads × 128)"),
@@ -66,7 +64,7 @@ def run_case(kind: str, phase: str, batch: int, ctx: int, page_size: int, bw: fl
         fn = lambda: backend.mla(q, lat, cache, meta, (r + p) ** -0.5, r)  # noqa: E731
         kv_bytes_per_token = (r + p) * 2
         qk_dim, v_dim = r + p, r
-    ms = _time_ms(fn, repeats)
+    ms = time_ms(fn, repeats)
     kv_bytes = batch * seq * kv_bytes_per_token
     if phase == "decode":
         flops = 2 * batch * h * seq * (qk_dim + v_dim)
@@ -117,15 +115,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = run(args.page_size, args.repeats)
-    md = markdown(result)
-    print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "attention.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "attention.json"), "w") as f:
-            json.dump(result, f, indent=1)
-
+    emit(result, markdown(result), args.out, "attention")
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,14 @@ import statistics
 import torch
 
 
-def _time_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+def time_ms(fn, repeats: int = 20, warmup: int = 3, before=None) -> float:
+    """Median CUDA-event time of `fn()`; `before()` runs untimed ahead of each repeat (e.g. a barrier)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -27,13 +30,13 @@ def probe(device: str = "cuda") -> dict:
     n = 1 << 30  # 1 GiB per buffer
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src))
+    ms = time_ms(lambda: dst.copy_(src))
     hbm = 2 * n / (ms / 1e3)
     src = dst = None  # free 2 GiB before the matmul buffers
     size = 8192
     a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    ms_mm = _time_ms(lambda: a @ b, repeats=20)
+    ms_mm = time_ms(lambda: a @ b, repeats=20)
     flops = 2 * size ** 3 / (ms_mm / 1e3)
     return {"device": torch.cuda.get_device_name(device), "hbm_copy_bytes_per_s": hbm,
             "bf16_matmul_flops_per_s": flops, "copy_ms_1GiB": ms, "matmul_ms_8192": ms_mm}

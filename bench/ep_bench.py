@@ -15,12 +15,12 @@ checks, at a reduced expert count, that the expert-parallel MoE output equals th
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 
 import torch
 import torch.multiprocessing as mp
+
+from bench.record import emit
 
 
 def peer_copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -42,6 +42,7 @@ def peer_copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
+    from bench.device_probe import time_ms
     from engine.config import ParallelConfig
     from engine.ep.all_to_all import select_all_to_all
     from engine.ep.group import EPGroup
@@ -71,17 +72,7 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
         a2a.combine(partial, sent.handle)
 
         def timed(fn):
-            times = []
-            for _ in range(args["repeats"]):
-                group.barrier()
-                torch.cuda.synchronize(dev)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
+            return time_ms(fn, args["repeats"], warmup=0, before=lambda: (group.barrier(), torch.cuda.synchronize(dev)))
         t_dispatch = timed(lambda: a2a.dispatch(x, slots, weights))
         t_combine = timed(lambda: a2a.combine(partial, sent.handle))
         rows.append(dict(rank=rank, tokens=t, received=int(sent.hidden.shape[0]), remote_tokens=remote_tokens,
@@ -162,15 +153,7 @@ def main() -> None:
     if world < 2:
         raise SystemExit("ep_bench needs at least 2 GPUs")
     res = run(world, [int(t) for t in args.tokens.split(",")], repeats=args.repeats)
-    md = markdown(res)
-    print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "ep_a2a.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "ep_a2a.json"), "w") as f:
-            json.dump(res, f, indent=1)
-
+    emit(res, markdown(res), args.out, "ep_a2a")
 
 if __name__ == "__main__":
     main()

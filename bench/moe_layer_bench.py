@@ -20,28 +20,12 @@ JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from bench.device_probe import probe
-
-
-def _time_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from bench.device_probe import probe, time_ms
+from bench.record import emit
 
 
 def per_expert_loop(hidden, w13, w2, weights, ids):
@@ -92,16 +76,16 @@ def run(tokens_list, hidden=7168, num_experts=256, inter=2048, top_k=8, groups=8
         got, want = fused_experts(x, w13, w2, weights, ids), per_expert_loop(x, w13, w2, weights, ids)
         rel = float((got.float() - want.float()).norm() / want.float().norm())
         block_m = _tiles(t * top_k, num_experts, False)[0]  # the permutation fused_experts does
-        t_route = _time_ms(route, repeats)
-        t_align = _time_ms(lambda: align_by_expert(ids, num_experts, block_m), repeats)
-        t_fused = _time_ms(lambda: fused_experts(x, w13, w2, weights, ids), repeats)
-        t_shared = _time_ms(lambda: F.linear(F.silu(F.linear(x, sh_gate_up).chunk(2, -1)[0])
+        t_route = time_ms(route, repeats)
+        t_align = time_ms(lambda: align_by_expert(ids, num_experts, block_m), repeats)
+        t_fused = time_ms(lambda: fused_experts(x, w13, w2, weights, ids), repeats)
+        t_shared = time_ms(lambda: F.linear(F.silu(F.linear(x, sh_gate_up).chunk(2, -1)[0])
                                              * F.linear(x, sh_gate_up).chunk(2, -1)[1], sh_down), repeats)
-        t_loop = _time_ms(lambda: per_expert_loop(x, w13, w2, weights, ids), max(3, repeats // 4))
+        t_loop = time_ms(lambda: per_expert_loop(x, w13, w2, weights, ids), max(3, repeats // 4))
         t_torch = None
         if t * top_k <= num_experts or t <= 512:  # the fallback's dense path needs E·T·2I activations
             try:
-                t_torch = _time_ms(lambda: fused_experts_torch(x, w13, w2, weights, ids), max(3, repeats // 4))
+                t_torch = time_ms(lambda: fused_experts_torch(x, w13, w2, weights, ids), max(3, repeats // 4))
             except torch.OutOfMemoryError:
                 t_torch = None
         flops = 2 * t * top_k * 3 * hidden * inter
@@ -116,7 +100,6 @@ def run(tokens_list, hidden=7168, num_experts=256, inter=2048, top_k=8, groups=8
             floor_bytes_ms=floor_bytes_ms, floor_flops_ms=floor_flops_ms, floor_ms=floor_ms,
             gemm_pct_of_floor=100 * floor_ms / t_gemm, fused_pct_of_floor=100 * floor_ms / t_fused,
             speedup_vs_loop=t_loop / t_fused, rel_err_vs_loop=rel))
-        del x
     shape = dict(hidden=hidden, num_experts=num_experts, intermediate=inter, top_k=top_k, groups=groups,
                  topk_groups=topk_groups, shared_experts=shared, dtype="bfloat16")
     return {"device": dev_probe, "shape": shape, "rows": rows}
@@ -149,15 +132,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="directory for moe_layer.md / moe_layer.json")
     args = ap.parse_args()
     result = run([int(t) for t in args.tokens.split(",")], repeats=args.repeats)
-    md = markdown(result)
-    print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "moe_layer.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "moe_layer.json"), "w") as f:
-            json.dump(result, f, indent=1)
-
+    emit(result, markdown(result), args.out, "moe_layer")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,16 @@ from bench.serving import datasets
 from bench.serving.metrics import RequestResult, format_report, parse_goodput, report
 
 
+def _on_tokens(res: RequestResult, t0: float, last: float | None) -> float:
+    """A streamed chunk with tokens arrived: the first sets TTFT, later ones add an ITL gap."""
+    now = time.perf_counter()
+    if last is None:
+        res.ttft = now - t0
+    else:
+        res.itl.append(now - last)
+    return now
+
+
 async def send(session: aiohttp.ClientSession, url: str, model: str, req: datasets.SampleRequest,
                ignore_eos: bool, timeout_s: float) -> RequestResult:
     body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len, "temperature": 0.0,
@@ -46,12 +56,7 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: datase
                     res.output_len = msg["usage"].get("completion_tokens", res.output_len)
                 choices = msg.get("choices") or []
                 if choices and (choices[0].get("text") or choices[0].get("token_ids")):
-                    now = time.perf_counter()
-                    if last is None:
-                        res.ttft = now - t0
-                    else:
-                        res.itl.append(now - last)
-                    last = now
+                    last = _on_tokens(res, t0, last)
                     chunks += 1
         res.latency = time.perf_counter() - t0
         res.output_len = res.output_len or chunks
@@ -79,12 +84,7 @@ async def send_grpc(stub, model: str, req: datasets.SampleRequest, ignore_eos: b
     try:
         async for delta in stub.Generate(msg, timeout=timeout_s):
             if delta.token_ids:
-                now = time.perf_counter()
-                if last is None:
-                    res.ttft = now - t0
-                else:
-                    res.itl.append(now - last)
-                last = now
+                last = _on_tokens(res, t0, last)
                 res.output_len += len(delta.token_ids)
             if delta.finished:
                 if delta.finish_reason == "error":
