@@ -40,6 +40,11 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
                    help="extra physical expert slots for EPLB to replicate hot experts into")
     e.add_argument("--eplb-interval", type=int, default=0, help="rebalance experts every N engine steps (0: never)")
     e.add_argument("--eplb-window", type=int, default=32, help="steps of expert load the rebalancer looks at")
+    e.add_argument("--ep-nnodes", type=int, default=1,
+                   help="hosts one EP group spans (each runs --ep-size / N ranks and serves as its own node)")
+    e.add_argument("--ep-node-rank", type=int, default=0, help="this host's index in its EP group (0 = leader)")
+    e.add_argument("--ep-master", default=None,
+                   help="HOST:PORT where a multi-host EP group's ranks meet (the leader's address)")
     e.add_argument("--ep-backend", choices=["auto", "torch", "deepep"], default="auto",
                    help="token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep) or torch.distributed; "
                         "auto: DeepEP on CUDA when importable")
@@ -53,7 +58,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=not args.no_prefix_cache,
                 enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, tokenizer=args.tokenizer,
                 ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
-                eplb_interval=args.eplb_interval, eplb_window=args.eplb_window, ep_backend=args.ep_backend)
+                eplb_interval=args.eplb_interval, eplb_window=args.eplb_window, ep_backend=args.ep_backend,
+                ep_nnodes=args.ep_nnodes, ep_node_rank=args.ep_node_rank, ep_master=args.ep_master)
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -224,6 +224,19 @@ class ParallelConfig:
     eplb_window: int = 32
     ep_backend: str = "auto"  # auto | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
     dist_init_method: str | None = None  # torch.distributed rendezvous, set by whoever starts the ranks
+    # Multi-host EP group: `ep_nnodes` hosts each run ep_size / ep_nnodes ranks; this host's are
+    # global ranks [ep_node_rank * local, ...), rendezvousing at `ep_master` (HOST:PORT).
+    ep_nnodes: int = 1
+    ep_node_rank: int = 0
+    ep_master: str | None = None
+
+    @property
+    def ep_local_size(self) -> int:
+        return self.ep_size // self.ep_nnodes
+
+    @property
+    def ep_rank_offset(self) -> int:
+        return self.ep_node_rank * self.ep_local_size
 
     def __post_init__(self):
         if self.ep_size < 1 or not 0 <= self.ep_rank < self.ep_size:
@@ -238,6 +251,11 @@ class ParallelConfig:
                               f"{self.eplb_window}")
         if self.eplb_interval and self.ep_size == 1:
             raise ConfigError("EPLB rebalancing needs ep_size > 1")
+        if self.ep_nnodes < 1 or self.ep_size % self.ep_nnodes or not 0 <= self.ep_node_rank < self.ep_nnodes:
+            raise ConfigError(f"ep_size {self.ep_size} must split evenly over ep_nnodes {self.ep_nnodes} hosts, "
+                              f"and ep_node_rank {self.ep_node_rank} must be below it")
+        if self.ep_nnodes > 1 and not self.ep_master:
+            raise ConfigError("an EP group over several hosts needs ep_master (HOST:PORT of its rendezvous)")
         if self.ep_backend not in ("auto", "torch", "deepep"):
             raise ConfigError(f"unknown EP backend {self.ep_backend!r} (auto | torch | deepep)")
 

@@ -76,9 +76,10 @@ def rank_device(device: str, rank: int) -> str:
 
 
 class EngineClient:
-    """With `config.parallel.ep_size` N > 1 it starts N engine processes (EP ranks, attention
-    data-parallel) and spreads requests over them by the fewest requests in flight; a request's
-    messages (reserve, start, abort) always go to the rank that holds it."""
+    """With `config.parallel.ep_size` N > 1 it starts this host's EP ranks (N, or N / ep_nnodes of a
+    group spanning several hosts) as engine processes (attention data-parallel) and spreads
+    requests over them by the fewest requests in flight; a request's messages (reserve, start,
+    abort) always go to the rank that holds it."""
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0, detokenize: bool = True):
         self.config = config
@@ -88,8 +89,9 @@ class EngineClient:
         self._ctx = zmq.Context()
         self._out = self._ctx.socket(zmq.PULL)
         self._out.bind(self._out_addr)
-        self.num_ranks = config.parallel.ep_size
-        configs = [config] if self.num_ranks == 1 else self._rank_configs(config)
+        self.num_ranks = config.parallel.ep_local_size  # EP ranks on this host
+        self.rank_offset = config.parallel.ep_rank_offset
+        configs = [config] if config.parallel.ep_size == 1 else self._rank_configs(config)
         self._in_addrs = [f"ipc://{os.path.join(self._dir, f'in{r}')}" for r in range(self.num_ranks)]
         self._procs = [mp.get_context("spawn").Process(
             target=run_engine_process, args=(cfg, addr, self._out_addr), daemon=True, name=f"pdserve-engine{r}")
@@ -125,10 +127,11 @@ class EngineClient:
 
         from deploy.launcher import free_port
 
-        init = f"tcp://127.0.0.1:{free_port()}"
+        par = config.parallel
+        init = f"tcp://{par.ep_master}" if par.ep_master else f"tcp://127.0.0.1:{free_port()}"
         return [replace(config, device=rank_device(config.device, r),
-                        parallel=replace(config.parallel, ep_rank=r, dist_init_method=init))
-                for r in range(config.parallel.ep_size)]
+                        parallel=replace(par, ep_rank=par.ep_rank_offset + r, dist_init_method=init))
+                for r in range(par.ep_local_size)]
 
     def _wait_ready(self, timeout_s: float) -> list[EngineReady]:
         deadline = time.monotonic() + timeout_s
@@ -139,7 +142,7 @@ class EngineClient:
                     msg = pickle.loads(self._out.recv())
                     if isinstance(msg, EngineFailed):
                         raise RuntimeError(f"engine failed to start: {msg.message}")
-                    ready[msg.rank] = msg
+                    ready[msg.rank - self.rank_offset] = msg
                     if len(ready) == self.num_ranks:
                         return [ready[r] for r in range(self.num_ranks)]
                     continue

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import signal
+import threading
 import urllib.request
 
+import grpc
 import pytest
 
+from deploy.launcher import free_port
 from engine import LLM, SamplingParams
-from tests.cluster.conftest import OFFLINE_KW, Cluster, wait_for
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+from tests.cluster.conftest import ENGINE_ARGS, OFFLINE_KW, Cluster, pdserve_proc, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +61,56 @@ def test_ep2_nodes_serve_the_single_engine_tokens(tmp_path):
     finally:
         cluster.stop()
     assert wait_for(lambda: not cluster.descendants(), timeout=30), "processes left behind"
+
+
+def test_one_ep_group_spanning_two_decode_hosts():
+    """Two decode node processes stand in for two hosts of one EP group (`--ep-nnodes 2`, 2 ranks
+    each, rendezvous at the leader's `--ep-master`): each serves its own requests (attention
+    data-parallel) while every MoE layer runs across all four ranks; outputs equal one engine's."""
+    offline = [o.token_ids for o in LLM("tiny-qwen3-moe", **OFFLINE_KW).generate(
+        prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))]
+    engine = [*ENGINE_ARGS, "--model", "tiny-qwen3-moe"]
+    master = f"127.0.0.1:{free_port()}"
+    procs = []
+    try:
+        procs.append(pdserve_proc("prefill", "--port", str(p_port := free_port()), *engine, ready="prefill node ready"))
+        # Both hosts must be starting before either can finish: the rendezvous waits for all ranks.
+        ports = [free_port(), free_port()]
+        hosts: list = [None, None]
+
+        def start(i):
+            hosts[i] = pdserve_proc("decode", "--port", str(ports[i]), *engine, "--ep-size", "4", "--ep-nnodes", "2",
+                                    "--ep-node-rank", str(i), "--ep-master", master, "--metrics-port", "0",
+                                    ready="decode node ready")
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert all(hosts), "decode hosts did not start"
+        procs += hosts
+        grpc_port = free_port()
+        procs.append(pdserve_proc("router", "--model", "tiny-qwen3-moe", "--prefill", f"127.0.0.1:{p_port}",
+                                  "--decode", f"127.0.0.1:{ports[0]}", "--decode", f"127.0.0.1:{ports[1]}",
+                                  "--policy", "round_robin", "--grpc-port", str(grpc_port), "--http-port",
+                                  str(free_port()), ready="router ready"))
+        def gen(ids):
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+                req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True))
+                req.token_ids.ids.extend(ids)
+                deltas = list(pb_grpc.GenerateStub(ch).Generate(req, timeout=120))
+            return [t for d in deltas for t in d.token_ids], deltas[-1]
+        with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            results = list(pool.map(gen, PROMPTS))
+        assert [toks for toks, _ in results] == offline, [last.error for _, last in results]
+        # Each host's front exports its own two ranks of the group (global ranks 0,1 and 2,3).
+        for host, ranks in zip(hosts, ({"0", "1"}, {"2", "3"})):
+            url = next(line.split()[-1] for line in host.lines if "metrics on" in line)
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+            assert {line.split('rank="')[1].split('"')[0] for line in text.splitlines()
+                    if line.startswith("pdserve:engine_steps_total")} == ranks
+            assert 'ep_size="4"' in text
+    finally:
+        for p in reversed(procs):
+            p.kill(signal.SIGTERM)

@@ -8,12 +8,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -24,11 +20,10 @@ import pytest
 from deploy.launcher import free_port
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from tests.cluster.conftest import ENGINE_ARGS, Cluster
+from tests.cluster.conftest import ENGINE_ARGS, Cluster, Proc, pdserve_proc as _pdserve
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _need(binary: str) -> str:
@@ -51,43 +46,6 @@ def _wait(cond, timeout: float, what: str, step: float = 0.25):
             return value
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Proc:
-    """One pdserve component (or server) in its own process group, with its output kept."""
-
-    def __init__(self, argv: list[str], ready_text: str | None, timeout: float = 120.0):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, cwd=REPO)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.ready_text = ready_text
-        threading.Thread(target=self._pump, daemon=True).start()
-        if ready_text is not None and not self.ready.wait(timeout):
-            self.kill()
-            raise RuntimeError(f"{argv[:4]} did not start:\n" + "".join(self.lines[-30:]))
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if self.ready_text and self.ready_text in line:
-                self.ready.set()
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def _pdserve(*args: str, ready: str) -> Proc:
-    return Proc([sys.executable, "-m", "deploy.cli", *args], ready)
 
 
 # ----------------------------------------------------------------------------- Prometheus

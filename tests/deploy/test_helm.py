@@ -142,6 +142,13 @@ def test_leaderworkersets_monitoring_and_external_redis_render(helm, tmp_path):
         assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
         assert lws["spec"]["replicas"] == SCALED[role].get("replicas", 1)
         assert lws["spec"]["leaderWorkerTemplate"]["size"] == SCALED[role]["leaderWorkerSet"]["size"]
+        # Every pod of a group joins one EP group: its index, the group's host count, the leader's rendezvous.
+        for tmpl in ("leaderTemplate", "workerTemplate"):
+            pod = lws["spec"]["leaderWorkerTemplate"].get(tmpl) or lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+            args = pod["spec"]["containers"][0]["args"]
+            assert args[args.index("--ep-nnodes") + 1] == str(SCALED[role]["leaderWorkerSet"]["size"])
+            assert args[args.index("--ep-node-rank") + 1] == "$(LWS_WORKER_INDEX)"
+            assert args[args.index("--ep-master") + 1] == "$(LWS_LEADER_ADDRESS):29500"
     for d in docs:
         if d["apiVersion"] == "monitoring.coreos.com/v1":
             assert d["metadata"]["labels"]["release"] == "kube-prometheus-stack"

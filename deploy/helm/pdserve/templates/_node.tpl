@@ -44,6 +44,15 @@ spec:
         - $(POD_NAME)
         - --ep-size
         - {{ include "pdserve.epSize" $node | quote }}
+        {{- if $node.leaderWorkerSet.enabled }}
+        # One EP group over the LWS group's pods: this pod's index and the leader's rendezvous.
+        - --ep-nnodes
+        - {{ $node.leaderWorkerSet.size | quote }}
+        - --ep-node-rank
+        - $(LWS_WORKER_INDEX)
+        - --ep-master
+        - $(LWS_LEADER_ADDRESS):{{ $ports.epRendezvous }}
+        {{- end }}
         - --model
         - {{ $root.Values.model | quote }}
         - --load-format
