@@ -44,7 +44,8 @@ class ModelRunner:
         if config.parallel.ep_size > 1:
             from engine.ep.runtime import ExpertParallel
             mode = "low_latency" if config.kv_role == "decode" else "normal"
-            self.ep = ExpertParallel(config.parallel, self.model, self.device, model_config.hf["hidden_size"], mode)
+            self.ep = ExpertParallel(config.parallel, self.model, self.device, model_config.hf["hidden_size"], mode,
+                                     max_tokens_per_rank=config.scheduler.max_num_seqs)
         self.backend = select_backend(self.device, config.attention_backend)
         self.page_size = config.cache.page_size
         self.kv_spec = model_config.kv_spec(self.page_size)

@@ -40,7 +40,7 @@ def initial_placement(num_layers: int, num_experts: int, num_slots: int, num_ran
 
 class ExpertParallel:
     def __init__(self, parallel: ParallelConfig, model: torch.nn.Module, device: torch.device, hidden_size: int,
-                 mode: str = "normal"):
+                 mode: str = "normal", max_tokens_per_rank: int = 256):
         from engine.layers.moe import FusedMoE
 
         self.parallel = parallel
@@ -56,7 +56,9 @@ class ExpertParallel:
         self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size)
         if mode == "low_latency" and getattr(self.all_to_all, "mode", None) == "normal":
             from engine.ep.all_to_all import DeepEPAllToAll
-            self.all_to_all = DeepEPAllToAll(self.group, self.slots_per_rank, hidden_size, "low_latency")
+            # Fixed-size low-latency buffers: one slot per sequence a decode step can hold.
+            self.all_to_all = DeepEPAllToAll(self.group, self.slots_per_rank, hidden_size, "low_latency",
+                                             max_tokens_per_rank)
         placement = initial_placement(self.num_layers, self.num_experts, self.num_slots, parallel.ep_size)
         self.expert_map = ExpertMap(placement, device)
         self.recorder = ExpertLoadRecorder(self.num_layers, self.num_experts, max(1, parallel.eplb_window), device)
