@@ -156,9 +156,10 @@ class DeepEPAllToAll:
         return out
 
 
-def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int,
+def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
                       max_tokens_per_rank: int = 256):
-    """`kind`: auto (DeepEP API on CUDA when importable, else torch) | torch | deepep."""
+    """`kind`: auto (DeepEP API on CUDA when importable, else torch) | torch | deepep. `mode` picks
+    DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode, CUDA-graph safe)."""
     if kind not in ("auto", "torch", "deepep"):
         raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | torch | deepep)")
     if kind == "torch" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
@@ -166,6 +167,6 @@ def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_siz
     else:
         if group.device.type != "cuda":
             raise ValueError("the DeepEP all-to-all needs CUDA devices")
-        backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, "normal", max_tokens_per_rank)
+        backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, mode, max_tokens_per_rank)
     log.info("EP all-to-all backend: %s (rank %d of %d)", backend.name, group.rank, group.size)
     return backend

@@ -53,12 +53,9 @@ class ExpertParallel:
         self.num_layers = max(self.moe_layers) + 1
         self.group = EPGroup(parallel.ep_rank, parallel.ep_size, parallel.dist_init_method, device)
         self.rank = self.group.rank
-        self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size)
-        if mode == "low_latency" and getattr(self.all_to_all, "mode", None) == "normal":
-            from engine.ep.all_to_all import DeepEPAllToAll
-            # Fixed-size low-latency buffers: one slot per sequence a decode step can hold.
-            self.all_to_all = DeepEPAllToAll(self.group, self.slots_per_rank, hidden_size, "low_latency",
-                                             max_tokens_per_rank)
+        # Decode nodes use DeepEP's low-latency kernels (fixed buffers, one slot per sequence a step holds).
+        self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size, mode,
+                                            max_tokens_per_rank)
         placement = initial_placement(self.num_layers, self.num_experts, self.num_slots, parallel.ep_size)
         self.expert_map = ExpertMap(placement, device)
         self.recorder = ExpertLoadRecorder(self.num_layers, self.num_experts, max(1, parallel.eplb_window), device)
