@@ -26,6 +26,8 @@ from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMo
 
 log = logging.getLogger(__name__)
 
+IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance metric
+
 
 def initial_slot_experts(num_experts: int, num_slots: int) -> list[int]:
     """Logical expert of each physical slot before any load is known: slot s holds s mod E (the
@@ -61,6 +63,9 @@ class ExpertParallel:
         self.recorder = ExpertLoadRecorder(self.num_layers, self.num_experts, max(1, parallel.eplb_window), device)
         self.total_load = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=device)
         self.num_steps = 0
+        # Expert load of the whole group over the last window, summed across ranks every
+        # IMBALANCE_EVERY steps (and at every rebalance): what `ep_imbalance` reports.
+        self.global_window = torch.zeros((self.num_layers, self.num_experts))
         self.num_rebalances = 0
         self.num_weight_moves = 0
         for m in self.moe_layers.values():
@@ -93,6 +98,8 @@ class ExpertParallel:
         interval = self.parallel.eplb_interval
         if interval > 0 and self.num_steps % interval == 0 and self.recorder.window_full:
             self.rebalance()
+        elif self.num_steps % IMBALANCE_EVERY == 0:  # the group's load, for the ep_imbalance metric
+            self.global_window = self.group.sum_(self.recorder.window_load().clone()).cpu()
 
     # ------------------------------------------------------------- EPLB
     @torch.inference_mode()
@@ -100,6 +107,7 @@ class ExpertParallel:
         """Collective: sum the load windows, place, move weights, swap the map (between steps)."""
         load = self.recorder.window_load().to(torch.float64).cpu()
         self.group.sum_(load)
+        self.global_window = load.float()
         layers = sorted(self.moe_layers)
         # Dense layers have no load; give them a uniform one so the placement stays valid there.
         full = torch.ones((self.num_layers, self.num_experts), dtype=torch.float64)
@@ -144,8 +152,7 @@ class ExpertParallel:
         total = self.total_load.cpu()
         layers = sorted(self.moe_layers)
         tokens = {(layer, e): int(total[layer, e]) for layer in layers for e in range(self.num_experts)}
-        window = self.recorder.window_load().cpu()
-        imb = self.expert_map.placement.imbalance(window)
+        imb = self.expert_map.placement.imbalance(self.global_window)
         return {"ep_rank": self.rank, "ep_size": self.group.size, "ep_backend": self.backend_name,
                 "expert_tokens": tokens, "ep_imbalance": {layer: float(imb[layer]) for layer in layers},
                 "eplb_rebalances": self.num_rebalances, "eplb_weight_moves": self.num_weight_moves}

@@ -68,6 +68,10 @@ def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redund
         # Rebalanced mid-generation, and weights really moved between slots.
         assert min(r["eplb_rebalances"] for r in ranks) >= 2
         assert ranks[0]["eplb_weight_moves"] > 0
+        # The imbalance metric is the group's (load summed over ranks), so every rank reports the same.
+        imbalance = ranks[0]["ep_imbalance"]
+        assert imbalance and all(v >= 1.0 for v in imbalance.values())
+        assert all(r["ep_imbalance"] == imbalance for r in ranks)
     else:
         assert all(r["eplb_rebalances"] == 0 for r in ranks)
     # No KV page leaked on any rank (finished prompts stay in the prefix cache, evictable).
