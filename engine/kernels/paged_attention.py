@@ -87,8 +87,10 @@ def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, scale,
                    K_COMP: tl.constexpr, V_COMP: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    DA: tl.constexpr, DB: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
-    b = tl.program_id(0)
-    hb = tl.program_id(1)
+    # Head blocks vary fastest so the programs sharing one sequence's KV run side by side and
+    # read it from L2 (MLA: 128 heads share one latent).
+    hb = tl.program_id(0)
+    b = tl.program_id(1)
     s = tl.program_id(2)
     n_hblocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
     kvh = hb // n_hblocks
@@ -150,13 +152,15 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     batch, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    block_h = max(16, min(64, triton.next_power_of_2(group)))
+    # The accumulator is [BLOCK_H, DA] fp32 in registers: with MLA's 512-wide latent more than 16
+    # heads per program spill (64 heads = 128 KiB per program).
+    block_h = 16 if da >= 256 else max(16, min(64, triton.next_power_of_2(group)))
     n_hblocks = triton.cdiv(group, block_h)
     splits = _num_splits(batch, num_kv_heads * n_hblocks)
     part_acc = torch.empty(batch * num_heads * splits, da, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch * num_heads * splits, 2, dtype=torch.float32, device=q.device)
     block_n = 32 if da + db > 256 else 64
-    _decode_kernel[(batch, num_kv_heads * n_hblocks, splits)](
+    _decode_kernel[(num_kv_heads * n_hblocks, batch, splits)](
         q, kv_cache, block_tables, seq_lens, part_acc, part_ml, scale,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), K_COMP=k_comp, V_COMP=v_comp, GROUP=group, BLOCK_H=block_h, DA=da, DB=db,
