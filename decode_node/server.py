@@ -112,3 +112,5 @@ def main(engine_config, model_name: str, host: str, port: int, options=None) -> 
     node = Node("decode", engine_config, model_name, options)
     asyncio.run(serve(node, DecodeServicer(node), pb_grpc.add_DecodeNodeServicer_to_server,
                       "pdserve.v1.DecodeNode", host, port))
+    if node.engine_died:
+        raise SystemExit(1)

@@ -32,8 +32,9 @@ class GrpcServer:
         await self.server.stop(grace=2)
 
 
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
+async def wait_for_signal(stop: asyncio.Event | None = None) -> None:
+    """Until SIGINT/SIGTERM, or until `stop` is set by the caller (e.g. its engine died)."""
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

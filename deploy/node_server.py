@@ -50,6 +50,7 @@ class Node:
         self.client = EngineClient(engine_config, detokenize=False)
         self.incarnation = self.client.info.incarnation or uuid.uuid4().hex[:12]
         self.in_flight: set[str] = set()
+        self.engine_died = False
         # Engine stats are refreshed by a background thread and served from this snapshot, so
         # `Info` and `/metrics` answer at once even while the engine runs a long step (a probe
         # that waits on the engine would call a busy node dead).
@@ -119,7 +120,10 @@ async def serve(node: Node, servicer, add_fn, service_name: str, host: str, port
         await registration.beat()  # registered before we say ready
         heartbeat = asyncio.create_task(registration.run())
     print(f"{node.role} node ready on {host}:{bound}", flush=True)
-    await wait_for_signal()
+    stop = asyncio.Event()
+    watchdog = asyncio.create_task(_watch_engine(node, stop))
+    await wait_for_signal(stop)
+    watchdog.cancel()
     if heartbeat is not None:
         heartbeat.cancel()
         await registration.close()
@@ -127,6 +131,21 @@ async def serve(node: Node, servicer, add_fn, service_name: str, host: str, port
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     node.client.shutdown()
+
+
+async def _watch_engine(node: Node, stop: asyncio.Event) -> None:
+    """A node whose engine process (or any EP rank) died cannot serve: stop, so the process exits
+    non-zero and whoever runs it (pdserve up, Ray, Kubernetes) sees it and may restart it; routers
+    see the refused connection and route around it at once."""
+    while not stop.is_set():
+        dead = node.client.dead_process()
+        if dead is not None:
+            log.error("%s node %s: engine process %s exited (code %s); shutting the node down", node.role,
+                      node.node_id, dead.name, dead.exitcode)
+            node.engine_died = True
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
 
 
 async def _serve_metrics(node: Node, host: str, port: int):

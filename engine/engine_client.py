@@ -306,6 +306,10 @@ class EngineClient:
         with self._send_lock:
             self._ins[rank].send(pickle.dumps(msg))
 
+    def dead_process(self):
+        """The first engine process (EP rank) that has exited, or None while all run."""
+        return next((p for p in self._procs if not p.is_alive()), None)
+
     def _eos_ids(self) -> tuple[int, ...]:
         ids = list(self.model_config.eos_token_ids)
         if not ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -316,7 +320,7 @@ class EngineClient:
     def _receive_loop(self) -> None:
         while not self._closed:
             if not self._out.poll(200):
-                dead = next((p for p in self._procs if not p.is_alive()), None)
+                dead = self.dead_process()
                 if dead is not None:  # one EP rank gone stalls the others' collectives: fail everything
                     self._fail_all(f"engine process {dead.name} died (exit code {dead.exitcode})")
                     return

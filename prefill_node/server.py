@@ -80,3 +80,5 @@ def main(engine_config, model_name: str, host: str, port: int, options=None) -> 
     node = Node("prefill", engine_config, model_name, options)
     asyncio.run(serve(node, PrefillServicer(node), pb_grpc.add_PrefillNodeServicer_to_server,
                       "pdserve.v1.PrefillNode", host, port))
+    if node.engine_died:
+        raise SystemExit(1)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import signal
+import subprocess
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -114,3 +117,39 @@ def test_one_ep_group_spanning_two_decode_hosts():
     finally:
         for p in reversed(procs):
             p.kill(signal.SIGTERM)
+
+
+def test_a_dead_ep_rank_takes_its_node_down_cleanly_and_the_cluster_serves_on():
+    """Killing one EP rank of a decode node: the node's requests end with an error (no hang), the
+    node's other rank and its front exit (code 1, so a supervisor can restart it), the router
+    routes around it, and new requests succeed on the other decode node."""
+    c = Cluster(num_decode=2, extra=["--model", "tiny-qwen3-moe", "--ep-size", "2"])
+    try:
+        def ranks_of(pid):
+            out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+                                 text=True).stdout
+            return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+        victim_ranks = ranks_of(c.pids["decode0"])
+        assert len(victim_ranks) == 2
+        calls = [c.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5 + i, 6, 7, 8]),
+                                                    sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)),
+                                 timeout=120) for i in range(6)]
+        time.sleep(1.0)
+        os.kill(victim_ranks[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        finals = []
+        for call in calls:
+            try:
+                finals.append(list(call)[-1])
+            except grpc.RpcError as e:
+                raise AssertionError(f"a request ended without a terminal status: {e}") from None
+        assert time.monotonic() - t0 < 90
+        assert all(f.finish_reason in ("length", "error") for f in finals)
+        assert all(f.error for f in finals if f.finish_reason == "error")
+        assert wait_for(lambda: any("decode0 exited (code 1)" in line for line in c.lines), timeout=60)
+        assert wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in victim_ranks), 60)
+        toks, last = c.generate([9, 9, 9, 9], max_tokens=5)
+        assert last.finish_reason == "length" and len(toks) == 5, last.error
+    finally:
+        c.stop()
+    assert wait_for(lambda: not c.descendants(), timeout=30), "processes left behind"
