@@ -75,6 +75,8 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         # gpu_memory_utilization is this process's share of the GPU (several engines may share one):
         # weights + activations + KV stay under it, and never beyond what is actually free now.
+        if self.ep is not None:  # EPLB weight moves need room for one layer's packed experts
+            peak += self.ep.rebalance_workspace_bytes()
         budget = int(total * cache.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - peak
         budget = min(budget, free - peak - (512 << 20))
         pages = KVPool.pages_for_budget(self.kv_spec, budget)

@@ -124,11 +124,27 @@ class ExpertParallel:
                  self.rank, len(moves), float(placement.imbalance(full)[layers].max()))
         return moves
 
+    def rebalance_workspace_bytes(self) -> int:
+        """Device memory one layer's weight moves may need at once (packed sources + receive buffers):
+        the model runner keeps it out of the KV cache when EPLB is on."""
+        if self.parallel.eplb_interval <= 0:
+            return 0
+        moe = next(iter(self.moe_layers.values()))
+        return 2 * self.slots_per_rank * moe.packed_numel() * moe.w13.element_size()
+
     def _move_weights(self, moves: list[WeightMove]) -> None:
-        """Every rank walks the same list: sources are read (packed) before any slot is written."""
+        """One layer at a time (bounded memory): every rank walks the same list, and a layer's
+        sources are read (packed) before any of its slots is written."""
+        by_layer: dict[int, list[tuple[int, WeightMove]]] = {}
+        for tag, mv in enumerate(moves):
+            by_layer.setdefault(mv.layer, []).append((tag, mv))
+        for layer in sorted(by_layer):
+            self._move_layer(by_layer[layer])
+
+    def _move_layer(self, moves: list[tuple[int, WeightMove]]) -> None:
         me, per_rank = self.rank, self.slots_per_rank
         ops, writes = [], []
-        for tag, mv in enumerate(moves):
+        for tag, mv in moves:
             moe = self.moe_layers[mv.layer]
             if mv.src_rank == me:
                 packed = moe.pack_slot(mv.src_slot - me * per_rank)

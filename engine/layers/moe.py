@@ -161,9 +161,11 @@ class FusedMoE(nn.Module):
         """One local slot's weights as one flat tensor (a copy: safe to send while slots change)."""
         return torch.cat([self.w13.data[slot].reshape(-1), self.w2.data[slot].reshape(-1)])
 
+    def packed_numel(self) -> int:
+        return self.w13.shape[1] * self.w13.shape[2] + self.w2.shape[1] * self.w2.shape[2]
+
     def empty_packed(self) -> torch.Tensor:
-        n = self.w13.shape[1] * self.w13.shape[2] + self.w2.shape[1] * self.w2.shape[2]
-        return self.w13.data.new_empty(n)
+        return self.w13.data.new_empty(self.packed_numel())
 
     def unpack_slot(self, slot: int, packed: torch.Tensor) -> None:
         n13 = self.w13.shape[1] * self.w13.shape[2]
