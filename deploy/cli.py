@@ -40,6 +40,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
                    help="extra physical expert slots for EPLB to replicate hot experts into")
     e.add_argument("--eplb-interval", type=int, default=0, help="rebalance experts every N engine steps (0: never)")
     e.add_argument("--eplb-window", type=int, default=32, help="steps of expert load the rebalancer looks at")
+    e.add_argument("--eplb-min-gain", type=float, default=0.05,
+                   help="move a layer's experts only if its max/mean GPU load drops by this fraction")
     e.add_argument("--ep-nnodes", type=int, default=1,
                    help="hosts one EP group spans (each runs --ep-size / N ranks and serves as its own node)")
     e.add_argument("--ep-node-rank", type=int, default=0, help="this host's index in its EP group (0 = leader)")
@@ -58,7 +60,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=not args.no_prefix_cache,
                 enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, tokenizer=args.tokenizer,
                 ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
-                eplb_interval=args.eplb_interval, eplb_window=args.eplb_window, ep_backend=args.ep_backend,
+                eplb_interval=args.eplb_interval, eplb_window=args.eplb_window,
+                eplb_min_gain=args.eplb_min_gain, ep_backend=args.ep_backend,
                 ep_nnodes=args.ep_nnodes, ep_node_rank=args.ep_node_rank, ep_master=args.ep_master)
 
 
@@ -181,7 +184,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--attention-backend", args.attention_backend, "--ep-size", str(args.ep_size),
            "--num-redundant-experts", str(args.num_redundant_experts), "--eplb-interval", str(args.eplb_interval),
-           "--eplb-window", str(args.eplb_window), "--ep-backend", args.ep_backend]
+           "--eplb-window", str(args.eplb_window), "--eplb-min-gain", str(args.eplb_min_gain),
+           "--ep-backend", args.ep_backend]
     for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
                         ("--num-pages", args.num_pages), ("--seed", args.seed)):
         if value is not None:

@@ -222,6 +222,7 @@ class ParallelConfig:
     num_redundant_experts: int = 0
     eplb_interval: int = 0
     eplb_window: int = 32
+    eplb_min_gain: float = 0.05  # apply a layer's new placement only if max/mean load drops this much
     ep_backend: str = "auto"  # auto | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
     dist_init_method: str | None = None  # torch.distributed rendezvous, set by whoever starts the ranks
     # Multi-host EP group: `ep_nnodes` hosts each run ep_size / ep_nnodes ranks; this host's are
@@ -246,6 +247,8 @@ class ParallelConfig:
         if self.num_redundant_experts < 0 or (self.num_redundant_experts and self.ep_size == 1):
             raise ConfigError(f"num_redundant_experts={self.num_redundant_experts}: redundant experts need "
                               f"ep_size > 1 and must be >= 0")
+        if not 0.0 <= self.eplb_min_gain < 1.0:
+            raise ConfigError(f"eplb_min_gain must be in [0, 1), got {self.eplb_min_gain}")
         if self.eplb_interval < 0 or self.eplb_window < 1:
             raise ConfigError(f"EPLB interval must be >= 0 and window >= 1 step, got {self.eplb_interval}, "
                               f"{self.eplb_window}")

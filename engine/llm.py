@@ -25,7 +25,8 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                         max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_waiting: int = 4096,
                         enforce_eager: bool = False, attention_backend: str = "auto",
                         tokenizer: str | None = None, ep_size: int = 1, num_redundant_experts: int = 0,
-                        eplb_interval: int = 0, eplb_window: int = 32, ep_backend: str = "auto",
+                        eplb_interval: int = 0, eplb_window: int = 32, eplb_min_gain: float = 0.05,
+                        ep_backend: str = "auto",
                         ep_nnodes: int = 1, ep_node_rank: int = 0, ep_master: str | None = None) -> EngineConfig:
     """Keyword form of EngineConfig shared by `LLM`, the CLI and the node servers."""
     return EngineConfig(
@@ -37,7 +38,8 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_waiting=max_waiting),
         parallel=ParallelConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts,
-                                eplb_interval=eplb_interval, eplb_window=eplb_window, ep_backend=ep_backend,
+                                eplb_interval=eplb_interval, eplb_window=eplb_window,
+                                eplb_min_gain=eplb_min_gain, ep_backend=ep_backend,
                                 ep_nnodes=ep_nnodes, ep_node_rank=ep_node_rank, ep_master=ep_master))
 
 

@@ -112,7 +112,21 @@ class ExpertParallel:
         # Dense layers have no load; give them a uniform one so the placement stays valid there.
         full = torch.ones((self.num_layers, self.num_experts), dtype=torch.float64)
         full[layers] = load[layers]
-        placement = rebalance(full, self.num_slots, self.group.size)
+        proposed = rebalance(full, self.num_slots, self.group.size)
+        # Keep a layer's placement unless the new one lowers its max/mean GPU load by at least
+        # `eplb_min_gain`: a fresh placement reshuffles nearly every slot, and moving experts to
+        # gain a fraction of a percent costs more than it saves.
+        before = self.expert_map.placement.imbalance(full)
+        after = proposed.imbalance(full)
+        improve = torch.zeros(self.num_layers, dtype=torch.bool)
+        improve[layers] = (before[layers] - after[layers]) > self.parallel.eplb_min_gain * before[layers]
+        if not bool(improve.any()):
+            log.info("EPLB on rank %d: placement kept (max imbalance %.3f; no layer gains %.0f%%)", self.rank,
+                     float(before[layers].max()), 100 * self.parallel.eplb_min_gain)
+            return []
+        old_p2l = self.expert_map.placement.physical_to_logical
+        p2l = torch.where(improve.unsqueeze(1), proposed.physical_to_logical, old_p2l)
+        placement = ExpertPlacement.from_physical_to_logical(p2l, self.num_experts, self.group.size)
         moves = [m for m in self.expert_map.plan_moves(placement) if m.layer in self.moe_layers]
         self._move_weights(moves)
         self.expert_map.swap(placement)
@@ -120,8 +134,9 @@ class ExpertParallel:
             moe.slot_experts = self.expert_map.experts_of_rank(layer_id, self.rank).tolist()
         self.num_rebalances += 1
         self.num_weight_moves += len(moves)
-        log.info("EPLB rebalance %d on rank %d: %d slot(s) changed; imbalance now %.3f", self.num_rebalances,
-                 self.rank, len(moves), float(placement.imbalance(full)[layers].max()))
+        log.info("EPLB rebalance %d on rank %d: %d layer(s), %d slot(s) moved; max imbalance %.3f -> %.3f",
+                 self.num_rebalances, self.rank, int(improve.sum()), len(moves), float(before[layers].max()),
+                 float(placement.imbalance(full)[layers].max()))
         return moves
 
     def rebalance_workspace_bytes(self) -> int:

@@ -88,6 +88,16 @@ def test_an_idle_rank_joins_every_moe_step(checkpoints):
     assert idle["eplb_rebalances"] == busy["eplb_rebalances"] >= 1
 
 
+def test_placements_that_gain_little_are_not_applied(checkpoints):
+    """With a gain threshold no placement can meet, EPLB evaluates but moves nothing (and the
+    tokens are of course unchanged)."""
+    path, reference = checkpoints["Qwen3MoeForCausalLM"]
+    results, stats = _run(path, PROMPTS, ep_size=2, num_redundant_experts=2, eplb_interval=2, eplb_window=2,
+                          eplb_min_gain=0.99)
+    _assert_same(results, reference)
+    assert all(r["eplb_rebalances"] == 0 and r["eplb_weight_moves"] == 0 for r in stats["ranks"])
+
+
 def test_in_process_llm_refuses_ep_with_a_clear_error(checkpoints):
     path, _ = checkpoints["Qwen3MoeForCausalLM"]
     with pytest.raises(ValueError, match="one engine process per EP rank"):
