@@ -26,8 +26,17 @@ def _assert_close(ours, ref):
     assert err < 2e-4 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
+@pytest.fixture(params=["absorbed", "decompressed"])
+def mla_prefill(request, monkeypatch):
+    """Run prefill chunks in either MLA form (decode steps are always absorbed)."""
+    import engine.layers.mla as mla
+
+    monkeypatch.setattr(mla, "DECOMPRESS_MIN_TOKENS", 1 if request.param == "decompressed" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prefill_decode_and_chunked_logits_match_hf(variant, tmp_path):
+def test_prefill_decode_and_chunked_logits_match_hf(variant, mla_prefill, tmp_path):
     arch, kw = VARIANTS[variant]
     hf, path = build_hf_checkpoint(arch, tmp_path, **kw)
     model, mc = load_ours(path)
@@ -37,7 +46,7 @@ def test_prefill_decode_and_chunked_logits_match_hf(variant, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])
-def test_greedy_sequence_matches_hf_generate(arch, tmp_path):
+def test_greedy_sequence_matches_hf_generate(arch, mla_prefill, tmp_path):
     from engine import LLM, SamplingParams
 
     hf, path = build_hf_checkpoint(arch, tmp_path)
