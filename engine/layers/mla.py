@@ -103,8 +103,13 @@ class MLAttention(nn.Module):
             k = torch.cat([k_nope, kpe.unsqueeze(0).expand(h, -1, -1)], dim=-1)
             rows = slice(starts[b], starts[b] + qlen)
             q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1)  # [H, Q, dn + dr]
-            # Bottom-right causal: the chunk's queries sit at the last Q of the S positions.
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(qlen, slen), scale=self.scale)
+            if qlen == slen:  # no cached prefix: plain causal, values padded to the key width so the
+                # fused (flash) kernels apply
+                vp = F.pad(v, (0, q.shape[-1] - self.dv))
+                o = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.scale)[..., : self.dv]
+            else:  # bottom-right causal: the chunk's queries sit at the last Q of the S positions
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(qlen, slen),
+                                                   scale=self.scale)
             out[rows] = o.transpose(0, 1)
         return out
 
