@@ -102,15 +102,18 @@ class MLAttention(nn.Module):
             v = torch.einsum("sr,hrv->hsv", lat, self.w_uv)  # [H, S, dv]
             k = torch.cat([k_nope, kpe.unsqueeze(0).expand(h, -1, -1)], dim=-1)
             rows = slice(starts[b], starts[b] + qlen)
-            q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1)  # [H, Q, dn + dr]
+            # 4-D [1, H, L, D]: the fused SDPA kernels take only batched 4-D inputs (3-D falls back
+            # to a materialised score matrix).
+            q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1).unsqueeze(0)
+            k, v = k.unsqueeze(0), v.unsqueeze(0)
             if qlen == slen:  # no cached prefix: plain causal, values padded to the key width so the
-                # fused (flash) kernels apply
+                # flash kernel applies
                 vp = F.pad(v, (0, q.shape[-1] - self.dv))
                 o = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.scale)[..., : self.dv]
             else:  # bottom-right causal: the chunk's queries sit at the last Q of the S positions
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(qlen, slen),
                                                    scale=self.scale)
-            out[rows] = o.transpose(0, 1)
+            out[rows] = o[0].transpose(0, 1)
         return out
 
     def register_weights(self, table: WeightTable, prefix: str) -> None:
