@@ -212,12 +212,36 @@ class ServingMetrics:
             self.inc("request_success_total", finished_reason=finish_reason)
 
 
+# Per-rank engine metrics and the engine stats key each comes from.
+RANK_METRICS = (
+    ("num_requests_running", "num_running"),
+    ("num_requests_waiting", "num_waiting"),
+    ("num_requests_reserved", "num_reserved"),
+    ("kv_cache_usage_perc", "kv_cache_usage"),
+    ("kv_cache_pages_total", "num_pages"),
+    ("prefix_cache_queries_total", "prefix_cache_queries_tokens"),
+    ("prefix_cache_hits_total", "prefix_cache_hits_tokens"),
+    ("num_preemptions_total", "num_preemptions"),
+    ("engine_steps_total", "num_steps"),
+)
+
+
+def _family(name: str, extra_labels: list[str]):
+    """An empty metric family for catalogue entry `name` (counters drop `_total`, the client adds it)."""
+    spec = BY_NAME[PREFIX + name]
+    labels = list(LABELS) + extra_labels
+    if spec.kind == "counter":
+        return CounterMetricFamily(spec.full_name.removesuffix("_total"), spec.doc, labels=labels)
+    return GaugeMetricFamily(spec.full_name, spec.doc, labels=labels)
+
+
 class EngineStatsCollector:
     """Exports an engine process's stats (pulled by the front) as Prometheus metrics.
 
     `fetch()` returns a list of per-rank stats dicts (the engine's `stats()`), or None when the
     engine cannot answer; then nothing engine-side is exported for that scrape (a gap, not a
-    stale value). Counters come straight from the engine's monotonic totals.
+    stale value). Counters come straight from the engine's monotonic totals. Expert load is summed
+    over ranks (each counts the tokens it routed); imbalance and rebalances are the group's.
     """
 
     def __init__(self, fetch, base_labels: dict[str, str]):
@@ -231,54 +255,29 @@ class EngineStatsCollector:
         stats = self.fetch()
         if not stats:
             return
-        names = list(LABELS) + ["rank"]
-        fams = {
-            "num_requests_running": GaugeMetricFamily(PREFIX + "num_requests_running", BY_NAME[PREFIX + "num_requests_running"].doc, labels=names),
-            "num_requests_waiting": GaugeMetricFamily(PREFIX + "num_requests_waiting", BY_NAME[PREFIX + "num_requests_waiting"].doc, labels=names),
-            "num_requests_reserved": GaugeMetricFamily(PREFIX + "num_requests_reserved", BY_NAME[PREFIX + "num_requests_reserved"].doc, labels=names),
-            "kv_cache_usage_perc": GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", BY_NAME[PREFIX + "kv_cache_usage_perc"].doc, labels=names),
-            "kv_cache_pages_total": GaugeMetricFamily(PREFIX + "kv_cache_pages_total", BY_NAME[PREFIX + "kv_cache_pages_total"].doc, labels=names),
-        }
-        counters = {
-            "prefix_cache_queries": CounterMetricFamily(PREFIX + "prefix_cache_queries", BY_NAME[PREFIX + "prefix_cache_queries_total"].doc, labels=names),
-            "prefix_cache_hits": CounterMetricFamily(PREFIX + "prefix_cache_hits", BY_NAME[PREFIX + "prefix_cache_hits_total"].doc, labels=names),
-            "num_preemptions": CounterMetricFamily(PREFIX + "num_preemptions", BY_NAME[PREFIX + "num_preemptions_total"].doc, labels=names),
-            "engine_steps": CounterMetricFamily(PREFIX + "engine_steps", BY_NAME[PREFIX + "engine_steps_total"].doc, labels=names),
-        }
-        expert = CounterMetricFamily(PREFIX + "expert_tokens", BY_NAME[PREFIX + "expert_tokens_total"].doc,
-                                     labels=list(LABELS) + ["layer", "expert"])
-        imbalance = GaugeMetricFamily(PREFIX + "ep_imbalance", BY_NAME[PREFIX + "ep_imbalance"].doc,
-                                      labels=list(LABELS) + ["layer"])
         base = [self.base[k] for k in LABELS]
+        per_rank = {name: _family(name, ["rank"]) for name, _ in RANK_METRICS}
         expert_sum: dict[tuple[int, int], float] = {}
         imbalance_of: dict[int, float] = {}
         rebalances = 0
         for rank, s in enumerate(stats):
             labels = base + [str(s.get("ep_rank", rank))]
-            pages = s.get("num_pages") or 0
-            fams["num_requests_running"].add_metric(labels, s.get("num_running", 0))
-            fams["num_requests_waiting"].add_metric(labels, s.get("num_waiting", 0))
-            fams["num_requests_reserved"].add_metric(labels, s.get("num_reserved", 0))
-            fams["kv_cache_usage_perc"].add_metric(labels, s.get("kv_cache_usage", 0.0))
-            fams["kv_cache_pages_total"].add_metric(labels, pages)
-            counters["prefix_cache_queries"].add_metric(labels, s.get("prefix_cache_queries_tokens", 0))
-            counters["prefix_cache_hits"].add_metric(labels, s.get("prefix_cache_hits_tokens", 0))
-            counters["num_preemptions"].add_metric(labels, s.get("num_preemptions", 0))
-            counters["engine_steps"].add_metric(labels, s.get("num_steps", 0))
-            for (layer, e), n in (s.get("expert_tokens") or {}).items():
-                expert_sum[(layer, e)] = expert_sum.get((layer, e), 0.0) + n
+            for name, key in RANK_METRICS:
+                per_rank[name].add_metric(labels, s.get(key) or 0)
+            for layer_expert, n in (s.get("expert_tokens") or {}).items():
+                expert_sum[layer_expert] = expert_sum.get(layer_expert, 0.0) + n
             for layer, v in (s.get("ep_imbalance") or {}).items():
                 imbalance_of[layer] = max(imbalance_of.get(layer, 0.0), v)
             rebalances = max(rebalances, s.get("eplb_rebalances", 0))
+        yield from per_rank.values()
+        expert = _family("expert_tokens_total", ["layer", "expert"])
         for (layer, e), n in sorted(expert_sum.items()):
             expert.add_metric(base + [str(layer), str(e)], n)
+        yield expert
+        imbalance = _family("ep_imbalance", ["layer"])
         for layer, v in sorted(imbalance_of.items()):
             imbalance.add_metric(base + [str(layer)], v)
-        yield from fams.values()
-        yield from counters.values()
-        yield expert
         yield imbalance
-        fam = CounterMetricFamily(PREFIX + "eplb_rebalances", BY_NAME[PREFIX + "eplb_rebalances_total"].doc,
-                                  labels=list(LABELS))
+        fam = _family("eplb_rebalances_total", [])
         fam.add_metric(base, rebalances)
         yield fam
