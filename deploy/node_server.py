@@ -77,6 +77,10 @@ class Node:
     def info(self) -> pb.NodeInfo:
         """Identity, layout and load; free pages count prefix-cached pages (reclaimable) as free."""
         i = self.client.info
+        try:  # fresh when the engine answers at once; a busy engine's node answers from the snapshot
+            self._stats = (time.monotonic(), self.client.engine_stats(timeout_s=0.2))
+        except Exception:
+            pass
         s = self._stats[1]
         return pb.NodeInfo(role=self.role, node_id=self.node_id, incarnation=self.incarnation, model=self.model_name,
                            max_model_len=i.max_model_len, layout=convert.layout_to_proto(i.kv_layout),
