@@ -12,13 +12,13 @@ import contextlib
 import json
 import logging
 import os
-import zlib
 from typing import Iterable, Iterator
 
 import torch
 
 from engine.config import ModelConfig, ParallelConfig
 from engine.models import WeightError, get_model_class
+from engine.models.weights import dummy_generator
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ def _dummy_fill(model: torch.nn.Module, seed: int, std: float) -> None:
     for name, param in model.named_parameters():
         if name in own:
             continue
-        gen = torch.Generator(device=param.device)
-        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+        gen = dummy_generator(seed, name, param.device)
         with torch.no_grad():
             if param.dim() == 1 and "norm" in name:
                 noise = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)

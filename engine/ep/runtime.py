@@ -80,11 +80,6 @@ class ExpertParallel:
         """Collective: (any rank has work — then every rank runs a forward, any rank stops)."""
         return self.group.agree(has_work, stop)
 
-    def record(self, layer_id: int, topk_ids: torch.Tensor) -> None:
-        ids = topk_ids.reshape(-1).long()
-        ok = (ids >= 0) & (ids < self.num_experts)
-        self.recorder.step_load[layer_id].scatter_add_(0, ids.clamp(0, self.num_experts - 1), ok.to(torch.int32))
-
     @torch.inference_mode()
     def run_idle(self) -> None:
         """This rank has no tokens: still take part in every MoE layer's dispatch and combine."""

@@ -16,8 +16,6 @@ on CPU. Expert ids outside `[0, E)` contribute nothing (experts owned by another
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +24,7 @@ from engine.config import ConfigError, ParallelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
 from engine.models import WeightError
-from engine.models.weights import WeightTable, copy_into
+from engine.models.weights import WeightTable, copy_into, dummy_generator
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
@@ -81,6 +79,15 @@ def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     return torch.einsum("eth,te->th", y, dense)
 
 
+def count_expert_tokens(load: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """Add each routed (token, expert) pair into `load [E]` (EPLB's per-layer counts); ids outside
+    `[0, E)` (masked routes) count nothing. Device ops only, no host sync."""
+    num_experts = load.shape[0]
+    ids = topk_ids.reshape(-1).long()
+    ok = (ids >= 0) & (ids < num_experts)
+    load.scatter_add_(0, ids.clamp(0, num_experts - 1), ok.to(load.dtype))
+
+
 def _silu_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -126,15 +133,12 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 batch: ForwardBatch | None = None) -> torch.Tensor:
         if batch is not None and batch.expert_load is not None:
-            ids = topk_ids.reshape(-1).long()
-            ok = (ids >= 0) & (ids < self.num_experts)
-            batch.expert_load[self.layer_id].scatter_add_(
-                0, ids.clamp(0, self.num_experts - 1), ok.to(batch.expert_load.dtype))
+            count_expert_tokens(batch.expert_load[self.layer_id], topk_ids)
         if self.ep is None:
             return self._experts(hidden, topk_weights, topk_ids)
         # Expert parallel: logical experts -> physical slots (spread over replicas), tokens to the
         # slots' ranks, the same local grouped GEMM, partial sums back and added up.
-        self.ep.record(self.layer_id, topk_ids)
+        count_expert_tokens(self.ep.recorder.step_load[self.layer_id], topk_ids)
         slots = self.ep.expert_map.route(self.layer_id, topk_ids, replica_offset=self.ep.rank)
         sent = self.ep.all_to_all.dispatch(hidden, slots, topk_weights)
         partial = self._experts(sent.hidden, sent.topk_weights, sent.topk_ids)
@@ -177,8 +181,7 @@ class FusedMoE(nn.Module):
         on any rank and for any EP size, holds the same values."""
         for slot, e in enumerate(self.slot_experts):
             for param, part in ((self.w13, "w13"), (self.w2, "w2")):
-                gen = torch.Generator(device=param.device)
-                gen.manual_seed((seed * 1_000_003 + zlib.crc32(f"{prefix}.{e}.{part}".encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+                gen = dummy_generator(seed, f"{prefix}.{e}.{part}", param.device)
                 with torch.no_grad():
                     param.data[slot].copy_(std * torch.randn(param.shape[1:], generator=gen, device=param.device))
 

@@ -9,6 +9,7 @@ missing tensors when a slot was never filled.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Hashable, Iterable
 
 import torch
@@ -16,6 +17,14 @@ import torch
 from engine.models import WeightError
 
 Loader = Callable[[torch.Tensor, str], None]
+
+
+def dummy_generator(seed: int, name: str, device) -> torch.Generator:
+    """The random stream of dummy weights for tensor `name`: depends only on (seed, name), so a
+    tensor's values do not change when others are added, and every copy of it matches."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
