@@ -24,6 +24,9 @@ from proto import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+FRESH_STATS_S = 0.2  # how long a read waits for fresh engine stats before using the snapshot
+STATS_REFRESH_S = 2.0  # background refresh of the snapshot (it may wait a whole engine step)
+
 
 @dataclass
 class NodeOptions:
@@ -51,9 +54,10 @@ class Node:
         self.incarnation = self.client.info.incarnation or uuid.uuid4().hex[:12]
         self.in_flight: set[str] = set()
         self.engine_died = False
-        # Engine stats are refreshed by a background thread and served from this snapshot, so
-        # `Info` and `/metrics` answer at once even while the engine runs a long step (a probe
-        # that waits on the engine would call a busy node dead).
+        # Engine stats: read fresh when the engine answers within FRESH_STATS_S, else the last
+        # snapshot, so `Info`, `/metrics` and `/health` never wait on a long engine step (a probe
+        # that waits would call a busy node dead). A slow background refresh, which may wait as
+        # long as a step takes, keeps the snapshot from ageing while the engine stays busy.
         self._stats: tuple[float, dict] = (time.monotonic(), self.client.engine_stats())
         threading.Thread(target=self._refresh_stats, daemon=True, name="engine-stats").start()
         self.metrics.registry.register(EngineStatsCollector(self.rank_stats, self.metrics.base))
@@ -61,27 +65,34 @@ class Node:
         backend = (self.rank_stats() or [{}])[0].get("ep_backend", "none")
         self.metrics.set("node_info", 1, version=pdserve_version(), ep_size=str(ep.ep_size), ep_backend=backend)
 
-    def _refresh_stats(self, every_s: float = 0.25) -> None:
+    def _refresh_stats(self) -> None:
         while not self.client._closed:
-            try:
-                self._stats = (time.monotonic(), self.client.engine_stats(timeout_s=30.0))
-            except Exception:  # engine dead or shut down: the snapshot ages; rank_stats reports None
-                pass
-            time.sleep(every_s)
+            time.sleep(STATS_REFRESH_S)
+            self._read_stats(timeout_s=30.0)
 
-    def rank_stats(self, max_age_s: float = 30.0) -> list | None:
-        """Per-rank engine stats (None when the engine has not answered for `max_age_s`)."""
+    def _read_stats(self, timeout_s: float) -> None:
+        try:
+            self._stats = (time.monotonic(), self.client.engine_stats(timeout_s=timeout_s))
+        except Exception:  # engine busy past the timeout, dead or shut down: keep the snapshot
+            pass
+
+    def stats(self, max_age_s: float = 30.0) -> dict | None:
+        """The engine's stats, fresh if it answers at once; None when it has not answered for
+        `max_age_s` (then the node exports no engine values and reports unhealthy)."""
+        self._read_stats(timeout_s=FRESH_STATS_S)
         at, stats = self._stats
-        return stats["ranks"] if time.monotonic() - at <= max_age_s else None
+        return stats if time.monotonic() - at <= max_age_s else None
+
+    def rank_stats(self) -> list | None:
+        """Per-rank engine stats for the metrics collector (None: see `stats`)."""
+        s = self.stats()
+        return s["ranks"] if s is not None else None
 
     def info(self) -> pb.NodeInfo:
         """Identity, layout and load; free pages count prefix-cached pages (reclaimable) as free."""
         i = self.client.info
-        try:  # fresh when the engine answers at once; a busy engine's node answers from the snapshot
-            self._stats = (time.monotonic(), self.client.engine_stats(timeout_s=0.2))
-        except Exception:
-            pass
-        s = self._stats[1]
+        self.stats()
+        s = self._stats[1]  # the latest, however old: a node whose engine died exits (see serve)
         return pb.NodeInfo(role=self.role, node_id=self.node_id, incarnation=self.incarnation, model=self.model_name,
                            max_model_len=i.max_model_len, layout=convert.layout_to_proto(i.kv_layout),
                            num_pages=s.get("num_pages", i.num_pages), num_free_pages=s["num_free_or_cached_pages"],
