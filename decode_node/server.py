@@ -39,17 +39,8 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
         try:
             stream = node.client.start_decode(rid, list(request.prompt_token_ids), params, request.first_token,
                                               tuple(request.eos_token_ids) or None)
-            start = last = time.monotonic()
-            num_tokens = 1  # the prefill node's first token
-            async for delta in stream:
-                now = time.monotonic()
-                if delta.token_ids:
-                    node.metrics.observe("inter_token_latency_seconds", now - last)
-                    num_tokens += len(delta.token_ids)
-                    last = now
-                if delta.finished:
-                    _observe_decode(node, delta, now - start, num_tokens)
-                yield delta_to_proto(rid, delta)
+            async for msg in _observed(node, rid, stream, request, collocated=False):
+                yield msg
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
@@ -69,23 +60,8 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
         try:
             stream = node.client.add_request(list(request.prompt_token_ids), params, request_id=rid,
                                              eos_token_ids=tuple(request.eos_token_ids) or None)
-            start = last = time.monotonic()
-            num_tokens = 0
-            async for delta in stream:
-                now = time.monotonic()
-                if delta.token_ids:
-                    if num_tokens == 0:
-                        node.metrics.observe("time_to_first_token_seconds", now - start)
-                        if delta.queue_seconds is not None:
-                            node.metrics.observe("request_queue_time_seconds", delta.queue_seconds)
-                    else:
-                        node.metrics.observe("inter_token_latency_seconds", now - last)
-                    num_tokens += len(delta.token_ids)
-                    last = now
-                if delta.finished:
-                    node.metrics.inc("prompt_tokens_total", len(request.prompt_token_ids))
-                    _observe_decode(node, delta, now - start, num_tokens)
-                yield delta_to_proto(rid, delta)
+            async for msg in _observed(node, rid, stream, request, collocated=True):
+                yield msg
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
@@ -93,6 +69,31 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
             yield pb.GenerateResponse(request_id=rid, finished=True, finish_reason="error", error=str(e))
         finally:
             node.in_flight.discard(rid)
+
+
+async def _observed(node: Node, rid: str, stream, request: pb.DecodeRequest, collocated: bool):
+    """The stream's deltas as protos, with the node's latency metrics: inter-token gaps as they
+    come; TTFT and queue time too when the node ran the prompt itself (collocated); else the first
+    token came from the prefill node and the first gap here is already an inter-token one."""
+    m = node.metrics
+    start = last = time.monotonic()
+    num_tokens = 0 if collocated else 1
+    async for delta in stream:
+        now = time.monotonic()
+        if delta.token_ids:
+            if num_tokens == 0:
+                m.observe("time_to_first_token_seconds", now - start)
+                if delta.queue_seconds is not None:
+                    m.observe("request_queue_time_seconds", delta.queue_seconds)
+            else:
+                m.observe("inter_token_latency_seconds", now - last)
+            num_tokens += len(delta.token_ids)
+            last = now
+        if delta.finished:
+            if collocated:
+                m.inc("prompt_tokens_total", len(request.prompt_token_ids))
+            _observe_decode(node, delta, now - start, num_tokens)
+        yield delta_to_proto(rid, delta)
 
 
 def _observe_decode(node: Node, final, seconds: float, num_tokens: int) -> None:

@@ -39,6 +39,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _flag(argv: list[str], flag: str, default: str | None = None) -> str | None:
+    """The value after `flag` in an argument list (the engine flags `up` forwards to its nodes)."""
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
 def write_targets(path: str, targets: list[dict]) -> None:
     """Prometheus file_sd JSON, written atomically (Prometheus re-reads the file when it changes)."""
     tmp = f"{path}.tmp"
@@ -111,8 +116,8 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
     try:
         addrs = {"prefill": [], "decode": []}
         targets = []  # Prometheus file_sd entries: every process's /metrics
-        ep_size = int(engine_argv[engine_argv.index("--ep-size") + 1]) if "--ep-size" in engine_argv else 1
-        on_cpu = "--device" in engine_argv and engine_argv[engine_argv.index("--device") + 1] == "cpu"
+        ep_size = int(_flag(engine_argv, "--ep-size", "1"))
+        on_cpu = _flag(engine_argv, "--device") == "cpu"
         gpu_sets = iter(assign_gpus(num_prefill + num_decode, ep_size, [] if on_cpu else visible_gpus()))
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(n):
@@ -141,8 +146,8 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
             router_argv.append("--collocated")
         if slo:
             router_argv += ["--slo", slo]
-        if "--tokenizer" in engine_argv:  # node-only flags (e.g. --kv-transfer-timeout) stay with the nodes
-            router_argv += ["--tokenizer", engine_argv[engine_argv.index("--tokenizer") + 1]]
+        if _flag(engine_argv, "--tokenizer"):  # node-only flags (e.g. --kv-transfer-timeout) stay with the nodes
+            router_argv += ["--tokenizer", _flag(engine_argv, "--tokenizer")]
         comps.append(Component("router", router_argv, "router ready"))
         targets.append({"targets": [f"{host}:{http_port}"], "labels": {"role": "router", "node": "router"}})
         if prometheus_targets:

@@ -98,7 +98,6 @@ class EngineClient:
             for r, (cfg, addr) in enumerate(zip(configs, self._in_addrs))]
         for proc in self._procs:
             proc.start()
-        self._proc = self._procs[0]
         self.rank_info = self._wait_ready(startup_timeout_s)
         self.info = self.rank_info[0]
         self._ins = []

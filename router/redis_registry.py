@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from router.registry import NodeHandle, NoNodeAvailable, PrefixIndex, Registry
+from router.registry import NodeHandle, NoNodeAvailable, PrefixIndex, Registry, prefix_hashes
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class RedisRegistry(Registry):
     # ------------------------------------------------------------- shared prefix summaries
     async def prefix_matches(self, ids: list[int]) -> dict[NodeHandle, int]:
         """Tokens of `ids`' longest prefix that any router sent to each live prefill node."""
-        hashes = list(PrefixIndex()._hashes(ids))
+        hashes = list(prefix_hashes(ids))
         nodes = self.of("prefill")
         if not hashes or not nodes:
             return {}
@@ -169,7 +169,7 @@ class RedisRegistry(Registry):
         return out
 
     async def record_prefix(self, node: NodeHandle, ids: list[int]) -> None:
-        hashes = list(PrefixIndex()._hashes(ids))
+        hashes = list(prefix_hashes(ids))
         if not hashes:
             return
         key = _key(self.model, "prefix", node.node_id)

@@ -27,32 +27,38 @@ class NoNodeAvailable(RuntimeError):
     pass
 
 
+PREFIX_BLOCK = 16
+
+
+def prefix_hashes(ids: list[int]):
+    """Chained hashes of `ids`' 16-token-aligned prefixes (ints: stable across processes, so
+    several routers agree on them)."""
+    h = 0
+    for k in range(len(ids) // PREFIX_BLOCK):
+        h = hash((h, tuple(ids[k * PREFIX_BLOCK:(k + 1) * PREFIX_BLOCK])))
+        yield h
+
+
 class PrefixIndex:
     """Approximate record of the prompt prefixes a node has seen (hashes of 16-token-aligned
     prefixes, LRU-bounded): the router's guess at what the node's radix cache holds."""
 
-    BLOCK = 16
+    BLOCK = PREFIX_BLOCK
 
     def __init__(self, capacity: int = 100_000):
         self.capacity = capacity
         self._seen: OrderedDict[int, None] = OrderedDict()
 
-    def _hashes(self, ids: list[int]):
-        h = 0
-        for k in range(len(ids) // self.BLOCK):
-            h = hash((h, tuple(ids[k * self.BLOCK:(k + 1) * self.BLOCK])))
-            yield h
-
     def match_tokens(self, ids: list[int]) -> int:
         n = 0
-        for h in self._hashes(ids):
+        for h in prefix_hashes(ids):
             if h not in self._seen:
                 break
             n += self.BLOCK
         return n
 
     def insert(self, ids: list[int]) -> None:
-        for h in self._hashes(ids):
+        for h in prefix_hashes(ids):
             self._seen[h] = None
             self._seen.move_to_end(h)
         while len(self._seen) > self.capacity:

@@ -118,8 +118,8 @@ class DeepEPAllToAll:
             hint = getattr(buffer_cls, "get_low_latency_rdma_size_hint", None) or buffer_cls.get_rdma_size_hint
             rdma = hint(max_tokens_per_rank, hidden_size, group.size, self.num_slots)
         nvl = 0 if low_latency else 1 << 30
-        if "group" in inspect.signature(buffer_cls.__init__).parameters and "rank" in inspect.signature(
-                buffer_cls.__init__).parameters:  # nixl_ep: buffers sized and ranks connected explicitly
+        params = inspect.signature(buffer_cls.__init__).parameters
+        if "group" in params and "rank" in params:  # nixl_ep: buffers sized and ranks connected explicitly
             self.buffer = buffer_cls(rank=group.rank, low_latency_mode=low_latency, group=group.group)
             self.buffer.update_memory_buffers(group.size, slots_per_rank, rdma, nvl)
             self.buffer.connect_ranks(list(range(group.size)))

@@ -30,7 +30,7 @@ def test_engine_process_gives_the_in_process_tokens(client):
     expected = [o.token_ids for o in LLM("tiny-llama", **KW).generate(prompt_token_ids=PROMPTS, sampling_params=_greedy())]
     got = [o.token_ids for o in client.generate(PROMPTS, _greedy())]
     assert got == expected
-    assert client._proc.pid != os.getpid()
+    assert client._procs[0].pid != os.getpid()
 
 
 def test_stream_delivers_one_token_per_delta_and_one_terminal(client):
@@ -61,7 +61,7 @@ def test_engine_death_fails_in_flight_requests_instead_of_hanging():
     try:
         stream = c.add_request(PROMPTS[0], _greedy(10_000 // 200))
         stream.get(timeout=60)
-        os.kill(c._proc.pid, signal.SIGKILL)
+        os.kill(c._procs[0].pid, signal.SIGKILL)
         last = list(stream)[-1]
         assert last.finished and last.finish_reason == "error" and "died" in last.error
     finally:
