@@ -37,14 +37,30 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestStream:
-    """Deltas of one request, ending with one whose `finished` is true."""
+    """Deltas of one request, ending with one whose `finished` is true. Read it synchronously
+    (`for delta in stream`, `get`) or from asyncio (`async for delta in stream`), not both.
+
+    An asyncio reader gets deltas handed to its event loop by the receiver thread; it holds no
+    executor thread while it waits. (Waiting in `run_in_executor` did: a node with more open
+    streams than executor workers — prefills waiting for their KV push, decodes for their KV —
+    starved everything else it runs there, such as its `Info` answers and Redis heartbeats.)"""
 
     def __init__(self, request_id: str):
         self.request_id = request_id
         self._q: queue.Queue[RequestOutput] = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue | None = None
 
     def put(self, delta: RequestOutput) -> None:
-        self._q.put(delta)
+        with self._lock:
+            if self._loop is None:
+                self._q.put(delta)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, delta)
+            except RuntimeError:  # the reader's event loop is closed: nobody is listening any more
+                pass
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         return self._q.get(timeout=timeout)
@@ -57,9 +73,13 @@ class RequestStream:
                 return
 
     async def __aiter__(self):
-        loop = asyncio.get_running_loop()
+        aq: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # deltas that came before the reader attached go first, in order
+            while not self._q.empty():
+                aq.put_nowait(self._q.get_nowait())
+            self._loop, self._aq = asyncio.get_running_loop(), aq
         while True:
-            delta = await loop.run_in_executor(None, self._q.get)
+            delta = await aq.get()
             yield delta
             if delta.finished:
                 return

@@ -66,3 +66,31 @@ def test_engine_death_fails_in_flight_requests_instead_of_hanging():
         assert last.finished and last.finish_reason == "error" and "died" in last.error
     finally:
         c.shutdown()
+
+
+def test_async_readers_hold_no_executor_thread_while_they_wait():
+    """More waiting asyncio readers than the loop's executor has workers must not starve other
+    executor work (a node's Info answers and heartbeats run there)."""
+    import asyncio
+    import threading
+
+    from engine.engine_client import RequestStream
+    from engine.output_processor import RequestOutput
+
+    streams = [RequestStream(f"r{i}") for i in range(64)]
+    streams[0].put(RequestOutput("r0", None, [], [1], "a"))  # a delta before the reader attaches
+
+    async def read(stream):
+        return [d.token_ids async for d in stream]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        readers = [asyncio.create_task(read(s)) for s in streams]
+        await asyncio.sleep(0.1)  # every reader is waiting now
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), timeout=2.0) == 42
+        threading.Thread(target=lambda: [s.put(RequestOutput(s.request_id, None, [], [7], "b", finished=True))
+                                         for s in streams]).start()
+        return await asyncio.wait_for(asyncio.gather(*readers), timeout=5.0)
+
+    results = asyncio.run(scenario())
+    assert results[0] == [[1], [7]] and all(r == [[7]] for r in results[1:])
