@@ -76,6 +76,7 @@ class RedisRegistry(Registry):
         self.by_id: dict[str, NodeHandle] = {}
         self._suspect_until: dict[str, float] = {}
         self.need_prefill = True  # False for a collocated cluster (decode nodes only)
+        self._draining: list[NodeHandle] = []  # dropped nodes with requests still on them
 
     async def refresh(self) -> None:
         pattern = _key(self.model, "node", "*")
@@ -113,13 +114,25 @@ class RedisRegistry(Registry):
         for node_id in [n for n in self.by_id if n not in seen]:
             log.warning("registry: node %s left (its heartbeat expired)", node_id)
             await self._drop(node_id)
+        await self._close_drained()
 
     async def _drop(self, node_id: str) -> None:
+        """No new requests go to the node. Its channel closes once the requests this router has
+        on it are over: a node whose heartbeat is only late (a busy host) finishes them, and a
+        dead one fails them with its own errors — closing the channel under them would cancel
+        requests that could still succeed."""
         node = self.by_id.pop(node_id, None)
         self._suspect_until.pop(node_id, None)
         if node is not None:
             node.alive = False
             self.nodes.remove(node)
+            self._draining.append(node)
+        await self._close_drained()
+
+    async def _close_drained(self) -> None:
+        idle = [n for n in self._draining if n.in_flight == 0]
+        self._draining = [n for n in self._draining if n.in_flight > 0]
+        for node in idle:
             await node.channel.close()
 
     def mark_dead(self, node: NodeHandle) -> None:
@@ -184,6 +197,8 @@ class RedisRegistry(Registry):
             log.warning("recording a prefix in Redis failed: %s", e)
 
     async def close(self) -> None:
-        for node_id in list(self.by_id):
-            await self._drop(node_id)
+        for node in list(self.by_id.values()) + self._draining:
+            await node.channel.close()
+        self.by_id.clear()
+        self._draining.clear()
         await self.redis.aclose()

@@ -211,3 +211,47 @@ def test_prefix_summaries_are_shared_between_routers(redis_url):
     finally:
         for p in reversed(procs):
             p.kill(signal.SIGTERM)
+
+
+def test_a_node_whose_heartbeat_lapses_finishes_its_requests_before_its_channel_closes(redis_url):
+    """A late heartbeat (a busy host) takes the node out of routing at once, but a request this
+    router already has on it keeps its stream; the channel closes when the node's last request ends."""
+    import asyncio
+
+    import redis
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from router.redis_registry import RedisRegistry, _key
+
+    async def scenario():
+        server = grpc.aio.server()  # stands in for the node: a stream that stays open (health Watch)
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        r = redis.Redis.from_url(redis_url)
+        key = _key("m", "node", "d9")
+        info = pb.NodeInfo(role="decode", node_id="d9", incarnation="i1", model="m")
+        r.hset(key, mapping={"address": f"127.0.0.1:{port}", "role": "decode", "info": info.SerializeToString()})
+        reg = RedisRegistry(redis_url, "m")
+        reg.need_prefill = False
+        try:
+            await reg.wait_ready(10)
+            node = reg.by_id["d9"]
+            call = health_pb2_grpc.HealthStub(node.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            await call.read()  # the stream is open
+            node.in_flight = 1
+            r.delete(key)  # the heartbeat lapsed
+            await reg.refresh()
+            assert reg.of("decode") == [] and node not in reg.nodes  # no new requests go there
+            await asyncio.sleep(0.2)
+            assert not call.done()  # ... but the one in flight is not cut off
+            node.in_flight = 0
+            await reg.refresh()
+            await asyncio.sleep(0.2)
+            assert call.done()  # its last request over, the channel closed
+        finally:
+            await reg.close()
+            await server.stop(0)
+
+    asyncio.run(scenario())
