@@ -46,8 +46,7 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
     from engine.config import ParallelConfig
     from engine.ep.all_to_all import select_all_to_all
     from engine.ep.group import EPGroup
-    from engine.ep.runtime import initial_placement
-    from engine.eplb import ExpertMap
+    from engine.eplb import ExpertMap, initial_placement
     from engine.kernels.fused_moe import fused_experts
 
     torch.cuda.set_device(rank)
@@ -99,7 +98,7 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
 
 
 def run(world: int, tokens: list[int], hidden=7168, experts=256, top_k=8, inter=2048, repeats=20) -> dict:
-    from deploy.launcher import free_port
+    from engine.ports import free_port
 
     bw = peer_copy_bandwidth()
     ctx = mp.get_context("spawn")

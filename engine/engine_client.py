@@ -144,7 +144,7 @@ class EngineClient:
     def _rank_configs(config: EngineConfig) -> list[EngineConfig]:
         from dataclasses import replace
 
-        from deploy.launcher import free_port
+        from engine.ports import free_port
 
         par = config.parallel
         init = f"tcp://{par.ep_master}" if par.ep_master else f"tcp://127.0.0.1:{free_port()}"

@@ -32,8 +32,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deploy.launcher import free_port, write_targets
+from deploy.launcher import write_targets
 from deploy.ray.config import ConfigError, NodeGroupSpec, RayClusterConfig
+from engine.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 10.0

@@ -22,22 +22,11 @@ import torch.distributed as dist
 from engine.config import ParallelConfig
 from engine.ep.all_to_all import select_all_to_all
 from engine.ep.group import EPGroup
-from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMove, rebalance
+from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMove, initial_placement, rebalance
 
 log = logging.getLogger(__name__)
 
 IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance metric
-
-
-def initial_slot_experts(num_experts: int, num_slots: int) -> list[int]:
-    """Logical expert of each physical slot before any load is known: slot s holds s mod E (the
-    first `num_slots - E` experts get a second replica)."""
-    return [s % num_experts for s in range(num_slots)]
-
-
-def initial_placement(num_layers: int, num_experts: int, num_slots: int, num_ranks: int) -> ExpertPlacement:
-    p2l = torch.tensor(initial_slot_experts(num_experts, num_slots), dtype=torch.long)
-    return ExpertPlacement.from_physical_to_logical(p2l.expand(num_layers, -1).clone(), num_experts, num_ranks)
 
 
 class ExpertParallel:

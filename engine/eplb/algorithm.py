@@ -96,6 +96,17 @@ class ExpertPlacement:
         return torch.where(mean > 0, per_gpu.max(1).values / mean.clamp_min(1e-30), torch.ones_like(mean))
 
 
+def initial_slot_experts(num_experts: int, num_slots: int) -> list[int]:
+    """Logical expert of each physical slot before any load is known: slot s holds s mod E (the
+    first `num_slots - E` experts get a second replica)."""
+    return [s % num_experts for s in range(num_slots)]
+
+
+def initial_placement(num_layers: int, num_experts: int, num_slots: int, num_ranks: int) -> ExpertPlacement:
+    p2l = torch.tensor(initial_slot_experts(num_experts, num_slots), dtype=torch.long)
+    return ExpertPlacement.from_physical_to_logical(p2l.expand(num_layers, -1).clone(), num_experts, num_ranks)
+
+
 def rebalance(load: torch.Tensor, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
               num_groups: int | None = None, search_rounds: int = 3) -> ExpertPlacement:
     """Place `num_physical_experts` slots for the logical experts of every layer.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ConfigError, ParallelConfig
+from engine.eplb import initial_slot_experts
 from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
 from engine.models import WeightError
@@ -119,7 +120,6 @@ class FusedMoE(nn.Module):
             raise ConfigError(f"layer {layer_id}: {num_experts} experts + {self.num_slots - num_experts} redundant "
                               f"do not split evenly over ep_size={ep_size} ranks")
         self.num_local_slots = self.num_slots // ep_size
-        from engine.ep.runtime import initial_slot_experts
         first = ep_rank * self.num_local_slots
         self.slot_experts = initial_slot_experts(num_experts, self.num_slots)[first: first + self.num_local_slots]
         self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * intermediate_size, hidden_size))

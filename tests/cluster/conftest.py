@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from deploy.launcher import free_port
+from engine.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from proto import pdserve_pb2 as pb

@@ -281,7 +281,8 @@ def test_lost_or_stalled_kv_never_ends_in_success_and_frees_pages(faults, expect
 
 
 def test_nodes_with_different_kv_layouts_are_refused_with_a_clear_error():
-    from deploy.launcher import Component, free_port
+    from deploy.launcher import Component
+    from engine.ports import free_port
     from tests.cluster.conftest import ENGINE_ARGS
 
     base = [a for a in ENGINE_ARGS]

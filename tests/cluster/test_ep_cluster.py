@@ -16,7 +16,7 @@ import urllib.request
 import grpc
 import pytest
 
-from deploy.launcher import free_port
+from engine.ports import free_port
 from engine import LLM, SamplingParams
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc

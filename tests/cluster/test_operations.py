@@ -17,7 +17,7 @@ import urllib.request
 import grpc
 import pytest
 
-from deploy.launcher import free_port
+from engine.ports import free_port
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import ENGINE_ARGS, Cluster, Proc, pdserve_proc as _pdserve

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.launcher import free_port
+from engine.ports import free_port
 from deploy.ray.config import ConfigError, NodeGroupSpec, RayClusterConfig, RouterSpec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "ray"

@@ -100,7 +100,7 @@ class _FakeNixlEPBuffer(_OneRankBuffer):
 
 @pytest.fixture(scope="module")
 def group():
-    from deploy.launcher import free_port
+    from engine.ports import free_port
 
     g = EPGroup(0, 1, f"tcp://127.0.0.1:{free_port()}", torch.device("cpu"))
     yield g
