@@ -8,7 +8,9 @@ import time
 
 import grpc
 
-from deploy.node_server import Node, NodeServicerBase, delta_to_proto, serve
+from node.core import Node
+from node.server import serve
+from node.servicer import NodeServicerBase, delta_to_proto
 from proto import convert
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc

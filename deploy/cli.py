@@ -220,7 +220,7 @@ def _node_parser(sub, role: str) -> None:
 
 
 def _run_node(role: str, args) -> int:
-    from deploy.node_server import NodeOptions
+    from node.core import NodeOptions
     from engine.llm import build_engine_config
 
     config = build_engine_config(args.model, **engine_kwargs(args))

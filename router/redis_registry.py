@@ -8,8 +8,9 @@ Keys, all under `pdserve:{model}:` so clusters serving different models can shar
   (score: last use time), trimmed to a bound; every router reads them for prefix-aware routing,
   so a prefix warmed by one router is found by the others.
 
-`NodeRegistration` is the node side (writer); `RedisRegistry` is the router side (reader), a
-drop-in for the embedded `Registry`. Neither touches tensors or serving logic.
+The node side (writer, `node.registration.NodeRegistration`) owns the key schema; this module is
+the router side (reader), `RedisRegistry`, a drop-in for the embedded `Registry`. Neither touches
+tensors or serving logic.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 import grpc
 import redis.asyncio as aioredis
 
+from node.registration import redis_key
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.registry import NodeHandle, NoNodeAvailable, PrefixIndex, Registry, prefix_hashes
@@ -27,44 +29,6 @@ from router.registry import NodeHandle, NoNodeAvailable, PrefixIndex, Registry, 
 log = logging.getLogger(__name__)
 
 PREFIX_CAPACITY = 50_000  # hashes kept per prefill node
-
-
-def _key(model: str, kind: str, node_id: str = "") -> str:
-    return f"pdserve:{model}:{kind}:{node_id}"
-
-
-class NodeRegistration:
-    """Heartbeats one node's identity and load into Redis until stopped; deletes it on stop."""
-
-    def __init__(self, url: str, model: str, role: str, node_id: str, address: str, info_fn, ttl_s: float = 3.0):
-        if ttl_s <= 0:
-            raise ValueError(f"heartbeat TTL must be positive, got {ttl_s}")
-        self.redis = aioredis.from_url(url)
-        self.model, self.role, self.node_id, self.address = model, role, node_id, address
-        self.info_fn, self.ttl_s = info_fn, ttl_s
-        self.key = _key(model, "node", node_id)
-
-    async def beat(self) -> None:
-        info: pb.NodeInfo = await asyncio.get_running_loop().run_in_executor(None, self.info_fn)
-        async with self.redis.pipeline(transaction=True) as p:
-            p.hset(self.key, mapping={"address": self.address, "role": self.role, "info": info.SerializeToString()})
-            p.pexpire(self.key, int(self.ttl_s * 1000))
-            await p.execute()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.beat()
-            except Exception as e:  # Redis down or the engine busy: keep trying; the TTL tells routers
-                log.warning("heartbeat of %s to Redis failed: %s", self.node_id, e)
-            await asyncio.sleep(self.ttl_s / 3)
-
-    async def close(self) -> None:
-        try:
-            await self.redis.delete(self.key)
-        except Exception:
-            pass
-        await self.redis.aclose()
 
 
 class RedisRegistry(Registry):
@@ -79,7 +43,7 @@ class RedisRegistry(Registry):
         self._draining: list[NodeHandle] = []  # dropped nodes with requests still on them
 
     async def refresh(self) -> None:
-        pattern = _key(self.model, "node", "*")
+        pattern = redis_key(self.model, "node", "*")
         keys = [k async for k in self.redis.scan_iter(match=pattern, count=1000)]
         async with self.redis.pipeline(transaction=False) as p:
             for k in keys:
@@ -171,7 +135,7 @@ class RedisRegistry(Registry):
             return {}
         async with self.redis.pipeline(transaction=False) as p:
             for n in nodes:
-                p.zmscore(_key(self.model, "prefix", n.node_id), [str(h) for h in hashes])
+                p.zmscore(redis_key(self.model, "prefix", n.node_id), [str(h) for h in hashes])
             scores = await p.execute()
         out = {}
         for node, sc in zip(nodes, scores):
@@ -185,7 +149,7 @@ class RedisRegistry(Registry):
         hashes = list(prefix_hashes(ids))
         if not hashes:
             return
-        key = _key(self.model, "prefix", node.node_id)
+        key = redis_key(self.model, "prefix", node.node_id)
         now = time.time()
         try:
             async with self.redis.pipeline(transaction=False) as p:

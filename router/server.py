@@ -8,7 +8,7 @@ import uuid
 
 from aiohttp import web
 
-from deploy.grpc_server import GrpcServer, wait_for_signal
+from node.grpc_server import GrpcServer, wait_for_signal
 from engine.metrics import ServingMetrics, SLOTargets, pdserve_version
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.core import Router, Timeouts

@@ -221,7 +221,8 @@ def test_a_node_whose_heartbeat_lapses_finishes_its_requests_before_its_channel_
     import redis
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from router.redis_registry import RedisRegistry, _key
+    from node.registration import redis_key
+    from router.redis_registry import RedisRegistry
 
     async def scenario():
         server = grpc.aio.server()  # stands in for the node: a stream that stays open (health Watch)
@@ -230,7 +231,7 @@ def test_a_node_whose_heartbeat_lapses_finishes_its_requests_before_its_channel_
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         r = redis.Redis.from_url(redis_url)
-        key = _key("m", "node", "d9")
+        key = redis_key("m", "node", "d9")
         info = pb.NodeInfo(role="decode", node_id="d9", incarnation="i1", model="m")
         r.hset(key, mapping={"address": f"127.0.0.1:{port}", "role": "decode", "info": info.SerializeToString()})
         reg = RedisRegistry(redis_url, "m")
