@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 
 
@@ -318,21 +319,15 @@ def _run_ray(args) -> int:
 
 
 def _bench_parser(sub) -> None:
-    from bench.serving.runner import add_args
-
-    p = sub.add_parser("bench", help="serving benchmark against an OpenAI-compatible server (vllm bench serve flags)")
-    add_args(p)
-    p.set_defaults(func=_run_bench)
+    sub.add_parser("bench", add_help=False,
+                   help="serving benchmark against an OpenAI-compatible server (vllm bench serve flags; "
+                        "pdserve bench --help)")
 
 
-def _run_bench(args) -> int:
-    from bench.serving.runner import main_args
-
-    try:
-        return main_args(args)
-    except ValueError as e:
-        print(f"pdserve bench: {e}", file=sys.stderr)
-        return 2
+def _run_bench(argv: list[str]) -> int:
+    """The serving benchmark lives in bench/ (it measures the product and is never imported by
+    it): run it as its own process with the flags as given."""
+    return subprocess.call([sys.executable, "-m", "bench.serving", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     _up_parser(sub)
     _ray_parser(sub)
     _bench_parser(sub)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _run_bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return args.func(args)
 

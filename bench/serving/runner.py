@@ -252,3 +252,16 @@ def _first_model(base_url: str) -> str:
 
     with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=30) as resp:
         return json.loads(resp.read())["data"][0]["id"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pdserve bench` (the console runs `python -m bench.serving` with its flags)."""
+    p = argparse.ArgumentParser(prog="pdserve bench",
+                                description="serving benchmark against an OpenAI-compatible server or the router's "
+                                            "gRPC API (vllm bench serve flags)")
+    add_args(p)
+    try:
+        return main_args(p.parse_args(argv))
+    except ValueError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 2

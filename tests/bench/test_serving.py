@@ -61,7 +61,7 @@ def test_datasets_shapes():
     assert mt[1].prompt_ids[: mt[0].prompt_len] == mt[0].prompt_ids and mt[1].conversation == mt[0].conversation
 
 
-def test_benchmark_against_a_real_local_cluster(cluster, tmp_path, capsys):
+def test_benchmark_against_a_real_local_cluster(cluster, tmp_path, capfd):
     from deploy.cli import main
 
     rc = main(["bench", "--base-url", cluster.http, "--num-prompts", "6", "--random-input-len", "16",
@@ -71,7 +71,7 @@ def test_benchmark_against_a_real_local_cluster(cluster, tmp_path, capsys):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["completed"] == 6 and rep["failed"] == 0 and rep["total_output_tokens"] == 24, rep["errors"]
     assert rep["goodput"] == pytest.approx(rep["request_throughput"])
-    assert "Serving Benchmark Result" in capsys.readouterr().out
+    assert "Serving Benchmark Result" in capfd.readouterr().out
     assert (tmp_path / "r_cdf.png").read_bytes()[:4] == b"\x89PNG" and len(rep["per_request"]["ttfts"]) == 6
 
 
