@@ -17,8 +17,8 @@ from typing import Iterable, Iterator
 import torch
 
 from engine.config import ModelConfig, ParallelConfig
+from engine.layers.weights import dummy_generator
 from engine.models import WeightError, get_model_class
-from engine.models.weights import dummy_generator
 
 log = logging.getLogger(__name__)
 

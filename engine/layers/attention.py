@@ -9,7 +9,7 @@ from engine.forward_batch import ForwardBatch
 from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
-from engine.models.weights import WeightTable, into, into_shard
+from engine.layers.weights import WeightTable, into, into_shard
 
 
 class GQAttention(nn.Module):

@@ -28,7 +28,7 @@ from engine.forward_batch import ForwardBatch
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, yarn_softmax_scale
-from engine.models.weights import WeightTable, into
+from engine.layers.weights import WeightTable, into
 
 
 DECOMPRESS_MIN_TOKENS = 128  # prefill steps this large attend decompressed

@@ -7,7 +7,7 @@ from torch import nn
 
 from engine.layers.activation import silu_and_mul
 from engine.layers.linear import Linear, MergedLinear
-from engine.models.weights import WeightTable, into, into_shard
+from engine.layers.weights import WeightTable, into, into_shard
 
 
 class GatedMLP(nn.Module):

@@ -24,8 +24,7 @@ from engine.config import ConfigError, ParallelConfig
 from engine.eplb import initial_slot_experts
 from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
-from engine.models import WeightError
-from engine.models.weights import WeightTable, copy_into, dummy_generator
+from engine.layers.weights import WeightError, WeightTable, copy_into, dummy_generator
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

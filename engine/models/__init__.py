@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+from engine.layers.weights import WeightError  # noqa: F401  (models raise it; callers catch it here)
+
 _REGISTRY = {
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("engine.models.llama", "Qwen3ForCausalLM"),
@@ -21,10 +23,6 @@ _REGISTRY = {
     "DeepseekV2ForCausalLM": ("engine.models.deepseek", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("engine.models.deepseek", "DeepseekV3ForCausalLM"),
 }
-
-
-class WeightError(ValueError):
-    """A checkpoint tensor that is missing, unknown or mis-shaped; the message names it."""
 
 
 def get_model_class(architecture: str):

@@ -19,8 +19,8 @@ from engine.layers.mla import MLAttention
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import FusedMoE, select_experts
 from engine.layers.rotary import RotaryEmbedding
+from engine.layers.weights import WeightTable, into
 from engine.models.llama import CausalLM, skip_buffers
-from engine.models.weights import WeightTable, into
 
 log = logging.getLogger(__name__)
 

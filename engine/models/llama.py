@@ -12,7 +12,7 @@ from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
-from engine.models.weights import WeightTable, into
+from engine.layers.weights import WeightTable, into
 
 
 def skip_buffers(name: str) -> bool:

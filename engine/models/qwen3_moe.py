@@ -10,8 +10,8 @@ from engine.forward_batch import ForwardBatch
 from engine.layers.linear import Linear
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import FusedMoE, select_experts
+from engine.layers.weights import WeightTable, into
 from engine.models.llama import Qwen3ForCausalLM
-from engine.models.weights import WeightTable, into
 
 
 class Qwen3SparseMoE(nn.Module):

@@ -1,4 +1,4 @@
-"""Checkpoint-name → parameter mapping shared by the model files.
+"""Checkpoint-name → parameter mapping shared by the layers and the model files.
 
 A model lists every HF tensor name it accepts in a `WeightTable`, each with the function that
 copies it into place and the *slots* it fills (a slot is one parameter or one shard of a merged
@@ -14,7 +14,10 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 
-from engine.models import WeightError
+
+class WeightError(ValueError):
+    """A checkpoint tensor that is missing, unknown or mis-shaped; the message names it."""
+
 
 Loader = Callable[[torch.Tensor, str], None]
 
