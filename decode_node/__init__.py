@@ -1,2 +1,2 @@
-"""gRPC server running an engine in the decode role; receives KV and streams tokens.
-Filled by the disaggregated-cluster work (issue 9)."""
+"""The decode role over `node/`: reserve pages for a prompt's KV, wait for it, decode and stream
+tokens; run whole requests when collocated (`server.py`: the `DecodeNode` servicer and its metrics)."""

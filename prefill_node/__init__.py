@@ -1,2 +1,2 @@
-"""gRPC server running an engine in the prefill role; pushes KV through `kvtransfer`.
-Filled by the disaggregated-cluster work (issue 9)."""
+"""The prefill role over `node/`: run prompts, sample the first token, push the prompt's KV into
+the decode node's reserved pages (`server.py`: the `PrefillNode` servicer and its metrics)."""
