@@ -279,6 +279,7 @@ class EngineConfig:
     tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
     kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL
     kv_transfer_timeout_s: float = 30.0  # bound on every KV transfer wait
+    kv_connector: str = "kvtransfer.nixl_connector:NixlConnector"  # KVConnector implementation (module:Class)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
