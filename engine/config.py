@@ -275,6 +275,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: never capture CUDA graphs
+    overlap_schedule: bool = True  # schedule and launch step N+1 while the device runs step N
     cuda_graph_max_batch: int = 256
     tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
     kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL

@@ -63,6 +63,7 @@ class EngineCore:
         self._pending: list[EngineOutput] = []  # terminal outputs produced outside step()
         self.num_steps = 0
         self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
+        self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
         # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
         # rank in the same step, after which no rank enters another collective.
         self.stop_requested = False
@@ -141,8 +142,8 @@ class EngineCore:
             self.abort(rid, RequestStatus.FINISHED_ERROR, message)
 
     def has_unfinished(self) -> bool:
-        """Work for `step`: requests to schedule or outputs to report."""
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        """Work for `step`: requests to schedule, a step in flight or outputs to report."""
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._in_flight is not None
 
     def has_kv_in_flight(self) -> bool:
         """KV hand-offs under way (requests waiting for remote KV, pushes not yet ended)."""
@@ -178,39 +179,69 @@ class EngineCore:
 
     # ------------------------------------------------------------- the loop
     def step(self) -> list[EngineOutput]:
+        """Schedule and launch one step, then report the step before it (overlap scheduling: the
+        host prepares step N+1 while the device runs step N), or this one at once without overlap."""
         outputs, self._pending = self._pending, []
         if self.connector is not None:
             outputs += self._poll_connector()
+        if self._in_flight is not None and self._needs_resolved_tokens():
+            outputs += self._finish(self._in_flight)
+            self._in_flight = None
         sched_out = self.scheduler.schedule() if self.scheduler.has_unfinished() else None
         has_work = sched_out is not None and bool(sched_out.chunks)
         ep = self.runner.ep
         if ep is not None:  # EP ranks move in lock-step: one forward each whenever any rank has work
             busy, self.stopped = ep.step_begin(has_work, self.stop_requested)
-            if self.stopped or not busy:
-                return outputs
-            if not has_work:
+            if not self.stopped and busy and not has_work:
                 self.runner.execute_idle()
                 ep.step_end()
-                return outputs
+            if self.stopped or not has_work:
+                return outputs + self._drain()
         elif not has_work:
-            return outputs
+            return outputs + self._drain()
         now = time.monotonic()
         for c in sched_out.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = now
-        result = self.runner.execute(sched_out.chunks, layer_hook=self._layer_saver(sched_out.chunks))
-        for rid, lp in result.logprobs.items():
-            self.requests[rid].output_logprobs.append(lp)
-        finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
-        self.num_steps += 1
+        prev = self._in_flight
+        handle = self.runner.launch(sched_out.chunks, layer_hook=self._layer_saver(sched_out.chunks),
+                                    prev=prev[1] if prev is not None else None)
+        self.scheduler.advance(sched_out)
         if ep is not None:
-            ep.step_end()  # may rebalance experts: between steps, on every rank at once
+            ep.step_end()  # may rebalance experts: between launches, on every rank at once (stream-ordered)
+        self._in_flight = (sched_out, handle)
+        if prev is not None:
+            outputs += self._finish(prev)
+        if not self.config.overlap_schedule:
+            outputs += self._drain()
+        return outputs + self._ended_unscheduled()
+
+    def _drain(self) -> list[EngineOutput]:
+        """Report the step in flight, if any."""
+        flight, self._in_flight = self._in_flight, None
+        return self._finish(flight) if flight is not None else []
+
+    def _needs_resolved_tokens(self) -> bool:
+        """Penalties read earlier tokens' values on the host: such a batch waits for the step in flight."""
+        return any(r.sampling_params.has_penalties for r in self.scheduler.running)
+
+    def _finish(self, flight) -> list[EngineOutput]:
+        """Wait for a launched step's draws, record them and build its outputs."""
+        sched_out, handle = flight
+        result = handle.result()
+        self.num_steps += 1
+        for rid, lp in result.logprobs.items():
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                req.output_logprobs.append(lp)
+        finished = {r.request_id for r in self.scheduler.resolve(sched_out, result.sampled)}
+        outputs = []
         for c in sched_out.chunks:
             req = c.request
             rid = req.request_id
-            if rid not in result.sampled and rid not in finished:
-                continue
-            new = [result.sampled[rid]] if rid in result.sampled else []
+            if rid not in finished and (c.output_index < 0 or self.requests.get(rid) is not req or req.is_finished):
+                continue  # nothing sampled, or ended (aborted, stopped) before this step's token was known
+            new = [result.sampled[rid]] if c.output_index >= 0 else []
             queued = None
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
@@ -225,7 +256,11 @@ class EngineCore:
                 out.stop_reason, out.error = req.stop_reason, req.error
                 self.requests.pop(rid, None)
             outputs.append(out)
-        # Requests the scheduler ended without a chunk this step (e.g. refused at its limit).
+        return outputs
+
+    def _ended_unscheduled(self) -> list[EngineOutput]:
+        """Requests the scheduler ended without a chunk (e.g. refused at its limit)."""
+        outputs = []
         for rid, req in list(self.requests.items()):
             if req.is_finished:
                 self.requests.pop(rid)

@@ -28,6 +28,8 @@ class RequestStatus(enum.Enum):
         return self not in _LIVE
 
 
+PENDING_TOKEN = -1  # an output token sampled by a step still in flight (overlap scheduling)
+
 _LIVE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_REMOTE_KV, RequestStatus.RUNNING, RequestStatus.SENDING_KV)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
 from engine.radix_cache import RadixCache
-from engine.request import Request, RequestStatus
+from engine.request import PENDING_TOKEN, Request, RequestStatus
 
 
 class SchedulerOverloaded(RuntimeError):
@@ -40,6 +40,7 @@ class ScheduledChunk:
     start: int  # first position computed this step (== request.num_computed_tokens)
     num_new_tokens: int
     sample: bool  # the chunk reaches the request's last token: sample its next one
+    output_index: int = -1  # where its sampled token goes in `request.output_token_ids` (set at launch)
 
 
 @dataclass
@@ -216,10 +217,12 @@ class Scheduler:
             if req not in self.running:  # preempted earlier in this loop
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or (req.output_token_ids and self._ends_by_count(req)):
                 continue
-            while not self._grow(req, req.num_computed_tokens + num_new):
-                victim = self.running[-1]
+            while not (grown := self._grow(req, req.num_computed_tokens + num_new)):
+                victim = self._victim(req)
+                if victim is None:  # only requests about to end hold the pages: try next step
+                    break
                 if victim is req and len(self.running) == 1:
                     self._fail_too_large(req)
                     break
@@ -227,7 +230,7 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            if req not in self.running:
+            if req not in self.running or not grown:
                 continue
             out.chunks.append(self._chunk(req, num_new))
             budget -= num_new
@@ -235,6 +238,15 @@ class Scheduler:
             self._admit(out, budget)
         out.chunks.sort(key=lambda c: c.num_new_tokens != 1)  # decodes (query length 1) first
         return out
+
+    def _victim(self, req: Request) -> Request | None:
+        """The most recently admitted request that may be preempted to make room for `req`: not one
+        whose launched step ends it anyway, nor one whose pages a KV push may be reading."""
+        for victim in reversed(self.running):
+            ending = victim.output_token_ids and self._ends_by_count(victim)
+            if victim is req or not (ending or victim.kv_push_started):
+                return victim
+        return None
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -278,33 +290,55 @@ class Scheduler:
 
     # ------------------------------------------------------------- update
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Record computed tokens and sampled ones; returns the requests that finished (or, with a
-        KV destination, finished computing: SENDING_KV)."""
-        finished = []
+        """Record a step's computed and sampled tokens; returns the requests that finished (or,
+        with a KV destination, finished computing: SENDING_KV)."""
+        self.advance(out)
+        return self.resolve(out, sampled)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """A step was launched: its tokens count as computed and each sampling chunk's token as a
+        PENDING output, so the next step can be scheduled before the host knows the token."""
         for chunk in out.chunks:
             req = chunk.request
             if req.is_finished or req not in self.running:
                 continue  # aborted while the step ran
             req.num_computed_tokens += chunk.num_new_tokens
-            token = sampled.get(req.request_id) if chunk.sample else None
-            if token is None:
+            if chunk.sample:
+                chunk.output_index = len(req.output_token_ids)
+                req.output_token_ids.append(PENDING_TOKEN)
+
+    def resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """The launched step's tokens are known: fill them in and check stops. A request that stopped
+        drops the PENDING tokens of steps launched after this one (their work is discarded)."""
+        finished = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if chunk.output_index < 0 or req.is_finished or req.status is RequestStatus.SENDING_KV:
                 continue
-            req.output_token_ids.append(token)
-            status = self._check_stop(req, token)
-            if status is not None:
+            token = sampled[req.request_id]
+            req.output_token_ids[chunk.output_index] = token
+            status = self._check_stop(req, token, num_output=chunk.output_index + 1)
+            if status is None:
+                continue
+            del req.output_token_ids[chunk.output_index + 1:]
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+            finished.append(req)
+            if req in self.waiting:  # preempted after this step was launched: it holds no pages
+                self.waiting.remove(req)
+            else:
                 self.running.remove(req)
-                finished.append(req)
                 if req.kv_dest is not None:  # prefill role: computed, not finished until its KV is sent
                     self._hold_for_send(req, status)
                     continue
-                req.status = status
-                self._release(req)
-                self.num_finished += 1
+            req.status = status
+            self._release(req)
+            self.num_finished += 1
         return finished
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token: int, num_output: int | None = None) -> RequestStatus | None:
+        """Stop status after `token`, the `num_output`-th output token (default: the last one)."""
         params = req.sampling_params
-        n_out = req.num_output_tokens
+        n_out = req.num_output_tokens if num_output is None else num_output
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
@@ -313,9 +347,16 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
+        if req.num_prompt_tokens + n_out >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _ends_by_count(self, req: Request) -> bool:
+        """Its last (maybe still PENDING) token ends it whatever its value: max_tokens or the
+        context limit. Such a request is not scheduled again while that token is in flight."""
+        max_tokens = req.sampling_params.max_tokens
+        return ((max_tokens is not None and req.num_output_tokens >= max_tokens)
+                or req.num_tokens >= self.max_model_len)
 
     # ------------------------------------------------------------- abort
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,

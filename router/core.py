@@ -303,7 +303,7 @@ class Router:
         """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client."""
         node.in_flight += 1
         try:
-            async for msg in call:
+            while (msg := await call.read()) is not grpc.aio.EOF:  # read(), as `_open_decode` began with it
                 if unwrap:
                     msg = msg.delta
                 if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
