@@ -37,12 +37,11 @@ def _client(args, role: str | None) -> EngineClient:
 def _one(prefill: EngineClient, decode: EngineClient, ids: list[int], rid: str) -> dict:
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     t0 = time.perf_counter()
-    dest = decode.reserve(rid, len(ids))
+    dest, stream = decode.add_remote_request(ids, params, rid)
     t1 = time.perf_counter()
-    first = list(prefill.add_request(ids, dataclasses.replace(params, max_tokens=1), request_id=rid,
-                                     kv_dest=dest))[-1]
+    first = EngineClient._collect(prefill.add_request(ids, dataclasses.replace(params, max_tokens=1),
+                                                      request_id=rid, kv_dest=dest))
     t2 = time.perf_counter()
-    stream = decode.start_decode(rid, ids, params, first.token_ids[0])
     second = stream.get(timeout=120)
     t3 = time.perf_counter()
     rest = list(stream) if not second.finished else []

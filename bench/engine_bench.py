@@ -4,7 +4,12 @@ each next to its roofline floor and (with --hf-baseline) HF transformers on the 
     python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 --batch 1,16,64 --hf-baseline --out DIR
 
 Decode is timed over steady-state steps only (every request past its prefill, CUDA graphs on);
-prefill is one step of a single prompt (prefix cache off, so nothing is reused).
+prefill is one step of a single prompt (prefix cache off, so nothing is reused). With overlap
+scheduling (the default) a step call launches one step and reports the one before, so steady-state
+wall time per call is the step time. `--profile` adds, per batch, the torch profiler's view of the
+same steps: GPU-busy ms per step (union of device activity), kernels per step, and the host time
+not hidden behind the GPU (wall - busy); `--engine-process` times the same batch-1 decode through
+the engine process (ZMQ split) as the inter-token gap a front sees.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
+def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, seed: int,
+                   profile: bool = False) -> dict:
     gen = torch.Generator().manual_seed(seed)
     vocab = core.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
@@ -50,12 +56,64 @@ def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, se
         core.step()
     _sync(device)
     dt = time.perf_counter() - t0
+    prof = profile_steps(core, min(steps, 16)) if profile else None
     for rid in rids:
         core.abort(rid)
-    core.step()
+    while core.has_unfinished():
+        core.step()
     graphs = core.runner.graphs is not None and batch <= core.runner.graphs.max_batch
-    return {"batch": batch, "steps": steps, "ms_per_step": dt / steps * 1e3, "tok_s": batch * steps / dt,
-            "context": prompt_len + steps, "cuda_graphs": graphs}
+    out = {"batch": batch, "steps": steps, "ms_per_step": dt / steps * 1e3, "tok_s": batch * steps / dt,
+           "context": prompt_len + steps, "cuda_graphs": graphs}
+    if prof:
+        out.update(prof)
+    return out
+
+
+def profile_steps(core: EngineCore, steps: int) -> dict:
+    """GPU-busy time (union of kernel/copy intervals), kernels per step and the host time that nothing
+    hides, over `steps` steady-state steps under the torch profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = core.runner.device
+    if device.type != "cuda":
+        return {}
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of intervals, in microseconds
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    busy_ms = busy / 1e3 / steps
+    wall_ms = wall * 1e3 / steps
+    return {"gpu_busy_ms": busy_ms, "kernels_per_step": len(spans) / steps, "profiled_ms_per_step": wall_ms,
+            "host_not_hidden_ms": max(0.0, wall_ms - busy_ms)}
+
+
+def measure_engine_process(config: EngineConfig, prompt_len: int, steps: int) -> dict:
+    """Batch-1 decode through the engine process: the median gap between a front's token deltas."""
+    from engine.engine_client import EngineClient
+
+    client = EngineClient(config, detokenize=False)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        ids = torch.randint(0, client.model_config.vocab_size, (prompt_len,), generator=gen).tolist()
+        stream = client.add_request(ids, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+        stamps = []
+        for delta in stream:
+            stamps += [time.perf_counter()] * len(delta.token_ids)
+        gaps = sorted(b - a for a, b in zip(stamps[8:], stamps[9:]))
+        return {"itl_ms_p50": gaps[len(gaps) // 2] * 1e3, "tokens": len(stamps)}
+    finally:
+        client.shutdown()
 
 
 def measure_prefill(core: EngineCore, tokens: int, seed: int, repeats: int = 3) -> dict:
@@ -70,9 +128,11 @@ def measure_prefill(core: EngineCore, tokens: int, seed: int, repeats: int = 3) 
         _sync(device)
         t0 = time.perf_counter()
         outs = core.step()
+        while not any(o.request_id == rid and o.finished for o in outs):  # overlap: reported one call later
+            assert core.has_unfinished(), "prefill did not finish in one step"
+            outs = core.step()
         _sync(device)
         dt = time.perf_counter() - t0
-        assert any(o.request_id == rid and o.finished for o in outs), "prefill did not finish in one step"
         if i > 0:  # the first one compiles kernels
             best = min(best, dt)
     return {"tokens": tokens, "seconds": best, "tok_s": tokens / best}
@@ -105,14 +165,25 @@ def run(args) -> dict:
         max_num_batched_tokens=max(args.prefill_len, max(args.batch)), gpu_memory_utilization=args.gpu_mem,
         num_pages=args.num_pages)
     config.cuda_graph_max_batch = max(args.batch)
+    config.overlap_schedule = not args.no_overlap
     core = EngineCore(config, model=model, model_config=mc)
-    decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b) for b in args.batch]
+    backend_name, moe_backend = core.runner.backend.name, _moe_backend(core)
+    decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b, profile=args.profile)
+              for b in args.batch]
     prefill = measure_prefill(core, args.prefill_len, seed=7)
+    engine_process = None
+    if args.engine_process:
+        del core
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        engine_process = measure_engine_process(config, args.prompt_len, args.decode_steps)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "model": args.model, "dtype": str(mc.dtype),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "attention_backend": core.runner.backend.name,
-              "moe_backend": _moe_backend(core), "probe": probe, "decode": decode, "prefill": prefill, "hf": hf_results}
+              "torch": torch.__version__, "attention_backend": backend_name,
+              "moe_backend": moe_backend, "probe": probe,
+              "decode": decode, "prefill": prefill, "hf": hf_results, "engine_process": engine_process,
+              "overlap_schedule": config.overlap_schedule}
     if probe:
         hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
         for d in decode:
@@ -160,12 +231,24 @@ def markdown(r: dict) -> str:
         lines[-1] += (f" {h['tok_s']:,.0f} ({h['ms_per_step']:.1f} ms/step) | {d['tok_s'] / h['tok_s']:.1f}× |"
                       if h else " – | – |")
     p, h = r["prefill"], hf.get("prefill") if hf else None
+    prof = [d for d in r["decode"] if "gpu_busy_ms" in d]
     ceil = p.get("ceiling_tok_s")
     row = f"| prefill tok/s, {p['tokens']} tokens | {p['tok_s']:,.0f} ({p['seconds'] * 1e3:.1f} ms) |"
     row += (f" {p['floor_s'] * 1e3:.1f} ms ({p['flops'] / 1e12:.1f} TFLOP) → {ceil:,.0f} tok/s | {p['tok_s'] / ceil:.0%} |"
             if ceil else " – | – |")
     row += f" {h['tok_s']:,.0f} | {p['tok_s'] / h['tok_s']:.1f}× |" if h else " – | – |"
     lines.append(row)
+    if prof:
+        lines += ["", f"Profiled steps (overlap scheduling {'on' if r.get('overlap_schedule', True) else 'off'}):", "",
+                  "| batch | wall ms/step | GPU-busy ms/step | host not hidden | kernels/step |", "|---|---|---|---|---|"]
+        lines += [f"| {d['batch']} | {d['profiled_ms_per_step']:.2f} | {d['gpu_busy_ms']:.2f} | "
+                  f"{d['host_not_hidden_ms']:.2f} ms ({d['host_not_hidden_ms'] / d['profiled_ms_per_step']:.0%}) | "
+                  f"{d['kernels_per_step']:.0f} |" for d in prof]
+    ep = r.get("engine_process")
+    if ep:
+        b1 = next((d for d in r["decode"] if d["batch"] == 1), None)
+        extra = f" ({ep['itl_ms_p50'] / b1['ms_per_step'] - 1:+.1%} vs the in-process batch-1 step)" if b1 else ""
+        lines += ["", f"Through the engine process (ZMQ): batch-1 inter-token gap p50 {ep['itl_ms_p50']:.2f} ms{extra}."]
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--gpu-mem", type=float, default=0.85)
     ap.add_argument("--hf-baseline", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU-busy, kernels and unhidden host time per step")
+    ap.add_argument("--engine-process", action="store_true", help="also time batch-1 decode through the engine process")
+    ap.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
     ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")
     args = ap.parse_args(argv)
     r = run(args)

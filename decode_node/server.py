@@ -1,6 +1,7 @@
-"""Decode node: reserves pages for a prompt's KV, waits (bounded) for the prefill node's WRITE
-notification naming the request, joins it to the running batch and streams token ids. In a
-collocated cluster (no prefill nodes) it also runs prompts itself (`Generate`)."""
+"""Decode node: for each request one `Decode` call reserves pages for the prompt's KV, answers
+where a prefill node must write it, waits (bounded) for that node's notice naming the transfer
+(with the first token), joins the running batch and streams token ids. In a collocated cluster
+(no prefill nodes) it also runs prompts itself (`Generate`)."""
 from __future__ import annotations
 
 import asyncio
@@ -20,35 +21,33 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
     def __init__(self, node: Node):
         self.node = node
 
-    async def Reserve(self, request: pb.ReserveRequest, context) -> pb.KVDestination:
-        loop = asyncio.get_running_loop()
-        try:
-            dest = await loop.run_in_executor(None, self.node.client.reserve, request.request_id,
-                                              request.num_prompt_tokens)
-        except ValueError as e:
-            return pb.KVDestination(request_id=request.request_id, error=str(e))
-        return convert.dest_to_proto(dest)
-
     async def Decode(self, request: pb.DecodeRequest, context):
+        """One call per request: reserve pages for the prompt's KV, answer where to write it, then
+        stream the tokens once the prefill node's notice arrives. Cancelling it aborts the request."""
         rid = request.request_id
         try:
             params = convert.params_from_proto(request.sampling)
         except ValueError as e:
-            self.node.client.abort(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         node = self.node
+        loop = asyncio.get_running_loop()
         node.in_flight.add(rid)
         try:
-            stream = node.client.start_decode(rid, list(request.prompt_token_ids), params, request.first_token,
-                                              tuple(request.eos_token_ids) or None)
+            try:
+                dest, stream = await loop.run_in_executor(
+                    None, lambda: node.client.add_remote_request(list(request.prompt_token_ids), params, rid,
+                                                                 tuple(request.eos_token_ids) or None))
+            except ValueError as e:  # refused (overloaded, too long, duplicate id): nothing was kept
+                yield pb.DecodeResponse(destination=pb.KVDestination(request_id=rid, error=str(e)))
+                return
+            yield pb.DecodeResponse(destination=convert.dest_to_proto(dest))
             async for msg in _observed(node, rid, stream, request, collocated=False):
-                yield msg
+                yield pb.DecodeResponse(delta=msg)
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
         finally:
             node.in_flight.discard(rid)
-
 
     async def Generate(self, request: pb.DecodeRequest, context):
         """Collocated serving: prefill and decode here, no KV transfer."""

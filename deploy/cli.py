@@ -31,6 +31,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step (chunked prefill)")
     g.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
     g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    g.add_argument("--no-overlap-schedule", dest="overlap_schedule", action="store_false",
+                   help="wait for each step's tokens before scheduling the next (no CPU/GPU overlap)")
     g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (also seeds dummy weights)")
     e = p.add_argument_group("expert parallelism (MoE models)")
@@ -59,7 +61,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 page_size=args.page_size, num_pages=args.num_pages,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=not args.no_prefix_cache,
-                enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, tokenizer=args.tokenizer,
+                enforce_eager=args.enforce_eager, overlap_schedule=args.overlap_schedule,
+                attention_backend=args.attention_backend, tokenizer=args.tokenizer,
                 ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
                 eplb_interval=args.eplb_interval, eplb_window=args.eplb_window,
                 eplb_min_gain=args.eplb_min_gain, ep_backend=args.ep_backend,
@@ -195,6 +198,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         out.append("--no-prefix-cache")
     if args.enforce_eager:
         out.append("--enforce-eager")
+    if not args.overlap_schedule:
+        out.append("--no-overlap-schedule")
     return out
 
 

@@ -275,10 +275,12 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: never capture CUDA graphs
+    overlap_schedule: bool = True  # schedule and launch step N+1 while the device runs step N
     cuda_graph_max_batch: int = 256
     tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
     kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL
     kv_transfer_timeout_s: float = 30.0  # bound on every KV transfer wait
+    kv_connector: str = "kvtransfer.nixl_connector:NixlConnector"  # KVConnector implementation (module:Class)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -75,24 +75,24 @@ class DecodeGraphs:
     def can_run(self, chunks: list) -> bool:
         return len(chunks) <= self.max_batch and all(c.num_new_tokens == 1 and c.sample for c in chunks)
 
-    def run(self, chunks: list) -> torch.Tensor:
+    def run(self, chunks: list, inputs, patch_pending) -> torch.Tensor:
+        """Replay the bucket for `chunks` (all decodes) with the runner's `inputs`; `patch_pending`
+        fills input ids the host has not seen yet from the step in flight, on the device."""
         b = len(chunks)
         bs = next(s for s in self.sizes if s >= b)
         ps = self.runner.page_size
-        ids, pos, slots, lens = [], [], [], []
+        slots = []
         width = max(len(c.request.page_ids) for c in chunks)
         table = torch.zeros((b, width), dtype=torch.int32)
         for i, c in enumerate(chunks):
             p = c.start
             pages = c.request.page_ids
-            ids.append(c.request.all_token_ids[p])
-            pos.append(p)
-            lens.append(p + 1)
             slots.append(pages[p // ps] * ps + p % ps)
             table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.input_ids[:b].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(pos), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self.input_ids[:b].copy_(torch.tensor(inputs.ids), non_blocking=True)
+        patch_pending(self.input_ids[:b])
+        self.positions[:b].copy_(torch.tensor(inputs.positions), non_blocking=True)
+        self.seq_lens[:b].copy_(torch.tensor(inputs.seq_lens, dtype=torch.int32), non_blocking=True)
         self.slot_mapping[:b].copy_(torch.tensor(slots), non_blocking=True)
         self.block_tables[:b, :width].copy_(table, non_blocking=True)
         if bs > b:

@@ -22,8 +22,8 @@ import zmq
 
 from engine.config import EngineConfig, ModelConfig
 from engine.engine_core import EngineOutput
-from engine.engine_process import (AbortRequest, AddRequest, EngineFailed, EngineReady, Reserve, Reserved,
-                                   Shutdown, StartDecode, Stats, StatsRequest, run_engine_process)
+from engine.engine_process import (AbortRequest, AddRemoteRequest, AddRequest, EngineFailed, EngineReady,
+                                   RemoteAdded, Shutdown, Stats, StatsRequest, run_engine_process)
 from engine.output_processor import RequestOutput, RequestState
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
@@ -98,8 +98,7 @@ def rank_device(device: str, rank: int) -> str:
 class EngineClient:
     """With `config.parallel.ep_size` N > 1 it starts this host's EP ranks (N, or N / ep_nnodes of a
     group spanning several hosts) as engine processes (attention data-parallel) and spreads
-    requests over them by the fewest requests in flight; a request's messages (reserve, start,
-    abort) always go to the rank that holds it."""
+    requests over them by the fewest requests in flight; a request's messages (add, abort) always go to the rank that holds it."""
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0, detokenize: bool = True):
         self.config = config
@@ -131,7 +130,7 @@ class EngineClient:
         self.tokenizer = load_tokenizer(config.tokenizer or self.info.model_path)
         self._states: dict[str, RequestState] = {}
         self._streams: dict[str, RequestStream] = {}
-        self._reservations: dict[str, "queue.Queue[Reserved]"] = {}
+        self._replies: dict[str, queue.Queue] = {}  # request id or "#statsN" -> its one reply
         self._rank_of: dict[str, int] = {}  # request id -> EP rank holding it
         self._in_flight = [0] * self.num_ranks
         self._lock = threading.Lock()
@@ -216,34 +215,33 @@ class EngineClient:
             self._streams[rid] = stream
         return rid, stream
 
-    def reserve(self, request_id: str, num_prompt_tokens: int, timeout_s: float = 30.0) -> dict:
-        """Decode role: reserve pages for a prompt's KV; returns the KV destination for the sender."""
-        if self._closed:
-            raise EngineDeadError("engine client is shut down")
-        box: queue.Queue[Reserved] = queue.Queue(maxsize=1)
+    def add_remote_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                           eos_token_ids: tuple[int, ...] | None = None,
+                           timeout_s: float = 30.0) -> tuple[dict, RequestStream]:
+        """Decode role: admit a request whose prompt KV a prefill node writes. Returns the KV
+        destination for that node and the request's stream; it decodes once the KV has arrived
+        (the first token comes with it). Raises ValueError if the engine refuses (overloaded...)."""
+        rid, stream = self._open(request_id, None, prompt_token_ids, params)
+        eos = self._eos_ids() if eos_token_ids is None else tuple(eos_token_ids)
+        box: queue.Queue[RemoteAdded] = queue.Queue(maxsize=1)
         with self._lock:
-            self._reservations[request_id] = box
-        self._send(Reserve(request_id, num_prompt_tokens), self._pick_rank(request_id))
+            self._replies[rid] = box
+        self._send(AddRemoteRequest(rid, list(prompt_token_ids), params.to_dict(), eos), self._pick_rank(rid))
         try:
             reply = box.get(timeout=timeout_s)
         except queue.Empty:
-            raise EngineDeadError(f"no reservation reply for {request_id!r} within {timeout_s:.0f} s") from None
+            reply = RemoteAdded(rid, None, f"no reply from the engine for {rid!r} within {timeout_s:.0f} s")
+            self.abort(rid)
         finally:
             with self._lock:
-                self._reservations.pop(request_id, None)
+                self._replies.pop(rid, None)
         if reply.dest is None:
-            self._forget(request_id)
-            raise ValueError(reply.error or "reservation refused")
-        return reply.dest
-
-    def start_decode(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, first_token: int,
-                     eos_token_ids: tuple[int, ...] | None = None) -> RequestStream:
-        """Decode role: generate after `first_token` once the reserved KV has arrived."""
-        rid, stream = self._open(request_id, None, prompt_token_ids, params)
-        eos = self._eos_ids() if eos_token_ids is None else tuple(eos_token_ids)
-        self._send(StartDecode(rid, list(prompt_token_ids), params.to_dict(), int(first_token), eos),
-                   self._pick_rank(rid))
-        return stream
+            self._forget(rid)
+            with self._lock:
+                self._states.pop(rid, None)
+                self._streams.pop(rid, None)
+            raise ValueError(reply.error or "refused")
+        return reply.dest, stream
 
     def engine_stats(self, timeout_s: float = 10.0) -> dict:
         """The engine's scheduler counters (pages free/cached/held/reserved, queue lengths...);
@@ -252,7 +250,7 @@ class EngineClient:
         boxes = {t: queue.Queue(maxsize=1) for t in tokens}
         with self._lock:
             for t, box in boxes.items():
-                self._reservations[f"#stats{t}"] = box
+                self._replies[f"#stats{t}"] = box
         try:
             for rank, t in enumerate(tokens):
                 self._send(StatsRequest(t), rank)
@@ -262,7 +260,7 @@ class EngineClient:
         finally:
             with self._lock:
                 for t in tokens:
-                    self._reservations.pop(f"#stats{t}", None)
+                    self._replies.pop(f"#stats{t}", None)
         if self.num_ranks == 1:
             return dict(per_rank[0], ranks=per_rank)
         total: dict = {}
@@ -348,10 +346,10 @@ class EngineClient:
                 outputs = pickle.loads(self._out.recv())
             except zmq.ZMQError:
                 return
-            if isinstance(outputs, (Reserved, Stats)):
-                key = outputs.request_id if isinstance(outputs, Reserved) else f"#stats{outputs.token}"
+            if isinstance(outputs, (RemoteAdded, Stats)):
+                key = outputs.request_id if isinstance(outputs, RemoteAdded) else f"#stats{outputs.token}"
                 with self._lock:
-                    box = self._reservations.get(key)
+                    box = self._replies.get(key)
                 if box is not None:
                     box.put(outputs)
                 continue
@@ -378,8 +376,8 @@ class EngineClient:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             pending = list(self._states)
-            boxes = list(self._reservations.items())
+            boxes = list(self._replies.items())
         for rid, box in boxes:
-            box.put(Reserved(rid, None, message))
+            box.put(RemoteAdded(rid, None, message))
         for rid in pending:
             self._deliver(EngineOutput(rid, [], finished=True, finish_reason="error", error=message))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +62,8 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._pending: list[EngineOutput] = []  # terminal outputs produced outside step()
         self.num_steps = 0
-        # Set by the prefill role's KV sender: chunks -> per-layer callback (or None) for this step.
-        self.layer_hook_factory = None
+        self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
+        self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
         # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
         # rank in the same step, after which no rank enters another collective.
         self.stop_requested = False
@@ -70,16 +71,35 @@ class EngineCore:
 
     # ------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    eos_token_ids: tuple[int, ...] | None = None, kv_hold: bool = False) -> None:
-        """`kv_hold` (prefill role): the pages outlive the request until `release_held`."""
+                    eos_token_ids: tuple[int, ...] | None = None, kv_dest: dict | None = None) -> None:
+        """`kv_dest` (prefill role): once computed, the prompt's KV is pushed there (SENDING_KV)."""
+        if kv_dest is not None and (self.connector is None or self.connector.role != "prefill"):
+            raise RequestError(f"request {request_id!r}: this engine is not in the prefill role; it cannot send KV")
+        req = self._new_request(request_id, prompt_token_ids, params, eos_token_ids)
+        req.kv_dest = kv_dest
+        self.scheduler.add_request(req)  # may raise SchedulerOverloaded; nothing is kept then
+        self.requests[request_id] = req
+
+    def add_remote_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                           eos_token_ids: tuple[int, ...] | None = None) -> dict:
+        """Decode role: admit a request whose prompt KV a prefill engine writes; returns where to
+        write it. The request runs once the writer's notice (with the first token) arrives."""
+        if self.connector is None or self.connector.role != "decode":
+            raise RequestError(f"request {request_id!r}: this engine is not in the decode role")
+        req = self._new_request(request_id, prompt_token_ids, params, eos_token_ids)
+        transfer_id = f"{request_id}#{uuid.uuid4().hex[:12]}"  # names this one write, not the request
+        deadline = time.monotonic() + self.config.kv_transfer_timeout_s
+        if not self.scheduler.add_remote(req, transfer_id, deadline):
+            raise RequestError(f"overloaded: no free KV pages for {req.num_prompt_tokens} tokens")
+        self.requests[request_id] = req
+        return self.connector.destination(req)
+
+    def _new_request(self, request_id, prompt_token_ids, params, eos_token_ids) -> Request:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in flight")
         self.validate_prompt(prompt_token_ids, params, request_id)
-        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
-                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids),
-                      kv_hold=kv_hold)
-        self.scheduler.add_request(req)  # may raise SchedulerOverloaded; nothing is kept then
-        self.requests[request_id] = req
+        return Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+                       eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "") -> None:
         n = len(prompt_token_ids)
@@ -99,50 +119,15 @@ class EngineCore:
             raise RequestError(f"request {request_id!r}: prompt of {n} tokens needs {need} KV pages; "
                                f"the pool holds {self.runner.num_pages}")
 
-    # ------------------------------------------------------------- disaggregation
-    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
-        """Decode role: pages for a prompt's KV that a prefill node will write."""
-        if request_id in self.requests or request_id in self.scheduler.reserved:
-            raise RequestError(f"request id {request_id!r} is already in flight")
-        if not 0 < num_prompt_tokens < self.max_model_len:
-            raise RequestError(f"request {request_id!r}: prompt of {num_prompt_tokens} tokens does not fit the "
-                               f"context limit of {self.max_model_len} tokens")
-        pages = self.scheduler.reserve(request_id, num_prompt_tokens)
-        if pages is None:
-            raise RequestError(f"overloaded: no free KV pages for {num_prompt_tokens} tokens")
-        return pages
-
-    def cancel_reservation(self, request_id: str) -> bool:
-        return self.scheduler.cancel_reservation(request_id)
-
-    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, first_token: int,
-                      eos_token_ids: tuple[int, ...] | None = None) -> list[EngineOutput]:
-        """Decode role: start a request whose prompt KV arrived in its reservation; the prefill node
-        already sampled `first_token`. Returns an output at once if that token ended the request."""
-        if request_id not in self.scheduler.reserved:
-            raise RequestError(f"request {request_id!r} has no KV reservation")
-        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
-                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
-        req.output_token_ids.append(first_token)
-        status = self.scheduler._check_stop(req, first_token)
-        if status is not None:
-            self.scheduler.cancel_reservation(request_id)
-            req.status = status
-            return [self._terminal(req, status, None)]
-        self.scheduler.start_prefilled(req)
-        self.requests[request_id] = req
-        return []
-
-    def release_held(self, request_id: str) -> None:
-        self.scheduler.release_held(request_id)
-
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
               error: str | None = None) -> bool:
         """Idempotent: a second abort, or an abort of a finished/unknown request, does nothing."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        self.scheduler.abort(request_id, status=status, error=error)
+        self.scheduler.abort(request_id, status=status, error=error, now=time.monotonic())
+        if req.kv_dest is not None:
+            self.connector.abort_send(req)  # its pages stay held until the connector reports the push over
         self._pending.append(self._terminal(req, status, error))
         return True
 
@@ -157,42 +142,106 @@ class EngineCore:
             self.abort(rid, RequestStatus.FINISHED_ERROR, message)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        """Work for `step`: requests to schedule, a step in flight or outputs to report."""
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._in_flight is not None
+
+    def has_kv_in_flight(self) -> bool:
+        """KV hand-offs under way (requests waiting for remote KV, pushes not yet ended)."""
+        return self.scheduler.has_kv_in_flight() or (self.connector is not None and self.connector.busy())
+
+    # ------------------------------------------------------------- KV hand-off
+    def attach_connector(self, connector) -> None:
+        """The KV connector (engine/kv_connector.py) of a prefill- or decode-role engine."""
+        self.connector = connector
+        self.scheduler.kv_timeout_s = self.config.kv_transfer_timeout_s
+
+    def _poll_connector(self) -> list[EngineOutput]:
+        events = self.connector.poll()
+        outputs = []
+        for rid, result in events.sent.items():
+            if result.in_flight:  # overdue: the client hears now, the pages wait for the WRITEs to end
+                self.abort(rid, RequestStatus.FINISHED_ERROR, result.error)
+                continue
+            req = self.scheduler.finish_sending(rid, result.error)
+            if req is not None:
+                self.requests.pop(rid, None)
+                out = self._terminal(req, req.status, req.error)
+                out.kv_transfer = result.stats
+                outputs.append(out)
+        ended = [self.scheduler.remote_kv_arrived(tid, notice.first_token) for tid, notice in events.arrived.items()]
+        ended += self.scheduler.expire_remote(time.monotonic())
+        for req in ended:
+            if req is not None and self.requests.pop(req.request_id, None) is not None:
+                outputs.append(self._terminal(req, req.status, req.error))
+        outputs += self._pending  # ended by an overdue push
+        self._pending = []
+        return outputs
 
     # ------------------------------------------------------------- the loop
     def step(self) -> list[EngineOutput]:
+        """Schedule and launch one step, then report the step before it (overlap scheduling: the
+        host prepares step N+1 while the device runs step N), or this one at once without overlap."""
         outputs, self._pending = self._pending, []
+        if self.connector is not None:
+            outputs += self._poll_connector()
+        if self._in_flight is not None and self._needs_resolved_tokens():
+            outputs += self._finish(self._in_flight)
+            self._in_flight = None
         sched_out = self.scheduler.schedule() if self.scheduler.has_unfinished() else None
         has_work = sched_out is not None and bool(sched_out.chunks)
         ep = self.runner.ep
         if ep is not None:  # EP ranks move in lock-step: one forward each whenever any rank has work
             busy, self.stopped = ep.step_begin(has_work, self.stop_requested)
-            if self.stopped or not busy:
-                return outputs
-            if not has_work:
+            if not self.stopped and busy and not has_work:
                 self.runner.execute_idle()
                 ep.step_end()
-                return outputs
+            if self.stopped or not has_work:
+                return outputs + self._drain()
         elif not has_work:
-            return outputs
+            return outputs + self._drain()
         now = time.monotonic()
         for c in sched_out.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = now
-        hook = self.layer_hook_factory(sched_out.chunks) if self.layer_hook_factory else None
-        result = self.runner.execute(sched_out.chunks, layer_hook=hook)
-        for rid, lp in result.logprobs.items():
-            self.requests[rid].output_logprobs.append(lp)
-        finished = {r.request_id for r in self.scheduler.update(sched_out, result.sampled)}
-        self.num_steps += 1
+        prev = self._in_flight
+        handle = self.runner.launch(sched_out.chunks, layer_hook=self._layer_saver(sched_out.chunks),
+                                    prev=prev[1] if prev is not None else None)
+        self.scheduler.advance(sched_out)
         if ep is not None:
-            ep.step_end()  # may rebalance experts: between steps, on every rank at once
+            ep.step_end()  # may rebalance experts: between launches, on every rank at once (stream-ordered)
+        self._in_flight = (sched_out, handle)
+        if prev is not None:
+            outputs += self._finish(prev)
+        if not self.config.overlap_schedule:
+            outputs += self._drain()
+        return outputs + self._ended_unscheduled()
+
+    def _drain(self) -> list[EngineOutput]:
+        """Report the step in flight, if any."""
+        flight, self._in_flight = self._in_flight, None
+        return self._finish(flight) if flight is not None else []
+
+    def _needs_resolved_tokens(self) -> bool:
+        """Penalties read earlier tokens' values on the host: such a batch waits for the step in flight."""
+        return any(r.sampling_params.has_penalties for r in self.scheduler.running)
+
+    def _finish(self, flight) -> list[EngineOutput]:
+        """Wait for a launched step's draws, record them and build its outputs."""
+        sched_out, handle = flight
+        result = handle.result()
+        self.num_steps += 1
+        for rid, lp in result.logprobs.items():
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                req.output_logprobs.append(lp)
+        finished = {r.request_id for r in self.scheduler.resolve(sched_out, result.sampled)}
+        outputs = []
         for c in sched_out.chunks:
             req = c.request
             rid = req.request_id
-            if rid not in result.sampled and rid not in finished:
-                continue
-            new = [result.sampled[rid]] if rid in result.sampled else []
+            if rid not in finished and (c.output_index < 0 or self.requests.get(rid) is not req or req.is_finished):
+                continue  # nothing sampled, or ended (aborted, stopped) before this step's token was known
+            new = [result.sampled[rid]] if c.output_index >= 0 else []
             queued = None
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
@@ -200,21 +249,36 @@ class EngineCore:
             out = EngineOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
                                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
                                queue_seconds=queued)
-            if rid in finished:
+            if req.status is RequestStatus.SENDING_KV:  # its end comes when the push has ended
+                self.connector.start_send(req)
+            elif rid in finished:
                 out.finished, out.finish_reason = True, req.finish_reason
                 out.stop_reason, out.error = req.stop_reason, req.error
                 self.requests.pop(rid, None)
             outputs.append(out)
-        # Requests the scheduler ended without a chunk this step (e.g. refused at its limit).
+        return outputs
+
+    def _ended_unscheduled(self) -> list[EngineOutput]:
+        """Requests the scheduler ended without a chunk (e.g. refused at its limit)."""
+        outputs = []
         for rid, req in list(self.requests.items()):
             if req.is_finished:
                 self.requests.pop(rid)
                 outputs.append(self._terminal(req, req.status, req.error))
         return outputs
 
+    def _layer_saver(self, chunks: list):
+        """Prefill role: the connector's per-layer push for requests whose prompt completes now."""
+        if self.connector is None:
+            return None
+        ready = [c.request for c in chunks if c.sample and c.request.kv_dest is not None]
+        return self.connector.layer_saver(ready) if ready else None
+
     def stats(self) -> dict:
         s = dict(self.scheduler.stats())
         s.update(num_steps=self.num_steps, num_pages=self.runner.num_pages, page_size=self.runner.page_size)
+        if self.connector is not None:
+            s.update(self.connector.stats())
         if self.runner.ep is not None:
             s.update(self.runner.ep.stats())
         return s

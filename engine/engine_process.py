@@ -4,8 +4,12 @@ CPU/GPU separation from the seed talks: the front process tokenizes, detokenizes
 API; this process only admits requests, steps the engine and ships token deltas back, so Python
 work in the front never stalls the GPU. Messages are small typed tuples pickled over ZMQ:
 
-    front → engine:  AddRequest | AbortRequest | Shutdown
+    front → engine:  AddRequest | AddRemoteRequest | AbortRequest | StatsRequest | Shutdown
     engine → front:  EngineReady | EngineFailed (startup) | list[EngineOutput] (one per step)
+                     | RemoteAdded (a KV destination) | Stats
+
+A prefill- or decode-role engine gets its KV connector here, by the name in `EngineConfig.kv_connector`
+(the engine owns the interface; `kvtransfer/` implements it and is never imported by the engine).
 """
 from __future__ import annotations
 
@@ -33,13 +37,15 @@ class AddRequest:
 
 
 @dataclass
-class Reserve:  # decode role: reserve pages for a prompt's incoming KV
+class AddRemoteRequest:  # decode role: a request whose prompt KV a prefill engine writes
     request_id: str
-    num_prompt_tokens: int
+    prompt_token_ids: list[int]
+    params: dict
+    eos_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass
-class Reserved:  # engine → front: the reservation (a KV destination) or why there is none
+class RemoteAdded:  # engine → front: where the prefill engine must write the KV, or why nowhere
     request_id: str
     dest: dict | None
     error: str | None = None
@@ -54,15 +60,6 @@ class StatsRequest:  # front → engine: a snapshot of the scheduler's counters
 class Stats:
     token: int
     stats: dict
-
-
-@dataclass
-class StartDecode:  # decode role: run the request once its KV has arrived
-    request_id: str
-    prompt_token_ids: list[int]
-    params: dict
-    first_token: int
-    eos_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -112,22 +109,19 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
         outbox.send(pickle.dumps(EngineFailed(f"{type(e).__name__}: {e}")))
         log.error("engine failed to start:\n%s", traceback.format_exc())
         return
-    kv = None
     if config.kv_role is not None:
         try:
-            from kvtransfer.engine_side import EngineKVTransfer
-
-            kv = EngineKVTransfer(core, config.kv_role, config.kv_transfer_timeout_s)
+            core.attach_connector(_connector_class(config.kv_connector).for_engine(core))
         except Exception as e:
-            outbox.send(pickle.dumps(EngineFailed(f"KV transfer agent failed to start: {type(e).__name__}: {e}")))
+            outbox.send(pickle.dumps(EngineFailed(f"KV connector failed to start: {type(e).__name__}: {e}")))
             return
     mc = core.model_config
     outbox.send(pickle.dumps(EngineReady(mc.path, mc.hf, core.max_model_len, core.runner.num_pages,
                                          core.runner.page_size, mc.eos_token_ids, config.kv_role,
-                                         kv.incarnation if kv else None, core.runner.kv_spec.describe(),
-                                         config.parallel.ep_rank)))
+                                         core.connector.incarnation if core.connector else None,
+                                         core.runner.kv_spec.describe(), config.parallel.ep_rank)))
     try:
-        _loop(core, inbox, outbox, kv)
+        _loop(core, inbox, outbox)
     finally:
         if core.runner.ep is not None:
             core.runner.ep.close()
@@ -136,9 +130,15 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
         ctx.term()
 
 
-def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
-    from engine.engine_core import EngineOutput
+def _connector_class(name: str):
+    """`module:Class` of a KVConnector implementation (default: kvtransfer's NIXL connector)."""
+    import importlib
 
+    module, _, cls = name.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     parent = os.getppid()
@@ -150,7 +150,7 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
         # Block while idle; poll briefly while only transfers are in flight; never wait while computing.
         # EP ranks step in lock-step (every iteration is a collective), so they only poll briefly.
         idle_wait = 2 if ep else 1000
-        timeout = 0 if core.has_unfinished() else (1 if kv is not None and kv.busy() else idle_wait)
+        timeout = 0 if core.has_unfinished() else (1 if core.has_kv_in_flight() else idle_wait)
         early: list = []
         while poller.poll(timeout):
             msg = pickle.loads(inbox.recv())
@@ -160,11 +160,12 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
                     return
                 core.stop_requested = True
                 continue
-            reply = _handle(core, kv, msg, early)
+            reply = _handle(core, msg, early)
             if reply is not None:
                 outbox.send(pickle.dumps(reply))
         try:
-            outputs = early + (core.step() if core.has_unfinished() or ep else [])
+            busy = core.has_unfinished() or core.has_kv_in_flight()
+            outputs = early + (core.step() if busy or ep else [])
         except Exception as e:  # a bug in one step must not kill the loop: fail what was in flight
             if ep:  # the other ranks are inside the same collective: this EP group cannot go on
                 log.error("EP rank step failed; exiting so the node fails its requests:\n%s", traceback.format_exc())
@@ -174,14 +175,11 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, kv=None) -> None:
             outputs = early + core.step()
         if core.stopped:
             return
-        if kv is not None:
-            outputs = kv.take_outputs(outputs) + kv.poll(
-                lambda rid, reason, error: EngineOutput(rid, [], finished=True, finish_reason=reason, error=error))
         if outputs:
             outbox.send(pickle.dumps(outputs))
 
 
-def _handle(core, kv, msg, outputs: list):
+def _handle(core, msg, outputs: list):
     """Apply one front message; refusals become terminal outputs; returns a direct reply if any."""
     from engine.engine_core import EngineOutput, RequestError
     from engine.sampling_params import SamplingParams
@@ -191,21 +189,11 @@ def _handle(core, kv, msg, outputs: list):
         outputs.append(EngineOutput(rid, [], finished=True, finish_reason="error", error=error))
 
     if isinstance(msg, AbortRequest):
-        if kv is not None:
-            kv.abort_sending(msg.request_id)
-            if kv.abort_reservation(msg.request_id):
-                outputs.append(EngineOutput(msg.request_id, [], finished=True, finish_reason=msg.status,
-                                            error=msg.error))
         core.abort(msg.request_id, RequestStatus(msg.status), msg.error)
     elif isinstance(msg, AddRequest):
         try:
             params = SamplingParams.from_dict(msg.params)
-            if msg.kv_dest is not None and (kv is None or kv.role != "prefill"):
-                raise RequestError("this engine is not in the prefill role; it cannot send KV")
-            core.add_request(msg.request_id, msg.prompt_token_ids, params, msg.eos_token_ids,
-                             kv_hold=msg.kv_dest is not None)
-            if msg.kv_dest is not None:
-                kv.expect_send(msg.request_id, msg.kv_dest)
+            core.add_request(msg.request_id, msg.prompt_token_ids, params, msg.eos_token_ids, kv_dest=msg.kv_dest)
         except SchedulerOverloaded as e:
             refuse(msg.request_id, f"overloaded: {e}")
         except (RequestError, ValueError, TypeError) as e:
@@ -213,23 +201,12 @@ def _handle(core, kv, msg, outputs: list):
     elif isinstance(msg, StatsRequest):
         stats = core.stats()
         stats["num_free_or_cached_pages"] = stats["num_free_pages"] + stats["num_cached_pages"]
-        if kv is not None:
-            stats.update(kv_transfers_in_flight=len(kv.sending), kv_waiting=len(kv.waiting),
-                         kv_quarantined=len(kv.quarantine), kv_bytes_sent=kv.bytes_sent)
         return Stats(msg.token, stats)
-    elif isinstance(msg, Reserve):
-        if kv is None or kv.role != "decode":
-            return Reserved(msg.request_id, None, "this engine is not in the decode role")
+    elif isinstance(msg, AddRemoteRequest):
         try:
-            return Reserved(msg.request_id, kv.reserve(msg.request_id, msg.num_prompt_tokens))
-        except (RequestError, ValueError) as e:
-            return Reserved(msg.request_id, None, str(e))
-    elif isinstance(msg, StartDecode):
-        try:
-            if kv is None or kv.role != "decode":
-                raise RequestError("this engine is not in the decode role")
-            kv.start(msg.request_id, msg.prompt_token_ids, SamplingParams.from_dict(msg.params), msg.first_token,
-                     msg.eos_token_ids)
+            dest = core.add_remote_request(msg.request_id, msg.prompt_token_ids, SamplingParams.from_dict(msg.params),
+                                           msg.eos_token_ids)
+            return RemoteAdded(msg.request_id, dest)
         except (RequestError, ValueError, TypeError) as e:
-            refuse(msg.request_id, str(e))
+            return RemoteAdded(msg.request_id, None, str(e))
     return None

@@ -23,7 +23,7 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                         num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                         cpu_kv_bytes: int = 1 << 30, enable_prefix_cache: bool = True,
                         max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_waiting: int = 4096,
-                        enforce_eager: bool = False, attention_backend: str = "auto",
+                        enforce_eager: bool = False, overlap_schedule: bool = True, attention_backend: str = "auto",
                         tokenizer: str | None = None, ep_size: int = 1, num_redundant_experts: int = 0,
                         eplb_interval: int = 0, eplb_window: int = 32, eplb_min_gain: float = 0.05,
                         ep_backend: str = "auto",
@@ -32,6 +32,7 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
     return EngineConfig(
         model=model, dtype=dtype, device=device, load_format=load_format, seed=seed,
         max_model_len=max_model_len, attention_backend=attention_backend, enforce_eager=enforce_eager,
+        overlap_schedule=overlap_schedule,
         tokenizer=tokenizer,
         cache=CacheConfig(page_size=page_size, num_pages=num_pages, gpu_memory_utilization=gpu_memory_utilization,
                           cpu_kv_bytes=cpu_kv_bytes, enable_prefix_cache=enable_prefix_cache),

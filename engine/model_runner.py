@@ -4,11 +4,17 @@ It owns the model weights, the KV pool memory, the attention backend and (on CUD
 CUDA graphs. It knows nothing about queues or requests' lifecycles: it reads the scheduler's
 chunks (which tokens of which request to compute, into which pages) and returns the sampled
 token of every chunk that ends at its request's last known token.
+
+`launch` only enqueues the step on the device and returns a `StepHandle`; its tokens stay on the
+device and feed the next launch directly: an input token the host has not seen yet
+(`PENDING_TOKEN`) is taken from the previous step's sampled ids. `StepHandle.result` waits for the
+step (an event) and copies its draws to the host (non-blocking copies started at launch), so the
+host prepares step N+1 while the GPU runs step N.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +24,8 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
-from engine.sampler import Sampler
+from engine.request import PENDING_TOKEN
+from engine.sampler import Sampled, Sampler
 from engine.weight_loader import load_model
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,38 @@ class StepResult:
     sampled: dict[str, int]  # request_id -> new token
     logprobs: dict[str, object]  # request_id -> logprob entry (only where asked for)
     num_tokens: int  # tokens computed this step
+
+
+class StepHandle:
+    """A launched step: its draws on the device, their host copies in flight, an event."""
+
+    def __init__(self, rows: dict[str, int], sampled: Sampled | None, num_tokens: int, device: torch.device):
+        self.rows = rows  # request id -> row of `sampled`
+        self.sampled = sampled
+        self.num_tokens = num_tokens
+        self._host = None
+        self._event = None
+        if sampled is not None and device.type == "cuda":
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                          for t in sampled.tensors()]
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.sampled.token_ids
+
+    def result(self) -> StepResult:
+        if self.sampled is None:
+            return StepResult({}, {}, self.num_tokens)
+        if self._event is not None:
+            self._event.synchronize()
+        out = self.sampled.to_host(self._host)
+        rids = list(self.rows)
+        logprobs = {}
+        if out.logprobs is not None:
+            logprobs = {rid: lp for rid, lp in zip(rids, out.logprobs) if lp is not None}
+        return StepResult(dict(zip(rids, out.token_ids)), logprobs, self.num_tokens)
 
 
 class ModelRunner:
@@ -110,45 +149,78 @@ class ModelRunner:
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
     def execute(self, chunks: list, expert_load: torch.Tensor | None = None, layer_hook=None) -> StepResult:
-        """Run one step over the scheduler's chunks (decodes first, then prefill chunks)."""
+        """Run one step and wait for its draws."""
+        return self.launch(chunks, expert_load, layer_hook).result()
+
+    @torch.inference_mode()
+    def launch(self, chunks: list, expert_load: torch.Tensor | None = None, layer_hook=None,
+               prev: StepHandle | None = None) -> StepHandle:
+        """Enqueue one step over the scheduler's chunks (decodes first, then prefill chunks); input
+        tokens still PENDING on the host come from `prev`'s sampled ids on the device."""
         if not chunks:
-            return StepResult({}, {}, 0)
+            return StepHandle({}, None, 0, self.device)
         sampling = [c for c in chunks if c.sample]
+        inputs = self._inputs(chunks)
         if self.graphs is not None and expert_load is None and layer_hook is None and self.graphs.can_run(chunks):
-            logits = self.graphs.run(chunks)
+            logits = self.graphs.run(chunks, inputs, lambda ids: self._patch_pending(ids, inputs, prev))
         else:
-            logits = self._run_eager(chunks, expert_load, layer_hook)
-        out = self.sampler.sample(logits, [c.request for c in sampling])
-        sampled = {c.request.request_id: t for c, t in zip(sampling, out.token_ids)}
-        logprobs = {}
-        if out.logprobs is not None:
-            logprobs = {c.request.request_id: lp for c, lp in zip(sampling, out.logprobs) if lp is not None}
-        return StepResult(sampled, logprobs, sum(c.num_new_tokens for c in chunks))
+            logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
+        sampled = self.sampler.sample_on_device(logits, [c.request for c in sampling]) if sampling else None
+        rows = {c.request.request_id: i for i, c in enumerate(sampling)}
+        return StepHandle(rows, sampled, len(inputs.ids), self.device)
+
+    @staticmethod
+    def _inputs(chunks: list) -> "_StepInputs":
+        inputs = _StepInputs()
+        for c in chunks:
+            start, n = c.start, c.num_new_tokens
+            tokens = c.request.all_token_ids[start: start + n]
+            for i, t in enumerate(tokens):
+                if t == PENDING_TOKEN:  # sampled by the step in flight: patched on the device
+                    inputs.pending.append((len(inputs.ids) + i, c.request.request_id))
+            inputs.ids.extend(0 if t == PENDING_TOKEN else t for t in tokens)
+            inputs.positions.extend(range(start, start + n))
+            inputs.query_lens.append(n)
+            inputs.seq_lens.append(start + n)
+            inputs.tables.append(c.request.page_ids)
+            if c.sample:
+                inputs.logits_rows.append(len(inputs.ids) - 1)
+        return inputs
+
+    def _patch_pending(self, ids: torch.Tensor, inputs: "_StepInputs", prev: StepHandle | None) -> None:
+        if not inputs.pending:
+            return
+        if prev is None or prev.sampled is None:
+            raise RuntimeError("a step input is pending but no step is in flight")
+        at = torch.tensor([i for i, _ in inputs.pending], dtype=torch.long).to(self.device, non_blocking=True)
+        rows = torch.tensor([prev.rows[rid] for _, rid in inputs.pending], dtype=torch.long)
+        ids[at] = prev.token_ids[rows.to(self.device, non_blocking=True)]
 
     @torch.inference_mode()
     def execute_idle(self) -> None:
         """EP rank with no tokens this step: serve the other ranks' MoE dispatches."""
         self.ep.run_idle()
 
-    def _run_eager(self, chunks: list, expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens, seq_lens, tables, logits_rows = [], [], [], []
-        for c in chunks:
-            start, n = c.start, c.num_new_tokens
-            input_ids.extend(c.request.all_token_ids[start: start + n])
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(c.request.page_ids)
-            if c.sample:
-                logits_rows.append(len(input_ids) - 1)
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.page_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+    def _run_eager(self, chunks: list, inputs: "_StepInputs", prev: StepHandle | None,
+                   expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:
+        meta = AttentionMetadata.build(inputs.query_lens, inputs.seq_lens, inputs.tables, self.page_size, self.device)
+        ids = torch.tensor(inputs.ids, dtype=torch.long).to(self.device, non_blocking=True)
+        self._patch_pending(ids, inputs, prev)
+        pos = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
         batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load, layer_hook)
         hidden = self.model(ids, pos, batch)
-        if not logits_rows:
+        if not inputs.logits_rows:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
-        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden[rows])
+
+
+@dataclass
+class _StepInputs:
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)
+    pending: list[tuple[int, str]] = field(default_factory=list)  # (position in ids, request id)

@@ -1,7 +1,9 @@
 """A request's state inside one engine: tokens, pages, progress and terminal status.
 
 Invariants: `num_computed_tokens` tokens of `all_token_ids` have their KV in `page_ids`
-(page `i` holds positions `i*page_size .. (i+1)*page_size-1`); a finished request holds no pages.
+(page `i` holds positions `i*page_size .. (i+1)*page_size-1`); a finished request holds no pages,
+except a decode-role request that ended while a prefill node's WRITE may still target its pages:
+the scheduler keeps those until the write's notice names it or its deadline passes.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Any
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # admitted, not yet scheduled (or preempted and waiting to recompute)
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # decode role: pages held, a prefill node writes them
     RUNNING = "running"
+    SENDING_KV = "sending_kv"  # prefill role: computed; pages held until the KV push to the decode node ends
     FINISHED_STOPPED = "stop"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "length"  # max_tokens or context limit
     FINISHED_ABORTED = "abort"
@@ -21,7 +25,12 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        return self not in _LIVE
+
+
+PENDING_TOKEN = -1  # an output token sampled by a step still in flight (overlap scheduling)
+
+_LIVE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_REMOTE_KV, RequestStatus.RUNNING, RequestStatus.SENDING_KV)
 
 
 @dataclass
@@ -43,7 +52,17 @@ class Request:
     error: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    kv_hold: bool = False  # prefill role: keep the pages after finishing until the KV is sent
+    # KV hand-off (DESIGN.md "The request path"). Prefill role: `kv_dest` says where this request's
+    # prompt KV goes; once computed it waits in SENDING_KV (pages held) with the status it ended
+    # with in `kv_final_status`. Decode role: `kv_transfer_id` names the remote write that fills
+    # its pages; `kv_deadline` bounds the wait (and, once it ended early, how long pages a WRITE
+    # may still target stay held). `kv_push_started`: a WRITE from these pages may be in flight.
+    kv_dest: dict | None = None
+    kv_final_status: RequestStatus | None = None
+    kv_push_started: bool = False
+    kv_transfer_id: str | None = None
+    kv_deadline: float = 0.0
+    kv_transfer: dict | None = None  # bytes / seconds of the push, for the final output
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -25,10 +25,41 @@ def _seed_for(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+@dataclass
+class Sampled:
+    """One step's draws, still on the device: token ids and, where asked for, logprob tensors."""
+    token_ids: torch.Tensor  # [rows] int64
+    params: list
+    logprobs: tuple | None = None  # (chosen, ranks, top_vals, top_ids) tensors
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.token_ids, *(self.logprobs or ())]
+
+    def to_host(self, host: list | None = None) -> SamplerOutput:
+        """Lists from the device tensors (or from `host`, copies of `tensors()` already made)."""
+        host = host if host is not None else self.tensors()
+        token_ids = host[0].tolist()
+        if self.logprobs is None:
+            return SamplerOutput(token_ids, None)
+        chosen, ranks, top_vals, top_ids = (t.tolist() for t in host[1:])
+        out = []
+        for row, p in enumerate(self.params):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            top = {int(t): float(v) for t, v in zip(top_ids[row][: p.logprobs], top_vals[row][: p.logprobs])}
+            out.append({"token_id": token_ids[row], "logprob": float(chosen[row]), "rank": int(ranks[row]),
+                        "top_logprobs": top})
+        return SamplerOutput(token_ids, out)
+
+
 class Sampler:
     def sample(self, logits: torch.Tensor, requests: list) -> SamplerOutput:
         if not requests:
             return SamplerOutput([], None)
+        return self.sample_on_device(logits, requests).to_host()
+
+    def sample_on_device(self, logits: torch.Tensor, requests: list) -> Sampled:
         params = [r.sampling_params for r in requests]
         raw = logits.float()
         x = raw
@@ -41,11 +72,10 @@ class Sampler:
             ids = x.argmax(dim=-1)
         else:
             ids = self._draw(x, requests)
-        token_ids = ids.tolist()
         logprobs = None
         if any(p.logprobs is not None for p in params):
-            logprobs = self._logprobs(raw, ids, params, token_ids)
-        return SamplerOutput(token_ids, logprobs)
+            logprobs = self._logprobs(raw, ids, params)
+        return Sampled(ids, params, logprobs)
 
     # ---------------------------------------------------------------- processing
     @staticmethod
@@ -116,20 +146,10 @@ class Sampler:
 
     # ---------------------------------------------------------------- logprobs
     @staticmethod
-    def _logprobs(raw: torch.Tensor, ids: torch.Tensor, params: list, token_ids: list[int]) -> list:
+    def _logprobs(raw: torch.Tensor, ids: torch.Tensor, params: list) -> tuple:
         lp = raw.log_softmax(dim=-1)
         chosen = lp.gather(1, ids[:, None])[:, 0]
         ranks = (lp > chosen[:, None]).sum(dim=-1) + 1
         n_top = max(p.logprobs or 0 for p in params)
         top_vals, top_ids = lp.topk(max(n_top, 1), dim=-1)
-        chosen, ranks = chosen.tolist(), ranks.tolist()
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        out = []
-        for row, p in enumerate(params):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            top = {int(t): float(v) for t, v in zip(top_ids[row][: p.logprobs], top_vals[row][: p.logprobs])}
-            out.append({"token_id": token_ids[row], "logprob": float(chosen[row]), "rank": int(ranks[row]),
-                        "top_logprobs": top})
-        return out
+        return chosen, ranks, top_vals, top_ids

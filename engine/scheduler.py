@@ -10,6 +10,14 @@ prefix cache, and it recomputes later from the front of the waiting queue).
 It decides *what* to compute; the model runner computes it. Stop conditions that need only
 token ids (EOS, stop token ids, max_tokens, the context limit) are checked here in `update`;
 stop strings need text and belong to the front.
+
+The KV hand-off between nodes is two more request states with their own queues (SGLang's decode
+side reads the same way): a decode-role request whose prompt KV a prefill node writes waits in
+`remote_kv` (WAITING_FOR_REMOTE_KV, pages allocated, keyed by its transfer id) until the write's
+notice arrives, then runs; a prefill-role request with a destination ends in `sending`
+(SENDING_KV) holding its pages until its push has ended. A request that ends while a WRITE may
+still target or read its pages keeps them until the connector says none is in flight (or, on the
+decode side, until its deadline) — pages are never reused under a WRITE.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from dataclasses import dataclass, field
 from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
 from engine.radix_cache import RadixCache
-from engine.request import Request, RequestStatus
+from engine.request import PENDING_TOKEN, Request, RequestStatus
 
 
 class SchedulerOverloaded(RuntimeError):
@@ -32,6 +40,7 @@ class ScheduledChunk:
     start: int  # first position computed this step (== request.num_computed_tokens)
     num_new_tokens: int
     sample: bool  # the chunk reaches the request's last token: sample its next one
+    output_index: int = -1  # where its sampled token goes in `request.output_token_ids` (set at launch)
 
 
 @dataclass
@@ -55,8 +64,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_finished = 0
-        self.held: dict[str, list[int]] = {}  # finished prefill-role requests' pages, until sent
-        self.reserved: dict[str, list[int]] = {}  # decode role: pages reserved for incoming KV
+        self.kv_timeout_s = 30.0  # bound on waiting for a remote KV write (set by the engine)
+        self.remote_kv: dict[str, Request] = {}  # decode role: transfer id -> request waiting for its KV
+        self.sending: dict[str, Request] = {}  # prefill role: request id -> computed request, KV push in flight
 
     # ------------------------------------------------------------- admission
     def pages_for(self, num_tokens: int) -> int:
@@ -70,6 +80,9 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def has_kv_in_flight(self) -> bool:
+        return bool(self.remote_kv or self.sending)
 
     # ------------------------------------------------------------- pages
     def _allocate(self, n: int) -> list[int] | None:
@@ -97,41 +110,93 @@ class Scheduler:
             return
         if self.radix is not None:
             self.radix.insert(req.all_token_ids, req.page_ids, req.num_computed_tokens)
-        if req.kv_hold and req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
-            self.held[req.request_id] = req.page_ids  # released by release_held once sent
-        else:
-            self.block_pool.decref(req.page_ids)
+        self.block_pool.decref(req.page_ids)
         req.page_ids = []
 
-    def release_held(self, request_id: str) -> None:
-        pages = self.held.pop(request_id, None)
-        if pages:
-            self.block_pool.decref(pages)
+    def _hold_for_send(self, req: Request, status: RequestStatus) -> None:
+        """Prefill role: a computed request whose KV push may be in flight keeps its pages (its
+        full pages already shared with the prefix cache) until `finish_sending`."""
+        if self.radix is not None:
+            self.radix.insert(req.all_token_ids, req.page_ids, req.num_computed_tokens)
+        req.kv_final_status = status
+        req.status = RequestStatus.SENDING_KV
+        self.sending[req.request_id] = req
+
+    def finish_sending(self, request_id: str, error: str | None = None) -> Request | None:
+        """The push of a SENDING_KV (or aborted mid-push) request ended: free its pages. Returns the
+        request, with its final status set, unless it had already ended (aborted)."""
+        req = self.sending.pop(request_id, None)
+        if req is None:
+            return None
+        self.block_pool.decref(req.page_ids)
+        req.page_ids = []
+        if req.is_finished:  # aborted while its WRITEs were in flight: its end was reported then
+            return None
+        req.status = RequestStatus.FINISHED_ERROR if error else req.kv_final_status
+        req.error = error
+        self.num_finished += 1
+        return req
 
     # ------------------------------------------------------------- decode role
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Pages for `num_tokens` tokens of KV that another node will write; None if none free."""
-        if request_id in self.reserved:
-            raise ValueError(f"request {request_id!r} already has a reservation")
-        pages = self._allocate(self.pages_for(num_tokens))
-        if pages is not None:
-            self.reserved[request_id] = pages
-        return pages
-
-    def cancel_reservation(self, request_id: str) -> bool:
-        pages = self.reserved.pop(request_id, None)
+    def add_remote(self, req: Request, transfer_id: str, deadline: float) -> bool:
+        """Admit a request whose prompt KV another node writes: pages for the prompt now; it runs
+        once `remote_kv_arrived` names `transfer_id`. False (nothing kept) if the pages are not free."""
+        if transfer_id in self.remote_kv:
+            raise ValueError(f"transfer id {transfer_id!r} is already in use")
+        pages = self._allocate(self.pages_for(req.num_prompt_tokens))
         if pages is None:
             return False
-        self.block_pool.decref(pages)
+        req.page_ids = pages
+        req.kv_transfer_id, req.kv_deadline = transfer_id, deadline
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.remote_kv[transfer_id] = req
         return True
 
-    def start_prefilled(self, req: Request) -> None:
-        """Run a request whose prompt KV arrived in its reserved pages (first token already sampled)."""
-        pages = self.reserved.pop(req.request_id)
-        req.page_ids = pages
+    def remote_kv_arrived(self, transfer_id: str, first_token: int | None) -> Request | None:
+        """The sender's notice for `transfer_id`: the KV is in the pages and `first_token` was
+        sampled (None: the sender abandoned it). Returns the request if the notice ended it."""
+        req = self.remote_kv.pop(transfer_id, None)
+        if req is None:
+            return None
+        if req.is_finished or first_token is None:  # ended while waiting, or abandoned: no WRITE in flight now
+            self.block_pool.decref(req.page_ids)
+            req.page_ids = []
+            if req.is_finished:
+                return None
+            req.status, req.error = RequestStatus.FINISHED_ERROR, "the prefill node abandoned the KV transfer"
+            self.num_finished += 1
+            return req
         req.num_computed_tokens = req.num_prompt_tokens
+        req.output_token_ids.append(first_token)
+        status = self._check_stop(req, first_token)
+        if status is not None:
+            req.status = status
+            self._release(req)
+            self.num_finished += 1
+            return req
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+        return None
+
+    def expire_remote(self, now: float) -> list[Request]:
+        """Requests whose KV did not arrive by their deadline end with an error; their pages stay
+        held one more timeout (a late WRITE may still land), as do those of requests that ended
+        while waiting. Returns the requests that ended now."""
+        ended = []
+        for tid, req in list(self.remote_kv.items()):
+            if now <= req.kv_deadline:
+                continue
+            if req.is_finished:  # drained: no WRITE can still be coming
+                del self.remote_kv[tid]
+                self.block_pool.decref(req.page_ids)
+                req.page_ids = []
+                continue
+            req.status = RequestStatus.FINISHED_ERROR
+            req.error = f"KV for request {req.request_id!r} did not arrive in time"
+            req.kv_deadline = now + self.kv_timeout_s
+            self.num_finished += 1
+            ended.append(req)
+        return ended
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -152,10 +217,12 @@ class Scheduler:
             if req not in self.running:  # preempted earlier in this loop
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or (req.output_token_ids and self._ends_by_count(req)):
                 continue
-            while not self._grow(req, req.num_computed_tokens + num_new):
-                victim = self.running[-1]
+            while not (grown := self._grow(req, req.num_computed_tokens + num_new)):
+                victim = self._victim(req)
+                if victim is None:  # only requests about to end hold the pages: try next step
+                    break
                 if victim is req and len(self.running) == 1:
                     self._fail_too_large(req)
                     break
@@ -163,7 +230,7 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            if req not in self.running:
+            if req not in self.running or not grown:
                 continue
             out.chunks.append(self._chunk(req, num_new))
             budget -= num_new
@@ -171,6 +238,15 @@ class Scheduler:
             self._admit(out, budget)
         out.chunks.sort(key=lambda c: c.num_new_tokens != 1)  # decodes (query length 1) first
         return out
+
+    def _victim(self, req: Request) -> Request | None:
+        """The most recently admitted request that may be preempted to make room for `req`: not one
+        whose launched step ends it anyway, nor one whose pages a KV push may be reading."""
+        for victim in reversed(self.running):
+            ending = victim.output_token_ids and self._ends_by_count(victim)
+            if victim is req or not (ending or victim.kv_push_started):
+                return victim
+        return None
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -214,29 +290,55 @@ class Scheduler:
 
     # ------------------------------------------------------------- update
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Record computed tokens and sampled ones; returns the requests that finished."""
-        finished = []
+        """Record a step's computed and sampled tokens; returns the requests that finished (or,
+        with a KV destination, finished computing: SENDING_KV)."""
+        self.advance(out)
+        return self.resolve(out, sampled)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """A step was launched: its tokens count as computed and each sampling chunk's token as a
+        PENDING output, so the next step can be scheduled before the host knows the token."""
         for chunk in out.chunks:
             req = chunk.request
             if req.is_finished or req not in self.running:
                 continue  # aborted while the step ran
             req.num_computed_tokens += chunk.num_new_tokens
-            token = sampled.get(req.request_id) if chunk.sample else None
-            if token is None:
+            if chunk.sample:
+                chunk.output_index = len(req.output_token_ids)
+                req.output_token_ids.append(PENDING_TOKEN)
+
+    def resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """The launched step's tokens are known: fill them in and check stops. A request that stopped
+        drops the PENDING tokens of steps launched after this one (their work is discarded)."""
+        finished = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if chunk.output_index < 0 or req.is_finished or req.status is RequestStatus.SENDING_KV:
                 continue
-            req.output_token_ids.append(token)
-            status = self._check_stop(req, token)
-            if status is not None:
-                req.status = status
+            token = sampled[req.request_id]
+            req.output_token_ids[chunk.output_index] = token
+            status = self._check_stop(req, token, num_output=chunk.output_index + 1)
+            if status is None:
+                continue
+            del req.output_token_ids[chunk.output_index + 1:]
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+            finished.append(req)
+            if req in self.waiting:  # preempted after this step was launched: it holds no pages
+                self.waiting.remove(req)
+            else:
                 self.running.remove(req)
-                self._release(req)
-                self.num_finished += 1
-                finished.append(req)
+                if req.kv_dest is not None:  # prefill role: computed, not finished until its KV is sent
+                    self._hold_for_send(req, status)
+                    continue
+            req.status = status
+            self._release(req)
+            self.num_finished += 1
         return finished
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token: int, num_output: int | None = None) -> RequestStatus | None:
+        """Stop status after `token`, the `num_output`-th output token (default: the last one)."""
         params = req.sampling_params
-        n_out = req.num_output_tokens
+        n_out = req.num_output_tokens if num_output is None else num_output
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
@@ -245,23 +347,43 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
+        if req.num_prompt_tokens + n_out >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _ends_by_count(self, req: Request) -> bool:
+        """Its last (maybe still PENDING) token ends it whatever its value: max_tokens or the
+        context limit. Such a request is not scheduled again while that token is in flight."""
+        max_tokens = req.sampling_params.max_tokens
+        return ((max_tokens is not None and req.num_output_tokens >= max_tokens)
+                or req.num_tokens >= self.max_model_len)
+
     # ------------------------------------------------------------- abort
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
-              error: str | None = None) -> Request | None:
+              error: str | None = None, now: float = 0.0) -> Request | None:
         """End a request wherever it is and free its pages. Idempotent."""
         for queue in (self.running, self.waiting):
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
-                    self._release(req)
+                    if req.kv_push_started:  # a WRITE may read its pages: hold them until it ends
+                        self.sending[request_id] = req
+                    else:
+                        self._release(req)
                     req.status, req.error = status, error
                     self.num_finished += 1
                     return req
-        return None
+        req = self.sending.get(request_id)
+        if req is None:
+            req = next((r for r in self.remote_kv.values() if r.request_id == request_id), None)
+            if req is not None and not req.is_finished:
+                # its pages stay held until the sender's notice or a full timeout (a WRITE may be landing)
+                req.kv_deadline = max(req.kv_deadline, now + self.kv_timeout_s)
+        if req is None or req.is_finished:
+            return None
+        req.status, req.error = status, error
+        self.num_finished += 1
+        return req
 
     # ------------------------------------------------------------- stats
     def stats(self) -> dict:
@@ -275,7 +397,7 @@ class Scheduler:
             "kv_cache_usage": used / pool.num_pages,
             "prefix_cache_queries_tokens": self.radix.num_queries_tokens if self.radix else 0,
             "prefix_cache_hits_tokens": self.radix.num_hit_tokens if self.radix else 0,
-            "num_held_pages": sum(len(p) for p in self.held.values()),
-            "num_reserved_pages": sum(len(p) for p in self.reserved.values()),
-            "num_reserved": len(self.reserved),
+            "num_held_pages": sum(len(r.page_ids) for r in self.sending.values()),
+            "num_reserved_pages": sum(len(r.page_ids) for r in self.remote_kv.values()),
+            "num_reserved": sum(not r.is_finished for r in self.remote_kv.values()),
         }

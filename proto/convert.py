@@ -46,13 +46,14 @@ def dest_to_proto(d: dict) -> "pb.KVDestination":
     return pb.KVDestination(request_id=d["request_id"], agent_name=d["agent_name"],
                             agent_metadata=d["agent_metadata"], layer_addrs=d["layer_addrs"],
                             page_ids=d["page_ids"], layout=layout_to_proto(d["layout"]),
-                            incarnation=d.get("incarnation", ""))
+                            incarnation=d.get("incarnation", ""), transfer_id=d.get("transfer_id") or "")
 
 
 def dest_from_proto(msg: "pb.KVDestination") -> dict:
     return {"request_id": msg.request_id, "agent_name": msg.agent_name, "agent_metadata": msg.agent_metadata,
             "layer_addrs": list(msg.layer_addrs), "page_ids": list(msg.page_ids),
-            "layout": layout_from_proto(msg.layout), "incarnation": msg.incarnation, "dev_id": 0}
+            "layout": layout_from_proto(msg.layout), "incarnation": msg.incarnation, "dev_id": 0,
+            "transfer_id": msg.transfer_id}
 
 
 def logprobs_to_proto(entries: list) -> list:

@@ -312,15 +312,10 @@ class DecodeNodeStub:
                 request_serializer=proto_dot_pdserve__pb2.InfoRequest.SerializeToString,
                 response_deserializer=proto_dot_pdserve__pb2.NodeInfo.FromString,
                 _registered_method=True)
-        self.Reserve = channel.unary_unary(
-                '/pdserve.v1.DecodeNode/Reserve',
-                request_serializer=proto_dot_pdserve__pb2.ReserveRequest.SerializeToString,
-                response_deserializer=proto_dot_pdserve__pb2.KVDestination.FromString,
-                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdserve.v1.DecodeNode/Decode',
                 request_serializer=proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=proto_dot_pdserve__pb2.GenerateResponse.FromString,
+                response_deserializer=proto_dot_pdserve__pb2.DecodeResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/pdserve.v1.DecodeNode/Generate',
@@ -343,21 +338,17 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Reserve(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Decode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reserve pages for the prompt's KV and decode once a prefill node has written it: one call
+        per request, so cancelling it is the one abort path on this node.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Collocated serving (no prefill node): the node runs the prompt itself, then decodes;
-        `first_token` is ignored. The baseline disaggregation is measured against.
+        """Collocated serving (no prefill node): the node runs the prompt itself, then decodes.
+        The baseline disaggregation is measured against.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,15 +368,10 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_pdserve__pb2.InfoRequest.FromString,
                     response_serializer=proto_dot_pdserve__pb2.NodeInfo.SerializeToString,
             ),
-            'Reserve': grpc.unary_unary_rpc_method_handler(
-                    servicer.Reserve,
-                    request_deserializer=proto_dot_pdserve__pb2.ReserveRequest.FromString,
-                    response_serializer=proto_dot_pdserve__pb2.KVDestination.SerializeToString,
-            ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=proto_dot_pdserve__pb2.DecodeRequest.FromString,
-                    response_serializer=proto_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+                    response_serializer=proto_dot_pdserve__pb2.DecodeResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -436,33 +422,6 @@ class DecodeNode:
             _registered_method=True)
 
     @staticmethod
-    def Reserve(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/pdserve.v1.DecodeNode/Reserve',
-            proto_dot_pdserve__pb2.ReserveRequest.SerializeToString,
-            proto_dot_pdserve__pb2.KVDestination.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Decode(request,
             target,
             options=(),
@@ -478,7 +437,7 @@ class DecodeNode:
             target,
             '/pdserve.v1.DecodeNode/Decode',
             proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
-            proto_dot_pdserve__pb2.GenerateResponse.FromString,
+            proto_dot_pdserve__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,15 +1,19 @@
 """One request's path through the cluster, as the router drives it (DESIGN.md, "The request path").
 
-1. Validate and tokenize; pick a decode node D and reserve KV pages there (its answer is the
-   KV destination: NIXL agent, layer addresses, pages, layout).
+1. Validate and tokenize; pick a decode node D and open its `Decode` stream: D reserves KV pages
+   and answers first with the KV destination (NIXL agent, layer addresses, pages, layout,
+   transfer id).
 2. Pick a prefill node P and send it the prompt with that destination; P prefills, samples the
-   first token, WRITEs the KV into D's pages and answers once the WRITE completed.
-3. Start decoding on D (it joins the batch when the WRITE's notification names the request) and
-   stream D's tokens, detokenized here with stop strings applied.
+   first token, WRITEs the KV into D's pages, notifies D (transfer id + first token) and answers.
+3. D joins the request to its batch when that notice arrives; its stream carries the tokens from
+   the second on, detokenized here with stop strings applied.
 
-Every wait is bounded. A prefill node that fails before anything was streamed is retried once on
-another node (the reservation is released first); any later failure ends the request with an
-error. Cancellation and aborts reach both nodes. Every request ends with exactly one terminal delta.
+Two calls per request, and cancelling them is its one abort path: D's stream and P's call each
+abort their node's side. Every wait is bounded. A prefill node that fails before anything was
+streamed is retried once on another node with a fresh D stream (the first one is cancelled; its
+pages stay held on D until P's abandon notice or a timeout, and the retry's notice names a new
+transfer id); any later failure ends the request with an error. Every request ends with exactly
+one terminal delta.
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ class _Timing:
 
 @dataclass
 class Timeouts:
-    reserve_s: float = 10.0
+    reserve_s: float = 10.0  # until D answers with the KV destination
     prefill_s: float = 300.0
     decode_s: float = 600.0
 
@@ -186,39 +190,41 @@ class Router:
 
     async def _run(self, rid: str, ids: list[int], params: SamplingParams, out: asyncio.Queue) -> None:
         produced: list[int] = []
+        calls: list = []  # this request's open node streams; cancelling them aborts it on those nodes
         try:
-            await self._path(rid, ids, params, out, produced)
+            await self._path(rid, ids, params, out, produced, calls)
         except asyncio.CancelledError:
-            await self._abort_everywhere(rid)
             out.put_nowait(self._final(rid, ids, produced, "abort"))
             raise
         except NoNodeAvailable as e:
             out.put_nowait(self._final(rid, ids, produced, "error", f"overloaded: {e}"))
         except Exception as e:  # noqa: BLE001 — every request ends with one terminal status
             log.exception("request %s failed", rid)
-            await self._abort_everywhere(rid)
             out.put_nowait(self._final(rid, ids, produced, "error", f"{type(e).__name__}: {e}"))
+        finally:
+            for call in calls:
+                call.cancel()
 
-    async def _abort_everywhere(self, rid: str) -> None:
-        async def one(node: NodeHandle, node_rid: str):
-            try:
-                await node.stub.Abort(pb.AbortRequest(request_id=node_rid), timeout=2.0)
-            except grpc.aio.AioRpcError:
-                pass
-        await asyncio.gather(*(one(n, _attempt_id(rid, a)) for n in self.registry.nodes if n.alive
-                               for a in range(_ATTEMPTS)), return_exceptions=True)
-
-    async def _reserve(self, rid: str, n: int) -> tuple[NodeHandle, pb.KVDestination]:
+    async def _open_decode(self, rid: str, ids: list[int], params: SamplingParams, calls: list):
+        """Open D's `Decode` stream; returns (node, stream, KV destination) once D has reserved."""
         node = self.registry.pick("decode", "least_load")
+        req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params))
+        call = node.stub.Decode(req, timeout=self.timeouts.decode_s)
+        calls.append(call)
         try:
-            dest = await node.stub.Reserve(pb.ReserveRequest(request_id=rid, num_prompt_tokens=n),
-                                           timeout=self.timeouts.reserve_s)
-        except grpc.aio.AioRpcError as e:
+            first = await asyncio.wait_for(call.read(), self.timeouts.reserve_s)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
+            call.cancel()
             self.registry.mark_dead(node)
-            raise NoNodeAvailable(f"decode node {node.address} did not answer ({e.code().name})") from None
-        if dest.error:
-            raise NoNodeAvailable(f"decode node {node.address}: {dest.error}")
-        return node, dest
+            why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else "timeout"
+            raise NoNodeAvailable(f"decode node {node.address} did not answer ({why})") from None
+        if first is grpc.aio.EOF or not first.HasField("destination"):
+            call.cancel()
+            raise RuntimeError(f"decode node {node.address} answered without a KV destination")
+        if first.destination.error:
+            call.cancel()
+            raise NoNodeAvailable(f"decode node {node.address}: {first.destination.error}")
+        return node, call, first.destination
 
     async def _prefill(self, rid, ids, params, dest, tried: set) -> tuple[NodeHandle, pb.PrefillResponse]:
         remote = await self.registry.prefix_matches(ids) if self.policy == "prefix_aware" else None
@@ -238,54 +244,47 @@ class Router:
             node.in_flight -= 1
             node.served += 1
 
-    async def _path(self, rid, ids, params, out: asyncio.Queue, produced: list[int]) -> None:
+    async def _path(self, rid, ids, params, out: asyncio.Queue, produced: list[int], calls: list) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                        params.include_stop_str_in_output)
         if self.collocated:
             node = self.registry.pick("decode", self.policy, ids)
-            await self._decode(rid, ids, params, node, 0, detok, out, produced, 0, rid, collocated=True)
+            req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params))
+            call = node.stub.Generate(req, timeout=self.timeouts.decode_s)
+            calls.append(call)
+            await self._stream(rid, ids, node, call, detok, out, produced, 0, unwrap=False)
             return
         tried: set = set()
         orig_rid = rid
         for attempt in range(_ATTEMPTS):
-            # A retry gets its own node-level id: the first attempt's reservation may still sit in
-            # quarantine on the decode node (a WRITE from the dead prefill node might land there).
+            # A retry gets its own node-level id: D may still be dropping the first attempt's request
+            # when the retry arrives there (its cancellation travels on its own).
             rid = _attempt_id(orig_rid, attempt)
-            decode, dest = await self._reserve(rid, len(ids))
+            decode, call, dest = await self._open_decode(rid, ids, params, calls)
             try:
                 prefill, first = await self._prefill(rid, ids, params, dest, tried)
                 break
             except grpc.aio.AioRpcError as e:
-                await self._release(decode, rid)
+                call.cancel()
                 if attempt == _ATTEMPTS - 1 or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise RuntimeError(f"prefill failed: {e.code().name}: {e.details()}") from None
                 self.stats["retries"] += 1
                 log.warning("prefill of %s failed on %s (%s); retrying on another node", rid,
                             list(tried)[-1].address, e.code().name)
-        node_rid, rid = rid, orig_rid  # nodes know the attempt's id; the client sees its own
+        rid = orig_rid  # nodes know the attempt's id; the client sees its own
         if first.error or first.finish_reason == "error":
-            await self._release(decode, node_rid)
             out.put_nowait(self._final(rid, ids, produced, "error", first.error or "prefill failed"))
             return
         self.stats["kv_bytes"] += first.kv_bytes
         cached = first.num_cached_tokens
         if self._emit(rid, ids, list(first.token_ids), convert.logprobs_from_proto(first.logprobs), detok, out,
                       produced, params):
-            await self._release(decode, node_rid)
             return
         if first.finished:
-            await self._release(decode, node_rid)
-            tail = detok.flush()
             out.put_nowait(self._final(rid, ids, produced, first.finish_reason, None,
-                                       first.stop_reason or None, tail, cached))
+                                       first.stop_reason or None, detok.flush(), cached))
             return
-        await self._decode(rid, ids, params, decode, first.token_ids[0], detok, out, produced, cached, node_rid)
-
-    async def _release(self, node: NodeHandle, rid: str) -> None:
-        try:
-            await node.stub.Abort(pb.AbortRequest(request_id=rid), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            pass
+        await self._stream(rid, ids, decode, call, detok, out, produced, cached, unwrap=True)
 
     def _emit(self, rid, ids, new_ids, logprobs, detok, out, produced, params) -> bool:
         """Queue a delta; returns True when a stop string ended the request (terminal queued)."""
@@ -300,24 +299,22 @@ class Router:
         out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs))
         return False
 
-    async def _decode(self, rid, ids, params, node: NodeHandle, first_token, detok, out, produced, cached,
-                      node_rid: str, collocated: bool = False):
-        req = pb.DecodeRequest(request_id=node_rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
-                               first_token=first_token)
-        rpc = node.stub.Generate if collocated else node.stub.Decode
+    async def _stream(self, rid, ids, node: NodeHandle, call, detok, out, produced, cached, unwrap: bool):
+        """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client."""
         node.in_flight += 1
         try:
-            async for msg in rpc(req, timeout=self.timeouts.decode_s):
+            while (msg := await call.read()) is not grpc.aio.EOF:  # read(), as `_open_decode` began with it
+                if unwrap:
+                    msg = msg.delta
                 if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
-                              out, produced, params):
-                    await self._release(node, node_rid)
-                    return
+                              out, produced, None):
+                    return  # a stop string ended it; cancelling the stream (in _run) stops the node
                 if msg.finished:
                     tail = "" if msg.finish_reason == "error" else detok.flush()
                     out.put_nowait(self._final(rid, ids, produced, msg.finish_reason, msg.error or None,
                                                msg.stop_reason or None, tail, cached))
                     return
-            raise RuntimeError(f"decode node {node.address} ended the stream without a final status")
+            raise RuntimeError(f"node {node.address} ended the stream without a final status")
         except grpc.aio.AioRpcError as e:
             self.registry.mark_dead(node)
             raise RuntimeError(f"decode node {node.address} failed mid-request: {e.code().name}") from None

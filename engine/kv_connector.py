@@ -1,0 +1,81 @@
+"""The KV connector: the engine's interface for handing a prompt's KV from a prefill engine to a
+decode engine. The engine owns it; `kvtransfer/` implements it (NIXL). The scheduler keeps the
+hand-off as request states (WAITING_FOR_REMOTE_KV on decode, SENDING_KV on prefill) with the
+pages on the request; the connector only moves bytes and reports what finished. It never sees
+scheduler queues, only `Request` objects the engine hands it.
+
+Prefill side (sender): `layer_saver` gives a per-layer callback for a step that computes the last
+prompt chunk of requests with a destination (the WRITE of a layer starts as soon as that layer's
+KV is in memory); `start_send` says the request is computed and its first token sampled (the
+notice to the receiver carries that token); `abort_send` gives up. `poll` reports sends that
+ended: only then may the request's pages be freed (no WRITE from them is in flight).
+
+Decode side (receiver): `destination` describes where a request's prompt KV must be written
+(agent, addresses, pages, a transfer id naming this one write); `poll` reports transfer ids whose
+KV arrived (with the first token) or that their sender abandoned.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class SendResult:
+    """How a request's KV push ended (prefill side)."""
+
+    error: str | None = None  # None: every WRITE done and the receiver notified
+    stats: dict | None = None  # bytes / seconds / descriptors / exposed seconds
+    in_flight: bool = False  # overdue but WRITEs still in flight: the request fails now, a final report follows
+
+
+@dataclass
+class RemoteKV:
+    """A notice from a prefill engine about one transfer id (decode side)."""
+
+    first_token: int | None  # None: the sender abandoned the transfer (nothing more will be written)
+
+
+@dataclass
+class ConnectorEvents:
+    sent: dict[str, SendResult] = field(default_factory=dict)  # request id -> result
+    arrived: dict[str, RemoteKV] = field(default_factory=dict)  # transfer id -> notice
+
+
+class KVConnector(abc.ABC):
+    role: str  # "prefill" | "decode"
+    incarnation: str  # changes on every start; peers key remote state by it
+
+    # ------------------------------------------------------------- prefill side
+    def layer_saver(self, requests: list) -> Callable[[int], None] | None:
+        """Per-layer callback for a step computing the last prompt chunk of `requests` (each with
+        `kv_dest`), or None to send after compute instead. Marks the requests `kv_push_started`."""
+        return None
+
+    def start_send(self, request) -> None:
+        """`request` is computed and holds its first token: finish (or post) its push and notify."""
+        raise TypeError(f"a {self.role} connector does not send KV")
+
+    def abort_send(self, request) -> None:
+        """Give up a push; `poll` still reports it once no WRITE from its pages is in flight."""
+
+    # ------------------------------------------------------------- decode side
+    def destination(self, request) -> dict:
+        """Where a prefill engine must write `request`'s prompt KV (its `page_ids`)."""
+        raise TypeError(f"a {self.role} connector does not receive KV")
+
+    # ------------------------------------------------------------- both
+    @abc.abstractmethod
+    def poll(self) -> ConnectorEvents:
+        """Progress transfers; what ended since the last call."""
+
+    def busy(self) -> bool:
+        """Transfers in flight (the engine loop keeps polling while true)."""
+        return False
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,259 @@
+"""The engine's KV connector (engine/kv_connector.py) over NIXL: one per prefill- or decode-role
+engine process, owning its `KVTransferAgent`.
+
+Prefill side: during the step that computes a request's last prompt chunk, each layer's pages are
+WRITTEN as soon as that layer's KV is in memory (on CUDA an event recorded after the layer gates a
+sender thread), so the transfer overlaps the remaining layers' compute. Once every WRITE is DONE,
+one notice goes to the receiver naming the transfer id and carrying the first token; a push that
+ends otherwise (error, abort, timeout) sends an "abandoned" notice instead, so the receiver frees
+its pages at once. A push is reported ended only when no WRITE from its pages is in flight.
+
+Decode side: `destination` publishes the agent, layer addresses, the request's pages and its
+transfer id; `poll` turns notices into arrivals.
+
+Knows KV layouts, page ids and request ids/tokens; never the scheduler's queues.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from engine.kv_connector import ConnectorEvents, KVConnector, RemoteKV, SendResult
+from kvtransfer.agent import KVTransferAgent, KVTransferError
+
+log = logging.getLogger(__name__)
+
+
+def parse_faults(spec: str | None) -> dict:
+    """Fault injection for tests, from `PDSERVE_KV_FAULTS` ("stall=S,drop=P,seed=N"): `stall`
+    delays every WRITE by S seconds; `drop` loses a WRITE (and its notice) with probability P
+    while the sender believes it succeeded — the worst case the receiver must survive."""
+    faults = {}
+    for part in (spec or "").split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            faults[k.strip()] = float(v)
+    return faults
+
+
+def encode_notice(transfer_id: str, first_token: int | None) -> bytes:
+    return json.dumps({"transfer": transfer_id, "token": first_token}).encode()
+
+
+def decode_notice(message: bytes) -> tuple[str, int | None] | None:
+    try:
+        note = json.loads(message)
+        return str(note["transfer"]), (None if note["token"] is None else int(note["token"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class _Push:
+    """The WRITEs of one request's prompt KV (layer by layer, or all layers at once)."""
+    dest: dict
+    pages: list[int]
+    num_layers: int
+    layered: bool
+    deadline: float
+    start_at: float = 0.0  # not layered: when to post (fault-injected stall)
+    transfers: list = field(default_factory=list)
+    posted: int = 0  # layers posted (layered) or 0/1 (whole)
+    pending_jobs: int = 0  # layer events queued for the sender thread
+    error: str | None = None
+    aborted: bool = False
+    overdue_reported: bool = False
+    first_post: float = 0.0
+    compute_done: float = 0.0  # start_send time; 0 while the prompt still computes
+    first_token: int | None = None
+    dropped: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class NixlConnector(KVConnector):
+    def __init__(self, role: str, kv_layers: list, layout: dict, page_bytes: int, page_size: int,
+                 timeout_s: float = 30.0):
+        self.role = role
+        self.page_size = page_size
+        self.timeout_s = timeout_s
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.agent = KVTransferAgent(role, kv_layers, layout, page_bytes)
+        self.num_layers = len(kv_layers)
+        self.on_cuda = kv_layers[0].device.type == "cuda"
+        self.pushes: dict[str, _Push] = {}
+        self.bytes_sent = 0
+        self.faults = parse_faults(os.environ.get("PDSERVE_KV_FAULTS")) if role == "prefill" else {}
+        self._rng = random.Random(int(self.faults.get("seed", 0)))
+        if self.faults:
+            log.warning("KV transfer fault injection active: %s", self.faults)
+        self._nixl_lock = threading.Lock()  # the sender thread and the engine loop share the agent
+        self._jobs: queue.Queue = queue.Queue()
+        if role == "prefill" and self.on_cuda:
+            threading.Thread(target=self._sender_loop, daemon=True, name="kv-layer-sender").start()
+
+    @classmethod
+    def for_engine(cls, core) -> "NixlConnector":
+        runner = core.runner
+        return cls(core.config.kv_role, runner.kv_pool.layers, runner.kv_spec.describe(), runner.kv_spec.page_bytes,
+                   runner.page_size, core.config.kv_transfer_timeout_s)
+
+    def busy(self) -> bool:
+        return bool(self.pushes)
+
+    def stats(self) -> dict:
+        return {"kv_transfers_in_flight": len(self.pushes), "kv_bytes_sent": self.bytes_sent}
+
+    # ------------------------------------------------------------- prefill side
+    def _new_push(self, request, layered: bool) -> _Push:
+        pages = request.page_ids[: -(-request.num_prompt_tokens // self.page_size)]
+        push = _Push(request.kv_dest, list(pages), self.num_layers, layered, time.monotonic() + self.timeout_s)
+        self.pushes[request.request_id] = push
+        request.kv_push_started = True
+        return push
+
+    def layer_saver(self, requests: list):
+        if self.faults:  # injected faults act on one whole WRITE after compute
+            return None
+        rids = [r.request_id for r in requests if r.request_id not in self.pushes]
+        for r in requests:
+            if r.request_id in rids:
+                self._new_push(r, layered=True)
+        if not rids:
+            return None
+
+        def hook(layer: int) -> None:
+            if self.on_cuda:  # the layer's KV is written when this event completes on the GPU
+                import torch
+
+                event = torch.cuda.Event()
+                event.record()
+                for rid in rids:
+                    with self.pushes[rid].lock:
+                        self.pushes[rid].pending_jobs += 1
+                self._jobs.put((layer, event, rids))
+            else:
+                self._post_layer(layer, rids)
+        return hook
+
+    def _sender_loop(self) -> None:
+        while True:
+            layer, event, rids = self._jobs.get()
+            event.synchronize()
+            self._post_layer(layer, rids, from_job=True)
+
+    def _post_layer(self, layer: int, rids: list[str], from_job: bool = False) -> None:
+        for rid in rids:
+            push = self.pushes.get(rid)
+            if push is None:
+                continue
+            with push.lock:
+                push.pending_jobs -= from_job
+                if push.error is None and not push.aborted:
+                    try:
+                        with self._nixl_lock:
+                            push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=[layer]))
+                        push.first_post = push.first_post or time.monotonic()
+                    except (KVTransferError, ValueError) as e:
+                        push.error = f"KV transfer failed: {e}"
+                push.posted += 1
+
+    def start_send(self, request) -> None:
+        push = self.pushes.get(request.request_id) or self._new_push(request, layered=False)
+        now = time.monotonic()
+        push.compute_done, push.first_token = now, request.output_token_ids[0]
+        push.deadline = now + self.timeout_s
+        if not push.layered:
+            push.start_at = now + self.faults.get("stall", 0.0)
+            if self.faults.get("drop", 0) and self._rng.random() < self.faults["drop"]:
+                push.dropped = True  # injected: lost, but the sender believes it done
+
+    def abort_send(self, request) -> None:
+        push = self.pushes.get(request.request_id)
+        if push is not None:
+            push.aborted = True
+        elif request.kv_dest is not None:  # nothing posted: tell the receiver at once
+            self._notify(request.kv_dest, None)
+
+    def _notify(self, dest: dict, first_token: int | None) -> str | None:
+        try:
+            with self._nixl_lock:
+                self.agent.notify(dest, encode_notice(dest["transfer_id"], first_token))
+            return None
+        except Exception as e:  # noqa: BLE001 — any failure means the KV never counts as arrived
+            return f"KV notification failed: {e}"
+
+    def _progress(self, rid: str, push: _Push, now: float) -> SendResult | None:
+        """Post what is due, poll what is in flight; a result when the push ended or became overdue."""
+        if push.dropped:
+            self.pushes.pop(rid)
+            return SendResult(stats={"bytes": 0, "seconds": 0.0, "descriptors": 0, "dropped": True})
+        if not push.layered and push.posted == 0 and push.compute_done and not push.aborted and now >= push.start_at:
+            try:
+                push.transfers.append(self.agent.write(rid, push.pages, push.dest))
+                push.first_post = now
+            except (KVTransferError, ValueError) as e:
+                push.error = f"KV transfer failed: {e}"
+            push.posted = 1
+        with push.lock:
+            transfers, error, pending = list(push.transfers), push.error, push.pending_jobs
+        with self._nixl_lock:
+            states = [self.agent.poll(t) if not getattr(t, "done", False) else "DONE" for t in transfers]
+        for t, st in zip(transfers, states):
+            t.done = st in ("DONE", "ERR")
+            if st == "ERR":
+                error = error or "KV transfer failed (NIXL reported an error)"
+        in_flight = pending > 0 or any(st == "PROC" for st in states)
+        ended = push.aborted or error is not None
+        complete = push.compute_done and push.posted == (push.num_layers if push.layered else 1)
+        if in_flight or not (ended or complete):
+            if now > push.deadline and not push.overdue_reported and not push.aborted:
+                push.overdue_reported = True
+                timeout = f"KV transfer timed out after {self.timeout_s:.0f} s"
+                if not in_flight:  # nothing will land: end it now
+                    self.pushes.pop(rid)
+                    self._notify(push.dest, None)
+                    return SendResult(error=timeout)
+                return SendResult(error=timeout, in_flight=True)
+            return None
+        self.pushes.pop(rid)
+        if ended or push.overdue_reported:
+            self._notify(push.dest, None)
+            return SendResult(error=error or "KV transfer abandoned")
+        error = self._notify(push.dest, push.first_token)
+        nbytes = sum(t.nbytes for t in transfers)
+        self.bytes_sent += nbytes
+        stats = {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
+                 "descriptors": sum(t.num_descs for t in transfers),
+                 "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers}
+        return SendResult(error=error, stats=stats)
+
+    # ------------------------------------------------------------- decode side
+    def destination(self, request) -> dict:
+        dest = self.agent.destination()
+        dest.update(request_id=request.request_id, page_ids=list(request.page_ids), incarnation=self.incarnation,
+                    transfer_id=request.kv_transfer_id)
+        return dest
+
+    # ------------------------------------------------------------- both
+    def poll(self) -> ConnectorEvents:
+        events = ConnectorEvents()
+        now = time.monotonic()
+        for rid, push in list(self.pushes.items()):
+            result = self._progress(rid, push, now)
+            if result is not None:
+                events.sent[rid] = result
+        if self.role == "decode":
+            for message in self.agent.notifications():
+                notice = decode_notice(message)
+                if notice is None:
+                    log.warning("ignoring a malformed KV notice: %r", message[:80])
+                    continue
+                events.arrived[notice[0]] = RemoteKV(notice[1])
+        return events
