@@ -40,7 +40,7 @@ def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, se
                    profile: bool = False) -> dict:
     gen = torch.Generator().manual_seed(seed)
     vocab = core.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)  # never ends while timed/profiled
     rids = [f"d{batch}-{i}" for i in range(batch)]
     for rid in rids:
         core.add_request(rid, torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), params)
