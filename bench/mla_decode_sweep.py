@@ -18,9 +18,10 @@ from bench.record import emit
 
 PAGE, R, P = 16, 512, 64
 BATCHES = (1, 16, 64, 128)
-TILES = {  # heads → (block_h, block_n, warps, stages) candidates
-    128: [*itertools.product((64, 32), (32, 64), (4, 8), (1, 2, 3)), (64, 16, 8, 2), (64, 16, 8, 3), (64, 16, 4, 3)],
-    16: list(itertools.product((16,), (32, 64, 128), (4, 8), (1, 2, 3))),
+TILES = {  # heads → (block_h, block_n, warps, stages, value splits) candidates
+    128: [*itertools.product((64, 32), (32, 64), (4, 8), (1, 2, 3), (1,)), (64, 16, 8, 2, 1), (64, 16, 8, 3, 1),
+          (64, 16, 4, 3, 1), (64, 64, 4, 2, 2), (64, 64, 4, 3, 2), (64, 32, 4, 3, 2), (64, 64, 8, 3, 2)],
+    16: list(itertools.product((16,), (32, 64, 128), (4, 8), (1, 2, 3), (1,))),
 }
 
 
@@ -35,20 +36,21 @@ def _inputs(heads: int, batch: int, ctx: int):
     return q, cache, tables, seq_lens
 
 
-def _splits(heads: int, batch: int, block_h: int, sms: int) -> list[int]:
-    base = max(1, min(32, sms // (batch * -(-heads // block_h))))
+def _splits(heads: int, batch: int, tile: tuple, sms: int) -> list[int]:
+    base = max(1, min(32, sms // (batch * -(-heads // tile[0]) * tile[4])))
     return sorted({max(1, base // 2), base, base * 2})
 
 
-def _tasks(ctx: int, sms: int) -> list[tuple]:
-    return [(heads, batch, ctx, tile, splits) for heads, tiles in TILES.items() for batch in BATCHES
-            for tile in tiles for splits in _splits(heads, batch, tile[0], sms)]
+def _tasks(ctx: int, sms: int, only: dict | None = None) -> list[tuple]:
+    tiles_by_heads = only or TILES
+    return [(heads, batch, ctx, tile, splits) for heads, tiles in tiles_by_heads.items() for batch in BATCHES
+            for tile in tiles for splits in _splits(heads, batch, tile, sms)]
 
 
 def _config(tile, splits):
     from engine.kernels.mla_decode import MLADecodeConfig
 
-    return MLADecodeConfig(tile[0], tile[1], splits, tile[2], tile[3])
+    return MLADecodeConfig(tile[0], tile[1], splits, tile[2], tile[3], tile[4])
 
 
 def _compile(tasks: list[tuple]) -> int:
@@ -86,11 +88,11 @@ def _time_us(fn, repeats: int = 5, calls: int = 4) -> float:
     return statistics.median(times)
 
 
-def run(ctx: int, workers: int) -> dict:
+def run(ctx: int, workers: int, only: dict | None = None) -> dict:
     from engine.kernels.mla_decode import mla_decode, mla_decode_ref
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tasks = _tasks(ctx, sms)
+    tasks = _tasks(ctx, sms, only)
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             pool.map(_compile, [tasks[i::workers] for i in range(workers)])
@@ -101,7 +103,7 @@ def run(ctx: int, workers: int) -> dict:
         kv_bytes, flops = batch * ctx * (R + P) * 2, 2 * batch * heads * ctx * (2 * R + P)
         for _, _, _, tile, splits in group:
             row = dict(heads=heads, batch=batch, context=ctx, block_h=tile[0], block_n=tile[1], warps=tile[2],
-                       stages=tile[3], splits=splits)
+                       stages=tile[3], value_splits=tile[4], splits=splits)
             fn = lambda: mla_decode(q, cache, tables, seq_lens, 0.04, R, config=_config(tile, splits))  # noqa: E731
             try:
                 row["err"] = (fn().float() - ref).abs().max().item()
@@ -117,8 +119,8 @@ def run(ctx: int, workers: int) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']} ({result['sms']} SMs). Kernel alone, CUDA graph replay, µs per call.", "",
-             "| heads | batch | ctx | block_h | block_n | warps | stages | splits | µs | GB/s KV | TFLOP/s | max err |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| heads | batch | ctx | block_h | block_n | warps | stages | value splits | splits | µs | GB/s KV | "
+             "TFLOP/s | max err |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     best = {}
     for r in result["rows"]:
         key = (r["heads"], r["batch"])
@@ -127,11 +129,12 @@ def markdown(result: dict) -> str:
         cells = (f"{r['us']:.1f} | {r['gbps']:.0f} | {r['tflops']:.0f} | {r['err']:.1e}" if "us" in r
                  else f"{r.get('error', '?')} | | |")
         lines.append(f"| {r['heads']} | {r['batch']} | {r['context']} | {r['block_h']} | {r['block_n']} | "
-                     f"{r['warps']} | {r['stages']} | {r['splits']} | {cells} |")
+                     f"{r['warps']} | {r['stages']} | {r.get('value_splits', 1)} | {r['splits']} | {cells} |")
     lines += ["", "Best per shape:", ""]
     for (heads, batch), r in sorted(best.items()):
         lines.append(f"- heads {heads}, batch {batch}: block_h {r['block_h']}, block_n {r['block_n']}, warps "
-                     f"{r['warps']}, stages {r['stages']}, splits {r['splits']}: {r['us']:.1f} µs, "
+                     f"{r['warps']}, stages {r['stages']}, value splits {r.get('value_splits', 1)}, splits "
+                     f"{r['splits']}: {r['us']:.1f} µs, "
                      f"{r['gbps']:.0f} GB/s, {r['tflops']:.0f} TFLOP/s")
     return "\n".join(lines) + "\n"
 
@@ -140,9 +143,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--heads", type=int, default=None, help="only this head count's candidates")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    result = run(args.context, args.workers)
+    result = run(args.context, args.workers, {args.heads: TILES[args.heads]} if args.heads else None)
     emit(result, markdown(result), args.out, "mla_decode_sweep")
 
 
