@@ -1,12 +1,14 @@
-"""The GPU attention backend: Triton paged kernels (engine/kernels/paged_attention.py) behind the
-`AttentionBackend` interface. Decode rows (query length 1, first in the batch) go to the split-KV
-decode kernel, the rest to the prefill-with-prefix kernel. The pure-decode path reads only device
-tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
+"""The GPU attention backend: Triton paged kernels behind the `AttentionBackend` interface. Decode
+rows (query length 1, first in the batch) go to a split-KV decode kernel — GQA's in
+engine/kernels/paged_attention.py, MLA's all-heads-per-latent-tile kernel in
+engine/kernels/mla_decode.py — and the rest to the prefill-with-prefix kernel. The pure-decode path
+reads only device tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
 from __future__ import annotations
 
 import torch
 
 from engine.attention.metadata import AttentionMetadata
+from engine.kernels.mla_decode import mla_decode
 from engine.kernels.paged_attention import decode_attention, prefill_attention, write_kv
 
 
@@ -28,7 +30,7 @@ class TritonAttentionBackend:
     def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int):
         write_kv(kv_cache, 0, latent.unsqueeze(1), meta.slot_mapping)
         db = q.shape[-1] - v_dim
-        if not _pow2(v_dim) or (db and not _pow2(db)):
+        if not _pow2(v_dim) or not _pow2(db):
             raise ValueError(f"triton MLA needs power-of-two latent ({v_dim}) and rope ({db}) dims")
         return self._attend(q, kv_cache, meta, scale, k_comp=0, v_comp=0, da=v_dim, db=db)
 
@@ -37,7 +39,9 @@ class TritonAttentionBackend:
         q = q.contiguous()
         out = torch.empty(q.shape[0], q.shape[1], da, dtype=q.dtype, device=q.device)
         nd = meta.num_decode_tokens
-        if nd:
+        if nd and k_comp == v_comp:  # MLA: the latent is both key (with the rope channels) and value
+            mla_decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, da, out[:nd])
+        elif nd:
             decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                              k_comp, v_comp, da, db, out[:nd])
         num_prefill = meta.num_seqs - nd

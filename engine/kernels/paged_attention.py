@@ -6,9 +6,10 @@ values the first `DA` channels of component `v_comp`: GQA uses k_comp=0, v_comp=
 (weight-absorbed, one KV head) uses k_comp=v_comp=0 with DA = kv_lora_rank and DB = the rope
 dims, so the cached entry is loaded once and used as both key and value.
 
-Decode: one program per (sequence, block of query heads sharing a KV head, KV split); the
-number of splits depends only on the batch size, each program stops at its sequence's length,
-and a second kernel merges the splits, so the launch shape is fixed per batch size (graph-safe).
+Decode (the engine uses it for GQA; MLA decode has its own kernel in mla_decode.py): one program
+per (sequence, block of query heads sharing a KV head, KV split); the number of splits depends
+only on the batch size, each program stops at its sequence's length, and a second kernel merges
+the splits, so the launch shape is fixed per batch size (graph-safe).
 Prefill: one program per (sequence, query head, block of query tokens), causal over the cached
 prefix plus the chunk itself. Accumulation is float32 throughout.
 """
@@ -152,22 +153,17 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     batch, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    # The accumulator is [BLOCK_H, DA] fp32 in registers: with MLA's 512-wide latent, 64 heads per
-    # program spill (128 KiB). 32 heads, 64 positions per block and two pipeline stages measured
-    # best on an H100 for 128 heads (2.2x the 64-head tiles; bench/attention_bench.py).
-    mla = da >= 256
-    block_h = max(16, min(32 if mla else 64, triton.next_power_of_2(group)))
+    block_h = max(16, min(64, triton.next_power_of_2(group)))
     n_hblocks = triton.cdiv(group, block_h)
     splits = _num_splits(batch, num_kv_heads * n_hblocks)
     part_acc = torch.empty(batch * num_heads * splits, da, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch * num_heads * splits, 2, dtype=torch.float32, device=q.device)
     block_n = 64
-    extra = {"num_warps": 4, "num_stages": 2} if mla else {}
     _decode_kernel[(num_kv_heads * n_hblocks, batch, splits)](
         q, kv_cache, block_tables, seq_lens, part_acc, part_ml, scale,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), K_COMP=k_comp, V_COMP=v_comp, GROUP=group, BLOCK_H=block_h, DA=da, DB=db,
-        PAGE=kv_cache.shape[2], BLOCK_N=block_n, NUM_SPLITS=splits, NUM_HEADS=num_heads, **extra)
+        PAGE=kv_cache.shape[2], BLOCK_N=block_n, NUM_SPLITS=splits, NUM_HEADS=num_heads)
     _merge_kernel[(batch, num_heads)](part_acc, part_ml, out, out.stride(0), out.stride(1), DA=da,
                                       NUM_SPLITS=splits, NUM_HEADS=num_heads)
 
