@@ -76,6 +76,28 @@ def _yarn_inv_freq(dim: int, theta: float, p: dict[str, Any]) -> tuple[torch.Ten
     return inv_freq, mscale
 
 
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """Rotate `x [T, H, dim]` (or `[T, dim]`) at `positions [T]` with float32 tables `[max_pos, dim/2]`,
+    in float32, rounded back to x's dtype."""
+    cos = cos[positions]  # [T, dim/2]
+    sin = sin[positions]
+    if x.dim() == 3:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if interleaved:
+        out = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        out = torch.cat((o1, o2), dim=-1)
+    return out.to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_position: int, hf: dict[str, Any], interleaved: bool = False):
         super().__init__()
@@ -100,22 +122,7 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate `x [T, H, rotary_dim]` (or `[T, rotary_dim]`) at `positions [T]`."""
-        cos = self.cos[positions]  # [T, dim/2]
-        sin = self.sin[positions]
-        if x.dim() == 3:
-            cos, sin = cos[:, None, :], sin[:, None, :]
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        if self.interleaved:
-            out = torch.stack((o1, o2), dim=-1).flatten(-2)
-        else:
-            out = torch.cat((o1, o2), dim=-1)
-        return out.to(x.dtype)
+        return apply_rope(x, positions, self.cos, self.sin, self.interleaved)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         return self.rotate(q, positions), self.rotate(k, positions)

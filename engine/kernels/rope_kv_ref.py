@@ -1,0 +1,29 @@
+"""Torch reference of the fused GQA attention prologue (`rope_kv.py`): split the merged QKV
+projection, per-head RMSNorm of q and k (Qwen3; skipped when no weights), rotary embedding of q
+and k, and the write of k and v into the paged KV pool `[num_pages, 2, page_size, Hkv, D]`."""
+from __future__ import annotations
+
+import torch
+
+from engine.attention.torch_backend import write_kv
+from engine.kernels.norm_act_ref import rms_norm
+from engine.layers.rotary import apply_rope
+
+
+def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                          interleaved: bool = False):
+    """qkv `[T, (Hq + 2 Hkv) * D]` → (q `[T, Hq, D]`, k `[T, Hkv, D]`, v `[T, Hkv, D]`), q and k
+    normed and rotated; k and v written to the pool at `slot_mapping` (slot -1 skipped)."""
+    t = qkv.shape[0]
+    d = kv_cache.shape[-1]
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, k, v = q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q = apply_rope(q, positions, cos, sin, interleaved)
+    k = apply_rope(k, positions, cos, sin, interleaved)
+    write_kv(kv_cache, 0, k, slot_mapping)
+    write_kv(kv_cache, 1, v, slot_mapping)
+    return q, k, v
