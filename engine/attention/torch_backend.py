@@ -50,9 +50,10 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 class TorchAttentionBackend:
     name = "torch"
 
-    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
-        write_kv(kv_cache, 0, k, meta.slot_mapping)
-        write_kv(kv_cache, 1, v, meta.slot_mapping)
+    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, 0, k, meta.slot_mapping)
+            write_kv(kv_cache, 1, v, meta.slot_mapping)
         return paged_attention_ref(q, kv_cache, meta, scale, v_component=1)
 
     def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int):

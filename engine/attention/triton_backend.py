@@ -1,11 +1,13 @@
 """The GPU attention backend: Triton paged kernels (engine/kernels/paged_attention.py) behind the
 `AttentionBackend` interface. Decode rows (query length 1, first in the batch) go to the split-KV
-decode kernel, the rest to the prefill-with-prefix kernel. The pure-decode path reads only device
+decode kernel, the rest to the prefill-with-prefix kernel; GQA prefill-only steps with no cached
+prefix go to torch SDPA's fused kernels (`dense_prefill.py`). The pure-decode path reads only device
 tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
 from __future__ import annotations
 
 import torch
 
+from engine.attention.dense_prefill import dense_prefill_gqa, is_dense_prefill
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels.paged_attention import decode_attention, prefill_attention, write_kv
 
@@ -17,9 +19,12 @@ def _pow2(n: int) -> bool:
 class TritonAttentionBackend:
     name = "triton"
 
-    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
-        write_kv(kv_cache, 0, k, meta.slot_mapping)
-        write_kv(kv_cache, 1, v, meta.slot_mapping)
+    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, 0, k, meta.slot_mapping)
+            write_kv(kv_cache, 1, v, meta.slot_mapping)
+        if is_dense_prefill(meta):
+            return dense_prefill_gqa(q, k, v, meta, scale)
         d = q.shape[-1]
         if not _pow2(d):
             raise ValueError(f"triton attention needs a power-of-two head_dim, got {d}")
