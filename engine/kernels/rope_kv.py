@@ -2,7 +2,8 @@
 one program per (token, query or KV head) reads its head of the merged QKV projection once,
 applies the per-head RMSNorm (Qwen3), rotates it, stores q (or k), and for KV heads writes k and
 v straight into their page slot. Replaces ~20 torch kernels per layer (splits, norms, gathers of
-cos/sin, float casts, cat, two scatter writes). Launch shape depends only on T (graph-safe)."""
+cos/sin, float casts, cat, two scatter writes). For MLA, `mla_kv_entry` builds the cached entry
+(normed latent ++ rotated rope key) in one kernel. Launch shapes depend only on T (graph-safe)."""
 from __future__ import annotations
 
 import torch
@@ -87,3 +88,37 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
             kv_cache.stride(2), kv_cache.stride(3), HQ=num_heads, HKV=num_kv_heads, D=d, PAGE=kv_cache.shape[2],
             HAS_NORM=has_norm, INTERLEAVED=interleaved, num_warps=1)
     return q, k, v
+
+
+@triton.jit
+def _mla_entry_kernel(kv_a, pos, cos, sin, w, out, eps, stride_a, stride_o, stride_cos, R: tl.constexpr,
+                      BLOCK_R: tl.constexpr, P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    src = kv_a + t * stride_a
+    dst = out + t * stride_o
+    r = tl.arange(0, BLOCK_R)
+    x = tl.load(src + r, mask=r < R, other=0.0)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / R + eps)
+    y = (xf * inv).to(x.dtype).to(tl.float32) * tl.load(w + r, mask=r < R, other=0.0).to(tl.float32)
+    tl.store(dst + r, y.to(out.dtype.element_ty), mask=r < R)
+    p = tl.load(pos + t).to(tl.int64)
+    o1, o2, i1, i2 = _norm_rope(src + R, w, cos + p * stride_cos, sin + p * stride_cos, eps, False, INTERLEAVED,
+                                P, P // 2)
+    tl.store(dst + R + i1, o1.to(out.dtype.element_ty))
+    tl.store(dst + R + i2, o2.to(out.dtype.element_ty))
+
+
+def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+    t, width = kv_a.shape
+    p = 2 * cos.shape[-1]
+    r = width - p
+    if kv_a.stride(-1) != 1:
+        kv_a = kv_a.contiguous()
+    out = torch.empty((t, width), dtype=torch.promote_types(kv_a.dtype, norm_weight.dtype), device=kv_a.device)
+    if t:
+        _mla_entry_kernel[(t,)](kv_a, positions, cos, sin, norm_weight, out, eps, kv_a.stride(0), out.stride(0),
+                                cos.stride(0), R=r, BLOCK_R=triton.next_power_of_2(r), P=p, INTERLEAVED=interleaved,
+                                num_warps=4)
+    return out

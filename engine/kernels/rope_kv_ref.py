@@ -1,6 +1,7 @@
 """Torch reference of the fused GQA attention prologue (`rope_kv.py`): split the merged QKV
 projection, per-head RMSNorm of q and k (Qwen3; skipped when no weights), rotary embedding of q
-and k, and the write of k and v into the paged KV pool `[num_pages, 2, page_size, Hkv, D]`."""
+and k, and the write of k and v into the paged KV pool `[num_pages, 2, page_size, Hkv, D]`; and
+MLA's cached entry (normed latent ++ rotated rope key)."""
 from __future__ import annotations
 
 import torch
@@ -27,3 +28,12 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     write_kv(kv_cache, 0, k, slot_mapping)
     write_kv(kv_cache, 1, v, slot_mapping)
     return q, k, v
+
+
+def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+    """MLA's cached entry from the `kv_a_proj_with_mqa` output `[T, R + P]`: the RMS-normed
+    latent (R channels) followed by the rotated shared rope key (P = 2 * cos.shape[-1])."""
+    p = 2 * cos.shape[-1]
+    latent, k_pe = kv_a.split([kv_a.shape[-1] - p, p], dim=-1)
+    return torch.cat([rms_norm(latent, norm_weight, eps), apply_rope(k_pe, positions, cos, sin, interleaved)], dim=-1)

@@ -3,7 +3,7 @@ Triton on CUDA tensors, torch everywhere else (CPU runs and CI take the referenc
 also what the kernels are tested against). Every op here is CUDA-graph safe on both paths.
 
 Layers call these functions, never the kernel modules: norms (`RMSNorm`), the gated MLP, the GQA
-prologue (q/k norm + rotary + KV write) and MoE routing.
+prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing.
 """
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         impl = rope_kv_ref.qk_norm_rope_write_kv
     return impl(qkv, positions, cos, sin, q_norm, k_norm, eps, kv_cache, slot_mapping, num_heads, num_kv_heads,
                 interleaved)
+
+
+def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+    """MLA's `kv_a_proj_with_mqa` output `[T, R + P]` → the cached entry: normed latent ++ rotated rope key."""
+    impl = rope_kv_ref.mla_kv_entry
+    if _fused(kv_a) and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0:
+        from engine.kernels import rope_kv
+        impl = rope_kv.mla_kv_entry
+    return impl(kv_a, positions, cos, sin, norm_weight, eps, interleaved)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

@@ -15,13 +15,20 @@ from tests.engine.test_attention_kernels import _run
 def test_fused_kernels_match_their_references_under_the_interpreter():
     r = _run(["-m", "tests.engine.kernels.check_fused_ops", "cpu", "small"], interpret=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("ok ") == 16 and "BAD" not in r.stdout
+    assert r.stdout.count("ok ") == 17 and "BAD" not in r.stdout
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_kernels_match_their_references_at_real_sizes_on_gpu():
     r = _run(["-m", "tests.engine.kernels.check_fused_ops", "cuda", "real"], interpret=False, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_engine_generates_the_tokens_of_the_torch_ops_on_gpu():
+    r = _run(["-m", "tests.engine.kernels.check_fused_engine"], interpret=False, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

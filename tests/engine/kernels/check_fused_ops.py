@@ -55,6 +55,17 @@ def check_rope_kv(t: int, hq: int, hkv: int, d: int, qk_norm: bool, interleaved:
     close(name + " cache", caches[0], caches[1])
 
 
+def check_mla_entry(t: int, r: int, p: int, dtype, device, g) -> None:
+    max_pos = 32 + t
+    kv_a = torch.randn(t, r + p, generator=g).to(device, dtype)
+    pos = torch.randint(0, max_pos, (t,), generator=g).to(device)
+    freqs = torch.outer(torch.arange(max_pos).double(), 1.0 / 1e4 ** (torch.arange(0, p, 2).double() / p))
+    cos, sin = freqs.cos().float().to(device), freqs.sin().float().to(device)
+    w = (1 + 0.1 * torch.randn(r, generator=g)).to(device, dtype)
+    close(f"mla_kv_entry T={t} R={r} P={p} {dtype}", rope_kv.mla_kv_entry(kv_a, pos, cos, sin, w, 1e-6),
+          rope_kv_ref.mla_kv_entry(kv_a, pos, cos, sin, w, 1e-6))
+
+
 def check_routing(t: int, e: int, k: int, device, g, scoring="softmax", renorm=False, groups=1, topk_groups=1,
                   bias=False, scale=1.0, gs="max", ties=False) -> None:
     logits = torch.randn(t, e, generator=g)
@@ -98,6 +109,7 @@ def main() -> int:
         check_norm_act([1, 3], 48, 40, torch.float32, device, g)
         check_rope_kv(5, 4, 2, 16, True, False, torch.float32, device, g)
         check_rope_kv(3, 2, 1, 8, False, True, torch.float32, device, g)
+        check_mla_entry(3, 24, 8, torch.float32, device, g)
         check_routing(7, 16, 4, device, g, renorm=True)
         check_routing(5, 16, 3, device, g, ties=True)
         check_routing(6, 16, 3, device, g, groups=4, topk_groups=2)
@@ -110,6 +122,7 @@ def main() -> int:
         check_rope_kv(1, 32, 8, 128, True, False, bf, device, g)
         check_rope_kv(2048, 32, 8, 128, True, False, bf, device, g)
         check_rope_kv(64, 32, 8, 128, False, False, bf, device, g)  # Llama-3-8B
+        check_mla_entry(64, 512, 64, bf, device, g)  # DeepSeek-V2/V3
         for t in (1, 64, 4096):
             check_routing(t, 64, 6, device, g)  # DeepSeek-V2-Lite greedy
             check_routing(t, 128, 8, device, g, renorm=True)  # Qwen3-30B-A3B
