@@ -15,7 +15,7 @@ MODELS = ("tiny-llama", "tiny-qwen3", "tiny-qwen3-moe", "tiny-deepseek-v2", "tin
 def generate(model: str, fused: bool, device: str) -> list[list[int]]:
     fused_ops._fused = (lambda x: x.is_cuda) if fused else (lambda x: False)  # the seam's one switch
     llm = LLM(model, load_format="dummy", dtype="float32", device=device, page_size=16, num_pages=64,
-              enforce_eager=not fused, max_num_batched_tokens=64)
+              enforce_eager=not fused, max_num_batched_tokens=64, max_num_seqs=8)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     return [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=sp)]
 
