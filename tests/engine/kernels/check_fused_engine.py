@@ -1,6 +1,6 @@
 """On CUDA: greedy tokens of tiny models with the fused kernels (CUDA graphs on) against the same
 engine on the same device with every fused op switched to its torch reference (eager), float32.
-Usage: python -m tests.engine.kernels.check_fused_engine [device]"""
+Usage: python -m tests.engine.kernels.check_fused_engine [device] [model,model,...]"""
 from __future__ import annotations
 
 import sys
@@ -22,8 +22,9 @@ def generate(model: str, fused: bool, device: str) -> list[list[int]]:
 
 def main() -> int:
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    models = sys.argv[2].split(",") if len(sys.argv) > 2 else MODELS
     bad = 0
-    for model in MODELS:
+    for model in models:
         ref, got = generate(model, False, device), generate(model, True, device)
         ok = ref == got
         bad += not ok
