@@ -19,15 +19,19 @@ def is_dense_prefill(meta: AttentionMetadata) -> bool:
 def dense_prefill_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
     """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (sequences back to back) → causal attention `[T, Hq, D]`.
-    Inputs go to SDPA 4-D (`[1, H, L, D]`): its fused kernels take only batched 4-D tensors; the
-    KV heads are shared through `enable_gqa` rather than materialised per query head."""
+    Inputs go to SDPA 4-D (`[1, H, L, D]`): its fused kernels take only batched 4-D tensors. KV
+    heads are expanded to the query heads (a copy of 2·T·Hq·D elements, small next to the
+    attention) rather than passed with `enable_gqa`, which not every fused SDPA kernel takes;
+    `bench/kernels_bench.py` times both."""
     out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
     start = 0
     for qlen in meta.query_lens_cpu:
         rows = slice(start, start + qlen)
         start += qlen
-        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1).unsqueeze(0), k[rows].transpose(0, 1).unsqueeze(0),
-                                           v[rows].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        qs, ks, vs = (x[rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        if group > 1:
+            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         out[rows] = o[0].transpose(0, 1)
     return out
