@@ -123,7 +123,8 @@ def moe_rows(tokens, bw, repeats) -> list[dict]:
     bm = _tiles(tokens * k, e, False)[0]
     nbytes = tokens * k * 4 * 2 + e * 4
     rows.append(_row("align_by_expert", f"V2-Lite E={e} k={k} block_m={bm}", tokens,
-                     lambda: moe_routing.align_by_expert(ids, e, bm), lambda: moe_routing_ref.align_by_expert(ids, e, bm),
+                     lambda: moe_routing.align_by_expert(ids, e, bm),
+                     lambda: moe_routing_ref.align_by_expert(ids, e, bm),
                      nbytes, bw, repeats))
     return rows
 

@@ -91,7 +91,8 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "soft
         _route_kernel[(t,)](
             logits, correction_bias if correction_bias is not None else logits, weights, ids, logits.stride(0),
             float(routed_scaling_factor), E=e, G=num_groups, EG=eg, BLOCK_G=triton.next_power_of_2(num_groups),
-            BLOCK_EG=triton.next_power_of_2(eg), TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUPS=topk_groups if num_groups > 1 else 1,
+            BLOCK_EG=triton.next_power_of_2(eg), TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+            TOPK_GROUPS=topk_groups if num_groups > 1 else 1,
             SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, TOP2SUM=group_score == "top2sum",
             RENORM=renormalize, FILL_NEG_INF=correction_bias is not None, num_warps=1 if e <= 128 else 2)
     return weights, ids
@@ -116,8 +117,8 @@ def _chunk_count_kernel(ids, chunk_counts, local_rank, n, E: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _scan_kernel(chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks, max_padded,
-                 E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+def _scan_kernel(chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks,
+                 max_padded, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     ex = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], tl.int32)
     for c in range(num_chunks):  # running per-expert offset of each chunk
@@ -170,8 +171,8 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     if num_chunks:
         _chunk_count_kernel[(num_chunks,)](flat, chunk_counts, local_rank, n, E=num_experts, BLOCK_E=block_e,
                                            CHUNK=CHUNK, num_warps=8)
-    _scan_kernel[(1,)](chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks, max_padded,
-                       E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
+    _scan_kernel[(1,)](chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks,
+                       max_padded, E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
     if num_chunks:
         _scatter_kernel[(num_chunks,)](flat, chunk_base, expert_start, local_rank, sorted_slots, n, E=num_experts,
                                        BLOCK_E=block_e, CHUNK=CHUNK)
