@@ -78,7 +78,7 @@ def norm_act_rows(tokens, bw, repeats) -> list[dict]:
 
 def rope_kv_row(tokens, bw, repeats) -> dict:
     from engine.kernels import norm_act_ref, paged_attention, rope_kv
-    from engine.layers.rotary import apply_rope
+    from engine.kernels.rope_kv_ref import apply_rope
     hq, hkv, d = QWEN3_8B["hq"], QWEN3_8B["hkv"], QWEN3_8B["d"]
     dev, dt, page = DEVICE, torch.bfloat16, 16
     pages = tokens // page + 2

@@ -5,15 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.metadata import AttentionMetadata
-
-
-def write_kv(kv_cache: torch.Tensor, component: int, values: torch.Tensor, slot_mapping: torch.Tensor):
-    """Scatter `values [T, H, D]` into `kv_cache[:, component]` at flat slots; slot -1 is skipped."""
-    page_size = kv_cache.shape[2]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    # Index the (non-contiguous) component view directly: a reshape of it would copy.
-    kv_cache[slots // page_size, component, slots % page_size] = values[keep].to(kv_cache.dtype)
+from engine.kernels.kv_write_ref import write_kv  # noqa: F401 (re-exported for layers)
 
 
 def gather_kv(kv_cache: torch.Tensor, component: int, table: torch.Tensor, seq_len: int) -> torch.Tensor:

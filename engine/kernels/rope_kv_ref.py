@@ -1,14 +1,36 @@
 """Torch reference of the fused GQA attention prologue (`rope_kv.py`): split the merged QKV
 projection, per-head RMSNorm of q and k (Qwen3; skipped when no weights), rotary embedding of q
 and k, and the write of k and v into the paged KV pool `[num_pages, 2, page_size, Hkv, D]`; and
-MLA's cached entry (normed latent ++ rotated rope key)."""
+MLA's cached entry (normed latent ++ rotated rope key). `apply_rope` is the rotation itself,
+also what `layers/rotary.py` runs."""
 from __future__ import annotations
 
 import torch
 
-from engine.attention.torch_backend import write_kv
+from engine.kernels.kv_write_ref import write_kv
 from engine.kernels.norm_act_ref import rms_norm
-from engine.layers.rotary import apply_rope
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """Rotate `x [T, H, dim]` (or `[T, dim]`) at `positions [T]` with float32 tables `[max_pos, dim/2]`,
+    in float32, rounded back to x's dtype."""
+    cos = cos[positions]  # [T, dim/2]
+    sin = sin[positions]
+    if x.dim() == 3:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if interleaved:
+        out = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        out = torch.cat((o1, o2), dim=-1)
+    return out.to(x.dtype)
 
 
 def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.kernels.rope_kv_ref import apply_rope
+
 
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     """Rope settings from either the transformers-5 `rope_parameters` or the older `rope_scaling`."""
@@ -74,28 +76,6 @@ def _yarn_inv_freq(dim: int, theta: float, p: dict[str, Any]) -> tuple[torch.Ten
     inv_freq = inter * (1 - mask) + extra * mask
     mscale = yarn_get_mscale(factor, p.get("mscale", 1.0)) / yarn_get_mscale(factor, p.get("mscale_all_dim", 0.0) or 0.0)
     return inv_freq, mscale
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               interleaved: bool) -> torch.Tensor:
-    """Rotate `x [T, H, dim]` (or `[T, dim]`) at `positions [T]` with float32 tables `[max_pos, dim/2]`,
-    in float32, rounded back to x's dtype."""
-    cos = cos[positions]  # [T, dim/2]
-    sin = sin[positions]
-    if x.dim() == 3:
-        cos, sin = cos[:, None, :], sin[:, None, :]
-    xf = x.float()
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    if interleaved:
-        out = torch.stack((o1, o2), dim=-1).flatten(-2)
-    else:
-        out = torch.cat((o1, o2), dim=-1)
-    return out.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
