@@ -26,8 +26,8 @@ step check_fused_moe 60 python -m tests.engine.kernels.check_fused_moe cuda real
 step check_fused_engine 90 python -m tests.engine.kernels.check_fused_engine cuda
 step kernels_bench 60 python -m bench.kernels_bench
 BENCH=(-m bench.engine_bench --model qwen3-8b --dtype bfloat16 --batch 1,16,64 --decode-steps 48 --prompt-len 128
-       --prefill-len 2048)
+       --prefill-len 2048 --profile)
 step engine_bench 80 python "${BENCH[@]}"
 (cd .. && export PYTHONPATH=$PWD && step main/engine_bench 80 python "${BENCH[@]}")
 step engine_bench_v2lite 80 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 --batch 1,16,64 \
-  --decode-steps 48 --prompt-len 128 --prefill-len 2048
+  --decode-steps 48 --prompt-len 128 --prefill-len 2048 --profile
