@@ -3,8 +3,9 @@
 A backend writes this step's new KV into the paged pool and computes attention of the new
 queries over everything the sequence has cached. Two entry points:
 
-* `gqa(q, k, v, kv_cache, meta, scale)`: q `[T, Hq, D]`, k/v `[T, Hkv, D]`, kv_cache
-  `[num_pages, 2, page_size, Hkv, D]` → `[T, Hq, D]`.
+* `gqa(q, k, v, kv_cache, meta, scale, kv_written=False)`: q `[T, Hq, D]`, k/v `[T, Hkv, D]`,
+  kv_cache `[num_pages, 2, page_size, Hkv, D]` → `[T, Hq, D]`. With `kv_written` the caller has
+  already put k and v in the pool (the fused rotary + KV-write prologue).
 * `mla(q, latent, kv_cache, meta, scale, v_dim)`: the weight-absorbed MLA form, i.e. multi-query
   attention with one shared KV head. q `[T, H, R + P]` (latent query ++ rope query), latent
   `[T, R + P]` (compressed KV ++ rope key: exactly what is cached), kv_cache
@@ -27,7 +28,7 @@ class AttentionBackend(Protocol):
     name: str
 
     def gqa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-            meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+            meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor: ...
 
     def mla(self, q: torch.Tensor, latent: torch.Tensor, kv_cache: torch.Tensor,
             meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor: ...

@@ -5,15 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.metadata import AttentionMetadata
-
-
-def write_kv(kv_cache: torch.Tensor, component: int, values: torch.Tensor, slot_mapping: torch.Tensor):
-    """Scatter `values [T, H, D]` into `kv_cache[:, component]` at flat slots; slot -1 is skipped."""
-    page_size = kv_cache.shape[2]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    # Index the (non-contiguous) component view directly: a reshape of it would copy.
-    kv_cache[slots // page_size, component, slots % page_size] = values[keep].to(kv_cache.dtype)
+from engine.kernels.kv_write_ref import write_kv  # noqa: F401 (re-exported for layers)
 
 
 def gather_kv(kv_cache: torch.Tensor, component: int, table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -50,9 +42,10 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 class TorchAttentionBackend:
     name = "torch"
 
-    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
-        write_kv(kv_cache, 0, k, meta.slot_mapping)
-        write_kv(kv_cache, 1, v, meta.slot_mapping)
+    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, 0, k, meta.slot_mapping)
+            write_kv(kv_cache, 1, v, meta.slot_mapping)
         return paged_attention_ref(q, kv_cache, meta, scale, v_component=1)
 
     def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int):

@@ -1,12 +1,14 @@
 """The GPU attention backend: Triton paged kernels behind the `AttentionBackend` interface. Decode
 rows (query length 1, first in the batch) go to a split-KV decode kernel — GQA's in
 engine/kernels/paged_attention.py, MLA's all-heads-per-latent-tile kernel in
-engine/kernels/mla_decode.py — and the rest to the prefill-with-prefix kernel. The pure-decode path
-reads only device tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
+engine/kernels/mla_decode.py — and the rest to the prefill-with-prefix kernel; GQA prefill-only
+steps with no cached prefix go to torch SDPA's fused kernels (`dense_prefill.py`). The pure-decode
+path reads only device tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
 from __future__ import annotations
 
 import torch
 
+from engine.attention.dense_prefill import dense_prefill_gqa, is_dense_prefill
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels.mla_decode import mla_decode
 from engine.kernels.paged_attention import decode_attention, prefill_attention, write_kv
@@ -19,9 +21,12 @@ def _pow2(n: int) -> bool:
 class TritonAttentionBackend:
     name = "triton"
 
-    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
-        write_kv(kv_cache, 0, k, meta.slot_mapping)
-        write_kv(kv_cache, 1, v, meta.slot_mapping)
+    def gqa(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, 0, k, meta.slot_mapping)
+            write_kv(kv_cache, 1, v, meta.slot_mapping)
+        if is_dense_prefill(meta):
+            return dense_prefill_gqa(q, k, v, meta, scale)
         d = q.shape[-1]
         if not _pow2(d):
             raise ValueError(f"triton attention needs a power-of-two head_dim, got {d}")

@@ -2,7 +2,7 @@
 with the contract of `fused_moe_ref.fused_experts_ref`.
 
 Token-expert pairs ("slots", `T*k` of them) are grouped by expert into blocks of BLOCK_M rows
-(`align_by_expert`, torch ops with no host sync); a grouped GEMM kernel then runs one program
+(`align_by_expert` in `moe_routing.py`, no host sync); a grouped GEMM kernel then runs one program
 per (block, N tile) reading only that block's expert weights, so every touched expert's weights
 are read once per N tile and untouched experts not at all. Stage 1 computes `x @ w13[e]^T` per
 slot, `silu(gate) * up` follows, stage 2 computes `act @ w2[e]^T` scaled by the routing weight,
@@ -13,38 +13,11 @@ another rank) are never scheduled and contribute zero.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """→ (sorted_slots [P] int32 with padding = T*k, block_expert [P/block_m] int32 with -1 = unused)."""
-    flat = topk_ids.reshape(-1).long()
-    n = flat.numel()
-    valid = (flat >= 0) & (flat < num_experts)
-    bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts = counts[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)
-    starts = ends - padded
-    first = counts.cumsum(0) - counts
-    order = torch.sort(bucket, stable=True).indices
-    sorted_bucket = bucket[order]
-    ok = sorted_bucket < num_experts
-    e = sorted_bucket.clamp(max=num_experts - 1)
-    rank = torch.arange(n, device=flat.device) - first[e]
-    max_padded = n + num_experts * (block_m - 1)
-    max_padded = (max_padded + block_m - 1) // block_m * block_m
-    dest = torch.where(ok, starts[e] + rank, torch.full_like(rank, max_padded))
-    sorted_slots = torch.full((max_padded + 1,), n, dtype=torch.int32, device=flat.device)
-    sorted_slots.scatter_(0, dest, order.to(torch.int32))
-    block_start = torch.arange(0, max_padded, block_m, device=flat.device)
-    block_expert = torch.searchsorted(ends, block_start, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return sorted_slots[:max_padded], block_expert
+from engine.kernels.moe_routing import align_by_expert
+from engine.kernels.norm_act import silu_and_mul
 
 
 @triton.jit
@@ -115,8 +88,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     gate_up = torch.empty(num_slots, two_i, dtype=hidden.dtype, device=hidden.device)
     flat_w = topk_weights.reshape(-1).float().contiguous()
     _grouped_gemm(hidden, w13, gate_up, flat_w, sorted_slots, block_expert, num_slots, k, True, False, tiles)
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = (F.silu(gate) * up).contiguous()
+    act = silu_and_mul(gate_up)
     down = torch.zeros(num_slots, h, dtype=hidden.dtype, device=hidden.device)
     _grouped_gemm(act, w2, down, flat_w, sorted_slots, block_expert, num_slots, 1, False, True, tiles)
     return down.view(t, k, h).sum(dim=1)

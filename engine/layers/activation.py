@@ -1,11 +1,7 @@
-"""Activations on merged projections."""
+"""Activations on merged projections (`x = [gate | up]` → `silu(gate) * up`); the kernel choice is
+`fused_ops.py`'s."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from engine.layers.fused_ops import silu_and_mul
 
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """`x = [gate | up]` along the last dim → `silu(gate) * up`."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+__all__ = ["silu_and_mul"]

@@ -1,11 +1,13 @@
 """Grouped-query attention block (Llama, Qwen3): merged QKV projection, optional per-head
-QK RMSNorm (Qwen3), rotary embedding, the paged attention backend, output projection."""
+QK RMSNorm (Qwen3), rotary embedding and the KV write (one fused op, `fused_ops.py`), the paged
+attention backend, output projection."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
+from engine.layers import fused_ops
 from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -28,14 +30,13 @@ class GQAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
-        out = batch.backend.gqa(q, k, v, batch.kv_caches[self.layer_id], batch.attn, self.scale)
+        kv_cache, meta = batch.kv_caches[self.layer_id], batch.attn
+        norm = self.q_norm is not None
+        q, k, v = fused_ops.qk_norm_rope_write_kv(
+            self.qkv_proj(hidden), positions, self.rope.cos, self.rope.sin, self.q_norm.weight if norm else None,
+            self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, kv_cache, meta.slot_mapping,
+            self.num_heads, self.num_kv_heads, self.rope.interleaved)
+        out = batch.backend.gqa(q, k, v, kv_cache, meta, self.scale, kv_written=True)
         return self.o_proj(out.reshape(t, self.q_size))
 
     def register_weights(self, table: WeightTable, prefix: str) -> None:

@@ -25,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 from engine.attention.torch_backend import gather_kv, write_kv
 
 from engine.forward_batch import ForwardBatch
+from engine.layers import fused_ops
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, yarn_softmax_scale
@@ -73,11 +74,10 @@ class MLAttention(nn.Module):
         else:
             q = self.q_proj(hidden)
         q_nope, q_pe = q.view(t, h, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.rank, self.dr], dim=-1)
-        latent = self.kv_a_layernorm(latent)
         q_pe = self.rope.rotate(q_pe, positions)
-        k_pe = self.rope.rotate(k_pe, positions)
-        entry = torch.cat([latent, k_pe], dim=-1)  # [T, R + P]: what the cache stores
+        # [T, R + P]: normed latent ++ rotated rope key, what the cache stores
+        entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
+                                       self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved)
         kv_cache, meta = batch.kv_caches[self.layer_id], batch.attn
         if meta.num_decodes == 0 and t >= DECOMPRESS_MIN_TOKENS:
             out = self._prefill_decompressed(q_nope, q_pe, entry, kv_cache, meta)

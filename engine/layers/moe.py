@@ -1,12 +1,9 @@
 """Mixture-of-experts: routing (which experts each token goes to, with what weight) and the
 expert computation over stacked expert weights.
 
-Routing methods, matching the reference implementations:
-* `softmax` top-k (Qwen3-MoE, DeepSeek-V2 `greedy`), optionally renormalised;
-* `softmax` group-limited (DeepSeek-V2 `group_limited_greedy`: groups ranked by their best expert);
-* `sigmoid` grouped with a correction bias (DeepSeek-V3 `noaux_tc`: the bias only steers the
-  choice; groups ranked by the sum of their two best biased scores; weights are the unbiased
-  scores, renormalised, times `routed_scaling_factor`).
+Routing (`select_experts`: softmax top-k, group-limited softmax, DeepSeek-V3's grouped sigmoid
+with correction bias) is defined in `engine/kernels/moe_routing_ref.py`, with a Triton kernel
+chosen on CUDA by `fused_ops.py`; it is re-exported here.
 
 Experts are stored stacked, `w13 [E, 2I, H]` (gate rows then up rows) and `w2 [E, H, I]`, the
 layout the fused kernels and expert-parallel weight moves use. The expert computation runs the
@@ -24,37 +21,8 @@ from engine.config import ConfigError, ParallelConfig
 from engine.eplb import initial_slot_experts
 from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
+from engine.layers.fused_ops import select_experts  # noqa: F401 (routing lives in fused_ops / kernels)
 from engine.layers.weights import WeightError, WeightTable, copy_into, dummy_generator
-
-
-def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
-                   num_groups: int = 1, topk_groups: int = 1, correction_bias: torch.Tensor | None = None,
-                   routed_scaling_factor: float = 1.0, group_score: str = "max"):
-    """router_logits `[T, E]` → (topk_weights `[T, k]` float32, topk_ids `[T, k]` int32)."""
-    logits = router_logits.float()
-    if scoring == "softmax":
-        scores = logits.softmax(dim=-1)
-    elif scoring == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        raise ValueError(f"unknown MoE scoring function {scoring!r}")
-    choice = scores if correction_bias is None else scores + correction_bias.float()
-    if num_groups > 1:
-        t, e = choice.shape
-        grouped = choice.view(t, num_groups, e // num_groups)
-        if group_score == "top2sum":
-            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            gscore = grouped.max(dim=-1).values
-        keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(topk_groups, dim=-1).indices, 1.0)
-        mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e).bool()
-        fill = float("-inf") if correction_bias is not None else 0.0
-        choice = choice.masked_fill(~mask, fill)
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
 
 
 def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

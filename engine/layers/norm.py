@@ -1,8 +1,11 @@
-"""RMSNorm, computed in float32 like the HF reference implementations."""
+"""RMSNorm, computed in float32 like the HF reference implementations (fused kernel on CUDA,
+torch elsewhere: see `fused_ops.py`)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.layers import fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -13,11 +16,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`, computes `norm(x + residual)` and also returns the new residual."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
-        return out if residual is None else (out, residual)
+        if residual is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.kernels.rope_kv_ref import apply_rope
+
 
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     """Rope settings from either the transformers-5 `rope_parameters` or the older `rope_scaling`."""
@@ -100,22 +102,7 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate `x [T, H, rotary_dim]` (or `[T, rotary_dim]`) at `positions [T]`."""
-        cos = self.cos[positions]  # [T, dim/2]
-        sin = self.sin[positions]
-        if x.dim() == 3:
-            cos, sin = cos[:, None, :], sin[:, None, :]
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        if self.interleaved:
-            out = torch.stack((o1, o2), dim=-1).flatten(-2)
-        else:
-            out = torch.cat((o1, o2), dim=-1)
-        return out.to(x.dtype)
+        return apply_rope(x, positions, self.cos, self.sin, self.interleaved)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         return self.rotate(q, positions), self.rotate(k, positions)

@@ -1,0 +1,124 @@
+"""Triton fused GQA attention prologue with the contract of `rope_kv_ref.qk_norm_rope_write_kv`:
+one program per (token, query or KV head) reads its head of the merged QKV projection once,
+applies the per-head RMSNorm (Qwen3), rotates it, stores q (or k), and for KV heads writes k and
+v straight into their page slot. Replaces ~20 torch kernels per layer (splits, norms, gathers of
+cos/sin, float casts, cat, two scatter writes). For MLA, `mla_kv_entry` builds the cached entry
+(normed latent ++ rotated rope key) in one kernel. Launch shapes depend only on T (graph-safe)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rope(src, w, cos_row, sin_row, eps, HAS_NORM: tl.constexpr, INTERLEAVED: tl.constexpr,
+               D: tl.constexpr, HALF: tl.constexpr):
+    """Load one head (D channels at `src`), RMSNorm it (if HAS_NORM), rotate → (o1, o2, i1, i2): the
+    two rotated halves in float32 and their channel offsets."""
+    j = tl.arange(0, HALF)
+    if INTERLEAVED:
+        i1, i2 = 2 * j, 2 * j + 1
+    else:
+        i1, i2 = j, j + HALF
+    a = tl.load(src + i1)
+    b = tl.load(src + i2)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    if HAS_NORM:
+        inv = 1.0 / tl.sqrt((tl.sum(af * af, axis=0) + tl.sum(bf * bf, axis=0)) / D + eps)
+        # Rounded to the activation dtype after the norm and after the weight, as the torch form.
+        af = ((af * inv).to(a.dtype).to(tl.float32) * tl.load(w + i1).to(tl.float32)).to(a.dtype).to(tl.float32)
+        bf = ((bf * inv).to(a.dtype).to(tl.float32) * tl.load(w + i2).to(tl.float32)).to(a.dtype).to(tl.float32)
+    c = tl.load(cos_row + j)
+    s = tl.load(sin_row + j)
+    return af * c - bf * s, bf * c + af * s, i1, i2
+
+
+@triton.jit
+def _qk_norm_rope_kv_kernel(qkv, pos, cos, sin, qw, kw, q_out, k_out, kv, slots, eps, stride_t, stride_cos,
+                            stride_kp, stride_kc, stride_ks, stride_kh,
+                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                            HAS_NORM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    p = tl.load(pos + t).to(tl.int64)
+    cos_row = cos + p * stride_cos
+    sin_row = sin + p * stride_cos
+    row = qkv + t * stride_t
+    if h < HQ:
+        o1, o2, i1, i2 = _norm_rope(row + h * D, qw, cos_row, sin_row, eps, HAS_NORM, INTERLEAVED, D, HALF)
+        dst = q_out + (t * HQ + h) * D
+        tl.store(dst + i1, o1.to(q_out.dtype.element_ty))
+        tl.store(dst + i2, o2.to(q_out.dtype.element_ty))
+    else:
+        kh = h - HQ
+        o1, o2, i1, i2 = _norm_rope(row + (HQ + kh) * D, kw, cos_row, sin_row, eps, HAS_NORM, INTERLEAVED, D, HALF)
+        k1 = o1.to(k_out.dtype.element_ty)
+        k2 = o2.to(k_out.dtype.element_ty)
+        dst = k_out + (t * HKV + kh) * D
+        tl.store(dst + i1, k1)
+        tl.store(dst + i2, k2)
+        slot = tl.load(slots + t)
+        if slot >= 0:
+            page_base = kv + (slot // PAGE) * stride_kp + (slot % PAGE) * stride_ks + kh * stride_kh
+            tl.store(page_base + i1, k1.to(kv.dtype.element_ty))
+            tl.store(page_base + i2, k2.to(kv.dtype.element_ty))
+            dv = tl.arange(0, D)
+            v = tl.load(row + (HQ + HKV + kh) * D + dv)
+            tl.store(page_base + stride_kc + dv, v.to(kv.dtype.element_ty))
+
+
+def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                          interleaved: bool = False):
+    t = qkv.shape[0]
+    d = kv_cache.shape[-1]
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((t, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device)
+    v = qkv[:, (num_heads + num_kv_heads) * d:].view(t, num_kv_heads, d)
+    if t:
+        has_norm = q_norm is not None
+        _qk_norm_rope_kv_kernel[(t, num_heads + num_kv_heads)](
+            qkv, positions, cos, sin, q_norm if has_norm else cos, k_norm if has_norm else cos, q, k, kv_cache,
+            slot_mapping, eps, qkv.stride(0), cos.stride(0), kv_cache.stride(0), kv_cache.stride(1),
+            kv_cache.stride(2), kv_cache.stride(3), HQ=num_heads, HKV=num_kv_heads, D=d, PAGE=kv_cache.shape[2],
+            HAS_NORM=has_norm, INTERLEAVED=interleaved, num_warps=1)
+    return q, k, v
+
+
+@triton.jit
+def _mla_entry_kernel(kv_a, pos, cos, sin, w, out, eps, stride_a, stride_o, stride_cos, R: tl.constexpr,
+                      BLOCK_R: tl.constexpr, P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    src = kv_a + t * stride_a
+    dst = out + t * stride_o
+    r = tl.arange(0, BLOCK_R)
+    x = tl.load(src + r, mask=r < R, other=0.0)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / R + eps)
+    y = (xf * inv).to(x.dtype).to(tl.float32) * tl.load(w + r, mask=r < R, other=0.0).to(tl.float32)
+    tl.store(dst + r, y.to(out.dtype.element_ty), mask=r < R)
+    p = tl.load(pos + t).to(tl.int64)
+    o1, o2, i1, i2 = _norm_rope(src + R, w, cos + p * stride_cos, sin + p * stride_cos, eps, False, INTERLEAVED,
+                                P, P // 2)
+    tl.store(dst + R + i1, o1.to(out.dtype.element_ty))
+    tl.store(dst + R + i2, o2.to(out.dtype.element_ty))
+
+
+def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+    t, width = kv_a.shape
+    p = 2 * cos.shape[-1]
+    r = width - p
+    if kv_a.stride(-1) != 1:
+        kv_a = kv_a.contiguous()
+    out = torch.empty((t, width), dtype=torch.promote_types(kv_a.dtype, norm_weight.dtype), device=kv_a.device)
+    if t:
+        _mla_entry_kernel[(t,)](kv_a, positions, cos, sin, norm_weight, out, eps, kv_a.stride(0), out.stride(0),
+                                cos.stride(0), R=r, BLOCK_R=triton.next_power_of_2(r), P=p, INTERLEAVED=interleaved,
+                                num_warps=4)
+    return out

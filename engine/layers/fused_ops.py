@@ -1,0 +1,78 @@
+"""The one place layers choose between the fused Triton kernels and their torch references:
+Triton on CUDA tensors, torch everywhere else (CPU runs and CI take the reference path, which is
+also what the kernels are tested against). Every op here is CUDA-graph safe on both paths.
+
+Layers call these functions, never the kernel modules: norms (`RMSNorm`), the gated MLP, the GQA
+prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.kernels import moe_routing_ref, norm_act_ref, rope_kv_ref
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _fused(x):
+        from engine.kernels import norm_act
+        return norm_act.rms_norm(x, weight, eps)
+    return norm_act_ref.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rms_norm(x + residual), x + residual)`."""
+    if _fused(x):
+        from engine.kernels import norm_act
+        return norm_act.add_rms_norm(x, residual, weight, eps)
+    return norm_act_ref.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _fused(x):
+        from engine.kernels import norm_act
+        return norm_act.silu_and_mul(x)
+    return norm_act_ref.silu_and_mul(x)
+
+
+def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                          interleaved: bool = False):
+    """Merged QKV `[T, (Hq + 2 Hkv) D]` → (q, k, v) `[T, H, D]`, q and k normed (if weights) and
+    rotated, k and v written into the paged pool `kv_cache`."""
+    d = kv_cache.shape[-1]
+    if _fused(qkv) and cos.shape[-1] * 2 == d and d & (d - 1) == 0:
+        from engine.kernels import rope_kv
+        impl = rope_kv.qk_norm_rope_write_kv
+    else:  # CPU, or partial rotary / odd head sizes the kernel does not take
+        impl = rope_kv_ref.qk_norm_rope_write_kv
+    return impl(qkv, positions, cos, sin, q_norm, k_norm, eps, kv_cache, slot_mapping, num_heads, num_kv_heads,
+                interleaved)
+
+
+def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+    """MLA's `kv_a_proj_with_mqa` output `[T, R + P]` → the cached entry: normed latent ++ rotated rope key."""
+    impl = rope_kv_ref.mla_kv_entry
+    if _fused(kv_a) and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0:
+        from engine.kernels import rope_kv
+        impl = rope_kv.mla_kv_entry
+    return impl(kv_a, positions, cos, sin, norm_weight, eps, interleaved)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
+                   num_groups: int = 1, topk_groups: int = 1, correction_bias: torch.Tensor | None = None,
+                   routed_scaling_factor: float = 1.0, group_score: str = "max"):
+    """router_logits `[T, E]` → (topk_weights `[T, k]` float32, topk_ids `[T, k]` int32); see
+    `engine/kernels/moe_routing_ref.py` for the routing methods."""
+    impl = moe_routing_ref.select_experts
+    if _fused(router_logits):
+        from engine.kernels import moe_routing
+        impl = moe_routing.select_experts
+    return impl(router_logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
+                routed_scaling_factor, group_score)
