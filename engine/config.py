@@ -271,6 +271,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: seeded random weights
+    quantization: str | None = None  # None: as the checkpoint ships (FP8 checkpoints stay FP8); fp8: quantize
     seed: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
@@ -288,6 +289,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"quantization must be 'fp8' or unset, got {self.quantization!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype != "auto":

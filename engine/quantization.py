@@ -79,9 +79,12 @@ def from_hf_config(hf: dict[str, Any]) -> Fp8Config | None:
     return Fp8Config(tuple(block), q.get("activation_scheme", "dynamic"))
 
 
-def resolve_quantization(requested: str | None, hf: dict[str, Any]) -> Fp8Config | None:
+def resolve_quantization(requested: "str | Fp8Config | None", hf: dict[str, Any]) -> Fp8Config | None:
     """`--quantization` (None | fp8) combined with the checkpoint: an FP8 checkpoint loads as FP8
-    whatever was asked; `fp8` on a full-precision checkpoint quantizes it online (128x128 blocks)."""
+    whatever was asked; `fp8` on a full-precision checkpoint quantizes it online (128x128 blocks, or
+    the blocks of an `Fp8Config` given instead of the name)."""
+    if isinstance(requested, Fp8Config):
+        return from_hf_config(hf) or Fp8Config(requested.block_size, requested.activation_scheme, online=True)
     if requested not in (None, "none", "fp8"):
         raise ConfigError(f"unknown quantization {requested!r} (none | fp8)")
     own = from_hf_config(hf)
@@ -151,6 +154,7 @@ class Fp8Weight(NamedTuple):
 
     data: torch.Tensor
     scale: torch.Tensor
+    block: tuple[int, int]
 
     @property
     def shape(self):
@@ -158,7 +162,7 @@ class Fp8Weight(NamedTuple):
 
 
 def _error(msg: str):
-    from engine.models import WeightError
+    from engine.layers.weights import WeightError
     return WeightError(msg)
 
 
@@ -194,7 +198,7 @@ def pair_scales(weights: Iterable[tuple[str, torch.Tensor]], config: Fp8Config |
             if wname in pending:
                 data = pending.pop(wname)
                 check_scale(name, data, t, config)
-                yield wname, Fp8Weight(data, t.float())
+                yield wname, Fp8Weight(data, t.float(), config.block_size)
             else:
                 scales[wname] = (name, t)
             continue
@@ -208,7 +212,7 @@ def pair_scales(weights: Iterable[tuple[str, torch.Tensor]], config: Fp8Config |
             if name in scales:
                 sname, s = scales.pop(name)
                 check_scale(sname, t, s, config)
-                yield name, Fp8Weight(t, s.float())
+                yield name, Fp8Weight(t, s.float(), config.block_size)
             else:
                 pending[name] = t
             continue
@@ -221,3 +225,52 @@ def pair_scales(weights: Iterable[tuple[str, torch.Tensor]], config: Fp8Config |
         sname = sorted(s for s, _ in scales.values())[0]
         raise _error(f"tensor {sname!r}: block scales without their FP8 weight "
                      f"{sname[: -len(SCALE_SUFFIX)]!r} in the checkpoint")
+
+
+# ---------------------------------------------------------------- FP8 parameters
+def fp8_parameters(config: Fp8Config, rows: int, cols: int, stack: int | None = None
+                   ) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """Storage of one FP8 matrix `[rows, cols]` (or a stack `[stack, rows, cols]` of experts): the FP8
+    weight and its float32 block scales. The weight carries `block_scale` and `quant` so that loaders
+    given only the weight find the rest."""
+    lead = () if stack is None else (stack,)
+    weight = torch.nn.Parameter(torch.empty(*lead, rows, cols, dtype=FP8_DTYPE), requires_grad=False)
+    scale = torch.nn.Parameter(torch.empty(*lead, *config.scale_shape(rows, cols), dtype=torch.float32),
+                               requires_grad=False)
+    weight.block_scale, weight.quant = scale, config
+    return weight, scale
+
+
+def load_fp8_rows(weight: torch.nn.Parameter, src, name: str, start: int = 0, slot: int | None = None) -> None:
+    """Copy checkpoint tensor `src` (an `Fp8Weight`, or full precision for online quantization) into
+    rows `[start, start + rows)` of FP8 `weight` (of expert `slot` when stacked) and its scales.
+    A merged part must start on a block boundary, else its scales would share blocks."""
+    from engine.layers.weights import copy_into
+
+    config: Fp8Config = weight.quant
+    bn = config.block_size[0]
+    if start % bn:
+        raise _error(f"tensor {name!r}: its rows start at row {start} of a merged FP8 weight, not on a block "
+                     f"boundary; weight_block_size {list(config.block_size)} must divide the sizes of the merged "
+                     f"projections")
+    if isinstance(src, Fp8Weight):
+        data, scale = src.data, src.scale
+    elif config.online:
+        data, scale = quantize_blocks(src.to(weight.device), config.block_size)
+    else:
+        raise _error(f"tensor {name!r} is {src.dtype} but quantization_config announces FP8 weights with "
+                     f"block scales ({name + SCALE_SUFFIX!r})")
+    w = weight.data if slot is None else weight.data[slot]
+    s = weight.block_scale.data if slot is None else weight.block_scale.data[slot]
+    rows = data.shape[-2]
+    copy_into(w[..., start: start + rows, :], data, name)
+    copy_into(s[..., start // bn: start // bn + scale.shape[-2], :], scale, name + SCALE_SUFFIX)
+
+
+def fill_dummy_fp8(weight: torch.Tensor, scale: torch.Tensor, gen: torch.Generator, std: float) -> None:
+    """Random FP8 weights drawn directly in FP8 (no full-precision copy): unit normals cast to e4m3
+    with every block scale `std`, i.e. N(0, std) quantized."""
+    with torch.no_grad():
+        for chunk in weight.view(-1).split(1 << 26):
+            chunk.copy_(torch.randn(chunk.shape, generator=gen, device=weight.device))
+        scale.fill_(std)

@@ -14,6 +14,8 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 
+from engine.quantization import Fp8Weight, dequantize_blocks, load_fp8_rows
+
 
 class WeightError(ValueError):
     """A checkpoint tensor that is missing, unknown or mis-shaped; the message names it."""
@@ -31,14 +33,26 @@ def dummy_generator(seed: int, name: str, device) -> torch.Generator:
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if isinstance(src, Fp8Weight):  # an FP8 checkpoint tensor for a parameter we keep in full precision
+        src = dequantize_blocks(src.data, src.scale, src.block, dst.dtype)
     if tuple(src.shape) != tuple(dst.shape):
         raise WeightError(f"tensor {name!r}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
     with torch.no_grad():
         dst.copy_(src)
 
 
+def load_rows(param: torch.Tensor, src, name: str, start: int = 0, size: int | None = None,
+              slot: int | None = None) -> None:
+    """Copy `src` into `param` (expert `slot` of a stacked one; rows `[start, start + size)` of a
+    merged one), through its block scales when `param` is FP8 (engine/quantization.py)."""
+    if getattr(param, "block_scale", None) is not None:
+        return load_fp8_rows(param, src, name, start, slot)
+    dst = param.data if slot is None else param.data[slot]
+    copy_into(dst if size is None else dst[start: start + size], src, name)
+
+
 def into(dst: torch.Tensor) -> Loader:
-    return lambda t, name: copy_into(dst, t, name)
+    return lambda t, name: load_rows(dst, t, name)
 
 
 class WeightTable:
@@ -79,4 +93,4 @@ def into_shard(merged, index: int, param: str = "weight") -> Loader:
     """Copy into slice `index` of a `MergedLinear`'s weight (or bias)."""
     target = getattr(merged, param)
     start, size = merged.offsets[index], merged.out_sizes[index]
-    return lambda t, name: copy_into(target.data[start: start + size], t, name)
+    return lambda t, name: load_rows(target, t, name, start, size)
