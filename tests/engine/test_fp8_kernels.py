@@ -19,3 +19,9 @@ def test_fp8_kernels_match_their_references_under_the_interpreter():
 def test_fp8_kernels_match_their_references_at_real_sizes_on_gpu():
     r = _run(["-m", "tests.engine.kernels.check_fp8", "cuda", "real"], interpret=False, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_triton_attention_over_an_fp8_kv_cache_matches_the_reference_under_the_interpreter():
+    r = _run(["-m", "tests.engine.kernels.check_fp8_kv", "cpu"], interpret=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok ") == 4
