@@ -107,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="deepseek-v3")
     ap.add_argument("--quantization", choices=["none", "fp8"], default="fp8")
     ap.add_argument("--ep-size", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default="auto")
     ap.add_argument("--device-gib", type=float, default=H200_BYTES / 2**30, help="device memory (default: H200)")
     args = ap.parse_args(argv)
+    from engine.config import kv_cache_dtype
     from engine.presets import resolve_model
 
     mc = resolve_model(args.model, "bfloat16")
+    kv = kv_cache_dtype(args.kv_cache_dtype, mc.dtype)
     for ep in args.ep_size:
-        p = plan(mc, ParallelConfig(ep_size=ep), args.quantization, int(args.device_gib * 2**30))
+        p = plan(mc, ParallelConfig(ep_size=ep), args.quantization, int(args.device_gib * 2**30), kv_dtype=kv)
         verdict = "fits" if p.fits(mc.max_model_len) else "DOES NOT FIT"
         print(f"{p.describe()} -> {verdict} ({ep} GPUs per role)")
     return 0

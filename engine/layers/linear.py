@@ -18,8 +18,8 @@ from engine.quantization import build_quantization, dequantize_blocks, fp8_param
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quantize: bool = True):
         super().__init__()
-        self.quant = build_quantization() if quantize else None
         self.in_features, self.out_features = in_features, out_features
+        self.quant = build_quantization() if quantize else None
         if self.quant is None:
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
         else:
