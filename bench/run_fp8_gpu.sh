@@ -11,3 +11,13 @@ for q in fp8 none; do
     --decode-steps 32 --prefill-len 2048 --out "$OUT/engine_$q" > "$OUT/engine_$q.log" 2>&1
 done
 ls -R "$OUT"
+# Not run yet (next device session): the FP8 MoE kernel check ran into a bug of the check script above
+# (fixed since), accuracy over 512 tokens, DeepSeek-V2-Lite FP8 vs bf16.
+if [ "${FP8_MORE:-0}" = 1 ]; then
+  timeout 120 python -m bench.fp8_accuracy --model qwen3-8b --tokens 512 --out "$OUT" > "$OUT/fp8_accuracy.log" 2>&1
+  for q in fp8 none; do
+    flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
+    timeout 120 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 $flag --batch 1,16,64 \
+      --decode-steps 32 --prefill-len 2048 --out "$OUT/v2lite_$q" > "$OUT/v2lite_$q.log" 2>&1
+  done
+fi

@@ -192,3 +192,21 @@ def test_block_size_that_does_not_divide_merged_projections_is_refused(tmp_path)
     path = _edited(tmp_path, lambda t: None, block=(24, 32))
     with pytest.raises(WeightError, match=r"k_proj.weight.*not on a block boundary"):
         _load(path)
+
+
+def test_fp8_dummy_weights_are_the_full_precision_dummy_weights_rounded_to_fp8():
+    """What bench/fp8_accuracy.py relies on: both draw each tensor from the (seed, name) stream."""
+    from engine.quantization import dequantize_blocks
+
+    mc = resolve_model("tiny-deepseek-v3", "float32")
+    full = load_model(mc, "cpu", "dummy", seed=5)
+    fp8 = load_model(mc, "cpu", "dummy", seed=5, quantization="fp8")
+    pairs = [(full.layers[1].self_attn.o_proj.weight, fp8.layers[1].self_attn.o_proj),
+             (full.layers[1].mlp.experts.w13[3], fp8.layers[1].mlp.experts)]
+    for ref, layer in pairs:
+        if hasattr(layer, "weight_scale_inv"):
+            got = dequantize_blocks(layer.weight, layer.weight_scale_inv, (128, 128))
+        else:
+            got = dequantize_blocks(layer.w13[3], layer.w13_scale_inv[3], (128, 128))
+        assert torch.allclose(got, ref, rtol=2 ** -4, atol=2 ** -9 * 0.02)
+        assert not torch.equal(got, ref)
