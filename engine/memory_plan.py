@@ -2,22 +2,21 @@
 model, a quantization and an EP size, and whether that fits a device.
 
 Weights are counted exactly by building the model on the `meta` device (no memory) with the same
-code that loads it, so FP8 scales, replicated attention/dense layers, each rank's expert slots
-(redundant ones included) and derived buffers (MLA's absorbed matrices, rotary tables) are all in.
-`check_fits` refuses, before a byte is allocated, a configuration whose weights exceed the device;
-`python -m engine.memory_plan --model deepseek-v3 --quantization fp8 --ep-size 8 16` prints plans.
+code that loads it (`weight_loader.weight_bytes_per_rank`), so FP8 scales, replicated
+attention/dense layers, each rank's expert slots (redundant ones included) and derived buffers
+(MLA's absorbed matrices, rotary tables) are all in. `load_model` refuses, before a byte is
+allocated, a rank whose weights exceed its device; `python -m engine.memory_plan --model deepseek-v3 --quantization fp8 --ep-size 8 16` prints plans.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 
 import torch
 
-from engine.config import ConfigError, ModelConfig, ParallelConfig
-
-log = logging.getLogger(__name__)
+from engine.config import ModelConfig, ParallelConfig
+from engine.quantization import resolve_quantization
+from engine.weight_loader import weight_bytes_per_rank
 
 H200_BYTES = 143771 * 2**20  # what an H200 reports (141 GB of HBM3e)
 
@@ -52,38 +51,13 @@ class MemoryPlan:
                 f"{self.kv_budget_bytes / gib:.1f} GiB left for KV ({self.kv_tokens} tokens)")
 
 
-def weight_bytes_per_rank(model_config: ModelConfig, parallel: ParallelConfig, quantization: str | None) -> int:
-    from engine.weight_loader import build_model
-
-    rank0 = dataclasses.replace(parallel, ep_rank=0, dist_init_method=None)
-    model = build_model(model_config, "meta", rank0, quantization)
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def plan(model_config: ModelConfig, parallel: ParallelConfig, quantization: str | None, device_bytes: int,
          utilization: float = 0.9, kv_dtype: torch.dtype | None = None) -> MemoryPlan:
-    from engine.quantization import resolve_quantization
-
     quant = resolve_quantization(quantization, model_config.hf)
     kv = model_config.kv_spec(16, kv_dtype or model_config.dtype).bytes_per_token
     return MemoryPlan(model_config.architecture if model_config.path is None else model_config.path,
                       "fp8" if quant else str(model_config.dtype).removeprefix("torch."), parallel.ep_size,
                       weight_bytes_per_rank(model_config, parallel, quantization), kv, device_bytes, utilization)
-
-
-def check_fits(model_config: ModelConfig, device: torch.device, parallel: ParallelConfig,
-               quantization: str | None) -> MemoryPlan | None:
-    """On CUDA: log the plan, and refuse (ConfigError) when one rank's weights exceed the device."""
-    if device.type != "cuda":
-        return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    p = plan(model_config, parallel, quantization, total)
-    log.info("memory plan: %s", p.describe())
-    if p.weight_bytes > total:
-        raise ConfigError(f"cannot fit: {p.describe()}. Use --quantization fp8, a larger --ep-size or fewer "
-                          f"--num-redundant-experts")
-    return p
 
 
 def gpus_needed(model: str = "deepseek-v3", quantization: str | None = "fp8", ep_sizes=(8, 16),

@@ -11,6 +11,7 @@ this module owns files, devices, dtypes and completeness.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,11 +19,11 @@ from typing import Iterable, Iterator
 
 import torch
 
-from engine.config import ModelConfig, ParallelConfig
+from engine.config import ConfigError, ModelConfig, ParallelConfig
 from engine.layers.weights import dummy_generator
 from engine.models import WeightError, get_model_class
-from engine.quantization import (FP8_DTYPE, SCALE_SUFFIX, building_with, fill_dummy_fp8, pair_scales,
-                                 resolve_quantization)
+from engine.layers.fp8_weights import pair_scales
+from engine.quantization import FP8_DTYPE, SCALE_SUFFIX, building_with, fill_dummy_fp8, resolve_quantization
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,29 @@ def build_model(model_config: ModelConfig, device: torch.device | str, parallel:
     return model
 
 
+def weight_bytes_per_rank(model_config: ModelConfig, parallel: ParallelConfig, quantization=None) -> int:
+    """Bytes of weights (and derived buffers) one EP rank holds, counted on a `meta` build: exact,
+    FP8 scales, replicated layers and each rank's expert slots included (engine/memory_plan.py)."""
+    rank0 = dataclasses.replace(parallel, ep_rank=0, dist_init_method=None)
+    model = build_model(model_config, "meta", rank0, quantization)
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _refuse_if_too_big(model_config: ModelConfig, device: torch.device, parallel: ParallelConfig,
+                       quantization) -> None:
+    """Before allocating: a rank whose weights alone exceed the device is refused, with the numbers."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    need = weight_bytes_per_rank(model_config, parallel, quantization)
+    log.info("weights per rank: %.1f GiB of %.1f GiB (EP=%d)", need / 2**30, total / 2**30, parallel.ep_size)
+    if need > total:
+        raise ConfigError(f"cannot fit {model_config.architecture}: {need / 2**30:.1f} GiB of weights per rank "
+                          f"(EP={parallel.ep_size}) on a {total / 2**30:.1f} GiB device; use --quantization fp8, "
+                          f"a larger --ep-size or fewer --num-redundant-experts (python -m engine.memory_plan sizes "
+                          f"a configuration)")
+
+
 def load_model(model_config: ModelConfig, device: torch.device | str, load_format: str = "auto",
                seed: int = 0, parallel: ParallelConfig | None = None,
                weights: Iterable[tuple[str, torch.Tensor]] | None = None,
@@ -126,8 +150,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str, load_forma
     """Build `model_config`'s architecture on `device` in `model_config.dtype` and fill its weights.
     `quantization="fp8"` quantizes a full-precision checkpoint (or dummy weights) to FP8 blocks."""
     device = torch.device(device)
-    from engine.memory_plan import check_fits
-    check_fits(model_config, device, parallel or ParallelConfig(), quantization)
+    _refuse_if_too_big(model_config, device, parallel or ParallelConfig(), quantization)
     model = build_model(model_config, device, parallel, quantization)
     quant = model.quantization
     if weights is not None:

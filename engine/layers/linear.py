@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.fp8_linear import fp8_linear
-from engine.quantization import build_quantization, dequantize_blocks, fp8_parameters
+from engine.layers.fp8_weights import fp8_parameters
+from engine.quantization import build_quantization, dequantize_blocks
 
 
 class Linear(nn.Module):

@@ -29,7 +29,8 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
 from engine.layers.fp8_linear import fp8_experts
 from engine.layers.weights import WeightError, WeightTable, dummy_generator, load_rows
-from engine.quantization import build_quantization, fill_dummy_fp8, fp8_parameters
+from engine.layers.fp8_weights import fp8_parameters
+from engine.quantization import build_quantization, fill_dummy_fp8
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

@@ -14,8 +14,6 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 
-from engine.quantization import Fp8Weight, dequantize_blocks, load_fp8_rows
-
 
 class WeightError(ValueError):
     """A checkpoint tensor that is missing, unknown or mis-shaped; the message names it."""
@@ -33,8 +31,8 @@ def dummy_generator(seed: int, name: str, device) -> torch.Generator:
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if isinstance(src, Fp8Weight):  # an FP8 checkpoint tensor for a parameter we keep in full precision
-        src = dequantize_blocks(src.data, src.scale, src.block, dst.dtype)
+    if not isinstance(src, torch.Tensor):  # an FP8 checkpoint weight (fp8_weights.Fp8Weight) for a
+        src = src.dequantize(dst.dtype)  # parameter kept in full precision
     if tuple(src.shape) != tuple(dst.shape):
         raise WeightError(f"tensor {name!r}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
     with torch.no_grad():
@@ -44,9 +42,11 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 def load_rows(param: torch.Tensor, src, name: str, start: int = 0, size: int | None = None,
               slot: int | None = None) -> None:
     """Copy `src` into `param` (expert `slot` of a stacked one; rows `[start, start + size)` of a
-    merged one), through its block scales when `param` is FP8 (engine/quantization.py)."""
-    if getattr(param, "block_scale", None) is not None:
-        return load_fp8_rows(param, src, name, start, slot)
+    merged one); a parameter with its own `load_rows` (FP8 weights: engine/layers/fp8_weights.py)
+    copies itself, scales included."""
+    own = getattr(param, "load_rows", None)
+    if own is not None:
+        return own(src, name, start, slot)
     dst = param.data if slot is None else param.data[slot]
     copy_into(dst if size is None else dst[start: start + size], src, name)
 
