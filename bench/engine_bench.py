@@ -190,7 +190,8 @@ def run(args) -> dict:
     if probe:
         hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
         for d in decode:
-            f = roofline.floors(mc, hbm, flops, d["batch"], d["context"], args.prefill_len)
+            f = roofline.floors(mc, hbm, flops, d["batch"], d["context"], args.prefill_len,
+                                fp8_weights=bool(args.quantization))
             d["floor_ms_per_step"] = f["decode_step_floor_s"] * 1e3
             d["ceiling_tok_s"] = f["decode_tok_s_ceiling"]
             d["bytes_per_step"] = f["decode_bytes"]
