@@ -210,3 +210,17 @@ def test_fp8_dummy_weights_are_the_full_precision_dummy_weights_rounded_to_fp8()
             got = dequantize_blocks(layer.w13[3], layer.w13_scale_inv[3], (128, 128))
         assert torch.allclose(got, ref, rtol=2 ** -4, atol=2 ** -9 * 0.02)
         assert not torch.equal(got, ref)
+
+
+def test_fp8_presets_load_as_shipped_and_serve():
+    """`deepseek-v3-fp8` is DeepSeek-V3's config with its quantization_config; the tiny one runs end to
+    end through the engine with dummy weights drawn in FP8 (no --quantization needed)."""
+    from engine import LLM, SamplingParams
+    from engine.quantization import from_hf_config
+
+    assert from_hf_config(resolve_model("deepseek-v3-fp8").hf).block_size == (128, 128)
+    llm = LLM("tiny-deepseek-v3-fp8", load_format="dummy", device="cpu", num_pages=32, page_size=4)
+    moe = llm.core.runner.model.layers[1].mlp.experts
+    assert moe.w13.dtype == FP8_DTYPE
+    out = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
