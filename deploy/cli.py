@@ -20,6 +20,11 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
                    help="auto: the checkpoint's safetensors; dummy: seeded random weights (any preset)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
+    g.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: quantize a full-precision checkpoint (or dummy weights) to block-scaled FP8 at load; "
+                        "FP8 checkpoints load as FP8 without it")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default="auto",
+                   help="auto: the model's dtype; fp8_e4m3 halves KV memory (a P/D pair must agree)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's, else DeepSeek's)")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
@@ -56,7 +61,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format,
+    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format, quantization=args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype,
                 seed=args.seed if args.seed is not None else 0, max_model_len=args.max_model_len,
                 page_size=args.page_size, num_pages=args.num_pages,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
@@ -189,8 +195,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--attention-backend", args.attention_backend, "--ep-size", str(args.ep_size),
            "--num-redundant-experts", str(args.num_redundant_experts), "--eplb-interval", str(args.eplb_interval),
            "--eplb-window", str(args.eplb_window), "--eplb-min-gain", str(args.eplb_min_gain),
-           "--ep-backend", args.ep_backend]
+           "--ep-backend", args.ep_backend, "--kv-cache-dtype", args.kv_cache_dtype]
     for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
+                        ("--quantization", args.quantization),
                         ("--num-pages", args.num_pages), ("--seed", args.seed)):
         if value is not None:
             out += [flag, str(value)]

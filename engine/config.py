@@ -29,6 +29,19 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says which field and why."""
 
 
+_KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`--kv-cache-dtype`: auto (the model's dtype) or fp8_e4m3 (values cast with scale 1, saturating
+    at +-448, as vLLM does for checkpoints without KV scales)."""
+    if name == "auto":
+        return model_dtype
+    if name not in _KV_CACHE_DTYPES:
+        raise ConfigError(f"unknown kv_cache_dtype {name!r}; expected auto or {', '.join(_KV_CACHE_DTYPES)}")
+    return _KV_CACHE_DTYPES[name]
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -271,6 +284,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: seeded random weights
+    quantization: str | None = None  # None: as the checkpoint ships (FP8 checkpoints stay FP8); fp8: quantize
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3
     seed: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
@@ -288,6 +303,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"quantization must be 'fp8' or unset, got {self.quantization!r}")
+        kv_cache_dtype(self.kv_cache_dtype, torch.float32)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype != "auto":

@@ -19,6 +19,7 @@ from engine.tokenizer import load_tokenizer
 
 
 def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
+                        quantization: str | None = None, kv_cache_dtype: str = "auto",
                         seed: int = 0, max_model_len: int | None = None, page_size: int = 16,
                         num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                         cpu_kv_bytes: int = 1 << 30, enable_prefix_cache: bool = True,
@@ -30,7 +31,8 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                         ep_nnodes: int = 1, ep_node_rank: int = 0, ep_master: str | None = None) -> EngineConfig:
     """Keyword form of EngineConfig shared by `LLM`, the CLI and the node servers."""
     return EngineConfig(
-        model=model, dtype=dtype, device=device, load_format=load_format, seed=seed,
+        model=model, dtype=dtype, device=device, load_format=load_format, quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype, seed=seed,
         max_model_len=max_model_len, attention_backend=attention_backend, enforce_eager=enforce_eager,
         overlap_schedule=overlap_schedule,
         tokenizer=tokenizer,

@@ -35,7 +35,7 @@ class DeepseekMoE(nn.Module):
         self.top_k = hf["num_experts_per_tok"]
         v3 = "DeepseekV3ForCausalLM" in (hf.get("architectures") or [])
         self.method = hf.get("topk_method") or ("noaux_tc" if v3 else "greedy")
-        self.gate = Linear(hf["hidden_size"], num_experts)
+        self.gate = Linear(hf["hidden_size"], num_experts, quantize=False)
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
                                         if self.method == "noaux_tc" else None)
         self.experts = FusedMoE(num_experts, self.top_k, hf["hidden_size"], hf["moe_intermediate_size"],

@@ -22,7 +22,7 @@ class Qwen3SparseMoE(nn.Module):
         self.top_k = hf["num_experts_per_tok"]
         self.renormalize = bool(hf.get("norm_topk_prob", True))
         num_experts = hf.get("num_experts") or hf["num_local_experts"]  # transformers 5 renamed it
-        self.gate = Linear(hf["hidden_size"], num_experts)
+        self.gate = Linear(hf["hidden_size"], num_experts, quantize=False)
         self.experts = FusedMoE(num_experts, self.top_k, hf["hidden_size"], hf["moe_intermediate_size"],
                                 layer_id, parallel)
 
