@@ -20,7 +20,7 @@ import torch
 
 from engine.attention.backend import select_backend
 from engine.attention.metadata import AttentionMetadata
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, kv_cache_dtype
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
@@ -78,7 +78,8 @@ class ModelRunner:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.model = model if model is not None else load_model(
-            model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel)
+            model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel,
+            quantization=config.quantization)
         self.ep = None
         if config.parallel.ep_size > 1:
             from engine.ep.runtime import ExpertParallel
@@ -87,7 +88,7 @@ class ModelRunner:
                                      max_tokens_per_rank=config.scheduler.max_num_seqs)
         self.backend = select_backend(self.device, config.attention_backend)
         self.page_size = config.cache.page_size
-        self.kv_spec = model_config.kv_spec(self.page_size)
+        self.kv_spec = model_config.kv_spec(self.page_size, kv_cache_dtype(config.kv_cache_dtype, model_config.dtype))
         self.max_model_len = config.max_model_len or model_config.max_model_len
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = self._decide_num_pages()
