@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
                    help="wait for each step's tokens before scheduling the next (no CPU/GPU overlap)")
     g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (also seeds dummy weights)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no weight-loading progress bar (it shows only when stderr is a terminal)")
     e = p.add_argument_group("expert parallelism (MoE models)")
     e.add_argument("--ep-size", type=int, default=1,
                    help="EP ranks of this node: one engine process per GPU (gloo processes on CPU); attention is "
@@ -72,7 +75,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
                 eplb_interval=args.eplb_interval, eplb_window=args.eplb_window,
                 eplb_min_gain=args.eplb_min_gain, ep_backend=args.ep_backend,
-                ep_nnodes=args.ep_nnodes, ep_node_rank=args.ep_node_rank, ep_master=args.ep_master)
+                ep_nnodes=args.ep_nnodes, ep_node_rank=args.ep_node_rank, ep_master=args.ep_master,
+                load_progress=False if args.no_progress else None)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -207,7 +211,32 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         out.append("--enforce-eager")
     if not args.overlap_schedule:
         out.append("--no-overlap-schedule")
+    if args.no_progress:
+        out.append("--no-progress")
     return out
+
+
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("TLS")
+    t.add_argument("--tls-cert", default=None, help="this process's certificate (PEM): TLS on its gRPC/HTTP endpoints")
+    t.add_argument("--tls-key", default=None, help="the private key of --tls-cert (PEM)")
+    t.add_argument("--tls-ca", default=None, help="the cluster CA (PEM): nodes accept only clients with a certificate "
+                                                  "it signed, and the router verifies nodes against it (mutual TLS)")
+
+
+def _tls(args):
+    from node.grpc_server import TLSFiles
+
+    return TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _add_front_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the router's public API (also taken by `up`, which forwards them)."""
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file (default: the tokenizer's own, else DeepSeek-V3's format)")
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (gRPC: metadata authorization) on every public route "
+                        "but /health and /metrics (default: env PDSERVE_API_KEY; unset: no key)")
 
 
 def _node_parser(sub, role: str) -> None:
@@ -229,6 +258,7 @@ def _node_parser(sub, role: str) -> None:
     o.add_argument("--heartbeat-ttl", type=float, default=3.0,
                    help="seconds a Redis registration lives without a heartbeat (heartbeats every TTL/3)")
     o.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
+    _add_tls_args(p)
     p.set_defaults(func=lambda args: _run_node(role, args))
 
 
@@ -239,7 +269,8 @@ def _run_node(role: str, args) -> int:
     config = build_engine_config(args.model, **engine_kwargs(args))
     config.kv_transfer_timeout_s = args.kv_transfer_timeout
     options = NodeOptions(metrics_port=args.metrics_port, redis_url=args.redis_url, node_name=args.node_name,
-                          advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo)
+                          advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo,
+                          tls=_tls(args))
     if role == "prefill":
         from prefill_node.server import main as run
     else:
@@ -266,6 +297,8 @@ def _router_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load",
                    help="how the prefill node is chosen (decode nodes: least load)")
+    _add_front_args(p)
+    _add_tls_args(p)
     p.set_defaults(func=_run_router)
 
 
@@ -283,7 +316,8 @@ def _run_router(args) -> int:
         return 2
     tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
     run(args.prefill, args.decode, tokenizer, args.model, args.host, args.grpc_port, args.http_port, args.policy,
-        redis_url=args.redis_url, slo=args.slo, name=args.node_name, collocated=args.collocated)
+        redis_url=args.redis_url, slo=args.slo, name=args.node_name, collocated=args.collocated,
+        chat_template_file=args.chat_template, api_key=args.api_key, tls=_tls(args))
     return 0
 
 
@@ -304,6 +338,8 @@ def _up_parser(sub) -> None:
     p.add_argument("--prometheus-targets", default=None,
                    help="write the processes' /metrics endpoints here (Prometheus file_sd JSON; "
                         "see deploy/prometheus/prometheus.yml)")
+    _add_front_args(p)
+    _add_tls_args(p)
     p.set_defaults(func=_run_up)
 
 
@@ -313,9 +349,16 @@ def _run_up(args) -> int:
     node_argv = ["--kv-transfer-timeout", str(args.kv_transfer_timeout)]
     if args.slo:
         node_argv += ["--slo", args.slo]
+    tls = _tls(args)
+    if tls:
+        node_argv += tls.argv()
+    router_argv = tls.argv() if tls else []
+    if args.chat_template:
+        router_argv += ["--chat-template", args.chat_template]
+    env = {"PDSERVE_API_KEY": args.api_key} if args.api_key else None  # not on command lines (ps shows them)
     return up(engine_argv(args) + node_argv, args.model, args.num_prefill, args.num_decode, args.host,
               args.grpc_port, args.http_port, args.policy, redis_url=args.redis_url, slo=args.slo,
-              prometheus_targets=args.prometheus_targets)
+              prometheus_targets=args.prometheus_targets, router_argv=router_argv, router_env=env)
 
 
 def _ray_parser(sub) -> None:

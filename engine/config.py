@@ -296,6 +296,7 @@ class EngineConfig:
     kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL
     kv_transfer_timeout_s: float = 30.0  # bound on every KV transfer wait
     kv_connector: str = "kvtransfer.nixl_connector:NixlConnector"  # KVConnector implementation (module:Class)
+    load_progress: bool | None = None  # weight-loading progress bar; None: when stderr is a terminal
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -44,6 +44,7 @@ class EngineOutput:
     num_cached_tokens: int = 0
     kv_transfer: dict | None = None  # prefill role: bytes / seconds of the KV sent for this request
     queue_seconds: float | None = None  # set on a request's first token: arrival -> first scheduled step
+    prompt_logprobs: list | None = None  # on the first token, when asked (engine/prompt_logprobs.py)
 
 
 class EngineCore:
@@ -132,6 +133,7 @@ class EngineCore:
         return True
 
     def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> EngineOutput:
+        self.runner.prompt_logprobs.discard(req.request_id)
         return EngineOutput(req.request_id, [], finished=True, finish_reason=status.value,
                             stop_reason=req.stop_reason, error=error,
                             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
@@ -248,7 +250,8 @@ class EngineCore:
                 queued = req.first_scheduled_time - req.arrival_time
             out = EngineOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
                                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
-                               queue_seconds=queued)
+                               queue_seconds=queued,
+                               prompt_logprobs=self.runner.prompt_logprobs.pop(rid) if queued is not None else None)
             if req.status is RequestStatus.SENDING_KV:  # its end comes when the push has ended
                 self.connector.start_send(req)
             elif rid in finished:

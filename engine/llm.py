@@ -28,14 +28,15 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                         tokenizer: str | None = None, ep_size: int = 1, num_redundant_experts: int = 0,
                         eplb_interval: int = 0, eplb_window: int = 32, eplb_min_gain: float = 0.05,
                         ep_backend: str = "auto",
-                        ep_nnodes: int = 1, ep_node_rank: int = 0, ep_master: str | None = None) -> EngineConfig:
+                        ep_nnodes: int = 1, ep_node_rank: int = 0, ep_master: str | None = None,
+                        load_progress: bool | None = None) -> EngineConfig:
     """Keyword form of EngineConfig shared by `LLM`, the CLI and the node servers."""
     return EngineConfig(
         model=model, dtype=dtype, device=device, load_format=load_format, quantization=quantization,
         kv_cache_dtype=kv_cache_dtype, seed=seed,
         max_model_len=max_model_len, attention_backend=attention_backend, enforce_eager=enforce_eager,
         overlap_schedule=overlap_schedule,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, load_progress=load_progress,
         cache=CacheConfig(page_size=page_size, num_pages=num_pages, gpu_memory_utilization=gpu_memory_utilization,
                           cpu_kv_bytes=cpu_kv_bytes, enable_prefix_cache=enable_prefix_cache),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

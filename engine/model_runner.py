@@ -24,6 +24,7 @@ from engine.config import EngineConfig, ModelConfig, kv_cache_dtype
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
+from engine.prompt_logprobs import PromptLogprobs
 from engine.request import PENDING_TOKEN
 from engine.sampler import Sampled, Sampler
 from engine.weight_loader import load_model
@@ -79,7 +80,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.model = model if model is not None else load_model(
             model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel,
-            quantization=config.quantization)
+            quantization=config.quantization, progress=config.load_progress)
         self.ep = None
         if config.parallel.ep_size > 1:
             from engine.ep.runtime import ExpertParallel
@@ -94,6 +95,7 @@ class ModelRunner:
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)
         self.sampler = Sampler()
+        self.prompt_logprobs = PromptLogprobs()  # filled during prefill for requests that ask
         self.graphs: DecodeGraphs | None = None
         graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the torch all-to-all reads counts on the host
         if self.device.type == "cuda" and not config.enforce_eager and graphs_ok:
@@ -210,6 +212,7 @@ class ModelRunner:
         pos = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
         batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load, layer_hook)
         hidden = self.model(ids, pos, batch)
+        self.prompt_logprobs.collect(self.model, hidden, chunks)
         if not inputs.logits_rows:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)

@@ -32,6 +32,7 @@ class RequestOutput:
     finish_time: float | None = None
     kv_transfer: dict | None = None  # prefill role: the KV sent for this request (bytes, seconds)
     queue_seconds: float | None = None  # on the first token's delta: waiting time before the first step
+    prompt_logprobs: list | None = None  # per prompt token (None first), on the first delta when asked
 
 
 class RequestState:
@@ -47,6 +48,7 @@ class RequestState:
         self.token_ids: list[int] = []
         self.text = ""
         self.logprobs: list = []
+        self.prompt_logprobs: list | None = None
         self.finished = False
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
@@ -61,6 +63,7 @@ class RequestState:
                 self.first_token_time = time.monotonic()
             self.token_ids.extend(out.new_token_ids)
             self.logprobs.extend(out.new_logprobs)
+            self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
             if self.detok is not None:
                 delta_text = self.detok.append(out.new_token_ids)
                 self.text += delta_text
@@ -81,7 +84,7 @@ class RequestState:
             logprobs=list(out.new_logprobs), num_cached_tokens=out.num_cached_tokens,
             arrival_time=self.arrival_time, first_token_time=self.first_token_time,
             finish_time=time.monotonic() if finished else None, kv_transfer=out.kv_transfer,
-            queue_seconds=out.queue_seconds)
+            queue_seconds=out.queue_seconds, prompt_logprobs=out.prompt_logprobs)
         return delta, stopped_by_string
 
     def result(self, last: RequestOutput) -> RequestOutput:
@@ -89,4 +92,5 @@ class RequestState:
             self.request_id, self.prompt, self.prompt_token_ids, list(self.token_ids), self.text,
             finished=True, finish_reason=last.finish_reason, stop_reason=last.stop_reason, error=last.error,
             logprobs=list(self.logprobs), num_cached_tokens=last.num_cached_tokens,
-            arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=last.finish_time)
+            arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=last.finish_time,
+            prompt_logprobs=self.prompt_logprobs)

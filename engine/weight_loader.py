@@ -60,17 +60,40 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, cpu tensor) for every tensor of the checkpoint directory `path`."""
+def iter_safetensors(path: str, progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, cpu tensor) for every tensor of the checkpoint directory `path`; with `progress`
+    (None: when stderr is a terminal) a tqdm bar counts the bytes read and the shards done."""
     from safetensors import SafetensorError, safe_open
 
-    for file in checkpoint_files(path):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise WeightError(f"{file}: cannot read safetensors ({e})") from None
+    files = checkpoint_files(path)
+    bar = _progress_bar(files, progress)
+    try:
+        for i, file in enumerate(files):
+            done = 0
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        tensor = f.get_tensor(name)
+                        done += tensor.numel() * tensor.element_size()
+                        bar.update(tensor.numel() * tensor.element_size())
+                        yield name, tensor
+            except (SafetensorError, OSError) as e:
+                raise WeightError(f"{file}: cannot read safetensors ({e})") from None
+            bar.set_postfix_str(f"shard {i + 1}/{len(files)}", refresh=False)
+            bar.update(max(0, os.path.getsize(file) - done))  # the shard's header
+    finally:
+        bar.close()
+
+
+def _progress_bar(files: list[str], progress: bool | None):
+    import sys
+
+    from tqdm import tqdm
+
+    enabled = sys.stderr.isatty() if progress is None else progress
+    total = sum(os.path.getsize(f) for f in files)  # file bytes: tensor bytes plus small headers
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
+                disable=not enabled, file=sys.stderr, postfix=f"shard 0/{len(files)}")
 
 
 def _dummy_fill(model: torch.nn.Module, seed: int, std: float) -> None:
@@ -146,9 +169,10 @@ def _refuse_if_too_big(model_config: ModelConfig, device: torch.device, parallel
 def load_model(model_config: ModelConfig, device: torch.device | str, load_format: str = "auto",
                seed: int = 0, parallel: ParallelConfig | None = None,
                weights: Iterable[tuple[str, torch.Tensor]] | None = None,
-               quantization: str | None = None) -> torch.nn.Module:
+               quantization: str | None = None, progress: bool | None = None) -> torch.nn.Module:
     """Build `model_config`'s architecture on `device` in `model_config.dtype` and fill its weights.
-    `quantization="fp8"` quantizes a full-precision checkpoint (or dummy weights) to FP8 blocks."""
+    `quantization="fp8"` quantizes a full-precision checkpoint (or dummy weights) to FP8 blocks;
+    `progress` shows a bar of the bytes and shards read (None: when stderr is a terminal)."""
     device = torch.device(device)
     _refuse_if_too_big(model_config, device, parallel or ParallelConfig(), quantization)
     model = build_model(model_config, device, parallel, quantization)
@@ -164,7 +188,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str, load_forma
             raise WeightError(f"model {model_config.architecture} has no checkpoint directory; "
                               f"use --load-format dummy to run a preset with random weights")
         source = f"checkpoint {model_config.path}"
-        loaded = model.load_weights(pair_scales(iter_safetensors(model_config.path), quant))
+        loaded = model.load_weights(pair_scales(iter_safetensors(model_config.path, progress), quant))
         _check_complete(model, loaded, source)
     if hasattr(model, "process_weights_after_loading"):
         model.process_weights_after_loading()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from proto import pdserve_pb2 as pb
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs", "prompt_logprobs")
 _PLAIN = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty", "ignore_eos",
           "include_stop_str_in_output")
 
@@ -65,3 +65,12 @@ def logprobs_to_proto(entries: list) -> list:
 def logprobs_from_proto(msgs) -> list[dict]:
     return [{"token_id": m.token_id, "logprob": m.logprob, "rank": m.rank,
              "top_logprobs": dict(m.top_logprobs)} for m in msgs]
+
+
+def prompt_logprobs_to_proto(entries: list | None) -> list:
+    """Prompt logprobs (None for the first token, which nothing predicts) → Logprob messages of tokens 1..n-1."""
+    return logprobs_to_proto(entries[1:]) if entries else []
+
+
+def prompt_logprobs_from_proto(msgs) -> list | None:
+    return [None] + logprobs_from_proto(msgs) if len(msgs) else None

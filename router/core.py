@@ -61,6 +61,7 @@ class Delta:
     stop_reason: str | None = None
     error: str | None = None
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None  # per prompt token (None for the first), on the first delta when asked
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -278,7 +279,7 @@ class Router:
         self.stats["kv_bytes"] += first.kv_bytes
         cached = first.num_cached_tokens
         if self._emit(rid, ids, list(first.token_ids), convert.logprobs_from_proto(first.logprobs), detok, out,
-                      produced, params):
+                      produced, params, convert.prompt_logprobs_from_proto(first.prompt_logprobs)):
             return
         if first.finished:
             out.put_nowait(self._final(rid, ids, produced, first.finish_reason, None,
@@ -286,17 +287,16 @@ class Router:
             return
         await self._stream(rid, ids, decode, call, detok, out, produced, cached, unwrap=True)
 
-    def _emit(self, rid, ids, new_ids, logprobs, detok, out, produced, params) -> bool:
+    def _emit(self, rid, ids, new_ids, logprobs, detok, out, produced, params, prompt_logprobs=None) -> bool:
         """Queue a delta; returns True when a stop string ended the request (terminal queued)."""
         if not new_ids:
             return False
         produced.extend(new_ids)
         text = detok.append(new_ids)
+        out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         if detok.stopped:
-            out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs))
             out.put_nowait(self._final(rid, ids, produced, "stop", stop_reason=detok.stop_reason))
             return True
-        out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs))
         return False
 
     async def _stream(self, rid, ids, node: NodeHandle, call, detok, out, produced, cached, unwrap: bool):
@@ -307,7 +307,7 @@ class Router:
                 if unwrap:
                     msg = msg.delta
                 if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
-                              out, produced, None):
+                              out, produced, None, convert.prompt_logprobs_from_proto(msg.prompt_logprobs)):
                     return  # a stop string ended it; cancelling the stream (in _run) stops the node
                 if msg.finished:
                     tail = "" if msg.finish_reason == "error" else detok.flush()
