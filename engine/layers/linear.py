@@ -17,12 +17,14 @@ from engine.quantization import build_quantization, dequantize_blocks
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, quantize: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quantize: bool = True,
+                 dtype: torch.dtype | None = None):
+        """`dtype`: hold the weight in this dtype instead of the model's (full precision only)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant = build_quantization() if quantize else None
         if self.quant is None:
-            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         else:
             self.weight, self.weight_scale_inv = fp8_parameters(self.quant, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
