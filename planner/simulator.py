@@ -85,7 +85,9 @@ class SimResult:
         dur = max(self.end_time - t0, 1e-9)
         out = {"duration": dur, "completed": len(ok), "failed": len(self.requests) - len(ok),
                "request_throughput": len(ok) / dur, "output_throughput": sum(r.tokens_out for r in ok) / dur,
-               "num_preemptions": self.num_preemptions, "busy": dict(self.busy)}
+               "num_preemptions": self.num_preemptions, "busy": dict(self.busy),
+               "mean_kv_exposed_ms": float(np.mean([r.kv_exposed for r in ok] or [0.0])) * 1e3,
+               "errors": sorted({r.error for r in self.requests if r.error})[:5]}
         for name, vals in (("ttft", [r.ttft for r in ok]), ("tpot", [r.tpot for r in ok if r.tokens_out > 1])):
             a = np.asarray(vals or [0.0]) * 1e3
             out[f"mean_{name}_ms"] = float(a.mean())
@@ -202,7 +204,7 @@ class Simulator:
             for c in rank.out.chunks:
                 done = node.channel.push_layers(self.now, dt, c.num_new_tokens * p.kv_bytes_per_token, p.num_layers)
                 sim = rank.sim[c.request.request_id]
-                sim.kv_done = max(getattr(sim, "kv_done", 0.0), done)
+                sim.kv_done = max(sim.kv_done, done)
 
     def _step_end(self, node: Node) -> None:
         node.stepping = False
@@ -230,7 +232,8 @@ class Simulator:
             sim = rank.sim[rid]
             if node.role == "prefill":
                 if rid in finished:
-                    t = max(self.now, getattr(sim, "kv_done", self.now)) + node.channel.link.latency
+                    sim.kv_exposed = max(0.0, sim.kv_done - self.now)
+                    t = max(self.now, sim.kv_done) + node.channel.link.latency
                     self._at(t, self._kv_landed, node, rank, sim)
                 continue
             sim.tokens_out += 1

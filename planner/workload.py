@@ -23,6 +23,8 @@ class SimRequest:
     tokens_out: int = 0
     status: str = "pending"  # pending | finished | failed
     error: str = ""
+    kv_done: float = 0.0  # disaggregated: when the last KV byte landed on the decode node
+    kv_exposed: float = 0.0  # how much of the KV push ran past the end of the prefill (adds to TTFT)
     events: list = field(default_factory=list, repr=False)
 
     @property

@@ -1,0 +1,224 @@
+"""`pdserve plan`: which cluster shape serves a workload best under an SLO, from a profile.
+
+For every shape of `--gpus` GPUs — P prefill and D decode nodes with an EP size per role, or
+collocated nodes — and every chunk budget, it finds by bisection the highest request rate at
+which at least `--attainment` of the requests meet both SLOs (DistServe's goodput), simulating
+the same request list at each rate. It prints the best shapes by goodput per GPU with their
+TTFT/TPOT percentiles at that rate and what breaks first just above it (the bottleneck).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+
+from planner.profile import Profile
+from planner.simulator import ClusterSpec, simulate
+from planner.workload import SimRequest, arrival_times
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """`"ttft:1000 tpot:50"` (ms) → {"ttft": 1.0, "tpot": 0.05} (s)."""
+    slos = {}
+    for item in text.replace(",", " ").split():
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot") or not value:
+            raise ValueError(f"bad --slo item {item!r}; expected ttft:MS and/or tpot:MS")
+        slos[key] = float(value) / 1e3
+    if not slos:
+        raise ValueError("--slo needs at least one of ttft:MS, tpot:MS")
+    return slos
+
+
+def shapes(gpus: int, ep_sizes: list[int], chunk_budgets: list[int], collocated: bool = True,
+           base: ClusterSpec | None = None) -> list[ClusterSpec]:
+    """Every cluster of exactly `gpus` GPUs: P·ep_p + D·ep_d = gpus (P, D ≥ 1), or D·ep = gpus collocated."""
+    base = base or ClusterSpec()
+    out = []
+    for chunk in chunk_budgets:
+        for pe in ep_sizes:
+            for de in ep_sizes:
+                for p in range(1, gpus // pe + 1):
+                    rest = gpus - p * pe
+                    if rest >= de and rest % de == 0:
+                        out.append(replace(base, num_prefill=p, num_decode=rest // de, prefill_ep=pe,
+                                           decode_ep=de, chunk_budget=chunk))
+            if collocated and gpus % pe == 0:
+                out.append(replace(base, num_prefill=0, num_decode=gpus // pe, prefill_ep=1, decode_ep=pe,
+                                   chunk_budget=chunk))
+    return out
+
+
+@dataclass
+class Evaluation:
+    spec: ClusterSpec
+    goodput_rate: float = 0.0  # highest rate (req/s) meeting the attainment target
+    at_goodput: dict = field(default_factory=dict)  # summary at that rate
+    above: dict = field(default_factory=dict)  # summary at the first rate that misses
+    curve: list = field(default_factory=list)  # (offered rate, goodput req/s) of every rate tried
+
+    @property
+    def goodput_per_gpu(self) -> float:
+        return self.goodput_rate / self.spec.num_gpus
+
+    def bottleneck(self, slos: dict) -> str:
+        s = self.above or self.at_goodput
+        if not s:
+            return "-"
+        if s.get("failed"):
+            return f"KV pages full on decode ({s['failed']} refused)"
+        busy = s.get("busy", {})
+        role, frac = max(busy.items(), key=lambda kv: kv[1]) if busy else ("-", 0.0)
+        ttft_miss = s.get("p90_ttft_ms", 0) > slos.get("ttft", math.inf) * 1e3
+        tpot_miss = s.get("p90_tpot_ms", 0) > slos.get("tpot", math.inf) * 1e3
+        what = "TTFT" if ttft_miss and not tpot_miss else "TPOT" if tpot_miss and not ttft_miss else "TTFT+TPOT"
+        if s.get("mean_kv_exposed_ms", 0) > 0.2 * s.get("median_ttft_ms", math.inf):
+            return f"{what}: KV link (transfer adds {s['mean_kv_exposed_ms']:.0f} ms)"
+        if what == "TPOT" and "decode" in busy:
+            role, frac = "decode", busy["decode"]
+        if what == "TTFT" and "prefill" in busy:
+            role, frac = "prefill", busy["prefill"]
+        return f"{what}: {role} GPUs {frac:.0%} busy"
+
+
+def _requests(samples, rate: float, burstiness: float, seed: int) -> list[SimRequest]:
+    times = arrival_times(len(samples), rate, burstiness, seed)
+    return [SimRequest(f"r{i}", s.prompt_ids, s.output_len, t) for i, (s, t) in enumerate(zip(samples, times))]
+
+
+def evaluate(profile: Profile, spec: ClusterSpec, samples, slos: dict, attainment: float = 0.9,
+             burstiness: float = 1.0, seed: int = 0, iterations: int = 6) -> Evaluation:
+    """Bisection on the offered rate for the highest one whose SLO attainment ≥ `attainment`."""
+    ev = Evaluation(spec)
+
+    def attain(rate: float) -> bool:
+        s = simulate(profile, replace(spec), _requests(samples, rate, burstiness, seed)).summary(slos)
+        ev.curve.append((rate, s["goodput"]))
+        if s["slo_attainment"] >= attainment:
+            if rate > ev.goodput_rate:
+                ev.goodput_rate, ev.at_goodput = rate, s
+            return True
+        if not ev.above or rate < ev.above["rate"]:
+            ev.above = dict(s, rate=rate)
+        return False
+
+    lo, hi = 0.0, 1.0
+    while attain(hi) and hi < 1e6:  # grow until a rate misses
+        lo, hi = hi, hi * 4
+    for _ in range(iterations):
+        mid = (lo + hi) / 2 if lo else hi / 4
+        if attain(mid):
+            lo = mid
+        else:
+            hi = mid
+        if lo == 0 and hi < 1e-3:
+            break
+    ev.curve.sort()
+    return ev
+
+
+def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], chunk_budgets: list[int],
+         base: ClusterSpec | None = None, collocated: bool = True, attainment: float = 0.9,
+         burstiness: float = 1.0, seed: int = 0, progress=None) -> list[Evaluation]:
+    out = []
+    for spec in shapes(gpus, ep_sizes, chunk_budgets, collocated, base):
+        out.append(evaluate(profile, spec, samples, slos, attainment, burstiness, seed))
+        if progress:
+            progress(out[-1])
+    return sorted(out, key=lambda e: -e.goodput_per_gpu)
+
+
+def format_table(evals: list[Evaluation], slos: dict) -> str:
+    lines = ["| # | shape | GPUs | goodput req/s | per GPU | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | "
+             "bottleneck above that rate |", "|---|---|---:|---:|---:|---|---|---|"]
+    for i, e in enumerate(evals, 1):
+        s = e.at_goodput
+        ttft = " / ".join(f"{s.get(f'{k}_ttft_ms', 0):.0f}" for k in ("median", "p90", "p99")) if s else "-"
+        tpot = " / ".join(f"{s.get(f'{k}_tpot_ms', 0):.1f}" for k in ("median", "p90", "p99")) if s else "-"
+        lines.append(f"| {i} | {e.spec.describe()} | {e.spec.num_gpus} | {e.goodput_rate:.2f} | "
+                     f"{e.goodput_per_gpu:.3f} | {ttft} | {tpot} | {e.bottleneck(slos)} |")
+    return "\n".join(lines)
+
+
+def plot(evals: list[Evaluation], path: str, title: str = "") -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in evals:
+        xs, ys = zip(*e.curve) if e.curve else ((), ())
+        ax.plot(xs, [y / e.spec.num_gpus for y in ys], marker="o", label=e.spec.describe())
+    ax.set_xlabel("offered rate (req/s)")
+    ax.set_ylabel("goodput per GPU (req/s)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, help="profile JSON written by `pdserve profile`")
+    p.add_argument("--model", default=None, help="model name (checked against the profile's)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of the cluster to plan")
+    p.add_argument("--slo", required=True, help='SLO targets, e.g. "ttft:1000 tpot:50" (ms)')
+    p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLOs")
+    p.add_argument("--ep-sizes", type=_ints, default=None,
+                   help="EP sizes to try per role (default 1, and 2,4,8 up to --gpus for MoE models)")
+    p.add_argument("--chunk-budgets", type=_ints, default=[2048, 8192], help="max_num_batched_tokens to try")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load")
+    p.add_argument("--kv-link", default="rdma", help="prefill → decode KV link: nvlink, pcie, rdma or NAME:GBPS:US")
+    p.add_argument("--ep-link", default="nvlink", help="link inside an EP group (when the profile has no EP table)")
+    p.add_argument("--no-collocated", action="store_true", help="only disaggregated shapes")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--plot", default=None, help="PNG of goodput per GPU against offered rate for the top 3")
+    p.add_argument("--json", default=None, help="write every evaluation here")
+    d = p.add_argument_group("workload (as `pdserve bench`)")
+    d.add_argument("--dataset", dest="dataset_name", choices=["random", "sharegpt", "prefix", "multiturn"],
+                   default="random")
+    d.add_argument("--num-prompts", type=int, default=300)
+    d.add_argument("--random-input-len", type=int, default=1024)
+    d.add_argument("--random-output-len", type=int, default=128)
+    d.add_argument("--random-range-ratio", type=float, default=0.0)
+    d.add_argument("--vocab-size", type=int, default=32000)
+    d.add_argument("--burstiness", type=float, default=1.0)
+    d.add_argument("--seed", type=int, default=0)
+
+
+def main_args(args, samples) -> int:
+    """Run the plan for `samples` (objects with prompt_ids and output_len: the bench dataset)."""
+    profile = Profile.load(args.profile)
+    if args.model and args.model != profile.model:
+        print(f"pdserve plan: the profile is of {profile.model!r}, not {args.model!r}", file=sys.stderr)
+        return 2
+    slos = parse_slo(args.slo)
+    ep_sizes = args.ep_sizes or ([e for e in (1, 2, 4, 8) if e <= args.gpus] if profile.num_moe_layers else [1])
+    base = ClusterSpec(max_num_seqs=args.max_num_seqs, policy=args.policy, kv_link=args.kv_link, ep_link=args.ep_link)
+    from planner.link import parse_link
+    base.kv_link, base.ep_link = parse_link(args.kv_link), parse_link(args.ep_link)
+    print(f"planning {args.gpus} GPUs for {profile.model} ({profile.dtype}, profiled on {profile.device}); "
+          f"SLO {args.slo} at {args.attainment:.0%}; {len(samples)} {args.dataset_name} requests; KV link "
+          f"{base.kv_link.name} ({base.kv_link.bandwidth / 1e9:.0f} GB/s), EP link {base.ep_link.name}", flush=True)
+    evals = plan(profile, args.gpus, samples, slos, ep_sizes, args.chunk_budgets, base, not args.no_collocated,
+                 args.attainment, args.burstiness, args.seed,
+                 progress=lambda e: print(f"  {e.spec.describe()}: {e.goodput_rate:.2f} req/s", file=sys.stderr))
+    print(format_table(evals[: args.top], slos))
+    if args.plot:
+        print(plot(evals[:3], args.plot, f"{profile.model} on {args.gpus} GPUs, SLO {args.slo}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"spec": {k: str(v) if k.endswith("link") else v for k, v in asdict(e.spec).items()},
+                        "goodput_rate": e.goodput_rate, "goodput_per_gpu": e.goodput_per_gpu,
+                        "at_goodput": e.at_goodput, "bottleneck": e.bottleneck(slos), "curve": e.curve}
+                       for e in evals], f, indent=1)
+    return 0
