@@ -88,8 +88,15 @@ def _requests(samples, rate: float, burstiness: float, seed: int) -> list[SimReq
     return [SimRequest(f"r{i}", s.prompt_ids, s.output_len, t) for i, (s, t) in enumerate(zip(samples, times))]
 
 
+def prefill_bound(profile: Profile, spec: ClusterSpec, samples) -> float:
+    """Requests/s the shape's prefill GPUs could compute if they did nothing else (no prefix reuse)."""
+    mean = sum(profile.prefill_time(len(s.prompt_ids)) for s in samples) / max(len(samples), 1)
+    gpus = spec.num_decode * spec.decode_ep if spec.collocated else spec.num_prefill * spec.prefill_ep
+    return gpus / max(mean, 1e-9)
+
+
 def evaluate(profile: Profile, spec: ClusterSpec, samples, slos: dict, attainment: float = 0.9,
-             burstiness: float = 1.0, seed: int = 0, iterations: int = 6) -> Evaluation:
+             burstiness: float = 1.0, seed: int = 0, iterations: int = 5) -> Evaluation:
     """Bisection on the offered rate for the highest one whose SLO attainment ≥ `attainment`."""
     ev = Evaluation(spec)
 
@@ -104,17 +111,15 @@ def evaluate(profile: Profile, spec: ClusterSpec, samples, slos: dict, attainmen
             ev.above = dict(s, rate=rate)
         return False
 
-    lo, hi = 0.0, 1.0
-    while attain(hi) and hi < 1e6:  # grow until a rate misses
-        lo, hi = hi, hi * 4
+    lo, hi = 0.0, 1.5 * prefill_bound(profile, spec, samples)
+    while attain(hi) and hi < 1e6:  # the bound is loose when prefixes are cached: grow until a rate misses
+        lo, hi = hi, hi * 2
     for _ in range(iterations):
-        mid = (lo + hi) / 2 if lo else hi / 4
+        mid = (lo + hi) / 2
         if attain(mid):
             lo = mid
         else:
             hi = mid
-        if lo == 0 and hi < 1e-3:
-            break
     ev.curve.sort()
     return ev
 

@@ -148,6 +148,9 @@ class Simulator:
         while self._heap:
             self.now, _, fn, args = heapq.heappop(self._heap)
             fn(*args)
+        stuck = [r.request_id for r in requests if r.status == "pending"]
+        if stuck:
+            raise AssertionError(f"{len(stuck)} requests never ended (first: {stuck[:3]})")
         nodes = self.prefill_nodes + self.decode_nodes
         end = max((r.finish_time or r.arrival for r in requests), default=0.0)
         busy = {}
@@ -156,8 +159,19 @@ class Simulator:
             busy[role] = sum(n.busy_seconds for n in same) / len(same) / max(end, 1e-9)
         return SimResult(self.spec, requests, end, busy, dict(self.peak_pages), self.num_preemptions)
 
+    def _end(self, r: SimRequest, status: str, error: str = "") -> None:
+        """Every request ends here exactly once (finished or failed)."""
+        if r.status != "pending":
+            raise AssertionError(f"request {r.request_id} ended twice ({r.status}, then {status})")
+        r.status, r.error, r.finish_time = status, error, self.now
+
     def _fail(self, r: SimRequest, why: str) -> None:
-        r.status, r.error, r.finish_time = "failed", why, self.now
+        if r.reservation:  # a disaggregated request's KV pages on its decode node
+            decode, rank = r.reservation
+            r.reservation = None
+            rank.scheduler.cancel_reservation(r.request_id)
+            rank.forget(r.request_id)
+        self._end(r, "failed", why)
 
     def _arrive(self, r: SimRequest) -> None:
         if self.spec.collocated:
@@ -170,7 +184,7 @@ class Simulator:
             self._fail(r, f"overloaded: no free KV pages for {r.prompt_len} tokens on {decode.name}")
             return
         rank.sim[r.request_id] = r
-        r.events.append((decode, rank))
+        r.reservation = (decode, rank)
         prefill = pick_node(self.prefill_nodes, self.spec.policy, self._rr["prefill"], r.prompt_ids)
         self._admit(prefill, r, 1, kv_hold=True)
 
@@ -190,8 +204,7 @@ class Simulator:
             return
         dt = node.plan_step(self.profile, self.ep_link)
         if dt is None:
-            for d in node.devices:
-                d.release(node)
+            self._release_devices(node)
             return
         node.stepping, node.step_started = True, self.now
         if node.role == "prefill":
@@ -212,12 +225,17 @@ class Simulator:
         node.num_steps += 1
         for rank in node.ranks:
             self._finish_step(node, rank)
+        self._release_devices(node)
+        self._try_step(node)
+
+    def _release_devices(self, node: Node) -> None:
+        """Free the node's GPUs; nodes waiting for a shared GPU step first (they alternate)."""
         woken = []
         for d in node.devices:
             woken += d.release(node)
-        self._try_step(node)
         for other in woken:
-            self._try_step(other)
+            if other is not node:
+                self._try_step(other)
 
     def _finish_step(self, node: Node, rank: Rank) -> None:
         s = rank.scheduler
@@ -250,7 +268,7 @@ class Simulator:
 
     def _complete(self, node: Node, rank: Rank, sim: SimRequest) -> None:
         rank.forget(sim.request_id)
-        sim.status, sim.finish_time = "finished", self.now
+        self._end(sim, "finished")
         node.in_flight -= 1
         node.served += 1
 
@@ -260,12 +278,12 @@ class Simulator:
         prefill.in_flight -= 1
         prefill.served += 1
         self._try_step(prefill)
-        decode, drank = sim.events.pop()
+        (decode, drank), sim.reservation = sim.reservation, None
         sim.first_token_time, sim.tokens_out = self.now, 1
         if sim.output_len <= 1:
             drank.scheduler.cancel_reservation(sim.request_id)
             drank.forget(sim.request_id)
-            sim.status, sim.finish_time = "finished", self.now
+            self._end(sim, "finished")
             return
         drank.start_prefilled(sim)
         decode.in_flight += 1

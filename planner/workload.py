@@ -25,7 +25,7 @@ class SimRequest:
     error: str = ""
     kv_done: float = 0.0  # disaggregated: when the last KV byte landed on the decode node
     kv_exposed: float = 0.0  # how much of the KV push ran past the end of the prefill (adds to TTFT)
-    events: list = field(default_factory=list, repr=False)
+    reservation: tuple | None = field(default=None, repr=False)  # (decode node, rank) holding its KV pages
 
     @property
     def prompt_len(self) -> int:
