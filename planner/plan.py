@@ -8,12 +8,12 @@ TTFT/TPOT percentiles at that rate and what breaks first just above it (the bott
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
+from planner.link import parse_link
 from planner.profile import Profile
 from planner.simulator import ClusterSpec, simulate
 from planner.workload import SimRequest, arrival_times
@@ -136,7 +136,7 @@ def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], 
 
 
 def format_table(evals: list[Evaluation], slos: dict) -> str:
-    lines = ["| # | shape | GPUs | goodput req/s | per GPU | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | "
+    lines = ["| # | shape | GPUs | max req/s at SLO | per GPU | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | "
              "bottleneck above that rate |", "|---|---|---:|---:|---:|---|---|---|"]
     for i, e in enumerate(evals, 1):
         s = e.at_goodput
@@ -167,39 +167,6 @@ def plot(evals: list[Evaluation], path: str, title: str = "") -> str:
     return path
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", required=True, help="profile JSON written by `pdserve profile`")
-    p.add_argument("--model", default=None, help="model name (checked against the profile's)")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs of the cluster to plan")
-    p.add_argument("--slo", required=True, help='SLO targets, e.g. "ttft:1000 tpot:50" (ms)')
-    p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLOs")
-    p.add_argument("--ep-sizes", type=_ints, default=None,
-                   help="EP sizes to try per role (default 1, and 2,4,8 up to --gpus for MoE models)")
-    p.add_argument("--chunk-budgets", type=_ints, default=[2048, 8192], help="max_num_batched_tokens to try")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load")
-    p.add_argument("--kv-link", default="rdma", help="prefill → decode KV link: nvlink, pcie, rdma or NAME:GBPS:US")
-    p.add_argument("--ep-link", default="nvlink", help="link inside an EP group (when the profile has no EP table)")
-    p.add_argument("--no-collocated", action="store_true", help="only disaggregated shapes")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--plot", default=None, help="PNG of goodput per GPU against offered rate for the top 3")
-    p.add_argument("--json", default=None, help="write every evaluation here")
-    d = p.add_argument_group("workload (as `pdserve bench`)")
-    d.add_argument("--dataset", dest="dataset_name", choices=["random", "sharegpt", "prefix", "multiturn"],
-                   default="random")
-    d.add_argument("--num-prompts", type=int, default=300)
-    d.add_argument("--random-input-len", type=int, default=1024)
-    d.add_argument("--random-output-len", type=int, default=128)
-    d.add_argument("--random-range-ratio", type=float, default=0.0)
-    d.add_argument("--vocab-size", type=int, default=32000)
-    d.add_argument("--burstiness", type=float, default=1.0)
-    d.add_argument("--seed", type=int, default=0)
-
-
 def main_args(args, samples) -> int:
     """Run the plan for `samples` (objects with prompt_ids and output_len: the bench dataset)."""
     profile = Profile.load(args.profile)
@@ -208,9 +175,8 @@ def main_args(args, samples) -> int:
         return 2
     slos = parse_slo(args.slo)
     ep_sizes = args.ep_sizes or ([e for e in (1, 2, 4, 8) if e <= args.gpus] if profile.num_moe_layers else [1])
-    base = ClusterSpec(max_num_seqs=args.max_num_seqs, policy=args.policy, kv_link=args.kv_link, ep_link=args.ep_link)
-    from planner.link import parse_link
-    base.kv_link, base.ep_link = parse_link(args.kv_link), parse_link(args.ep_link)
+    base = ClusterSpec(max_num_seqs=args.max_num_seqs, policy=args.policy, kv_link=parse_link(args.kv_link),
+                       ep_link=parse_link(args.ep_link), gpu_memory_utilization=args.gpu_memory_utilization)
     print(f"planning {args.gpus} GPUs for {profile.model} ({profile.dtype}, profiled on {profile.device}); "
           f"SLO {args.slo} at {args.attainment:.0%}; {len(samples)} {args.dataset_name} requests; KV link "
           f"{base.kv_link.name} ({base.kv_link.bandwidth / 1e9:.0f} GB/s), EP link {base.ep_link.name}", flush=True)

@@ -48,6 +48,8 @@ class Profile:
     activation_bytes: int = 2  # bytes of one hidden element sent by a dispatch
     weight_bytes: int = 0
     expert_weight_bytes: int = 0  # routed experts' share of weight_bytes (split over EP ranks)
+    gpu_memory_bytes: int = 0  # of one GPU
+    gpu_memory_utilization: float = 0.0  # the share kv_capacity_tokens was sized at
     kv_transfer: dict | None = None  # {"bytes": [...], "seconds": [...], "path": "..."}
     ep: dict | None = None  # {"ranks": [...], "tokens": [...], "dispatch_seconds": [[...]], "combine_seconds": [[...]]}
     notes: dict = field(default_factory=dict)
@@ -124,6 +126,13 @@ class Profile:
         leave room for more KV."""
         freed = self.expert_weight_bytes * max(0.0, 1 / self.ep_size - 1 / max(ep_size, 1))
         return int(self.kv_capacity_tokens + freed / self.kv_bytes_per_token)
+
+    def kv_capacity_at(self, gpu_memory_utilization: float, ep_size: int = 1) -> int:
+        """KV tokens of one GPU when the engine may use another share of its memory."""
+        extra = (gpu_memory_utilization - self.gpu_memory_utilization) * self.gpu_memory_bytes
+        if not self.gpu_memory_bytes:
+            extra = 0.0
+        return max(self.page_size, int(self.kv_capacity(ep_size) + extra / self.kv_bytes_per_token))
 
     def kv_transfer_time(self, nbytes: int) -> float | None:
         """Measured KV transfer time for `nbytes` on the profiled path, or None if not measured."""

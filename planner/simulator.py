@@ -46,6 +46,7 @@ class ClusterSpec:
     ep_link: str | Link = "nvlink"  # inside an EP group
     share_gpu: bool = False  # every prefill/decode node pair on one GPU (one-GPU product runs)
     kv_capacity_tokens: int | None = None  # per GPU; default: the profile's (adjusted for EP)
+    gpu_memory_utilization: float | None = None  # size the KV pool as at this memory share instead
     use_measured_kv: bool = False  # the profile's measured KV transfer table instead of kv_link
 
     @property
@@ -116,7 +117,9 @@ class Simulator:
 
     def _nodes(self, role: str, count: int, ep: int) -> list[Node]:
         sp = self.spec
-        pages = (sp.kv_capacity_tokens or self.profile.kv_capacity(ep)) // self.profile.page_size
+        tokens = sp.kv_capacity_tokens or (self.profile.kv_capacity_at(sp.gpu_memory_utilization, ep)
+                                           if sp.gpu_memory_utilization else self.profile.kv_capacity(ep))
+        pages = tokens // self.profile.page_size
         sched = SchedulerConfig(max_num_seqs=sp.max_num_seqs, max_num_batched_tokens=sp.chunk_budget,
                                 max_waiting=1 << 30)
         cache = CacheConfig(page_size=self.profile.page_size, num_pages=max(pages, 1),
