@@ -52,6 +52,7 @@ class Rank:
         self.sim: dict[str, object] = {}  # request id -> SimRequest
         self.engine: dict[str, Request] = {}  # request id -> the scheduler's Request
         self.out: SchedulerOutput | None = None
+        self.num_accounted = 0  # scheduler.num_finished already reported to the simulator
 
     @property
     def load(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.request import RequestStatus
 from engine.scheduler import SchedulerOverloaded
 from planner.link import LINKS, Channel, Link
 from planner.nodes import Device, Node, Rank
@@ -206,6 +207,8 @@ class Simulator:
         if not all(d.acquire(node) for d in node.devices):
             return
         dt = node.plan_step(self.profile, self.ep_link)
+        for rank in node.ranks:
+            self._reap_failed(node, rank)
         if dt is None:
             self._release_devices(node)
             return
@@ -244,7 +247,6 @@ class Simulator:
         s = rank.scheduler
         out, rank.out = rank.out, None
         self.num_preemptions += len(out.preempted)
-        before = s.num_finished
         sampled = {c.request.request_id: 0 for c in out.chunks if c.sample}
         finished = {req.request_id for req in s.update(out, sampled)}
         used = s.block_pool.num_used_pages
@@ -262,12 +264,20 @@ class Simulator:
                 sim.first_token_time = self.now
             if rid in finished:
                 self._complete(node, rank, sim)
-        if s.num_finished - before > len(finished):  # ended without a chunk (too large for the pool)
-            for rid, req in list(rank.engine.items()):
-                if req.is_finished and rid not in finished:
-                    sim = rank.forget(rid)
-                    node.in_flight -= 1
-                    self._fail(sim, req.error or "failed")
+        rank.num_accounted += len(finished)
+        self._reap_failed(node, rank)
+
+    def _reap_failed(self, node: Node, rank: Rank) -> None:
+        """Requests the scheduler ended on its own (one too large for the whole pool fails while
+        being scheduled) end here, as the engine reports them after its step."""
+        s = rank.scheduler
+        if s.num_finished == rank.num_accounted:
+            return
+        for rid, req in list(rank.engine.items()):
+            if req.status is RequestStatus.FINISHED_ERROR:
+                rank.num_accounted += 1
+                node.in_flight -= 1
+                self._fail(rank.forget(rid), req.error or "failed")
 
     def _complete(self, node: Node, rank: Rank, sim: SimRequest) -> None:
         rank.forget(sim.request_id)

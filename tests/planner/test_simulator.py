@@ -94,3 +94,17 @@ def test_ten_thousand_requests_on_sixteen_gpus_within_a_minute():
     elapsed = time.perf_counter() - t0
     assert res.summary()["completed"] == 10_000
     assert elapsed < 60, f"{elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("spec", [ClusterSpec(num_prefill=0, num_decode=1), ClusterSpec(num_prefill=1, num_decode=1)],
+                         ids=["collocated", "disaggregated"])
+def test_a_request_larger_than_the_pool_fails_once_and_the_rest_finish(spec):
+    profile = synthetic(kv_capacity_tokens=2_048)
+    requests = fixed(20, 200, 20, rate=5.0)
+    requests[7].prompt_ids = [5] * 3000  # 3,000 tokens: more than the whole pool
+    sim, _ = _run(profile, spec, requests)
+    assert requests[7].status == "failed" and ("KV pages" in requests[7].error)
+    assert all(r.status == "finished" for i, r in enumerate(requests) if i != 7)
+    for node in sim.prefill_nodes + sim.decode_nodes:
+        assert node.in_flight == 0
+        assert node.ranks[0].scheduler.block_pool.num_free_pages == node.ranks[0].scheduler.block_pool.num_pages
