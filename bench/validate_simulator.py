@@ -59,7 +59,8 @@ def shape_for(name: str, args) -> ClusterSpec | None:
     run.pop("kv", None)
     if args.gpu_memory_utilization:
         run["gpu_memory_utilization"] = args.gpu_memory_utilization
-    return ClusterSpec(**run, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+    over = None if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
+    return ClusterSpec(**run, request_overhead_s=over, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        chunk_budget=args.chunk_budget, kv_link="nvlink" if kv == "measured" else kv,
                        use_measured_kv=kv == "measured")
 
@@ -100,7 +101,9 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
 
 def markdown(res: dict) -> str:
     p = res["profile"]
-    lines = [f"Profile: {p['model']} ({p['dtype']}) on {p['device']}, commit {p['commit']}, {p['date']}", "",
+    over = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p["serving_overhead"].items()) or "none measured"
+    lines = [f"Profile: {p['model']} ({p['dtype']}) on {p['device']}, commit {p['commit']}, {p['date']}; "
+             f"serving-path overhead: {over}", "",
              "| run | shape | rate | p50 TTFT ms meas / pred (err) | p50 TPOT ms meas / pred (err) | "
              "goodput req/s meas / pred (err) |", "|---|---|---:|---|---|---|"]
 
@@ -131,11 +134,14 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=None)
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-overhead-ms", type=float, default=None,
+                    help="serving-path latency before a request reaches the nodes (default: the profile's measured one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     profile = Profile.load(args.profile)
     rows = validate(profile, load_results(args.results), args)
-    res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date")}, "rows": rows,
+    res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date",
+                                                                  "serving_overhead")}, "rows": rows,
            "command": " ".join(sys.argv)}
     emit(res, markdown(res), args.out, f"validate_{profile.model}")
     return 0 if rows else 1

@@ -50,6 +50,8 @@ class Profile:
     expert_weight_bytes: int = 0  # routed experts' share of weight_bytes (split over EP ranks)
     gpu_memory_bytes: int = 0  # of one GPU
     gpu_memory_utilization: float = 0.0  # the share kv_capacity_tokens was sized at
+    # Idle-cluster TTFT beyond the prefill step (router, RPC hops, reservation), per serving mode.
+    serving_overhead: dict = field(default_factory=dict)  # {"disaggregated": s, "collocated": s}
     kv_transfer: dict | None = None  # {"bytes": [...], "seconds": [...], "path": "..."}
     ep: dict | None = None  # {"ranks": [...], "tokens": [...], "dispatch_seconds": [[...]], "combine_seconds": [[...]]}
     notes: dict = field(default_factory=dict)

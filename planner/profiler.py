@@ -170,7 +170,8 @@ def _model_facts(core: EngineCore, mc: ModelConfig) -> dict:
 def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(128, 512, 2048, 8192),
         cached=(0, 2048, 8192), decode_batch=(1, 4, 16, 64, 128, 256), decode_context=(128, 1024, 4096),
         decode_steps: int = 16, repeats: int = 3, gpu_memory_utilization: float = 0.9, num_pages: int | None = None,
-        kv_pages=(16, 64, 256, 1024), ep_ranks=None, ep_tokens=(16, 128, 1024, 4096)) -> Profile:
+        kv_pages=(16, 64, 256, 1024), ep_ranks=None, ep_tokens=(16, 128, 1024, 4096),
+        serving_prompts=()) -> Profile:
     max_model_len = max(max(cached) + max(prefill_tokens), max(decode_context) + decode_steps + 16) + 16
     chunk = max(max(prefill_tokens), max(decode_batch))
     config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy", max_model_len=max_model_len,
@@ -199,7 +200,7 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         from planner.ep_profile import measure_all_to_all
         ep = measure_all_to_all(list(ep_ranks), list(ep_tokens), mc, dev.type, repeats)
     offset = 3 + decode_steps // 2  # decode contexts grow while timed: the table holds the mean
-    return Profile(
+    prof = Profile(
         model=model, dtype=str(mc.dtype).removeprefix("torch."),
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         num_gpus=torch.cuda.device_count() if dev.type == "cuda" else 0, commit=_commit(),
@@ -211,6 +212,14 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         gpu_memory_utilization=gpu_memory_utilization if dev.type == "cuda" else 0.0,
         notes={"torch": torch.__version__, "attention_backend": config.attention_backend,
                "decode_steps": decode_steps, "repeats": repeats, "statistic": "median"}, **facts)
+    if serving_prompts:
+        from planner import serving_probe
+        prof.serving_overhead = {
+            mode: serving_probe.measure(model, prof.dtype, str(dev.type), list(serving_prompts), prof.prefill_time,
+                                        num_prefill=n, repeats=repeats)
+            for mode, n in (("disaggregated", 1), ("collocated", 0))}
+        prof.notes["serving_prompts"] = list(serving_prompts)
+    return prof
 
 
 def main_args(args) -> int:
@@ -219,10 +228,11 @@ def main_args(args) -> int:
         ep_ranks = [r for r in (2, 4, 8) if r <= torch.cuda.device_count()]
     prof = run(args.model, args.dtype, args.device, args.prefill_tokens, args.cached, args.decode_batch,
                args.decode_context, args.decode_steps, args.repeats, args.gpu_memory_utilization, args.num_pages,
-               args.kv_pages, ep_ranks, args.ep_tokens)
+               args.kv_pages, ep_ranks, args.ep_tokens, args.serving_prompts)
     prof.save(args.out)
     print(f"wrote {args.out}: {prof.model} ({prof.dtype}) on {prof.device}, commit {prof.commit}; prefill "
           f"{prof.prefill['tokens'][-1]} tokens {prof.prefill_time(prof.prefill['tokens'][-1]) * 1e3:.1f} ms, decode "
           f"batch {prof.decode['batch'][-1]} {prof.decode_time(prof.decode['batch'][-1], prof.decode['context'][0]) * 1e3:.1f} ms"
-          f"{', KV transfer measured' if prof.kv_transfer else ''}{', EP measured' if prof.ep else ''}")
+          f"{', KV transfer measured' if prof.kv_transfer else ''}{', EP measured' if prof.ep else ''}"
+          + "".join(f", {k} serving overhead {v * 1e3:.1f} ms" for k, v in prof.serving_overhead.items()))
     return 0

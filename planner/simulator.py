@@ -49,6 +49,9 @@ class ClusterSpec:
     kv_capacity_tokens: int | None = None  # per GPU; default: the profile's (adjusted for EP)
     gpu_memory_utilization: float | None = None  # size the KV pool as at this memory share instead
     use_measured_kv: bool = False  # the profile's measured KV transfer table instead of kv_link
+    # Seconds from a client's send to the nodes (router, RPC hops); None: the profile's measured
+    # serving overhead for this mode (0 if it has none).
+    request_overhead_s: float | None = None
 
     @property
     def collocated(self) -> bool:
@@ -147,8 +150,11 @@ class Simulator:
         if self.spec.share_gpu:
             for p, d in zip(self.prefill_nodes, self.decode_nodes):
                 d.devices = p.devices
+        over = self.spec.request_overhead_s
+        if over is None:
+            over = self.profile.serving_overhead.get("collocated" if self.spec.collocated else "disaggregated", 0.0)
         for r in requests:
-            self._at(r.arrival, self._arrive, r)
+            self._at(r.arrival + over, self._arrive, r)
         while self._heap:
             self.now, _, fn, args = heapq.heappop(self._heap)
             fn(*args)

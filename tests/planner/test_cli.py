@@ -19,7 +19,8 @@ def tiny_profile(tmp_path_factory) -> str:
     r = subprocess.run(PDSERVE + ["profile", "--model", "tiny-llama", "--device", "cpu", "--out", out,
                                   "--prefill-tokens", "16,64,256", "--cached", "0,64", "--decode-batch", "1,4,16",
                                   "--decode-context", "32,128", "--decode-steps", "4", "--repeats", "1",
-                                  "--num-pages", "512", "--kv-pages", "2,8", "--ep-ranks", ""],
+                                  "--num-pages", "512", "--kv-pages", "2,8", "--ep-ranks", "",
+                                  "--serving-prompts", "16"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote" in r.stdout
@@ -37,6 +38,9 @@ def test_profile_on_cpu_writes_a_valid_profile(tiny_profile):
     assert p.kv_bytes_per_token > 0 and p.num_layers > 0 and p.num_moe_layers == 0
     assert p.kv_transfer and len(p.kv_transfer["bytes"]) == 2  # NIXL over UCX in DRAM
     assert p.prefill_time(1000) > p.prefill_time(16)  # extrapolated along the measured slope
+    # Through two idle `pdserve up` clusters; CPU timings here are too noisy for a value check.
+    assert set(p.serving_overhead) == {"disaggregated", "collocated"}
+    assert all(v >= 0 for v in p.serving_overhead.values())
 
 
 @pytest.mark.slow
