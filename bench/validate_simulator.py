@@ -66,7 +66,7 @@ def shape_for(name: str, args) -> ClusterSpec | None:
 
 
 def requests_for(rep: dict, args):
-    n = rep["completed"] + rep["failed"]
+    n = rep.get("num_prompts") or rep["completed"] + rep["failed"]
     per = rep["total_input_tokens"] // max(rep["completed"], 1)
     out = rep["total_output_tokens"] // max(rep["completed"], 1)
     ns = SimpleNamespace(random_input_len=args.input_len or per, random_output_len=args.output_len or out,

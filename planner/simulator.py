@@ -124,8 +124,7 @@ class Simulator:
         tokens = sp.kv_capacity_tokens or (self.profile.kv_capacity_at(sp.gpu_memory_utilization, ep)
                                            if sp.gpu_memory_utilization else self.profile.kv_capacity(ep))
         pages = tokens // self.profile.page_size
-        sched = SchedulerConfig(max_num_seqs=sp.max_num_seqs, max_num_batched_tokens=sp.chunk_budget,
-                                max_waiting=1 << 30)
+        sched = SchedulerConfig(max_num_seqs=sp.max_num_seqs, max_num_batched_tokens=sp.chunk_budget)
         cache = CacheConfig(page_size=self.profile.page_size, num_pages=max(pages, 1),
                             enable_prefix_cache=sp.enable_prefix_cache)
         measured = self.profile.kv_transfer_time if sp.use_measured_kv and self.profile.kv_transfer else None

@@ -55,3 +55,17 @@ def test_layerwise_push_hides_the_transfer_behind_the_step_when_the_link_is_fast
     step, nbytes = 0.1, 50e6
     assert fast.push_layers(0.0, step, nbytes, 32) == pytest.approx(step + fast.link.time(nbytes / 32), rel=1e-6)
     assert slow.push_layers(0.0, step, nbytes, 32) == pytest.approx(step / 32 + nbytes / 1e8 + 32 * 1e-5, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_ep_all_to_all_table_from_two_gloo_ranks():
+    from engine.presets import resolve_model
+    from planner.ep_profile import measure_all_to_all
+
+    mc = resolve_model("tiny-deepseek-v3", "auto")
+    ep = measure_all_to_all([2], [4, 32], mc, "cpu", repeats=2)
+    assert ep["ranks"] == [2] and ep["tokens"] == [4, 32]
+    assert all(t > 0 for row in ep["dispatch_seconds"] + ep["combine_seconds"] for t in row)
+    p = synthetic(num_moe_layers=3, hidden_size=ep["shape"]["hidden"], top_k=ep["shape"]["top_k"], ep=ep)
+    per_layer = ep["dispatch_seconds"][0][1] + ep["combine_seconds"][0][1]
+    assert p.all_to_all_time(32, 2) == pytest.approx(3 * per_layer)
