@@ -124,6 +124,13 @@ def evaluate(profile: Profile, spec: ClusterSpec, samples, slos: dict, attainmen
     return ev
 
 
+def sweep(profile: Profile, spec: ClusterSpec, samples, slos: dict, rates: list[float], burstiness: float = 1.0,
+          seed: int = 0) -> list[tuple[float, float]]:
+    """(offered rate, goodput req/s) at each of `rates`."""
+    return [(r, simulate(profile, replace(spec), _requests(samples, r, burstiness, seed)).summary(slos)["goodput"])
+            for r in rates]
+
+
 def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], chunk_budgets: list[int],
          base: ClusterSpec | None = None, collocated: bool = True, attainment: float = 0.9,
          burstiness: float = 1.0, seed: int = 0, progress=None) -> list[Evaluation]:
@@ -185,7 +192,12 @@ def main_args(args, samples) -> int:
                  progress=lambda e: print(f"  {e.spec.describe()}: {e.goodput_rate:.2f} req/s", file=sys.stderr))
     print(format_table(evals[: args.top], slos))
     if args.plot:
-        print(plot(evals[:3], args.plot, f"{profile.model} on {args.gpus} GPUs, SLO {args.slo}"))
+        top = evals[:3]
+        hi = 1.5 * max((e.goodput_rate for e in top), default=1.0) or 1.0
+        rates = [hi * (k + 1) / 10 for k in range(10)]
+        for e in top:  # one rate grid for all, instead of each one's bisection points
+            e.curve = sweep(profile, e.spec, samples, slos, rates, args.burstiness, args.seed)
+        print(plot(top, args.plot, f"{profile.model} on {args.gpus} GPUs, SLO {args.slo}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"spec": {k: str(v) if k.endswith("link") else v for k, v in asdict(e.spec).items()},
