@@ -20,7 +20,7 @@ import sys
 from types import SimpleNamespace
 
 from bench.record import emit
-from bench.serving.datasets import build
+from planner.datasets import build
 from planner.profile import Profile
 from planner.simulator import ClusterSpec, simulate
 from planner.workload import from_samples

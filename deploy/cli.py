@@ -352,10 +352,9 @@ def _planner_parsers(sub) -> None:
 
 
 def _run_plan(args) -> int:
-    from bench.serving.datasets import build  # the request generator of `pdserve bench`, as for `bench`
     from planner.cli import run_plan
 
-    return run_plan(args, build(args.dataset_name, args.num_prompts, args.vocab_size, args))
+    return run_plan(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,11 +70,11 @@ def run_profile(args) -> int:
     return main_args(args)
 
 
-def run_plan(args, samples) -> int:
-    """`samples`: the request list (prompt_ids, output_len) — deploy builds it with bench's generator."""
+def run_plan(args) -> int:
+    from planner.datasets import build
     from planner.plan import main_args
     try:
-        return main_args(args, samples)
+        return main_args(args, build(args.dataset_name, args.num_prompts, args.vocab_size, args))
     except ValueError as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2

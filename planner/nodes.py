@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from router.policy import PrefixIndex
@@ -52,32 +52,47 @@ class Rank:
         self.sim: dict[str, object] = {}  # request id -> SimRequest
         self.engine: dict[str, Request] = {}  # request id -> the scheduler's Request
         self.out: SchedulerOutput | None = None
-        self.num_accounted = 0  # scheduler.num_finished already reported to the simulator
+        self.failed: list[Request] = []  # ended by the scheduler while scheduling (too large for the pool)
 
     @property
     def load(self) -> int:
         s = self.scheduler
-        return len(s.running) + len(s.waiting) + len(s.reserved)
+        return len(s.running) + len(s.waiting) + len(s.remote_kv)
 
-    def add(self, sim, max_tokens: int, kv_hold: bool = False) -> None:
+    def _request(self, sim, max_tokens: int) -> Request:
         req = Request(sim.request_id, sim.prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                      arrival_time=sim.arrival, kv_hold=kv_hold)
-        self.scheduler.add_request(req)
-        self.sim[sim.request_id], self.engine[sim.request_id] = sim, req
-
-    def start_prefilled(self, sim) -> None:
-        req = Request(sim.request_id, sim.prompt_ids, SamplingParams(max_tokens=sim.output_len, ignore_eos=True),
                       arrival_time=sim.arrival)
-        req.output_token_ids.append(0)
-        self.scheduler.start_prefilled(req)
         self.sim[sim.request_id], self.engine[sim.request_id] = sim, req
+        return req
+
+    def add(self, sim, max_tokens: int, kv_dest: dict | None = None) -> None:
+        """A request this rank computes; with `kv_dest` (prefill role) it ends computed in SENDING_KV."""
+        req = self._request(sim, max_tokens)
+        req.kv_dest = kv_dest
+        try:
+            self.scheduler.add_request(req)
+        except Exception:
+            self.forget(sim.request_id)
+            raise
+
+    def reserve(self, sim) -> bool:
+        """Decode role: pages for the prompt KV a prefill node will write (False: none free)."""
+        if self.scheduler.add_remote(self._request(sim, sim.output_len), sim.request_id, float("inf")):
+            return True
+        self.forget(sim.request_id)
+        return False
+
+    def schedule(self) -> SchedulerOutput:
+        s = self.scheduler
+        before = s.num_finished
+        self.out = s.schedule() if s.has_unfinished() else SchedulerOutput()
+        if s.num_finished != before:
+            self.failed = [r for r in self.engine.values() if r.status is RequestStatus.FINISHED_ERROR]
+        return self.out
 
     def forget(self, rid: str):
         self.engine.pop(rid, None)
         return self.sim.pop(rid, None)
-
-    def num_used_pages(self) -> int:
-        return self.scheduler.block_pool.num_used_pages
 
 
 class Node:
@@ -118,8 +133,7 @@ class Node:
         tokens, times = [], []
         any_work = False
         for r in self.ranks:
-            r.out = r.scheduler.schedule() if r.scheduler.has_unfinished() else SchedulerOutput()
-            chunks = r.out.chunks
+            chunks = r.schedule().chunks
             any_work = any_work or bool(chunks)
             prefill, nd, ctx = [], 0, 0
             for c in chunks:

@@ -175,10 +175,10 @@ class Simulator:
         r.status, r.error, r.finish_time = status, error, self.now
 
     def _fail(self, r: SimRequest, why: str) -> None:
-        if r.reservation:  # a disaggregated request's KV pages on its decode node
+        if r.reservation:  # a disaggregated request's KV pages on its decode node: the sender abandons them
             decode, rank = r.reservation
             r.reservation = None
-            rank.scheduler.cancel_reservation(r.request_id)
+            rank.scheduler.remote_kv_arrived(r.request_id, None)
             rank.forget(r.request_id)
         self._end(r, "failed", why)
 
@@ -189,17 +189,16 @@ class Simulator:
             return
         decode = pick_node(self.decode_nodes, "least_load", self._rr["decode"])
         rank = decode.rank_for_reservation()
-        if rank.scheduler.reserve(r.request_id, r.prompt_len) is None:
+        if not rank.reserve(r):
             self._fail(r, f"overloaded: no free KV pages for {r.prompt_len} tokens on {decode.name}")
             return
-        rank.sim[r.request_id] = r
         r.reservation = (decode, rank)
         prefill = pick_node(self.prefill_nodes, self.spec.policy, self._rr["prefill"], r.prompt_ids)
-        self._admit(prefill, r, 1, kv_hold=True)
+        self._admit(prefill, r, 1, kv_dest={"node": decode.name})
 
-    def _admit(self, node: Node, r: SimRequest, max_tokens: int, kv_hold: bool = False) -> None:
+    def _admit(self, node: Node, r: SimRequest, max_tokens: int, kv_dest: dict | None = None) -> None:
         try:
-            node.least_loaded_rank().add(r, max_tokens, kv_hold)
+            node.least_loaded_rank().add(r, max_tokens, kv_dest)
         except SchedulerOverloaded as e:
             self._fail(r, str(e))
             return
@@ -213,7 +212,10 @@ class Simulator:
             return
         dt = node.plan_step(self.profile, self.ep_link)
         for rank in node.ranks:
-            self._reap_failed(node, rank)
+            for req in rank.failed:  # the engine reports these after its step; no step time of theirs
+                node.in_flight -= 1
+                self._fail(rank.forget(req.request_id), req.error or "failed")
+            rank.failed = []
         if dt is None:
             self._release_devices(node)
             return
@@ -227,6 +229,7 @@ class Simulator:
         for rank in node.ranks:
             for c in rank.out.chunks:
                 done = node.channel.push_layers(self.now, dt, c.num_new_tokens * p.kv_bytes_per_token, p.num_layers)
+                c.request.kv_push_started = True
                 sim = rank.sim[c.request.request_id]
                 sim.kv_done = max(sim.kv_done, done)
 
@@ -269,20 +272,6 @@ class Simulator:
                 sim.first_token_time = self.now
             if rid in finished:
                 self._complete(node, rank, sim)
-        rank.num_accounted += len(finished)
-        self._reap_failed(node, rank)
-
-    def _reap_failed(self, node: Node, rank: Rank) -> None:
-        """Requests the scheduler ended on its own (one too large for the whole pool fails while
-        being scheduled) end here, as the engine reports them after its step."""
-        s = rank.scheduler
-        if s.num_finished == rank.num_accounted:
-            return
-        for rid, req in list(rank.engine.items()):
-            if req.status is RequestStatus.FINISHED_ERROR:
-                rank.num_accounted += 1
-                node.in_flight -= 1
-                self._fail(rank.forget(rid), req.error or "failed")
 
     def _complete(self, node: Node, rank: Rank, sim: SimRequest) -> None:
         rank.forget(sim.request_id)
@@ -291,19 +280,17 @@ class Simulator:
         node.served += 1
 
     def _kv_landed(self, prefill: Node, prank: Rank, sim: SimRequest) -> None:
-        prank.scheduler.release_held(sim.request_id)
+        prank.scheduler.finish_sending(sim.request_id)
         prank.forget(sim.request_id)
         prefill.in_flight -= 1
         prefill.served += 1
         self._try_step(prefill)
         (decode, drank), sim.reservation = sim.reservation, None
         sim.first_token_time, sim.tokens_out = self.now, 1
-        if sim.output_len <= 1:
-            drank.scheduler.cancel_reservation(sim.request_id)
+        if drank.scheduler.remote_kv_arrived(sim.request_id, 0) is not None:  # the first token ended it
             drank.forget(sim.request_id)
             self._end(sim, "finished")
             return
-        drank.start_prefilled(sim)
         decode.in_flight += 1
         self._try_step(decode)
 

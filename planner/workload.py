@@ -1,9 +1,8 @@
-"""What a simulated run serves: requests (prompt token ids or a length, output length, arrival
-time). The simulator takes request lists rather than generating datasets itself: the generators of
-`pdserve bench` (bench/serving/datasets.py) stay the one source of the benchmark's requests, and
-the CLI (`deploy`) or a script hands their output here, so a simulated run and a measured one
-serve the very same lengths. Arrival times follow `pdserve bench`'s rule (gamma gaps, shape =
-burstiness; 1 = Poisson).
+"""What a simulated run serves: requests (prompt token ids, output length, arrival time). The
+simulator takes request lists; `pdserve plan` builds them with the benchmark's own generators
+(`planner/datasets.py`, which `pdserve bench` re-exports), so a simulated run and a measured one
+serve the very same requests. Arrival times follow `pdserve bench`'s rule (gamma gaps, shape =
+burstiness; 1 = Poisson; tests/planner checks the two agree).
 """
 from __future__ import annotations
 

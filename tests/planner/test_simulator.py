@@ -51,7 +51,7 @@ def test_every_request_ends_exactly_once_and_pages_come_back(spec):
             pool = rank.scheduler.block_pool
             pool.check_invariants()
             assert pool.num_free_pages == pool.num_pages, f"{node.name} leaked pages"
-            assert not rank.sim and not rank.scheduler.reserved and not rank.scheduler.held
+            assert not rank.sim and not rank.scheduler.remote_kv and not rank.scheduler.sending
     if not spec.collocated:
         assert any(r.status == "failed" and "overloaded" in r.error for r in requests) or res.num_preemptions
 
@@ -108,3 +108,12 @@ def test_a_request_larger_than_the_pool_fails_once_and_the_rest_finish(spec):
     for node in sim.prefill_nodes + sim.decode_nodes:
         assert node.in_flight == 0
         assert node.ranks[0].scheduler.block_pool.num_free_pages == node.ranks[0].scheduler.block_pool.num_pages
+
+
+def test_arrivals_follow_the_benchmark_runner_rule():
+    from bench.serving.runner import arrival_gaps
+
+    gaps = arrival_gaps(50, 3.0, 0.7, seed=5)
+    times = arrival_times(50, 3.0, 0.7, seed=5)
+    assert times[0] == 0.0
+    assert times[1:] == pytest.approx([sum(gaps[:k]) for k in range(1, 50)])
