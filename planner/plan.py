@@ -133,9 +133,18 @@ def sweep(profile: Profile, spec: ClusterSpec, samples, slos: dict, rates: list[
 
 def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], chunk_budgets: list[int],
          base: ClusterSpec | None = None, collocated: bool = True, attainment: float = 0.9,
-         burstiness: float = 1.0, seed: int = 0, progress=None) -> list[Evaluation]:
+         burstiness: float = 1.0, seed: int = 0, progress=None, refine: int = 12) -> list[Evaluation]:
+    """Every shape, best first. With more than `refine` shapes, a first pass ranks them on a quarter
+    of the requests and only the best `refine` are evaluated on all of them."""
+    candidates = shapes(gpus, ep_sizes, chunk_budgets, collocated, base)
+    if len(candidates) > refine:
+        coarse = samples[: max(50, len(samples) // 4)]
+        first = [evaluate(profile, spec, coarse, slos, attainment, burstiness, seed, iterations=4)
+                 for spec in candidates]
+        first.sort(key=lambda e: -e.goodput_per_gpu)
+        candidates = [e.spec for e in first[:refine]]
     out = []
-    for spec in shapes(gpus, ep_sizes, chunk_budgets, collocated, base):
+    for spec in candidates:
         out.append(evaluate(profile, spec, samples, slos, attainment, burstiness, seed))
         if progress:
             progress(out[-1])

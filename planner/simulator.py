@@ -78,7 +78,7 @@ class SimResult:
     spec: ClusterSpec
     requests: list[SimRequest]
     end_time: float
-    busy: dict = field(default_factory=dict)  # role -> mean busy fraction of its nodes
+    busy: dict = field(default_factory=dict)  # role -> mean busy share of its nodes while requests arrive
     max_pages_used: dict = field(default_factory=dict)  # node name -> peak pages in use on a rank
     num_preemptions: int = 0
 
@@ -154,6 +154,9 @@ class Simulator:
             over = self.profile.serving_overhead.get("collocated" if self.spec.collocated else "disaggregated", 0.0)
         for r in requests:
             self._at(r.arrival + over, self._arrive, r)
+        first = min((r.arrival for r in requests), default=0.0) + over
+        self.last_arrival = max((r.arrival for r in requests), default=0.0) + over
+        self.load_window = self.last_arrival - first
         while self._heap:
             self.now, _, fn, args = heapq.heappop(self._heap)
             fn(*args)
@@ -165,7 +168,7 @@ class Simulator:
         busy = {}
         for role in {n.role for n in nodes}:
             same = [n for n in nodes if n.role == role]
-            busy[role] = sum(n.busy_seconds for n in same) / len(same) / max(end, 1e-9)
+            busy[role] = min(1.0, sum(n.busy_seconds for n in same) / len(same) / max(self.load_window, 1e-9))
         return SimResult(self.spec, requests, end, busy, dict(self.peak_pages), self.num_preemptions)
 
     def _end(self, r: SimRequest, status: str, error: str = "") -> None:
@@ -235,7 +238,8 @@ class Simulator:
 
     def _step_end(self, node: Node) -> None:
         node.stepping = False
-        node.busy_seconds += self.now - node.step_started
+        if node.step_started <= self.last_arrival:  # utilisation while load arrives, not during the drain
+            node.busy_seconds += self.now - node.step_started
         node.num_steps += 1
         for rank in node.ranks:
             self._finish_step(node, rank)
