@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--request-overhead-ms", type=float, default=None,
-                    help="serving-path latency before a request reaches the nodes (default: the profile's measured one)")
+                    help="serving-path latency before a request reaches the nodes (default: the profile's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     profile = Profile.load(args.profile)

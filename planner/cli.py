@@ -13,6 +13,8 @@ def _ints(text: str) -> list[int]:
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name or HF checkpoint directory (weights: dummy)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", choices=["fp8"], default=None, help="as for `pdserve generate`")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--prefill-tokens", type=_ints, default=[128, 512, 2048, 8192])

@@ -15,7 +15,6 @@ weight reads) plus the decodes' attention over their context beyond the smallest
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from planner.interp import Table1D, Table2D
@@ -183,6 +182,3 @@ def constant(prefill_s: float, decode_s: float, **kw) -> Profile:
     p.decode["seconds"] = [[decode_s] * len(p.decode["batch"]) for _ in p.decode["context"]]
     return Profile(**p.to_dict())
 
-
-def fmt_seconds(s: float) -> str:
-    return "inf" if math.isinf(s) else f"{s * 1e3:.1f} ms"

@@ -85,7 +85,8 @@ def measure_prefill(core: EngineCore, ids: _Ids, tokens: int, cached: int, repea
 
 def measure_decode(core: EngineCore, ids: _Ids, batch: int, context: int, steps: int) -> float | None:
     """Seconds of one decode step of `batch` sequences around `context` tokens (None: does not fit)."""
-    if batch * (context + steps + 8) > core.runner.num_pages * core.runner.page_size or batch > core.config.scheduler.max_num_seqs:
+    capacity = core.runner.num_pages * core.runner.page_size
+    if batch * (context + steps + 8) > capacity or batch > core.config.scheduler.max_num_seqs:
         return None
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     rids = [ids.rid(f"d{batch}x{context}") for _ in range(batch)]
@@ -174,10 +175,11 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         cached=(0, 2048, 8192), decode_batch=(1, 4, 16, 64, 128, 256), decode_context=(128, 1024, 4096),
         decode_steps: int = 16, repeats: int = 3, gpu_memory_utilization: float = 0.9, num_pages: int | None = None,
         kv_pages=(16, 64, 256, 1024), ep_ranks=None, ep_tokens=(16, 128, 1024, 4096),
-        serving_prompts=()) -> Profile:
+        serving_prompts=(), quantization: str | None = None, kv_cache_dtype: str = "auto") -> Profile:
     max_model_len = max(max(cached) + max(prefill_tokens), max(decode_context) + decode_steps + 16) + 16
     chunk = max(max(prefill_tokens), max(decode_batch))
     config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy", max_model_len=max_model_len,
+                                 quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                                  enable_prefix_cache=True, max_num_seqs=max(decode_batch),
                                  max_num_batched_tokens=chunk, gpu_memory_utilization=gpu_memory_utilization,
                                  num_pages=num_pages)
@@ -204,7 +206,7 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         ep = measure_all_to_all(list(ep_ranks), list(ep_tokens), mc, dev.type, repeats)
     offset = 3 + decode_steps // 2  # decode contexts grow while timed: the table holds the mean
     prof = Profile(
-        model=model, dtype=str(mc.dtype).removeprefix("torch."),
+        model=model, dtype=str(mc.dtype).removeprefix("torch.") + (f"+{quantization}" if quantization else ""),
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         num_gpus=torch.cuda.device_count() if dev.type == "cuda" else 0, commit=_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -214,12 +216,15 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         page_size=spec.page_size, kv_transfer=kv, ep=ep, gpu_memory_bytes=gpu_bytes,
         gpu_memory_utilization=gpu_memory_utilization if dev.type == "cuda" else 0.0,
         notes={"torch": torch.__version__, "attention_backend": config.attention_backend,
-               "decode_steps": decode_steps, "repeats": repeats, "statistic": "median"}, **facts)
+               "decode_steps": decode_steps, "repeats": repeats, "statistic": "median",
+               "kv_cache_dtype": kv_cache_dtype}, **facts)
     if serving_prompts:
         from planner import serving_probe
         prof.serving_overhead = {
-            mode: serving_probe.measure(model, prof.dtype, str(dev.type), list(serving_prompts), prof.prefill_time,
-                                        num_prefill=n, repeats=repeats)
+            mode: serving_probe.measure(model, str(mc.dtype).removeprefix("torch."), str(dev.type),
+                                        list(serving_prompts), prof.prefill_time, num_prefill=n, repeats=repeats,
+                                        extra_argv=(["--quantization", quantization] if quantization else [])
+                                        + ["--kv-cache-dtype", kv_cache_dtype])
             for mode, n in (("disaggregated", 1), ("collocated", 0))}
         prof.notes["serving_prompts"] = list(serving_prompts)
     return prof
@@ -231,11 +236,13 @@ def main_args(args) -> int:
         ep_ranks = [r for r in (2, 4, 8) if r <= torch.cuda.device_count()]
     prof = run(args.model, args.dtype, args.device, args.prefill_tokens, args.cached, args.decode_batch,
                args.decode_context, args.decode_steps, args.repeats, args.gpu_memory_utilization, args.num_pages,
-               args.kv_pages, ep_ranks, args.ep_tokens, args.serving_prompts)
+               args.kv_pages, ep_ranks, args.ep_tokens, args.serving_prompts, args.quantization,
+               args.kv_cache_dtype)
     prof.save(args.out)
     print(f"wrote {args.out}: {prof.model} ({prof.dtype}) on {prof.device}, commit {prof.commit}; prefill "
           f"{prof.prefill['tokens'][-1]} tokens {prof.prefill_time(prof.prefill['tokens'][-1]) * 1e3:.1f} ms, decode "
-          f"batch {prof.decode['batch'][-1]} {prof.decode_time(prof.decode['batch'][-1], prof.decode['context'][0]) * 1e3:.1f} ms"
+          f"batch {prof.decode['batch'][-1]} "
+          f"{prof.decode_time(prof.decode['batch'][-1], prof.decode['context'][0]) * 1e3:.1f} ms"
           f"{', KV transfer measured' if prof.kv_transfer else ''}{', EP measured' if prof.ep else ''}"
           + "".join(f", {k} serving overhead {v * 1e3:.1f} ms" for k, v in prof.serving_overhead.items()))
     return 0

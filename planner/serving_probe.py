@@ -55,14 +55,15 @@ def measure(*args, attempts: int = 2, **kw) -> float:
 
 
 def _measure_once(model: str, dtype: str, device: str, prompt_lens: list[int], prefill_time, num_prefill: int,
-            repeats: int = 5, gpu_memory_utilization: float = 0.4, timeout_s: float = 900.0) -> float:
+            repeats: int = 5, gpu_memory_utilization: float = 0.4, timeout_s: float = 900.0,
+            extra_argv: list[str] = ()) -> float:
     """Median over prompts and repeats of TTFT minus `prefill_time(len)` on an idle cluster with
     `num_prefill` prefill nodes (0: one collocated node) and one decode node."""
     port = _free_port()
     argv = [sys.executable, "-m", "deploy.cli", "up", "--model", model, "--load-format", "dummy", "--dtype", dtype,
             "--device", device, "--num-prefill", str(num_prefill), "--num-decode", "1", "--grpc-port", str(port),
             "--http-port", str(_free_port()), "--max-model-len", str(max(prompt_lens) + 64),
-            "--gpu-memory-utilization", str(gpu_memory_utilization)]
+            "--gpu-memory-utilization", str(gpu_memory_utilization), *extra_argv]
     # The cluster's log goes to a file: a pipe nobody drains would fill and stall its processes.
     log = tempfile.NamedTemporaryFile("w+", prefix="pdserve-probe-", suffix=".log", delete=False)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))

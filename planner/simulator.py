@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.request import RequestStatus
 from engine.scheduler import SchedulerOverloaded
 from planner.link import LINKS, Channel, Link
 from planner.nodes import Device, Node, Rank
@@ -100,7 +99,8 @@ class SimResult:
             out[f"p90_{name}_ms"] = float(np.percentile(a, 90))
             out[f"p99_{name}_ms"] = float(np.percentile(a, 99))
         if slos:
-            good = [r for r in ok if r.ttft <= slos.get("ttft", float("inf")) and r.tpot <= slos.get("tpot", float("inf"))]
+            ttft, tpot = slos.get("ttft", float("inf")), slos.get("tpot", float("inf"))
+            good = [r for r in ok if r.ttft <= ttft and r.tpot <= tpot]
             out["goodput"] = len(good) / dur
             out["slo_attainment"] = len(good) / max(len(self.requests), 1)
         return out
@@ -133,7 +133,8 @@ class Simulator:
             name = f"{role}{i}"
             ranks = [Rank(max(pages, 1), sched, cache, sp.max_model_len) for _ in range(ep)]
             devices = [Device(f"{name}/gpu{k}") for k in range(ep)]
-            nodes.append(Node(name, role, ranks, devices, Channel(self.kv_link, measured) if role == "prefill" else None))
+            channel = Channel(self.kv_link, measured) if role == "prefill" else None
+            nodes.append(Node(name, role, ranks, devices, channel))
         return nodes
 
     # ------------------------------------------------------------- events

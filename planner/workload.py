@@ -60,7 +60,8 @@ def from_samples(samples, rate: float, burstiness: float = 1.0, seed: int = 0) -
     return [SimRequest(f"r{i}", s.prompt_ids, s.output_len, t) for i, (s, t) in enumerate(zip(samples, times))]
 
 
-def fixed(n: int, prompt_len: int, output_len: int, rate: float, seed: int = 0, unique: bool = True) -> list[SimRequest]:
+def fixed(n: int, prompt_len: int, output_len: int, rate: float, seed: int = 0,
+          unique: bool = True) -> list[SimRequest]:
     """`n` requests of one shape (distinct token ids per request unless `unique` is False)."""
     times = arrival_times(n, rate, 1.0, seed)
     return [SimRequest(f"r{i}", [(i * 7919 + k) % 30000 + 100 if unique else 100 for k in range(prompt_len)],
