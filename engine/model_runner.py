@@ -95,7 +95,7 @@ class ModelRunner:
         self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the torch all-to-all reads counts on the host
+        graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the count-based all-to-all syncs the host
         if self.device.type == "cuda" and not config.enforce_eager and graphs_ok:
             max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = DecodeGraphs(self, max_batch)
@@ -199,8 +199,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_idle(self) -> None:
-        """EP rank with no tokens this step: serve the other ranks' MoE dispatches."""
-        self.ep.run_idle()
+        """EP rank with no tokens this step: serve the other ranks' MoE dispatches (replaying the
+        step's agreed decode graph when it has one, so the collectives match the busy ranks')."""
+        if self.graphs is None or not self.graphs.run_idle():
+            self.ep.run_idle()
 
     def _run_eager(self, chunks: list, inputs: "_StepInputs", prev: StepHandle | None,
                    expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:

@@ -10,6 +10,8 @@ the token's rank and adds them up. Routing, weights, permutation and the expert 
 never depend on how tokens travel.
 
 Backends:
+* `FixedCapacityAllToAll` (`fixed_all_to_all.py`): equal-split all-to-alls of an agreed number of
+  rows per rank; no host sync, CUDA-graph safe. The default where DeepEP cannot load.
 * `TorchAllToAll`: `torch.distributed.all_to_all_single` with per-rank counts (NCCL on GPU, gloo
   on CPU). Always available; it reads the counts on the host, so it cannot run inside a CUDA
   graph.
@@ -158,12 +160,17 @@ class DeepEPAllToAll:
 
 def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
                       max_tokens_per_rank: int = 256):
-    """`kind`: auto (DeepEP API on CUDA when importable, else torch) | torch | deepep. `mode` picks
-    DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode, CUDA-graph safe)."""
-    if kind not in ("auto", "torch", "deepep"):
-        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | torch | deepep)")
-    if kind == "torch" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
+    """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
+    `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
+    CUDA-graph safe)."""
+    from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
+
+    if kind not in ("auto", "fixed", "torch", "deepep"):
+        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | torch | deepep)")
+    if kind == "torch":
         backend = TorchAllToAll(group, slots_per_rank)
+    elif kind == "fixed" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
+        backend = FixedCapacityAllToAll(group, slots_per_rank)
     else:
         if group.device.type != "cuda":
             raise ValueError("the DeepEP all-to-all needs CUDA devices")
