@@ -34,7 +34,7 @@ from engine.ep.group import EPGroup
 
 @dataclass
 class _InFlight:
-    work: object  # the collective's torch.distributed Work
+    work: object  # the collective's torch.distributed Work (None: it ran blocking)
     recv: torch.Tensor
     num_tokens: int  # this rank's real tokens in the block (the rest is padding)
     capacity: int
@@ -48,6 +48,12 @@ class FixedCapacityAllToAll:
 
     def __init__(self, group: EPGroup, slots_per_rank: int):
         self.group, self.slots_per_rank = group, slots_per_rank
+
+    def _all_to_all(self, recv: torch.Tensor, send: torch.Tensor):
+        # Async (a Work to wait on) so micro-batches overlap; blocking while a CUDA graph is being
+        # captured, the form NCCL capture is known to support (a graph step has one micro-batch).
+        capturing = send.is_cuda and torch.cuda.is_current_stream_capturing()
+        return dist.all_to_all_single(recv, send, group=self.group.group, async_op=not capturing)
 
     # ------------------------------------------------------------- dispatch
     def start_dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -65,11 +71,11 @@ class FixedCapacityAllToAll:
         send[:, t:, :hb] = 0
         send[:, :, hb:] = meta.view(torch.uint8)
         recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=self.group.group, async_op=True)
-        return _InFlight(work, recv, t, capacity, k, hidden.dtype)
+        return _InFlight(self._all_to_all(recv, send), recv, t, capacity, k, hidden.dtype)
 
     def finish_dispatch(self, pending: _InFlight) -> Dispatched:
-        pending.work.wait()
+        if pending.work is not None:
+            pending.work.wait()
         recv, k = pending.recv, pending.k
         rows, hb = recv.shape[0] * recv.shape[1], recv.shape[2] - 8 * k
         hidden = recv[..., :hb].view(pending.dtype).reshape(rows, -1)
@@ -84,11 +90,11 @@ class FixedCapacityAllToAll:
         num_tokens, capacity = handle
         send = partial.contiguous().view(self.group.size, capacity, -1)
         recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=self.group.group, async_op=True)
-        return _InFlight(work, recv, num_tokens, capacity)
+        return _InFlight(self._all_to_all(recv, send), recv, num_tokens, capacity)
 
     def finish_combine(self, pending: _InFlight) -> torch.Tensor:
-        pending.work.wait()
+        if pending.work is not None:
+            pending.work.wait()
         # recv[s, t]: rank s's partial sum for our token t; add the ranks up in float32.
         return pending.recv[:, : pending.num_tokens].float().sum(dim=0).to(pending.recv.dtype)
 
