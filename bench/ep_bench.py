@@ -61,36 +61,18 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
 
     def timed(fn):
         return time_ms(fn, args["repeats"], warmup=2, before=lambda: (group.barrier(), torch.cuda.synchronize(dev)))
+    fixed = select_all_to_all("fixed", group, per_rank, hidden)
     for kind in args["backends"]:
-        a2a = select_all_to_all(kind, group, per_rank, hidden)
+        a2a = None
         for t in args["tokens"]:
-            gen = torch.Generator(device=dev).manual_seed(1000 * rank + t)
-            x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
-            logits = torch.randn(t, experts, device=dev, generator=gen)
-            weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
-            slots = emap.route(0, ids, replica_offset=rank)
-            sent = a2a.dispatch(x, slots, weights)  # warm-up and the traffic count
-            dest = slots // per_rank
-            to_rank = torch.zeros(t, world, dtype=torch.bool, device=dev).scatter_(1, dest, True)
-            remote_tokens = int(to_rank.sum()) - int(to_rank[:, rank].sum())
-            partial = torch.zeros_like(sent.hidden)
-            a2a.combine(partial, sent.handle)
-            row = dict(backend=a2a.name, rank=rank, tokens=t, received=int(sent.hidden.shape[0]),
-                       remote_tokens=remote_tokens, dispatch_bytes_remote=remote_tokens * hidden * 2,
-                       dispatch_ms=timed(lambda: a2a.dispatch(x, slots, weights)),
-                       combine_ms=timed(lambda: a2a.combine(partial, sent.handle)),
-                       round_ms=timed(lambda: a2a.combine(partial, a2a.dispatch(x, slots, weights).handle)))
-            if a2a.graph_safe:
-                graph = torch.cuda.CUDAGraph()
-                torch.cuda.synchronize(dev)
+            try:
+                if a2a is None:
+                    a2a = (SymmetricMemoryAllToAll(group, per_rank, max(args["tokens"]) * (hidden * 2 + 16 * top_k))
+                           if kind == "symm" else select_all_to_all(kind, group, per_rank, hidden))
+                rows.append(_measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap, dev, timed))
+            except Exception as exc:  # one backend failing must not lose the others' figures
                 group.barrier()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    a2a.combine(partial, a2a.dispatch(x, slots, weights).handle)
-                torch.cuda.synchronize(dev)
-                row["graph_round_ms"] = timed(graph.replay)
-                del graph
-            rows.append(row)
-            del sent, partial
+                rows.append(dict(backend=kind, rank=rank, tokens=t, error=repr(exc)[:300]))
             torch.cuda.empty_cache()
     # Correctness at a reduced expert count: EP output == all experts on this GPU.
     e_small = world * 8
@@ -112,6 +94,71 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
     group.close()
 
 
+def _measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap, dev, timed) -> dict:
+    gen = torch.Generator(device=dev).manual_seed(1000 * rank + t)
+    x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(t, experts, device=dev, generator=gen)
+    weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    slots = emap.route(0, ids, replica_offset=rank)
+    sent = a2a.dispatch(x, slots, weights)  # warm-up and the traffic count
+    dest = slots // per_rank
+    to_rank = torch.zeros(t, world, dtype=torch.bool, device=dev).scatter_(1, dest, True)
+    remote_tokens = int(to_rank.sum()) - int(to_rank[:, rank].sum())
+    partial = torch.randn(sent.hidden.shape, device=dev, generator=gen).to(sent.hidden.dtype)
+    combined = a2a.combine(partial, sent.handle)
+    row = dict(backend=a2a.name, rank=rank, tokens=t, received=int(sent.hidden.shape[0]),
+               remote_tokens=remote_tokens, dispatch_bytes_remote=remote_tokens * hidden * 2)
+    if a2a is not fixed and a2a.name != "torch":  # same layout as the fixed backend: results must be equal
+        ref = fixed.dispatch(x, slots, weights)
+        row["equals_fixed"] = bool(torch.equal(ref.hidden, sent.hidden) and torch.equal(ref.topk_ids, sent.topk_ids)
+                                   and torch.equal(fixed.combine(partial, ref.handle), combined))
+    row.update(dispatch_ms=timed(lambda: a2a.dispatch(x, slots, weights)),
+               combine_ms=timed(lambda: a2a.combine(partial, sent.handle)),
+               round_ms=timed(lambda: a2a.combine(partial, a2a.dispatch(x, slots, weights).handle)))
+    if a2a.graph_safe:
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(dev)
+        a2a.group.barrier()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            a2a.combine(partial, a2a.dispatch(x, slots, weights).handle)
+        torch.cuda.synchronize(dev)
+        row["graph_round_ms"] = timed(graph.replay)
+    return row
+
+
+class SymmetricMemoryAllToAll:
+    """Bench-only candidate: the fixed-capacity layout moved by peer copies into symmetric memory
+    (`torch.distributed._symmetric_memory`) between two device barriers, instead of NCCL. Measured
+    here to see whether it beats NCCL's all-to-all at decode sizes before the engine adopts it."""
+
+    def __new__(cls, group, slots_per_rank, max_block_bytes):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
+
+        class _Symm(FixedCapacityAllToAll):
+            name = "symm"
+
+            def _all_to_all(self, recv, send):
+                world, me = self.group.size, self.group.rank
+                block = send[0].numel() * send.element_size()
+                self.handle.barrier(channel=0)  # every peer has read the previous exchange
+                for r in range(world):
+                    peer = self.handle.get_buffer(r, (block,), torch.uint8, me * block)
+                    peer.copy_(send[r].reshape(-1).view(torch.uint8))
+                self.handle.barrier(channel=0)  # every peer's block has landed here
+                recv.view(-1).view(torch.uint8).copy_(self.buffer[: world * block])
+                return None
+
+        a2a = _Symm(group, slots_per_rank)
+        name = group.group.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(name)
+        a2a.buffer = symm_mem.empty(group.size * max_block_bytes, dtype=torch.uint8, device=group.device)
+        a2a.handle = symm_mem.rendezvous(a2a.buffer, name)
+        return a2a
+
+
 def run(world: int, tokens: list[int], backends: list[str], hidden=7168, experts=256, top_k=8, inter=2048,
         repeats=20) -> dict:
     from engine.ports import free_port
@@ -131,6 +178,10 @@ def run(world: int, tokens: list[int], backends: list[str], hidden=7168, experts
     table = []
     for i in range(len(results[0]["rows"])):
         per_rank = [r["rows"][i] for r in results]
+        errors = [x["error"] for x in per_rank if "error" in x]
+        if errors:
+            table.append(dict(backend=per_rank[0]["backend"], tokens_per_rank=per_rank[0]["tokens"], error=errors[0]))
+            continue
         worst_bytes = max(x["dispatch_bytes_remote"] for x in per_rank)
         floor_ms = worst_bytes / bw * 1e3  # one direction; dispatch + combine move it twice
         row = dict(backend=per_rank[0]["backend"], tokens_per_rank=per_rank[0]["tokens"],
@@ -140,6 +191,8 @@ def run(world: int, tokens: list[int], backends: list[str], hidden=7168, experts
                 row[key] = max(x[key] for x in per_rank)
         row["dispatch_pct_of_floor"] = 100 * floor_ms / row["dispatch_ms"]
         row["combine_pct_of_floor"] = 100 * floor_ms / row["combine_ms"]
+        if "equals_fixed" in per_rank[0]:
+            row["equals_fixed"] = all(x["equals_fixed"] for x in per_rank)
         best = row.get("graph_round_ms", row["round_ms"])
         row["round_pct_of_floor"] = 100 * 2 * floor_ms / best
         table.append(row)
@@ -157,6 +210,9 @@ def markdown(res: dict) -> str:
              "dispatch + combine ms (eager) | in a CUDA graph | % of floor (2 × one way) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['tokens_per_rank']} | failed: {r['error']} |||||||")
+            continue
         graph = f"{r['graph_round_ms']:.3f}" if "graph_round_ms" in r else "—"
         lines.append(f"| {r['backend']} | {r['tokens_per_rank']} | {r['remote_bytes_worst_rank'] / 1e6:.1f} | "
                      f"{r['floor_ms']:.3f} | {r['dispatch_ms']:.3f} | {r['combine_ms']:.3f} | {r['round_ms']:.3f} | "
@@ -169,7 +225,8 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=None, help="ranks (default: every visible GPU)")
     ap.add_argument("--tokens", default="128,4096", help="tokens per rank, comma-separated")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--backends", default="fixed,torch", help="all-to-all backends, comma-separated")
+    ap.add_argument("--backends", default="fixed,torch,symm",
+                    help="all-to-all backends, comma-separated (symm: the bench-only symmetric-memory candidate)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     world = args.world or torch.cuda.device_count()
