@@ -18,6 +18,7 @@ checks, at a reduced expert count, that the expert-parallel MoE output equals th
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -73,6 +74,7 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
             except Exception as exc:  # one backend failing must not lose the others' figures
                 group.barrier()
                 rows.append(dict(backend=kind, rank=rank, tokens=t, error=repr(exc)[:300]))
+            print(json.dumps(rows[-1]), flush=True)  # in the log even if a later backend hangs
             torch.cuda.empty_cache()
     # Correctness at a reduced expert count: EP output == all experts on this GPU.
     e_small = world * 8

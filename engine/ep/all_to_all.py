@@ -2,7 +2,8 @@
 
 `dispatch(hidden, slot_ids, topk_weights)` sends each token once to every rank that owns one of
 its routed physical expert slots and returns what this rank must compute: the received tokens,
-their top-k ids translated to *local* slots (-1 where the slot lives elsewhere) and their
+their top-k ids translated to *local* slots (-1, or any id outside the local range, where the
+slot lives elsewhere) and their
 routing weights. The caller runs the same grouped expert GEMM whatever the backend
 (`fused_experts(recv_hidden, w13_local, w2_local, recv_weights, recv_local_ids)`, which weights
 and sums a token's local experts), and `combine(partial, handle)` sends each partial sum back to
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Dispatched:
     hidden: torch.Tensor  # [N, H] tokens this rank computes
-    topk_ids: torch.Tensor  # [N, k'] local slot ids, -1 = not on this rank
+    topk_ids: torch.Tensor  # [N, k'] local slot ids; outside [0, local slots) (e.g. -1) = not on this rank
     topk_weights: torch.Tensor  # [N, k'] float32
     handle: object
 

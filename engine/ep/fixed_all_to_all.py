@@ -6,8 +6,9 @@ Every dispatch moves exactly `capacity` rows from each rank to each rank with on
 host read, and NCCL can capture it in a CUDA graph. A row carries one token's hidden state with
 its physical slot ids and routing weights packed behind it (bit-cast to the hidden dtype, so one
 collective moves both); rows past the sender's token count are padding with slot -1. The
-receiver keeps the slots it owns (local ids, -1 elsewhere) and runs the grouped expert GEMM over
-all `ranks x capacity` rows: a row with no local slot costs no GEMM work and returns zeros.
+receiver turns slot ids into local ones (outside `[0, slots_per_rank)` where another rank owns
+the slot) and runs the grouped expert GEMM over all `ranks x capacity` rows: a row with no local
+slot costs no GEMM work and returns zeros.
 Combine is the reverse all-to-all of those partial sums, added up per token in float32.
 
 Each rank sends its whole token block to every rank, whether or not a token has an expert there.
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from engine.ep.all_to_all import Dispatched
 from engine.ep.group import EPGroup
@@ -40,6 +40,7 @@ class _InFlight:
     capacity: int
     k: int = 0
     dtype: torch.dtype | None = None  # the hidden dtype (dispatch rows travel as bytes)
+    hidden_bytes: int = 0
 
 
 class FixedCapacityAllToAll:
@@ -62,28 +63,33 @@ class FixedCapacityAllToAll:
         k = slot_ids.shape[1]
         if t > capacity:
             raise ValueError(f"EP dispatch of {t} tokens exceeds the agreed capacity of {capacity} rows per rank")
-        # Rows are bytes: the hidden state, then slot ids as float32 (exact below 2^24; padding
-        # rows carry -1) and float32 weights, so one collective moves all three bit for bit.
-        meta = F.pad(torch.cat([slot_ids.float(), topk_weights.float()], dim=1), (0, 0, 0, capacity - t), value=-1.0)
+        # Rows are bytes: the hidden state, then (4-byte aligned) slot ids as float32 (exact below
+        # 2^24; padding rows carry -1) and float32 weights: one collective moves all three bit for
+        # bit, and they are written straight into the buffer (a few kernels, no concatenation).
         hb = h * hidden.element_size()
-        send = torch.empty((self.group.size, capacity, hb + 8 * k), dtype=torch.uint8, device=hidden.device)
+        off = -(-hb // 4) * 4
+        send = torch.empty((self.group.size, capacity, off + 8 * k), dtype=torch.uint8, device=hidden.device)
         send[:, :t, :hb] = hidden.contiguous().view(torch.uint8)
-        send[:, t:, :hb] = 0
-        send[:, :, hb:] = meta.view(torch.uint8)
+        meta = send[:, :, off:].view(torch.float32)
+        meta[:, :t, :k] = slot_ids
+        meta[:, :t, k:] = topk_weights
+        if t < capacity:
+            send[:, t:, :hb] = 0
+            meta[:, t:, :k] = -1.0
         recv = torch.empty_like(send)
-        return _InFlight(self._all_to_all(recv, send), recv, t, capacity, k, hidden.dtype)
+        return _InFlight(self._all_to_all(recv, send), recv, t, capacity, k, hidden.dtype, hb)
 
     def finish_dispatch(self, pending: _InFlight) -> Dispatched:
         if pending.work is not None:
             pending.work.wait()
-        recv, k = pending.recv, pending.k
-        rows, hb = recv.shape[0] * recv.shape[1], recv.shape[2] - 8 * k
+        recv, k, hb = pending.recv, pending.k, pending.hidden_bytes
+        rows = recv.shape[0] * recv.shape[1]
         hidden = recv[..., :hb].view(pending.dtype).reshape(rows, -1)
-        meta = recv[..., hb:].contiguous().view(torch.float32).reshape(rows, 2 * k)
-        local = meta[:, :k].long() - self.group.rank * self.slots_per_rank
-        mine = (local >= 0) & (local < self.slots_per_rank)  # padding (-1) and other ranks' slots fall outside
-        local = torch.where(mine, local, torch.full_like(local, -1))
-        return Dispatched(hidden, local, meta[:, k:].contiguous(), (pending.num_tokens, pending.capacity))
+        meta = recv[..., recv.shape[2] - 8 * k:].contiguous().view(torch.float32).view(rows, 2 * k)
+        # Local slot ids: those of other ranks (and padding's -1) fall outside [0, slots_per_rank),
+        # which the expert GEMM skips, so no mask is needed.
+        local = meta[:, :k].to(torch.int32) - self.group.rank * self.slots_per_rank
+        return Dispatched(hidden, local, meta[:, k:], (pending.num_tokens, pending.capacity))
 
     # ------------------------------------------------------------- combine
     def start_combine(self, partial: torch.Tensor, handle) -> _InFlight:
@@ -96,7 +102,7 @@ class FixedCapacityAllToAll:
         if pending.work is not None:
             pending.work.wait()
         # recv[s, t]: rank s's partial sum for our token t; add the ranks up in float32.
-        return pending.recv[:, : pending.num_tokens].float().sum(dim=0).to(pending.recv.dtype)
+        return pending.recv[:, : pending.num_tokens].sum(dim=0, dtype=torch.float32).to(pending.recv.dtype)
 
     # ------------------------------------------------------------- one-shot (every rank sends `capacity`)
     def dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
