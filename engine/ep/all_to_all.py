@@ -2,12 +2,12 @@
 
 `dispatch(hidden, slot_ids, topk_weights)` sends each token once to every rank that owns one of
 its routed physical expert slots and returns what this rank must compute: the received tokens,
-their top-k ids translated to *local* slots (-1, or any id outside the local range, where the
-slot lives elsewhere) and their routing weights. The caller runs the same grouped expert GEMM
-whatever the backend (`fused_experts(recv_hidden, w13_local, w2_local, recv_weights,
-recv_local_ids)`, which weights and sums a token's local experts), and `combine(partial, handle)` sends each partial sum back to
-the token's rank and adds them up. Routing, weights, permutation and the expert GEMM therefore
-never depend on how tokens travel.
+their top-k ids translated to *local* slots (-1, or any id outside the local range, where the slot
+lives elsewhere) and their routing weights. The caller runs the same grouped expert GEMM whatever
+the backend (`fused_experts(recv_hidden, w13_local, w2_local, recv_weights, recv_local_ids)`,
+which weights and sums a token's local experts), and `combine(partial, handle)` sends each partial
+sum back to the token's rank and adds them up. Routing, weights, permutation and the expert GEMM
+therefore never depend on how tokens travel.
 
 Backends:
 * `FixedCapacityAllToAll` (`fixed_all_to_all.py`): equal-split all-to-alls of an agreed number of
