@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -68,7 +69,8 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
         for t in args["tokens"]:
             try:
                 if a2a is None:
-                    a2a = (SymmetricMemoryAllToAll(group, per_rank, max(args["tokens"]) * (hidden * 2 + 16 * top_k))
+                    a2a = (fixed if kind == "fixed" else
+                           SymmetricMemoryAllToAll(group, per_rank, max(args["tokens"]) * (hidden * 2 + 16 * top_k))
                            if kind == "symm" else select_all_to_all(kind, group, per_rank, hidden))
                 rows.append(_measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap, dev, timed))
             except Exception as exc:  # one backend failing must not lose the others' figures
@@ -93,7 +95,9 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
     ref = fused_experts(x, w13, w2, weights, ids)
     rel = float((ep_out.float() - ref.float()).norm() / ref.float().norm())
     queue.put(dict(rank=rank, rows=rows, rel_err=rel, nccl=torch.cuda.nccl.version()))
-    group.close()
+    queue.close()
+    queue.join_thread()
+    os._exit(0)  # skip process-group teardown (it can stall after NCCL graph capture)
 
 
 def _measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap, dev, timed) -> dict:
@@ -176,7 +180,9 @@ def run(world: int, tokens: list[int], backends: list[str], hidden=7168, experts
         p.start()
     results = sorted((queue.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
     for p in procs:
-        p.join(60)
+        p.join(30)
+        if p.is_alive():
+            p.kill()
     table = []
     for i in range(len(results[0]["rows"])):
         per_rank = [r["rows"][i] for r in results]
