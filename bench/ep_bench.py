@@ -48,7 +48,7 @@ def peer_copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
     from bench.device_probe import time_ms
-    from engine.ep.all_to_all import select_all_to_all
+    from engine.ep.runtime import select_all_to_all
     from engine.ep.group import EPGroup
     from engine.eplb import ExpertMap, initial_placement
     from engine.kernels.fused_moe import fused_experts

@@ -100,7 +100,7 @@ def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:
 
 
 def run_config(world: int, args: dict, timeout_s: float) -> list[dict]:
-    from deploy.launcher import free_port
+    from engine.ports import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -7,7 +7,8 @@ lives elsewhere) and their routing weights. The caller runs the same grouped exp
 the backend (`fused_experts(recv_hidden, w13_local, w2_local, recv_weights, recv_local_ids)`,
 which weights and sums a token's local experts), and `combine(partial, handle)` sends each partial
 sum back to the token's rank and adds them up. Routing, weights, permutation and the expert GEMM
-therefore never depend on how tokens travel.
+therefore never depend on how tokens travel. The engine picks the backend in one place,
+`engine/ep/runtime.py:select_all_to_all`.
 
 Backends:
 * `FixedCapacityAllToAll` (`fixed_all_to_all.py`): equal-split all-to-alls of an agreed number of
@@ -25,15 +26,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from engine.ep.group import EPGroup
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,24 +154,3 @@ class DeepEPAllToAll:
             return out
         out, _, _ = self._combine(partial, handle)
         return out
-
-
-def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
-                      max_tokens_per_rank: int = 256):
-    """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
-    `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
-    CUDA-graph safe)."""
-    from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
-
-    if kind not in ("auto", "fixed", "torch", "deepep"):
-        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | torch | deepep)")
-    if kind == "torch":
-        backend = TorchAllToAll(group, slots_per_rank)
-    elif kind == "fixed" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
-        backend = FixedCapacityAllToAll(group, slots_per_rank)
-    else:
-        if group.device.type != "cuda":
-            raise ValueError("the DeepEP all-to-all needs CUDA devices")
-        backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, mode, max_tokens_per_rank)
-    log.info("EP all-to-all backend: %s (rank %d of %d)", backend.name, group.rank, group.size)
-    return backend

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ParallelConfig
-from engine.ep.all_to_all import select_all_to_all
+from engine.ep.all_to_all import DeepEPAllToAll, TorchAllToAll, deepep_module
+from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
 from engine.ep.group import EPGroup
 from engine.ep.step_plan import StepPlan, mask_padding, plan_step, run_pipelined
 from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMove, initial_placement, rebalance
@@ -30,6 +31,25 @@ from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMo
 log = logging.getLogger(__name__)
 
 IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance metric
+
+
+def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
+                      max_tokens_per_rank: int = 256):
+    """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
+    `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
+    CUDA-graph safe)."""
+    if kind not in ("auto", "fixed", "torch", "deepep"):
+        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | torch | deepep)")
+    if kind == "torch":
+        backend = TorchAllToAll(group, slots_per_rank)
+    elif kind == "fixed" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
+        backend = FixedCapacityAllToAll(group, slots_per_rank)
+    else:
+        if group.device.type != "cuda":
+            raise ValueError("the DeepEP all-to-all needs CUDA devices")
+        backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, mode, max_tokens_per_rank)
+    log.info("EP all-to-all backend: %s (rank %d of %d)", backend.name, group.rank, group.size)
+    return backend
 
 
 class ExpertParallel:

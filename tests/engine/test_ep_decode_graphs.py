@@ -80,9 +80,9 @@ def _rank(rank: int, world: int, init: str, path: str, queue) -> None:
         replays = {"busy": 0, "idle": 0}
         run, run_idle = core.runner.graphs.run, core.runner.graphs.run_idle
 
-        def counted_run(chunks):
+        def counted_run(*args):
             replays["busy"] += 1
-            return run(chunks)
+            return run(*args)
 
         def counted_idle():
             replayed = run_idle()
@@ -104,7 +104,7 @@ def _rank(rank: int, world: int, init: str, path: str, queue) -> None:
 
 @pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"])
 def test_graph_buckets_agreed_across_busy_and_idle_ranks_give_single_rank_tokens(tmp_path, arch):
-    from deploy.launcher import free_port
+    from engine.ports import free_port
 
     _, path = build_hf_checkpoint(arch, tmp_path)
     llm = LLM(path, **KW)

@@ -89,7 +89,7 @@ def _rank(rank: int, world: int, init: str, failures) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_fixed_capacity_layer_matches_one_rank(world):
-    from deploy.launcher import free_port
+    from engine.ports import free_port
 
     ctx = mp.get_context("spawn")
     failures = ctx.Queue()
