@@ -58,9 +58,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
     e.add_argument("--ep-backend", choices=["auto", "fixed", "torch", "deepep"], default="auto",
                    help="token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep), fixed-capacity torch.distributed "
                         "(graph-safe) or count-based torch.distributed; auto: DeepEP on CUDA when importable, else fixed")
-    e.add_argument("--ep-dispatch-capacity", type=int, default=2048,
+    e.add_argument("--ep-dispatch-capacity", type=int, default=8192,
                    help="fixed-capacity all-to-all: most tokens per rank in one dispatch (larger steps are split)")
-    e.add_argument("--ep-overlap-min-tokens", type=int, default=512,
+    e.add_argument("--ep-overlap-min-tokens", type=int, default=0,
                    help="steps of at least this many tokens (busiest rank) run as two overlapped micro-batches (0: never)")
 
 
