@@ -95,7 +95,7 @@ class ModelRunner:
         self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the count-based all-to-all syncs the host
+        graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the torch all-to-all reads counts on the host
         if self.device.type == "cuda" and not config.enforce_eager and graphs_ok:
             max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = DecodeGraphs(self, max_batch)

@@ -132,7 +132,7 @@ class ExpertParallel:
         count_expert_tokens(self.recorder.step_load[layer.layer_id], topk_ids)
         slots = self.expert_map.route(layer.layer_id, topk_ids, replica_offset=self.rank)
         a2a = self.all_to_all
-        if hasattr(a2a, "start_dispatch"):  # fixed capacity: planned, pipelined micro-batches
+        if isinstance(a2a, FixedCapacityAllToAll):  # planned, pipelined micro-batches
             return run_pipelined(a2a, layer._experts, hidden, slots, topk_weights, plan)
         sent = a2a.dispatch(hidden, slots, topk_weights)  # count-based backends size themselves
         return a2a.combine(layer._experts(sent.hidden, sent.topk_weights, sent.topk_ids), sent.handle)
