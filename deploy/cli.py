@@ -58,9 +58,13 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
     e.add_argument("--ep-node-rank", type=int, default=0, help="this host's index in its EP group (0 = leader)")
     e.add_argument("--ep-master", default=None,
                    help="HOST:PORT where a multi-host EP group's ranks meet (the leader's address)")
-    e.add_argument("--ep-backend", choices=["auto", "torch", "deepep"], default="auto",
-                   help="token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep) or torch.distributed; "
-                        "auto: DeepEP on CUDA when importable")
+    e.add_argument("--ep-backend", choices=["auto", "fixed", "torch", "deepep"], default="auto",
+                   help="token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep), fixed-capacity torch.distributed "
+                        "(graph-safe) or count-based torch.distributed; auto: DeepEP on CUDA when importable, else fixed")
+    e.add_argument("--ep-dispatch-capacity", type=int, default=8192,
+                   help="fixed-capacity all-to-all: most tokens per rank in one dispatch (larger steps are split)")
+    e.add_argument("--ep-overlap-min-tokens", type=int, default=0,
+                   help="steps of at least this many tokens (busiest rank) run as two overlapped micro-batches (0: never)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -75,6 +79,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
                 eplb_interval=args.eplb_interval, eplb_window=args.eplb_window,
                 eplb_min_gain=args.eplb_min_gain, ep_backend=args.ep_backend,
+                ep_dispatch_capacity=args.ep_dispatch_capacity, ep_overlap_min_tokens=args.ep_overlap_min_tokens,
                 ep_nnodes=args.ep_nnodes, ep_node_rank=args.ep_node_rank, ep_master=args.ep_master,
                 load_progress=False if args.no_progress else None)
 
@@ -199,7 +204,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--attention-backend", args.attention_backend, "--ep-size", str(args.ep_size),
            "--num-redundant-experts", str(args.num_redundant_experts), "--eplb-interval", str(args.eplb_interval),
            "--eplb-window", str(args.eplb_window), "--eplb-min-gain", str(args.eplb_min_gain),
-           "--ep-backend", args.ep_backend, "--kv-cache-dtype", args.kv_cache_dtype]
+           "--ep-backend", args.ep_backend, "--ep-dispatch-capacity", str(args.ep_dispatch_capacity),
+           "--ep-overlap-min-tokens", str(args.ep_overlap_min_tokens), "--kv-cache-dtype", args.kv_cache_dtype]
     for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
                         ("--quantization", args.quantization),
                         ("--num-pages", args.num_pages), ("--seed", args.seed)):

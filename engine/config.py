@@ -236,7 +236,14 @@ class ParallelConfig:
     eplb_interval: int = 0
     eplb_window: int = 32
     eplb_min_gain: float = 0.05  # apply a layer's new placement only if max/mean load drops this much
-    ep_backend: str = "auto"  # auto | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
+    ep_backend: str = "auto"  # auto | fixed | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
+    # Fixed-capacity all-to-all: tokens per rank in one dispatch (a step with more, on any rank, is
+    # split into dispatches of at most this many; it bounds the dispatch buffers), and the step size
+    # (max tokens over the ranks) from which a step runs as two overlapped micro-batches (0: never;
+    # off by default: on two NVLinked H200s it made a 4k V2-Lite prefill slower, 166 vs 151 ms,
+    # bench/results/2026-11-29_h200x2_ep.md).
+    ep_dispatch_capacity: int = 8192
+    ep_overlap_min_tokens: int = 0
     dist_init_method: str | None = None  # torch.distributed rendezvous, set by whoever starts the ranks
     # Multi-host EP group: `ep_nnodes` hosts each run ep_size / ep_nnodes ranks; this host's are
     # global ranks [ep_node_rank * local, ...), rendezvousing at `ep_master` (HOST:PORT).
@@ -272,8 +279,11 @@ class ParallelConfig:
                               f"and ep_node_rank {self.ep_node_rank} must be below it")
         if self.ep_nnodes > 1 and not self.ep_master:
             raise ConfigError("an EP group over several hosts needs ep_master (HOST:PORT of its rendezvous)")
-        if self.ep_backend not in ("auto", "torch", "deepep"):
-            raise ConfigError(f"unknown EP backend {self.ep_backend!r} (auto | torch | deepep)")
+        if self.ep_backend not in ("auto", "fixed", "torch", "deepep"):
+            raise ConfigError(f"unknown EP backend {self.ep_backend!r} (auto | fixed | torch | deepep)")
+        if self.ep_dispatch_capacity < 1 or self.ep_overlap_min_tokens < 0:
+            raise ConfigError(f"ep_dispatch_capacity must be >= 1 and ep_overlap_min_tokens >= 0, got "
+                              f"{self.ep_dispatch_capacity}, {self.ep_overlap_min_tokens}")
 
 
 @dataclass

@@ -6,6 +6,10 @@ size bucket over static input buffers and replay it. Padded rows (batch rounded 
 write no KV (slot -1) and attend to one cached position of page 0; their logits are dropped.
 The attention backend's decode path and the MoE kernels must be capture-safe (no host syncs,
 shapes depend only on the batch size).
+
+With expert parallelism the graphs hold the MoE dispatch/combine collectives, so every rank must
+replay the same bucket in a step, idle ranks included (`run_idle`): the EP runtime agrees the
+bucket at `step_begin` (`ep.graph_bucket`) and masks the padded rows' routes on the device.
 """
 from __future__ import annotations
 
@@ -59,27 +63,53 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        ep = self.runner.ep
+        # EP: the NCCL watchdog thread polls events while we capture; only this thread must not.
+        mode = "global" if ep is None else "thread_local"
         torch.cuda.synchronize(self.device)
         for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
+            if ep is not None:
+                ep.capture_plan(bs)
             self._forward(bs)  # warm-up: Triton compilation and autotuning happen outside capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
                 self.logits[bs] = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
+        if ep is not None:
+            ep.graphs_captured(self.sizes)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
+    def _bucket(self, b: int) -> int | None:
+        if self.runner.ep is None:
+            return next((s for s in self.sizes if s >= b), None)
+        return self.runner.ep.graph_bucket  # agreed by all ranks; None: the step is too large
+
     def can_run(self, chunks: list) -> bool:
-        return len(chunks) <= self.max_batch and all(c.num_new_tokens == 1 and c.sample for c in chunks)
+        return (len(chunks) <= self.max_batch and all(c.num_new_tokens == 1 and c.sample for c in chunks)
+                and self._bucket(len(chunks)) is not None)
+
+    def run_idle(self) -> bool:
+        """EP rank without requests: replay this step's agreed bucket with padding rows only
+        (False when the step has no bucket; the caller then joins the MoE layers eagerly)."""
+        bs = self._bucket(0)
+        if bs is None:
+            return False
+        self.seq_lens[:bs].fill_(1)
+        self.slot_mapping[:bs].fill_(-1)
+        self.block_tables[:bs].zero_()
+        self.runner.ep.prepare_replay(0)
+        self.graphs[bs].replay()
+        return True
 
     def run(self, chunks: list, inputs, patch_pending) -> torch.Tensor:
         """Replay the bucket for `chunks` (all decodes) with the runner's `inputs`; `patch_pending`
         fills input ids the host has not seen yet from the step in flight, on the device."""
         b = len(chunks)
-        bs = next(s for s in self.sizes if s >= b)
+        bs = self._bucket(b)
         ps = self.runner.page_size
         slots = [c.request.page_ids[c.start // ps] * ps + c.start % ps for c in chunks]
         table = page_table_tensor([c.request.page_ids for c in chunks])
@@ -94,5 +124,7 @@ class DecodeGraphs:
             self.seq_lens[b:bs].fill_(1)
             self.slot_mapping[b:bs].fill_(-1)
             self.block_tables[b:bs].zero_()
+        if self.runner.ep is not None:
+            self.runner.ep.prepare_replay(b)
         self.graphs[bs].replay()
         return self.logits[bs][:b]

@@ -211,7 +211,7 @@ class EngineCore:
         has_work = sched_out is not None and bool(sched_out.chunks)
         ep = self.runner.ep
         if ep is not None:  # EP ranks move in lock-step: one forward each whenever any rank has work
-            busy, self.stopped = ep.step_begin(has_work, self.stop_requested)
+            busy, self.stopped = ep.step_begin(has_work, self.stop_requested, sched_out.chunks if has_work else ())
             if not self.stopped and busy and not has_work:
                 self.runner.execute_idle()
                 ep.step_end()

@@ -27,7 +27,7 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
                         enforce_eager: bool = False, overlap_schedule: bool = True, attention_backend: str = "auto",
                         tokenizer: str | None = None, ep_size: int = 1, num_redundant_experts: int = 0,
                         eplb_interval: int = 0, eplb_window: int = 32, eplb_min_gain: float = 0.05,
-                        ep_backend: str = "auto",
+                        ep_backend: str = "auto", ep_dispatch_capacity: int = 8192, ep_overlap_min_tokens: int = 0,
                         ep_nnodes: int = 1, ep_node_rank: int = 0, ep_master: str | None = None,
                         load_progress: bool | None = None) -> EngineConfig:
     """Keyword form of EngineConfig shared by `LLM`, the CLI and the node servers."""
@@ -44,6 +44,8 @@ def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto"
         parallel=ParallelConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts,
                                 eplb_interval=eplb_interval, eplb_window=eplb_window,
                                 eplb_min_gain=eplb_min_gain, ep_backend=ep_backend,
+                                ep_dispatch_capacity=ep_dispatch_capacity,
+                                ep_overlap_min_tokens=ep_overlap_min_tokens,
                                 ep_nnodes=ep_nnodes, ep_node_rank=ep_node_rank, ep_master=ep_master))
 
 

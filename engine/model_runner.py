@@ -201,8 +201,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_idle(self) -> None:
-        """EP rank with no tokens this step: serve the other ranks' MoE dispatches."""
-        self.ep.run_idle()
+        """EP rank with no tokens this step: serve the other ranks' MoE dispatches (replaying the
+        step's agreed decode graph when it has one, so the collectives match the busy ranks')."""
+        if self.graphs is None or not self.graphs.run_idle():
+            self.ep.run_idle()
 
     def _run_eager(self, chunks: list, inputs: "_StepInputs", prev: StepHandle | None,
                    expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:

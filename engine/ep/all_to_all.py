@@ -2,14 +2,17 @@
 
 `dispatch(hidden, slot_ids, topk_weights)` sends each token once to every rank that owns one of
 its routed physical expert slots and returns what this rank must compute: the received tokens,
-their top-k ids translated to *local* slots (-1 where the slot lives elsewhere) and their
-routing weights. The caller runs the same grouped expert GEMM whatever the backend
-(`fused_experts(recv_hidden, w13_local, w2_local, recv_weights, recv_local_ids)`, which weights
-and sums a token's local experts), and `combine(partial, handle)` sends each partial sum back to
-the token's rank and adds them up. Routing, weights, permutation and the expert GEMM therefore
-never depend on how tokens travel.
+their top-k ids translated to *local* slots (-1, or any id outside the local range, where the slot
+lives elsewhere) and their routing weights. The caller runs the same grouped expert GEMM whatever
+the backend (`fused_experts(recv_hidden, w13_local, w2_local, recv_weights, recv_local_ids)`,
+which weights and sums a token's local experts), and `combine(partial, handle)` sends each partial
+sum back to the token's rank and adds them up. Routing, weights, permutation and the expert GEMM
+therefore never depend on how tokens travel. The engine picks the backend in one place,
+`engine/ep/runtime.py:select_all_to_all`.
 
 Backends:
+* `FixedCapacityAllToAll` (`fixed_all_to_all.py`): equal-split all-to-alls of an agreed number of
+  rows per rank; no host sync, CUDA-graph safe. The default where DeepEP cannot load.
 * `TorchAllToAll`: `torch.distributed.all_to_all_single` with per-rank counts (NCCL on GPU, gloo
   on CPU). Always available; it reads the counts on the host, so it cannot run inside a CUDA
   graph.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +33,11 @@ import torch.distributed as dist
 
 from engine.ep.group import EPGroup
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Dispatched:
     hidden: torch.Tensor  # [N, H] tokens this rank computes
-    topk_ids: torch.Tensor  # [N, k'] local slot ids, -1 = not on this rank
+    topk_ids: torch.Tensor  # [N, k'] local slot ids; outside [0, local slots) (e.g. -1) = not on this rank
     topk_weights: torch.Tensor  # [N, k'] float32
     handle: object
 
@@ -154,19 +154,3 @@ class DeepEPAllToAll:
             return out
         out, _, _ = self._combine(partial, handle)
         return out
-
-
-def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
-                      max_tokens_per_rank: int = 256):
-    """`kind`: auto (DeepEP API on CUDA when importable, else torch) | torch | deepep. `mode` picks
-    DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode, CUDA-graph safe)."""
-    if kind not in ("auto", "torch", "deepep"):
-        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | torch | deepep)")
-    if kind == "torch" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
-        backend = TorchAllToAll(group, slots_per_rank)
-    else:
-        if group.device.type != "cuda":
-            raise ValueError("the DeepEP all-to-all needs CUDA devices")
-        backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, mode, max_tokens_per_rank)
-    log.info("EP all-to-all backend: %s (rank %d of %d)", backend.name, group.rank, group.size)
-    return backend

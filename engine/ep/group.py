@@ -32,12 +32,13 @@ class EPGroup:
         self.cpu_group = dist.new_group(backend="gloo") if self.backend == "nccl" else self.group
         log.info("EP group ready: rank %d of %d (%s)", rank, size, self.backend)
 
-    def agree(self, busy: bool, stop: bool) -> tuple[bool, bool]:
-        """One small all-reduce per engine iteration: does any rank have work this step, and does
-        any rank want to stop (then all stop together, so none is left inside a collective)?"""
-        flags = torch.tensor([int(busy), int(stop)], dtype=torch.int32)
+    def agree(self, busy: bool, stop: bool, num_tokens: int = 0) -> tuple[bool, bool, int]:
+        """One small all-reduce per engine iteration: does any rank have work this step, does any
+        rank want to stop (then all stop together, so none is left inside a collective), and the
+        most tokens any rank runs (which sizes the step's dispatches)?"""
+        flags = torch.tensor([int(busy), int(stop), num_tokens], dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), bool(flags[1]), int(flags[2])
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks (expert load; host or device tensor of this group's device)."""

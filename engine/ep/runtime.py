@@ -2,9 +2,11 @@
 the token all-to-all and the live expert map, keeps ranks in lock-step, and applies EPLB.
 
 Lock-step: attention is data-parallel (each rank schedules its own requests), but every MoE
-layer is a collective. Each engine-loop iteration every rank calls `step_begin(has_work)`;
-if any rank has work, all run one forward — ranks without requests run `run_idle()`, which
-walks the MoE layers with zero tokens so they still serve the others' dispatches.
+layer is a collective. Each engine-loop iteration every rank calls `step_begin(has_work, ...,
+chunks)`; if any rank has work, all run one forward — ranks without requests run `run_idle()`
+(or replay the step's decode graph with no real rows), so they still serve the others'
+dispatches. `step_begin` also agrees the step's dispatch plan (`step_plan.py`): the capacity
+every rank's fixed-size dispatches use, and so the CUDA-graph bucket every rank replays.
 
 EPLB: MoE layers add their routed logical experts into the load recorder; every
 `eplb_interval` steps (once the window is full) the ranks sum their windows, compute the same
@@ -20,13 +22,34 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ParallelConfig
-from engine.ep.all_to_all import select_all_to_all
+from engine.ep.all_to_all import DeepEPAllToAll, TorchAllToAll, deepep_module
+from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
 from engine.ep.group import EPGroup
+from engine.ep.step_plan import StepPlan, mask_padding, plan_step, run_pipelined
 from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMove, initial_placement, rebalance
 
 log = logging.getLogger(__name__)
 
 IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance metric
+
+
+def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
+                      max_tokens_per_rank: int = 256):
+    """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
+    `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
+    CUDA-graph safe)."""
+    if kind not in ("auto", "fixed", "torch", "deepep"):
+        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | torch | deepep)")
+    if kind == "torch":
+        backend = TorchAllToAll(group, slots_per_rank)
+    elif kind == "fixed" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
+        backend = FixedCapacityAllToAll(group, slots_per_rank)
+    else:
+        if group.device.type != "cuda":
+            raise ValueError("the DeepEP all-to-all needs CUDA devices")
+        backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, mode, max_tokens_per_rank)
+    log.info("EP all-to-all backend: %s (rank %d of %d)", backend.name, group.rank, group.size)
+    return backend
 
 
 class ExpertParallel:
@@ -57,6 +80,11 @@ class ExpertParallel:
         self.global_window = torch.zeros((self.num_layers, self.num_experts))
         self.num_rebalances = 0
         self.num_weight_moves = 0
+        # This step's dispatch plan (None outside a step: then each forward plans for its own
+        # token count, which is right only when every rank runs the same count, as at profiling).
+        self.plan: StepPlan | None = None
+        self.graph_buckets: tuple[int, ...] = ()  # decode CUDA-graph batch sizes, once captured
+        self.num_real_tokens = torch.zeros((), dtype=torch.long, device=device)  # rows a graph replay computes
         for m in self.moe_layers.values():
             m.bind_ep(self)
 
@@ -65,9 +93,49 @@ class ExpertParallel:
         return self.all_to_all.name
 
     # ------------------------------------------------------------- per step
-    def step_begin(self, has_work: bool, stop: bool = False) -> tuple[bool, bool]:
-        """Collective: (any rank has work — then every rank runs a forward, any rank stops)."""
-        return self.group.agree(has_work, stop)
+    def step_begin(self, has_work: bool, stop: bool = False, chunks=()) -> tuple[bool, bool]:
+        """Collective: (any rank has work — then every rank runs a forward, any rank stops). Also
+        fixes this step's dispatch plan from the most tokens any rank's `chunks` hold."""
+        busy, stop, max_tokens = self.group.agree(has_work, stop, sum(c.num_new_tokens for c in chunks))
+        self.plan = plan_step(max(1, max_tokens), self.parallel.ep_dispatch_capacity,
+                              self.parallel.ep_overlap_min_tokens, self.graph_buckets) if busy else None
+        return busy, stop
+
+    @property
+    def graph_bucket(self) -> int | None:
+        """The decode graph size every rank replays this step (None: this step runs eagerly)."""
+        plan = self.plan
+        return plan.capacity if plan is not None and plan.bucket and self.all_to_all.graph_safe else None
+
+    def prepare_replay(self, num_real_tokens: int) -> None:
+        """Before a graph replay: how many of the bucket's rows are real (the rest route nowhere)."""
+        self.num_real_tokens.fill_(num_real_tokens)
+
+    def capture_plan(self, bucket: int) -> None:
+        """Set while the decode graph of `bucket` rows is captured (its padding rows are masked)."""
+        self.plan = StepPlan(bucket, 1, bucket=True, padded=True)
+
+    def graphs_captured(self, buckets: list[int]) -> None:
+        """Decode graphs of these sizes exist on every rank (same config): steps that fit one use it."""
+        self.plan, self.graph_buckets = None, tuple(sorted(buckets))
+
+    def moe_forward(self, layer, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> torch.Tensor:
+        """One MoE layer across the ranks: logical experts -> physical slots (spread over replicas),
+        tokens to the slots' ranks, the layer's local grouped GEMM, partial sums back and added."""
+        from engine.layers.moe import count_expert_tokens
+
+        plan = self.plan or plan_step(hidden.shape[0], self.parallel.ep_dispatch_capacity,
+                                      self.parallel.ep_overlap_min_tokens)
+        if plan.padded:
+            topk_ids = mask_padding(topk_ids, self.num_real_tokens)
+        count_expert_tokens(self.recorder.step_load[layer.layer_id], topk_ids)
+        slots = self.expert_map.route(layer.layer_id, topk_ids, replica_offset=self.rank)
+        a2a = self.all_to_all
+        if isinstance(a2a, FixedCapacityAllToAll):  # planned, pipelined micro-batches
+            return run_pipelined(a2a, layer._experts, hidden, slots, topk_weights, plan)
+        sent = a2a.dispatch(hidden, slots, topk_weights)  # count-based backends size themselves
+        return a2a.combine(layer._experts(sent.hidden, sent.topk_weights, sent.topk_ids), sent.handle)
 
     @torch.inference_mode()
     def run_idle(self) -> None:
@@ -76,6 +144,7 @@ class ExpertParallel:
             self.moe_layers[layer_id].idle_forward()
 
     def step_end(self) -> None:
+        self.plan = None
         self.total_load += self.recorder.step_load
         self.recorder.end_step()
         self.num_steps += 1

@@ -116,13 +116,7 @@ class FusedMoE(nn.Module):
             count_expert_tokens(batch.expert_load[self.layer_id], topk_ids)
         if self.ep is None:
             return self._experts(hidden, topk_weights, topk_ids)
-        # Expert parallel: logical experts -> physical slots (spread over replicas), tokens to the
-        # slots' ranks, the same local grouped GEMM, partial sums back and added up.
-        count_expert_tokens(self.ep.recorder.step_load[self.layer_id], topk_ids)
-        slots = self.ep.expert_map.route(self.layer_id, topk_ids, replica_offset=self.ep.rank)
-        sent = self.ep.all_to_all.dispatch(hidden, slots, topk_weights)
-        partial = self._experts(sent.hidden, sent.topk_weights, sent.topk_ids)
-        return self.ep.all_to_all.combine(partial, sent.handle)
+        return self.ep.moe_forward(self, hidden, topk_weights, topk_ids)  # engine/ep/runtime.py
 
     def idle_forward(self) -> None:
         """Join this layer's dispatch/combine with no tokens of our own (idle EP rank)."""

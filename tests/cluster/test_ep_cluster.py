@@ -46,7 +46,7 @@ def test_ep2_nodes_serve_the_single_engine_tokens(tmp_path):
                 return r.read().decode()
         for t in nodes:
             text = scrape(t)
-            assert 'ep_backend="torch"' in text and 'ep_size="2"' in text
+            assert 'ep_backend="fixed"' in text and 'ep_size="2"' in text
             ranks = {line.split('rank="')[1].split('"')[0] for line in text.splitlines()
                      if line.startswith("pdserve:engine_steps_total")}
             assert ranks == {"0", "1"}

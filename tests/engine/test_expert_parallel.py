@@ -2,7 +2,9 @@
 tiny DeepSeek-V3 and Qwen3-MoE checkpoints built by HF `transformers` give the same greedy tokens
 and logprobs within tolerance with EP = 1, 2, 4 — with and without redundant experts, with
 online EPLB rebalances in the middle of generation (weights moved between ranks), and with a
-rank that has no requests."""
+rank that has no requests. Both all-to-all paths: the fixed-capacity one (default), including
+prefill steps past its capacity (split into several dispatches) and two overlapped micro-batches,
+and the count-based `torch` one."""
 from __future__ import annotations
 
 import pytest
@@ -46,20 +48,28 @@ def _assert_same(results, reference):
             assert a["logprob"] == pytest.approx(b["logprob"], abs=2e-4)
 
 
-@pytest.mark.parametrize("arch,ep_size,redundant,interval", [
-    ("DeepseekV3ForCausalLM", 2, 0, 0),
-    ("DeepseekV3ForCausalLM", 4, 4, 2),
-    ("Qwen3MoeForCausalLM", 2, 2, 3),
-    ("Qwen3MoeForCausalLM", 4, 0, 0),
+# Fixed-capacity cases: prefill steps hold up to 19 tokens per rank, so a capacity of 3 or 4 splits
+# them into several dispatches; `ep_overlap_min_tokens` 2 runs every step of 2+ tokens as two
+# overlapped micro-batches.
+SPLIT = dict(ep_dispatch_capacity=3, ep_overlap_min_tokens=0)
+SPLIT_OVERLAP = dict(ep_dispatch_capacity=4, ep_overlap_min_tokens=2)
+
+
+@pytest.mark.parametrize("arch,ep_size,redundant,interval,a2a", [
+    ("DeepseekV3ForCausalLM", 2, 0, 0, dict(ep_backend="torch")),
+    ("DeepseekV3ForCausalLM", 4, 4, 2, SPLIT_OVERLAP),
+    ("Qwen3MoeForCausalLM", 2, 2, 3, SPLIT),
+    ("Qwen3MoeForCausalLM", 4, 0, 0, {}),
+    ("Qwen3MoeForCausalLM", 2, 2, 2, SPLIT_OVERLAP),
 ])
-def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redundant, interval):
+def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redundant, interval, a2a):
     path, reference = checkpoints[arch]
     results, stats = _run(path, PROMPTS, ep_size=ep_size, num_redundant_experts=redundant,
-                          eplb_interval=interval, eplb_window=2)
+                          eplb_interval=interval, eplb_window=2, **a2a)
     _assert_same(results, reference)
     ranks = stats["ranks"]
     assert [r["ep_rank"] for r in ranks] == list(range(ep_size))
-    assert {r["ep_backend"] for r in ranks} == {"torch"}
+    assert {r["ep_backend"] for r in ranks} == {a2a.get("ep_backend", "fixed")}
     assert all(r["num_steps"] > 0 for r in ranks)  # attention data-parallel: every rank served requests
     # Every routed token was counted once, on the rank that owned its request.
     routed = sum(sum(r["expert_tokens"].values()) for r in ranks)
@@ -80,7 +90,8 @@ def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redund
 
 def test_an_idle_rank_joins_every_moe_step(checkpoints):
     path, reference = checkpoints["DeepseekV3ForCausalLM"]
-    results, stats = _run(path, PROMPTS[:1], ep_size=2, num_redundant_experts=2, eplb_interval=3, eplb_window=2)
+    results, stats = _run(path, PROMPTS[:1], ep_size=2, num_redundant_experts=2, eplb_interval=3, eplb_window=2,
+                          **SPLIT_OVERLAP)
     _assert_same(results, reference[:1])
     busy, idle = stats["ranks"]
     assert busy["num_steps"] > 0 and idle["num_steps"] == 0

@@ -1,0 +1,109 @@
+"""The fixed-capacity EP path one MoE layer at a time, on real gloo ranks: the step plan, the
+padded rows of a CUDA-graph bucket (masked on the device, as a replay runs them), an idle rank
+that still serves a bucket, a step split into more dispatches than one capacity holds, and the
+two-micro-batch pipeline — each compared with the same layer holding every expert on one rank
+(`ep_size` 1, the torch reference GEMM)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from engine.ep.step_plan import StepPlan, plan_step
+
+E, K, H, I = 8, 2, 16, 24
+
+
+def test_plan_uses_the_graph_bucket_when_the_busiest_rank_fits_one():
+    assert plan_step(3, 2048, 512, (1, 2, 4, 8, 16)) == StepPlan(4, 1, bucket=True)
+    assert plan_step(16, 2048, 512, (1, 2, 4, 8, 16)) == StepPlan(16, 1, bucket=True)
+
+
+def test_plan_splits_a_step_over_the_capacity_and_overlaps_large_ones():
+    assert plan_step(17, 2048, 512, (1, 2, 4, 8, 16)) == StepPlan(17, 1)  # past the buckets: eager, one dispatch
+    assert plan_step(10, 4, 0) == StepPlan(4, 3)  # 10 tokens, capacity 4: three dispatches, none dropped
+    assert plan_step(600, 2048, 512) == StepPlan(300, 2)  # two micro-batches from 512 tokens on
+    assert plan_step(5000, 2048, 512) == StepPlan(1667, 3)
+    for tokens in range(1, 40):
+        plan = plan_step(tokens, 7, 5)
+        assert plan.capacity * plan.num_chunks >= tokens and plan.capacity <= 7
+
+
+def _moe(parallel):
+    from engine.layers.moe import FusedMoE
+
+    moe = FusedMoE(E, K, H, I, layer_id=0, parallel=parallel)
+    moe.dummy_fill(seed=3, std=0.3, prefix="moe")
+    return moe
+
+
+def _inputs(rank: int, tokens: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    hidden = torch.randn(tokens, H, generator=gen)
+    weights, ids = torch.randn(tokens, E, generator=gen).softmax(-1).topk(K, dim=-1)
+    return hidden, weights, ids.to(torch.int32)
+
+
+def _rank(rank: int, world: int, init: str, failures) -> None:
+    from engine.config import ParallelConfig
+    from engine.ep.runtime import ExpertParallel
+
+    try:
+        torch.manual_seed(0)
+        reference = _moe(ParallelConfig())
+        par = ParallelConfig(ep_size=world, ep_rank=rank, num_redundant_experts=world, dist_init_method=init,
+                             ep_backend="fixed")
+        moe = _moe(par)
+        ep = ExpertParallel(par, torch.nn.ModuleList([moe]), torch.device("cpu"), H)
+
+        def check(what, hidden, weights, ids, real):
+            got = moe(hidden, weights, ids)
+            want = reference(hidden[:real], weights[:real], ids[:real])
+            torch.testing.assert_close(got[:real], want, atol=1e-5, rtol=1e-5, msg=what)
+            return got
+
+        # A graph bucket of 8 rows: rank 0 has 5 real rows, the others none (idle ranks replay it too).
+        ep.capture_plan(8)
+        real = 5 if rank == 0 else 0
+        hidden, weights, ids = _inputs(rank, 8)
+        hidden[real:] = 1e4  # padding rows hold whatever the static buffers held: never routed, never counted
+        ep.prepare_replay(real)
+        check("padded bucket", hidden, weights, ids, real)
+        assert int(ep.recorder.step_load.sum()) == real * K
+        ep.step_end()
+
+        # Uneven eager steps: 13 tokens on rank 0, 6 on rank 1, ...; capacity 4 -> 4 dispatches,
+        # and a 2-micro-batch overlapped step.
+        tokens = [13, 6, 0, 9][rank]
+        hidden, weights, ids = _inputs(rank, tokens)
+        for plan in (plan_step(13, 4, 0), plan_step(13, 2048, 8), plan_step(13, 2048, 0)):
+            ep.plan = plan
+            check(f"plan {plan}", hidden, weights, ids, tokens)
+            ep.step_end()
+        ep.close()
+    except BaseException as exc:  # reported to the parent; a failing rank must not hang the others
+        failures.put(f"rank {rank}: {exc!r}")
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_fixed_capacity_layer_matches_one_rank(world):
+    from engine.ports import free_port
+
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_rank, args=(r, world, init, failures)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors and not alive, errors or "a rank hung"
+    assert all(p.exitcode == 0 for p in procs)
