@@ -12,7 +12,7 @@ import time
 def compare(model: str, dtype: str, ep: int, num_prompts: int, max_tokens: int, load: str = "dummy",
             extra: dict | None = None, ep_extra: dict | None = None) -> dict:
     from engine.engine_client import EngineClient
-    from engine.llm import build_engine_config
+    from engine.engine_args import build_engine_config
     from engine.sampling_params import SamplingParams
 
     prompts = [[(7 * i + 13 * j) % 1000 + 10 for j in range(24 + (i % 5) * 9)] for i in range(num_prompts)]

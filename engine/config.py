@@ -1,5 +1,12 @@
 """Typed configuration of the engine: one dataclass per component, validated at construction.
 
+The engine settings (`EngineConfig` and its `CacheConfig` / `SchedulerConfig` / `ParallelConfig`)
+are declared once, here: each field's `setting(...)` metadata carries its help text, its
+command-line flag and its choices, from which engine/engine_args.py derives the CLI flags, the
+keyword form (`build_engine_config`) and the argv a launcher forwards; the Ray config and the Helm
+chart are checked against them. The settings are frozen: derive a changed copy with
+`dataclasses.replace`.
+
 `ModelConfig` is the single source of truth for a model's shape; everything else (KV page
 layout, memory budgets, roofline numbers) is derived from it. It wraps the HF `config.json`
 dict (kept as `hf` for architecture-specific fields) and normalises the handful of fields every
@@ -9,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,6 +34,26 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says which field and why."""
+
+
+def setting(default=MISSING, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
+            cli: bool = True, node_only: bool = False, cli_default=MISSING):
+    """An engine setting: a dataclass field with its CLI description. `flag` defaults to
+    `--field-name` (a bool defaulting to False is a switch that sets it); `cli=False`: set by code
+    (the launcher, the node's role), never a flag; `node_only`: a flag of the node commands only;
+    `cli_default`: the flag's default when it differs (None there means "unset: the field's")."""
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "node_only": node_only,
+            "cli_default": cli_default}
+    return field(default=default, metadata=meta)
+
+
+def check_choices(config) -> None:
+    """Every setting declared with `choices` holds one of them."""
+    for f in fields(config):
+        allowed = f.metadata.get("choices")
+        if allowed and getattr(config, f.name) not in allowed:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, allowed))}, "
+                              f"got {getattr(config, f.name)!r}")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -171,15 +198,17 @@ def resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
     return _DTYPES.get(name, torch.float32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing. Exactly one of `num_pages` / `memory_fraction` decides the pool size."""
 
-    page_size: int = 16
-    num_pages: int | None = None  # fixed pool size (CPU default: sized from `cpu_kv_bytes`)
-    gpu_memory_utilization: float = 0.90  # fraction of GPU memory the whole process may use
-    cpu_kv_bytes: int = 1 << 30  # KV budget on CPU when num_pages is not given
-    enable_prefix_cache: bool = True
+    page_size: int = setting(16, "tokens per KV page")
+    num_pages: int | None = setting(None, "KV pool size in pages (default: from memory; on CPU from "
+                                          "cpu_kv_bytes)")
+    gpu_memory_utilization: float = setting(
+        0.90, "fraction of GPU memory this process may use (weights + activations + KV)")
+    cpu_kv_bytes: int = setting(1 << 30, "KV budget on CPU when num_pages is not given", cli=False)
+    enable_prefix_cache: bool = setting(True, "disable the radix prefix cache", flag="--no-prefix-cache")
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -190,14 +219,15 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits: sequences per step and tokens per step (chunked prefill budget)."""
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_chunked_prefill: bool = True
-    max_waiting: int = 4096  # bounded admission queue: beyond this, requests are refused as overloaded
+    max_num_seqs: int = setting(256, "max sequences per step")
+    max_num_batched_tokens: int = setting(8192, "token budget per step (chunked prefill)")
+    enable_chunked_prefill: bool = setting(True, "split long prompts over steps", cli=False)
+    max_waiting: int = setting(4096, "bounded admission queue: beyond this, requests are refused as "
+                                     "overloaded", cli=False)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -206,7 +236,7 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """How a node's ranks split the model: attention data-parallel, MoE expert-parallel.
 
@@ -216,20 +246,27 @@ class ParallelConfig:
     last `eplb_window` steps.
     """
 
-    ep_size: int = 1
-    ep_rank: int = 0
-    tp_size: int = 1
-    num_redundant_experts: int = 0
-    eplb_interval: int = 0
-    eplb_window: int = 32
-    eplb_min_gain: float = 0.05  # apply a layer's new placement only if max/mean load drops this much
-    ep_backend: str = "auto"  # auto | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
-    dist_init_method: str | None = None  # torch.distributed rendezvous, set by whoever starts the ranks
+    ep_size: int = setting(1, "EP ranks of this node: one engine process per GPU (gloo processes on CPU); "
+                              "attention is data-parallel over them, MoE experts are split across them")
+    ep_rank: int = setting(0, "this engine process's global EP rank (set by whoever starts the ranks)", cli=False)
+    tp_size: int = setting(1, "tensor-parallel ranks (not implemented: 1)", cli=False)
+    num_redundant_experts: int = setting(0, "extra physical expert slots for EPLB to replicate hot experts into")
+    eplb_interval: int = setting(0, "rebalance experts every N engine steps (0: never)")
+    eplb_window: int = setting(32, "steps of expert load the rebalancer looks at")
+    eplb_min_gain: float = setting(0.05, "move a layer's experts only if its max/mean GPU load drops by this "
+                                         "fraction")
+    ep_backend: str = setting("auto", "token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep) or "
+                                      "torch.distributed; auto: DeepEP on CUDA when importable",
+                              choices=("auto", "torch", "deepep"))
+    dist_init_method: str | None = setting(None, "torch.distributed rendezvous (set by whoever starts the ranks)",
+                                           cli=False)
     # Multi-host EP group: `ep_nnodes` hosts each run ep_size / ep_nnodes ranks; this host's are
     # global ranks [ep_node_rank * local, ...), rendezvousing at `ep_master` (HOST:PORT).
-    ep_nnodes: int = 1
-    ep_node_rank: int = 0
-    ep_master: str | None = None
+    ep_nnodes: int = setting(1, "hosts one EP group spans (each runs --ep-size / N ranks and serves as its "
+                                "own node)")
+    ep_node_rank: int = setting(0, "this host's index in its EP group (0 = leader)")
+    ep_master: str | None = setting(None, "HOST:PORT where a multi-host EP group's ranks meet (the leader's "
+                                          "address)")
 
     @property
     def ep_local_size(self) -> int:
@@ -259,41 +296,41 @@ class ParallelConfig:
                               f"and ep_node_rank {self.ep_node_rank} must be below it")
         if self.ep_nnodes > 1 and not self.ep_master:
             raise ConfigError("an EP group over several hosts needs ep_master (HOST:PORT of its rendezvous)")
-        if self.ep_backend not in ("auto", "torch", "deepep"):
-            raise ConfigError(f"unknown EP backend {self.ep_backend!r} (auto | torch | deepep)")
+        check_choices(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine process needs, built once from the CLI or the `LLM(...)` call."""
 
-    model: str  # preset name or checkpoint directory
-    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda if available, else cpu
-    load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: seeded random weights
-    seed: int = 0
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: never capture CUDA graphs
-    overlap_schedule: bool = True  # schedule and launch step N+1 while the device runs step N
-    cuda_graph_max_batch: int = 256
-    tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
-    kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL
-    kv_transfer_timeout_s: float = 30.0  # bound on every KV transfer wait
-    kv_connector: str = "kvtransfer.nixl_connector:NixlConnector"  # KVConnector implementation (module:Class)
+    model: str = setting(help="preset name (see `pdserve presets`) or HF checkpoint directory")
+    dtype: str = setting("auto", "auto: the checkpoint's dtype on CUDA, float32 on CPU",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda if available, else cpu)")
+    load_format: str = setting("auto", "auto: the checkpoint's safetensors; dummy: seeded random weights "
+                                       "(any preset)", choices=("auto", "dummy"))
+    seed: int = setting(0, "sampling seed (also seeds dummy weights)", cli_default=None)
+    max_model_len: int | None = setting(None, "context limit (default: the model's max_position_embeddings)")
+    attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
+    enforce_eager: bool = setting(False, "never capture CUDA graphs")
+    overlap_schedule: bool = setting(True, "wait for each step's tokens before scheduling the next (no CPU/GPU "
+                                           "overlap)", flag="--no-overlap-schedule")
+    cuda_graph_max_batch: int = setting(256, "largest decode batch captured as a CUDA graph", cli=False)
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's, else DeepSeek's)")
+    kv_role: str | None = setting(None, "None (standalone) | prefill | decode: KV transfer over the connector "
+                                        "(set by the node's role)", cli=False, choices=(None, "prefill", "decode"))
+    kv_transfer_timeout_s: float = setting(30.0, "seconds any KV transfer may take", flag="--kv-transfer-timeout",
+                                           node_only=True)
+    kv_connector: str = setting("kvtransfer.nixl_connector:NixlConnector", "KVConnector implementation "
+                                "(module:Class)", cli=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
-        if self.load_format not in ("auto", "dummy"):
-            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        check_choices(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)
-        if self.kv_role not in (None, "prefill", "decode"):
-            raise ConfigError(f"kv_role must be prefill, decode or unset, got {self.kv_role!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

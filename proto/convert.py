@@ -65,3 +65,14 @@ def logprobs_to_proto(entries: list) -> list:
 def logprobs_from_proto(msgs) -> list[dict]:
     return [{"token_id": m.token_id, "logprob": m.logprob, "rank": m.rank,
              "top_logprobs": dict(m.top_logprobs)} for m in msgs]
+
+
+def output_from_proto(msg, num_cached_tokens: int = 0):
+    """A node's token delta (`GenerateResponse`, or the first token's `PrefillResponse`) → engine
+    RequestOutput (token-level fields only; the router's front fills the text)."""
+    from engine.outputs import RequestOutput
+
+    return RequestOutput(msg.request_id, list(msg.token_ids), logprobs_from_proto(msg.logprobs),
+                         finished=msg.finished, finish_reason=msg.finish_reason or None,
+                         stop_reason=msg.stop_reason or None, error=msg.error or None,
+                         num_cached_tokens=num_cached_tokens)

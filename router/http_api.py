@@ -136,8 +136,7 @@ class HttpApi:
             token_ids += d.token_ids
             if d.finished:
                 reason, error = d.finish_reason, d.error
-                usage = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-                         "total_tokens": d.prompt_tokens + d.completion_tokens}
+                usage = d.usage()
         if reason == "error":
             status = 503 if error and error.startswith("overloaded") else 500
             return _error(status, error or "request failed", "server_error")
@@ -173,8 +172,7 @@ class HttpApi:
                 chunk = {"id": rid, "object": obj, "created": created, "model": self.router.model_name,
                          "choices": [choice]}
                 if d.finished and include_usage:
-                    chunk["usage"] = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-                                      "total_tokens": d.prompt_tokens + d.completion_tokens}
+                    chunk["usage"] = d.usage()
                 await resp.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, ConnectionError):
