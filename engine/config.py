@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -29,7 +30,9 @@ SUPPORTED_ARCHITECTURES = (
     "DeepseekV3ForCausalLM",
 )
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch is imported where a dtype or device is made, not here: the CLI and the router read the
+# settings without paying for torch.
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -57,11 +60,13 @@ def check_choices(config) -> None:
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ class KVCacheSpec:
     def page_bytes(self) -> int:
         """Bytes of one page of one layer."""
         c, p, h, d = self.page_shape
-        return c * p * h * d * torch.tensor([], dtype=self.dtype).element_size()
+        return c * p * h * d * self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
@@ -118,7 +123,7 @@ class ModelConfig:
 
     hf: dict[str, Any]
     path: str | None = None  # checkpoint directory, or None for a preset
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # None: float32
 
     architecture: str = field(init=False)
     model_type: str = field(init=False)
@@ -134,6 +139,8 @@ class ModelConfig:
     is_moe: bool = field(init=False)
 
     def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = parse_dtype("float32")
         archs = self.hf.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry")
@@ -195,7 +202,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
     if dtype != "auto":
         return parse_dtype(dtype)
     name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    return _DTYPES.get(name, torch.float32)
+    return parse_dtype(name if name in _DTYPES else "float32")
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,8 @@ class CacheConfig:
     gpu_memory_utilization: float = setting(
         0.90, "fraction of GPU memory this process may use (weights + activations + KV)")
     cpu_kv_bytes: int = setting(1 << 30, "KV budget on CPU when num_pages is not given", cli=False)
-    enable_prefix_cache: bool = setting(True, "disable the radix prefix cache", flag="--no-prefix-cache")
+    enable_prefix_cache: bool = setting(True, "the radix prefix cache (--no-prefix-cache: off)",
+                                        flag="--no-prefix-cache")
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -305,7 +313,7 @@ class EngineConfig:
 
     model: str = setting(help="preset name (see `pdserve presets`) or HF checkpoint directory")
     dtype: str = setting("auto", "auto: the checkpoint's dtype on CUDA, float32 on CPU",
-                         choices=("auto", "float32", "bfloat16", "float16"))
+                         choices=("auto", *_DTYPES))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda if available, else cpu)")
     load_format: str = setting("auto", "auto: the checkpoint's safetensors; dummy: seeded random weights "
                                        "(any preset)", choices=("auto", "dummy"))
@@ -313,8 +321,9 @@ class EngineConfig:
     max_model_len: int | None = setting(None, "context limit (default: the model's max_position_embeddings)")
     attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
     enforce_eager: bool = setting(False, "never capture CUDA graphs")
-    overlap_schedule: bool = setting(True, "wait for each step's tokens before scheduling the next (no CPU/GPU "
-                                           "overlap)", flag="--no-overlap-schedule")
+    overlap_schedule: bool = setting(True, "schedule and launch step N+1 while the device runs step N "
+                                           "(--no-overlap-schedule: wait for each step's tokens first)",
+                                     flag="--no-overlap-schedule")
     cuda_graph_max_batch: int = setting(256, "largest decode batch captured as a CUDA graph", cli=False)
     tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's, else DeepSeek's)")
     kv_role: str | None = setting(None, "None (standalone) | prefill | decode: KV transfer over the connector "
@@ -335,6 +344,8 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -346,5 +357,5 @@ class EngineConfig:
         if self.dtype != "auto":
             return parse_dtype(self.dtype)
         if self.resolved_device().type == "cpu":
-            return torch.float32
+            return parse_dtype("float32")
         return resolve_dtype("auto", model_hf)

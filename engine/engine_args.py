@@ -115,7 +115,7 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None =
         if s.name == "model":
             kw.update(required=default_model is None, default=default_model)
         else:
-            kw.update(type=s.type, default=s.flag_default())
+            kw.update(type=s.type, default=s.flag_default(), metavar=s.flag[2:].upper().replace("-", "_"))
         if s.meta.get("choices"):
             kw["choices"] = list(s.meta["choices"])
         g.add_argument(s.flag, **kw)
