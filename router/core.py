@@ -135,7 +135,6 @@ class Router:
                 delta = await queue.get()
                 timing.on_delta(delta, time.monotonic())
                 if delta.finished:
-                    self._count(delta)
                     self._observe(timing, delta, len(ids))
                 yield delta
                 if delta.finished:
@@ -176,18 +175,24 @@ class Router:
         self.stats[{"error": "errors", "abort": "aborted"}.get(final.finish_reason, "finished")] += 1
         return final
 
+    def _put(self, out: asyncio.Queue, deltas: list[RequestOutput]) -> bool:
+        """Queue deltas for the client, counting the terminal one; True once the request ended."""
+        for d in deltas:
+            out.put_nowait(self._count(d) if d.finished else d)
+        return bool(deltas) and deltas[-1].finished
+
     async def _run(self, state: RequestState, out: asyncio.Queue) -> None:
         calls: list = []  # this request's open node streams; cancelling them aborts it on those nodes
         try:
             await self._path(state, out, calls)
         except asyncio.CancelledError:
-            out.put_nowait(state.terminal("abort"))
+            self._put(out, [state.terminal("abort")])
             raise
         except NoNodeAvailable as e:
-            out.put_nowait(state.terminal("error", error=f"overloaded: {e}"))
+            self._put(out, [state.terminal("error", error=f"overloaded: {e}")])
         except Exception as e:  # noqa: BLE001 — every request ends with one terminal status
             log.exception("request %s failed", state.request_id)
-            out.put_nowait(state.terminal("error", error=f"{type(e).__name__}: {e}"))
+            self._put(out, [state.terminal("error", error=f"{type(e).__name__}: {e}")])
         finally:
             for call in calls:
                 call.cancel()
@@ -257,28 +262,20 @@ class Router:
                 log.warning("prefill of %s failed on %s (%s); retrying on another node", node_rid,
                             list(tried)[-1].address, e.code().name)
         if first.error or first.finish_reason == "error":
-            out.put_nowait(state.terminal("error", error=first.error or "prefill failed"))
+            self._put(out, [state.terminal("error", error=first.error or "prefill failed")])
             return
         self.stats["kv_bytes"] += first.kv_bytes
         cached = first.num_cached_tokens
-        if self._relay(state, convert.output_from_proto(first, cached), out):
+        if self._put(out, state.relay(convert.output_from_proto(first, cached))):
             return
         await self._stream(state, decode, call, out, cached, unwrap=True)
-
-    @staticmethod
-    def _relay(state: RequestState, node_delta: RequestOutput, out: asyncio.Queue) -> bool:
-        """Queue a node's delta as the client sees it (text, stop strings, usage); True once it ended."""
-        deltas = state.relay(node_delta)
-        for d in deltas:
-            out.put_nowait(d)
-        return bool(deltas) and deltas[-1].finished
 
     async def _stream(self, state: RequestState, node: NodeHandle, call, out, cached: int, unwrap: bool):
         """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client."""
         node.in_flight += 1
         try:
             while (msg := await call.read()) is not grpc.aio.EOF:  # read(), as `_open_decode` began with it
-                if self._relay(state, convert.output_from_proto(msg.delta if unwrap else msg, cached), out):
+                if self._put(out, state.relay(convert.output_from_proto(msg.delta if unwrap else msg, cached))):
                     return  # ended; a stop string's end cancels the stream (in _run), which stops the node
             raise RuntimeError(f"node {node.address} ended the stream without a final status")
         except grpc.aio.AioRpcError as e:
