@@ -160,8 +160,11 @@ def run(args) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.quantization and model is None:
+        model = load_model(mc, device, "dummy", quantization=args.quantization)
     config: EngineConfig = build_engine_config(
         args.model, dtype=str(mc.dtype).removeprefix("torch."), device=str(device), load_format="dummy",
+        quantization=args.quantization,
         max_model_len=args.max_model_len, enable_prefix_cache=False, max_num_seqs=max(args.batch),
         max_num_batched_tokens=max(args.prefill_len, max(args.batch)), gpu_memory_utilization=args.gpu_mem,
         num_pages=args.num_pages, cuda_graph_max_batch=max(args.batch), overlap_schedule=not args.no_overlap)
@@ -177,7 +180,8 @@ def run(args) -> dict:
         torch.cuda.empty_cache() if device.type == "cuda" else None
         engine_process = measure_engine_process(config, args.prompt_len, args.decode_steps)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "model": args.model, "dtype": str(mc.dtype),
+              "command": " ".join(sys.argv), "model": args.model,
+              "dtype": str(mc.dtype) + (f" + {args.quantization} weights" if args.quantization else ""),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "attention_backend": backend_name,
               "moe_backend": moe_backend, "probe": probe,
@@ -186,7 +190,8 @@ def run(args) -> dict:
     if probe:
         hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
         for d in decode:
-            f = roofline.floors(mc, hbm, flops, d["batch"], d["context"], args.prefill_len)
+            f = roofline.floors(mc, hbm, flops, d["batch"], d["context"], args.prefill_len,
+                                fp8_weights=bool(args.quantization))
             d["floor_ms_per_step"] = f["decode_step_floor_s"] * 1e3
             d["ceiling_tok_s"] = f["decode_tok_s_ceiling"]
             d["bytes_per_step"] = f["decode_bytes"]
@@ -256,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="block-scaled FP8 dummy weights")
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--hf-decode-steps", type=int, default=16)

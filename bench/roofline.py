@@ -81,11 +81,19 @@ def experts_touched(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
 
 
-def decode_step_bytes(mc: ModelConfig, batch: int, context: int, dtype_bytes: int = 2) -> dict:
+def decode_step_bytes(mc: ModelConfig, batch: int, context: int, dtype_bytes: int = 2,
+                      fp8_weights: bool = False) -> dict:
+    """`fp8_weights`: projections and experts at 1 byte a parameter, the LM head still `dtype_bytes`
+    (block scales, norms and routers are under 0.1 % of the bytes and left out)."""
     pc = param_counts(mc)
     weights = (pc.dense + pc.per_expert * pc.moe_layers * experts_touched(pc.num_experts, pc.top_k, batch))
+    if fp8_weights:
+        head = mc.vocab_size * mc.hidden_size
+        weight_bytes = (weights - head) * 1 + head * dtype_bytes
+    else:
+        weight_bytes = weights * dtype_bytes
     kv = batch * context * _kv_bytes_per_token(mc, dtype_bytes)
-    return {"weight_bytes": weights * dtype_bytes, "kv_bytes": kv, "total_bytes": weights * dtype_bytes + kv}
+    return {"weight_bytes": weight_bytes, "kv_bytes": kv, "total_bytes": weight_bytes + kv}
 
 
 def _kv_bytes_per_token(mc: ModelConfig, dtype_bytes: int) -> int:
@@ -110,8 +118,8 @@ def prefill_flops(mc: ModelConfig, tokens: int) -> float:
 
 
 def floors(mc: ModelConfig, hbm_bytes_per_s: float, matmul_flops_per_s: float, batch: int, context: int,
-           prefill_tokens: int, dtype_bytes: int = 2) -> dict:
-    step = decode_step_bytes(mc, batch, context, dtype_bytes)
+           prefill_tokens: int, dtype_bytes: int = 2, fp8_weights: bool = False) -> dict:
+    step = decode_step_bytes(mc, batch, context, dtype_bytes, fp8_weights)
     step_s = step["total_bytes"] / hbm_bytes_per_s
     pf = prefill_flops(mc, prefill_tokens)
     return {"decode_step_floor_s": step_s, "decode_tok_s_ceiling": batch / step_s,

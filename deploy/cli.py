@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 
-from deploy.node_args import add_node_args
+from deploy.node_args import add_node_args, add_tls_args
 from engine.engine_args import add_engine_args, build_engine_config, engine_argv, engine_kwargs
 
 
@@ -127,6 +128,21 @@ def _print_presets() -> int:
     return 0
 
 
+def _tls(args):
+    from node.grpc_server import TLSFiles
+
+    return TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _add_front_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the router's public API (also taken by `up`, which forwards them)."""
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file (default: the tokenizer's own, else DeepSeek-V3's format)")
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (gRPC: metadata authorization) on every public route "
+                        "but /health and /metrics (default: env PDSERVE_API_KEY; unset: no key)")
+
+
 def _node_parser(sub, role: str) -> None:
     p = sub.add_parser(role, help=f"run one {role} node (gRPC) over an engine process")
     add_node_args(p)
@@ -138,7 +154,8 @@ def _run_node(role: str, args) -> int:
 
     config = build_engine_config(args.model, **engine_kwargs(args))
     options = NodeOptions(metrics_port=args.metrics_port, redis_url=args.redis_url, node_name=args.node_name,
-                          advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo)
+                          advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo,
+                          tls=_tls(args))
     if role == "prefill":
         from prefill_node.server import main as run
     else:
@@ -165,6 +182,8 @@ def _router_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load",
                    help="how the prefill node is chosen (decode nodes: least load)")
+    _add_front_args(p)
+    add_tls_args(p)
     p.set_defaults(func=_run_router)
 
 
@@ -182,7 +201,8 @@ def _run_router(args) -> int:
         return 2
     tokenizer = args.tokenizer or (args.model if os.path.isdir(args.model) else None)
     run(args.prefill, args.decode, tokenizer, args.model, args.host, args.grpc_port, args.http_port, args.policy,
-        redis_url=args.redis_url, slo=args.slo, name=args.node_name, collocated=args.collocated)
+        redis_url=args.redis_url, slo=args.slo, name=args.node_name, collocated=args.collocated,
+        chat_template_file=args.chat_template, api_key=args.api_key, tls=_tls(args))
     return 0
 
 
@@ -202,6 +222,8 @@ def _up_parser(sub) -> None:
     p.add_argument("--prometheus-targets", default=None,
                    help="write the processes' /metrics endpoints here (Prometheus file_sd JSON; "
                         "see deploy/prometheus/prometheus.yml)")
+    _add_front_args(p)
+    add_tls_args(p)
     p.set_defaults(func=_run_up)
 
 
@@ -209,9 +231,16 @@ def _run_up(args) -> int:
     from deploy.launcher import up
 
     node_argv = ["--slo", args.slo] if args.slo else []
+    tls = _tls(args)
+    if tls:
+        node_argv += tls.argv()
+    router_argv = tls.argv() if tls else []
+    if args.chat_template:
+        router_argv += ["--chat-template", args.chat_template]
+    env = {"PDSERVE_API_KEY": args.api_key} if args.api_key else None  # not on command lines (ps shows them)
     return up(engine_argv(args) + node_argv, args.model, args.num_prefill, args.num_decode, args.host,
               args.grpc_port, args.http_port, args.policy, redis_url=args.redis_url, slo=args.slo,
-              prometheus_targets=args.prometheus_targets)
+              prometheus_targets=args.prometheus_targets, router_argv=router_argv, router_env=env)
 
 
 def _ray_parser(sub) -> None:

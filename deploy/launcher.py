@@ -54,11 +54,12 @@ def assign_gpus(num_nodes: int, per_node: int, gpus: list[str]) -> list[str | No
 
 
 class Component:
-    def __init__(self, name: str, argv: list[str], ready_text: str, gpus: str | None = None):
+    def __init__(self, name: str, argv: list[str], ready_text: str, gpus: str | None = None,
+                 env: dict | None = None):
         self.name = name
         self.ready_text = ready_text
         self.ready = threading.Event()
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus) if gpus is not None else None
+        env = dict(os.environ, **(env or {}), **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True, bufsize=1,
                                      env=env)
@@ -90,7 +91,8 @@ class Component:
 
 def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, host: str, grpc_port: int,
        http_port: int, policy: str, startup_timeout_s: float = 900.0, redis_url: str | None = None,
-       slo: str | None = None, prometheus_targets: str | None = None) -> int:
+       slo: str | None = None, prometheus_targets: str | None = None, router_argv: list[str] = (),
+       router_env: dict | None = None) -> int:
     comps: list[Component] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -112,10 +114,11 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
                     argv += ["--redis-url", redis_url]
                 gpus = next(gpu_sets)
                 comps.append(Component(name, argv, f"{role} node ready", gpus))
-                if gpus is not None:
-                    print(f"pdserve up: {name} on GPU(s) {gpus}", file=sys.stderr, flush=True)
+                where = f"GPU(s) {gpus}" if gpus is not None else _flag(engine_argv, "--device", "auto")
+                print(f"pdserve up: {name} loading {model} ({_flag(engine_argv, '--load-format', 'auto')} weights, "
+                      f"{_flag(engine_argv, '--dtype', 'auto')}, {where}, EP {ep_size})", file=sys.stderr, flush=True)
                 targets.append({"targets": [f"{host}:{metrics_port}"], "labels": {"role": role, "node": name}})
-        router_argv = ["router", "--model", model, "--host", host, "--grpc-port", str(grpc_port),
+        router_argv = ["router", *router_argv, "--model", model, "--host", host, "--grpc-port", str(grpc_port),
                        "--http-port", str(http_port), "--policy", policy, "--node-name", "router"]
         if redis_url:
             router_argv += ["--redis-url", redis_url]
@@ -130,18 +133,21 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
             router_argv += ["--slo", slo]
         if _flag(engine_argv, "--tokenizer"):  # node-only flags (e.g. --kv-transfer-timeout) stay with the nodes
             router_argv += ["--tokenizer", _flag(engine_argv, "--tokenizer")]
-        comps.append(Component("router", router_argv, "router ready"))
+        comps.append(Component("router", router_argv, "router ready", env=router_env))
         targets.append({"targets": [f"{host}:{http_port}"], "labels": {"role": "router", "node": "router"}})
         if prometheus_targets:
             write_targets(prometheus_targets, targets)
-        deadline = time.monotonic() + startup_timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + startup_timeout_s
         for c in comps:
             while not c.ready.wait(0.5):
                 if c.proc.poll() is not None or stop.is_set() or time.monotonic() > deadline:
                     print(f"pdserve up: {c.name} failed to start (exit code {c.proc.poll()})", file=sys.stderr)
                     return 1
+            print(f"pdserve up: {c.name} ready after {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         pids = " ".join(f"{c.name}={c.proc.pid}" for c in comps)
-        print(f"pdserve up: gRPC Generate on {host}:{grpc_port}, OpenAI HTTP on http://{host}:{http_port}/v1 "
+        scheme = "https" if "--tls-cert" in router_argv else "http"
+        print(f"pdserve up: gRPC Generate on {host}:{grpc_port}, OpenAI HTTP on {scheme}://{host}:{http_port}/v1 "
               f"({num_prefill} prefill, {num_decode} decode; model {model}) pids {pids}", flush=True)
         reported: set[str] = set()
         while not stop.wait(0.5):

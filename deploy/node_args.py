@@ -36,3 +36,13 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--heartbeat-ttl", type=float, default=3.0,
                    help="seconds a Redis registration lives without a heartbeat (heartbeats every TTL/3)")
     o.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
+    add_tls_args(p)
+
+
+def add_tls_args(p: argparse.ArgumentParser) -> None:
+    """TLS flags of the node commands (also taken by the router and `up`, which forwards them)."""
+    t = p.add_argument_group("TLS")
+    t.add_argument("--tls-cert", default=None, help="this process's certificate (PEM): TLS on its gRPC/HTTP endpoints")
+    t.add_argument("--tls-key", default=None, help="the private key of --tls-cert (PEM)")
+    t.add_argument("--tls-ca", default=None, help="the cluster CA (PEM): nodes accept only clients with a certificate "
+                                                  "it signed, and the router verifies nodes against it (mutual TLS)")

@@ -40,13 +40,15 @@ class ConfigError(ValueError):
 
 
 def setting(default=MISSING, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
-            cli: bool = True, node_only: bool = False, cli_default=MISSING):
+            cli: bool = True, node_only: bool = False, cli_default=MISSING, switch=MISSING):
     """An engine setting: a dataclass field with its CLI description. `flag` defaults to
     `--field-name` (a bool defaulting to False is a switch that sets it); `cli=False`: set by code
     (the launcher, the node's role), never a flag; `node_only`: a flag of the node commands only;
-    `cli_default`: the flag's default when it differs (None there means "unset: the field's")."""
+    `cli_default`: the flag's default when it differs (None there means "unset: the field's");
+    `switch`: the value a bool's flag sets when it is not the negation of the default (a
+    `bool | None` whose None means "decide at run time"). A choice of None is the unset flag."""
     meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "node_only": node_only,
-            "cli_default": cli_default}
+            "cli_default": cli_default, "switch": switch}
     return field(default=default, metadata=meta)
 
 
@@ -57,6 +59,21 @@ def check_choices(config) -> None:
         if allowed and getattr(config, f.name) not in allowed:
             raise ConfigError(f"{f.name} must be one of {', '.join(map(str, allowed))}, "
                               f"got {getattr(config, f.name)!r}")
+
+
+_KV_CACHE_DTYPES = ("fp8_e4m3",)  # torch.float8_e4m3fn
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`--kv-cache-dtype`: auto (the model's dtype) or fp8_e4m3 (values cast with scale 1, saturating
+    at +-448, as vLLM does for checkpoints without KV scales)."""
+    if name == "auto":
+        return model_dtype
+    if name not in _KV_CACHE_DTYPES:
+        raise ConfigError(f"unknown kv_cache_dtype {name!r}; expected auto or {', '.join(_KV_CACHE_DTYPES)}")
+    import torch
+
+    return torch.float8_e4m3fn
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -317,6 +334,11 @@ class EngineConfig:
     device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda if available, else cpu)")
     load_format: str = setting("auto", "auto: the checkpoint's safetensors; dummy: seeded random weights "
                                        "(any preset)", choices=("auto", "dummy"))
+    quantization: str | None = setting(None, "fp8: quantize a full-precision checkpoint (or dummy weights) to "
+                                             "block-scaled FP8 at load; FP8 checkpoints load as FP8 without it",
+                                       choices=(None, "fp8"))
+    kv_cache_dtype: str = setting("auto", "auto: the model's dtype; fp8_e4m3 halves KV memory (a P/D pair must "
+                                          "agree)", choices=("auto", *_KV_CACHE_DTYPES))
     seed: int = setting(0, "sampling seed (also seeds dummy weights)", cli_default=None)
     max_model_len: int | None = setting(None, "context limit (default: the model's max_position_embeddings)")
     attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
@@ -332,6 +354,8 @@ class EngineConfig:
                                            node_only=True)
     kv_connector: str = setting("kvtransfer.nixl_connector:NixlConnector", "KVConnector implementation "
                                 "(module:Class)", cli=False)
+    load_progress: bool | None = setting(None, "no weight-loading progress bar (it shows only when stderr is a "
+                                               "terminal)", flag="--no-progress", switch=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from engine.attention.metadata import AttentionMetadata, page_table_tensor
 from engine.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,9 @@ class DecodeGraphs:
         b = len(chunks)
         bs = next(s for s in self.sizes if s >= b)
         ps = self.runner.page_size
-        slots = []
-        width = max(len(c.request.page_ids) for c in chunks)
-        table = torch.zeros((b, width), dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            p = c.start
-            pages = c.request.page_ids
-            slots.append(pages[p // ps] * ps + p % ps)
-            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        slots = [c.request.page_ids[c.start // ps] * ps + c.start % ps for c in chunks]
+        table = page_table_tensor([c.request.page_ids for c in chunks])
+        width = table.shape[1]
         self.input_ids[:b].copy_(torch.tensor(inputs.ids), non_blocking=True)
         patch_pending(self.input_ids[:b])
         self.positions[:b].copy_(torch.tensor(inputs.positions), non_blocking=True)

@@ -48,6 +48,11 @@ class Setting:
             return None
         return self.meta.get("flag") or "--" + self.name.replace("_", "-")
 
+    def switch_value(self) -> bool:
+        """What a bool setting's flag sets: the negation of its default unless declared."""
+        v = self.meta.get("switch", MISSING)
+        return (not self.default) if v is MISSING else v
+
     def flag_default(self):
         d = self.meta.get("cli_default", MISSING)
         return self.default if d is MISSING else d
@@ -110,14 +115,14 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None =
         g = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         kw: dict = {"dest": s.name, "help": s.meta.get("help") or None}
         if s.type is bool:
-            g.add_argument(s.flag, action="store_false" if s.default else "store_true", **kw)
+            g.add_argument(s.flag, action="store_const", const=s.switch_value(), default=s.default, **kw)
             continue
         if s.name == "model":
             kw.update(required=default_model is None, default=default_model)
         else:
             kw.update(type=s.type, default=s.flag_default(), metavar=s.flag[2:].upper().replace("-", "_"))
         if s.meta.get("choices"):
-            kw["choices"] = list(s.meta["choices"])
+            kw["choices"] = [c for c in s.meta["choices"] if c is not None]
         g.add_argument(s.flag, **kw)
 
 

@@ -115,6 +115,7 @@ class EngineCore:
         return True
 
     def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> RequestOutput:
+        self.runner.prompt_logprobs.discard(req.request_id)
         return RequestOutput(req.request_id, [], finished=True, finish_reason=status.value,
                             stop_reason=req.stop_reason, error=error,
                             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
@@ -231,7 +232,8 @@ class EngineCore:
                 queued = req.first_scheduled_time - req.arrival_time
             out = RequestOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
                                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
-                               queue_seconds=queued)
+                               queue_seconds=queued,
+                               prompt_logprobs=self.runner.prompt_logprobs.pop(rid) if queued is not None else None)
             if req.status is RequestStatus.SENDING_KV:  # its end comes when the push has ended
                 self.connector.start_send(req)
             elif rid in finished:

@@ -20,10 +20,11 @@ import torch
 
 from engine.attention.backend import select_backend
 from engine.attention.metadata import AttentionMetadata
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, kv_cache_dtype
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
+from engine.prompt_logprobs import PromptLogprobs
 from engine.request import PENDING_TOKEN
 from engine.sampler import Sampled, Sampler
 from engine.weight_loader import load_model
@@ -78,7 +79,8 @@ class ModelRunner:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.model = model if model is not None else load_model(
-            model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel)
+            model_config, self.device, config.load_format, seed=config.seed, parallel=config.parallel,
+            quantization=config.quantization, progress=config.load_progress)
         self.ep = None
         if config.parallel.ep_size > 1:
             from engine.ep.runtime import ExpertParallel
@@ -87,12 +89,13 @@ class ModelRunner:
                                      max_tokens_per_rank=config.scheduler.max_num_seqs)
         self.backend = select_backend(self.device, config.attention_backend)
         self.page_size = config.cache.page_size
-        self.kv_spec = model_config.kv_spec(self.page_size)
+        self.kv_spec = model_config.kv_spec(self.page_size, kv_cache_dtype(config.kv_cache_dtype, model_config.dtype))
         self.max_model_len = config.max_model_len or model_config.max_model_len
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)
         self.sampler = Sampler()
+        self.prompt_logprobs = PromptLogprobs()  # filled during prefill for requests that ask
         self.graphs: DecodeGraphs | None = None
         graphs_ok = self.ep is None or self.ep.all_to_all.graph_safe  # the torch all-to-all reads counts on the host
         if self.device.type == "cuda" and not config.enforce_eager and graphs_ok:
@@ -209,6 +212,7 @@ class ModelRunner:
         pos = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
         batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load, layer_hook)
         hidden = self.model(ids, pos, batch)
+        self.prompt_logprobs.collect(self.model, hidden, chunks)
         if not inputs.logits_rows:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)

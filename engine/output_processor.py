@@ -26,6 +26,7 @@ class RequestState:
         self.token_ids: list[int] = []
         self.text = ""
         self.logprobs: list = []
+        self.prompt_logprobs: list | None = None  # per prompt token (None first), when asked
         self.finished = False
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
@@ -36,6 +37,7 @@ class RequestState:
 
     def _append(self, out: RequestOutput) -> str:
         """Record a delta's ids; returns the text that became final with them (cut at a stop string)."""
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
         if not out.token_ids:
             return ""
         if self.first_token_time is None:
@@ -67,6 +69,7 @@ class RequestState:
         delta = self._output(list(out.token_ids), list(out.logprobs), text, finished, reason, stop_reason,
                              out.error, out.num_cached_tokens)
         delta.kv_transfer, delta.queue_seconds = out.kv_transfer, out.queue_seconds
+        delta.prompt_logprobs = out.prompt_logprobs
         return delta, stopped
 
     def relay(self, out: RequestOutput) -> list[RequestOutput]:
@@ -76,7 +79,7 @@ class RequestState:
         deltas = []
         if out.token_ids:
             deltas.append(RequestOutput(self.request_id, list(out.token_ids), list(out.logprobs),
-                                        text=self._append(out)))
+                                        prompt_logprobs=out.prompt_logprobs, text=self._append(out)))
         if self.stopped_by_string:
             deltas.append(self.terminal("stop", self.detok.stop_reason, cached=out.num_cached_tokens))
         elif out.finished:
@@ -103,5 +106,5 @@ class RequestState:
         """The accumulated result, given the request's last delta."""
         out = self._output(list(self.token_ids), list(self.logprobs), self.text, True, last.finish_reason,
                            last.stop_reason, last.error, last.num_cached_tokens)
-        out.finish_time = last.finish_time
+        out.finish_time, out.prompt_logprobs = last.finish_time, self.prompt_logprobs
         return out

@@ -25,6 +25,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     kv_transfer: dict | None = None  # prefill role: the KV sent for this request (bytes, seconds)
     queue_seconds: float | None = None  # on the first token's delta: arrival -> first scheduled step
+    prompt_logprobs: list | None = None  # per prompt token (None first), on the first delta when asked
     # Filled by the front.
     text: str = ""
     num_output_tokens: int = 0  # tokens generated so far (the usage's completion tokens)

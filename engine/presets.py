@@ -3,7 +3,8 @@ same architectures for CPU runs and tests.
 
 Presets carry no weights: run them with `--load-format dummy` (seeded random weights) or point
 `--model` at a checkpoint directory. Real configs are copied field for field from the published
-checkpoints (DeepSeek-V3 is listed in bf16; its fp8 quantization block is left out).
+checkpoints. DeepSeek-V3 is listed twice: `deepseek-v3` in bf16, and `deepseek-v3-fp8` as it ships,
+with its `quantization_config` (e4m3 weights in 128x128 blocks: dummy weights are drawn in FP8).
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ _LLAMA_3_8B = {
     "eos_token_id": 128001, "torch_dtype": "bfloat16", "initializer_range": 0.02,
 }
 
+_FP8_BLOCKS = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
 # Tiny presets use the DeepSeek tokenizer's vocabulary (the default tokenizer) so text prompts work.
 _TINY_VOCAB = 129280
 _TINY_COMMON = {"vocab_size": _TINY_VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -92,6 +95,7 @@ def _tiny(base: dict[str, Any], **fields) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v3-fp8": dict(copy.deepcopy(_DEEPSEEK_V3), quantization_config=_FP8_BLOCKS),
     "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
     "qwen3-30b-a3b": _QWEN3_30B_A3B,
     "qwen3-8b": _QWEN3_8B,
@@ -115,6 +119,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 512,
                                             "type": "yarn"}),
 }
+# The block format at tiny widths: 32x32 blocks divide every merged projection (gate/up 128, experts 32).
+PRESETS["tiny-deepseek-v3-fp8"] = dict(copy.deepcopy(PRESETS["tiny-deepseek-v3"]),
+                                       quantization_config=dict(_FP8_BLOCKS, weight_block_size=[32, 32]))
 
 
 def list_presets() -> list[str]:

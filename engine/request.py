@@ -33,7 +33,7 @@ PENDING_TOKEN = -1  # an output token sampled by a step still in flight (overlap
 _LIVE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_REMOTE_KV, RequestStatus.RUNNING, RequestStatus.SENDING_KV)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: queue membership tests compare identity, not every field
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -24,6 +24,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per output token (0 = only the sampled one)
+    prompt_logprobs: int | None = None  # top-n logprobs per prompt token (computed at prefill, no prefix reuse)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -65,6 +66,9 @@ class SamplingParams:
             bad("seed", "an integer or None")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "an integer in [0, 20] or None")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", "an integer in [0, 20] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):

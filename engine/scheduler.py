@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
+from engine.prompt_logprobs import wants_prompt_logprobs
 from engine.radix_cache import RadixCache
 from engine.request import PENDING_TOKEN, Request, RequestStatus
 
@@ -251,7 +252,7 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if not req.page_ids and self.radix is not None:
+            if not req.page_ids and self.radix is not None and not wants_prompt_logprobs(req):
                 # Reuse a cached prefix, but always compute at least the last token (its logits).
                 req.page_ids = self.radix.match(req.all_token_ids, max_tokens=req.num_tokens - 1)
                 req.num_computed_tokens = len(req.page_ids) * self.page_size

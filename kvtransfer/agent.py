@@ -24,7 +24,21 @@ class KVLayoutMismatch(ValueError):
 
 
 class KVTransferError(RuntimeError):
-    pass
+    """A WRITE or notification failed (NIXL's own errors, e.g. a peer that disconnected, become this)."""
+
+
+def _nixl_errors(what: str):
+    """Decorator: any NIXL exception from `what` becomes a KVTransferError naming it."""
+    def wrap(fn):
+        def call(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (KVTransferError, KVLayoutMismatch):
+                raise
+            except Exception as e:  # noqa: BLE001 — NIXL raises its own types (nixlRemoteDisconnectError...)
+                raise KVTransferError(f"NIXL {what} failed: {type(e).__name__}: {e}") from e
+        return call
+    return wrap
 
 
 def check_layouts(local: dict, remote: dict) -> None:
@@ -91,6 +105,7 @@ class KVTransferAgent:
         return {"agent_name": self.name, "agent_metadata": self.agent.get_agent_metadata(),
                 "layer_addrs": list(self.layer_addrs), "layout": dict(self.layout), "dev_id": self.dev_id}
 
+    @_nixl_errors("notification read")
     def notifications(self) -> list[bytes]:
         msgs = []
         for _, notes in self.agent.get_new_notifs().items():
@@ -107,6 +122,7 @@ class KVTransferAgent:
             self._remotes[key] = name
         return self._remotes[key]
 
+    @_nixl_errors("write")
     def write(self, request_id: str, local_pages: list[int], dest: dict, notif: bytes = b"",
               layers: list[int] | None = None) -> Transfer:
         """Start WRITEs of `local_pages` into the destination's pages (same order) for `layers`
@@ -135,13 +151,17 @@ class KVTransferAgent:
             raise KVTransferError(f"request {request_id!r}: NIXL refused the transfer")
         return Transfer(request_id, handle, sum(d[1] for d in src), len(src))
 
+    @_nixl_errors("notification")
     def notify(self, dest: dict, message: bytes) -> None:
         """A notification alone (after every WRITE of a request is DONE)."""
         self.agent.send_notif(self._connect(dest), message)
 
     def poll(self, transfer: Transfer) -> str:
         """DONE, PROC or ERR; a finished transfer's handle is released."""
-        state = self.agent.check_xfer_state(transfer.handle)
+        try:
+            state = self.agent.check_xfer_state(transfer.handle)
+        except Exception:  # noqa: BLE001 — e.g. the peer disconnected mid-transfer
+            state = "ERR"
         if state in ("DONE", "ERR"):
             self.agent.release_xfer_handle(transfer.handle)
         return state

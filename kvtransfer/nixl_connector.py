@@ -250,7 +250,12 @@ class NixlConnector(KVConnector):
             if result is not None:
                 events.sent[rid] = result
         if self.role == "decode":
-            for message in self.agent.notifications():
+            try:
+                messages = self.agent.notifications()
+            except KVTransferError as e:  # a peer gone mid-read: its requests end at their deadline
+                log.warning("reading KV notices failed: %s", e)
+                messages = []
+            for message in messages:
                 notice = decode_notice(message)
                 if notice is None:
                     log.warning("ignoring a malformed KV notice: %r", message[:80])

@@ -22,6 +22,7 @@ class NodeOptions:
     advertise_host: str | None = None
     heartbeat_ttl_s: float = 3.0
     slo: str | None = None
+    tls: object | None = None  # node.grpc_server.TLSFiles: serve gRPC with mutual TLS (CA-signed clients only)
 
 
 class Node:

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 async def serve(node: Node, servicer, add_fn, service_name: str, host: str, port: int) -> None:
     server = GrpcServer(servicer, add_fn, service_name)
-    bound = await server.start(host, port)
+    tls = node.options.tls
+    bound = await server.start(host, port, tls.server_credentials(require_client_cert=True) if tls else None)
     log.info("%s node %s serving on %s:%d", node.role, node.node_id, host, bound)
     opts = node.options
     metrics_runner = None

@@ -23,7 +23,8 @@ class NodeServicerBase:
 
 def delta_to_proto(rid: str, delta) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=rid, token_ids=list(delta.token_ids), finished=delta.finished,
-                              logprobs=convert.logprobs_to_proto(delta.logprobs))
+                              logprobs=convert.logprobs_to_proto(delta.logprobs),
+                              prompt_logprobs=convert.prompt_logprobs_to_proto(delta.prompt_logprobs))
     if delta.finished:
         msg.finish_reason = delta.finish_reason or ""
         msg.stop_reason = "" if delta.stop_reason is None else str(delta.stop_reason)

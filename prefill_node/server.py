@@ -35,10 +35,11 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         try:
             stream = node.client.add_request(list(request.prompt_token_ids), first, request_id=rid, kv_dest=dest,
                                              eos_token_ids=tuple(request.eos_token_ids) or None)
-            token_ids, logprobs, last, first_delta_queue = [], [], None, None
+            token_ids, logprobs, last, first_delta_queue, prompt_logprobs = [], [], None, None, None
             async for delta in stream:
                 token_ids += delta.token_ids
                 logprobs += delta.logprobs
+                prompt_logprobs = delta.prompt_logprobs or prompt_logprobs
                 if delta.queue_seconds is not None:
                     first_delta_queue = delta.queue_seconds
                 last = delta
@@ -57,7 +58,8 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
             request_id=rid, token_ids=token_ids, logprobs=convert.logprobs_to_proto(logprobs), finished=done,
             finish_reason=last.finish_reason or "", stop_reason="" if last.stop_reason is None else str(last.stop_reason),
             error=last.error or "", num_cached_tokens=last.num_cached_tokens, kv_bytes=int(kv.get("bytes", 0)),
-            kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0)
+            kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0,
+            prompt_logprobs=convert.prompt_logprobs_to_proto(prompt_logprobs))
 
 
 def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dict) -> None:

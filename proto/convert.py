@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from proto import pdserve_pb2 as pb
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs", "prompt_logprobs")
 _PLAIN = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty", "ignore_eos",
           "include_stop_str_in_output")
 
@@ -67,6 +67,15 @@ def logprobs_from_proto(msgs) -> list[dict]:
              "top_logprobs": dict(m.top_logprobs)} for m in msgs]
 
 
+def prompt_logprobs_to_proto(entries: list | None) -> list:
+    """Prompt logprobs (None for the first token, which nothing predicts) → Logprob messages of tokens 1..n-1."""
+    return logprobs_to_proto(entries[1:]) if entries else []
+
+
+def prompt_logprobs_from_proto(msgs) -> list | None:
+    return [None] + logprobs_from_proto(msgs) if len(msgs) else None
+
+
 def output_from_proto(msg, num_cached_tokens: int = 0):
     """A node's token delta (`GenerateResponse`, or the first token's `PrefillResponse`) → engine
     RequestOutput (token-level fields only; the router's front fills the text)."""
@@ -75,4 +84,5 @@ def output_from_proto(msg, num_cached_tokens: int = 0):
     return RequestOutput(msg.request_id, list(msg.token_ids), logprobs_from_proto(msg.logprobs),
                          finished=msg.finished, finish_reason=msg.finish_reason or None,
                          stop_reason=msg.stop_reason or None, error=msg.error or None,
-                         num_cached_tokens=num_cached_tokens)
+                         num_cached_tokens=num_cached_tokens,
+                         prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs))

@@ -1,4 +1,6 @@
-"""The public gRPC `Generate` service of the router (server-streaming deltas, Abort)."""
+"""The public gRPC `Generate` service of the router (server-streaming deltas, Abort). With an API
+key, both methods need metadata `authorization: Bearer KEY` (UNAUTHENTICATED otherwise, before any
+work); the standard health service stays open."""
 from __future__ import annotations
 
 import grpc
@@ -8,11 +10,13 @@ from proto import convert
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.core import BadRequest, Router
+from router.http_api import key_matches
 
 
 def delta_to_proto(d: RequestOutput) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text, finished=d.finished,
-                              logprobs=convert.logprobs_to_proto(d.logprobs))
+                              logprobs=convert.logprobs_to_proto(d.logprobs),
+                              prompt_logprobs=convert.prompt_logprobs_to_proto(d.prompt_logprobs))
     if d.finished:
         msg.finish_reason = d.finish_reason or ""
         msg.stop_reason = d.stop_reason or ""
@@ -23,10 +27,20 @@ def delta_to_proto(d: RequestOutput) -> pb.GenerateResponse:
 
 
 class GenerateServicer(pb_grpc.GenerateServicer):
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, api_key: str | None = None):
         self.router = router
+        self.api_key = api_key
+
+    async def _authorize(self, context) -> None:
+        if self.api_key is None:
+            return
+        auth = dict(context.invocation_metadata() or ()).get("authorization")
+        if not key_matches(auth, self.api_key):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key "
+                                "(send metadata authorization: Bearer KEY)")
 
     async def Generate(self, request: pb.GenerateRequest, context):
+        await self._authorize(context)
         r = self.router
         rid = request.request_id or r.new_id()
         if rid in r.tasks:
@@ -44,4 +58,5 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             yield delta_to_proto(delta)
 
     async def Abort(self, request, context):
+        await self._authorize(context)
         return pb.AbortResponse(found=self.router.abort(request.request_id))

@@ -1,76 +1,58 @@
-"""OpenAI-compatible HTTP API of the router (aiohttp): `/v1/completions`, `/v1/chat/completions`
-(SSE streaming ending in `data: [DONE]`), `/v1/models`, `/health`, `/metrics`. Invalid requests
-get HTTP 400 with an OpenAI-style error body; a client that disconnects aborts its request."""
+"""OpenAI-compatible HTTP API of the router (aiohttp): `/v1/completions` (one prompt or a batch),
+`/v1/chat/completions` (the checkpoint's chat template, see `chat_template.py`), both with logprobs
+and SSE streaming ending in `data: [DONE]`; `/v1/models`, `/health`, `/metrics`. With an API key
+every route but `/health` and `/metrics` needs `Authorization: Bearer KEY` (401 otherwise, before
+any parsing). Invalid requests get HTTP 400 with an OpenAI-style error body; a client that
+disconnects aborts its requests."""
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import time
 
 from aiohttp import web
 
-from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutputError, StructuredOutputSpec
+from router.chat_template import ChatTemplate, ChatTemplateError
 from router.core import BadRequest, Router
-
-_PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                 "include_stop_str_in_output", "skip_special_tokens")
+from router.openai_format import Choice, ResponseBuilder, completion_prompts, sampling_params
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
 
-def _params(body: dict, chat: bool) -> SamplingParams:
-    kw = {k: body[k] for k in _PARAM_FIELDS if k in body and body[k] is not None}
-    if chat and "max_completion_tokens" in body:
-        kw["max_tokens"] = body["max_completion_tokens"]
-    kw.setdefault("temperature", 1.0)
-    lp = body.get("logprobs")
-    if chat:
-        if lp:
-            kw["logprobs"] = int(body.get("top_logprobs") or 0)
-    elif lp is not None and lp is not False:
-        kw["logprobs"] = int(lp)
-    if body.get("n", 1) != 1:
-        raise ValueError("n must be 1")
-    return SamplingParams(**kw)
-
-
-def chat_prompt(messages: list) -> str:
-    """DeepSeek's chat format (the default tokenizer's): system text, then User/Assistant turns."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    parts, system = [], ""
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError("each message needs a role and content")
-        content = m.get("content") or ""
-        if isinstance(content, list):
-            content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
-        if m["role"] == "system":
-            system += content
-        elif m["role"] == "user":
-            parts.append(f"<｜User｜>{content}")
-        elif m["role"] == "assistant":
-            parts.append(f"<｜Assistant｜>{content}<｜end▁of▁sentence｜>")
-        else:
-            raise ValueError(f"unknown message role {m['role']!r}")
-    return system + "".join(parts) + "<｜Assistant｜>"
+def key_matches(authorization: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer KEY` against the router's key, in constant time."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
 class HttpApi:
-    def __init__(self, router: Router):
+    OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
+
+    def __init__(self, router: Router, chat_template: ChatTemplate | None = None, api_key: str | None = None):
         self.router = router
+        self.api_key = api_key
+        self._grammar = None  # engine.structured_output.GrammarCompiler, built on the first constrained request
+        self.chat_template = chat_template or ChatTemplate.load(getattr(router.tokenizer, "directory", None))
         self.started = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=32 << 20)
+        app = web.Application(client_max_size=32 << 20, middlewares=[self._authorize] if self.api_key else [])
         app.router.add_post("/v1/completions", lambda r: self._handle(r, chat=False))
         app.router.add_post("/v1/chat/completions", lambda r: self._handle(r, chat=True))
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         return app
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler):
+        if request.path not in self.OPEN_PATHS and not key_matches(request.headers.get("Authorization"), self.api_key):
+            return _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error")
+        return await handler(request)
 
     async def _models(self, request):
         return web.json_response({"object": "list", "data": [
@@ -99,86 +81,110 @@ class HttpApi:
         body = generate_latest(m.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    # ------------------------------------------------------------- requests
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"invalid JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("invalid JSON body: the body must be a JSON object")
+        return body
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        template = self.chat_template
+        return template.encode(self.router.tokenizer, body.get("messages"), tools=body.get("tools"),
+                               documents=body.get("documents"),
+                               add_generation_prompt=body.get("add_generation_prompt", True),
+                               continue_final_message=bool(body.get("continue_final_message", False)),
+                               chat_template_kwargs=body.get("chat_template_kwargs"))
+
+    async def _check_constraint(self, spec: StructuredOutputSpec) -> None:
+        """Compile the constraint against the served tokenizer (StructuredOutputError: a 400)."""
+        if self._grammar is None:
+            from engine.structured_output import GrammarCompiler
+
+            tok = self.router.tokenizer
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else None
+            self._grammar = await asyncio.to_thread(GrammarCompiler.for_tokenizer_dir, tok.directory,
+                                                    tok.vocab_size, eos)  # ~1 s, once
+        await asyncio.to_thread(self._grammar.validate, spec)
+
     async def _handle(self, request: web.Request, chat: bool):
         r = self.router
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-        except (json.JSONDecodeError, ValueError) as e:
-            return _error(400, f"invalid JSON body: {e}")
-        if body.get("model") and body["model"] != r.model_name:
-            return _error(404, f"unknown model {body['model']!r}; serving {r.model_name!r}", "not_found_error")
-        try:
-            params = _params(body, chat)
+            body = await self._body(request)
+            if body.get("model") and body["model"] != r.model_name:
+                return _error(404, f"unknown model {body['model']!r}; serving {r.model_name!r}", "not_found_error")
+            params = sampling_params(body, chat)
+            constraint = StructuredOutputSpec.from_request(body)
+            if constraint is not None:
+                await self._check_constraint(constraint)
+                return _error(501, "structured output (response_format / structured_outputs) is validated but not "
+                                   "yet applied by the sampler", "not_implemented_error")
             if chat:
-                ids = r.prepare(chat_prompt(body.get("messages")), None, params)
+                prompts = [(None, r.prepare(None, self._chat_ids(body), params))]
             else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                    prompt = prompt[0]
-                if isinstance(prompt, str):
-                    ids = r.prepare(prompt, None, params)
-                elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-                    ids = r.prepare(None, prompt, params)
-                else:
-                    raise BadRequest("prompt must be a string or a list of token ids")
-        except (BadRequest, ValueError, TypeError) as e:
+                prompts = [(p if isinstance(p, str) else None,
+                            r.prepare(p, None, params) if isinstance(p, str) else r.prepare(None, p, params))
+                           for p in completion_prompts(body.get("prompt"))]
+        except (BadRequest, ChatTemplateError, StructuredOutputError, ValueError, TypeError) as e:
             return _error(400, str(e))
         rid = r.new_id()
-        created = int(time.time())
+        jobs = [Choice(i, rid if len(prompts) == 1 else f"{rid}-{i}", text, ids)
+                for i, (text, ids) in enumerate(prompts)]
+        reply = ResponseBuilder(rid, r.model_name, chat, bool(body.get("echo")) and not chat, r.tokenizer, params,
+                                bool(body.get("return_token_ids")))
         if body.get("stream"):
-            return await self._stream(request, rid, ids, params, chat, created,
+            return await self._stream(request, jobs, reply,
                                       bool((body.get("stream_options") or {}).get("include_usage")))
-        text, reason, usage, token_ids, error = [], None, {}, [], None
-        async for d in r.generate(rid, ids, params):
-            text.append(d.text)
-            token_ids += d.token_ids
-            if d.finished:
-                reason, error = d.finish_reason, d.error
-                usage = d.usage()
-        if reason == "error":
-            status = 503 if error and error.startswith("overloaded") else 500
-            return _error(status, error or "request failed", "server_error")
-        choice = {"index": 0, "finish_reason": _reason(reason)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice["text"] = "".join(text)
-        return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                  "created": created, "model": r.model_name, "choices": [choice], "usage": usage,
-                                  "token_ids": token_ids})
+        try:
+            await asyncio.gather(*(self._collect(job, params) for job in jobs))
+        except asyncio.CancelledError:
+            for job in jobs:
+                r.abort(job.rid)
+            raise
+        failed = next((j for j in jobs if j.reason == "error"), None)
+        if failed is not None:
+            status = 503 if (failed.error or "").startswith("overloaded") else 500
+            return _error(status, failed.error or "request failed", "server_error")
+        return web.json_response(reply.response(jobs))
 
-    async def _stream(self, request, rid, ids, params, chat, created, include_usage):
+    async def _collect(self, job: Choice, params) -> None:
+        async for d in self.router.generate(job.rid, job.ids, params):
+            job.add(d)
+
+    async def _stream(self, request, jobs: list, reply: ResponseBuilder, include_usage: bool):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        first = True
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(job):
+            async for d in self.router.generate(job.rid, job.ids, reply.params):
+                queue.put_nowait((job, d))
+
+        tasks = [asyncio.create_task(pump(job)) for job in jobs]
+        open_jobs = len(jobs)
         try:
-            async for d in self.router.generate(rid, ids, params):
+            while open_jobs:
+                job, d = await queue.get()
+                if d.finished:
+                    open_jobs -= 1
                 if d.finished and d.finish_reason == "error":
                     err = {"error": {"message": d.error, "type": "server_error"}}
                     await resp.write(f"data: {json.dumps(err)}\n\n".encode())
                     break
-                if chat:
-                    delta = {"content": d.text}
-                    if first:
-                        delta["role"] = "assistant"
-                    choice = {"index": 0, "delta": delta, "finish_reason": _reason(d.finish_reason)}
-                else:
-                    choice = {"index": 0, "text": d.text, "finish_reason": _reason(d.finish_reason)}
-                choice["token_ids"] = d.token_ids  # extension: exact token accounting for benchmarks
-                first = False
-                chunk = {"id": rid, "object": obj, "created": created, "model": self.router.model_name,
-                         "choices": [choice]}
-                if d.finished and include_usage:
-                    chunk["usage"] = d.usage()
+                job.prompt_logprobs = d.prompt_logprobs or job.prompt_logprobs
+                chunk = reply.chunk(job, d)
+                job.add(d)
                 await resp.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+            if include_usage and not open_jobs:
+                await resp.write(f"data: {json.dumps(reply.usage_chunk(jobs))}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, ConnectionError):
-            self.router.abort(rid)  # the client went away
+            pass  # the client went away: cancelling the pumps aborts its requests
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return resp
-
-
-def _reason(reason: str | None) -> str | None:
-    return None if reason is None else {"abort": "abort", "error": "error"}.get(reason, reason)

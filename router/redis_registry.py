@@ -21,6 +21,7 @@ import time
 import grpc
 import redis.asyncio as aioredis
 
+from node.grpc_server import open_channel
 from node.registration import redis_key
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
@@ -32,8 +33,8 @@ PREFIX_CAPACITY = 50_000  # hashes kept per prefill node
 
 
 class RedisRegistry(Registry):
-    def __init__(self, url: str, model: str, refresh_s: float = 0.5):
-        super().__init__([], [])
+    def __init__(self, url: str, model: str, refresh_s: float = 0.5, tls=None):
+        super().__init__([], [], tls)
         self.redis = aioredis.from_url(url)
         self.model = model
         self.refresh_s = refresh_s
@@ -63,7 +64,7 @@ class RedisRegistry(Registry):
                 node = None
             if node is None:
                 stub_cls = pb_grpc.PrefillNodeStub if role == "prefill" else pb_grpc.DecodeNodeStub
-                channel = grpc.aio.insecure_channel(address)
+                channel = open_channel(address, self.tls)
                 node = NodeHandle(role, address, channel, stub_cls(channel))
                 node.node_id = info.node_id
                 self.by_id[info.node_id] = node

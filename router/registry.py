@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from node.grpc_server import TLSFiles, open_channel
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 
@@ -85,12 +86,13 @@ class NodeHandle:
 
 
 class Registry:
-    def __init__(self, prefill_addrs: list[str], decode_addrs: list[str]):
+    def __init__(self, prefill_addrs: list[str], decode_addrs: list[str], tls: TLSFiles | None = None):
+        self.tls = tls  # mutual TLS towards the nodes when set
         self.nodes: list[NodeHandle] = []
         for role, addrs, stub in (("prefill", prefill_addrs, pb_grpc.PrefillNodeStub),
                                   ("decode", decode_addrs, pb_grpc.DecodeNodeStub)):
             for a in addrs:
-                ch = grpc.aio.insecure_channel(a)
+                ch = open_channel(a, self.tls)
                 self.nodes.append(NodeHandle(role, a, ch, stub(ch)))
         self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
 

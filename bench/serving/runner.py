@@ -13,6 +13,7 @@ import sys
 import time
 
 import aiohttp
+from tqdm import tqdm
 
 from bench.serving import datasets
 from bench.serving.metrics import RequestResult, format_report, parse_goodput, report
@@ -69,7 +70,7 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: datase
 
 
 async def send_grpc(stub, model: str, req: datasets.SampleRequest, ignore_eos: bool,
-                    timeout_s: float) -> RequestResult:
+                    timeout_s: float, metadata: tuple = ()) -> RequestResult:
     """One streamed request over the router's gRPC `Generate` API (token ids in, token ids out)."""
     import grpc
 
@@ -82,7 +83,7 @@ async def send_grpc(stub, model: str, req: datasets.SampleRequest, ignore_eos: b
     t0 = time.perf_counter()
     last = None
     try:
-        async for delta in stub.Generate(msg, timeout=timeout_s):
+        async for delta in stub.Generate(msg, timeout=timeout_s, metadata=metadata or None):
             if delta.token_ids:
                 last = _on_tokens(res, t0, last)
                 res.output_len += len(delta.token_ids)
@@ -103,9 +104,11 @@ async def send_grpc(stub, model: str, req: datasets.SampleRequest, ignore_eos: b
 class _Sender:
     """`openai`: streamed /v1/completions over HTTP; `pdserve-grpc`: the router's gRPC Generate."""
 
-    def __init__(self, backend: str, base_url: str, model: str, ignore_eos: bool, timeout_s: float):
+    def __init__(self, backend: str, base_url: str, model: str, ignore_eos: bool, timeout_s: float,
+                 api_key: str | None = None):
         self.backend, self.model, self.ignore_eos, self.timeout_s = backend, model, ignore_eos, timeout_s
         self.base_url = base_url
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     async def __aenter__(self):
         if self.backend == "pdserve-grpc":
@@ -116,7 +119,8 @@ class _Sender:
             self.channel = grpc.aio.insecure_channel(grpc_target(self.base_url))
             self.stub = pb_grpc.GenerateStub(self.channel)
         else:
-            self.session = aiohttp.ClientSession()
+            headers = {"Authorization": self.metadata[0][1]} if self.metadata else None
+            self.session = aiohttp.ClientSession(headers=headers)
             self.url = self.base_url.rstrip("/") + "/completions"
         return self
 
@@ -128,7 +132,7 @@ class _Sender:
 
     async def send(self, req: datasets.SampleRequest) -> RequestResult:
         if self.backend == "pdserve-grpc":
-            return await send_grpc(self.stub, self.model, req, self.ignore_eos, self.timeout_s)
+            return await send_grpc(self.stub, self.model, req, self.ignore_eos, self.timeout_s, self.metadata)
         return await send(self.session, self.url, self.model, req, self.ignore_eos, self.timeout_s)
 
 
@@ -151,12 +155,12 @@ def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[floa
 
 async def run(base_url: str, model: str, reqs: list, rate: float, burstiness: float, max_concurrency: int | None,
               ignore_eos: bool, seed: int, timeout_s: float, max_duration_s: float, progress: bool = True,
-              backend: str = "openai"):
+              backend: str = "openai", api_key: str | None = None):
     sem = asyncio.Semaphore(max_concurrency or len(reqs) or 1)
     results: list[RequestResult] = []
     gaps = arrival_gaps(len(reqs), rate, burstiness, seed)
     conv_locks: dict[int, asyncio.Lock] = {}
-    async with _Sender(backend, base_url, model, ignore_eos, timeout_s) as sender:
+    async with _Sender(backend, base_url, model, ignore_eos, timeout_s, api_key) as sender:
         async def one(r):
             lock = conv_locks.setdefault(r.conversation, asyncio.Lock()) if r.conversation >= 0 else None
             async with sem:
@@ -166,8 +170,8 @@ async def run(base_url: str, model: str, reqs: list, rate: float, burstiness: fl
                 else:
                     res = await sender.send(r)
             results.append(res)
-            if progress:
-                print(f"\r{len(results)}/{len(reqs)} done", end="", file=sys.stderr, flush=True)
+            bar.update(1)
+        bar = tqdm(total=len(reqs), desc="requests", unit="req", disable=not progress, file=sys.stderr)
         t0 = time.perf_counter()
         tasks = []
         for r, gap in zip(reqs, gaps):
@@ -175,10 +179,11 @@ async def run(base_url: str, model: str, reqs: list, rate: float, burstiness: fl
                 break
             tasks.append(asyncio.create_task(one(r)))
             await asyncio.sleep(gap)
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(1.0, max_duration_s + timeout_s))
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(1.0, max_duration_s + timeout_s))
+        finally:
+            bar.close()
         duration = time.perf_counter() - t0
-    if progress:
-        print(file=sys.stderr)
     return results, duration
 
 
@@ -208,6 +213,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-dir", default=".")
     p.add_argument("--result-filename", default=None)
     p.add_argument("--plot", action="store_true", help="with --save-result: also a PNG of latency CDFs (matplotlib)")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar of requests done")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (gRPC: metadata) (default: env OPENAI_API_KEY)")
 
 
 def main_args(args) -> int:
@@ -218,15 +226,17 @@ def main_args(args) -> int:
         grpc_target(args.base_url)  # validates
         model = args.model or ""  # empty: the router's served model
     else:
-        model = args.model or _first_model(args.base_url)
+        model = args.model or _first_model(args.base_url, args.api_key)
     reqs = datasets.build(args.dataset_name, args.num_prompts, args.vocab_size, args)
     ignore_eos = not args.no_ignore_eos
     if args.warmup_requests:
         asyncio.run(run(args.base_url, model, reqs[: args.warmup_requests], float("inf"), 1.0, None, ignore_eos,
-                        args.seed, args.request_timeout, args.max_duration, progress=False, backend=args.backend))
+                        args.seed, args.request_timeout, args.max_duration, progress=False, backend=args.backend,
+                        api_key=args.api_key))
     results, duration = asyncio.run(run(args.base_url, model, reqs, args.request_rate, args.burstiness,
                                         args.max_concurrency, ignore_eos, args.seed, args.request_timeout,
-                                        args.max_duration, backend=args.backend))
+                                        args.max_duration, progress=not args.disable_tqdm, backend=args.backend,
+                                        api_key=args.api_key))
     rep = report(results, duration, slos)
     ok = [r for r in results if r.success]
     rep["per_request"] = {"ttfts": [r.ttft for r in ok], "tpots": [r.tpot for r in ok], "e2els": [r.latency for r in ok],
@@ -247,10 +257,12 @@ def main_args(args) -> int:
     return 0 if rep["completed"] else 1
 
 
-def _first_model(base_url: str) -> str:
+def _first_model(base_url: str, api_key: str | None = None) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=30) as resp:
+    req = urllib.request.Request(base_url.rstrip("/") + "/models",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())["data"][0]["id"]
 
 

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import torch
 
 
+def page_table_tensor(page_tables: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """`[B, width]` int32 block table from per-sequence page lists, zero-padded: one tensor built
+    from one padded list (a tensor per row costs a host round of allocations per sequence per step)."""
+    width = max(width if width is not None else max((len(t) for t in page_tables), default=1), 1)
+    return torch.tensor([t + [0] * (width - len(t)) for t in page_tables], dtype=torch.int32).reshape(-1, width)
+
+
 @dataclass
 class AttentionMetadata:
     num_decode_tokens: int  # == number of decode sequences (they come first)
@@ -61,11 +68,7 @@ class AttentionMetadata:
                 raise ValueError(f"page table of {len(table)} pages cannot hold {s} tokens")
             for pos in range(s - q, s):
                 slots.append(table[pos // page_size] * page_size + pos % page_size)
-        width = max_pages if max_pages is not None else max((len(t) for t in page_tables), default=1)
-        tables = torch.zeros((len(page_tables), max(width, 1)), dtype=torch.int32)
-        for b, t in enumerate(page_tables):
-            if t:
-                tables[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        tables = page_table_tensor(page_tables, max_pages)
         qsl = [0]
         for q in query_lens:
             qsl.append(qsl[-1] + q)

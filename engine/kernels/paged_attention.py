@@ -19,10 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.fp8_gemm import _round_to_e4m3
+
 
 @triton.jit
 def _kv_write_kernel(src, kv, slots, stride_st, stride_sh, stride_kp, stride_kc, stride_ks, stride_kh,
-                     COMP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
+                     COMP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                     FP8: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots + t)
@@ -32,6 +35,8 @@ def _kv_write_kernel(src, kv, slots, stride_st, stride_sh, stride_kp, stride_kc,
     d = tl.arange(0, BLOCK_D)
     mask = d < tl.where(ok, D, 0)
     x = tl.load(src + t * stride_st + h * stride_sh + d, mask=mask)
+    if FP8:  # saturate and round like torch's cast (see fp8_gemm._round_to_e4m3)
+        x = _round_to_e4m3(tl.clamp(x.to(tl.float32), -448.0, 448.0))
     dst = kv + page * stride_kp + COMP * stride_kc + off * stride_ks + h * stride_kh + d
     tl.store(dst, x.to(kv.dtype.element_ty), mask=mask)
 
@@ -44,7 +49,7 @@ def write_kv(kv_cache: torch.Tensor, comp: int, values: torch.Tensor, slot_mappi
     _kv_write_kernel[(t, h)](
         values, kv_cache, slot_mapping, values.stride(0), values.stride(1), kv_cache.stride(0),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), COMP=comp, D=d,
-        BLOCK_D=triton.next_power_of_2(d), PAGE=kv_cache.shape[2])
+        BLOCK_D=triton.next_power_of_2(d), PAGE=kv_cache.shape[2], FP8=kv_cache.dtype == torch.float8_e4m3fn)
 
 
 @triton.jit
@@ -57,16 +62,18 @@ def _load_block(kv, block_tables, row_table, kvh, n0, end, qa, qb, stride_kp, st
     page = tl.load(block_tables + row_table + pos // PAGE, mask=pmask, other=0)
     base = kv + page * stride_kp + (pos % PAGE) * stride_ks + kvh * stride_kh
     da = tl.arange(0, DA)
-    ka = tl.load(base[:, None] + K_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
+    # An FP8 cache (scale 1) is read in the query's dtype.
+    ka = tl.load(base[:, None] + K_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0).to(qa.dtype)
     qk = tl.dot(qa, tl.trans(ka), out_dtype=tl.float32)
     if DB > 0:
         db = tl.arange(0, DB)
-        kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None], other=0.0)
+        kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None],
+                     other=0.0).to(qb.dtype)
         qk += tl.dot(qb, tl.trans(kb), out_dtype=tl.float32)
     if V_COMP == K_COMP:
         v = ka
     else:
-        v = tl.load(base[:, None] + V_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0)
+        v = tl.load(base[:, None] + V_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0).to(qa.dtype)
     return pos, pmask, qk, v
 
 

@@ -1,27 +1,54 @@
 """Linear layers. `MergedLinear` stacks several HF projections (q/k/v, gate/up) along the output
 dimension so one GEMM computes them; `load_shard` copies one HF tensor into its slice. Tensor
-parallelism will split these along their output/input dims here, not in model files."""
+parallelism will split these along their output/input dims here, not in model files.
+
+A `Linear` built under an FP8 build scope (engine/quantization.py) holds its weight in FP8 with
+`weight_scale_inv` block scales and runs engine/layers/fp8_linear.py; `quantize=False` keeps one
+in full precision (MoE routers, which FP8 checkpoints ship in bf16)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.fp8_linear import fp8_linear
+from engine.layers.fp8_weights import fp8_parameters
+from engine.quantization import build_quantization, dequantize_blocks
+
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quantize: bool = True,
+                 dtype: torch.dtype | None = None):
+        """`dtype`: hold the weight in this dtype instead of the model's (full precision only)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.quant = build_quantization() if quantize else None
+        if self.quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        else:
+            self.weight, self.weight_scale_inv = fp8_parameters(self.quant, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant)
         return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in full precision (a dequantized copy when FP8): for derived matrices only."""
+        if self.quant is None:
+            return self.weight if dtype is None else self.weight.to(dtype)
+        return dequantize_blocks(self.weight, self.weight_scale_inv, self.quant.block_size,
+                                 dtype or torch.get_default_dtype())
 
 
 class MergedLinear(Linear):
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False):
-        super().__init__(in_features, sum(out_sizes), bias)
+        quant = build_quantization()
+        # Online FP8 keeps a merged layer whose parts do not fall on block boundaries in full precision
+        # (e.g. DeepSeek-V2-Lite's 10944-row gate/up with 128-row blocks); an FP8 checkpoint cannot.
+        aligned = quant is None or all(s % quant.block_size[0] == 0 for s in out_sizes[:-1])
+        super().__init__(in_features, sum(out_sizes), bias, quantize=aligned or not quant.online)
         self.out_sizes = list(out_sizes)
         self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
 

@@ -63,7 +63,7 @@ class MLAttention(nn.Module):
 
     @torch.no_grad()
     def process_weights_after_loading(self) -> None:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.dn + self.dv, self.rank)
+        w = self.kv_b_proj.dense_weight(self.w_uk.dtype).view(self.num_heads, self.dn + self.dv, self.rank)
         self.w_uk.copy_(w[:, : self.dn])
         self.w_uv.copy_(w[:, self.dn:].transpose(1, 2))
 

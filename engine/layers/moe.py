@@ -10,6 +10,9 @@ layout the fused kernels and expert-parallel weight moves use. The expert comput
 Triton fused-MoE kernel on CUDA when available, else a CUDA-graph-safe torch path (gathered
 per-slot weights for small batches, all experts batched for large ones), and the torch reference
 on CPU. Expert ids outside `[0, E)` contribute nothing (experts owned by another EP rank).
+Built under an FP8 build scope, the stacks are FP8 with block scales `w13_scale_inv` /
+`w2_scale_inv` (engine/quantization.py) and run engine/layers/fp8_linear.py's `fp8_experts`;
+EPLB moves a slot's weights and scales together, packed as bytes.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ from engine.config import ConfigError, ParallelConfig
 from engine.eplb import initial_slot_experts
 from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
+from engine.layers.fp8_linear import fp8_experts
+from engine.layers.fp8_weights import fp8_parameters
 from engine.layers.fused_ops import select_experts  # noqa: F401 (routing lives in fused_ops / kernels)
-from engine.layers.weights import WeightError, WeightTable, copy_into, dummy_generator
+from engine.layers.weights import WeightError, WeightTable, dummy_generator, load_rows
+from engine.quantization import build_quantization, fill_dummy_fp8
 
 
 def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -89,8 +95,15 @@ class FusedMoE(nn.Module):
         self.num_local_slots = self.num_slots // ep_size
         first = ep_rank * self.num_local_slots
         self.slot_experts = initial_slot_experts(num_experts, self.num_slots)[first: first + self.num_local_slots]
-        self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(self.num_local_slots, hidden_size, intermediate_size))
+        self.quant = build_quantization()
+        self.compute_dtype = torch.get_default_dtype()
+        if self.quant is None:
+            self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * intermediate_size, hidden_size))
+            self.w2 = nn.Parameter(torch.empty(self.num_local_slots, hidden_size, intermediate_size))
+        else:
+            s = self.num_local_slots
+            self.w13, self.w13_scale_inv = fp8_parameters(self.quant, 2 * intermediate_size, hidden_size, s)
+            self.w2, self.w2_scale_inv = fp8_parameters(self.quant, hidden_size, intermediate_size, s)
         self._kernel = None
         self.ep = None  # engine.ep.runtime.ExpertParallel once bound (ep_size > 1)
 
@@ -114,13 +127,16 @@ class FusedMoE(nn.Module):
     def idle_forward(self) -> None:
         """Join this layer's dispatch/combine with no tokens of our own (idle EP rank)."""
         p = self.w13
-        empty = torch.empty((0, self.hidden_size), dtype=p.dtype, device=p.device)
+        empty = torch.empty((0, self.hidden_size), dtype=self.compute_dtype, device=p.device)
         self.forward(empty, torch.empty((0, self.top_k), dtype=torch.float32, device=p.device),
                      torch.empty((0, self.top_k), dtype=torch.int32, device=p.device))
 
     def _experts(self, hidden, topk_weights, topk_ids) -> torch.Tensor:
         if hidden.shape[0] == 0:
             return hidden.new_zeros(hidden.shape)
+        if self.quant is not None:
+            return fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
+                               topk_ids, self.quant)
         if hidden.device.type != "cuda":
             return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids)
         if self._kernel is None:
@@ -128,20 +144,32 @@ class FusedMoE(nn.Module):
         return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids)
 
     # ---------------------------------------------------------------- EPLB weight moves
+    def _slot_parts(self) -> list[nn.Parameter]:
+        if self.quant is None:
+            return [self.w13, self.w2]
+        return [self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv]
+
+    def _packed_dtype(self) -> torch.dtype:
+        return self.w13.dtype if self.quant is None else torch.uint8  # FP8 + float32 scales: as bytes
+
     def pack_slot(self, slot: int) -> torch.Tensor:
-        """One local slot's weights as one flat tensor (a copy: safe to send while slots change)."""
-        return torch.cat([self.w13.data[slot].reshape(-1), self.w2.data[slot].reshape(-1)])
+        """One local slot's weights (and scales) as one flat tensor (a copy: safe to send while slots
+        change)."""
+        return torch.cat([p.data[slot].reshape(-1).view(self._packed_dtype()) for p in self._slot_parts()])
 
     def packed_numel(self) -> int:
-        return self.w13.shape[1] * self.w13.shape[2] + self.w2.shape[1] * self.w2.shape[2]
+        size = torch.empty((), dtype=self._packed_dtype()).element_size()
+        return sum(p[0].numel() * p.element_size() // size for p in self._slot_parts())
 
     def empty_packed(self) -> torch.Tensor:
-        return self.w13.data.new_empty(self.packed_numel())
+        return torch.empty(self.packed_numel(), dtype=self._packed_dtype(), device=self.w13.device)
 
     def unpack_slot(self, slot: int, packed: torch.Tensor) -> None:
-        n13 = self.w13.shape[1] * self.w13.shape[2]
-        self.w13.data[slot].copy_(packed[:n13].view_as(self.w13.data[slot]))
-        self.w2.data[slot].copy_(packed[n13:].view_as(self.w2.data[slot]))
+        offset = 0
+        for p in self._slot_parts():
+            n = p[0].numel() * p.element_size() // packed.element_size()
+            p.data[slot].copy_(packed[offset: offset + n].view(p.dtype).view_as(p.data[slot]))
+            offset += n
 
     def dummy_fill(self, seed: int, std: float, prefix: str) -> None:
         """Random weights that depend on (seed, logical expert) only, so every replica of an expert,
@@ -149,6 +177,9 @@ class FusedMoE(nn.Module):
         for slot, e in enumerate(self.slot_experts):
             for param, part in ((self.w13, "w13"), (self.w2, "w2")):
                 gen = dummy_generator(seed, f"{prefix}.{e}.{part}", param.device)
+                if self.quant is not None:
+                    fill_dummy_fp8(param.data[slot], param.block_scale.data[slot], gen, std)
+                    continue
                 with torch.no_grad():
                     param.data[slot].copy_(std * torch.randn(param.shape[1:], generator=gen, device=param.device))
 
@@ -173,7 +204,7 @@ class FusedMoE(nn.Module):
             def load(t: torch.Tensor, name: str) -> None:
                 if t.shape[0] != self.num_experts:
                     raise WeightError(f"tensor {name!r}: expected {self.num_experts} experts, got {t.shape[0]}")
-                copy_into(param.data, t[experts.to(t.device)], name)
+                load_rows(param, t[experts.to(t.device)], name)
             return load
         table.alias(f"{prefix}.gate_up_proj", fused(self.w13), [(prefix, e, s) for e in every for s in ("g", "u")])
         table.alias(f"{prefix}.down_proj", fused(self.w2), [(prefix, e, "d") for e in every])
@@ -182,6 +213,5 @@ class FusedMoE(nn.Module):
     def _into(param: nn.Parameter, slots: list[int], start: int, size: int | None):
         def load(t: torch.Tensor, name: str) -> None:
             for slot in slots:
-                dst = param.data[slot] if size is None else param.data[slot, start: start + size]
-                copy_into(dst, t, name)
+                load_rows(param, t, name, start, size, slot)
         return load

@@ -31,14 +31,28 @@ def dummy_generator(seed: int, name: str, device) -> torch.Generator:
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if not isinstance(src, torch.Tensor):  # an FP8 checkpoint weight (fp8_weights.Fp8Weight) for a
+        src = src.dequantize(dst.dtype)  # parameter kept in full precision
     if tuple(src.shape) != tuple(dst.shape):
         raise WeightError(f"tensor {name!r}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
     with torch.no_grad():
         dst.copy_(src)
 
 
+def load_rows(param: torch.Tensor, src, name: str, start: int = 0, size: int | None = None,
+              slot: int | None = None) -> None:
+    """Copy `src` into `param` (expert `slot` of a stacked one; rows `[start, start + size)` of a
+    merged one); a parameter with its own `load_rows` (FP8 weights: engine/layers/fp8_weights.py)
+    copies itself, scales included."""
+    own = getattr(param, "load_rows", None)
+    if own is not None:
+        return own(src, name, start, slot)
+    dst = param.data if slot is None else param.data[slot]
+    copy_into(dst if size is None else dst[start: start + size], src, name)
+
+
 def into(dst: torch.Tensor) -> Loader:
-    return lambda t, name: copy_into(dst, t, name)
+    return lambda t, name: load_rows(dst, t, name)
 
 
 class WeightTable:
@@ -79,4 +93,4 @@ def into_shard(merged, index: int, param: str = "weight") -> Loader:
     """Copy into slice `index` of a `MergedLinear`'s weight (or bias)."""
     target = getattr(merged, param)
     start, size = merged.offsets[index], merged.out_sizes[index]
-    return lambda t, name: copy_into(target.data[start: start + size], t, name)
+    return lambda t, name: load_rows(target, t, name, start, size)

@@ -35,7 +35,9 @@ class DeepseekMoE(nn.Module):
         self.top_k = hf["num_experts_per_tok"]
         v3 = "DeepseekV3ForCausalLM" in (hf.get("architectures") or [])
         self.method = hf.get("topk_method") or ("noaux_tc" if v3 else "greedy")
-        self.gate = Linear(hf["hidden_size"], num_experts)
+        # The router runs in fp32 (as HF computes it); holding its weight in fp32 saves a cast of the
+        # whole [experts, hidden] matrix in every MoE layer of every step.
+        self.gate = Linear(hf["hidden_size"], num_experts, quantize=False, dtype=torch.float32)
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
                                         if self.method == "noaux_tc" else None)
         self.experts = FusedMoE(num_experts, self.top_k, hf["hidden_size"], hf["moe_intermediate_size"],
@@ -45,7 +47,7 @@ class DeepseekMoE(nn.Module):
 
     def route(self, hidden: torch.Tensor):
         hf = self.hf
-        logits = F.linear(hidden.float(), self.gate.weight.float())
+        logits = F.linear(hidden.float(), self.gate.weight)
         scale = float(hf.get("routed_scaling_factor", 1.0) or 1.0)
         if self.method == "noaux_tc":
             return select_experts(logits, self.top_k, hf.get("scoring_func", "sigmoid"),

@@ -22,12 +22,14 @@ class Qwen3SparseMoE(nn.Module):
         self.top_k = hf["num_experts_per_tok"]
         self.renormalize = bool(hf.get("norm_topk_prob", True))
         num_experts = hf.get("num_experts") or hf["num_local_experts"]  # transformers 5 renamed it
-        self.gate = Linear(hf["hidden_size"], num_experts)
+        # The router runs in fp32 (as HF computes it); holding its weight in fp32 saves a cast of the
+        # whole [experts, hidden] matrix in every MoE layer of every step.
+        self.gate = Linear(hf["hidden_size"], num_experts, quantize=False, dtype=torch.float32)
         self.experts = FusedMoE(num_experts, self.top_k, hf["hidden_size"], hf["moe_intermediate_size"],
                                 layer_id, parallel)
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        logits = F.linear(hidden.float(), self.gate.weight.float())
+        logits = F.linear(hidden.float(), self.gate.weight)
         weights, ids = select_experts(logits, self.top_k, "softmax", renormalize=self.renormalize)
         return self.experts(hidden, weights, ids, batch)
 

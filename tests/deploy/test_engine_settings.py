@@ -25,7 +25,12 @@ ENGINE_FLAGS = {
     "--no-overlap-schedule": True, "--attention-backend": "auto", "--seed": None, "--ep-size": 1,
     "--num-redundant-experts": 0, "--eplb-interval": 0, "--eplb-window": 32, "--eplb-min-gain": 0.05,
     "--ep-nnodes": 1, "--ep-node-rank": 0, "--ep-master": None, "--ep-backend": "auto",
+    "--quantization": None, "--kv-cache-dtype": "auto", "--no-progress": None,
 }
+# The choices of the flags that have them (as the commands declared them before).
+ENGINE_CHOICES = {"--load-format": ["auto", "dummy"], "--dtype": ["auto", "float32", "float16", "bfloat16"],
+                  "--attention-backend": ["auto", "torch", "triton"], "--ep-backend": ["auto", "torch", "deepep"],
+                  "--quantization": ["fp8"], "--kv-cache-dtype": ["auto", "fp8_e4m3"]}
 NODE_ONLY_FLAGS = {"--kv-transfer-timeout": 30.0}
 
 
@@ -53,12 +58,19 @@ def test_every_engine_flag_keeps_its_name_and_default(command):
     assert "--kv-transfer-timeout" in got if command != "generate" else "--kv-transfer-timeout" not in got
 
 
+def test_engine_flags_keep_their_choices():
+    got = {a.option_strings[0]: a.choices for a in node_parser()._actions if a.option_strings}
+    assert {f: sorted(got[f]) for f in ENGINE_CHOICES} == {f: sorted(c) for f, c in ENGINE_CHOICES.items()}
+
+
 def test_flag_defaults_are_the_dataclass_defaults():
     args = node_parser().parse_args(["--model", "m"])
     assert build_engine_config("m", **engine_kwargs(args)) == EngineConfig("m")
-    off = node_parser().parse_args(["--model", "m", "--no-prefix-cache", "--no-overlap-schedule", "--seed", "3"])
+    off = node_parser().parse_args(["--model", "m", "--no-prefix-cache", "--no-overlap-schedule", "--seed", "3",
+                                    "--no-progress", "--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"])
     config = build_engine_config("m", **engine_kwargs(off))
     assert (config.cache.enable_prefix_cache, config.overlap_schedule, config.seed) == (False, False, 3)
+    assert (config.load_progress, config.quantization, config.kv_cache_dtype) == (False, "fp8", "fp8_e4m3")
 
 
 def test_every_setting_has_help_and_every_flag_setting_a_field():
@@ -67,17 +79,19 @@ def test_every_setting_has_help_and_every_flag_setting_a_field():
     names = {s.name for s in settings()}
     dests = {a.dest for a in node_parser()._actions if a.option_strings}
     assert {s.name for s in settings() if s.flag} <= dests <= names | {
-        "host", "port", "metrics_port", "redis_url", "node_name", "advertise_host", "heartbeat_ttl", "slo"}
+        "host", "port", "metrics_port", "redis_url", "node_name", "advertise_host", "heartbeat_ttl", "slo", "tls_cert", "tls_key", "tls_ca"}
 
 
 def test_up_forwards_every_engine_setting_to_its_nodes():
     up = _commands()["up"]
     args = up.parse_args(["--device", "cpu", "--num-pages", "9", "--no-prefix-cache", "--no-overlap-schedule",
                           "--enforce-eager", "--seed", "3", "--kv-transfer-timeout", "5", "--ep-backend", "torch",
-                          "--max-model-len", "96", "--eplb-min-gain", "0.25"])
+                          "--max-model-len", "96", "--eplb-min-gain", "0.25", "--quantization", "fp8",
+                          "--kv-cache-dtype", "fp8_e4m3", "--no-progress"])
     forwarded = node_parser().parse_args(engine_argv(args))
     assert build_engine_config(forwarded.model, **engine_kwargs(forwarded)) == \
         build_engine_config(args.model, **engine_kwargs(args))
+    assert forwarded.load_progress is False and forwarded.quantization == "fp8"
     assert engine_argv(up.parse_args([]))[:2] == ["--model", "tiny-llama"]
 
 

@@ -76,12 +76,13 @@ def load_ours(path: str):
 
 @torch.no_grad()
 def engine_logits(model, model_config, token_ids: list[int], prompt_len: int, page_size: int = 4,
-                  chunk_size: int | None = None) -> torch.Tensor:
+                  chunk_size: int | None = None, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logits at every position: prefill of the first `prompt_len` tokens (in chunks when asked),
-    then one decode step per remaining token, all through a fresh paged KV pool."""
+    then one decode step per remaining token, all through a fresh paged KV pool (of `kv_dtype`,
+    default the model's)."""
     n = len(token_ids)
     num_pages = -(-n // page_size) + 1
-    pool = KVPool(model_config.kv_spec(page_size), num_pages, "cpu")
+    pool = KVPool(model_config.kv_spec(page_size, kv_dtype), num_pages, "cpu")
     pages = list(range(1, num_pages))[::-1]  # non-contiguous, reversed page order on purpose
     backend = TorchAttentionBackend()
     steps = []

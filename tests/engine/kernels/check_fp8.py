@@ -1,0 +1,76 @@
+"""Compares the Triton FP8 kernels (activation quantization, block-scaled GEMM, fused MoE) with
+their torch references (interpreter on CPU, native on CUDA).
+Usage: python -m tests.engine.kernels.check_fp8 [device] [small|real]"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from engine.kernels.fp8_gemm import fp8_block_gemm, quantize_activation
+from engine.kernels.fp8_ref import fp8_block_gemm_ref, fused_experts_fp8_ref, quantize_activation_ref
+from engine.kernels.fused_moe_fp8 import fused_experts_fp8
+from engine.quantization import quantize_blocks
+
+
+def _rel(got, ref) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
+
+
+def check_activation(m, k, group, dtype, device) -> float:
+    torch.manual_seed(m)
+    x = (torch.randn(m, k, device=device) * 3).to(dtype)
+    q, s = quantize_activation(x, group)
+    qr, sr = quantize_activation_ref(x, group)
+    return max(_rel(s, sr), _rel(q.float() * s.repeat_interleave(group, 1)[:, :k],
+                                 qr.float() * sr.repeat_interleave(group, 1)[:, :k]))
+
+
+def check_gemm(m, n, k, block, dtype, device, quantize_activations) -> float:
+    torch.manual_seed(n + k)
+    x = torch.randn(m, k, device=device).to(dtype)
+    w8, ws = quantize_blocks(torch.randn(n, k, device=device) * k ** -0.5, block)
+    return _rel(fp8_block_gemm(x, w8, ws, block, quantize_activations),
+                fp8_block_gemm_ref(x, w8, ws, block, quantize_activations))
+
+
+def check_moe(t, e, h, i, k, block, dtype, device, quantize_activations) -> float:
+    torch.manual_seed(t)
+    x = torch.randn(t, h, device=device).to(dtype)
+    w13, s13 = quantize_blocks(torch.randn(e, 2 * i, h, device=device) * h ** -0.5, block)
+    w2, s2 = quantize_blocks(torch.randn(e, h, i, device=device) * i ** -0.5, block)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(device, torch.int32)
+    ids[::3, 0] = -1  # an expert on another rank
+    wts = torch.rand(t, k, device=device)
+    args = (x, w13, s13, w2, s2, wts, ids, block, quantize_activations)
+    return _rel(fused_experts_fp8(*args), fused_experts_fp8_ref(*args))
+
+
+def main() -> int:
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    size = sys.argv[2] if len(sys.argv) > 2 else "small"
+    if size == "small":
+        dtype, tol, block = torch.float32, 1e-4, (16, 32)
+        acts = [(5, 72, 32)]
+        gemms = [(m, 40, 72) for m in (1, 5, 33)]
+        moes = [(t, 8, 64, 32, 2) for t in (1, 5, 33)]
+    else:
+        dtype, tol, block = torch.bfloat16, 2e-2, (128, 128)
+        acts = [(64, 7168, 128)]
+        gemms = [(m, n, k) for m in (1, 16, 256) for n, k in ((6144, 4096), (4096, 12288), (24576, 1536))]
+        moes = [(t, 32, 7168, 2048, 8) for t in (1, 64, 512)]
+    bad = 0
+    cases = [(f"act {c}", lambda c=c: check_activation(*c, dtype, device)) for c in acts]
+    for qa in (True, False):
+        cases += [(f"gemm {c} qa={qa}", lambda c=c, qa=qa: check_gemm(*c, block, dtype, device, qa)) for c in gemms]
+        cases += [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa)) for c in moes]
+    for label, fn in cases:
+        err = fn()
+        ok = err < tol
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} {label}: rel err {err:.2e}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
