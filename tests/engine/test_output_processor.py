@@ -83,3 +83,18 @@ def test_offline_result_accumulates_ids_text_and_logprobs(tok):
     assert result.token_ids == [100, 200] and result.text == first.text + last.text
     assert [lp["token_id"] for lp in result.logprobs] == [100, 200]
     assert (result.prompt, result.prompt_token_ids, result.finish_reason) == ("p", PROMPT, "length")
+
+
+def test_prompt_logprobs_ride_the_first_delta_in_both_forms_and_the_result(tok):
+    prompt_lps = [None, {"token_id": 6, "logprob": -1.0, "rank": 1, "top_logprobs": {}},
+                  {"token_id": 7, "logprob": -2.0, "rank": 3, "top_logprobs": {}}]
+    deltas = _engine_deltas(tok, "a b c")
+    deltas[0].prompt_logprobs = prompt_lps
+    params = SamplingParams(max_tokens=8, prompt_logprobs=0)
+    state = RequestState("r", None, PROMPT, params, tok)
+    front, _ = _run_process(state, deltas)
+    routed = _run_relay(RequestState("r", None, PROMPT, params, tok), deltas)
+    for got in (front, routed):
+        assert got[0].prompt_logprobs == prompt_lps
+        assert all(d.prompt_logprobs is None for d in got[1:])
+    assert state.result(front[-1]).prompt_logprobs == prompt_lps
