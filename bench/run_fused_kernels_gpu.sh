@@ -9,17 +9,7 @@ OUT=${OUT:-/tmp/out}
 BUDGET_S=${BUDGET_S:-290}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-T0=$SECONDS
-left() { echo $((BUDGET_S - (SECONDS - T0))); }
-step() {  # step NAME MAX_S CMD...: run with the smaller of MAX_S and the time left
-  local name=$1 max=$2; shift 2
-  local t=$(left); [ "$t" -gt "$max" ] && t=$max
-  echo "=== $name (limit ${t}s)" >> "$LOG"
-  if [ "$t" -lt 20 ]; then echo "skipped: no time left" >> "$LOG"; return; fi
-  local s=$SECONDS
-  timeout "$t" "$@" >> "$LOG" 2>&1
-  echo "rc=$? seconds=$((SECONDS - s))" >> "$LOG"
-}
+source "$(dirname "$0")/budget_steps.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
 step check_fused_ops 60 python -m tests.engine.kernels.check_fused_ops cuda real
 step check_fused_moe 60 python -m tests.engine.kernels.check_fused_moe cuda real

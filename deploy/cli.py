@@ -267,6 +267,21 @@ def _run_bench(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "bench.serving", *argv])
 
 
+def _planner_parsers(sub) -> None:
+    from planner.cli import add_plan_args, add_profile_args
+
+    add_profile_args(sub.add_parser("profile", help="measure a model's step costs on this device (for `pdserve plan`)"))
+    p = sub.add_parser("plan", help="simulate cluster shapes from a profile; the best goodput per GPU under an SLO")
+    add_plan_args(p)
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from planner.cli import run_plan
+
+    return run_plan(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving")
     parser.add_argument("--log-level", default="WARNING")
@@ -279,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     _up_parser(sub)
     _ray_parser(sub)
     _bench_parser(sub)
+    _planner_parsers(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _run_bench(rest)

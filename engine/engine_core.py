@@ -47,6 +47,7 @@ class EngineCore:
         self.num_steps = 0
         self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
         self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
+        self._grammars = None  # structured output's compiler for this engine's tokenizer (first use)
         # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
         # rank in the same step, after which no rank enters another collective.
         self.stop_requested = False
@@ -81,8 +82,25 @@ class EngineCore:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in flight")
         self.validate_prompt(prompt_token_ids, params, request_id)
-        return Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
-                       eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
+        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids))
+        if params.structured_output is not None:
+            req.grammar = self._grammar_matcher(params.structured_output, request_id)
+        return req
+
+    def _grammar_matcher(self, constraint: tuple[str, str], request_id: str):
+        """A structured-output matcher over this engine's tokenizer (compiled on first use, ~1 s)."""
+        from engine.structured_output import GrammarCompiler, StructuredOutputError, StructuredOutputSpec
+        from engine.tokenizer import load_tokenizer
+
+        if self._grammars is None:
+            directory = load_tokenizer(self.config.tokenizer or self.model_config.path).directory
+            self._grammars = GrammarCompiler.for_tokenizer_dir(directory, self.model_config.vocab_size,
+                                                               list(self.eos_token_ids))
+        try:
+            return self._grammars.matcher(StructuredOutputSpec(*constraint))
+        except StructuredOutputError as e:
+            raise RequestError(f"request {request_id!r}: {e}") from None
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "") -> None:
         n = len(prompt_token_ids)
@@ -206,8 +224,9 @@ class EngineCore:
         return self._finish(flight) if flight is not None else []
 
     def _needs_resolved_tokens(self) -> bool:
-        """Penalties read earlier tokens' values on the host: such a batch waits for the step in flight."""
-        return any(r.sampling_params.has_penalties for r in self.scheduler.running)
+        """Penalties and structured output read earlier tokens' values on the host: such a batch
+        waits for the step in flight."""
+        return any(r.sampling_params.has_penalties or r.grammar is not None for r in self.scheduler.running)
 
     def _finish(self, flight) -> list[RequestOutput]:
         """Wait for a launched step's draws, record them and build its outputs."""

@@ -32,6 +32,9 @@ class RadixCache:
         self.root = _Node(key=(), page=-1, parent=None)
         self._clock = itertools.count(1)
         self._num_nodes = 0
+        # Childless nodes: eviction looks only at these (and their parents as they empty), never the
+        # whole tree — a full pool of cached pages made every allocation scan every page.
+        self._leaves: set[_Node] = set()
         self.num_queries_tokens = 0  # prompt tokens looked up
         self.num_hit_tokens = 0  # of which found cached
 
@@ -72,6 +75,8 @@ class RadixCache:
             if child is None:
                 child = _Node(key=key, page=pages[i], parent=node)
                 node.children[key] = child
+                self._leaves.discard(node)
+                self._leaves.add(child)
                 self.pool.incref([pages[i]])
                 self._num_nodes += 1
             child.last_access = now
@@ -86,7 +91,7 @@ class RadixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` tree-only pages, least recently used leaves first."""
-        heap = [(n.last_access, id(n), n) for n in self._iter_nodes() if self._evictable(n)]
+        heap = [(n.last_access, id(n), n) for n in self._leaves if self._evictable(n)]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_pages:
@@ -95,11 +100,19 @@ class RadixCache:
                 continue
             parent = node.parent
             del parent.children[node.key]
+            self._leaves.discard(node)
+            if parent is not self.root and not parent.children:
+                self._leaves.add(parent)
             self._num_nodes -= 1
             freed += len(self.pool.decref([node.page]))
             if self._evictable(parent):
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
+
+    def check_invariants(self) -> None:
+        """The leaf set is exactly the childless nodes (used by tests)."""
+        childless = {n for n in self._iter_nodes() if not n.children}
+        assert self._leaves == childless, (len(self._leaves), len(childless))
 
     def clear(self) -> int:
         """Drop every tree-only page (e.g. on a weights update). Returns pages freed."""

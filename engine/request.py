@@ -63,6 +63,8 @@ class Request:
     kv_transfer_id: str | None = None
     kv_deadline: float = 0.0
     kv_transfer: dict | None = None  # bytes / seconds of the push, for the final output
+    grammar: Any = None  # structured output: engine.structured_output.GrammarMatcher
+    grammar_consumed: int = 0  # output tokens the matcher has advanced over
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.structured_output import apply_token_bitmask, step_bitmask
+
 
 @dataclass
 class SamplerOutput:
@@ -68,6 +70,9 @@ class Sampler:
             x = raw.clone()
             self._apply_penalties(x, requests)
             self._mask_until_min_tokens(x, requests)
+        grammar = step_bitmask(requests)
+        if grammar is not None:  # structured output: what the constraint forbids cannot be drawn
+            x = apply_token_bitmask(x if x is not raw else raw.clone(), grammar.to(x.device, non_blocking=True))
         if all(p.is_greedy for p in params):
             ids = x.argmax(dim=-1)
         else:

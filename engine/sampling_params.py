@@ -27,6 +27,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-n logprobs per prompt token (computed at prefill, no prefix reuse)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # (kind, value): engine.structured_output's constraint — json_schema (schema as JSON text),
+    # json_object, regex or grammar (Lark); the sampler masks every token the constraint forbids
+    structured_output: tuple[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,6 +69,13 @@ class SamplingParams:
             bad("seed", "an integer or None")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "an integer in [0, 20] or None")
+        if self.structured_output is not None:
+            from engine.structured_output import KINDS
+
+            so = self.structured_output
+            if not (isinstance(so, (tuple, list)) and len(so) == 2 and so[0] in KINDS and isinstance(so[1], str)):
+                bad("structured_output", f"a (kind, value) pair with kind one of {KINDS}")
+            self.structured_output = (so[0], so[1])
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
                                                  or not 0 <= self.prompt_logprobs <= 20):
             bad("prompt_logprobs", "an integer in [0, 20] or None")

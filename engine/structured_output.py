@@ -7,6 +7,11 @@ It owns compiling and validating constraints against a tokenizer (a bad schema o
 Applying the mask is `apply_token_bitmask` (torch reference, logits of disallowed tokens to -inf);
 the sampler calls it, the prefill node for the first token and the decode node for the rest, the
 bitmask being 32 tokens per int32 word, token i at bit i % 32 of word i // 32 (llguidance's layout).
+
+Engine side: a request with `SamplingParams.structured_output` holds a matcher (`Request.grammar`);
+`step_bitmask` advances each matcher over the output tokens it has not seen (the first one may come
+from the prefill node) and fills the step's mask. Its tokens' values must be known on the host, so
+such a request's steps wait for the step in flight (no overlap), as penalties do.
 """
 from __future__ import annotations
 
@@ -190,6 +195,22 @@ class GrammarMatcher:
     @property
     def error(self) -> str | None:
         return self._m.get_error() if self._m.is_error() else None
+
+
+def step_bitmask(requests: list) -> torch.Tensor | None:
+    """The int32 mask `[rows, words]` of one sampling step (rows without a constraint allow
+    everything), after advancing each constrained request's matcher over its new output tokens;
+    None when no row is constrained."""
+    rows = [(i, r) for i, r in enumerate(requests) if getattr(r, "grammar", None) is not None]
+    if not rows:
+        return None
+    mask = torch.full((len(requests), rows[0][1].grammar.num_words), -1, dtype=torch.int32)
+    for i, r in rows:
+        for token in r.output_token_ids[r.grammar_consumed:]:
+            r.grammar.accept(token)  # allowed by the mask it was drawn under
+        r.grammar_consumed = r.num_output_tokens
+        r.grammar.fill_bitmask(mask, i)
+    return mask
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

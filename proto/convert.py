@@ -19,6 +19,8 @@ def params_from_proto(msg: "pb.SamplingParams"):
     kw.setdefault("temperature", 0.0)
     kw["stop"] = list(msg.stop)
     kw["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.structured_output_kind:
+        kw["structured_output"] = (msg.structured_output_kind, msg.structured_output)
     return SamplingParams(**kw)
 
 
@@ -29,6 +31,8 @@ def params_to_proto(p) -> "pb.SamplingParams":
     for name in _OPTIONAL:
         if getattr(p, name) is not None:
             setattr(msg, name, getattr(p, name))
+    if p.structured_output is not None:
+        msg.structured_output_kind, msg.structured_output = p.structured_output
     return msg
 
 

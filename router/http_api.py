@@ -7,6 +7,7 @@ disconnects aborts its requests."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -118,10 +119,9 @@ class HttpApi:
                 return _error(404, f"unknown model {body['model']!r}; serving {r.model_name!r}", "not_found_error")
             params = sampling_params(body, chat)
             constraint = StructuredOutputSpec.from_request(body)
-            if constraint is not None:
+            if constraint is not None:  # a bad one is a 400 here, before any engine work
                 await self._check_constraint(constraint)
-                return _error(501, "structured output (response_format / structured_outputs) is validated but not "
-                                   "yet applied by the sampler", "not_implemented_error")
+                params = dataclasses.replace(params, structured_output=(constraint.kind, constraint.value))
             if chat:
                 prompts = [(None, r.prepare(None, self._chat_ids(body), params))]
             else:

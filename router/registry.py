@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,53 +17,10 @@ import grpc
 from node.grpc_server import TLSFiles, open_channel
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
+# Re-exported: the policies and prefix index live in router/policy.py (pure, shared with planner/).
+from router.policy import POLICIES, PREFIX_BLOCK, NoNodeAvailable, PrefixIndex, pick_node, prefix_hashes  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("round_robin", "least_load", "prefix_aware")
-
-
-class NoNodeAvailable(RuntimeError):
-    pass
-
-
-PREFIX_BLOCK = 16
-
-
-def prefix_hashes(ids: list[int]):
-    """Chained hashes of `ids`' 16-token-aligned prefixes (ints: stable across processes, so
-    several routers agree on them)."""
-    h = 0
-    for k in range(len(ids) // PREFIX_BLOCK):
-        h = hash((h, tuple(ids[k * PREFIX_BLOCK:(k + 1) * PREFIX_BLOCK])))
-        yield h
-
-
-class PrefixIndex:
-    """Approximate record of the prompt prefixes a node has seen (hashes of 16-token-aligned
-    prefixes, LRU-bounded): the router's guess at what the node's radix cache holds."""
-
-    BLOCK = PREFIX_BLOCK
-
-    def __init__(self, capacity: int = 100_000):
-        self.capacity = capacity
-        self._seen: OrderedDict[int, None] = OrderedDict()
-
-    def match_tokens(self, ids: list[int]) -> int:
-        n = 0
-        for h in prefix_hashes(ids):
-            if h not in self._seen:
-                break
-            n += self.BLOCK
-        return n
-
-    def insert(self, ids: list[int]) -> None:
-        for h in prefix_hashes(ids):
-            self._seen[h] = None
-            self._seen.move_to_end(h)
-        while len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
-
 
 @dataclass(eq=False)
 class NodeHandle:
@@ -154,18 +110,4 @@ class Registry:
         nodes = [n for n in self.of(role) if not exclude or n not in exclude]
         if not nodes:
             raise NoNodeAvailable(f"no live {role} node")
-        if policy == "round_robin":
-            return nodes[next(self._rr[role]) % len(nodes)]
-        if policy == "prefix_aware" and prompt_ids:  # prefill nodes (or decode nodes when collocated)
-            # The node that most likely caches the longest prefix of this prompt, unless it is
-            # clearly busier than the least-loaded node; ties go to the least loaded.
-            remote = remote or {}
-
-            def match(n: NodeHandle) -> int:
-                return max(n.prefixes.match_tokens(prompt_ids), remote.get(n, 0))
-            least = min(nodes, key=lambda n: (n.load, n.served))
-            best = max(nodes, key=lambda n: (match(n), -n.load, -n.served))
-            chosen = best if match(best) and best.load <= least.load + 4 else least
-            chosen.prefixes.insert(prompt_ids)
-            return chosen
-        return min(nodes, key=lambda n: (n.load, n.served))
+        return pick_node(nodes, policy, self._rr[role], prompt_ids, remote)

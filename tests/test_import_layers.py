@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("importlinter")
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["deploy", "router", "prefill_node", "decode_node", "node", "proto", "kvtransfer", "engine", "bench"]
+PACKAGES = ["deploy", "planner", "router", "prefill_node", "decode_node", "node", "proto", "kvtransfer", "engine", "bench"]
 LINT = "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.fused_moe_ref import fused_experts_ref
 from engine.quantization import FP8_DTYPE, FP8_MAX, dequantize_blocks
 
 
@@ -45,17 +46,9 @@ def fused_experts_fp8_ref(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: to
     """`fused_moe_ref.fused_experts_ref` with block-scaled FP8 experts: w13 `[E, 2I, H]`, w2
     `[E, H, I]` FP8 with scales `[E, ceil(2I/bn), ceil(H/bk)]`, `[E, ceil(H/bn), ceil(I/bk)]`.
     Only the selected experts are dequantized, one at a time."""
-    num_experts = w13.shape[0]
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    flat_ids = topk_ids.reshape(-1)
-    token_idx = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
-    flat_w = topk_weights.reshape(-1).float()
-    for e in torch.unique(flat_ids).tolist():
-        if not 0 <= e < num_experts:
-            continue
-        sel = flat_ids == e
-        x = hidden[token_idx[sel]]
-        gate, up = fp8_block_gemm_ref(x, w13[e], w13_scale[e], block_size, quantize_activations).chunk(2, dim=-1)
-        y = fp8_block_gemm_ref(F.silu(gate) * up, w2[e], w2_scale[e], block_size, quantize_activations).float()
-        out.index_add_(0, token_idx[sel], y * flat_w[sel, None])
-    return out.to(hidden.dtype)
+    scales = {"w13": w13_scale, "w2": w2_scale}
+
+    def expert_linear(x, which, e):
+        w = w13 if which == "w13" else w2
+        return fp8_block_gemm_ref(x, w[e], scales[which][e], block_size, quantize_activations)
+    return fused_experts_ref(hidden, w13, w2, topk_weights, topk_ids, expert_linear)

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 
 def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_linear=None) -> torch.Tensor:
     """hidden `[T, H]`, w13 `[E, 2I, H]` (gate rows then up rows), w2 `[E, H, I]`,
     topk_weights `[T, k]` (float32), topk_ids `[T, k]` (int) → `[T, H]` in hidden's dtype.
-    Ids outside `[0, E)` (e.g. -1 for experts owned by another rank) contribute nothing."""
+    Ids outside `[0, E)` (e.g. -1 for experts owned by another rank) contribute nothing.
+    `expert_linear(x, which, e)` (which: "w13" | "w2") replaces `F.linear(x, w[e])` (FP8 experts)."""
+    linear = expert_linear or (lambda x, which, e: F.linear(x, (w13 if which == "w13" else w2)[e]))
     num_experts = w13.shape[0]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.reshape(-1)
@@ -22,8 +24,7 @@ def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             continue
         sel = flat_ids == e
         x = hidden[token_idx[sel]]
-        gate_up = F.linear(x, w13[e])
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e]).float()
+        gate, up = linear(x, "w13", e).chunk(2, dim=-1)
+        y = linear(F.silu(gate) * up, "w2", e).float()
         out.index_add_(0, token_idx[sel], y * flat_w[sel, None])
     return out.to(hidden.dtype)

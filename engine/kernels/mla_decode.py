@@ -57,11 +57,12 @@ def _attend_tile(q_own, q_rest, q_rope, kv, block_tables, row_table, n0, end, qk
     page = tl.load(block_tables + row_table + pos // PAGE, mask=pmask, other=0).to(tl.int64)
     row = kv + page * stride_kp + (pos % PAGE) * stride_ks
     cols = tl.arange(0, RV)
-    lat = tl.load(row[:, None] + own0 + cols[None, :], mask=pmask[:, None], other=0.0)
-    rope = tl.load(row[:, None] + R + tl.arange(0, P)[None, :], mask=pmask[:, None], other=0.0)
+    # An FP8 cache (scale 1) is read in the query's dtype (a no-op for a bf16 cache).
+    lat = tl.load(row[:, None] + own0 + cols[None, :], mask=pmask[:, None], other=0.0).to(q_own.dtype)
+    rope = tl.load(row[:, None] + R + tl.arange(0, P)[None, :], mask=pmask[:, None], other=0.0).to(q_rope.dtype)
     qk = tl.dot(q_own, tl.trans(lat), out_dtype=tl.float32)
     if VALUE_SPLITS == 2:
-        rest = tl.load(row[:, None] + rest0 + cols[None, :], mask=pmask[:, None], other=0.0)
+        rest = tl.load(row[:, None] + rest0 + cols[None, :], mask=pmask[:, None], other=0.0).to(q_rest.dtype)
         qk = tl.dot(q_rest, tl.trans(rest), acc=qk, out_dtype=tl.float32)
     qk = tl.dot(q_rope, tl.trans(rope), acc=qk, out_dtype=tl.float32)
     qk = tl.where(pmask[None, :], qk * qk_scale, float("-inf"))

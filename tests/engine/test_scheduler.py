@@ -41,6 +41,8 @@ def _holders(s: Scheduler) -> Counter:
 
 def _check(s: Scheduler):
     s.block_pool.check_invariants()
+    if s.radix is not None:
+        s.radix.check_invariants()
     holders = _holders(s)
     cached = {n.page for n in s.radix._iter_nodes()} if s.radix else set()
     for page, n in holders.items():

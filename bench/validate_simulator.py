@@ -1,0 +1,151 @@
+"""Re-predict recorded `pdserve bench` runs with the planner's simulator from a profile measured
+separately (nothing fitted to the runs), and print predicted against measured p50 TTFT, p50 TPOT
+and goodput with the relative error.
+
+    python -m bench.validate_simulator --profile PROFILE.json bench/results/2026-11-24_h100_sweep.json \\
+        bench/results/2026-11-25_h100x2_colloc/*.json [--out DIR]
+
+Each result file is one `pdserve bench --save-result` JSON, or a dict of them by file name (the
+sweep files). The cluster each run was served by is read from its file name (the recorded
+scripts' shapes, `RUNS` below) unless flags give it; the requests are rebuilt with the bench's own
+generator and arrival process from the run's dataset, prompt count and seed 0; only runs of the
+profile's model are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+from bench.record import emit
+from planner.datasets import build
+from planner.profile import Profile
+from planner.simulator import ClusterSpec, simulate
+from planner.workload import from_samples
+
+# Cluster shapes of the recorded scripts, by result-file prefix (bench/run_sweep_gpu.sh,
+# bench/run_colloc_gpu2.sh): router + nodes through `pdserve up`, max_num_seqs 128, max_model_len
+# 6144, chunk budget 8192 (the default).
+RUNS = {
+    "sweep_": dict(num_prefill=1, num_decode=1, share_gpu=True, gpu_memory_utilization=0.45, kv="measured"),
+    "colloc_disagg_": dict(num_prefill=1, num_decode=1, gpu_memory_utilization=0.85, kv="nvlink"),
+    "colloc_colloc_": dict(num_prefill=0, num_decode=2, gpu_memory_utilization=0.85, kv="nvlink"),
+}
+
+
+def load_results(paths: list[str]) -> list[tuple[str, dict]]:
+    out = []
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        if "median_ttft_ms" in d:
+            out.append((os.path.basename(path), d))
+        else:
+            out += [(name, r) for name, r in d.items() if isinstance(r, dict) and "median_ttft_ms" in r]
+    return out
+
+
+def shape_for(name: str, args) -> ClusterSpec | None:
+    run = next((v for k, v in RUNS.items() if name.startswith(k)), None)
+    if args.num_decode is not None:
+        run = dict(num_prefill=args.num_prefill, num_decode=args.num_decode, share_gpu=args.share_gpu,
+                   gpu_memory_utilization=args.gpu_memory_utilization, kv=args.kv_link)
+    if run is None:
+        return None
+    run = dict(run)
+    kv = args.kv_link or run.pop("kv")
+    run.pop("kv", None)
+    if args.gpu_memory_utilization:
+        run["gpu_memory_utilization"] = args.gpu_memory_utilization
+    over = None if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
+    return ClusterSpec(**run, request_overhead_s=over, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                       chunk_budget=args.chunk_budget, kv_link="nvlink" if kv == "measured" else kv,
+                       use_measured_kv=kv == "measured")
+
+
+def requests_for(rep: dict, args):
+    n = rep.get("num_prompts") or rep["completed"] + rep["failed"]
+    per = rep["total_input_tokens"] // max(rep["completed"], 1)
+    out = rep["total_output_tokens"] // max(rep["completed"], 1)
+    ns = SimpleNamespace(random_input_len=args.input_len or per, random_output_len=args.output_len or out,
+                         random_range_ratio=0.0, seed=args.seed)
+    samples = build(rep["dataset"], n, args.vocab_size, ns)
+    return from_samples(samples, rep["request_rate"], rep.get("burstiness", 1.0), args.seed)
+
+
+def _err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas if meas else float("nan")
+
+
+def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[dict]:
+    rows = []
+    for name, rep in results:
+        if rep.get("model") != profile.model:
+            continue
+        spec = shape_for(name, args)
+        if spec is None:
+            print(f"skipping {name}: unknown cluster shape (give --num-prefill/--num-decode)", file=sys.stderr)
+            continue
+        slos = {k: v / 1e3 for k, v in rep.get("slos_ms", {}).items()}
+        pred = simulate(profile, spec, requests_for(rep, args)).summary(slos)
+        row = {"run": name, "shape": spec.describe() + (" (one GPU)" if spec.share_gpu else ""),
+               "rate": rep["request_rate"], "dataset": rep["dataset"]}
+        for key in ("median_ttft_ms", "median_tpot_ms", "goodput", "request_throughput"):
+            m, p = rep.get(key, float("nan")), pred.get(key, float("nan"))
+            row[key] = {"measured": m, "predicted": p, "error": _err(p, m)}
+        rows.append(row)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    p = res["profile"]
+    over = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p["serving_overhead"].items()) or "none measured"
+    lines = [f"Profile: {p['model']} ({p['dtype']}) on {p['device']}, commit {p['commit']}, {p['date']}; "
+             f"serving-path overhead: {over}", "",
+             "| run | shape | rate | p50 TTFT ms meas / pred (err) | p50 TPOT ms meas / pred (err) | "
+             "goodput req/s meas / pred (err) |", "|---|---|---:|---|---|---|"]
+
+    def cell(d, f):
+        return f"{d['measured']:{f}} / {d['predicted']:{f}} ({d['error']:+.0%})"
+    for r in res["rows"]:
+        lines.append(f"| {r['run']} | {r['shape']} | {r['rate']:g} | {cell(r['median_ttft_ms'], '.0f')} | "
+                     f"{cell(r['median_tpot_ms'], '.1f')} | {cell(r['goodput'], '.2f')} |")
+    errs = [abs(r[k]["error"]) for r in res["rows"] for k in ("median_ttft_ms", "median_tpot_ms", "goodput")]
+    if errs:
+        lines += ["", f"Largest |error|: {max(errs):.0%}; within 15%: {sum(e <= 0.15 for e in errs)} of {len(errs)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", nargs="+", help="recorded `pdserve bench` result JSON files")
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--num-prefill", type=int, default=1, help="with --num-decode: the shape of every run")
+    ap.add_argument("--num-decode", type=int, default=None)
+    ap.add_argument("--share-gpu", action="store_true", help="prefill and decode node on one GPU")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--kv-link", default=None, help="nvlink | pcie | rdma | NAME:GBPS:US | measured (the profile's)")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=6144)
+    ap.add_argument("--chunk-budget", type=int, default=8192)
+    ap.add_argument("--input-len", type=int, default=None, help="random dataset (default: from the run's totals)")
+    ap.add_argument("--output-len", type=int, default=None)
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-overhead-ms", type=float, default=None,
+                    help="serving-path latency before a request reaches the nodes (default: the profile's)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    profile = Profile.load(args.profile)
+    rows = validate(profile, load_results(args.results), args)
+    res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date",
+                                                                  "serving_overhead")}, "rows": rows,
+           "command": " ".join(sys.argv)}
+    emit(res, markdown(res), args.out, f"validate_{profile.model}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
