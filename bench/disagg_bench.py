@@ -21,16 +21,15 @@ import torch
 
 from bench.record import emit
 from engine.engine_client import EngineClient
-from engine.llm import build_engine_config
+from engine.engine_args import build_engine_config
 from engine.sampling_params import SamplingParams
 
 
 def _client(args, role: str | None) -> EngineClient:
     cfg = build_engine_config(args.model, dtype="bfloat16", device="cuda", load_format="dummy",
                               max_model_len=max(args.lengths) + 64, gpu_memory_utilization=args.gpu_mem,
-                              max_num_batched_tokens=args.chunk, enable_prefix_cache=False, max_num_seqs=16)
-    cfg.kv_role = role
-    cfg.cuda_graph_max_batch = 16
+                              max_num_batched_tokens=args.chunk, enable_prefix_cache=False, max_num_seqs=16,
+                              kv_role=role, cuda_graph_max_batch=16)
     return EngineClient(cfg, detokenize=False)
 
 

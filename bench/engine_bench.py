@@ -14,6 +14,7 @@ the engine process (ZMQ split) as the inter-token gap a front sees.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import sys
@@ -25,7 +26,7 @@ from bench import roofline
 from bench.record import emit
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
-from engine.llm import build_engine_config
+from engine.engine_args import build_engine_config
 from engine.presets import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.weight_loader import load_model
@@ -142,7 +143,7 @@ def run(args) -> dict:
     mc = resolve_model(args.model, args.dtype)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.dtype == "auto":
-        mc.dtype = torch.float32
+        mc = dataclasses.replace(mc, dtype=torch.float32)
     probe = None
     if device.type == "cuda":
         from bench.device_probe import probe as run_probe
@@ -163,11 +164,10 @@ def run(args) -> dict:
         model = load_model(mc, device, "dummy", quantization=args.quantization)
     config: EngineConfig = build_engine_config(
         args.model, dtype=str(mc.dtype).removeprefix("torch."), device=str(device), load_format="dummy",
+        quantization=args.quantization,
         max_model_len=args.max_model_len, enable_prefix_cache=False, max_num_seqs=max(args.batch),
         max_num_batched_tokens=max(args.prefill_len, max(args.batch)), gpu_memory_utilization=args.gpu_mem,
-        num_pages=args.num_pages)
-    config.cuda_graph_max_batch = max(args.batch)
-    config.overlap_schedule = not args.no_overlap
+        num_pages=args.num_pages, cuda_graph_max_batch=max(args.batch), overlap_schedule=not args.no_overlap)
     core = EngineCore(config, model=model, model_config=mc)
     backend_name, moe_backend = core.runner.backend.name, _moe_backend(core)
     decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b, profile=args.profile)

@@ -48,7 +48,7 @@ def _drive(core, requests) -> tuple[dict, list]:
         steps.append((time.perf_counter() - t0, len(outs)))
         for o in outs:
             if o.request_id in tokens:
-                tokens[o.request_id].extend(o.new_token_ids)
+                tokens[o.request_id].extend(o.token_ids)
 
 
 def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:

@@ -9,6 +9,7 @@ useful tokens/s compared with ours over the whole set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import sys
@@ -54,7 +55,7 @@ def run(args) -> dict:
     device = args.device
     mc = resolve_model(args.model, args.dtype)
     if device == "cpu":
-        mc.dtype = torch.float32
+        mc = dataclasses.replace(mc, dtype=torch.float32)
     reqs = sharegpt_like(args.num_prompts, min(mc.vocab_size, 32000), max_input=args.max_input,
                          max_output=args.max_output, seed=args.seed)
     hf = hf_baseline.build_hf_model(mc.hf, device, mc.dtype)

@@ -12,76 +12,8 @@ import os
 import subprocess
 import sys
 
-
-def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", required=default_model is None, default=default_model,
-                   help="preset name (see `pdserve presets`) or HF checkpoint directory")
-    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                   help="auto: the checkpoint's safetensors; dummy: seeded random weights (any preset)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
-    g.add_argument("--quantization", choices=["fp8"], default=None,
-                   help="fp8: quantize a full-precision checkpoint (or dummy weights) to block-scaled FP8 at load; "
-                        "FP8 checkpoints load as FP8 without it")
-    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default="auto",
-                   help="auto: the model's dtype; fp8_e4m3 halves KV memory (a P/D pair must agree)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's, else DeepSeek's)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    g.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: from memory)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of GPU memory this process may use (weights + activations + KV)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per step")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step (chunked prefill)")
-    g.add_argument("--no-prefix-cache", action="store_true", help="disable the radix prefix cache")
-    g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
-    g.add_argument("--no-overlap-schedule", dest="overlap_schedule", action="store_false",
-                   help="wait for each step's tokens before scheduling the next (no CPU/GPU overlap)")
-    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (also seeds dummy weights)")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no weight-loading progress bar (it shows only when stderr is a terminal)")
-    e = p.add_argument_group("expert parallelism (MoE models)")
-    e.add_argument("--ep-size", type=int, default=1,
-                   help="EP ranks of this node: one engine process per GPU (gloo processes on CPU); attention is "
-                        "data-parallel over them, MoE experts are split across them")
-    e.add_argument("--num-redundant-experts", type=int, default=0,
-                   help="extra physical expert slots for EPLB to replicate hot experts into")
-    e.add_argument("--eplb-interval", type=int, default=0, help="rebalance experts every N engine steps (0: never)")
-    e.add_argument("--eplb-window", type=int, default=32, help="steps of expert load the rebalancer looks at")
-    e.add_argument("--eplb-min-gain", type=float, default=0.05,
-                   help="move a layer's experts only if its max/mean GPU load drops by this fraction")
-    e.add_argument("--ep-nnodes", type=int, default=1,
-                   help="hosts one EP group spans (each runs --ep-size / N ranks and serves as its own node)")
-    e.add_argument("--ep-node-rank", type=int, default=0, help="this host's index in its EP group (0 = leader)")
-    e.add_argument("--ep-master", default=None,
-                   help="HOST:PORT where a multi-host EP group's ranks meet (the leader's address)")
-    e.add_argument("--ep-backend", choices=["auto", "fixed", "torch", "deepep"], default="auto",
-                   help="token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep), fixed-capacity torch.distributed "
-                        "(graph-safe) or count-based torch.distributed; auto: DeepEP on CUDA when importable, else fixed")
-    e.add_argument("--ep-dispatch-capacity", type=int, default=8192,
-                   help="fixed-capacity all-to-all: most tokens per rank in one dispatch (larger steps are split)")
-    e.add_argument("--ep-overlap-min-tokens", type=int, default=0,
-                   help="steps of at least this many tokens (busiest rank) run as two overlapped micro-batches (0: never)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format, quantization=args.quantization,
-                kv_cache_dtype=args.kv_cache_dtype,
-                seed=args.seed if args.seed is not None else 0, max_model_len=args.max_model_len,
-                page_size=args.page_size, num_pages=args.num_pages,
-                gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=not args.no_prefix_cache,
-                enforce_eager=args.enforce_eager, overlap_schedule=args.overlap_schedule,
-                attention_backend=args.attention_backend, tokenizer=args.tokenizer,
-                ep_size=args.ep_size, num_redundant_experts=args.num_redundant_experts,
-                eplb_interval=args.eplb_interval, eplb_window=args.eplb_window,
-                eplb_min_gain=args.eplb_min_gain, ep_backend=args.ep_backend,
-                ep_dispatch_capacity=args.ep_dispatch_capacity, ep_overlap_min_tokens=args.ep_overlap_min_tokens,
-                ep_nnodes=args.ep_nnodes, ep_node_rank=args.ep_node_rank, ep_master=args.ep_master,
-                load_progress=False if args.no_progress else None)
+from deploy.node_args import add_node_args, add_tls_args
+from engine.engine_args import add_engine_args, build_engine_config, engine_argv, engine_kwargs
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -93,7 +25,7 @@ def _parse_ids(text: str) -> list[int]:
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="run prompts through one engine and print the outputs")
-    _add_engine_args(p)
+    add_engine_args(p)
     src = p.add_argument_group("prompts (repeatable; one output per prompt)")
     src.add_argument("--prompt", action="append", default=[], help="prompt text")
     src.add_argument("--prompt-ids", action="append", default=[], type=_parse_ids, help="prompt token ids: 1,2,3")
@@ -118,7 +50,7 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM, build_engine_config
+    from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     prompts = list(args.prompt) + list(args.prompt_ids)
@@ -196,40 +128,6 @@ def _print_presets() -> int:
     return 0
 
 
-def engine_argv(args: argparse.Namespace) -> list[str]:
-    """The engine flags of `args` as command-line arguments (forwarded by `pdserve up` to nodes)."""
-    out = ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device,
-           "--page-size", str(args.page_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--attention-backend", args.attention_backend, "--ep-size", str(args.ep_size),
-           "--num-redundant-experts", str(args.num_redundant_experts), "--eplb-interval", str(args.eplb_interval),
-           "--eplb-window", str(args.eplb_window), "--eplb-min-gain", str(args.eplb_min_gain),
-           "--ep-backend", args.ep_backend, "--ep-dispatch-capacity", str(args.ep_dispatch_capacity),
-           "--ep-overlap-min-tokens", str(args.ep_overlap_min_tokens), "--kv-cache-dtype", args.kv_cache_dtype]
-    for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
-                        ("--quantization", args.quantization),
-                        ("--num-pages", args.num_pages), ("--seed", args.seed)):
-        if value is not None:
-            out += [flag, str(value)]
-    if args.no_prefix_cache:
-        out.append("--no-prefix-cache")
-    if args.enforce_eager:
-        out.append("--enforce-eager")
-    if not args.overlap_schedule:
-        out.append("--no-overlap-schedule")
-    if args.no_progress:
-        out.append("--no-progress")
-    return out
-
-
-def _add_tls_args(p: argparse.ArgumentParser) -> None:
-    t = p.add_argument_group("TLS")
-    t.add_argument("--tls-cert", default=None, help="this process's certificate (PEM): TLS on its gRPC/HTTP endpoints")
-    t.add_argument("--tls-key", default=None, help="the private key of --tls-cert (PEM)")
-    t.add_argument("--tls-ca", default=None, help="the cluster CA (PEM): nodes accept only clients with a certificate "
-                                                  "it signed, and the router verifies nodes against it (mutual TLS)")
-
-
 def _tls(args):
     from node.grpc_server import TLSFiles
 
@@ -247,33 +145,14 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
 
 def _node_parser(sub, role: str) -> None:
     p = sub.add_parser(role, help=f"run one {role} node (gRPC) over an engine process")
-    _add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
-    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds any KV transfer may take")
-    o = p.add_argument_group("operations")
-    o.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics and /health over HTTP on this port (0: any free port)")
-    o.add_argument("--redis-url", default=None,
-                   help="register in this Redis (redis://host:port/db) with expiring heartbeats, so routers "
-                        "find this node without --prefill/--decode lists")
-    o.add_argument("--node-name", default=None, help="this node's name in metrics and the registry "
-                                                     "(default: role-<random>)")
-    o.add_argument("--advertise-host", default=None,
-                   help="host routers should dial (default: --host, or this machine's name when --host is 0.0.0.0)")
-    o.add_argument("--heartbeat-ttl", type=float, default=3.0,
-                   help="seconds a Redis registration lives without a heartbeat (heartbeats every TTL/3)")
-    o.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
-    _add_tls_args(p)
+    add_node_args(p)
     p.set_defaults(func=lambda args: _run_node(role, args))
 
 
 def _run_node(role: str, args) -> int:
     from node.core import NodeOptions
-    from engine.llm import build_engine_config
 
     config = build_engine_config(args.model, **engine_kwargs(args))
-    config.kv_transfer_timeout_s = args.kv_transfer_timeout
     options = NodeOptions(metrics_port=args.metrics_port, redis_url=args.redis_url, node_name=args.node_name,
                           advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo,
                           tls=_tls(args))
@@ -304,7 +183,7 @@ def _router_parser(sub) -> None:
     p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load",
                    help="how the prefill node is chosen (decode nodes: least load)")
     _add_front_args(p)
-    _add_tls_args(p)
+    add_tls_args(p)
     p.set_defaults(func=_run_router)
 
 
@@ -329,7 +208,7 @@ def _run_router(args) -> int:
 
 def _up_parser(sub) -> None:
     p = sub.add_parser("up", help="start router + prefill + decode processes on this machine")
-    _add_engine_args(p, default_model="tiny-llama")
+    add_engine_args(p, default_model="tiny-llama", node=True)
     p.set_defaults(load_format="dummy")
     p.add_argument("--num-prefill", type=int, default=1,
                    help="0: collocated serving (decode nodes run prompts themselves; the baseline to compare)")
@@ -338,23 +217,20 @@ def _up_parser(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--policy", choices=["round_robin", "least_load", "prefix_aware"], default="least_load")
-    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds any KV transfer may take")
     p.add_argument("--redis-url", default=None, help="nodes register in this Redis and the router discovers them there")
     p.add_argument("--slo", default=None, help="SLO targets as extra histogram buckets: 'ttft:1000 tpot:50' (ms)")
     p.add_argument("--prometheus-targets", default=None,
                    help="write the processes' /metrics endpoints here (Prometheus file_sd JSON; "
                         "see deploy/prometheus/prometheus.yml)")
     _add_front_args(p)
-    _add_tls_args(p)
+    add_tls_args(p)
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args) -> int:
     from deploy.launcher import up
 
-    node_argv = ["--kv-transfer-timeout", str(args.kv_transfer_timeout)]
-    if args.slo:
-        node_argv += ["--slo", args.slo]
+    node_argv = ["--slo", args.slo] if args.slo else []
     tls = _tls(args)
     if tls:
         node_argv += tls.argv()

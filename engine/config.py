@@ -1,5 +1,12 @@
 """Typed configuration of the engine: one dataclass per component, validated at construction.
 
+The engine settings (`EngineConfig` and its `CacheConfig` / `SchedulerConfig` / `ParallelConfig`)
+are declared once, here: each field's `setting(...)` metadata carries its help text, its
+command-line flag and its choices, from which engine/engine_args.py derives the CLI flags, the
+keyword form (`build_engine_config`) and the argv a launcher forwards; the Ray config and the Helm
+chart are checked against them. The settings are frozen: derive a changed copy with
+`dataclasses.replace`.
+
 `ModelConfig` is the single source of truth for a model's shape; everything else (KV page
 layout, memory budgets, roofline numbers) is derived from it. It wraps the HF `config.json`
 dict (kept as `hf` for architecture-specific fields) and normalises the handful of fields every
@@ -9,10 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -22,14 +30,38 @@ SUPPORTED_ARCHITECTURES = (
     "DeepseekV3ForCausalLM",
 )
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch is imported where a dtype or device is made, not here: the CLI and the router read the
+# settings without paying for torch.
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says which field and why."""
 
 
-_KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
+def setting(default=MISSING, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
+            cli: bool = True, node_only: bool = False, cli_default=MISSING, switch=MISSING):
+    """An engine setting: a dataclass field with its CLI description. `flag` defaults to
+    `--field-name` (a bool defaulting to False is a switch that sets it); `cli=False`: set by code
+    (the launcher, the node's role), never a flag; `node_only`: a flag of the node commands only;
+    `cli_default`: the flag's default when it differs (None there means "unset: the field's");
+    `switch`: the value a bool's flag sets when it is not the negation of the default (a
+    `bool | None` whose None means "decide at run time"). A choice of None is the unset flag."""
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "node_only": node_only,
+            "cli_default": cli_default, "switch": switch}
+    return field(default=default, metadata=meta)
+
+
+def check_choices(config) -> None:
+    """Every setting declared with `choices` holds one of them."""
+    for f in fields(config):
+        allowed = f.metadata.get("choices")
+        if allowed and getattr(config, f.name) not in allowed:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, allowed))}, "
+                              f"got {getattr(config, f.name)!r}")
+
+
+_KV_CACHE_DTYPES = ("fp8_e4m3",)  # torch.float8_e4m3fn
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -39,15 +71,19 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype
     if name not in _KV_CACHE_DTYPES:
         raise ConfigError(f"unknown kv_cache_dtype {name!r}; expected auto or {', '.join(_KV_CACHE_DTYPES)}")
-    return _KV_CACHE_DTYPES[name]
+    import torch
+
+    return torch.float8_e4m3fn
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -82,7 +118,7 @@ class KVCacheSpec:
     def page_bytes(self) -> int:
         """Bytes of one page of one layer."""
         c, p, h, d = self.page_shape
-        return c * p * h * d * torch.tensor([], dtype=self.dtype).element_size()
+        return c * p * h * d * self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
@@ -104,7 +140,7 @@ class ModelConfig:
 
     hf: dict[str, Any]
     path: str | None = None  # checkpoint directory, or None for a preset
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # None: float32
 
     architecture: str = field(init=False)
     model_type: str = field(init=False)
@@ -120,6 +156,8 @@ class ModelConfig:
     is_moe: bool = field(init=False)
 
     def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = parse_dtype("float32")
         archs = self.hf.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry")
@@ -181,18 +219,21 @@ def resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
     if dtype != "auto":
         return parse_dtype(dtype)
     name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    return _DTYPES.get(name, torch.float32)
+    return parse_dtype(name if name in _DTYPES else "float32")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing. Exactly one of `num_pages` / `memory_fraction` decides the pool size."""
 
-    page_size: int = 16
-    num_pages: int | None = None  # fixed pool size (CPU default: sized from `cpu_kv_bytes`)
-    gpu_memory_utilization: float = 0.90  # fraction of GPU memory the whole process may use
-    cpu_kv_bytes: int = 1 << 30  # KV budget on CPU when num_pages is not given
-    enable_prefix_cache: bool = True
+    page_size: int = setting(16, "tokens per KV page")
+    num_pages: int | None = setting(None, "KV pool size in pages (default: from memory; on CPU from "
+                                          "cpu_kv_bytes)")
+    gpu_memory_utilization: float = setting(
+        0.90, "fraction of GPU memory this process may use (weights + activations + KV)")
+    cpu_kv_bytes: int = setting(1 << 30, "KV budget on CPU when num_pages is not given", cli=False)
+    enable_prefix_cache: bool = setting(True, "the radix prefix cache (--no-prefix-cache: off)",
+                                        flag="--no-prefix-cache")
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -203,14 +244,15 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits: sequences per step and tokens per step (chunked prefill budget)."""
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_chunked_prefill: bool = True
-    max_waiting: int = 4096  # bounded admission queue: beyond this, requests are refused as overloaded
+    max_num_seqs: int = setting(256, "max sequences per step")
+    max_num_batched_tokens: int = setting(8192, "token budget per step (chunked prefill)")
+    enable_chunked_prefill: bool = setting(True, "split long prompts over steps", cli=False)
+    max_waiting: int = setting(4096, "bounded admission queue: beyond this, requests are refused as "
+                                     "overloaded", cli=False)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -219,7 +261,7 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """How a node's ranks split the model: attention data-parallel, MoE expert-parallel.
 
@@ -229,27 +271,37 @@ class ParallelConfig:
     last `eplb_window` steps.
     """
 
-    ep_size: int = 1
-    ep_rank: int = 0
-    tp_size: int = 1
-    num_redundant_experts: int = 0
-    eplb_interval: int = 0
-    eplb_window: int = 32
-    eplb_min_gain: float = 0.05  # apply a layer's new placement only if max/mean load drops this much
-    ep_backend: str = "auto"  # auto | fixed | torch | deepep (DeepEP Buffer API: deep_ep or nixl_ep)
+    ep_size: int = setting(1, "EP ranks of this node: one engine process per GPU (gloo processes on CPU); "
+                              "attention is data-parallel over them, MoE experts are split across them")
+    ep_rank: int = setting(0, "this engine process's global EP rank (set by whoever starts the ranks)", cli=False)
+    tp_size: int = setting(1, "tensor-parallel ranks (not implemented: 1)", cli=False)
+    num_redundant_experts: int = setting(0, "extra physical expert slots for EPLB to replicate hot experts into")
+    eplb_interval: int = setting(0, "rebalance experts every N engine steps (0: never)")
+    eplb_window: int = setting(32, "steps of expert load the rebalancer looks at")
+    eplb_min_gain: float = setting(0.05, "move a layer's experts only if its max/mean GPU load drops by this "
+                                         "fraction")
+    ep_backend: str = setting("auto", "token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep), fixed-capacity "
+                                      "torch.distributed (graph-safe) or count-based torch.distributed; auto: "
+                                      "DeepEP on CUDA when importable, else fixed",
+                              choices=("auto", "fixed", "torch", "deepep"))
     # Fixed-capacity all-to-all: tokens per rank in one dispatch (a step with more, on any rank, is
     # split into dispatches of at most this many; it bounds the dispatch buffers), and the step size
     # (max tokens over the ranks) from which a step runs as two overlapped micro-batches (0: never;
     # off by default: on two NVLinked H200s it made a 4k V2-Lite prefill slower, 166 vs 151 ms,
     # bench/results/2026-11-29_h200x2_ep.md).
-    ep_dispatch_capacity: int = 8192
-    ep_overlap_min_tokens: int = 0
-    dist_init_method: str | None = None  # torch.distributed rendezvous, set by whoever starts the ranks
+    ep_dispatch_capacity: int = setting(8192, "fixed-capacity all-to-all: most tokens per rank in one dispatch "
+                                              "(larger steps are split)")
+    ep_overlap_min_tokens: int = setting(0, "run MoE steps of at least this many tokens as two overlapped "
+                                            "micro-batches (0: never)")
+    dist_init_method: str | None = setting(None, "torch.distributed rendezvous (set by whoever starts the ranks)",
+                                           cli=False)
     # Multi-host EP group: `ep_nnodes` hosts each run ep_size / ep_nnodes ranks; this host's are
     # global ranks [ep_node_rank * local, ...), rendezvousing at `ep_master` (HOST:PORT).
-    ep_nnodes: int = 1
-    ep_node_rank: int = 0
-    ep_master: str | None = None
+    ep_nnodes: int = setting(1, "hosts one EP group spans (each runs --ep-size / N ranks and serves as its "
+                                "own node)")
+    ep_node_rank: int = setting(0, "this host's index in its EP group (0 = leader)")
+    ep_master: str | None = setting(None, "HOST:PORT where a multi-host EP group's ranks meet (the leader's "
+                                          "address)")
 
     @property
     def ep_local_size(self) -> int:
@@ -279,54 +331,58 @@ class ParallelConfig:
                               f"and ep_node_rank {self.ep_node_rank} must be below it")
         if self.ep_nnodes > 1 and not self.ep_master:
             raise ConfigError("an EP group over several hosts needs ep_master (HOST:PORT of its rendezvous)")
-        if self.ep_backend not in ("auto", "fixed", "torch", "deepep"):
-            raise ConfigError(f"unknown EP backend {self.ep_backend!r} (auto | fixed | torch | deepep)")
         if self.ep_dispatch_capacity < 1 or self.ep_overlap_min_tokens < 0:
             raise ConfigError(f"ep_dispatch_capacity must be >= 1 and ep_overlap_min_tokens >= 0, got "
                               f"{self.ep_dispatch_capacity}, {self.ep_overlap_min_tokens}")
+        check_choices(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine process needs, built once from the CLI or the `LLM(...)` call."""
 
-    model: str  # preset name or checkpoint directory
-    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda if available, else cpu
-    load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: seeded random weights
-    quantization: str | None = None  # None: as the checkpoint ships (FP8 checkpoints stay FP8); fp8: quantize
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3
-    seed: int = 0
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: never capture CUDA graphs
-    overlap_schedule: bool = True  # schedule and launch step N+1 while the device runs step N
-    cuda_graph_max_batch: int = 256
-    tokenizer: str | None = None  # None: the checkpoint's own, else the DeepSeek tokenizer
-    kv_role: str | None = None  # None (standalone) | prefill | decode: KV transfer over NIXL
-    kv_transfer_timeout_s: float = 30.0  # bound on every KV transfer wait
-    kv_connector: str = "kvtransfer.nixl_connector:NixlConnector"  # KVConnector implementation (module:Class)
-    load_progress: bool | None = None  # weight-loading progress bar; None: when stderr is a terminal
+    model: str = setting(help="preset name (see `pdserve presets`) or HF checkpoint directory")
+    dtype: str = setting("auto", "auto: the checkpoint's dtype on CUDA, float32 on CPU",
+                         choices=("auto", *_DTYPES))
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda if available, else cpu)")
+    load_format: str = setting("auto", "auto: the checkpoint's safetensors; dummy: seeded random weights "
+                                       "(any preset)", choices=("auto", "dummy"))
+    quantization: str | None = setting(None, "fp8: quantize a full-precision checkpoint (or dummy weights) to "
+                                             "block-scaled FP8 at load; FP8 checkpoints load as FP8 without it",
+                                       choices=(None, "fp8"))
+    kv_cache_dtype: str = setting("auto", "auto: the model's dtype; fp8_e4m3 halves KV memory (a P/D pair must "
+                                          "agree)", choices=("auto", *_KV_CACHE_DTYPES))
+    seed: int = setting(0, "sampling seed (also seeds dummy weights)", cli_default=None)
+    max_model_len: int | None = setting(None, "context limit (default: the model's max_position_embeddings)")
+    attention_backend: str = setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
+    enforce_eager: bool = setting(False, "never capture CUDA graphs")
+    overlap_schedule: bool = setting(True, "schedule and launch step N+1 while the device runs step N "
+                                           "(--no-overlap-schedule: wait for each step's tokens first)",
+                                     flag="--no-overlap-schedule")
+    cuda_graph_max_batch: int = setting(256, "largest decode batch captured as a CUDA graph", cli=False)
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's, else DeepSeek's)")
+    kv_role: str | None = setting(None, "None (standalone) | prefill | decode: KV transfer over the connector "
+                                        "(set by the node's role)", cli=False, choices=(None, "prefill", "decode"))
+    kv_transfer_timeout_s: float = setting(30.0, "seconds any KV transfer may take", flag="--kv-transfer-timeout",
+                                           node_only=True)
+    kv_connector: str = setting("kvtransfer.nixl_connector:NixlConnector", "KVConnector implementation "
+                                "(module:Class)", cli=False)
+    load_progress: bool | None = setting(None, "no weight-loading progress bar (it shows only when stderr is a "
+                                               "terminal)", flag="--no-progress", switch=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
-        if self.load_format not in ("auto", "dummy"):
-            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.quantization not in (None, "fp8"):
-            raise ConfigError(f"quantization must be 'fp8' or unset, got {self.quantization!r}")
-        kv_cache_dtype(self.kv_cache_dtype, torch.float32)
+        check_choices(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)
-        if self.kv_role not in (None, "prefill", "decode"):
-            raise ConfigError(f"kv_role must be prefill, decode or unset, got {self.kv_role!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -338,5 +394,5 @@ class EngineConfig:
         if self.dtype != "auto":
             return parse_dtype(self.dtype)
         if self.resolved_device().type == "cpu":
-            return torch.float32
+            return parse_dtype("float32")
         return resolve_dtype("auto", model_hf)

@@ -21,10 +21,10 @@ import time
 import zmq
 
 from engine.config import EngineConfig, ModelConfig
-from engine.engine_core import EngineOutput
 from engine.engine_process import (AbortRequest, AddRemoteRequest, AddRequest, EngineFailed, EngineReady,
                                    RemoteAdded, Shutdown, Stats, StatsRequest, run_engine_process)
-from engine.output_processor import RequestOutput, RequestState
+from engine.output_processor import RequestState
+from engine.outputs import RequestOutput
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
@@ -356,7 +356,7 @@ class EngineClient:
             for out in outputs:
                 self._deliver(out)
 
-    def _deliver(self, out: EngineOutput) -> None:
+    def _deliver(self, out: RequestOutput) -> None:
         if out.finished:
             self._forget(out.request_id)
         with self._lock:
@@ -380,4 +380,4 @@ class EngineClient:
         for rid, box in boxes:
             box.put(RemoteAdded(rid, None, message))
         for rid in pending:
-            self._deliver(EngineOutput(rid, [], finished=True, finish_reason="error", error=message))
+            self._deliver(RequestOutput(rid, [], finished=True, finish_reason="error", error=message))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
 from engine.presets import resolve_model
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -27,24 +27,6 @@ log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request the engine refuses (bad prompt, over the context limit, duplicate id...)."""
-
-
-@dataclass
-class EngineOutput:
-    """What one step produced for one request (token-level; the front adds text)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort | error
-    stop_reason: int | str | None = None
-    error: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    kv_transfer: dict | None = None  # prefill role: bytes / seconds of the KV sent for this request
-    queue_seconds: float | None = None  # set on a request's first token: arrival -> first scheduled step
-    prompt_logprobs: list | None = None  # on the first token, when asked (engine/prompt_logprobs.py)
 
 
 class EngineCore:
@@ -61,7 +43,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_pages, self.max_model_len)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
-        self._pending: list[EngineOutput] = []  # terminal outputs produced outside step()
+        self._pending: list[RequestOutput] = []  # terminal outputs produced outside step()
         self.num_steps = 0
         self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
         self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
@@ -150,9 +132,9 @@ class EngineCore:
         self._pending.append(self._terminal(req, status, error))
         return True
 
-    def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> EngineOutput:
+    def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> RequestOutput:
         self.runner.prompt_logprobs.discard(req.request_id)
-        return EngineOutput(req.request_id, [], finished=True, finish_reason=status.value,
+        return RequestOutput(req.request_id, [], finished=True, finish_reason=status.value,
                             stop_reason=req.stop_reason, error=error,
                             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
 
@@ -175,7 +157,7 @@ class EngineCore:
         self.connector = connector
         self.scheduler.kv_timeout_s = self.config.kv_transfer_timeout_s
 
-    def _poll_connector(self) -> list[EngineOutput]:
+    def _poll_connector(self) -> list[RequestOutput]:
         events = self.connector.poll()
         outputs = []
         for rid, result in events.sent.items():
@@ -198,7 +180,7 @@ class EngineCore:
         return outputs
 
     # ------------------------------------------------------------- the loop
-    def step(self) -> list[EngineOutput]:
+    def step(self) -> list[RequestOutput]:
         """Schedule and launch one step, then report the step before it (overlap scheduling: the
         host prepares step N+1 while the device runs step N), or this one at once without overlap."""
         outputs, self._pending = self._pending, []
@@ -236,7 +218,7 @@ class EngineCore:
             outputs += self._drain()
         return outputs + self._ended_unscheduled()
 
-    def _drain(self) -> list[EngineOutput]:
+    def _drain(self) -> list[RequestOutput]:
         """Report the step in flight, if any."""
         flight, self._in_flight = self._in_flight, None
         return self._finish(flight) if flight is not None else []
@@ -246,7 +228,7 @@ class EngineCore:
         waits for the step in flight."""
         return any(r.sampling_params.has_penalties or r.grammar is not None for r in self.scheduler.running)
 
-    def _finish(self, flight) -> list[EngineOutput]:
+    def _finish(self, flight) -> list[RequestOutput]:
         """Wait for a launched step's draws, record them and build its outputs."""
         sched_out, handle = flight
         result = handle.result()
@@ -267,7 +249,7 @@ class EngineCore:
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
                 queued = req.first_scheduled_time - req.arrival_time
-            out = EngineOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
+            out = RequestOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
                                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
                                queue_seconds=queued,
                                prompt_logprobs=self.runner.prompt_logprobs.pop(rid) if queued is not None else None)
@@ -280,7 +262,7 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def _ended_unscheduled(self) -> list[EngineOutput]:
+    def _ended_unscheduled(self) -> list[RequestOutput]:
         """Requests the scheduler ended without a chunk (e.g. refused at its limit)."""
         outputs = []
         for rid, req in list(self.requests.items()):

@@ -5,7 +5,7 @@ API; this process only admits requests, steps the engine and ships token deltas 
 work in the front never stalls the GPU. Messages are small typed tuples pickled over ZMQ:
 
     front → engine:  AddRequest | AddRemoteRequest | AbortRequest | StatsRequest | Shutdown
-    engine → front:  EngineReady | EngineFailed (startup) | list[EngineOutput] (one per step)
+    engine → front:  EngineReady | EngineFailed (startup) | list[RequestOutput] (one per step)
                      | RemoteAdded (a KV destination) | Stats
 
 A prefill- or decode-role engine gets its KV connector here, by the name in `EngineConfig.kv_connector`
@@ -181,12 +181,13 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
 
 def _handle(core, msg, outputs: list):
     """Apply one front message; refusals become terminal outputs; returns a direct reply if any."""
-    from engine.engine_core import EngineOutput, RequestError
+    from engine.engine_core import RequestError
+    from engine.outputs import RequestOutput
     from engine.sampling_params import SamplingParams
     from engine.scheduler import SchedulerOverloaded
 
     def refuse(rid: str, error: str) -> None:
-        outputs.append(EngineOutput(rid, [], finished=True, finish_reason="error", error=error))
+        outputs.append(RequestOutput(rid, [], finished=True, finish_reason="error", error=error))
 
     if isinstance(msg, AbortRequest):
         core.abort(msg.request_id, RequestStatus(msg.status), msg.error)

@@ -10,43 +10,14 @@ from typing import Sequence
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.config import ModelConfig
+from engine.engine_args import build_engine_config
 from engine.engine_core import EngineCore, RequestError
-from engine.output_processor import RequestOutput, RequestState
+from engine.output_processor import RequestState
+from engine.outputs import RequestOutput
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
-
-
-def build_engine_config(model: str, *, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
-                        quantization: str | None = None, kv_cache_dtype: str = "auto",
-                        seed: int = 0, max_model_len: int | None = None, page_size: int = 16,
-                        num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
-                        cpu_kv_bytes: int = 1 << 30, enable_prefix_cache: bool = True,
-                        max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_waiting: int = 4096,
-                        enforce_eager: bool = False, overlap_schedule: bool = True, attention_backend: str = "auto",
-                        tokenizer: str | None = None, ep_size: int = 1, num_redundant_experts: int = 0,
-                        eplb_interval: int = 0, eplb_window: int = 32, eplb_min_gain: float = 0.05,
-                        ep_backend: str = "auto", ep_dispatch_capacity: int = 8192, ep_overlap_min_tokens: int = 0,
-                        ep_nnodes: int = 1, ep_node_rank: int = 0, ep_master: str | None = None,
-                        load_progress: bool | None = None) -> EngineConfig:
-    """Keyword form of EngineConfig shared by `LLM`, the CLI and the node servers."""
-    return EngineConfig(
-        model=model, dtype=dtype, device=device, load_format=load_format, quantization=quantization,
-        kv_cache_dtype=kv_cache_dtype, seed=seed,
-        max_model_len=max_model_len, attention_backend=attention_backend, enforce_eager=enforce_eager,
-        overlap_schedule=overlap_schedule,
-        tokenizer=tokenizer, load_progress=load_progress,
-        cache=CacheConfig(page_size=page_size, num_pages=num_pages, gpu_memory_utilization=gpu_memory_utilization,
-                          cpu_kv_bytes=cpu_kv_bytes, enable_prefix_cache=enable_prefix_cache),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_waiting=max_waiting),
-        parallel=ParallelConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts,
-                                eplb_interval=eplb_interval, eplb_window=eplb_window,
-                                eplb_min_gain=eplb_min_gain, ep_backend=ep_backend,
-                                ep_dispatch_capacity=ep_dispatch_capacity,
-                                ep_overlap_min_tokens=ep_overlap_min_tokens,
-                                ep_nnodes=ep_nnodes, ep_node_rank=ep_node_rank, ep_master=ep_master))
 
 
 class LLM:

@@ -1,41 +1,19 @@
-"""The front's half of a request: turns the engine's token deltas into text deltas, applies stop
-strings (which need text, so they live here and not in the engine loop) and assembles the final
-result. Used by the in-process `LLM` and by the engine client across the process boundary."""
+"""The front's half of a request, in one place: turns the engine's token deltas into text deltas,
+applies stop strings (which need text, so they live here and not in the engine loop), counts the
+usage and assembles the final result. Used by the in-process `LLM`, by the engine client across the
+process boundary, and by the router over the nodes' token streams."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.engine_core import EngineOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 
-@dataclass
-class RequestOutput:
-    """One delta (streaming) or the accumulated result (offline) of one request."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # new ids of this delta, or all output ids for the final result
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort | error
-    stop_reason: int | str | None = None
-    error: str | None = None
-    logprobs: list = field(default_factory=list)
-    num_cached_tokens: int = 0
-    # timings (monotonic seconds) for TTFT / TPOT accounting at the front
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    kv_transfer: dict | None = None  # prefill role: the KV sent for this request (bytes, seconds)
-    queue_seconds: float | None = None  # on the first token's delta: waiting time before the first step
-    prompt_logprobs: list | None = None  # per prompt token (None first), on the first delta when asked
-
-
 class RequestState:
+    """One request at the front: its detokenizer (with the stop strings), the ids and text so far."""
+
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer):
         self.request_id = request_id
@@ -48,49 +26,85 @@ class RequestState:
         self.token_ids: list[int] = []
         self.text = ""
         self.logprobs: list = []
-        self.prompt_logprobs: list | None = None
+        self.prompt_logprobs: list | None = None  # per prompt token (None first), when asked
         self.finished = False
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
 
-    def process(self, out: EngineOutput) -> tuple[RequestOutput, bool]:
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.detok is not None and self.detok.stopped
+
+    def _append(self, out: RequestOutput) -> str:
+        """Record a delta's ids; returns the text that became final with them (cut at a stop string)."""
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        if not out.token_ids:
+            return ""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.token_ids.extend(out.token_ids)
+        self.logprobs.extend(out.logprobs)
+        text = self.detok.append(out.token_ids) if self.detok is not None else ""
+        self.text += text
+        return text
+
+    def _flush(self) -> str:
+        """At the end: the text held back (a possible stop string's start, an incomplete character)."""
+        tail = self.detok.flush() if self.detok is not None else ""
+        self.text += tail
+        return tail
+
+    def process(self, out: RequestOutput) -> tuple[RequestOutput, bool]:
         """Apply one engine delta. Returns the text delta and whether a stop string ended the request
         (the caller must then abort it in the engine with status 'stop')."""
-        delta_text = ""
-        stopped_by_string = False
-        if out.new_token_ids:
-            if self.first_token_time is None:
-                self.first_token_time = time.monotonic()
-            self.token_ids.extend(out.new_token_ids)
-            self.logprobs.extend(out.new_logprobs)
-            self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
-            if self.detok is not None:
-                delta_text = self.detok.append(out.new_token_ids)
-                self.text += delta_text
-                stopped_by_string = self.detok.stopped and not out.finished
-        finished = out.finished or stopped_by_string
+        text = self._append(out)
+        stopped = self.stopped_by_string and not out.finished
+        finished = out.finished or stopped
         reason, stop_reason = out.finish_reason, out.stop_reason
-        if self.detok is not None and self.detok.stopped:
+        if self.stopped_by_string:
             reason, stop_reason = "stop", self.detok.stop_reason
-        if finished and self.detok is not None and not self.detok.stopped:
-            tail = self.detok.flush() if hasattr(self.detok, "flush") else ""
-            delta_text += tail
-            self.text += tail
+        elif finished:
+            text += self._flush()
         self.finished = finished
-        delta = RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, list(out.new_token_ids), delta_text,
-            finished=finished, finish_reason=reason if finished else None,
-            stop_reason=stop_reason if finished else None, error=out.error,
-            logprobs=list(out.new_logprobs), num_cached_tokens=out.num_cached_tokens,
+        delta = self._output(list(out.token_ids), list(out.logprobs), text, finished, reason, stop_reason,
+                             out.error, out.num_cached_tokens)
+        delta.kv_transfer, delta.queue_seconds = out.kv_transfer, out.queue_seconds
+        delta.prompt_logprobs = out.prompt_logprobs
+        return delta, stopped
+
+    def relay(self, out: RequestOutput) -> list[RequestOutput]:
+        """The router's form of a node's delta: the ids with their text (if any), then, once the request
+        ended (by a stop string here, or at the node), a terminal delta without ids carrying the rest
+        of the text and the usage."""
+        deltas = []
+        if out.token_ids:
+            deltas.append(RequestOutput(self.request_id, list(out.token_ids), list(out.logprobs),
+                                        prompt_logprobs=out.prompt_logprobs, text=self._append(out)))
+        if self.stopped_by_string:
+            deltas.append(self.terminal("stop", self.detok.stop_reason, cached=out.num_cached_tokens))
+        elif out.finished:
+            tail = "" if out.finish_reason == "error" else self._flush()
+            deltas.append(self.terminal(out.finish_reason, out.stop_reason, out.error, tail, out.num_cached_tokens))
+        return deltas
+
+    def terminal(self, reason: str, stop_reason: int | str | None = None, error: str | None = None,
+                 text: str = "", cached: int = 0) -> RequestOutput:
+        """The request's last delta, without new ids (it ended here, or after its last ids)."""
+        self.finished = True
+        return self._output([], [], text, True, reason, stop_reason, error, cached)
+
+    def _output(self, token_ids, logprobs, text, finished, reason, stop_reason, error, cached) -> RequestOutput:
+        return RequestOutput(
+            self.request_id, token_ids, logprobs, finished=finished, finish_reason=reason if finished else None,
+            stop_reason=stop_reason if finished else None, error=error,
+            num_prompt_tokens=len(self.prompt_token_ids), num_cached_tokens=cached, text=text,
+            num_output_tokens=len(self.token_ids), prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             arrival_time=self.arrival_time, first_token_time=self.first_token_time,
-            finish_time=time.monotonic() if finished else None, kv_transfer=out.kv_transfer,
-            queue_seconds=out.queue_seconds, prompt_logprobs=out.prompt_logprobs)
-        return delta, stopped_by_string
+            finish_time=time.monotonic() if finished else None)
 
     def result(self, last: RequestOutput) -> RequestOutput:
-        return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, list(self.token_ids), self.text,
-            finished=True, finish_reason=last.finish_reason, stop_reason=last.stop_reason, error=last.error,
-            logprobs=list(self.logprobs), num_cached_tokens=last.num_cached_tokens,
-            arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=last.finish_time,
-            prompt_logprobs=self.prompt_logprobs)
+        """The accumulated result, given the request's last delta."""
+        out = self._output(list(self.token_ids), list(self.logprobs), self.text, True, last.finish_reason,
+                           last.stop_reason, last.error, last.num_cached_tokens)
+        out.finish_time, out.prompt_logprobs = last.finish_time, self.prompt_logprobs
+        return out

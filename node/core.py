@@ -3,7 +3,7 @@ node's identity and incarnation, its load (`Info`), aborts and its serving metri
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.engine_client import EngineClient
 from engine.metrics import EngineStatsCollector, ServingMetrics, SLOTargets, pdserve_version
@@ -29,7 +29,7 @@ class Node:
     """What both servicers share: the engine client, the node's identity, load and metrics."""
 
     def __init__(self, role: str, engine_config, model_name: str, options: NodeOptions | None = None):
-        engine_config.kv_role = role
+        engine_config = replace(engine_config, kv_role=role)  # the engine of a node hands KV over in its role
         self.options = options or NodeOptions()
         self.role = role
         self.model_name = model_name

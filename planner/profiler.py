@@ -21,7 +21,7 @@ from engine.config import ModelConfig
 from engine.engine_core import EngineCore
 from engine.kv_cache import KVPool
 from engine.layers.moe import FusedMoE
-from engine.llm import build_engine_config
+from engine.engine_args import build_engine_config
 from engine.sampling_params import SamplingParams
 from planner.profile import Profile
 
@@ -182,8 +182,7 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
                                  quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                                  enable_prefix_cache=True, max_num_seqs=max(decode_batch),
                                  max_num_batched_tokens=chunk, gpu_memory_utilization=gpu_memory_utilization,
-                                 num_pages=num_pages)
-    config.cuda_graph_max_batch = max(decode_batch)
+                                 num_pages=num_pages, cuda_graph_max_batch=max(decode_batch))
     core = EngineCore(config)
     mc, dev = core.model_config, core.runner.device
     ids = _Ids(mc.vocab_size)

@@ -78,3 +78,15 @@ def prompt_logprobs_to_proto(entries: list | None) -> list:
 
 def prompt_logprobs_from_proto(msgs) -> list | None:
     return [None] + logprobs_from_proto(msgs) if len(msgs) else None
+
+
+def output_from_proto(msg, num_cached_tokens: int = 0):
+    """A node's token delta (`GenerateResponse`, or the first token's `PrefillResponse`) → engine
+    RequestOutput (token-level fields only; the router's front fills the text)."""
+    from engine.outputs import RequestOutput
+
+    return RequestOutput(msg.request_id, list(msg.token_ids), logprobs_from_proto(msg.logprobs),
+                         finished=msg.finished, finish_reason=msg.finish_reason or None,
+                         stop_reason=msg.stop_reason or None, error=msg.error or None,
+                         num_cached_tokens=num_cached_tokens,
+                         prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs))

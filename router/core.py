@@ -6,7 +6,8 @@
 2. Pick a prefill node P and send it the prompt with that destination; P prefills, samples the
    first token, WRITEs the KV into D's pages, notifies D (transfer id + first token) and answers.
 3. D joins the request to its batch when that notice arrives; its stream carries the tokens from
-   the second on, detokenized here with stop strings applied.
+   the second on, detokenized here with stop strings applied (engine/output_processor.py's
+   `RequestState`, as in every front).
 
 Two calls per request, and cancelling them is its one abort path: D's stream and P's call each
 abort their node's side. Every wait is bounded. A prefill node that fails before anything was
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.output_processor import RequestState
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from proto import convert
 from proto import pdserve_pb2 as pb
@@ -52,22 +54,6 @@ class BadRequest(ValueError):
 
 
 @dataclass
-class Delta:
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: str | None = None
-    error: str | None = None
-    logprobs: list = field(default_factory=list)
-    prompt_logprobs: list | None = None  # per prompt token (None for the first), on the first delta when asked
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass
 class _Timing:
     start: float
     ttft: float | None = None
@@ -75,7 +61,7 @@ class _Timing:
     num_tokens: int = 0
     itls: list = field(default_factory=list)
 
-    def on_delta(self, delta: Delta, now: float) -> None:
+    def on_delta(self, delta: RequestOutput, now: float) -> None:
         if delta.token_ids:
             if self.ttft is None:
                 self.ttft = now - self.start
@@ -133,13 +119,15 @@ class Router:
 
     # ------------------------------------------------------------- the path
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams, prompt: str | None = None):
-        """Async iterator of Deltas; the last one has `finished` set."""
+        """Async iterator of RequestOutput deltas (text filled in); the last one has `finished` set and
+        carries the usage."""
+        state = RequestState(request_id, prompt, ids, params, self.tokenizer)
         if len(self.tasks) >= self.max_in_flight:
-            yield self._final(request_id, ids, [], "error", "overloaded: too many requests in flight")
+            yield self._count(state.terminal("error", error="overloaded: too many requests in flight"))
             return
         self.stats["requests"] += 1
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
-        task = asyncio.create_task(self._run(request_id, ids, params, queue))
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        task = asyncio.create_task(self._run(state, queue))
         self.tasks[request_id] = task
         timing = _Timing(time.monotonic())
         try:
@@ -160,7 +148,7 @@ class Router:
                     pass
             self.tasks.pop(request_id, None)
 
-    def _observe(self, timing: "_Timing", final: Delta, num_prompt_tokens: int) -> None:
+    def _observe(self, timing: "_Timing", final: RequestOutput, num_prompt_tokens: int) -> None:
         """Client-side latencies of one finished request into the router's histograms."""
         m = self.metrics
         if m is None:
@@ -183,25 +171,28 @@ class Router:
         task.cancel()
         return True
 
-    def _final(self, rid, ids, out_ids, reason, error=None, stop_reason=None, text="", cached=0) -> Delta:
-        key = {"error": "errors", "abort": "aborted"}.get(reason, "finished")
-        self.stats[key] += 1
-        return Delta(rid, [], text, True, reason, stop_reason, error, prompt_tokens=len(ids),
-                     completion_tokens=len(out_ids), cached_tokens=cached)
+    def _count(self, final: RequestOutput) -> RequestOutput:
+        self.stats[{"error": "errors", "abort": "aborted"}.get(final.finish_reason, "finished")] += 1
+        return final
 
-    async def _run(self, rid: str, ids: list[int], params: SamplingParams, out: asyncio.Queue) -> None:
-        produced: list[int] = []
+    def _put(self, out: asyncio.Queue, deltas: list[RequestOutput]) -> bool:
+        """Queue deltas for the client, counting the terminal one; True once the request ended."""
+        for d in deltas:
+            out.put_nowait(self._count(d) if d.finished else d)
+        return bool(deltas) and deltas[-1].finished
+
+    async def _run(self, state: RequestState, out: asyncio.Queue) -> None:
         calls: list = []  # this request's open node streams; cancelling them aborts it on those nodes
         try:
-            await self._path(rid, ids, params, out, produced, calls)
+            await self._path(state, out, calls)
         except asyncio.CancelledError:
-            out.put_nowait(self._final(rid, ids, produced, "abort"))
+            self._put(out, [state.terminal("abort")])
             raise
         except NoNodeAvailable as e:
-            out.put_nowait(self._final(rid, ids, produced, "error", f"overloaded: {e}"))
+            self._put(out, [state.terminal("error", error=f"overloaded: {e}")])
         except Exception as e:  # noqa: BLE001 — every request ends with one terminal status
-            log.exception("request %s failed", rid)
-            out.put_nowait(self._final(rid, ids, produced, "error", f"{type(e).__name__}: {e}"))
+            log.exception("request %s failed", state.request_id)
+            self._put(out, [state.terminal("error", error=f"{type(e).__name__}: {e}")])
         finally:
             for call in calls:
                 call.cancel()
@@ -245,75 +236,47 @@ class Router:
             node.in_flight -= 1
             node.served += 1
 
-    async def _path(self, rid, ids, params, out: asyncio.Queue, produced: list[int], calls: list) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                                       params.include_stop_str_in_output)
+    async def _path(self, state: RequestState, out: asyncio.Queue, calls: list) -> None:
+        rid, ids, params = state.request_id, state.prompt_token_ids, state.params
         if self.collocated:
             node = self.registry.pick("decode", self.policy, ids)
             req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params))
             call = node.stub.Generate(req, timeout=self.timeouts.decode_s)
             calls.append(call)
-            await self._stream(rid, ids, node, call, detok, out, produced, 0, unwrap=False)
+            await self._stream(state, node, call, out, 0, unwrap=False)
             return
         tried: set = set()
-        orig_rid = rid
         for attempt in range(_ATTEMPTS):
             # A retry gets its own node-level id: D may still be dropping the first attempt's request
             # when the retry arrives there (its cancellation travels on its own).
-            rid = _attempt_id(orig_rid, attempt)
-            decode, call, dest = await self._open_decode(rid, ids, params, calls)
+            node_rid = _attempt_id(rid, attempt)
+            decode, call, dest = await self._open_decode(node_rid, ids, params, calls)
             try:
-                prefill, first = await self._prefill(rid, ids, params, dest, tried)
+                prefill, first = await self._prefill(node_rid, ids, params, dest, tried)
                 break
             except grpc.aio.AioRpcError as e:
                 call.cancel()
                 if attempt == _ATTEMPTS - 1 or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise RuntimeError(f"prefill failed: {e.code().name}: {e.details()}") from None
                 self.stats["retries"] += 1
-                log.warning("prefill of %s failed on %s (%s); retrying on another node", rid,
+                log.warning("prefill of %s failed on %s (%s); retrying on another node", node_rid,
                             list(tried)[-1].address, e.code().name)
-        rid = orig_rid  # nodes know the attempt's id; the client sees its own
         if first.error or first.finish_reason == "error":
-            out.put_nowait(self._final(rid, ids, produced, "error", first.error or "prefill failed"))
+            self._put(out, [state.terminal("error", error=first.error or "prefill failed")])
             return
         self.stats["kv_bytes"] += first.kv_bytes
         cached = first.num_cached_tokens
-        if self._emit(rid, ids, list(first.token_ids), convert.logprobs_from_proto(first.logprobs), detok, out,
-                      produced, params, convert.prompt_logprobs_from_proto(first.prompt_logprobs)):
+        if self._put(out, state.relay(convert.output_from_proto(first, cached))):
             return
-        if first.finished:
-            out.put_nowait(self._final(rid, ids, produced, first.finish_reason, None,
-                                       first.stop_reason or None, detok.flush(), cached))
-            return
-        await self._stream(rid, ids, decode, call, detok, out, produced, cached, unwrap=True)
+        await self._stream(state, decode, call, out, cached, unwrap=True)
 
-    def _emit(self, rid, ids, new_ids, logprobs, detok, out, produced, params, prompt_logprobs=None) -> bool:
-        """Queue a delta; returns True when a stop string ended the request (terminal queued)."""
-        if not new_ids:
-            return False
-        produced.extend(new_ids)
-        text = detok.append(new_ids)
-        out.put_nowait(Delta(rid, new_ids, text, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
-        if detok.stopped:
-            out.put_nowait(self._final(rid, ids, produced, "stop", stop_reason=detok.stop_reason))
-            return True
-        return False
-
-    async def _stream(self, rid, ids, node: NodeHandle, call, detok, out, produced, cached, unwrap: bool):
+    async def _stream(self, state: RequestState, node: NodeHandle, call, out, cached: int, unwrap: bool):
         """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client."""
         node.in_flight += 1
         try:
             while (msg := await call.read()) is not grpc.aio.EOF:  # read(), as `_open_decode` began with it
-                if unwrap:
-                    msg = msg.delta
-                if self._emit(rid, ids, list(msg.token_ids), convert.logprobs_from_proto(msg.logprobs), detok,
-                              out, produced, None, convert.prompt_logprobs_from_proto(msg.prompt_logprobs)):
-                    return  # a stop string ended it; cancelling the stream (in _run) stops the node
-                if msg.finished:
-                    tail = "" if msg.finish_reason == "error" else detok.flush()
-                    out.put_nowait(self._final(rid, ids, produced, msg.finish_reason, msg.error or None,
-                                               msg.stop_reason or None, tail, cached))
-                    return
+                if self._put(out, state.relay(convert.output_from_proto(msg.delta if unwrap else msg, cached))):
+                    return  # ended; a stop string's end cancels the stream (in _run), which stops the node
             raise RuntimeError(f"node {node.address} ended the stream without a final status")
         except grpc.aio.AioRpcError as e:
             self.registry.mark_dead(node)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import grpc
 
+from engine.outputs import RequestOutput
 from proto import convert
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from router.core import BadRequest, Delta, Router
+from router.core import BadRequest, Router
 from router.http_api import key_matches
 
 
-def delta_to_proto(d: Delta) -> pb.GenerateResponse:
+def delta_to_proto(d: RequestOutput) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text, finished=d.finished,
                               logprobs=convert.logprobs_to_proto(d.logprobs),
                               prompt_logprobs=convert.prompt_logprobs_to_proto(d.prompt_logprobs))
@@ -20,8 +21,8 @@ def delta_to_proto(d: Delta) -> pb.GenerateResponse:
         msg.finish_reason = d.finish_reason or ""
         msg.stop_reason = d.stop_reason or ""
         msg.error = d.error or ""
-        msg.usage.CopyFrom(pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
-                                    cached_tokens=d.cached_tokens))
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=d.num_prompt_tokens, completion_tokens=d.num_output_tokens,
+                                    cached_tokens=d.num_cached_tokens))
     return msg
 
 

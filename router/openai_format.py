@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 _PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
@@ -114,7 +115,7 @@ class Choice:
         self.usage = (len(ids), 0, 0)
         self.sent_prompt = False  # streaming: the echoed prompt went out with the first chunk
 
-    def add(self, d) -> None:
+    def add(self, d: RequestOutput) -> None:
         self.text.append(d.text)
         self.token_ids += d.token_ids
         self.logprobs += d.logprobs
@@ -122,7 +123,7 @@ class Choice:
             self.prompt_logprobs = d.prompt_logprobs
         if d.finished:
             self.reason, self.error = d.finish_reason, d.error
-            self.usage = (d.prompt_tokens, d.completion_tokens, d.cached_tokens)
+            self.usage = (d.num_prompt_tokens, d.num_output_tokens, d.num_cached_tokens)
 
 
 class ResponseBuilder:
@@ -182,7 +183,7 @@ class ResponseBuilder:
             body["token_ids"] = choices[0].token_ids  # the single-prompt form clients of earlier versions read
         return body
 
-    def chunk(self, c: Choice, d) -> dict:
+    def chunk(self, c: Choice, d: RequestOutput) -> dict:
         first = not c.token_ids and not c.text
         ch = self._choice(c, d.text, d.logprobs, d.finish_reason, d.token_ids, first)
         ch["token_ids"] = d.token_ids

@@ -1,14 +1,18 @@
 """The typed config of a Ray deployment, read from YAML (`pdserve ray up CONFIG`).
 
 Owns parsing and validation only: every field is checked when the config is built, and an error
-names the field (`decode.ep_size: ...`). It starts nothing and imports no Ray. See
-deploy/ray/example.yaml (CPU) and deploy/ray/gpu-example.yaml.
+names the field (`decode.ep_size: ...`). The engine settings are not restated here: `engine_args`
+is checked with the nodes' own flags (derived from engine/config.py) and `load_format` against its
+declared choices. It starts nothing and imports no Ray. See deploy/ray/example.yaml (CPU) and
+deploy/ray/gpu-example.yaml.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from deploy.node_args import node_parser
+from engine.engine_args import settings
 from router.registry import POLICIES
 
 # Flags the config's own fields own; in engine_args they would contradict them.
@@ -121,14 +125,19 @@ class RayClusterConfig:
 
     def __post_init__(self):
         _text("model", self.model)
-        if self.load_format not in ("auto", "dummy"):
-            raise ConfigError(f"load_format: must be auto or dummy, got {self.load_format!r}")
+        formats = next(s.meta["choices"] for s in settings() if s.name == "load_format")
+        if self.load_format not in formats:
+            raise ConfigError(f"load_format: must be {' or '.join(formats)}, got {self.load_format!r}")
         if not isinstance(self.engine_args, (list, tuple)) or not all(isinstance(a, str) for a in self.engine_args):
             raise ConfigError(f"engine_args: must be a list of strings, got {self.engine_args!r}")
         object.__setattr__(self, "engine_args", tuple(self.engine_args))
         for flag in OWNED_FLAGS:
             if any(a == flag or a.startswith(flag + "=") for a in self.engine_args):
                 raise ConfigError(f"engine_args: {flag} is set by the config's own fields, not engine_args")
+        try:
+            node_parser().parse_args(["--model", self.model, *self.engine_args])
+        except ValueError as e:
+            raise ConfigError(f"engine_args: {e}") from None
         _text("redis_url", self.redis_url, optional=True)
         _text("host", self.host)
         _number("startup_timeout_s", self.startup_timeout_s, 1)

@@ -75,10 +75,10 @@ def test_async_readers_hold_no_executor_thread_while_they_wait():
     import threading
 
     from engine.engine_client import RequestStream
-    from engine.output_processor import RequestOutput
+    from engine.outputs import RequestOutput
 
     streams = [RequestStream(f"r{i}") for i in range(64)]
-    streams[0].put(RequestOutput("r0", None, [], [1], "a"))  # a delta before the reader attaches
+    streams[0].put(RequestOutput("r0", [1], text="a"))  # a delta before the reader attaches
 
     async def read(stream):
         return [d.token_ids async for d in stream]
@@ -88,7 +88,7 @@ def test_async_readers_hold_no_executor_thread_while_they_wait():
         readers = [asyncio.create_task(read(s)) for s in streams]
         await asyncio.sleep(0.1)  # every reader is waiting now
         assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), timeout=2.0) == 42
-        threading.Thread(target=lambda: [s.put(RequestOutput(s.request_id, None, [], [7], "b", finished=True))
+        threading.Thread(target=lambda: [s.put(RequestOutput(s.request_id, [7], text="b", finished=True))
                                          for s in streams]).start()
         return await asyncio.wait_for(asyncio.gather(*readers), timeout=5.0)
 

@@ -95,7 +95,7 @@ def _rank(rank: int, world: int, init: str, path: str, queue) -> None:
         tokens = {f"r{i}": [] for i in range(len(mine))}
         while ep.group.agree(core.has_unfinished(), False)[0]:
             for out in core.step():
-                tokens[out.request_id].extend(out.new_token_ids)
+                tokens[out.request_id].extend(out.token_ids)
         queue.put((rank, [tokens[f"r{i}"] for i in range(len(mine))], replays))
     except BaseException as exc:
         queue.put((rank, repr(exc), None))

@@ -60,8 +60,8 @@ def _run(llm: LLM, workload, abort_after: dict[int, int]) -> dict:
             core.add_request(f"r{i}", prompt, params, eos_token_ids=eos)
             seen[f"r{i}"] = []
         for out in core.step():
-            seen[out.request_id] += [(t, lp) for t, lp in zip(out.new_token_ids, out.new_logprobs or
-                                                               [None] * len(out.new_token_ids))]
+            seen[out.request_id] += [(t, lp) for t, lp in zip(out.token_ids, out.logprobs or
+                                                               [None] * len(out.token_ids))]
             if out.finished:
                 ends[out.request_id] = (out.finish_reason, out.stop_reason)
         for i, n in abort_after.items():
