@@ -8,6 +8,7 @@ one output whose `finished` is true; a bad request is refused at `add_request` w
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -35,7 +36,7 @@ class EngineCore:
         self.config = config
         if model_config is None:
             model_config = resolve_model(config.model, "auto")
-            model_config.dtype = config.resolved_dtype(model_config.hf)
+            model_config = dataclasses.replace(model_config, dtype=config.resolved_dtype(model_config.hf))
         self.model_config = model_config
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, model_config, model)
