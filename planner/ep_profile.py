@@ -6,12 +6,14 @@ stand-alone micro-benchmark (floors, correctness); this module only feeds the pl
 """
 from __future__ import annotations
 
-import socket
+import queue as queue_mod
 import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
+
+from engine.ports import free_port
 
 
 def _timed(fn, repeats: int, group, device: torch.device) -> float:
@@ -32,10 +34,9 @@ def _timed(fn, repeats: int, group, device: torch.device) -> float:
 def _worker(rank: int, world: int, init: str, shape: dict, tokens: list[int], repeats: int, device_type: str,
             queue) -> None:
     from engine.config import ParallelConfig
-    from engine.ep.all_to_all import select_all_to_all
     from engine.ep.group import EPGroup
-    from engine.ep.runtime import initial_placement
-    from engine.eplb import ExpertMap
+    from engine.ep.runtime import select_all_to_all
+    from engine.eplb import ExpertMap, initial_placement
 
     dev = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
@@ -59,21 +60,26 @@ def _worker(rank: int, world: int, init: str, shape: dict, tokens: list[int], re
     group.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_world(world: int, tokens: list[int], shape: dict, device_type: str, repeats: int) -> list[tuple[float, float]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_worker, args=(r, world, init, shape, tokens, repeats, device_type, queue))
              for r in range(world)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=900) for _ in procs]
+    results = []
+    deadline = time.monotonic() + 900
+    while len(results) < len(procs):  # a rank that died (bad import, OOM) must not leave us waiting
+        try:
+            results.append(queue.get(timeout=1.0))
+        except queue_mod.Empty:
+            dead = [p for p in procs if not p.is_alive() and p.exitcode != 0]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"EP all-to-all profile: rank process exited with code {dead[0].exitcode}"
+                                   if dead else "EP all-to-all profile: ranks did not report within 900 s")
     for p in procs:
         p.join(60)
     # Lock-step ranks: a step waits for the slowest one.
