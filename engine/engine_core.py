@@ -227,7 +227,7 @@ class EngineCore:
     def _needs_resolved_tokens(self) -> bool:
         """Penalties and structured output read earlier tokens' values on the host: such a batch
         waits for the step in flight."""
-        return any(r.sampling_params.has_penalties or r.grammar is not None for r in self.scheduler.running)
+        return self.scheduler.any_running(lambda r: r.sampling_params.has_penalties or r.grammar is not None)
 
     def _finish(self, flight) -> list[RequestOutput]:
         """Wait for a launched step's draws, record them and build its outputs."""

@@ -82,6 +82,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def any_running(self, predicate) -> bool:
+        return any(predicate(r) for r in self.running)
+
     def has_kv_in_flight(self) -> bool:
         return bool(self.remote_kv or self.sending)
 
