@@ -72,7 +72,9 @@ def test_random_walks_through_a_json_schema_validate(compiler, tokenizer, seed):
     spec = StructuredOutputSpec.from_request({"response_format": {"type": "json_schema", "json_schema": {
         "name": "pet", "schema": SCHEMA}}})
     text = tokenizer.decode(_random_walk(compiler, spec, seed, tokenizer.eos_token_id))
-    jsonschema.validate(json.loads(text), SCHEMA)
+    obj = json.loads(text)
+    jsonschema.validate(obj, SCHEMA)  # raises on any violation
+    assert set(SCHEMA.get("required", [])) <= set(obj)
 
 
 def test_json_object_regex_and_lark_grammar(compiler, tokenizer):

@@ -190,7 +190,9 @@ def test_json_schema_output_validates_with_random_weights_streamed_and_not(clien
         else:
             text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
                            if c.choices)
-        jsonschema.validate(json.loads(text), SCHEMA)
+        obj = json.loads(text)
+        jsonschema.validate(obj, SCHEMA)  # raises on any violation
+        assert set(obj) == set(SCHEMA["required"]) and obj["kind"] in ("cat", "dog", "fish")
 
 
 _LL_TASK = """task: pdserve_ll
