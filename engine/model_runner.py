@@ -151,11 +151,6 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
-    def execute(self, chunks: list, expert_load: torch.Tensor | None = None, layer_hook=None) -> StepResult:
-        """Run one step and wait for its draws."""
-        return self.launch(chunks, expert_load, layer_hook).result()
-
-    @torch.inference_mode()
     def launch(self, chunks: list, expert_load: torch.Tensor | None = None, layer_hook=None,
                prev: StepHandle | None = None) -> StepHandle:
         """Enqueue one step over the scheduler's chunks (decodes first, then prefill chunks); input

@@ -196,7 +196,8 @@ class NixlConnector(KVConnector):
             return SendResult(stats={"bytes": 0, "seconds": 0.0, "descriptors": 0, "dropped": True})
         if not push.layered and push.posted == 0 and push.compute_done and not push.aborted and now >= push.start_at:
             try:
-                push.transfers.append(self.agent.write(rid, push.pages, push.dest))
+                with self._nixl_lock:  # the sender thread may be posting other requests' layers
+                    push.transfers.append(self.agent.write(rid, push.pages, push.dest))
                 push.first_post = now
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"
