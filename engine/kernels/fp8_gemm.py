@@ -1,14 +1,19 @@
 """Triton block-scaled FP8 GEMM for linear layers (reference: `fp8_ref.fp8_block_gemm_ref`).
 
-`quantize_activation(x, group)` quantizes activations per token and per `group` columns (one
-program per row and group); `fp8_block_gemm(x, weight, weight_scale, block_size)` quantizes `x`
-with the weight's column block `bk` as the group, then computes `x @ W^T` with tiles whose K step
-is one scale group: each K step adds `dot(a, b) * a_scale[m] * b_scale[n]` in float32 (the
-DeepSeek-V3 recipe: per-block scales applied to each partial sum, never to FP8 operands). With
-`quantize_activations=False` the weight tile is dequantized in registers and multiplied in the
-activation dtype (weight-only FP8). Launch shapes depend only on M (CUDA-graph safe).
+`fp8_block_gemm(x, weight, weight_scale, block_size)` computes `x @ W^T` with tiles whose K step is
+one scale block `bk`: each step adds `dot(a, b) * a_scale[m] * b_scale[n]` in float32 (the
+DeepSeek-V3 recipe: per-block scales applied to each partial sum, never to FP8 operands), with `x`
+quantized per token and `bk` columns. Where that quantization happens is a tile choice
+(`GemmTiles.fuse_quant`): inside the GEMM, on the A tile it just loaded (decode sizes: no second
+launch, and the activation is tiny, so recomputing it per N tile costs nothing), or once by
+`quantize_activation` ahead of a pipelined FP8 tensor-core GEMM (prefill sizes). The values are the
+same either way. With `quantize_activations=False` the weight tile is widened in registers and
+multiplied in the activation dtype (weight-only FP8). Launch shapes depend only on M and the
+weight (CUDA-graph safe).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,37 +34,56 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x, q, s, k, stride_xm, stride_qm, stride_sm, FP8_MAX: tl.constexpr,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(0).to(tl.int64)
+def _quantize_tile(v, FP8_MAX: tl.constexpr):
+    """float32 `[R, G]` → (the FP8 values as float32, scales `[R]`): one scale per row of the tile,
+    its absolute maximum mapping to FP8_MAX (`quantize_activation_ref`'s formula)."""
+    scale = tl.maximum(tl.max(tl.abs(v), axis=1) / FP8_MAX, 1e-12)
+    return _round_to_e4m3(tl.clamp(v / scale[:, None], -FP8_MAX, FP8_MAX)), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MAX: tl.constexpr,
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     lane = tl.arange(0, BLOCK)
     cols = g * GROUP + lane
-    ok = (lane < GROUP) & (cols < k)
-    v = tl.load(x + m * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(v), axis=0) / FP8_MAX, 1e-12)
-    y = _round_to_e4m3(tl.clamp(v / scale, -FP8_MAX, FP8_MAX))
-    tl.store(q + m * stride_qm + cols, y.to(q.dtype.element_ty), mask=ok)
-    tl.store(s + m * stride_sm + g, scale)
+    ok = (rows < m)[:, None] & ((lane < GROUP) & (cols < k))[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    v = tl.load(x + rows64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    y, scale = _quantize_tile(v, FP8_MAX)
+    tl.store(q + rows64 * stride_qm + cols[None, :], y.to(q.dtype.element_ty), mask=ok)
+    tl.store(s + rows * stride_sm + g, scale, mask=rows < m)
 
 
 def quantize_activation(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x `[M, K]` → (FP8 `[M, K]`, float32 scales `[M, ceil(K/group)]`); see `quantize_activation_ref`."""
+    """x `[M, K]` → (FP8 `[M, K]`, float32 scales `[M, ceil(K/group)]`); see `quantize_activation_ref`.
+    One program per `BLOCK_R` rows and group (one per row and group left prefill launching 10^5
+    programs of 128 values each)."""
     m, k = x.shape
     groups = triton.cdiv(k, group)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     if m:
-        _quantize_rows_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=FP8_MAX,
-                                           GROUP=group, BLOCK=triton.next_power_of_2(group))
+        block_r = min(16, triton.next_power_of_2(m))
+        _quantize_rows_kernel[(triton.cdiv(m, block_r), groups)](
+            x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUP=group,
+            BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r)
     return q, s
+
+
+# How the kernel gets its A operand (`A_MODE`).
+A_FP8 = 0  # FP8 activations and scales quantized beforehand (`quantize_activation`, one more launch)
+A_QUANTIZE = 1  # bf16 activations, quantized per (row, K block) inside the GEMM: no extra launch
+A_WEIGHT_ONLY = 2  # bf16 activations kept; the FP8 weight tile is widened in registers (W8A16)
 
 
 @triton.jit
 def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-                     SCALE_ROWS: tl.constexpr, A_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     per_group = GROUP_M * tiles_n  # consecutive programs share A rows (L2 reuse)
@@ -72,56 +96,119 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < m
     n_ok = offs_n < n
-    a_ptr = a + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptr = b + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    a_ptr = a + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] + split * BLOCK_K
+    b_ptr = b + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] + split * BLOCK_K
     bs_ptr = b_scale + (offs_n // SCALE_ROWS) * stride_bsn
     as_ptr = a_scale + offs_m * stride_asm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(k, BLOCK_K)):
+    for kb in range(split, tl.cdiv(k, BLOCK_K), SPLIT_K):  # one K step = one scale block
         k_ok = offs_k < k - kb * BLOCK_K
         x = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         ws = tl.load(bs_ptr + kb, mask=n_ok, other=0.0)
-        if A_FP8:
+        if A_MODE == 0:
             xs = tl.load(as_ptr + kb, mask=m_ok, other=0.0)
             acc += tl.dot(x, w) * xs[:, None] * ws[None, :]
-        else:
-            acc += tl.dot(x, (w.to(tl.float32) * ws[None, :]).to(x.dtype))
-        a_ptr += BLOCK_K
-        b_ptr += BLOCK_K
+        elif A_MODE == 1:
+            xq, xs = _quantize_tile(x.to(tl.float32), FP8_MAX)
+            acc += tl.dot(xq.to(w.dtype), w) * xs[:, None] * ws[None, :]
+        else:  # e4m3 values are exact in bf16/fp32: scale the partial product, not the operand
+            acc += tl.dot(x, w.to(x.dtype)) * ws[None, :]
+        a_ptr += BLOCK_K * SPLIT_K
+        b_ptr += BLOCK_K * SPLIT_K
     c_ptr = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT_K == 1:
+        tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.atomic_add(c_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _tiles(m: int, on_cpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by token count."""
+@triton.jit
+def _fp8_gemv_kernel(x, b, b_scale, c, n, k, stride_bn, stride_bsn, SCALE_ROWS: tl.constexpr,
+                     FP8_MAX: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One token (M = 1): each program streams `BLOCK_N` weight rows, `GROUPS` scale blocks per step,
+    quantizing the token's matching groups itself (the token is tiny; no second launch) and
+    reducing on CUDA cores: padding one row to a 16-row tensor-core tile would waste 15/16 of it."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n
+    grp = tl.arange(0, GROUPS)
+    cols = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
+    w_ptr = b + offs_n[:, None, None].to(tl.int64) * stride_bn + cols[None, :, :]
+    ws_ptr = b_scale + (offs_n // SCALE_ROWS)[:, None] * stride_bsn + grp[None, :]
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for step in range(0, tl.cdiv(k, GROUP * GROUPS)):
+        k0 = step * GROUP * GROUPS
+        k_ok = cols < k - k0
+        v = tl.load(x + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+        xq, xs = _quantize_tile(v, FP8_MAX)
+        xq = xq.to(b.dtype.element_ty).to(tl.float32)  # exactly the FP8 value the GEMM path multiplies
+        w = tl.load(w_ptr + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
+        part = tl.sum(w * xq[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+        g_ok = grp < tl.cdiv(k, GROUP) - step * GROUPS
+        ws = tl.load(ws_ptr + step * GROUPS, mask=n_ok[:, None] & g_ok[None, :], other=0.0)
+        acc += tl.sum(part * ws * xs[None, :], axis=1)
+    tl.store(c + offs_n, acc.to(c.dtype.element_ty), mask=n_ok)
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """One launch configuration of `_fp8_gemm_kernel`."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    fuse_quant: bool = True  # A_QUANTIZE rather than A_FP8 (when activations are quantized)
+    split_k: int = 1  # > 1: float32 atomics into a zeroed buffer, then a cast (two more launches)
+    group_m: int = 8
+    gemv_groups: int = 0  # > 0: M = 1 only, `_fp8_gemv_kernel` with this many scale blocks per step
+
+
+def gemm_tiles(m: int, n: int, k: int, on_cpu: bool) -> GemmTiles:
+    """Default tiles by token count (launch shapes depend only on M and the weight: CUDA-graph safe),
+    from the H200 sweep (bench/fp8_gemm_sweep.py, bench/results/2026-11-29_h200_fp8b.md): quantizing
+    activations inside the GEMM recomputes them for every N tile and measured 2-4x slower than one
+    `quantize_activation` launch ahead; decode sizes want narrow N tiles (every SM busy streaming the
+    weight), prefill 128x128 tiles with 8 warps for wide weights and 64x128 with 4 for narrow ones.
+    `engine/kernels/fp8_tiles.py` times the decode candidates on the device instead."""
     if on_cpu:
-        return 16, 32, 4, 1
+        return GemmTiles(16, 32, 4, 1)
+    wide = n >= 16384
     if m <= 16:
-        return 16, 64, 4, 4
+        return GemmTiles(16, 64, 4, 4, fuse_quant=False) if wide else GemmTiles(16, 32, 4, 6, fuse_quant=False)
     if m <= 64:
-        return 64, 64, 4, 4
-    return 128, 128, 8, 3
+        return GemmTiles(32 if m <= 32 else 64, 64 if wide else 32, 4, 4, fuse_quant=False)
+    return GemmTiles(128, 128, 8, 4, fuse_quant=False) if wide else GemmTiles(64, 128, 4, 4, fuse_quant=False)
 
 
 def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   block_size: tuple[int, int], quantize_activations: bool = True) -> torch.Tensor:
+                   block_size: tuple[int, int], quantize_activations: bool = True,
+                   tiles: GemmTiles | None = None) -> torch.Tensor:
     """x `[M, K]` @ dequant(weight `[N, K]`)^T → `[M, N]` in x's dtype; see `fp8_block_gemm_ref`."""
     m, k = x.shape
     n = weight.shape[0]
     bn, bk = block_size
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return out
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
     x = x.contiguous()
-    if quantize_activations:
-        a, a_scale = quantize_activation(x, bk)
+    t = tiles or gemm_tiles(m, n, k, x.device.type == "cpu")
+    if t.gemv_groups and quantize_activations and m == 1:
+        c = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
+            x, weight, weight_scale, c, n, k, weight.stride(0), weight_scale.stride(0), SCALE_ROWS=bn,
+            FP8_MAX=FP8_MAX, GROUP=bk, GROUPS=t.gemv_groups, BLOCK_N=t.block_n, num_warps=t.warps,
+            num_stages=t.stages)
+        return c
+    if not quantize_activations:
+        mode, a, a_scale = A_WEIGHT_ONLY, x, weight_scale  # a_scale unused
+    elif t.fuse_quant:
+        mode, a, a_scale = A_QUANTIZE, x, weight_scale  # a_scale unused
     else:
-        a, a_scale = x, weight_scale  # a_scale unused
-    block_m, block_n, warps, stages = _tiles(m, x.device.type == "cpu")
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, out, m, n, k, a.stride(0), a_scale.stride(0),
-                           weight.stride(0), weight_scale.stride(0), out.stride(0), SCALE_ROWS=bn,
-                           A_FP8=quantize_activations, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, GROUP_M=8,
-                           num_warps=warps, num_stages=stages)
-    return out
+        mode, (a, a_scale) = A_FP8, quantize_activation(x, bk)
+    out = torch.zeros if t.split_k > 1 else torch.empty
+    c = out((m, n), dtype=torch.float32 if t.split_k > 1 else x.dtype, device=x.device)
+    grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), t.split_k)
+    _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
+                           weight.stride(0), weight_scale.stride(0), c.stride(0), SCALE_ROWS=bn, A_MODE=mode,
+                           FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk,
+                           GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
+    return c.to(x.dtype) if t.split_k > 1 else c

@@ -16,7 +16,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x2 = x.reshape(-1, x.shape[-1])
     if x.device.type == "cuda":
         from engine.kernels.fp8_gemm import fp8_block_gemm
-        y = fp8_block_gemm(x2, weight, weight_scale, config.block_size, config.quantize_activations)
+        from engine.kernels.fp8_tiles import tiles_for
+        tiles = tiles_for(x2, weight, weight_scale, config.block_size, config.quantize_activations)
+        y = fp8_block_gemm(x2, weight, weight_scale, config.block_size, config.quantize_activations, tiles)
     else:
         y = fp8_block_gemm_ref(x2, weight, weight_scale, config.block_size, config.quantize_activations)
     if bias is not None:

@@ -3,12 +3,14 @@ their torch references (interpreter on CPU, native on CUDA).
 Usage: python -m tests.engine.kernels.check_fp8 [device] [small|real]"""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
-from engine.kernels.fp8_gemm import fp8_block_gemm, quantize_activation
+from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles, quantize_activation
 from engine.kernels.fp8_ref import fp8_block_gemm_ref, fused_experts_fp8_ref, quantize_activation_ref
+from engine.kernels.fp8_tiles import candidates
 from engine.kernels.fused_moe_fp8 import fused_experts_fp8
 from engine.quantization import quantize_blocks
 
@@ -26,11 +28,11 @@ def check_activation(m, k, group, dtype, device) -> float:
                                  qr.float() * sr.repeat_interleave(group, 1)[:, :k]))
 
 
-def check_gemm(m, n, k, block, dtype, device, quantize_activations) -> float:
+def check_gemm(m, n, k, block, dtype, device, quantize_activations, tiles=None) -> float:
     torch.manual_seed(n + k)
     x = torch.randn(m, k, device=device).to(dtype)
     w8, ws = quantize_blocks(torch.randn(n, k, device=device) * k ** -0.5, block)
-    return _rel(fp8_block_gemm(x, w8, ws, block, quantize_activations),
+    return _rel(fp8_block_gemm(x, w8, ws, block, quantize_activations, tiles),
                 fp8_block_gemm_ref(x, w8, ws, block, quantize_activations))
 
 
@@ -44,6 +46,14 @@ def check_moe(t, e, h, i, k, block, dtype, device, quantize_activations) -> floa
     wts = torch.rand(t, k, device=device)
     args = (x, w13, s13, w2, s2, wts, ids, block, quantize_activations)
     return _rel(fused_experts_fp8(*args), fused_experts_fp8_ref(*args))
+
+
+def _variant(t: GemmTiles, name: str) -> GemmTiles:
+    """The non-default paths: FP8 activations quantized ahead by their own launch (CPU default:
+    inside the GEMM; GPU default: ahead, so there the other), or split K with float32 atomics."""
+    if name == "prequantized":
+        return dataclasses.replace(t, fuse_quant=not t.fuse_quant)
+    return dataclasses.replace(t, split_k=2)
 
 
 def main() -> int:
@@ -63,7 +73,16 @@ def main() -> int:
     cases = [(f"act {c}", lambda c=c: check_activation(*c, dtype, device)) for c in acts]
     for qa in (True, False):
         cases += [(f"gemm {c} qa={qa}", lambda c=c, qa=qa: check_gemm(*c, block, dtype, device, qa)) for c in gemms]
+        for variant in ("prequantized", "split_k=2"):  # the non-default tile choices, at one size each
+            cases.append((f"gemm {gemms[-1]} qa={qa} {variant}", lambda c=gemms[-1], qa=qa, v=variant: check_gemm(
+                *c, block, dtype, device, qa, _variant(gemm_tiles(c[0], c[1], c[2], device == "cpu"), v))))
+        if qa:  # the one-token kernel quantizes the token itself; weight-only M = 1 takes the dot path
+            cases.append((f"gemm {gemms[0]} qa={qa} gemv", lambda c=gemms[0], qa=qa: check_gemm(
+                *c, block, dtype, device, qa, GemmTiles(16, 16, 4, 1, gemv_groups=2))))
         cases += [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa)) for c in moes]
+    for m in (1, 33):  # every tiling the decode tuner may pick (engine/kernels/fp8_tiles.py)
+        cases.append((f"gemm ({m}, 40, 72) tuner candidates", lambda m=m: max(
+            check_gemm(m, 40, 72, block, dtype, device, True, t) for t in candidates(m, True))))
     for label, fn in cases:
         err = fn()
         ok = err < tol
