@@ -141,6 +141,9 @@ def measure_prefill(core: EngineCore, tokens: int, seed: int, repeats: int = 3) 
 
 def run(args) -> dict:
     mc = resolve_model(args.model, args.dtype)
+    if args.num_layers:  # a full-width model cut to its first layers (one GPU cannot hold all of them)
+        mc = dataclasses.replace(mc, hf={**mc.hf, "num_hidden_layers": args.num_layers})
+    fp8 = bool(args.quantization) or (mc.hf.get("quantization_config") or {}).get("quant_method") == "fp8"
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.dtype == "auto":
         mc = dataclasses.replace(mc, dtype=torch.float32)
@@ -186,12 +189,13 @@ def run(args) -> dict:
               "torch": torch.__version__, "attention_backend": backend_name,
               "moe_backend": moe_backend, "probe": probe,
               "decode": decode, "prefill": prefill, "hf": hf_results, "engine_process": engine_process,
-              "overlap_schedule": config.overlap_schedule}
+              "overlap_schedule": config.overlap_schedule, "num_layers": args.num_layers,
+              "fp8_decode_tiles": _fp8_tiles() if fp8 and device.type == "cuda" else None}
     if probe:
         hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
         for d in decode:
             f = roofline.floors(mc, hbm, flops, d["batch"], d["context"], args.prefill_len,
-                                fp8_weights=bool(args.quantization))
+                                fp8_weights=fp8)
             d["floor_ms_per_step"] = f["decode_step_floor_s"] * 1e3
             d["ceiling_tok_s"] = f["decode_tok_s_ceiling"]
             d["bytes_per_step"] = f["decode_bytes"]
@@ -199,6 +203,11 @@ def run(args) -> dict:
         prefill["floor_s"], prefill["ceiling_tok_s"], prefill["flops"] = (
             f["prefill_floor_s"], f["prefill_tok_s_ceiling"], f["prefill_flops"])
     return result
+
+
+def _fp8_tiles() -> list[dict]:
+    from engine.kernels.fp8_tiles import chosen
+    return [dict(bucket=key[1], n=key[2], k=key[3], tiles=dataclasses.asdict(t)) for key, t in chosen().items()]
 
 
 def _moe_backend(core: EngineCore) -> str:
@@ -214,7 +223,8 @@ def _moe_backend(core: EngineCore) -> str:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"### {r['model']} ({r['dtype']}) on {r['device']} — {r['date']}", "",
+    cut = f", first {r['num_layers']} layers" if r.get("num_layers") else ""
+    lines = [f"### {r['model']} ({r['dtype']}{cut}) on {r['device']} — {r['date']}", "",
              f"`{r['command']}`", "",
              f"torch {r['torch']}, attention backend `{r['attention_backend']}`, MoE: {r['moe_backend']}"]
     if r["probe"]:
@@ -262,6 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="block-scaled FP8 dummy weights")
+    ap.add_argument("--num-layers", type=int, default=None, help="keep only the model's first N layers")
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--hf-decode-steps", type=int, default=16)

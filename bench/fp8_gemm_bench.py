@@ -1,14 +1,18 @@
 """Block-scaled FP8 GEMM (engine/kernels/fp8_gemm.py, activation quantization included) at
-Qwen3-8B and DeepSeek-V3 linear-layer shapes, against floors measured in the same run: the FP8
-matmul rate (torch._scaled_mm, per-tensor scales, 8192^3) and HBM copy bandwidth; bf16 F.linear
-alongside. torch._scaled_mm with blockwise (1x128 activations, 128x128 weights) scales is timed
-too where this torch/device supports it.
+Qwen3-8B and DeepSeek-V3 linear-layer shapes, as the engine runs it (decode sizes: the tiles
+`fp8_tiles` times and keeps; prefill: the defaults), against floors measured in the same run: the
+FP8 matmul rate (torch._scaled_mm, per-tensor scales, 8192^3) and the HBM copy rate (read+write,
+the rate bench/roofline.py divides bytes by). Every time is per call inside a CUDA graph (decode
+runs that way; launch cost is not the kernel's). Alongside: bf16 `F.linear`, and torch._scaled_mm
+with rowwise scales (per token, per output channel: coarser than the checkpoints' 128x128 blocks,
+so not a substitute, timed as the rate cuBLAS reaches) and with blockwise scales where supported.
 
-    python -m bench.fp8_gemm_bench --out DIR
+    python -m bench.fp8_gemm_bench --m 1,16,64,2048 --out DIR
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -16,8 +20,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench.device_probe import probe, time_ms
+from bench.device_probe import probe
+from bench.fp8_gemm_sweep import fp8_peak, graph_ms
 from engine.kernels.fp8_gemm import fp8_block_gemm, quantize_activation
+from engine.kernels.fp8_tiles import tiles_for
 from engine.quantization import quantize_blocks
 
 SHAPES = {  # (N, K) of each weight
@@ -28,19 +34,61 @@ SHAPES = {  # (N, K) of each weight
 }
 
 
-def fp8_peak(device) -> float:
-    n = 8192
-    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
-    one = torch.tensor(1.0, device=device)
-    ms = time_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
-    return 2 * n ** 3 / (ms / 1e3)
+def _try(fn):
+    try:
+        return graph_ms(fn), None
+    except Exception as e:  # noqa: BLE001 - record why
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def scaled_mm_blockwise(x, w8, ws):
-    """torch._scaled_mm with DeepSeek's scaling (1x128 activations, 128x128 weights), if supported."""
-    a, a_s = quantize_activation(x, 128)
-    return torch._scaled_mm(a, w8.t(), scale_a=a_s.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16)
+def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
+    w = torch.randn(n, k, device="cuda") * k ** -0.5
+    w8, ws = quantize_blocks(w, (128, 128))
+    wb, wt, sb = w.to(torch.bfloat16), w8.t(), torch.ones(1, n, device="cuda")
+    del w
+    rows = []
+    for m in ms_list:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        tiles = tiles_for(x, w8, ws, (128, 128), True)
+        ours = graph_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128), True, tiles))
+        w8a16 = graph_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128), False, tiles))
+        bf16 = graph_ms(lambda: F.linear(x, wb))
+        x8, sa = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device="cuda")
+        rowwise, row_err = _try(lambda: torch._scaled_mm(x8, wt, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+        blockwise = None
+        if state.get("blockwise_error") is None:
+            a, a_s = quantize_activation(x, 128)
+            blockwise, state["blockwise_error"] = _try(lambda: torch._scaled_mm(
+                a, wt, scale_a=a_s.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16))
+        flops, bytes_ = 2 * m * n * k, n * k + 2 * m * (n + k)  # FP8 weight + bf16 in/out (scales < 0.01%)
+        floor = max(flops / peak, bytes_ / hbm) * 1e3
+        rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, tiles=dataclasses.asdict(tiles),
+                         w8a16_ms=w8a16, bf16_ms=bf16, scaled_mm_rowwise_ms=rowwise, scaled_mm_rowwise_error=row_err,
+                         scaled_mm_blockwise_ms=blockwise, floor_ms=floor, ours_tflops=flops / ours / 1e9,
+                         floor_over_ours=floor / ours, speedup_vs_bf16=bf16 / ours))
+    return rows
+
+
+def _tiles_label(t: dict) -> str:
+    if t["gemv_groups"]:
+        return f"gemv n{t['block_n']} g{t['gemv_groups']} w{t['warps']}"
+    return (f"{t['block_m']}x{t['block_n']} w{t['warps']} s{t['stages']}" + (f" sk{t['split_k']}" if t["split_k"] > 1
+                                                                              else ""))
+
+
+def markdown(result) -> str:
+    lines = [f"FP8 peak (torch._scaled_mm 8192^3, same run): {result['fp8_peak_flops'] / 1e12:.0f} TFLOP/s; bf16 "
+             f"{result['bf16_peak_flops'] / 1e12:.0f} TFLOP/s; HBM copy {result['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s. "
+             "Floor = max(FLOPs / FP8 peak, bytes / HBM copy rate). Times per call inside a CUDA graph.",
+             f"torch._scaled_mm blockwise (1x128, 128x128): {result['scaled_mm_blockwise_error'] or 'supported'}", "",
+             "| shape (N x K) | M | ours ms | tiles | floor ms | floor/ours | TFLOP/s | bf16 ms | ours vs bf16 | "
+             "W8A16 ms | _scaled_mm rowwise ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rw = f"{r['scaled_mm_rowwise_ms']:.4f}" if r["scaled_mm_rowwise_ms"] else "–"
+        lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {r['ours_ms']:.4f} | {_tiles_label(r['tiles'])} | "
+                     f"{r['floor_ms']:.4f} | {r['floor_over_ours']:.0%} | {r['ours_tflops']:.0f} | {r['bf16_ms']:.4f} | "
+                     f"{r['speedup_vs_bf16']:.2f}x | {r['w8a16_ms']:.4f} | {rw} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -48,49 +96,16 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 2048])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    dev = torch.device("cuda")
     p = probe("cuda")
-    hbm, bf16_peak = p["hbm_copy_bytes_per_s"], p["bf16_matmul_flops_per_s"]
-    peak = fp8_peak(dev)
-    rows, blockwise_error = [], None
+    hbm, peak, state, rows = p["hbm_copy_bytes_per_s"], fp8_peak(), {}, []
     for label, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device=dev) * k ** -0.5
-        w8, ws = quantize_blocks(w, (128, 128))
-        wb = w.to(torch.bfloat16)
-        del w
-        for m in args.m:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            ours = time_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128)))
-            bf16 = time_ms(lambda: F.linear(x, wb))
-            sm = None
-            if blockwise_error is None:
-                try:
-                    sm = time_ms(lambda: scaled_mm_blockwise(x, w8, ws))
-                except Exception as e:  # noqa: BLE001 - report why and stop trying
-                    blockwise_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            flops = 2 * m * n * k
-            bytes_ = n * k + m * k * 2 + m * n * 2  # FP8 weight + bf16 in/out (scales negligible)
-            floor_ms = max(flops / peak, bytes_ / (hbm / 2)) * 1e3  # copy rate counts read+write
-            rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, bf16_ms=bf16, scaled_mm_blockwise_ms=sm,
-                             floor_ms=floor_ms, ours_tflops=flops / ours / 1e9, floor_over_ours=floor_ms / ours,
-                             speedup_vs_bf16=bf16 / ours))
-        del w8, ws, wb
+        rows += measure(label, n, k, args.m, hbm, peak, state)
         torch.cuda.empty_cache()
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  device=torch.cuda.get_device_name(dev), torch=torch.__version__, hbm_copy_bytes_per_s=hbm,
-                  bf16_peak_flops=bf16_peak, fp8_peak_flops=peak, scaled_mm_blockwise_error=blockwise_error,
-                  rows=rows)
-    lines = [f"FP8 peak (torch._scaled_mm 8192^3, same run): {peak / 1e12:.0f} TFLOP/s; bf16 {bf16_peak / 1e12:.0f} "
-             f"TFLOP/s; HBM copy {hbm / 1e12:.2f} TB/s (read+write). Floor = max(FLOPs / FP8 peak, bytes / "
-             f"(copy rate / 2)).", f"torch._scaled_mm blockwise: {blockwise_error or 'supported'}", "",
-             "| shape (N x K) | M | ours ms | floor ms | floor/ours | TFLOP/s | bf16 ms | ours vs bf16 | "
-             "_scaled_mm blockwise ms |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sm = f"{r['scaled_mm_blockwise_ms']:.3f}" if r["scaled_mm_blockwise_ms"] else "–"
-        lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {r['ours_ms']:.3f} | {r['floor_ms']:.3f} | "
-                     f"{r['floor_over_ours']:.0%} | {r['ours_tflops']:.0f} | {r['bf16_ms']:.3f} | "
-                     f"{r['speedup_vs_bf16']:.2f}x | {sm} |")
-    text = "\n".join(lines) + "\n"
+                  device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_bytes_per_s=hbm,
+                  bf16_peak_flops=p["bf16_matmul_flops_per_s"], fp8_peak_flops=peak,
+                  scaled_mm_blockwise_error=state.get("blockwise_error"), rows=rows)
+    text = markdown(result)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -191,13 +191,15 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     x = x.contiguous()
     t = tiles or gemm_tiles(m, n, k, x.device.type == "cpu")
-    if t.gemv_groups and quantize_activations and m == 1:
-        c = torch.empty((1, n), dtype=x.dtype, device=x.device)
-        _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
-            x, weight, weight_scale, c, n, k, weight.stride(0), weight_scale.stride(0), SCALE_ROWS=bn,
-            FP8_MAX=FP8_MAX, GROUP=bk, GROUPS=t.gemv_groups, BLOCK_N=t.block_n, num_warps=t.warps,
-            num_stages=t.stages)
-        return c
+    if t.gemv_groups:
+        if quantize_activations and m == 1:
+            c = torch.empty((1, n), dtype=x.dtype, device=x.device)
+            _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
+                x, weight, weight_scale, c, n, k, weight.stride(0), weight_scale.stride(0), SCALE_ROWS=bn,
+                FP8_MAX=FP8_MAX, GROUP=bk, GROUPS=t.gemv_groups, BLOCK_N=t.block_n, num_warps=t.warps,
+                num_stages=t.stages)
+            return c
+        t = gemm_tiles(m, n, k, x.device.type == "cpu")  # the one-token kernel does W8A8 with M = 1 only
     if not quantize_activations:
         mode, a, a_scale = A_WEIGHT_ONLY, x, weight_scale  # a_scale unused
     elif t.fuse_quant:

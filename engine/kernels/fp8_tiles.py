@@ -11,11 +11,14 @@ Prefill sizes (M > 64) always take the default. Owns only that choice and its ca
 """
 from __future__ import annotations
 
+import logging
 import statistics
 
 import torch
 
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles
+
+log = logging.getLogger(__name__)
 
 DECODE_MAX_M = 64
 _chosen: dict[tuple, GemmTiles] = {}
@@ -29,10 +32,9 @@ def candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
     """Tiles worth timing for tokens `m` (≤ DECODE_MAX_M)."""
     bm = max(16, bucket(m))
     out = [GemmTiles(bm, bn, 4, st, fuse_quant=False) for bn, st in ((32, 6), (64, 4))]
-    out += [GemmTiles(bm, 16, 4, 6, fuse_quant=False), GemmTiles(bm, 64, 4, 4, fuse_quant=False, split_k=4)]
+    out.append(GemmTiles(bm, 64, 4, 4, fuse_quant=False, split_k=4))
     if m == 1 and quantize_activations:
-        out += [GemmTiles(16, bn, w, st, gemv_groups=g) for bn, g, w, st in
-                ((16, 2, 4, 3), (16, 4, 8, 1), (8, 4, 4, 3), (32, 2, 8, 3))]
+        out += [GemmTiles(16, bn, w, st, gemv_groups=g) for bn, g, w, st in ((16, 2, 4, 3), (16, 4, 8, 1), (8, 4, 4, 3))]
     return out
 
 
@@ -61,10 +63,14 @@ def tiles_for(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         if torch.cuda.is_current_stream_capturing():
             return gemm_tiles(m, n, k, False)
         probe = torch.randn(bucket(m), k, device=x.device, dtype=x.dtype)
-        timed = [(_time(lambda t=t: fp8_block_gemm(probe, weight, weight_scale, block_size, quantize_activations,
-                                                   t)), i, t)
-                 for i, t in enumerate(candidates(bucket(m), quantize_activations))]
-        _chosen[key] = min(timed)[2]
+        timed = []
+        for i, t in enumerate(candidates(bucket(m), quantize_activations)):
+            try:
+                timed.append((_time(lambda t=t: fp8_block_gemm(probe, weight, weight_scale, block_size,
+                                                               quantize_activations, t)), i, t))
+            except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
+                log.warning("FP8 GEMM tiles %s failed for N=%d K=%d: %s", t, n, k, e)
+        _chosen[key] = min(timed)[2] if timed else gemm_tiles(m, n, k, False)
     return _chosen[key]
 
 

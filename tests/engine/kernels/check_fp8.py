@@ -1,6 +1,6 @@
 """Compares the Triton FP8 kernels (activation quantization, block-scaled GEMM, fused MoE) with
 their torch references (interpreter on CPU, native on CUDA).
-Usage: python -m tests.engine.kernels.check_fp8 [device] [small|real]"""
+Usage: python -m tests.engine.kernels.check_fp8 [device] [small|real] [gemm (skip the MoE cases)]"""
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +59,7 @@ def _variant(t: GemmTiles, name: str) -> GemmTiles:
 def main() -> int:
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     size = sys.argv[2] if len(sys.argv) > 2 else "small"
+    gemm_only = len(sys.argv) > 3 and sys.argv[3] == "gemm"
     if size == "small":
         dtype, tol, block = torch.float32, 1e-4, (16, 32)
         acts = [(5, 72, 32)]
@@ -79,10 +80,12 @@ def main() -> int:
         if qa:  # the one-token kernel quantizes the token itself; weight-only M = 1 takes the dot path
             cases.append((f"gemm {gemms[0]} qa={qa} gemv", lambda c=gemms[0], qa=qa: check_gemm(
                 *c, block, dtype, device, qa, GemmTiles(16, 16, 4, 1, gemv_groups=2))))
-        cases += [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa)) for c in moes]
+        cases += [] if gemm_only else [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa))
+                                       for c in moes]
+    n, k = gemms[0][1:]
     for m in (1, 33):  # every tiling the decode tuner may pick (engine/kernels/fp8_tiles.py)
-        cases.append((f"gemm ({m}, 40, 72) tuner candidates", lambda m=m: max(
-            check_gemm(m, 40, 72, block, dtype, device, True, t) for t in candidates(m, True))))
+        cases.append((f"gemm ({m}, {n}, {k}) tuner candidates", lambda m=m: max(
+            check_gemm(m, n, k, block, dtype, device, True, t) for t in candidates(m, True))))
     for label, fn in cases:
         err = fn()
         ok = err < tol
