@@ -17,13 +17,15 @@ import os
 
 import torch
 
-from engine import LLM, SamplingParams
 from engine.attention.backend import select_backend
 from engine.attention.metadata import AttentionMetadata
 from engine.config import kv_cache_dtype
+from engine.engine_args import build_engine_config
+from engine.engine_core import EngineCore
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
 from engine.presets import resolve_model
+from engine.sampling_params import SamplingParams
 from engine.weight_loader import load_model
 
 
@@ -45,13 +47,19 @@ def run(model_name: str, dtype: str, device: str, prompt_len: int, tokens: int, 
     ref = load_model(mc, device, "dummy", seed=seed)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, mc.vocab_size, (prompt_len,), generator=gen).tolist()
-    llm = LLM(model_name, model_object=ref, model_config=mc, device=str(device), dtype=dtype,
-              max_model_len=prompt_len + tokens + 16, num_pages=-(-(prompt_len + tokens) // 16) + 8,
-              max_num_seqs=1)
-    out = llm.generate(prompt_token_ids=[prompt],
-                       sampling_params=SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))[0]
-    seq = prompt + list(out.token_ids)
-    del llm
+    # EngineCore, not LLM: token ids in and out, so no tokenizer is needed (the device has none of DeepSeek's).
+    core = EngineCore(build_engine_config(model_name, device=str(device), dtype=dtype, load_format="dummy",
+                                          max_model_len=prompt_len + tokens + 16, max_num_seqs=1,
+                                          num_pages=-(-(prompt_len + tokens) // 16) + 8),
+                      model=ref, model_config=mc)
+    core.add_request("acc", prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+    req = core.requests["acc"]
+    generated = []
+    while core.has_unfinished():
+        core.step()
+        generated = list(req.output_token_ids)
+    seq = prompt + generated[:tokens]
+    del core
     base = sequence_logits(ref, mc, seq, device)[prompt_len - 1: -1]
     del ref
     fp8 = load_model(mc, device, "dummy", seed=seed, quantization="fp8")

@@ -70,8 +70,6 @@ def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
 
 
 def _tiles_label(t: dict) -> str:
-    if t["gemv_groups"]:
-        return f"gemv n{t['block_n']} g{t['gemv_groups']} w{t['warps']}"
     return (f"{t['block_m']}x{t['block_n']} w{t['warps']} s{t['stages']}" + (f" sk{t['split_k']}" if t["split_k"] > 1
                                                                               else ""))
 

@@ -1,31 +1,34 @@
 #!/usr/bin/env bash
 # One H200 call for issue 17 (FP8), every record in one run, most important first; results under $OUT.
-# Run from the worktree copy with PYTHONPATH set. Each step has its own timeout (sum < 235 s) so
+# Run from the worktree copy with PYTHONPATH set. Each step has its own timeout (sum 240 s: the call's timeout_s should be ~250) so
 # that whatever finished comes back.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" 2>&1
-step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record rc and wall time
+# The device returns at most a handful of files: everything goes to $STAGE and is packed into
+# $OUT/fp8_results.tgz after every step (so a timeout still returns what finished).
+STAGE=$(mktemp -d)
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
+step() {  # step NAME SECONDS CMD...: run, log to NAME.log, record rc and wall time, pack
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  timeout "$secs" "$@" > "$STAGE/$name.log" 2>&1
+  echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$STAGE/steps.txt"
+  tar czf "$OUT/fp8_results.tgz" -C "$STAGE" . && cp "$STAGE/steps.txt" "$OUT/steps.txt"
 }
-# GEMM correctness at real sizes first (the one-token kernel and every decode tiling), then decode/prefill.
-step check_gemm 20 python -m tests.engine.kernels.check_fp8 cuda real gemm
+# GEMM correctness at real sizes first (every tiling the decode tuner may pick), then decode/prefill.
+step check_gemm 30 python -m tests.engine.kernels.check_fp8 cuda real gemm
 for q in fp8 none; do
   flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
   step "qwen3_$q" 40 python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 $flag --batch 1,16,64 \
-    --decode-steps 32 --prefill-len 2048 --out "$OUT/qwen3_$q"
+    --decode-steps 32 --prefill-len 2048 --out "$STAGE/qwen3_$q"
 done
-step gemm 30 python -m bench.fp8_gemm_bench --m 1,16,64,2048 --out "$OUT"
+step gemm 30 python -m bench.fp8_gemm_bench --m 1,16,64,2048 --out "$STAGE"
 # DeepSeek-V3 as it ships (FP8 blocks), full width, first 13 layers (3 dense + 10 MoE, 112.8 GiB of weights).
 step v3_cut 45 python -m bench.engine_bench --model deepseek-v3-fp8 --dtype bfloat16 --num-layers 13 \
-  --batch 1,16,64 --decode-steps 16 --prefill-len 2048 --gpu-mem 0.93 --out "$OUT/v3_cut"
-step accuracy 25 python -m bench.fp8_accuracy --model qwen3-8b --tokens 512 --out "$OUT"
+  --batch 1,16,64 --decode-steps 16 --prefill-len 2048 --gpu-mem 0.93 --out "$STAGE/v3_cut"
+step accuracy 25 python -m bench.fp8_accuracy --model qwen3-8b --tokens 512 --out "$STAGE"
 for q in fp8 none; do
   flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
   step "v2lite_$q" 25 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 $flag --batch 1,16,64 \
-    --decode-steps 32 --prefill-len 2048 --out "$OUT/v2lite_$q"
+    --decode-steps 32 --prefill-len 2048 --out "$STAGE/v2lite_$q"
 done
-ls -R "$OUT" > "$OUT/files.txt"

@@ -4,12 +4,12 @@
 one scale block `bk`: each step adds `dot(a, b) * a_scale[m] * b_scale[n]` in float32 (the
 DeepSeek-V3 recipe: per-block scales applied to each partial sum, never to FP8 operands), with `x`
 quantized per token and `bk` columns. Where that quantization happens is a tile choice
-(`GemmTiles.fuse_quant`): inside the GEMM, on the A tile it just loaded (decode sizes: no second
-launch, and the activation is tiny, so recomputing it per N tile costs nothing), or once by
-`quantize_activation` ahead of a pipelined FP8 tensor-core GEMM (prefill sizes). The values are the
-same either way. With `quantize_activations=False` the weight tile is widened in registers and
-multiplied in the activation dtype (weight-only FP8). Launch shapes depend only on M and the
-weight (CUDA-graph safe).
+(`GemmTiles.fuse_quant`): once, by `quantize_activation`, ahead of the GEMM (the default on GPU),
+or inside the GEMM on each A tile it loads (no second launch, but recomputed for every N tile:
+2-4x slower on the H200 at every size measured, bench/results/2026-11-29_h200_fp8b.md). The values
+are the same either way. With `quantize_activations=False` the weight tile is widened in registers
+and multiplied in the activation dtype (weight-only FP8). Launch shapes depend only on M and the
+weight (CUDA-graph safe); `split_k` > 1 adds float32 atomics over K slices for narrow, deep weights.
 """
 from __future__ import annotations
 
@@ -123,33 +123,6 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
         tl.atomic_add(c_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _fp8_gemv_kernel(x, b, b_scale, c, n, k, stride_bn, stride_bsn, SCALE_ROWS: tl.constexpr,
-                     FP8_MAX: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One token (M = 1): each program streams `BLOCK_N` weight rows, `GROUPS` scale blocks per step,
-    quantizing the token's matching groups itself (the token is tiny; no second launch) and
-    reducing on CUDA cores: padding one row to a 16-row tensor-core tile would waste 15/16 of it."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n
-    grp = tl.arange(0, GROUPS)
-    cols = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
-    w_ptr = b + offs_n[:, None, None].to(tl.int64) * stride_bn + cols[None, :, :]
-    ws_ptr = b_scale + (offs_n // SCALE_ROWS)[:, None] * stride_bsn + grp[None, :]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for step in range(0, tl.cdiv(k, GROUP * GROUPS)):
-        k0 = step * GROUP * GROUPS
-        k_ok = cols < k - k0
-        v = tl.load(x + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
-        xq, xs = _quantize_tile(v, FP8_MAX)
-        xq = xq.to(b.dtype.element_ty).to(tl.float32)  # exactly the FP8 value the GEMM path multiplies
-        w = tl.load(w_ptr + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
-        part = tl.sum(w * xq[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
-        g_ok = grp < tl.cdiv(k, GROUP) - step * GROUPS
-        ws = tl.load(ws_ptr + step * GROUPS, mask=n_ok[:, None] & g_ok[None, :], other=0.0)
-        acc += tl.sum(part * ws * xs[None, :], axis=1)
-    tl.store(c + offs_n, acc.to(c.dtype.element_ty), mask=n_ok)
-
-
 @dataclass(frozen=True)
 class GemmTiles:
     """One launch configuration of `_fp8_gemm_kernel`."""
@@ -160,7 +133,6 @@ class GemmTiles:
     fuse_quant: bool = True  # A_QUANTIZE rather than A_FP8 (when activations are quantized)
     split_k: int = 1  # > 1: float32 atomics into a zeroed buffer, then a cast (two more launches)
     group_m: int = 8
-    gemv_groups: int = 0  # > 0: M = 1 only, `_fp8_gemv_kernel` with this many scale blocks per step
 
 
 def gemm_tiles(m: int, n: int, k: int, on_cpu: bool) -> GemmTiles:
@@ -191,15 +163,6 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     x = x.contiguous()
     t = tiles or gemm_tiles(m, n, k, x.device.type == "cpu")
-    if t.gemv_groups:
-        if quantize_activations and m == 1:
-            c = torch.empty((1, n), dtype=x.dtype, device=x.device)
-            _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
-                x, weight, weight_scale, c, n, k, weight.stride(0), weight_scale.stride(0), SCALE_ROWS=bn,
-                FP8_MAX=FP8_MAX, GROUP=bk, GROUPS=t.gemv_groups, BLOCK_N=t.block_n, num_warps=t.warps,
-                num_stages=t.stages)
-            return c
-        t = gemm_tiles(m, n, k, x.device.type == "cpu")  # the one-token kernel does W8A8 with M = 1 only
     if not quantize_activations:
         mode, a, a_scale = A_WEIGHT_ONLY, x, weight_scale  # a_scale unused
     elif t.fuse_quant:

@@ -33,21 +33,29 @@ def candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
     bm = max(16, bucket(m))
     out = [GemmTiles(bm, bn, 4, st, fuse_quant=False) for bn, st in ((32, 6), (64, 4))]
     out.append(GemmTiles(bm, 64, 4, 4, fuse_quant=False, split_k=4))
-    if m == 1 and quantize_activations:
-        out += [GemmTiles(16, bn, w, st, gemv_groups=g) for bn, g, w, st in ((16, 2, 4, 3), (16, 4, 8, 1), (8, 4, 4, 3))]
     return out
 
 
-def _time(fn, reps: int = 10) -> float:
-    fn()
+def _time(fn, calls: int = 10, reps: int = 5) -> float:
+    """Per-call ms of `fn` replayed from a CUDA graph of `calls` calls: decode runs from graphs, and
+    timing eager launches would rank tilings by their launch count (a 10 us GEMM costs less than
+    the host's launch), not by their GPU time. Thread-local capture: other threads (NCCL's
+    watchdog) may touch CUDA meanwhile."""
+    fn()  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 

@@ -77,9 +77,6 @@ def main() -> int:
         for variant in ("prequantized", "split_k=2"):  # the non-default tile choices, at one size each
             cases.append((f"gemm {gemms[-1]} qa={qa} {variant}", lambda c=gemms[-1], qa=qa, v=variant: check_gemm(
                 *c, block, dtype, device, qa, _variant(gemm_tiles(c[0], c[1], c[2], device == "cpu"), v))))
-        if qa:  # the one-token kernel quantizes the token itself; weight-only M = 1 takes the dot path
-            cases.append((f"gemm {gemms[0]} qa={qa} gemv", lambda c=gemms[0], qa=qa: check_gemm(
-                *c, block, dtype, device, qa, GemmTiles(16, 16, 4, 1, gemv_groups=2))))
         cases += [] if gemm_only else [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa))
                                        for c in moes]
     n, k = gemms[0][1:]
