@@ -70,22 +70,25 @@ def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
 
 
 def _tiles_label(t: dict) -> str:
-    return (f"{t['block_m']}x{t['block_n']} w{t['warps']} s{t['stages']}" + (f" sk{t['split_k']}" if t["split_k"] > 1
-                                                                              else ""))
+    split = f" sk{t['split_k']}" if t["split_k"] > 1 else ""
+    quant = " in-GEMM quant" if t["fuse_quant"] else ""
+    return f"{t['block_m']}x{t['block_n']} w{t['warps']} s{t['stages']}{split}{quant}"
 
 
 def markdown(result) -> str:
-    lines = [f"FP8 peak (torch._scaled_mm 8192^3, same run): {result['fp8_peak_flops'] / 1e12:.0f} TFLOP/s; bf16 "
-             f"{result['bf16_peak_flops'] / 1e12:.0f} TFLOP/s; HBM copy {result['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s. "
-             "Floor = max(FLOPs / FP8 peak, bytes / HBM copy rate). Times per call inside a CUDA graph.",
+    hbm, fp8, bf16 = (result[key] / 1e12 for key in ("hbm_copy_bytes_per_s", "fp8_peak_flops", "bf16_peak_flops"))
+    lines = [f"FP8 peak (torch._scaled_mm 8192^3, same run): {fp8:.0f} TFLOP/s; bf16 {bf16:.0f} TFLOP/s; "
+             f"HBM copy {hbm:.2f} TB/s. Floor = max(FLOPs / FP8 peak, bytes / HBM copy rate). "
+             "Times per call inside a CUDA graph.",
              f"torch._scaled_mm blockwise (1x128, 128x128): {result['scaled_mm_blockwise_error'] or 'supported'}", "",
              "| shape (N x K) | M | ours ms | tiles | floor ms | floor/ours | TFLOP/s | bf16 ms | ours vs bf16 | "
              "W8A16 ms | _scaled_mm rowwise ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rw = f"{r['scaled_mm_rowwise_ms']:.4f}" if r["scaled_mm_rowwise_ms"] else "–"
-        lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {r['ours_ms']:.4f} | {_tiles_label(r['tiles'])} | "
-                     f"{r['floor_ms']:.4f} | {r['floor_over_ours']:.0%} | {r['ours_tflops']:.0f} | {r['bf16_ms']:.4f} | "
-                     f"{r['speedup_vs_bf16']:.2f}x | {r['w8a16_ms']:.4f} | {rw} |")
+        lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {r['ours_ms']:.4f} | "
+                     f"{_tiles_label(r['tiles'])} | {r['floor_ms']:.4f} | {r['floor_over_ours']:.0%} | "
+                     f"{r['ours_tflops']:.0f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f}x | "
+                     f"{r['w8a16_ms']:.4f} | {rw} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,8 @@ SHAPES = {"qwen3-8b qkv": (6144, 4096), "qwen3-8b gate_up": (24576, 4096), "qwen
 DECODE = [GemmTiles(16, n, w, s) for n in (16, 32, 64) for w, s in ((4, 4), (4, 6), (2, 6))] + [
     GemmTiles(16, 64, 4, 4, split_k=4), GemmTiles(16, 128, 4, 4, split_k=4),
     GemmTiles(16, 32, 4, 6, fuse_quant=False), GemmTiles(16, 64, 4, 4, fuse_quant=False)]
-MID = [GemmTiles(64, n, w, s) for n in (32, 64) for w, s in ((4, 4), (4, 6))] + [GemmTiles(32, 32, 4, 6),
-                                                                               GemmTiles(64, 64, 4, 4, fuse_quant=False)]
+MID = [GemmTiles(64, n, w, s) for n in (32, 64) for w, s in ((4, 4), (4, 6))]
+MID += [GemmTiles(32, 32, 4, 6), GemmTiles(64, 64, 4, 4, fuse_quant=False)]
 PREFILL = [GemmTiles(128, 128, 8, 3, fuse_quant=False), GemmTiles(128, 128, 8, 4, fuse_quant=False),
            GemmTiles(128, 128, 4, 4, fuse_quant=False), GemmTiles(128, 256, 8, 3, fuse_quant=False),
            GemmTiles(64, 128, 4, 4, fuse_quant=False), GemmTiles(128, 128, 8, 4, fuse_quant=True),
@@ -93,8 +93,9 @@ def sweep(ms_list, shapes, hbm, peak) -> list[dict]:
             ok = [r for r in row["tiles"] if isinstance(r["ms"], float)]
             best = min(ok, key=lambda r: r["ms"])
             row["best"] = best
+            rw = row["scaled_mm_rowwise_ms"]
             print(f"{label} ({n}x{k}) M={m}: floor {floor:.4f} bf16 {row['bf16_ms']:.4f} "
-                  f"rowwise {row['scaled_mm_rowwise_ms'] if isinstance(row['scaled_mm_rowwise_ms'], str) else round(row['scaled_mm_rowwise_ms'], 4)} "
+                  f"rowwise {rw if isinstance(rw, str) else round(rw, 4)} "
                   f"best {best['ms']:.4f} ({floor / best['ms']:.0%} of floor) {best['tiles']}", flush=True)
             for r in row["tiles"]:
                 print(f"    {r['tiles']} {r['ms'] if isinstance(r['ms'], str) else round(r['ms'], 4)}", flush=True)

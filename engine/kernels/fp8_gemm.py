@@ -5,11 +5,12 @@ one scale block `bk`: each step adds `dot(a, b) * a_scale[m] * b_scale[n]` in fl
 DeepSeek-V3 recipe: per-block scales applied to each partial sum, never to FP8 operands), with `x`
 quantized per token and `bk` columns. Where that quantization happens is a tile choice
 (`GemmTiles.fuse_quant`): once, by `quantize_activation`, ahead of the GEMM (the default on GPU),
-or inside the GEMM on each A tile it loads (no second launch, but recomputed for every N tile:
-2-4x slower on the H200 at every size measured, bench/results/2026-11-29_h200_fp8b.md). The values
-are the same either way. With `quantize_activations=False` the weight tile is widened in registers
-and multiplied in the activation dtype (weight-only FP8). Launch shapes depend only on M and the
-weight (CUDA-graph safe); `split_k` > 1 adds float32 atomics over K slices for narrow, deep weights.
+or inside the GEMM on each A tile it loads (no second launch, but recomputed for every N tile: on
+the H200 from 7 % faster to 32 % slower at M = 1, 1.25-4x slower from M = 64 up;
+bench/results/2026-11-29_h200_fp8b.md). The values are the same either way. With
+`quantize_activations=False` the weight tile is widened in registers and multiplied in the
+activation dtype (weight-only FP8). Launch shapes depend only on M and the weight (CUDA-graph
+safe); `split_k` > 1 adds float32 atomics over K slices for narrow, deep weights.
 """
 from __future__ import annotations
 
@@ -139,9 +140,10 @@ def gemm_tiles(m: int, n: int, k: int, on_cpu: bool) -> GemmTiles:
     """Default tiles by token count (launch shapes depend only on M and the weight: CUDA-graph safe),
     from the H200 sweep (bench/fp8_gemm_sweep.py, bench/results/2026-11-29_h200_fp8b.md): quantizing
     activations inside the GEMM recomputes them for every N tile and measured 2-4x slower than one
-    `quantize_activation` launch ahead; decode sizes want narrow N tiles (every SM busy streaming the
-    weight), prefill 128x128 tiles with 8 warps for wide weights and 64x128 with 4 for narrow ones.
-    `engine/kernels/fp8_tiles.py` times the decode candidates on the device instead."""
+    `quantize_activation` launch ahead from M = 64 up (-7 % to +32 % at M = 1); decode sizes want
+    narrow N tiles (every SM busy streaming the weight), prefill 128x128 tiles with 8 warps for wide
+    weights and 64x128 with 4 for narrow ones. `engine/kernels/fp8_tiles.py` times the decode
+    candidates on the device instead."""
     if on_cpu:
         return GemmTiles(16, 32, 4, 1)
     wide = n >= 16384
