@@ -22,7 +22,7 @@ import zmq
 
 from engine.config import EngineConfig, ModelConfig
 from engine.engine_process import (AbortRequest, AddRemoteRequest, AddRequest, EngineFailed, EngineReady,
-                                   RemoteAdded, Shutdown, Stats, StatsRequest, run_engine_process)
+                                   RemoteAdded, SetKVDestination, Shutdown, Stats, StatsRequest, run_engine_process)
 from engine.output_processor import RequestState
 from engine.outputs import RequestOutput
 from engine.request import RequestStatus
@@ -214,6 +214,13 @@ class EngineClient:
             self._states[rid] = RequestState(rid, prompt, list(prompt_token_ids), params, tokenizer)
             self._streams[rid] = stream
         return rid, stream
+
+    def set_kv_dest(self, request_id: str, dest: dict) -> None:
+        """Prefill role: the destination of a request started with `kv_dest={}` (it follows). For a
+        request that has ended, the engine tells the destination to free its pages."""
+        with self._lock:
+            rank = self._rank_of.get(request_id, 0)
+        self._send(SetKVDestination(request_id, dest), rank)
 
     def add_remote_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                            eos_token_ids: tuple[int, ...] | None = None,

@@ -16,6 +16,7 @@ import uuid
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.kv_connector import destination_known
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.presets import resolve_model
@@ -48,6 +49,7 @@ class EngineCore:
         self.num_steps = 0
         self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
         self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
+        self._sends_started = False  # a push's request finished computing in this step (poll at once)
         self._grammars = None  # structured output's compiler for this engine's tokenizer (first use)
         # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
         # rank in the same step, after which no rank enters another collective.
@@ -57,7 +59,8 @@ class EngineCore:
     # ------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     eos_token_ids: tuple[int, ...] | None = None, kv_dest: dict | None = None) -> None:
-        """`kv_dest` (prefill role): once computed, the prompt's KV is pushed there (SENDING_KV)."""
+        """`kv_dest` (prefill role): once computed, the prompt's KV is pushed there (SENDING_KV); `{}`
+        (`DESTINATION_FOLLOWS`): the prefill starts now and `set_kv_dest` names the destination later."""
         if kv_dest is not None and (self.connector is None or self.connector.role != "prefill"):
             raise RequestError(f"request {request_id!r}: this engine is not in the prefill role; it cannot send KV")
         req = self._new_request(request_id, prompt_token_ids, params, eos_token_ids)
@@ -158,6 +161,23 @@ class EngineCore:
         self.connector = connector
         self.scheduler.kv_timeout_s = self.config.kv_transfer_timeout_s
 
+    def set_kv_dest(self, request_id: str, dest: dict) -> None:
+        """The destination of a request added with `DESTINATION_FOLLOWS` (prefill role). If the request
+        has already ended (aborted, failed, timed out waiting), the receiver is told to free its pages."""
+        if self.connector is None or self.connector.role != "prefill":
+            raise RequestError(f"request {request_id!r}: this engine is not in the prefill role; it cannot send KV")
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            self.connector.abandon(dest)
+        elif req.kv_dest is not None and not destination_known(req.kv_dest):
+            req.kv_dest = dest
+            self.connector.set_destination(req)
+        else:
+            raise RequestError(f"request {request_id!r} already has a KV destination")
+
+    def kv_poll_interval_s(self) -> float:
+        return self.connector.poll_interval_s() if self.connector is not None else 0.001
+
     def _poll_connector(self) -> list[RequestOutput]:
         events = self.connector.poll()
         outputs = []
@@ -201,7 +221,8 @@ class EngineCore:
             if self.stopped or not has_work:
                 return outputs + self._drain()
         elif not has_work:
-            return outputs + self._drain()
+            outputs += self._drain()
+            return outputs + self._poll_new_sends()
         now = time.monotonic()
         for c in sched_out.chunks:
             if c.request.first_scheduled_time is None:
@@ -217,7 +238,15 @@ class EngineCore:
             outputs += self._finish(prev)
         if not self.config.overlap_schedule:
             outputs += self._drain()
-        return outputs + self._ended_unscheduled()
+        return outputs + self._poll_new_sends() + self._ended_unscheduled()
+
+    def _poll_new_sends(self) -> list[RequestOutput]:
+        """A push whose request just finished computing may be complete already (its last WRITE went
+        out with the last layer): report it now rather than at the loop's next poll (TTFT)."""
+        if not self._sends_started:
+            return []
+        self._sends_started = False
+        return self._poll_connector()
 
     def _drain(self) -> list[RequestOutput]:
         """Report the step in flight, if any."""
@@ -256,6 +285,7 @@ class EngineCore:
                                prompt_logprobs=self.runner.prompt_logprobs.pop(rid) if queued is not None else None)
             if req.status is RequestStatus.SENDING_KV:  # its end comes when the push has ended
                 self.connector.start_send(req)
+                self._sends_started = True
             elif rid in finished:
                 out.finished, out.finish_reason = True, req.finish_reason
                 out.stop_reason, out.error = req.stop_reason, req.error

@@ -4,7 +4,7 @@ CPU/GPU separation from the seed talks: the front process tokenizes, detokenizes
 API; this process only admits requests, steps the engine and ships token deltas back, so Python
 work in the front never stalls the GPU. Messages are small typed tuples pickled over ZMQ:
 
-    front → engine:  AddRequest | AddRemoteRequest | AbortRequest | StatsRequest | Shutdown
+    front → engine:  AddRequest | AddRemoteRequest | SetKVDestination | AbortRequest | StatsRequest | Shutdown
     engine → front:  EngineReady | EngineFailed (startup) | list[RequestOutput] (one per step)
                      | RemoteAdded (a KV destination) | Stats
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -42,6 +43,12 @@ class AddRemoteRequest:  # decode role: a request whose prompt KV a prefill engi
     prompt_token_ids: list[int]
     params: dict
     eos_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class SetKVDestination:  # prefill role: the destination of a request added with kv_dest={} (it follows)
+    request_id: str
+    dest: dict
 
 
 @dataclass
@@ -150,7 +157,10 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
         # Block while idle; poll briefly while only transfers are in flight; never wait while computing.
         # EP ranks step in lock-step (every iteration is a collective), so they only poll briefly.
         idle_wait = 2 if ep else 1000
-        timeout = 0 if core.has_unfinished() else (1 if core.has_kv_in_flight() else idle_wait)
+        timeout = 0 if core.has_unfinished() else (core.kv_poll_interval_s() * 1e3 if core.has_kv_in_flight() else idle_wait)
+        if 0 < timeout < 1:  # a push's tail: zmq's poll counts whole milliseconds, TTFT waits on this one
+            time.sleep(timeout / 1e3)
+            timeout = 0
         early: list = []
         while poller.poll(timeout):
             msg = pickle.loads(inbox.recv())
@@ -199,6 +209,11 @@ def _handle(core, msg, outputs: list):
             refuse(msg.request_id, f"overloaded: {e}")
         except (RequestError, ValueError, TypeError) as e:
             refuse(msg.request_id, str(e))
+    elif isinstance(msg, SetKVDestination):
+        try:
+            core.set_kv_dest(msg.request_id, msg.dest)
+        except (RequestError, ValueError, TypeError) as e:
+            log.warning("KV destination for %r refused: %s", msg.request_id, e)
     elif isinstance(msg, StatsRequest):
         stats = core.stats()
         stats["num_free_or_cached_pages"] = stats["num_free_pages"] + stats["num_cached_pages"]

@@ -10,6 +10,12 @@ KV is in memory); `start_send` says the request is computed and its first token 
 notice to the receiver carries that token); `abort_send` gives up. `poll` reports sends that
 ended: only then may the request's pages be freed (no WRITE from them is in flight).
 
+The destination may follow the request (SGLang's bootstrap: the prefill starts while the decode
+engine still reserves pages): such a request carries `kv_dest == {}` (`DESTINATION_FOLLOWS`) until
+`set_destination`; layers computed before it are written as soon as it comes. A push that
+never gets one ends at its deadline like any other; a destination for a request that already
+ended is answered with an "abandoned" notice (`abandon`), so the receiver frees its pages at once.
+
 Decode side (receiver): `destination` describes where a request's prompt KV must be written
 (agent, addresses, pages, a transfer id naming this one write); `poll` reports transfer ids whose
 KV arrived (with the first token) or that their sender abandoned.
@@ -19,6 +25,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from typing import Callable
+
+
+DESTINATION_FOLLOWS: dict = {}  # `kv_dest` of a request whose destination is not known yet (compare with ==)
+
+
+def destination_known(kv_dest: dict | None) -> bool:
+    return bool(kv_dest)
 
 
 @dataclass
@@ -60,6 +73,14 @@ class KVConnector(abc.ABC):
     def abort_send(self, request) -> None:
         """Give up a push; `poll` still reports it once no WRITE from its pages is in flight."""
 
+    def set_destination(self, request) -> None:
+        """`request.kv_dest` has just become known (it was `DESTINATION_FOLLOWS`): write what is
+        computed already, the rest as it comes."""
+        raise TypeError(f"a {self.role} connector does not send KV")
+
+    def abandon(self, dest: dict) -> None:
+        """A destination came for a request that had already ended: tell the receiver to free it."""
+
     # ------------------------------------------------------------- decode side
     def destination(self, request) -> dict:
         """Where a prefill engine must write `request`'s prompt KV (its `page_ids`)."""
@@ -73,6 +94,11 @@ class KVConnector(abc.ABC):
     def busy(self) -> bool:
         """Transfers in flight (the engine loop keeps polling while true)."""
         return False
+
+    def poll_interval_s(self) -> float:
+        """How long the idle engine loop may wait before the next `poll` while `busy`: short while
+        a push is in its tail (computed; its last WRITEs and the notice are all that TTFT waits for)."""
+        return 0.001
 
     def stats(self) -> dict:
         return {}

@@ -8,6 +8,10 @@ one notice goes to the receiver naming the transfer id and carrying the first to
 ends otherwise (error, abort, timeout) sends an "abandoned" notice instead, so the receiver frees
 its pages at once. A push is reported ended only when no WRITE from its pages is in flight.
 
+A destination may follow the request (`DESTINATION_FOLLOWS`): layers computed before it arrives
+wait in `ready` and go out as one WRITE when it does (`set_destination`); a push still without one
+at its deadline ends like a timed-out one (nothing was written, so no notice is needed).
+
 Decode side: `destination` publishes the agent, layer addresses, the request's pages and its
 transfer id; `poll` turns notices into arrivals.
 
@@ -25,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from engine.kv_connector import ConnectorEvents, KVConnector, RemoteKV, SendResult
+from engine.kv_connector import ConnectorEvents, KVConnector, RemoteKV, SendResult, destination_known
 from kvtransfer.agent import KVTransferAgent, KVTransferError
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ class _Push:
     start_at: float = 0.0  # not layered: when to post (fault-injected stall)
     transfers: list = field(default_factory=list)
     posted: int = 0  # layers posted (layered) or 0/1 (whole)
+    ready: list = field(default_factory=list)  # layers computed while the destination was unknown
     pending_jobs: int = 0  # layer events queued for the sender thread
     error: str | None = None
     aborted: bool = False
@@ -106,6 +111,10 @@ class NixlConnector(KVConnector):
 
     def busy(self) -> bool:
         return bool(self.pushes)
+
+    def poll_interval_s(self) -> float:
+        tail = any(p.compute_done and destination_known(p.dest) for p in list(self.pushes.values()))
+        return 0.0001 if tail else 0.001
 
     def stats(self) -> dict:
         return {"kv_transfers_in_flight": len(self.pushes), "kv_bytes_sent": self.bytes_sent}
@@ -155,14 +164,36 @@ class NixlConnector(KVConnector):
                 continue
             with push.lock:
                 push.pending_jobs -= from_job
-                if push.error is None and not push.aborted:
-                    try:
-                        with self._nixl_lock:
-                            push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=[layer]))
-                        push.first_post = push.first_post or time.monotonic()
-                    except (KVTransferError, ValueError) as e:
-                        push.error = f"KV transfer failed: {e}"
-                push.posted += 1
+                if destination_known(push.dest):
+                    self._write(rid, push, [layer])
+                else:
+                    push.ready.append(layer)
+
+    def _write(self, rid: str, push: _Push, layers: list[int] | None) -> None:
+        """Post the WRITE of `layers` (None: all, in one WRITE); the caller holds `push.lock`."""
+        if push.error is None and not push.aborted:
+            try:
+                with self._nixl_lock:  # the sender thread and the engine loop share the agent
+                    push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=layers))
+                push.first_post = push.first_post or time.monotonic()
+            except (KVTransferError, ValueError) as e:
+                push.error = f"KV transfer failed: {e}"
+        push.posted += len(layers) if layers is not None else 1
+
+    def set_destination(self, request) -> None:
+        push = self.pushes.get(request.request_id)
+        if push is None:  # not computed yet: its push starts with the destination known
+            return
+        with push.lock:
+            push.dest = request.kv_dest
+            if push.ready:
+                ready, push.ready = push.ready, []
+                self._write(request.request_id, push, ready)
+
+    def abandon(self, dest: dict) -> None:
+        error = self._notify(dest, None)
+        if error:
+            log.warning("abandon notice for transfer %s: %s", dest.get("transfer_id"), error)
 
     def start_send(self, request) -> None:
         push = self.pushes.get(request.request_id) or self._new_push(request, layered=False)
@@ -178,8 +209,12 @@ class NixlConnector(KVConnector):
         push = self.pushes.get(request.request_id)
         if push is not None:
             push.aborted = True
-        elif request.kv_dest is not None:  # nothing posted: tell the receiver at once
+        elif destination_known(request.kv_dest):  # nothing posted: tell the receiver at once
             self._notify(request.kv_dest, None)
+
+    def _notify_abandoned(self, push: _Push) -> None:
+        if destination_known(push.dest):  # without one the receiver is told when it comes (`abandon`)
+            self._notify(push.dest, None)
 
     def _notify(self, dest: dict, first_token: int | None) -> str | None:
         try:
@@ -194,14 +229,10 @@ class NixlConnector(KVConnector):
         if push.dropped:
             self.pushes.pop(rid)
             return SendResult(stats={"bytes": 0, "seconds": 0.0, "descriptors": 0, "dropped": True})
-        if not push.layered and push.posted == 0 and push.compute_done and not push.aborted and now >= push.start_at:
-            try:
-                with self._nixl_lock:  # the sender thread may be posting other requests' layers
-                    push.transfers.append(self.agent.write(rid, push.pages, push.dest))
-                push.first_post = now
-            except (KVTransferError, ValueError) as e:
-                push.error = f"KV transfer failed: {e}"
-            push.posted = 1
+        if (not push.layered and push.posted == 0 and push.compute_done and not push.aborted and now >= push.start_at
+                and destination_known(push.dest)):
+            with push.lock:
+                self._write(rid, push, None)
         with push.lock:
             transfers, error, pending = list(push.transfers), push.error, push.pending_jobs
         with self._nixl_lock:
@@ -216,16 +247,17 @@ class NixlConnector(KVConnector):
         if in_flight or not (ended or complete):
             if now > push.deadline and not push.overdue_reported and not push.aborted:
                 push.overdue_reported = True
-                timeout = f"KV transfer timed out after {self.timeout_s:.0f} s"
+                timeout = (f"KV transfer timed out after {self.timeout_s:.0f} s" if destination_known(push.dest)
+                           else f"no KV destination arrived within {self.timeout_s:.0f} s")
                 if not in_flight:  # nothing will land: end it now
                     self.pushes.pop(rid)
-                    self._notify(push.dest, None)
+                    self._notify_abandoned(push)
                     return SendResult(error=timeout)
                 return SendResult(error=timeout, in_flight=True)
             return None
         self.pushes.pop(rid)
         if ended or push.overdue_reported:
-            self._notify(push.dest, None)
+            self._notify_abandoned(push)
             return SendResult(error=error or "KV transfer abandoned")
         error = self._notify(push.dest, push.first_token)
         nbytes = sum(t.nbytes for t in transfers)

@@ -1,0 +1,140 @@
+"""The prefill starts before the decode engine has named where its KV goes (the destination
+follows, SGLang's bootstrap): two engines in this process (tiny model, CPU), real NIXL between
+their KV pools (UCX, DRAM). The decode engine's tokens equal the standalone engine's whether the
+destination comes before, during or after the prefill; a destination that never comes, or comes
+for a request that already ended, ends every request once and returns every page on both sides."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.engine_args import build_engine_config
+from engine.engine_core import EngineCore
+from engine.kv_connector import DESTINATION_FOLLOWS
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+pytest.importorskip("nixl")
+from kvtransfer.nixl_connector import NixlConnector  # noqa: E402
+
+KW = dict(load_format="dummy", page_size=4, num_pages=64, max_model_len=64, max_num_batched_tokens=8)
+PROMPT = list(range(11, 31))  # 20 tokens: three chunks of at most 8
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def _core(role: str, timeout_s: float = 30.0) -> EngineCore:
+    core = EngineCore(build_engine_config("tiny-llama", kv_role=role, kv_transfer_timeout_s=timeout_s, **KW))
+    core.attach_connector(NixlConnector.for_engine(core))
+    return core
+
+
+def _step(cores, outputs: dict, until, limit_s: float = 20.0) -> None:
+    """Step both engines (as their loops do) until `until()`; outputs by request id."""
+    deadline = time.monotonic() + limit_s
+    while not until():
+        assert time.monotonic() < deadline, "engines did not get there in time"
+        for core in cores:
+            if core.has_unfinished() or core.has_kv_in_flight():
+                for out in core.step():
+                    outputs.setdefault(out.request_id, []).append(out)
+
+
+def _ended(outputs: dict, rid: str) -> bool:
+    return any(o.finished for o in outputs.get(rid, []))
+
+
+def _pools_full(*cores) -> bool:
+    for core in cores:
+        s = core.scheduler
+        s.block_pool.check_invariants()
+        evictable = s.radix.num_evictable_pages() if s.radix else 0
+        if s.block_pool.num_free_pages + evictable != s.block_pool.num_pages:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return _core("prefill", timeout_s=1.0), _core("decode", timeout_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[int]:
+    return LLM("tiny-llama", **KW).generate(prompt_token_ids=[PROMPT], sampling_params=_greedy(5))[0].token_ids
+
+
+def _handoff(engines, rid: str, dest_after: str, outputs: dict) -> list[int]:
+    """Add the request to P with its destination to follow, reserve on D, hand P the destination
+    at `dest_after` ("admission", "first chunk" or "prefill"), and return D's tokens."""
+    prefill, decode = engines
+    prefill.add_request(rid, PROMPT, _greedy(1), kv_dest=DESTINATION_FOLLOWS)
+    dest = decode.add_remote_request(rid, PROMPT, _greedy(5))
+    if dest_after == "first chunk":
+        _step([prefill], outputs, lambda: prefill.requests[rid].num_computed_tokens > 0)
+    elif dest_after == "prefill":  # computed, first token sampled: the push waits for its destination
+        _step([prefill], outputs, lambda: bool(outputs.get(rid)))
+        assert prefill.requests[rid].status.value == "sending_kv"
+    prefill.set_kv_dest(rid, dest)
+    _step(engines, outputs, lambda: _ended(outputs, rid) and rid not in decode.requests)
+    return [t for o in outputs[rid] for t in o.token_ids]
+
+
+@pytest.mark.parametrize("dest_after", ["admission", "first chunk", "prefill"])
+def test_decode_tokens_equal_the_standalone_engine_whenever_the_destination_comes(engines, reference, dest_after):
+    outputs: dict = {}
+    tokens = _handoff(engines, f"r-{dest_after}", dest_after, outputs)
+    # P reports the first token and then its end; D's stream carries the tokens from the second on
+    assert tokens[0] == reference[0] and tokens[1:] == reference[1:]
+    ends = [o for o in outputs[f"r-{dest_after}"] if o.finished]
+    assert len(ends) == 2 and all(o.error is None for o in ends)  # one from each engine
+    assert _pools_full(*engines)
+
+
+def test_destination_that_never_comes_fails_the_prefill_and_a_late_one_frees_the_decode_pages(engines):
+    prefill, decode = engines
+    outputs: dict = {}
+    prefill.add_request("late", PROMPT, _greedy(1), kv_dest=DESTINATION_FOLLOWS)
+    dest = decode.add_remote_request("late", PROMPT, _greedy(5))
+    _step([prefill], outputs, lambda: _ended(outputs, "late"))
+    end = [o for o in outputs["late"] if o.finished]
+    assert len(end) == 1 and end[0].finish_reason == "error" and "no KV destination" in end[0].error
+    assert _pools_full(prefill) and not _pools_full(decode)
+    outputs.clear()
+    prefill.set_kv_dest("late", dest)  # it ended: the receiver is told to free at once, not at its deadline
+    _step([decode], outputs, lambda: _ended(outputs, "late"), limit_s=0.9)
+    assert [o.finish_reason for o in outputs["late"]] == ["error"] and "abandoned" in outputs["late"][0].error
+    assert _pools_full(prefill, decode)
+
+
+def test_abort_before_the_destination_comes_ends_once_and_frees_both_sides(engines):
+    prefill, decode = engines
+    outputs: dict = {}
+    prefill.add_request("gone", PROMPT, _greedy(1), kv_dest=DESTINATION_FOLLOWS)
+    dest = decode.add_remote_request("gone", PROMPT, _greedy(5))
+    _step([prefill], outputs, lambda: prefill.requests["gone"].num_computed_tokens > 8)  # mid-prefill
+    assert prefill.abort("gone") and not prefill.abort("gone")
+    prefill.set_kv_dest("gone", dest)
+    _step(engines, outputs, lambda: not prefill.has_kv_in_flight() and "gone" not in decode.requests, limit_s=0.9)
+    ends = [o for o in outputs["gone"] if o.finished]
+    assert [o.finish_reason for o in ends] == ["abort", "error"]  # P's abort, D's abandoned reservation
+    assert _pools_full(prefill, decode)
+
+
+def test_unreachable_decode_engine_fails_the_waiting_push_and_frees_the_prefill_pages(engines):
+    """D died between its reservation and P's WRITE: its agent cannot be reached (here: metadata no
+    agent answers to). The push that waited for the destination fails; P's pages come back."""
+    prefill, decode = engines
+    outputs: dict = {}
+    prefill.add_request("dead", PROMPT, _greedy(1), kv_dest=DESTINATION_FOLLOWS)
+    dest = decode.add_remote_request("dead", PROMPT, _greedy(5))
+    _step([prefill], outputs, lambda: bool(outputs.get("dead")))  # computed, waiting for its destination
+    decode.abort("dead")  # D's side is gone with it; its pages wait out their hold
+    prefill.set_kv_dest("dead", dict(dest, agent_name="pdserve-decode-gone", agent_metadata=b"not an agent"))
+    _step([prefill], outputs, lambda: _ended(outputs, "dead"), limit_s=10.0)
+    end = [o for o in outputs["dead"] if o.finished]
+    assert len(end) == 1 and end[0].finish_reason == "error" and "KV transfer failed" in end[0].error
+    assert _pools_full(prefill)
