@@ -124,9 +124,10 @@ class KVTransferAgent:
 
     @_nixl_errors("write")
     def write(self, request_id: str, local_pages: list[int], dest: dict, notif: bytes = b"",
-              layers: list[int] | None = None) -> Transfer:
+              layers: list[int] | None = None, runs: list[tuple[int, int, int]] | None = None) -> Transfer:
         """Start WRITEs of `local_pages` into the destination's pages (same order) for `layers`
-        (default: all), with `notif` delivered to the receiver when this WRITE completes."""
+        (default: all), with `notif` delivered to the receiver when this WRITE completes. `runs`:
+        `page_runs(local_pages, dest pages)` when the caller has it (one request's layers share it)."""
         remote_pages = list(dest["page_ids"])
         if len(remote_pages) < len(local_pages):
             raise KVTransferError(f"request {request_id!r}: {len(local_pages)} pages to send but only "
@@ -136,10 +137,11 @@ class KVTransferAgent:
         if len(remote_addrs) != len(self.layer_addrs):
             raise KVLayoutMismatch(f"destination has {len(remote_addrs)} layers, we have {len(self.layer_addrs)}")
         pb = self.page_bytes
+        runs = page_runs(local_pages, remote_pages) if runs is None else runs
         src, dst = [], []
         for layer in (range(len(self.layer_addrs)) if layers is None else layers):
             lbase, rbase = self.layer_addrs[layer], remote_addrs[layer]
-            for lp, rp, n in page_runs(local_pages, remote_pages):
+            for lp, rp, n in runs:
                 src.append((lbase + lp * pb, n * pb, self.dev_id))
                 dst.append((rbase + rp * pb, n * pb, int(dest.get("dev_id", 0))))
         src_descs = self.agent.get_xfer_descs(src, self.mem_type)

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from engine.kv_connector import ConnectorEvents, KVConnector, RemoteKV, SendResult, destination_known
-from kvtransfer.agent import KVTransferAgent, KVTransferError
+from kvtransfer.agent import KVTransferAgent, KVTransferError, page_runs
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class _Push:
     transfers: list = field(default_factory=list)
     posted: int = 0  # layers posted (layered) or 0/1 (whole)
     ready: list = field(default_factory=list)  # layers computed while the destination was unknown
+    runs: list | None = None  # page runs contiguous on both sides, once the destination is known
     pending_jobs: int = 0  # layer events queued for the sender thread
     error: str | None = None
     aborted: bool = False
@@ -173,8 +174,11 @@ class NixlConnector(KVConnector):
         """Post the WRITE of `layers` (None: all, in one WRITE); the caller holds `push.lock`."""
         if push.error is None and not push.aborted:
             try:
+                if push.runs is None:  # once per push: a Python loop over every page (1,024 at 16k tokens)
+                    push.runs = page_runs(push.pages, push.dest["page_ids"])
                 with self._nixl_lock:  # the sender thread and the engine loop share the agent
-                    push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=layers))
+                    push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=layers,
+                                                           runs=push.runs))
                 push.first_post = push.first_post or time.monotonic()
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"

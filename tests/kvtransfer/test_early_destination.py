@@ -59,7 +59,9 @@ def _pools_full(*cores) -> bool:
 
 @pytest.fixture(scope="module")
 def engines():
-    return _core("prefill", timeout_s=1.0), _core("decode", timeout_s=1.0)
+    # P gives up on a missing destination after 1 s; D's reservations would last 30 s (so an early
+    # free on D can only come from a notice)
+    return _core("prefill", timeout_s=1.0), _core("decode", timeout_s=30.0)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_destination_that_never_comes_fails_the_prefill_and_a_late_one_frees_the
     assert _pools_full(prefill) and not _pools_full(decode)
     outputs.clear()
     prefill.set_kv_dest("late", dest)  # it ended: the receiver is told to free at once, not at its deadline
-    _step([decode], outputs, lambda: _ended(outputs, "late"), limit_s=0.9)
+    _step([decode], outputs, lambda: _ended(outputs, "late"), limit_s=5.0)
     assert [o.finish_reason for o in outputs["late"]] == ["error"] and "abandoned" in outputs["late"][0].error
     assert _pools_full(prefill, decode)
 
@@ -118,7 +120,7 @@ def test_abort_before_the_destination_comes_ends_once_and_frees_both_sides(engin
     _step([prefill], outputs, lambda: prefill.requests["gone"].num_computed_tokens > 8)  # mid-prefill
     assert prefill.abort("gone") and not prefill.abort("gone")
     prefill.set_kv_dest("gone", dest)
-    _step(engines, outputs, lambda: not prefill.has_kv_in_flight() and "gone" not in decode.requests, limit_s=0.9)
+    _step(engines, outputs, lambda: not prefill.has_kv_in_flight() and "gone" not in decode.requests, limit_s=5.0)
     ends = [o for o in outputs["gone"] if o.finished]
     assert [o.finish_reason for o in ends] == ["abort", "error"]  # P's abort, D's abandoned reservation
     assert _pools_full(prefill, decode)
