@@ -15,7 +15,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
 wheels=()
 for d in $WHEELS; do wheels+=("$d"/*.whl); done
-step install 40 pip install --quiet --no-deps --no-index "${wheels[@]}"
+step install 40 python -m pip install --quiet --no-deps --no-index "${wheels[@]}"
+python -c "import zmq, nixl_cu13; print(\"zmq+nixl ok\")" >> "$LOG" 2>&1
 step disagg_qwen3 55 python -m bench.disagg_bench --model qwen3-8b --lengths 1024,4096,16384 --repeats 3 --out "$OUT"
 step disagg_v2lite 60 python -m bench.disagg_bench --model deepseek-v2-lite --lengths 1024,4096,16384 --repeats 3 --out "$OUT"
 echo "total ${SECONDS}s" >> "$LOG"

@@ -1,11 +1,16 @@
 """Prefill node: runs prompts (chunked prefill, prefix cache), samples the first token, writes the
 prompt's KV into the decode node's reserved pages over NIXL, and answers once the WRITE is done.
-It never decodes beyond the first token."""
+It never decodes beyond the first token.
+
+The destination may follow the prompt (`destination_follows`, then `SetDestination`): the prefill
+starts at once and the decode node's reservation overlaps it. The two calls may arrive in either
+order; a destination that comes first waits here (bounded) for its Prefill call."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import time
+from collections import OrderedDict
 
 import grpc
 
@@ -17,9 +22,50 @@ from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 
 
+_EARLY_DEST_S = 60.0  # how long a destination that came before its Prefill call is kept for it
+
+
+def _remember(entries: OrderedDict, rid: str, value) -> None:
+    """Keep `value` for `rid` for `_EARLY_DEST_S` seconds (and drop what is older)."""
+    now = time.monotonic()
+    while entries and now - next(iter(entries.values()))[0] > _EARLY_DEST_S:
+        entries.popitem(last=False)
+    entries[rid] = (now, value)
+
+
 class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
     def __init__(self, node: Node):
         self.node = node
+        self._awaiting_dest: set[str] = set()  # Prefill calls started with destination_follows
+        # in arrival order, so the expired ones are at the front
+        self._early_dests: OrderedDict[str, tuple[float, dict]] = OrderedDict()  # came before their Prefill call
+        self._ended: OrderedDict[str, tuple[float, None]] = OrderedDict()  # Prefill calls that ended, for late destinations
+
+    async def SetDestination(self, request: pb.KVDestination, context) -> pb.SetDestinationResponse:
+        rid, dest = request.request_id, convert.dest_from_proto(request)
+        if rid in self._awaiting_dest or rid in self._ended:  # the engine abandons it if the request ended
+            found = rid in self._awaiting_dest
+            self._awaiting_dest.discard(rid)
+            self.node.client.set_kv_dest(rid, dest)
+            return pb.SetDestinationResponse(found=found)
+        _remember(self._early_dests, rid, dest)
+        return pb.SetDestinationResponse(found=False)
+
+    def _start(self, rid: str, request: pb.PrefillRequest, first) -> object:
+        """Add the request to the engine; with `destination_follows`, hand over a destination that
+        already came, or expect it."""
+        node = self.node
+        follows = request.destination_follows
+        dest = {} if follows else convert.dest_from_proto(request.destination)  # {}: engine's DESTINATION_FOLLOWS
+        stream = node.client.add_request(list(request.prompt_token_ids), first, request_id=rid, kv_dest=dest,
+                                         eos_token_ids=tuple(request.eos_token_ids) or None)
+        if follows:
+            early = self._early_dests.pop(rid, None)
+            if early is not None:
+                node.client.set_kv_dest(rid, early[1])
+            else:
+                self._awaiting_dest.add(rid)
+        return stream
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         rid = request.request_id
@@ -28,13 +74,11 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
-        dest = convert.dest_from_proto(request.destination)
         node = self.node
         t0 = time.monotonic()
         node.in_flight.add(rid)
         try:
-            stream = node.client.add_request(list(request.prompt_token_ids), first, request_id=rid, kv_dest=dest,
-                                             eos_token_ids=tuple(request.eos_token_ids) or None)
+            stream = self._start(rid, request, first)
             token_ids, logprobs, last, first_delta_queue, prompt_logprobs = [], [], None, None, None
             async for delta in stream:
                 token_ids += delta.token_ids
@@ -50,6 +94,8 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
             return pb.PrefillResponse(request_id=rid, finished=True, finish_reason="error", error=str(e))
         finally:
             node.in_flight.discard(rid)
+            self._awaiting_dest.discard(rid)
+            _remember(self._ended, rid, None)  # a destination after this is forwarded: the engine abandons it
         kv = last.kv_transfer or {}
         _observe_prefill(node, request, first_delta_queue, time.monotonic() - t0, last, kv)
         # Finished "for real" only if the first token stopped it or the client asked for one token.

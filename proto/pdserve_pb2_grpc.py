@@ -159,6 +159,11 @@ class PrefillNodeStub:
                 request_serializer=proto_dot_pdserve__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=proto_dot_pdserve__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.SetDestination = channel.unary_unary(
+                '/pdserve.v1.PrefillNode/SetDestination',
+                request_serializer=proto_dot_pdserve__pb2.KVDestination.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.SetDestinationResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.v1.PrefillNode/Abort',
                 request_serializer=proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
@@ -181,6 +186,13 @@ class PrefillNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDestination(self, request, context):
+        """The KV destination of a request whose Prefill call said `destination_follows`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -199,6 +211,11 @@ def add_PrefillNodeServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=proto_dot_pdserve__pb2.PrefillRequest.FromString,
                     response_serializer=proto_dot_pdserve__pb2.PrefillResponse.SerializeToString,
+            ),
+            'SetDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDestination,
+                    request_deserializer=proto_dot_pdserve__pb2.KVDestination.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.SetDestinationResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -260,6 +277,33 @@ class PrefillNode:
             '/pdserve.v1.PrefillNode/Prefill',
             proto_dot_pdserve__pb2.PrefillRequest.SerializeToString,
             proto_dot_pdserve__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillNode/SetDestination',
+            proto_dot_pdserve__pb2.KVDestination.SerializeToString,
+            proto_dot_pdserve__pb2.SetDestinationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,11 @@
 1. Validate and tokenize; pick a decode node D and open its `Decode` stream: D reserves KV pages
    and answers first with the KV destination (NIXL agent, layer addresses, pages, layout,
    transfer id).
-2. Pick a prefill node P and send it the prompt with that destination; P prefills, samples the
-   first token, WRITEs the KV into D's pages, notifies D (transfer id + first token) and answers.
+2. At the same time pick a prefill node P and send it the prompt, its destination to follow
+   (SGLang's bootstrap: D's reservation overlaps P's prefill); hand P the destination when D
+   answers. P prefills, samples the first token, WRITEs the KV into D's pages (layers computed
+   before the destination came go out when it does), notifies D (transfer id + first token) and
+   answers.
 3. D joins the request to its batch when that notice arrives; its stream carries the tokens from
    the second on, detokenized here with stop strings applied (engine/output_processor.py's
    `RequestState`, as in every front).
@@ -218,23 +221,51 @@ class Router:
             raise NoNodeAvailable(f"decode node {node.address}: {first.destination.error}")
         return node, call, first.destination
 
-    async def _prefill(self, rid, ids, params, dest, tried: set) -> tuple[NodeHandle, pb.PrefillResponse]:
+    async def _pick_prefill(self, ids, tried: set) -> NodeHandle:
         remote = await self.registry.prefix_matches(ids) if self.policy == "prefix_aware" else None
         node = self.registry.pick("prefill", self.policy, ids, exclude=tried, remote=remote)
         tried.add(node)
         if self.policy == "prefix_aware":
             await self.registry.record_prefix(node, ids)
-        if node.info is not None and node.info.layout != dest.layout:
-            raise RuntimeError(f"KV layouts of prefill node {node.address} and the decode node differ "
-                               f"({_layout_diff(node.info.layout, dest.layout)}); refusing to transfer")
+        return node
+
+    async def _prefill(self, node: NodeHandle, rid, ids, params) -> pb.PrefillResponse:
+        """P's Prefill call, its destination to follow (`_hand_destination`)."""
         node.in_flight += 1
         try:
             req = pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
-                                    destination=dest)
-            return node, await node.stub.Prefill(req, timeout=self.timeouts.prefill_s)
+                                    destination_follows=True)
+            return await node.stub.Prefill(req, timeout=self.timeouts.prefill_s)
         finally:
             node.in_flight -= 1
             node.served += 1
+
+    async def _hand_destination(self, node: NodeHandle, dest: pb.KVDestination) -> None:
+        if node.info is not None and node.info.layout != dest.layout:
+            raise RuntimeError(f"KV layouts of prefill node {node.address} and the decode node differ "
+                               f"({_layout_diff(node.info.layout, dest.layout)}); refusing to transfer")
+        await node.stub.SetDestination(dest, timeout=self.timeouts.reserve_s)
+
+    async def _handoff(self, rid, ids, params, tried: set, calls: list):
+        """One attempt: P starts the prompt while D reserves; P gets D's destination when it comes.
+        Returns (D, D's stream, P's answer); P's call is cancelled (aborting it there) if D fails."""
+        prefill = await self._pick_prefill(ids, tried)
+        task = asyncio.ensure_future(self._prefill(prefill, rid, ids, params))
+        try:
+            decode, call, dest = await self._open_decode(rid, ids, params, calls)
+            if not task.done():
+                await self._hand_destination(prefill, dest)
+            else:  # P ended first (refused, failed): handed over anyway, P tells D to free its pages now
+                try:
+                    await self._hand_destination(prefill, dest)
+                except (grpc.aio.AioRpcError, RuntimeError) as e:
+                    log.info("destination of %s not handed to %s after it ended: %s", rid, prefill.address, e)
+            return decode, call, await task
+        finally:
+            if not task.done():  # D refused or failed, or we were cancelled: P stops too
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: the caller has P's failure, or a failure of D's ended it
 
     async def _path(self, state: RequestState, out: asyncio.Queue, calls: list) -> None:
         rid, ids, params = state.request_id, state.prompt_token_ids, state.params
@@ -250,12 +281,12 @@ class Router:
             # A retry gets its own node-level id: D may still be dropping the first attempt's request
             # when the retry arrives there (its cancellation travels on its own).
             node_rid = _attempt_id(rid, attempt)
-            decode, call, dest = await self._open_decode(node_rid, ids, params, calls)
             try:
-                prefill, first = await self._prefill(node_rid, ids, params, dest, tried)
+                decode, call, first = await self._handoff(node_rid, ids, params, tried, calls)
                 break
-            except grpc.aio.AioRpcError as e:
-                call.cancel()
+            except grpc.aio.AioRpcError as e:  # from P (D's failures arrive as NoNodeAvailable / RuntimeError)
+                for c in calls:
+                    c.cancel()
                 if attempt == _ATTEMPTS - 1 or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise RuntimeError(f"prefill failed: {e.code().name}: {e.details()}") from None
                 self.stats["retries"] += 1

@@ -1,0 +1,104 @@
+"""A prefill node started with `destination_follows` gets the destination by `SetDestination`,
+which may come before the Prefill call, during it, or after it ended (a fake engine client records
+what reaches the engine): it reaches the engine exactly once in every order, and after the end it
+still does (the engine then tells the decode node to free its pages)."""
+from __future__ import annotations
+
+import asyncio
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from prefill_node.server import PrefillServicer
+from proto import convert
+from proto import pdserve_pb2 as pb
+
+LAYOUT = {"kind": "gqa", "num_layers": 2, "page_size": 4, "num_components": 2, "num_heads": 2, "head_dim": 8,
+          "dtype": "float32"}
+
+
+class FakeStream:
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        out = await self.queue.get()
+        if out is None:
+            raise StopAsyncIteration
+        return out
+
+
+class FakeClient:
+    def __init__(self):
+        self.calls: list = []
+        self.streams: dict[str, FakeStream] = {}
+
+    def add_request(self, ids, params, request_id, kv_dest, eos_token_ids=None):
+        self.calls.append(("add", request_id, kv_dest))
+        self.streams[request_id] = FakeStream()
+        return self.streams[request_id]
+
+    def set_kv_dest(self, request_id, dest):
+        self.calls.append(("dest", request_id, dest["transfer_id"]))
+
+    def abort(self, request_id):
+        self.calls.append(("abort", request_id))
+
+
+class FakeMetrics:
+    def inc(self, *a, **k):
+        pass
+
+    def observe(self, *a, **k):
+        pass
+
+
+class FakeNode:
+    def __init__(self):
+        self.client, self.metrics, self.in_flight = FakeClient(), FakeMetrics(), set()
+
+
+def _dest(rid: str) -> pb.KVDestination:
+    return convert.dest_to_proto({"request_id": rid, "agent_name": "d", "agent_metadata": b"m", "layer_addrs": [1, 2],
+                                  "page_ids": [0, 1], "layout": LAYOUT, "transfer_id": f"{rid}#t"})
+
+
+def _prefill(rid: str) -> pb.PrefillRequest:
+    return pb.PrefillRequest(request_id=rid, prompt_token_ids=[5, 6, 7],
+                             sampling=convert.params_to_proto(SamplingParams(max_tokens=3)), destination_follows=True)
+
+
+async def _finish(node: FakeNode, rid: str) -> None:
+    stream = node.client.streams[rid]
+    await stream.queue.put(RequestOutput(rid, [9], finished=True, finish_reason="length"))
+    await stream.queue.put(None)
+
+
+def _run(order: str) -> list:
+    async def main():
+        node = FakeNode()
+        servicer = PrefillServicer(node)
+        if order == "dest first":
+            assert not (await servicer.SetDestination(_dest("r"), None)).found
+        call = asyncio.ensure_future(servicer.Prefill(_prefill("r"), None))
+        await asyncio.sleep(0)  # the Prefill call has added the request
+        if order == "prefill first":
+            assert (await servicer.SetDestination(_dest("r"), None)).found
+        await _finish(node, "r")
+        answer = await call
+        assert answer.token_ids == [9] and not answer.error
+        if order == "after the end":
+            assert not (await servicer.SetDestination(_dest("r"), None)).found
+        return node.client.calls
+    return asyncio.run(main())
+
+
+def test_the_destination_reaches_the_engine_once_whichever_call_comes_first():
+    for order in ("dest first", "prefill first"):
+        assert _run(order) == [("add", "r", {}), ("dest", "r", "r#t")], order
+
+
+def test_a_destination_after_the_prefill_ended_still_reaches_the_engine_which_abandons_it():
+    assert _run("after the end") == [("add", "r", {}), ("dest", "r", "r#t")]
