@@ -219,7 +219,8 @@ class EngineCore:
                 self.runner.execute_idle()
                 ep.step_end()
             if self.stopped or not has_work:
-                return outputs + self._drain()
+                outputs += self._drain()
+                return outputs + self._poll_new_sends()
         elif not has_work:
             outputs += self._drain()
             return outputs + self._poll_new_sends()
