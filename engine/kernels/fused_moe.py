@@ -6,7 +6,10 @@ Token-expert pairs ("slots", `T*k` of them) are grouped by expert into blocks of
 per (block, N tile) reading only that block's expert weights, so every touched expert's weights
 are read once per N tile and untouched experts not at all. Stage 1 computes `x @ w13[e]^T` per
 slot, `silu(gate) * up` follows, stage 2 computes `act @ w2[e]^T` scaled by the routing weight,
-and the k slots of each token are summed. Launch shapes depend only on T (CUDA-graph safe); the
+and one combine kernel sums the k slots of each token (plus the shared experts' output when given,
+after rounding the routed sum, as `routed + shared` in torch). Batches of up to
+`moe_decode.MAX_TOKENS` tokens take `moe_decode.decode_experts` instead (no alignment, SiLU and
+combine in the GEMV epilogues). Launch shapes depend only on T (CUDA-graph safe); the
 programs of unused blocks return at once. Slots with an expert id outside `[0, E)` (experts on
 another rank) are never scheduled and contribute zero.
 """
@@ -16,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import moe_decode
 from engine.kernels.moe_routing import align_by_expert
 from engine.kernels.norm_act import silu_and_mul
 
@@ -53,6 +57,26 @@ def _grouped_gemm_kernel(a, b, c, weights, sorted_slots, block_expert, num_slots
     tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _combine_kernel(down, ids, shared, out, hidden, num_experts, stride_d, stride_s, stride_o, TOP_K: tl.constexpr,
+                    BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """out[t] = sum of token t's k slot rows of `down` (float32, rounded once) (+ shared[t]); slots
+    with an expert outside [0, E) were never written and are skipped."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n_ok = n < hidden
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOP_K):
+        e = tl.load(ids + t * TOP_K + j) + n * 0
+        ok = n_ok & (e >= 0) & (e < num_experts)
+        acc += tl.load(down + (t * TOP_K + j) * stride_d + n, mask=ok, other=0.0).to(tl.float32)
+    y = acc.to(out.dtype.element_ty)
+    if HAS_SHARED:
+        y = (y.to(tl.float32) + tl.load(shared + t * stride_s + n, mask=n_ok, other=0.0).to(tl.float32))
+        y = y.to(out.dtype.element_ty)
+    tl.store(out + t * stride_o + n, y, mask=n_ok)
+
+
 def _tiles(num_slots: int, num_experts: int, on_cpu: bool):
     if on_cpu:
         return 16, 32, 32
@@ -76,19 +100,27 @@ def _grouped_gemm(a, w, out, weights, sorted_slots, block_expert, num_slots, top
 
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_ids: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
     t, k = topk_ids.shape
+    if t <= moe_decode.MAX_TOKENS:
+        return moe_decode.decode_experts(hidden, w13, w2, topk_weights, topk_ids, shared_output)
     num_experts, two_i, h = w13.shape
     num_slots = t * k
-    if num_slots == 0:
-        return torch.zeros_like(hidden)
     tiles = _tiles(num_slots, num_experts, hidden.device.type == "cpu")
-    sorted_slots, block_expert = align_by_expert(topk_ids, num_experts, tiles[0])
+    ids = topk_ids.to(torch.int32).contiguous()
+    sorted_slots, block_expert = align_by_expert(ids, num_experts, tiles[0])
     hidden = hidden.contiguous()
     gate_up = torch.empty(num_slots, two_i, dtype=hidden.dtype, device=hidden.device)
     flat_w = topk_weights.reshape(-1).float().contiguous()
     _grouped_gemm(hidden, w13, gate_up, flat_w, sorted_slots, block_expert, num_slots, k, True, False, tiles)
     act = silu_and_mul(gate_up)
-    down = torch.zeros(num_slots, h, dtype=hidden.dtype, device=hidden.device)
+    down = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # unrouted rows: never read
     _grouped_gemm(act, w2, down, flat_w, sorted_slots, block_expert, num_slots, 1, False, True, tiles)
-    return down.view(t, k, h).sum(dim=1)
+    out = torch.empty_like(hidden)
+    has_shared = shared_output is not None
+    shared = shared_output.contiguous() if has_shared else out
+    block = min(1024, triton.next_power_of_2(h))
+    _combine_kernel[(t, triton.cdiv(h, block))](down, ids, shared, out, h, num_experts, down.stride(0),
+                                               shared.stride(0), out.stride(0), TOP_K=k, BLOCK=block,
+                                               HAS_SHARED=has_shared)
+    return out

@@ -1,6 +1,6 @@
 """Torch reference of the fused MoE expert computation (what `fused_moe.py`'s Triton kernels
 must reproduce): for every token, the weighted sum over its top-k experts of
-`down(silu(gate(x)) * up(x))`."""
+`down(silu(gate(x)) * up(x))`, plus the shared experts' output when given."""
 from __future__ import annotations
 
 import torch
@@ -8,11 +8,13 @@ import torch.nn.functional as F
 
 
 def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_linear=None) -> torch.Tensor:
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_linear=None,
+                      shared_output: torch.Tensor | None = None) -> torch.Tensor:
     """hidden `[T, H]`, w13 `[E, 2I, H]` (gate rows then up rows), w2 `[E, H, I]`,
     topk_weights `[T, k]` (float32), topk_ids `[T, k]` (int) → `[T, H]` in hidden's dtype.
     Ids outside `[0, E)` (e.g. -1 for experts owned by another rank) contribute nothing.
-    `expert_linear(x, which, e)` (which: "w13" | "w2") replaces `F.linear(x, w[e])` (FP8 experts)."""
+    `expert_linear(x, which, e)` (which: "w13" | "w2") replaces `F.linear(x, w[e])` (FP8 experts).
+    `shared_output [T, H]` is added to the routed sum after it is rounded to hidden's dtype."""
     linear = expert_linear or (lambda x, which, e: F.linear(x, (w13 if which == "w13" else w2)[e]))
     num_experts = w13.shape[0]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -27,4 +29,5 @@ def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         gate, up = linear(x, "w13", e).chunk(2, dim=-1)
         y = linear(F.silu(gate) * up, "w2", e).float()
         out.index_add_(0, token_idx[sel], y * flat_w[sel, None])
-    return out.to(hidden.dtype)
+    out = out.to(hidden.dtype)
+    return out if shared_output is None else out + shared_output

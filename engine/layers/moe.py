@@ -32,8 +32,13 @@ from engine.quantization import build_quantization, fill_dummy_fp8
 
 
 def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor) -> torch.Tensor:
+                        topk_ids: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
     """Capture-safe torch expert computation (no host sync; shapes depend only on T)."""
+    out = _experts_torch(hidden, w13, w2, topk_weights, topk_ids)
+    return out if shared_output is None else out + shared_output
+
+
+def _experts_torch(hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     t, k = topk_ids.shape
     num_experts = w13.shape[0]
     valid = (topk_ids >= 0) & (topk_ids < num_experts)
@@ -111,12 +116,15 @@ class FusedMoE(nn.Module):
         self.ep = ep
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                batch: ForwardBatch | None = None) -> torch.Tensor:
+                batch: ForwardBatch | None = None, shared_output: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed experts' weighted sum `[T, H]`, plus `shared_output` (the shared experts' `[T, H]`,
+        added after the routed sum is rounded) when given: locally the kernels add it in their combine."""
         if batch is not None and batch.expert_load is not None:
             count_expert_tokens(batch.expert_load[self.layer_id], topk_ids)
         if self.ep is None:
-            return self._experts(hidden, topk_weights, topk_ids)
-        return self.ep.moe_forward(self, hidden, topk_weights, topk_ids)  # engine/ep/runtime.py
+            return self._experts(hidden, topk_weights, topk_ids, shared_output)
+        out = self.ep.moe_forward(self, hidden, topk_weights, topk_ids)  # engine/ep/runtime.py
+        return out if shared_output is None else out + shared_output
 
     def idle_forward(self) -> None:
         """Join this layer's dispatch/combine with no tokens of our own (idle EP rank)."""
@@ -125,17 +133,18 @@ class FusedMoE(nn.Module):
         self.forward(empty, torch.empty((0, self.top_k), dtype=torch.float32, device=p.device),
                      torch.empty((0, self.top_k), dtype=torch.int32, device=p.device))
 
-    def _experts(self, hidden, topk_weights, topk_ids) -> torch.Tensor:
+    def _experts(self, hidden, topk_weights, topk_ids, shared_output=None) -> torch.Tensor:
         if hidden.shape[0] == 0:
             return hidden.new_zeros(hidden.shape)
         if self.quant is not None:
-            return fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
-                               topk_ids, self.quant)
+            out = fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
+                              topk_ids, self.quant)
+            return out if shared_output is None else out + shared_output
         if hidden.device.type != "cuda":
-            return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids)
+            return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids, shared_output=shared_output)
         if self._kernel is None:
             self._kernel = _gpu_fused_experts() or fused_experts_torch
-        return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids)
+        return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids, shared_output)
 
     # ---------------------------------------------------------------- EPLB weight moves
     def _slot_parts(self) -> list[nn.Parameter]:

@@ -10,7 +10,7 @@ from engine.kernels.fused_moe import align_by_expert, fused_experts
 from engine.kernels.fused_moe_ref import fused_experts_ref
 
 
-def check(t, e, h, i, k, dtype, device, seed=0, drop=True) -> float:
+def check(t, e, h, i, k, dtype, device, seed=0, drop=True, shared=False) -> float:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(device, dtype)
     w13 = (torch.randn(e, 2 * i, h, generator=g) * h ** -0.5).to(device, dtype)
@@ -19,8 +19,9 @@ def check(t, e, h, i, k, dtype, device, seed=0, drop=True) -> float:
     if drop:
         ids[::3, 0] = -1  # experts on another rank
     wts = torch.rand(t, k, generator=g).to(device)
-    ref = fused_experts_ref(x, w13, w2, wts, ids).float()
-    got = fused_experts(x, w13, w2, wts, ids).float()
+    sh = torch.randn(t, h, generator=g).to(device, dtype) if shared else None
+    ref = fused_experts_ref(x, w13, w2, wts, ids, shared_output=sh).float()
+    got = fused_experts(x, w13, w2, wts, ids, sh).float()
     return ((ref - got).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
 
 
@@ -37,7 +38,8 @@ def main() -> int:
     size = sys.argv[2] if len(sys.argv) > 2 else "small"
     check_alignment(device)
     if size == "small":
-        cases = [(t, 8, 64, 32, 2) for t in (1, 5, 33)]
+        # T=1 and 3 take moe_decode (GEMV + combine), 5 and 33 the grouped GEMM; odd I and H check masks
+        cases = [(t, 8, 64, 32, 2) for t in (1, 5, 33)] + [(3, 8, 40, 24, 3)]
         dtypes = [torch.float32]
     else:
         cases = [(t, 64, 2048, 1408, 6) for t in (1, 16, 64, 2048)] + [(t, 128, 2048, 768, 8) for t in (1, 64)]
@@ -46,10 +48,12 @@ def main() -> int:
     for dtype in dtypes:
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         for t, e, h, i, k in cases:
-            err = check(t, e, h, i, k, dtype, device)
-            ok = err < tol
-            bad += not ok
-            print(f"{'ok ' if ok else 'BAD'} T={t} E={e} H={h} I={i} k={k} {dtype}: rel err {err:.2e}", flush=True)
+            for shared in (False, True):
+                err = check(t, e, h, i, k, dtype, device, shared=shared)
+                ok = err < tol
+                bad += not ok
+                print(f"{'ok ' if ok else 'BAD'} T={t} E={e} H={h} I={i} k={k} shared={shared} {dtype}: "
+                      f"rel err {err:.2e}", flush=True)
     return 1 if bad else 0
 
 
