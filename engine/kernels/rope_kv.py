@@ -122,3 +122,38 @@ def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                                 cos.stride(0), R=r, BLOCK_R=triton.next_power_of_2(r), P=p, INTERLEAVED=interleaved,
                                 num_warps=4)
     return out
+
+
+@triton.jit
+def _mla_query_kernel(q_latent, q, pos, cos, sin, out, stride_lt, stride_lh, stride_qt, stride_qh, stride_ot,
+                      stride_oh, stride_cos, R: tl.constexpr, BLOCK_R: tl.constexpr, NOPE: tl.constexpr,
+                      P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    dst = out + t * stride_ot + h * stride_oh
+    r = tl.arange(0, BLOCK_R)
+    lat = tl.load(q_latent + t * stride_lt + h * stride_lh + r, mask=r < R, other=0.0)
+    tl.store(dst + r, lat.to(out.dtype.element_ty), mask=r < R)
+    p = tl.load(pos + t).to(tl.int64)
+    o1, o2, i1, i2 = _norm_rope(q + t * stride_qt + h * stride_qh + NOPE, cos, cos + p * stride_cos,
+                                sin + p * stride_cos, 0.0, False, INTERLEAVED, P, P // 2)
+    tl.store(dst + R + i1, o1.to(out.dtype.element_ty))
+    tl.store(dst + R + i2, o2.to(out.dtype.element_ty))
+
+
+def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    t, h, r = q_latent.shape
+    p = 2 * cos.shape[-1]
+    nope = q.shape[-1] - p
+    if q_latent.stride(-1) != 1:
+        q_latent = q_latent.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty((t, h, r + p), dtype=q_latent.dtype, device=q_latent.device)
+    if t:
+        _mla_query_kernel[(t, h)](q_latent, q, positions, cos, sin, out, q_latent.stride(0), q_latent.stride(1),
+                                  q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0), R=r,
+                                  BLOCK_R=triton.next_power_of_2(r), NOPE=nope, P=p, INTERLEAVED=interleaved,
+                                  num_warps=4)
+    return out

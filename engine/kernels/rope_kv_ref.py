@@ -59,3 +59,12 @@ def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     p = 2 * cos.shape[-1]
     latent, k_pe = kv_a.split([kv_a.shape[-1] - p, p], dim=-1)
     return torch.cat([rms_norm(latent, norm_weight, eps), apply_rope(k_pe, positions, cos, sin, interleaved)], dim=-1)
+
+
+def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """MLA's absorbed query `[T, H, R + P]`: the latent-space part `q_latent [T, H, R]` followed by
+    the rotated rope part of the projected query `q [T, H, nope + P]` (its last P channels)."""
+    p = 2 * cos.shape[-1]
+    q_pe = apply_rope(q[..., q.shape[-1] - p:], positions, cos, sin, interleaved)
+    return torch.cat([q_latent, q_pe.to(q_latent.dtype)], dim=-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import moe_routing_ref, norm_act_ref, rope_kv_ref
+from engine.kernels import kv_write_ref, moe_routing_ref, norm_act_ref, rope_kv_ref
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -63,6 +63,25 @@ def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
         from engine.kernels import rope_kv
         impl = rope_kv.mla_kv_entry
     return impl(kv_a, positions, cos, sin, norm_weight, eps, interleaved)
+
+
+def write_kv(kv_cache: torch.Tensor, component: int, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter `values [T, H, D]` into the paged pool's `component` at flat slots (slot -1 skipped);
+    the torch form masks with a boolean index, which syncs with the host."""
+    if _fused(values):
+        from engine.kernels import paged_attention
+        return paged_attention.write_kv(kv_cache, component, values, slot_mapping)
+    return kv_write_ref.write_kv(kv_cache, component, values, slot_mapping)
+
+
+def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """MLA's absorbed query: `q_latent [T, H, R]` ++ the rotated last P channels of `q [T, H, nope + P]`."""
+    impl = rope_kv_ref.mla_query
+    if _fused(q) and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0:
+        from engine.kernels import rope_kv
+        impl = rope_kv.mla_query
+    return impl(q_latent, q, positions, cos, sin, interleaved)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from engine.attention.torch_backend import gather_kv, write_kv
+from engine.attention.torch_backend import gather_kv
 
 from engine.forward_batch import ForwardBatch
 from engine.layers import fused_ops
@@ -73,17 +73,19 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         else:
             q = self.q_proj(hidden)
-        q_nope, q_pe = q.view(t, h, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
-        q_pe = self.rope.rotate(q_pe, positions)
+        q = q.view(t, h, self.dn + self.dr)
+        q_nope = q[..., : self.dn]
         # [T, R + P]: normed latent ++ rotated rope key, what the cache stores
         entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
                                        self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved)
         kv_cache, meta = batch.kv_caches[self.layer_id], batch.attn
         if meta.num_decodes == 0 and t >= DECOMPRESS_MIN_TOKENS:
+            q_pe = self.rope.rotate(q[..., self.dn:], positions)
             out = self._prefill_decompressed(q_nope, q_pe, entry, kv_cache, meta)
         else:
             q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, R]
-            query = torch.cat([q_latent, q_pe], dim=-1)
+            # latent ++ rotated q_pe in one kernel (the rotation alone is ~10 torch kernels)
+            query = fused_ops.mla_query(q_latent, q, positions, self.rope.cos, self.rope.sin, self.rope.interleaved)
             out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank)
             out = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # [T, H, dv]
         return self.o_proj(out.reshape(t, h * self.dv))
@@ -91,10 +93,12 @@ class MLAttention(nn.Module):
     def _prefill_decompressed(self, q_nope, q_pe, entry, kv_cache, meta) -> torch.Tensor:
         """Causal attention of each prefill chunk over its whole sequence (cached prefix + chunk),
         with keys and values up-projected from the cached latents. Returns `[T, H, dv]`."""
-        write_kv(kv_cache, 0, entry.unsqueeze(1), meta.slot_mapping)
+        fused_ops.write_kv(kv_cache, 0, entry.unsqueeze(1), meta.slot_mapping)
         h = self.num_heads
         out = q_nope.new_empty(q_nope.shape[0], h, self.dv)
-        starts = meta.query_start_loc.tolist()
+        starts = [0]  # from the host lists: reading query_start_loc back would sync once per layer
+        for qlen in meta.query_lens_cpu:
+            starts.append(starts[-1] + qlen)
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             ctx = gather_kv(kv_cache, 0, meta.block_tables[b], slen)[:, 0].to(q_nope.dtype)  # [S, R + P]
             lat, kpe = ctx.split([self.rank, self.dr], dim=-1)

@@ -66,6 +66,18 @@ def check_mla_entry(t: int, r: int, p: int, dtype, device, g) -> None:
           rope_kv_ref.mla_kv_entry(kv_a, pos, cos, sin, w, 1e-6))
 
 
+def check_mla_query(t: int, h: int, r: int, nope: int, p: int, interleaved: bool, dtype, device, g) -> None:
+    max_pos = 32 + t
+    q_latent = torch.randn(h, t, r, generator=g).to(device, dtype).transpose(0, 1)  # a bmm's output layout
+    q = torch.randn(t, h * (nope + p), generator=g).to(device, dtype).view(t, h, nope + p)
+    pos = torch.randint(0, max_pos, (t,), generator=g).to(device)
+    freqs = torch.outer(torch.arange(max_pos).double(), 1.0 / 1e4 ** (torch.arange(0, p, 2).double() / p))
+    cos, sin = freqs.cos().float().to(device), freqs.sin().float().to(device)
+    close(f"mla_query T={t} H={h} R={r} nope={nope} P={p} interleaved={interleaved} {dtype}",
+          rope_kv.mla_query(q_latent, q, pos, cos, sin, interleaved),
+          rope_kv_ref.mla_query(q_latent, q, pos, cos, sin, interleaved))
+
+
 def check_routing(t: int, e: int, k: int, device, g, scoring="softmax", renorm=False, groups=1, topk_groups=1,
                   bias=False, scale=1.0, gs="max", ties=False) -> None:
     logits = torch.randn(t, e, generator=g)
@@ -110,6 +122,8 @@ def main() -> int:
         check_rope_kv(5, 4, 2, 16, True, False, torch.float32, device, g)
         check_rope_kv(3, 2, 1, 8, False, True, torch.float32, device, g)
         check_mla_entry(3, 24, 8, torch.float32, device, g)
+        check_mla_query(3, 2, 24, 16, 8, True, torch.float32, device, g)
+        check_mla_query(2, 3, 32, 8, 8, False, torch.float32, device, g)
         check_routing(7, 16, 4, device, g, renorm=True)
         check_routing(5, 16, 3, device, g, ties=True)
         check_routing(6, 16, 3, device, g, groups=4, topk_groups=2)
@@ -123,6 +137,8 @@ def main() -> int:
         check_rope_kv(2048, 32, 8, 128, True, False, bf, device, g)
         check_rope_kv(64, 32, 8, 128, False, False, bf, device, g)  # Llama-3-8B
         check_mla_entry(64, 512, 64, bf, device, g)  # DeepSeek-V2/V3
+        for t in (1, 64):
+            check_mla_query(t, 16, 512, 128, 64, True, bf, device, g)  # DeepSeek-V2-Lite
         for t in (1, 64, 4096):
             check_routing(t, 64, 6, device, g)  # DeepSeek-V2-Lite greedy
             check_routing(t, 128, 8, device, g, renorm=True)  # Qwen3-30B-A3B
