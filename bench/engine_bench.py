@@ -86,8 +86,8 @@ def profile_steps(core: EngineCore, steps: int) -> dict:
             core.step()
         _sync(device)
         wall = time.perf_counter() - t0
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
     busy, end = 0.0, float("-inf")
     for a, b in spans:  # union of intervals, in microseconds
         if b > end:
@@ -96,7 +96,29 @@ def profile_steps(core: EngineCore, steps: int) -> dict:
     busy_ms = busy / 1e3 / steps
     wall_ms = wall * 1e3 / steps
     return {"gpu_busy_ms": busy_ms, "kernels_per_step": len(spans) / steps, "profiled_ms_per_step": wall_ms,
-            "host_not_hidden_ms": max(0.0, wall_ms - busy_ms)}
+            "host_not_hidden_ms": max(0.0, wall_ms - busy_ms), "top_kernels": top_kernels(events, steps)}
+
+
+def top_kernels(events, steps: int, n: int = 15) -> list[list]:
+    """[name (truncated), launches per step, GPU µs per step] of the n kernels with the most time."""
+    agg: dict[str, list[float]] = {}
+    for e in events:
+        a = agg.setdefault(e.name[:70], [0, 0.0])
+        a[0] += 1
+        a[1] += e.time_range.end - e.time_range.start
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][1])[:n]
+    return [[name, c / steps, us / steps] for name, (c, us) in rows]
+
+
+def profile_prefill(core: EngineCore, tokens: int, seed: int) -> dict:
+    """One prefill step of `tokens` under the profiler: its kernels, busy time and top kernels."""
+    gen = torch.Generator().manual_seed(seed)
+    core.add_request("profiled-prefill", torch.randint(0, core.model_config.vocab_size, (tokens,), generator=gen).tolist(),
+                     SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    out = profile_steps(core, 1)
+    while core.has_unfinished():
+        core.step()
+    return out
 
 
 def measure_engine_process(config: EngineConfig, prompt_len: int, steps: int) -> dict:
@@ -176,6 +198,8 @@ def run(args) -> dict:
     decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b, profile=args.profile)
               for b in args.batch]
     prefill = measure_prefill(core, args.prefill_len, seed=7)
+    if args.profile:
+        prefill["profile"] = profile_prefill(core, args.prefill_len, seed=8)
     engine_process = None
     if args.engine_process:
         del core
@@ -258,6 +282,12 @@ def markdown(r: dict) -> str:
         lines += [f"| {d['batch']} | {d['profiled_ms_per_step']:.2f} | {d['gpu_busy_ms']:.2f} | "
                   f"{d['host_not_hidden_ms']:.2f} ms ({d['host_not_hidden_ms'] / d['profiled_ms_per_step']:.0%}) | "
                   f"{d['kernels_per_step']:.0f} |" for d in prof]
+    tables = [(f"decode batch {d['batch']}", d.get("top_kernels")) for d in prof[:1]]
+    tables.append((f"prefill {p['tokens']}", (p.get("profile") or {}).get("top_kernels")))
+    for title, rows in tables:
+        if rows:
+            lines += ["", f"Top kernels, {title} (per step):", "", "| kernel | launches | GPU µs |", "|---|---:|---:|"]
+            lines += [f"| `{name}` | {c:.0f} | {us:.0f} |" for name, c, us in rows]
     ep = r.get("engine_process")
     if ep:
         b1 = next((d for d in r["decode"] if d["batch"] == 1), None)

@@ -1,5 +1,5 @@
 """Compares the Triton fused MoE with the torch reference (interpreter on CPU, native on CUDA).
-Usage: python -m tests.engine.kernels.check_fused_moe [device] [small|real]"""
+Usage: python -m tests.engine.kernels.check_fused_moe [device] [small|v2lite|real]"""
 from __future__ import annotations
 
 import sys
@@ -41,6 +41,9 @@ def main() -> int:
         # T=1 and 3 take moe_decode (GEMV + combine), 5 and 33 the grouped GEMM; odd I and H check masks
         cases = [(t, 8, 64, 32, 2) for t in (1, 5, 33)] + [(3, 8, 40, 24, 3)]
         dtypes = [torch.float32]
+    elif size == "v2lite":  # DeepSeek-V2-Lite only: the decode path (1, 3) and the grouped one
+        cases = [(t, 64, 2048, 1408, 6) for t in (1, 3, 16, 2048)]
+        dtypes = [torch.bfloat16]
     else:
         cases = [(t, 64, 2048, 1408, 6) for t in (1, 16, 64, 2048)] + [(t, 128, 2048, 768, 8) for t in (1, 64)]
         dtypes = [torch.bfloat16]
