@@ -70,7 +70,7 @@ def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, se
     return out
 
 
-def profile_steps(core: EngineCore, steps: int) -> dict:
+def profile_steps(core: EngineCore, steps: int, host_ops: bool = False) -> dict:
     """GPU-busy time (union of kernel/copy intervals), kernels per step and the host time that nothing
     hides, over `steps` steady-state steps under the torch profiler."""
     from torch.autograd import DeviceType
@@ -96,7 +96,15 @@ def profile_steps(core: EngineCore, steps: int) -> dict:
     busy_ms = busy / 1e3 / steps
     wall_ms = wall * 1e3 / steps
     return {"gpu_busy_ms": busy_ms, "kernels_per_step": len(spans) / steps, "profiled_ms_per_step": wall_ms,
-            "host_not_hidden_ms": max(0.0, wall_ms - busy_ms), "top_kernels": top_kernels(events, steps)}
+            "host_not_hidden_ms": max(0.0, wall_ms - busy_ms), "top_kernels": top_kernels(events, steps),
+            **({"top_host_ops": top_host_ops(prof, steps)} if host_ops else {})}
+
+
+def top_host_ops(prof, steps: int, n: int = 15) -> list[list]:
+    """[op, calls per step, self CPU µs per step] of the n host ops (torch ops, CUDA runtime calls)
+    with the most self time: where a step's host time goes (launches, syncs, allocations)."""
+    rows = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:n]
+    return [[a.key[:70], a.count / steps, a.self_cpu_time_total / steps] for a in rows]
 
 
 def top_kernels(events, steps: int, n: int = 15) -> list[list]:
@@ -115,7 +123,7 @@ def profile_prefill(core: EngineCore, tokens: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     core.add_request("profiled-prefill", torch.randint(0, core.model_config.vocab_size, (tokens,), generator=gen).tolist(),
                      SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    out = profile_steps(core, 1)
+    out = profile_steps(core, 1, host_ops=True)
     while core.has_unfinished():
         core.step()
     return out
@@ -284,9 +292,10 @@ def markdown(r: dict) -> str:
                   f"{d['kernels_per_step']:.0f} |" for d in prof]
     tables = [(f"decode batch {d['batch']}", d.get("top_kernels")) for d in prof[:1]]
     tables.append((f"prefill {p['tokens']}", (p.get("profile") or {}).get("top_kernels")))
+    tables.append((f"prefill {p['tokens']}, host ops by self CPU time", (p.get("profile") or {}).get("top_host_ops")))
     for title, rows in tables:
         if rows:
-            lines += ["", f"Top kernels, {title} (per step):", "", "| kernel | launches | GPU µs |", "|---|---:|---:|"]
+            lines += ["", f"Top kernels, {title} (per step):", "", "| name | calls | µs |", "|---|---:|---:|"]
             lines += [f"| `{name}` | {c:.0f} | {us:.0f} |" for name, c, us in rows]
     ep = r.get("engine_process")
     if ep:

@@ -16,6 +16,7 @@ another rank) are never scheduled and contribute zero.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -100,10 +101,14 @@ def _grouped_gemm(a, w, out, weights, sorted_slots, block_expert, num_slots, top
 
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, shared_output: torch.Tensor | None = None,
+                  shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     t, k = topk_ids.shape
     if t <= moe_decode.MAX_TOKENS:
-        return moe_decode.decode_experts(hidden, w13, w2, topk_weights, topk_ids, shared_output)
+        return moe_decode.decode_experts(hidden, w13, w2, topk_weights, topk_ids, shared_output, shared_weights)
+    if shared_weights is not None:
+        sw13, sw2 = shared_weights
+        shared_output = F.linear(silu_and_mul(F.linear(hidden, sw13)), sw2)
     num_experts, two_i, h = w13.shape
     num_slots = t * k
     tiles = _tiles(num_slots, num_experts, hidden.device.type == "cpu")

@@ -19,6 +19,14 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
+    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate/up `[2I, H]`, down `[H, I]`) when both are full precision without bias (what a
+        fused kernel can take in place of this module), else None."""
+        gu, down = self.gate_up_proj, self.down_proj
+        if gu.quant is not None or down.quant is not None or gu.bias is not None or down.bias is not None:
+            return None
+        return gu.weight, down.weight
+
     def register_weights(self, table: WeightTable, prefix: str) -> None:
         """HF names `{prefix}.gate_proj.weight`, `.up_proj.weight`, `.down_proj.weight` (+ biases)."""
         gu = self.gate_up_proj

@@ -116,15 +116,16 @@ class FusedMoE(nn.Module):
         self.ep = ep
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                batch: ForwardBatch | None = None, shared_output: torch.Tensor | None = None) -> torch.Tensor:
-        """Routed experts' weighted sum `[T, H]`, plus `shared_output` (the shared experts' `[T, H]`,
-        added after the routed sum is rounded) when given: locally the kernels add it in their combine."""
+                batch: ForwardBatch | None = None, shared: nn.Module | None = None) -> torch.Tensor:
+        """Routed experts' weighted sum `[T, H]`, plus the output of `shared` (the shared experts'
+        `GatedMLP`, added after the routed sum is rounded) when given: locally the kernels add it in
+        their combine, and at decode sizes compute it inside their two kernels."""
         if batch is not None and batch.expert_load is not None:
             count_expert_tokens(batch.expert_load[self.layer_id], topk_ids)
         if self.ep is None:
-            return self._experts(hidden, topk_weights, topk_ids, shared_output)
+            return self._experts(hidden, topk_weights, topk_ids, shared)
         out = self.ep.moe_forward(self, hidden, topk_weights, topk_ids)  # engine/ep/runtime.py
-        return out if shared_output is None else out + shared_output
+        return out if shared is None else out + shared(hidden)
 
     def idle_forward(self) -> None:
         """Join this layer's dispatch/combine with no tokens of our own (idle EP rank)."""
@@ -133,18 +134,23 @@ class FusedMoE(nn.Module):
         self.forward(empty, torch.empty((0, self.top_k), dtype=torch.float32, device=p.device),
                      torch.empty((0, self.top_k), dtype=torch.int32, device=p.device))
 
-    def _experts(self, hidden, topk_weights, topk_ids, shared_output=None) -> torch.Tensor:
+    def _experts(self, hidden, topk_weights, topk_ids, shared: nn.Module | None = None) -> torch.Tensor:
         if hidden.shape[0] == 0:
             return hidden.new_zeros(hidden.shape)
         if self.quant is not None:
             out = fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
                               topk_ids, self.quant)
-            return out if shared_output is None else out + shared_output
+            return out if shared is None else out + shared(hidden)
         if hidden.device.type != "cuda":
-            return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids, shared_output=shared_output)
+            return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids,
+                                     shared_output=None if shared is None else shared(hidden))
         if self._kernel is None:
             self._kernel = _gpu_fused_experts() or fused_experts_torch
-        return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids, shared_output)
+        weights = shared.plain_weights() if shared is not None else None
+        if weights is not None and self._kernel is not fused_experts_torch:  # the Triton kernels take them
+            return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids, shared_weights=weights)
+        return self._kernel(hidden, self.w13, self.w2, topk_weights, topk_ids,
+                            None if shared is None else shared(hidden))
 
     # ---------------------------------------------------------------- EPLB weight moves
     def _slot_parts(self) -> list[nn.Parameter]:

@@ -61,9 +61,8 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         weights, ids = self.route(hidden)
-        # The shared experts' output goes into the routed experts' combine (one kernel less per layer).
-        shared = self.shared_experts(hidden) if self.shared_experts is not None else None
-        return self.experts(hidden, weights, ids, batch, shared_output=shared)
+        # The routed experts' kernels add the shared experts (at decode sizes, compute them too).
+        return self.experts(hidden, weights, ids, batch, shared=self.shared_experts)
 
     def register_weights(self, table: WeightTable, prefix: str) -> None:
         table.add(f"{prefix}.gate.weight", into(self.gate.weight))

@@ -10,7 +10,7 @@ from engine.kernels.fused_moe import align_by_expert, fused_experts
 from engine.kernels.fused_moe_ref import fused_experts_ref
 
 
-def check(t, e, h, i, k, dtype, device, seed=0, drop=True, shared=False) -> float:
+def check(t, e, h, i, k, dtype, device, seed=0, drop=True, shared=None) -> float:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(device, dtype)
     w13 = (torch.randn(e, 2 * i, h, generator=g) * h ** -0.5).to(device, dtype)
@@ -19,9 +19,14 @@ def check(t, e, h, i, k, dtype, device, seed=0, drop=True, shared=False) -> floa
     if drop:
         ids[::3, 0] = -1  # experts on another rank
     wts = torch.rand(t, k, generator=g).to(device)
-    sh = torch.randn(t, h, generator=g).to(device, dtype) if shared else None
-    ref = fused_experts_ref(x, w13, w2, wts, ids, shared_output=sh).float()
-    got = fused_experts(x, w13, w2, wts, ids, sh).float()
+    sh = sw = None
+    if shared == "output":
+        sh = torch.randn(t, h, generator=g).to(device, dtype)
+    elif shared == "weights":  # two shared experts' merged MLP
+        sw = ((torch.randn(4 * i, h, generator=g) * h ** -0.5).to(device, dtype),
+              (torch.randn(h, 2 * i, generator=g) * (2 * i) ** -0.5).to(device, dtype))
+    ref = fused_experts_ref(x, w13, w2, wts, ids, shared_output=sh, shared_weights=sw).float()
+    got = fused_experts(x, w13, w2, wts, ids, sh, sw).float()
     return ((ref - got).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
 
 
@@ -51,7 +56,7 @@ def main() -> int:
     for dtype in dtypes:
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         for t, e, h, i, k in cases:
-            for shared in (False, True):
+            for shared in (None, "output", "weights"):
                 err = check(t, e, h, i, k, dtype, device, shared=shared)
                 ok = err < tol
                 bad += not ok
