@@ -45,7 +45,7 @@ def per_expert_loop(hidden, w13, w2, weights, ids):
 
 def run(tokens_list, hidden=7168, num_experts=256, inter=2048, top_k=8, groups=8, topk_groups=4, shared=1,
         repeats=20, seed=0) -> dict:
-    from engine.kernels.fused_moe import _tiles, align_by_expert, fused_experts
+    from engine.kernels.fused_moe import _launch_config, align_by_expert, fused_experts
     from engine.layers.moe import fused_experts_torch, select_experts
 
     dev = torch.device("cuda")
@@ -75,7 +75,7 @@ def run(tokens_list, hidden=7168, num_experts=256, inter=2048, top_k=8, groups=8
         # Correctness at this size: the Triton path against the per-expert loop.
         got, want = fused_experts(x, w13, w2, weights, ids), per_expert_loop(x, w13, w2, weights, ids)
         rel = float((got.float() - want.float()).norm() / want.float().norm())
-        block_m = _tiles(t * top_k, num_experts, False)[0]  # the permutation fused_experts does
+        block_m = _launch_config(t * top_k, num_experts, False)[0]  # the permutation fused_experts does
         t_route = time_ms(route, repeats)
         t_align = time_ms(lambda: align_by_expert(ids, num_experts, block_m), repeats)
         t_fused = time_ms(lambda: fused_experts(x, w13, w2, weights, ids), repeats)

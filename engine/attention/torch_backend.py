@@ -48,6 +48,7 @@ class TorchAttentionBackend:
             write_kv(kv_cache, 1, v, meta.slot_mapping)
         return paged_attention_ref(q, kv_cache, meta, scale, v_component=1)
 
-    def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int):
-        write_kv(kv_cache, 0, latent.unsqueeze(1), meta.slot_mapping)
+    def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int, kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, 0, latent.unsqueeze(1), meta.slot_mapping)
         return paged_attention_ref(q, kv_cache, meta, scale, v_component=0, v_dim=v_dim)

@@ -32,8 +32,9 @@ class TritonAttentionBackend:
             raise ValueError(f"triton attention needs a power-of-two head_dim, got {d}")
         return self._attend(q, kv_cache, meta, scale, k_comp=0, v_comp=1, da=d, db=0)
 
-    def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int):
-        write_kv(kv_cache, 0, latent.unsqueeze(1), meta.slot_mapping)
+    def mla(self, q, latent, kv_cache, meta: AttentionMetadata, scale: float, v_dim: int, kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, 0, latent.unsqueeze(1), meta.slot_mapping)
         db = q.shape[-1] - v_dim
         if not _pow2(v_dim) or not _pow2(db):
             raise ValueError(f"triton MLA needs power-of-two latent ({v_dim}) and rope ({db}) dims")

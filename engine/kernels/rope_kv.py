@@ -3,7 +3,8 @@ one program per (token, query or KV head) reads its head of the merged QKV proje
 applies the per-head RMSNorm (Qwen3), rotates it, stores q (or k), and for KV heads writes k and
 v straight into their page slot. Replaces ~20 torch kernels per layer (splits, norms, gathers of
 cos/sin, float casts, cat, two scatter writes). For MLA, `mla_kv_entry` builds the cached entry
-(normed latent ++ rotated rope key) in one kernel. Launch shapes depend only on T (graph-safe)."""
+(normed latent ++ rotated rope key) and writes it to its page slot in one kernel, and `mla_query`
+assembles the absorbed query (latent part ++ rotated q_pe). Launch shapes depend only on T (graph-safe)."""
 from __future__ import annotations
 
 import torch
@@ -91,8 +92,9 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 
 @triton.jit
-def _mla_entry_kernel(kv_a, pos, cos, sin, w, out, eps, stride_a, stride_o, stride_cos, R: tl.constexpr,
-                      BLOCK_R: tl.constexpr, P: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _mla_entry_kernel(kv_a, pos, cos, sin, w, out, kv, slots, eps, stride_a, stride_o, stride_cos, stride_kp,
+                      stride_ks, R: tl.constexpr, BLOCK_R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
+                      INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     src = kv_a + t * stride_a
     dst = out + t * stride_o
@@ -100,26 +102,43 @@ def _mla_entry_kernel(kv_a, pos, cos, sin, w, out, eps, stride_a, stride_o, stri
     x = tl.load(src + r, mask=r < R, other=0.0)
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / R + eps)
-    y = (xf * inv).to(x.dtype).to(tl.float32) * tl.load(w + r, mask=r < R, other=0.0).to(tl.float32)
-    tl.store(dst + r, y.to(out.dtype.element_ty), mask=r < R)
+    y = ((xf * inv).to(x.dtype).to(tl.float32) * tl.load(w + r, mask=r < R, other=0.0).to(tl.float32))
+    y = y.to(out.dtype.element_ty)
+    tl.store(dst + r, y, mask=r < R)
     p = tl.load(pos + t).to(tl.int64)
     o1, o2, i1, i2 = _norm_rope(src + R, w, cos + p * stride_cos, sin + p * stride_cos, eps, False, INTERLEAVED,
                                 P, P // 2)
-    tl.store(dst + R + i1, o1.to(out.dtype.element_ty))
-    tl.store(dst + R + i2, o2.to(out.dtype.element_ty))
+    o1 = o1.to(out.dtype.element_ty)
+    o2 = o2.to(out.dtype.element_ty)
+    tl.store(dst + R + i1, o1)
+    tl.store(dst + R + i2, o2)
+    if WRITE_CACHE:
+        slot = tl.load(slots + t)
+        if slot >= 0:  # the entry's page slot (component 0, KV head 0): same values, same dtype
+            row = kv + (slot // PAGE) * stride_kp + (slot % PAGE) * stride_ks
+            tl.store(row + r, y, mask=r < R)
+            tl.store(row + R + i1, o1)
+            tl.store(row + R + i2, o2)
 
 
 def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True, kv_cache: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     t, width = kv_a.shape
     p = 2 * cos.shape[-1]
     r = width - p
     if kv_a.stride(-1) != 1:
         kv_a = kv_a.contiguous()
     out = torch.empty((t, width), dtype=torch.promote_types(kv_a.dtype, norm_weight.dtype), device=kv_a.device)
+    write = kv_cache is not None
+    if write and kv_cache.dtype != out.dtype:
+        raise ValueError(f"mla_kv_entry writes the cache in the entry's dtype {out.dtype}, got a {kv_cache.dtype} pool")
+    kv = kv_cache if write else out
     if t:
-        _mla_entry_kernel[(t,)](kv_a, positions, cos, sin, norm_weight, out, eps, kv_a.stride(0), out.stride(0),
-                                cos.stride(0), R=r, BLOCK_R=triton.next_power_of_2(r), P=p, INTERLEAVED=interleaved,
+        _mla_entry_kernel[(t,)](kv_a, positions, cos, sin, norm_weight, out, kv, slot_mapping if write else positions,
+                                eps, kv_a.stride(0), out.stride(0), cos.stride(0), kv.stride(0),
+                                kv.stride(2) if write else 0, R=r, BLOCK_R=triton.next_power_of_2(r), P=p,
+                                PAGE=kv.shape[2] if write else 1, INTERLEAVED=interleaved, WRITE_CACHE=write,
                                 num_warps=4)
     return out
 

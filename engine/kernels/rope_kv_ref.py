@@ -53,12 +53,17 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 
 def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True, kv_cache: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """MLA's cached entry from the `kv_a_proj_with_mqa` output `[T, R + P]`: the RMS-normed
-    latent (R channels) followed by the rotated shared rope key (P = 2 * cos.shape[-1])."""
+    latent (R channels) followed by the rotated shared rope key (P = 2 * cos.shape[-1]); with
+    `kv_cache` (the MLA pool `[pages, 1, page, 1, R + P]`) also written at `slot_mapping`."""
     p = 2 * cos.shape[-1]
     latent, k_pe = kv_a.split([kv_a.shape[-1] - p, p], dim=-1)
-    return torch.cat([rms_norm(latent, norm_weight, eps), apply_rope(k_pe, positions, cos, sin, interleaved)], dim=-1)
+    entry = torch.cat([rms_norm(latent, norm_weight, eps), apply_rope(k_pe, positions, cos, sin, interleaved)], dim=-1)
+    if kv_cache is not None:
+        write_kv(kv_cache, 0, entry.unsqueeze(1), slot_mapping)
+    return entry
 
 
 def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

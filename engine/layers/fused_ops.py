@@ -56,13 +56,20 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 
 def mla_kv_entry(kv_a: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True) -> torch.Tensor:
-    """MLA's `kv_a_proj_with_mqa` output `[T, R + P]` → the cached entry: normed latent ++ rotated rope key."""
+                 norm_weight: torch.Tensor, eps: float, interleaved: bool = True, kv_cache: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's `kv_a_proj_with_mqa` output `[T, R + P]` → the cached entry: normed latent ++ rotated rope
+    key; with `kv_cache`, also written into the pool at `slot_mapping` (in the same kernel when the
+    pool holds the entry's dtype; an FP8 pool takes the KV-write kernel's rounding)."""
     impl = rope_kv_ref.mla_kv_entry
     if _fused(kv_a) and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0:
         from engine.kernels import rope_kv
         impl = rope_kv.mla_kv_entry
-    return impl(kv_a, positions, cos, sin, norm_weight, eps, interleaved)
+        if kv_cache is not None and kv_cache.dtype != torch.promote_types(kv_a.dtype, norm_weight.dtype):
+            entry = impl(kv_a, positions, cos, sin, norm_weight, eps, interleaved)
+            write_kv(kv_cache, 0, entry.unsqueeze(1), slot_mapping)
+            return entry
+    return impl(kv_a, positions, cos, sin, norm_weight, eps, interleaved, kv_cache, slot_mapping)
 
 
 def write_kv(kv_cache: torch.Tensor, component: int, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -75,10 +75,11 @@ class MLAttention(nn.Module):
             q = self.q_proj(hidden)
         q = q.view(t, h, self.dn + self.dr)
         q_nope = q[..., : self.dn]
-        # [T, R + P]: normed latent ++ rotated rope key, what the cache stores
-        entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
-                                       self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved)
         kv_cache, meta = batch.kv_caches[self.layer_id], batch.attn
+        # [T, R + P]: normed latent ++ rotated rope key, what the cache stores (written there too)
+        entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
+                                       self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved,
+                                       kv_cache, meta.slot_mapping)
         if meta.num_decodes == 0 and t >= DECOMPRESS_MIN_TOKENS:
             q_pe = self.rope.rotate(q[..., self.dn:], positions)
             out = self._prefill_decompressed(q_nope, q_pe, entry, kv_cache, meta)
@@ -86,14 +87,13 @@ class MLAttention(nn.Module):
             q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, R]
             # latent ++ rotated q_pe in one kernel (the rotation alone is ~10 torch kernels)
             query = fused_ops.mla_query(q_latent, q, positions, self.rope.cos, self.rope.sin, self.rope.interleaved)
-            out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank)
+            out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
             out = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # [T, H, dv]
         return self.o_proj(out.reshape(t, h * self.dv))
 
     def _prefill_decompressed(self, q_nope, q_pe, entry, kv_cache, meta) -> torch.Tensor:
         """Causal attention of each prefill chunk over its whole sequence (cached prefix + chunk),
         with keys and values up-projected from the cached latents. Returns `[T, H, dv]`."""
-        fused_ops.write_kv(kv_cache, 0, entry.unsqueeze(1), meta.slot_mapping)
         h = self.num_heads
         out = q_nope.new_empty(q_nope.shape[0], h, self.dv)
         starts = [0]  # from the host lists: reading query_start_loc back would sync once per layer

@@ -64,6 +64,15 @@ def check_mla_entry(t: int, r: int, p: int, dtype, device, g) -> None:
     w = (1 + 0.1 * torch.randn(r, generator=g)).to(device, dtype)
     close(f"mla_kv_entry T={t} R={r} P={p} {dtype}", rope_kv.mla_kv_entry(kv_a, pos, cos, sin, w, 1e-6),
           rope_kv_ref.mla_kv_entry(kv_a, pos, cos, sin, w, 1e-6))
+    # written into the MLA pool [pages, 1, page, 1, R + P] at the slots (-1: not written) in the same kernel
+    page = 4
+    slots = torch.randperm(4 * t + 8, generator=g)[:t].to(device)
+    slots[::3] = -1
+    caches = [torch.zeros(t + 3, 1, page, 1, r + p, dtype=dtype, device=device) for _ in range(2)]
+    entries = [impl(kv_a, pos, cos, sin, w, 1e-6, True, cache, slots)
+               for impl, cache in zip((rope_kv.mla_kv_entry, rope_kv_ref.mla_kv_entry), caches)]
+    close(f"mla_kv_entry + cache write T={t} R={r} P={p} {dtype}", caches[0], caches[1])
+    close(f"mla_kv_entry + cache write, entry T={t} {dtype}", entries[0], entries[1])
 
 
 def check_mla_query(t: int, h: int, r: int, nope: int, p: int, interleaved: bool, dtype, device, g) -> None:
