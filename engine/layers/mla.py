@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention.torch_backend import gather_kv
@@ -33,6 +34,9 @@ from engine.layers.weights import WeightTable, into
 
 
 DECOMPRESS_MIN_TOKENS = 128  # prefill steps this large attend decompressed
+# Dense causal prefill without a prefix: the flash kernel the value padding is for (torch 2.11 picked
+# cuDNN's on the H200 by itself); the fallbacks keep CPU and other shapes working.
+_DENSE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class MLAttention(nn.Module):
@@ -113,7 +117,8 @@ class MLAttention(nn.Module):
             if qlen == slen:  # no cached prefix: plain causal, values padded to the key width so the
                 # flash kernel applies
                 vp = F.pad(v, (0, q.shape[-1] - self.dv))
-                o = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.scale)[..., : self.dv]
+                with sdpa_kernel(_DENSE_BACKENDS):
+                    o = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.scale)[..., : self.dv]
             else:  # bottom-right causal: the chunk's queries sit at the last Q of the S positions
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(qlen, slen),
                                                    scale=self.scale)
