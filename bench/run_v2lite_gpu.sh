@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
 step engine_bench_v2lite 80 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 --batch 1,16,64 \
   --decode-steps 48 --prompt-len 128 --prefill-len 2048 --profile --out "$OUT"
 step check_fused_moe 25 python -m tests.engine.kernels.check_fused_moe cuda v2lite
-step check_fused_ops 15 python -m tests.engine.kernels.check_fused_ops cuda real
+step check_fused_ops 20 python -m tests.engine.kernels.check_fused_ops cuda real
 step check_fused_engine 25 python -m tests.engine.kernels.check_fused_engine cuda tiny-deepseek-v2,tiny-deepseek-v3
 step moe_block_bench 25 python -m bench.moe_block_bench --tokens 1,16,2048 --repeats 10 --out "$OUT"
 echo "total ${SECONDS}s" >> "$LOG"
