@@ -45,8 +45,9 @@ class RequestStream:
     streams than executor workers — prefills waiting for their KV push, decodes for their KV —
     starved everything else it runs there, such as its `Info` answers and Redis heartbeats.)"""
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, num_choices: int = 1):
         self.request_id = request_id
+        self.num_choices = num_choices  # n > 1: deltas of every choice (`index`), each ending finished
         self._q: queue.Queue[RequestOutput] = queue.Queue()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -66,10 +67,12 @@ class RequestStream:
         return self._q.get(timeout=timeout)
 
     def __iter__(self):
+        open_choices = self.num_choices
         while True:
             delta = self._q.get()
             yield delta
-            if delta.finished:
+            open_choices -= delta.finished
+            if not open_choices:
                 return
 
     async def __aiter__(self):
@@ -78,10 +81,12 @@ class RequestStream:
             while not self._q.empty():
                 aq.put_nowait(self._q.get_nowait())
             self._loop, self._aq = asyncio.get_running_loop(), aq
+        open_choices = self.num_choices
         while True:
             delta = await aq.get()
             yield delta
-            if delta.finished:
+            open_choices -= delta.finished
+            if not open_choices:
                 return
 
 
@@ -128,7 +133,7 @@ class EngineClient:
         self.model_config = ModelConfig(hf=self.info.hf_config, path=self.info.model_path)
         self.max_model_len = self.info.max_model_len
         self.tokenizer = load_tokenizer(config.tokenizer or self.info.model_path)
-        self._states: dict[str, RequestState] = {}
+        self._states: dict[str, list[RequestState]] = {}  # one state per choice
         self._streams: dict[str, RequestStream] = {}
         self._replies: dict[str, queue.Queue] = {}  # request id or "#statsN" -> its one reply
         self._rank_of: dict[str, int] = {}  # request id -> EP rank holding it
@@ -206,12 +211,13 @@ class EngineClient:
         if self._closed:
             raise EngineDeadError("engine client is shut down")
         rid = request_id or f"req-{next(self._ids)}"
-        stream = RequestStream(rid)
+        stream = RequestStream(rid, params.n)
         tokenizer = self.tokenizer if self.detokenize else None
         with self._lock:
             if rid in self._streams:
                 raise ValueError(f"request id {rid!r} is already in flight")
-            self._states[rid] = RequestState(rid, prompt, list(prompt_token_ids), params, tokenizer)
+            self._states[rid] = [RequestState(rid, prompt, list(prompt_token_ids), params, tokenizer, index=i)
+                                 for i in range(params.n)]
             self._streams[rid] = stream
         return rid, stream
 
@@ -280,13 +286,14 @@ class EngineClient:
         return total
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
-              error: str | None = None) -> None:
+              error: str | None = None, index: int | None = None) -> None:
+        """End a request (every choice, or only choice `index` of an n > 1 request)."""
         if self._closed:
             return
         with self._lock:
             rank = self._rank_of.get(request_id)
         for r in ([rank] if rank is not None else range(self.num_ranks)):  # unknown: every rank (idempotent)
-            self._send(AbortRequest(request_id, status.value, error), r)
+            self._send(AbortRequest(request_id, status.value, error, index), r)
 
     def generate(self, prompts_or_ids: list, params: SamplingParams) -> list[RequestOutput]:
         """Blocking convenience: run all prompts (text or id lists) and return final results in order."""
@@ -364,17 +371,19 @@ class EngineClient:
                 self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:
-        if out.finished:
-            self._forget(out.request_id)
         with self._lock:
-            state = self._states.get(out.request_id)
+            states = self._states.get(out.request_id)
             stream = self._streams.get(out.request_id)
+        state = states[out.index] if states is not None and 0 <= out.index < len(states) else None
         if state is None or state.finished:
+            if out.finished and states is None:
+                self._forget(out.request_id)
             return
         delta, stopped = state.process(out)
         if stopped:
-            self.abort(out.request_id, RequestStatus.FINISHED_STOPPED)
-        if delta.finished:
+            self.abort(out.request_id, RequestStatus.FINISHED_STOPPED, index=out.index if len(states) > 1 else None)
+        if delta.finished and all(s.finished for s in states):
+            self._forget(out.request_id)
             with self._lock:
                 self._states.pop(out.request_id, None)
                 self._streams.pop(out.request_id, None)
@@ -382,9 +391,9 @@ class EngineClient:
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
-            pending = list(self._states)
+            pending = [(rid, s.index) for rid, states in self._states.items() for s in states if not s.finished]
             boxes = list(self._replies.items())
         for rid, box in boxes:
             box.put(RemoteAdded(rid, None, message))
-        for rid in pending:
-            self._deliver(RequestOutput(rid, [], finished=True, finish_reason="error", error=message))
+        for rid, index in pending:
+            self._deliver(RequestOutput(rid, [], finished=True, finish_reason="error", error=message, index=index))

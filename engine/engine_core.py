@@ -5,6 +5,11 @@ detokenization and stop strings belong to the front (`engine/llm.py` in-process,
 `engine/engine_client.py` across a process boundary). Every request it accepts ends with exactly
 one output whose `finished` is true; a bad request is refused at `add_request` with a
 `RequestError` and leaves no state behind.
+
+A request with `n` > 1 choices is one request until its prompt is computed; then its choices run
+as requests of their own (the scheduler forks them, sharing the prompt's pages) whose outputs carry
+the request's id and their choice `index`; each choice ends with its own finished output, and an
+abort of the request ends every choice (an abort naming an `index`, that choice only).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from engine.kv_connector import destination_known
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.presets import resolve_model
-from engine.request import Request, RequestStatus
+from engine.request import Request, RequestStatus, choice_id
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
@@ -119,14 +124,25 @@ class EngineCore:
             raise RequestError(f"request {request_id!r}: token id {bad!r} is outside the vocabulary [0, {vocab})")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"request {request_id!r}: sampling params must be a SamplingParams")
+        max_seqs = self.config.scheduler.max_num_seqs
+        if params.n > max_seqs:
+            raise RequestError(f"request {request_id!r}: n = {params.n} choices exceed the engine's "
+                               f"max_num_seqs ({max_seqs})")
         need = self.scheduler.pages_for(n + 1)
         if need > self.runner.num_pages:
             raise RequestError(f"request {request_id!r}: prompt of {n} tokens needs {need} KV pages; "
                                f"the pool holds {self.runner.num_pages}")
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
-              error: str | None = None) -> bool:
-        """Idempotent: a second abort, or an abort of a finished/unknown request, does nothing."""
+              error: str | None = None, index: int | None = None) -> bool:
+        """End every live choice of a request (or only choice `index`). Idempotent: a second abort,
+        or an abort of a finished/unknown request, does nothing."""
+        if index is not None:
+            return self._abort_one(choice_id(request_id, index), status, error)
+        ids = [rid for rid, r in self.requests.items() if r.output_id == request_id]
+        return any([self._abort_one(rid, status, error) for rid in ids])
+
+    def _abort_one(self, request_id: str, status: RequestStatus, error: str | None) -> bool:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
@@ -138,14 +154,14 @@ class EngineCore:
 
     def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> RequestOutput:
         self.runner.prompt_logprobs.discard(req.request_id)
-        return RequestOutput(req.request_id, [], finished=True, finish_reason=status.value,
-                            stop_reason=req.stop_reason, error=error,
+        return RequestOutput(req.output_id, [], finished=True, finish_reason=status.value,
+                            stop_reason=req.stop_reason, error=error, index=req.choice_index,
                             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
 
     def fail_all(self, message: str) -> None:
         """End every in-flight request with an error and free its pages (after a failed step)."""
         for rid in list(self.requests):
-            self.abort(rid, RequestStatus.FINISHED_ERROR, message)
+            self._abort_one(rid, RequestStatus.FINISHED_ERROR, message)
 
     def has_unfinished(self) -> bool:
         """Work for `step`: requests to schedule, a step in flight or outputs to report."""
@@ -191,7 +207,11 @@ class EngineCore:
                 out = self._terminal(req, req.status, req.error)
                 out.kv_transfer = result.stats
                 outputs.append(out)
-        ended = [self.scheduler.remote_kv_arrived(tid, notice.first_token) for tid, notice in events.arrived.items()]
+        ended = []
+        for tid, notice in events.arrived.items():
+            arrived = self.scheduler.remote_kv_arrived(tid, notice.first_token)
+            ended += arrived if isinstance(arrived, list) else [arrived]
+        self._register_forks()
         ended += self.scheduler.expire_remote(time.monotonic())
         for req in ended:
             if req is not None and self.requests.pop(req.request_id, None) is not None:
@@ -211,6 +231,7 @@ class EngineCore:
             outputs += self._finish(self._in_flight)
             self._in_flight = None
         sched_out = self.scheduler.schedule() if self.scheduler.has_unfinished() else None
+        self._register_forks()
         has_work = sched_out is not None and bool(sched_out.chunks)
         ep = self.runner.ep
         if ep is not None:  # EP ranks move in lock-step: one forward each whenever any rank has work
@@ -230,7 +251,7 @@ class EngineCore:
                 c.request.first_scheduled_time = now
         prev = self._in_flight
         handle = self.runner.launch(sched_out.chunks, layer_hook=self._layer_saver(sched_out.chunks),
-                                    prev=prev[1] if prev is not None else None)
+                                    prev=prev[1] if prev is not None else None, copies=sched_out.copies)
         self.scheduler.advance(sched_out)
         if ep is not None:
             ep.step_end()  # may rebalance experts: between launches, on every rank at once (stream-ordered)
@@ -248,6 +269,11 @@ class EngineCore:
             return []
         self._sends_started = False
         return self._poll_connector()
+
+    def _register_forks(self) -> None:
+        """Choices the scheduler forked (n > 1) become requests of this engine."""
+        for child in self.scheduler.take_new_forks():
+            self.requests[child.request_id] = child
 
     def _drain(self) -> list[RequestOutput]:
         """Report the step in flight, if any."""
@@ -280,9 +306,9 @@ class EngineCore:
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
                 queued = req.first_scheduled_time - req.arrival_time
-            out = RequestOutput(rid, new, [result.logprobs[rid]] if rid in result.logprobs else [],
+            out = RequestOutput(req.output_id, new, [result.logprobs[rid]] if rid in result.logprobs else [],
                                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
-                               queue_seconds=queued,
+                               queue_seconds=queued, index=req.choice_index,
                                prompt_logprobs=self.runner.prompt_logprobs.pop(rid) if queued is not None else None)
             if req.status is RequestStatus.SENDING_KV:  # its end comes when the push has ended
                 self.connector.start_send(req)

@@ -74,6 +74,7 @@ class AbortRequest:
     request_id: str
     status: str = RequestStatus.FINISHED_ABORTED.value
     error: str | None = None
+    index: int | None = None  # one choice of an n > 1 request (None: all of them)
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _handle(core, msg, outputs: list):
         outputs.append(RequestOutput(rid, [], finished=True, finish_reason="error", error=error))
 
     if isinstance(msg, AbortRequest):
-        core.abort(msg.request_id, RequestStatus(msg.status), msg.error)
+        core.abort(msg.request_id, RequestStatus(msg.status), msg.error, msg.index)
     elif isinstance(msg, AddRequest):
         try:
             params = SamplingParams.from_dict(msg.params)

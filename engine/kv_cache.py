@@ -32,6 +32,17 @@ class KVPool:
         """Device address of one page of one layer (for transfer descriptor lists)."""
         return self.layers[layer].data_ptr() + page * self.spec.page_bytes
 
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy page `src` to page `dst` in every layer, for each `(src, dst)` (copy on write of a
+        shared page; enqueued on the device before the step that writes `dst`). Each `dst` at most
+        once; every source is read before any destination is written."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long).to(self.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long).to(self.device, non_blocking=True)
+        for layer in self.layers:
+            layer.index_copy_(0, dst, layer.index_select(0, src))
+
     @staticmethod
     def pages_for_budget(spec: KVCacheSpec, budget_bytes: int) -> int:
         return max(0, budget_bytes // (spec.page_bytes * spec.num_layers))

@@ -7,7 +7,8 @@ scheduler queues, only `Request` objects the engine hands it.
 Prefill side (sender): `layer_saver` gives a per-layer callback for a step that computes the last
 prompt chunk of requests with a destination (the WRITE of a layer starts as soon as that layer's
 KV is in memory); `start_send` says the request is computed and its first token sampled (the
-notice to the receiver carries that token); `abort_send` gives up. `poll` reports sends that
+notice to the receiver carries that token, or with n > 1 choices the first token of each: the
+`forks` of the request); `abort_send` gives up. `poll` reports sends that
 ended: only then may the request's pages be freed (no WRITE from them is in flight).
 
 The destination may follow the request (SGLang's bootstrap: the prefill starts while the decode
@@ -47,7 +48,9 @@ class SendResult:
 class RemoteKV:
     """A notice from a prefill engine about one transfer id (decode side)."""
 
-    first_token: int | None  # None: the sender abandoned the transfer (nothing more will be written)
+    # None: the sender abandoned the transfer (nothing more will be written); a list: each choice's
+    # first token of an n > 1 request (choice order), which forks on arrival
+    first_token: int | list[int] | None
 
 
 @dataclass

@@ -39,7 +39,9 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
-        """Run prompts (text, or token ids) to completion; results in input order."""
+        """Run prompts (text, or token ids) to completion; results in input order. A prompt whose
+        params ask for `n` > 1 choices gives n results in a row (its prompt computed once), choice
+        `i` in the one whose `index` is i, drawn with seed `seed + i` when a seed is set."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):
@@ -56,25 +58,27 @@ class LLM:
                 self.core.validate_prompt(p, sp, request_id=f"prompt[{i}]")
             except RequestError as e:
                 raise RequestError(str(e)) from None
-        states: dict[str, RequestState] = {}
+        states: dict[tuple[str, int], RequestState] = {}
         order = []
         for text, p, sp in zip(texts, ids, params):
             rid = f"offline-{next(self._ids)}"
-            states[rid] = RequestState(rid, text, p, sp, self.tokenizer)
+            for i in range(sp.n):
+                states[rid, i] = RequestState(rid, text, p, sp, self.tokenizer, index=i)
+                order.append((rid, i))
             self.core.add_request(rid, p, sp, eos_token_ids=self._eos_ids())
-            order.append(rid)
-        results: dict[str, RequestOutput] = {}
+        results: dict[tuple[str, int], RequestOutput] = {}
         while len(results) < len(order):
             for out in self.core.step():
-                state = states.get(out.request_id)
-                if state is None or out.request_id in results:
+                key = (out.request_id, out.index)
+                state = states.get(key)
+                if state is None or key in results:
                     continue  # e.g. the terminal echo of our own stop-string abort
                 delta, stopped = state.process(out)
                 if stopped:
-                    self.core.abort(out.request_id, RequestStatus.FINISHED_STOPPED)
+                    self.core.abort(out.request_id, RequestStatus.FINISHED_STOPPED, index=out.index)
                 if delta.finished:
-                    results[out.request_id] = state.result(delta)
-        return [results[r] for r in order]
+                    results[key] = state.result(delta)
+        return [results[k] for k in order]
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.core.model_config.eos_token_ids)

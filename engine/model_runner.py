@@ -152,17 +152,27 @@ class ModelRunner:
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
     def launch(self, chunks: list, expert_load: torch.Tensor | None = None, layer_hook=None,
-               prev: StepHandle | None = None) -> StepHandle:
+               prev: StepHandle | None = None, copies: list[tuple[int, int]] = ()) -> StepHandle:
         """Enqueue one step over the scheduler's chunks (decodes first, then prefill chunks); input
-        tokens still PENDING on the host come from `prev`'s sampled ids on the device."""
+        tokens still PENDING on the host come from `prev`'s sampled ids on the device. `copies`
+        (copy-on-write pages) are copied first; a fork chunk (n > 1) computes nothing and draws from
+        the logits row of the request it was forked from."""
         if not chunks:
             return StepHandle({}, None, 0, self.device)
+        self.kv_pool.copy_pages(list(copies))
         sampling = [c for c in chunks if c.sample]
+        forks = any(c.fork_of is not None for c in chunks)
+        if forks:
+            chunks = [c for c in chunks if c.fork_of is None]
         inputs = self._inputs(chunks)
         if self.graphs is not None and expert_load is None and layer_hook is None and self.graphs.can_run(chunks):
             logits = self.graphs.run(chunks, inputs, lambda ids: self._patch_pending(ids, inputs, prev))
         else:
             logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
+        if forks:  # every choice of a forked prompt draws from that prompt's last-position logits
+            row = {c.request.request_id: i for i, c in enumerate(c for c in chunks if c.sample)}
+            index = [row[(c.fork_of or c.request).request_id] for c in sampling]
+            logits = logits[torch.tensor(index, dtype=torch.long).to(logits.device, non_blocking=True)]
         sampled = self.sampler.sample_on_device(logits, [c.request for c in sampling]) if sampling else None
         rows = {c.request.request_id: i for i, c in enumerate(sampling)}
         return StepHandle(rows, sampled, len(inputs.ids), self.device)

@@ -1,6 +1,6 @@
 """The front's half of a request, in one place: turns the engine's token deltas into text deltas,
 applies stop strings (which need text, so they live here and not in the engine loop), counts the
-usage and assembles the final result. Used by the in-process `LLM`, by the engine client across the
+usage and assembles the final result (one state per choice of an n > 1 request). Used by the in-process `LLM`, by the engine client across the
 process boundary, and by the router over the nodes' token streams."""
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ class RequestState:
     """One request at the front: its detokenizer (with the stop strings), the ids and text so far."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer):
+                 params: SamplingParams, tokenizer, index: int = 0):
         self.request_id = request_id
+        self.index = index  # the choice of an n > 1 request this state follows
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -79,7 +80,8 @@ class RequestState:
         deltas = []
         if out.token_ids:
             deltas.append(RequestOutput(self.request_id, list(out.token_ids), list(out.logprobs),
-                                        prompt_logprobs=out.prompt_logprobs, text=self._append(out)))
+                                        prompt_logprobs=out.prompt_logprobs, text=self._append(out),
+                                        index=self.index))
         if self.stopped_by_string:
             deltas.append(self.terminal("stop", self.detok.stop_reason, cached=out.num_cached_tokens))
         elif out.finished:
@@ -100,7 +102,7 @@ class RequestState:
             num_prompt_tokens=len(self.prompt_token_ids), num_cached_tokens=cached, text=text,
             num_output_tokens=len(self.token_ids), prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             arrival_time=self.arrival_time, first_token_time=self.first_token_time,
-            finish_time=time.monotonic() if finished else None)
+            finish_time=time.monotonic() if finished else None, index=self.index)
 
     def result(self, last: RequestOutput) -> RequestOutput:
         """The accumulated result, given the request's last delta."""

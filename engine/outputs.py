@@ -26,6 +26,7 @@ class RequestOutput:
     kv_transfer: dict | None = None  # prefill role: the KV sent for this request (bytes, seconds)
     queue_seconds: float | None = None  # on the first token's delta: arrival -> first scheduled step
     prompt_logprobs: list | None = None  # per prompt token (None first), on the first delta when asked
+    index: int = 0  # which choice of an n > 1 request (each choice ends with its own finished delta)
     # Filled by the front.
     text: str = ""
     num_output_tokens: int = 0  # tokens generated so far (the usage's completion tokens)

@@ -4,6 +4,10 @@ Invariants: `num_computed_tokens` tokens of `all_token_ids` have their KV in `pa
 (page `i` holds positions `i*page_size .. (i+1)*page_size-1`); a finished request holds no pages,
 except a decode-role request that ended while a prefill node's WRITE may still target its pages:
 the scheduler keeps those until the write's notice names it or its deadline passes.
+
+A request with `n` > 1 choices is one request until its prompt is computed; then it forks (the
+scheduler's `fork`): choices 1..n-1 become requests of their own (`choice_id`), sharing the
+prompt's pages by reference count, each with its own output, seed, grammar and later pages.
 """
 from __future__ import annotations
 
@@ -29,6 +33,11 @@ class RequestStatus(enum.Enum):
 
 
 PENDING_TOKEN = -1  # an output token sampled by a step still in flight (overlap scheduling)
+
+def choice_id(request_id: str, index: int) -> str:
+    """The engine-internal id of choice `index` of a request (choice 0 keeps the request's own id)."""
+    return request_id if index == 0 else f"{request_id}/choice{index}"
+
 
 _LIVE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_REMOTE_KV, RequestStatus.RUNNING, RequestStatus.SENDING_KV)
 
@@ -65,6 +74,21 @@ class Request:
     kv_transfer: dict | None = None  # bytes / seconds of the push, for the final output
     grammar: Any = None  # structured output: engine.structured_output.GrammarMatcher
     grammar_consumed: int = 0  # output tokens the matcher has advanced over
+    # n > 1 (parallel sampling): which choice this is and the request it was forked from (its id
+    # is what outputs carry); a parent lists its forks once its first step sampled.
+    choice_index: int = 0
+    group_id: str | None = None
+    forks: list["Request"] = field(default_factory=list)
+
+    @property
+    def output_id(self) -> str:
+        """The id the client knows: the forked-from request's for every choice."""
+        return self.group_id or self.request_id
+
+    @property
+    def needs_fork(self) -> bool:
+        """Its prompt's last chunk is due and it asked for more than one choice."""
+        return getattr(self.sampling_params, "n", 1) > 1 and not self.forks and self.choice_index == 0
 
     @property
     def all_token_ids(self) -> list[int]:

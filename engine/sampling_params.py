@@ -1,8 +1,12 @@
 """Per-request sampling and stopping parameters (vLLM's names and defaults), validated on
-construction so a bad value is refused with a message that names the field."""
+construction so a bad value is refused with a message that names the field.
+
+`n` > 1 asks for n choices of one prompt (vLLM's parallel sampling): the prompt is computed once and
+each choice then samples on its own; choice `i` draws with seed `seed + i` when a seed is given
+(`for_choice`), so a seeded n-choice request is reproducible and its choices differ."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 _GREEDY_EPS = 1e-5
@@ -11,6 +15,7 @@ _GREEDY_EPS = 1e-5
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16  # None: until EOS or the context limit
+    n: int = 1  # choices per prompt, sharing the prompt's KV (choice i: seed + i)
     min_tokens: int = 0
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -47,6 +52,8 @@ class SamplingParams:
 
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             bad("max_tokens", "an integer >= 1 (or None)")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            bad("n", "an integer >= 1")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -92,6 +99,11 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of choice `index` of an n-choice request: one choice, seed + index."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,7 +28,7 @@ from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
 from engine.prompt_logprobs import wants_prompt_logprobs
 from engine.radix_cache import RadixCache
-from engine.request import PENDING_TOKEN, Request, RequestStatus
+from engine.request import PENDING_TOKEN, Request, RequestStatus, choice_id
 
 
 class SchedulerOverloaded(RuntimeError):
@@ -42,12 +42,14 @@ class ScheduledChunk:
     num_new_tokens: int
     sample: bool  # the chunk reaches the request's last token: sample its next one
     output_index: int = -1  # where its sampled token goes in `request.output_token_ids` (set at launch)
+    fork_of: Request | None = None  # a forked choice's first draw: nothing computed, `fork_of`'s logits row
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # query length 1 first
     preempted: list[Request] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages to copy before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +70,8 @@ class Scheduler:
         self.kv_timeout_s = 30.0  # bound on waiting for a remote KV write (set by the engine)
         self.remote_kv: dict[str, Request] = {}  # decode role: transfer id -> request waiting for its KV
         self.sending: dict[str, Request] = {}  # prefill role: request id -> computed request, KV push in flight
+        self.new_forks: list[Request] = []  # choices forked since the engine last took them
+        self._copies: list[tuple[int, int]] = []  # copy-on-write pages of the step being scheduled
 
     # ------------------------------------------------------------- admission
     def pages_for(self, num_tokens: int) -> int:
@@ -101,12 +105,46 @@ class Scheduler:
             return None
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Make `req.page_ids` cover `num_tokens` tokens."""
-        pages = self._allocate(self.pages_for(num_tokens) - len(req.page_ids))
+        """Make `req.page_ids` cover `num_tokens` tokens. A page it is about to write that another
+        request still holds (a forked prompt's last, partly filled page) is replaced by a copy."""
+        need = self.pages_for(num_tokens)
+        pool = self.block_pool
+        shared = [i for i in range(req.num_computed_tokens // self.page_size, min(need, len(req.page_ids)))
+                  if pool.ref_count(req.page_ids[i]) > 1]
+        pages = self._allocate(len(shared) + max(0, need - len(req.page_ids)))
         if pages is None:
             return False
+        for i in shared:
+            dst = pages.pop()
+            self._copies.append((req.page_ids[i], dst))
+            pool.decref([req.page_ids[i]])  # still held by the others
+            req.page_ids[i] = dst
         req.page_ids.extend(pages)
         return True
+
+    # ------------------------------------------------------------- parallel sampling
+    def fork(self, parent: Request) -> list[Request]:
+        """Choices 1..n-1 of `parent` (n > 1), running from its computed prompt: each holds one more
+        reference on every page `parent` holds. `parent` becomes choice 0 (n = 1 from now on)."""
+        params = parent.sampling_params
+        self.block_pool.incref(parent.page_ids * (params.n - 1))
+        for i in range(1, params.n):
+            child = Request(choice_id(parent.request_id, i), parent.prompt_token_ids, params.for_choice(i),
+                            arrival_time=parent.arrival_time, eos_token_ids=parent.eos_token_ids,
+                            status=RequestStatus.RUNNING, num_computed_tokens=parent.num_prompt_tokens,
+                            page_ids=list(parent.page_ids), num_cached_tokens=parent.num_cached_tokens,
+                            first_scheduled_time=parent.first_scheduled_time, choice_index=i,
+                            group_id=parent.request_id)
+            if parent.grammar is not None:  # a matcher of its own, at the grammar's start
+                child.grammar = parent.grammar.fork()
+            parent.forks.append(child)
+        parent.sampling_params = params.for_choice(0)
+        self.new_forks += parent.forks
+        return parent.forks
+
+    def take_new_forks(self) -> list[Request]:
+        forks, self.new_forks = self.new_forks, []
+        return forks
 
     def _release(self, req: Request) -> None:
         """Give back a request's pages; its computed full pages go to the prefix cache first."""
@@ -156,21 +194,33 @@ class Scheduler:
         self.remote_kv[transfer_id] = req
         return True
 
-    def remote_kv_arrived(self, transfer_id: str, first_token: int | None) -> Request | None:
+    def remote_kv_arrived(self, transfer_id: str, first_token: int | list[int] | None) -> Request | list | None:
         """The sender's notice for `transfer_id`: the KV is in the pages and `first_token` was
-        sampled (None: the sender abandoned it). Returns the request if the notice ended it."""
+        sampled (None: the sender abandoned it). Returns the request if the notice ended it.
+        For n > 1 choices `first_token` lists each choice's first token: the choices fork here and
+        the requests it ended (any of them) come back as a list."""
         req = self.remote_kv.pop(transfer_id, None)
         if req is None:
-            return None
+            return None if first_token is None or isinstance(first_token, int) else []
+        tokens = first_token if isinstance(first_token, list) else None
+        if tokens is not None and len(tokens) != req.sampling_params.n:
+            first_token = None  # a notice that does not match the request: treat as abandoned
         if req.is_finished or first_token is None:  # ended while waiting, or abandoned: no WRITE in flight now
             self.block_pool.decref(req.page_ids)
             req.page_ids = []
             if req.is_finished:
-                return None
+                return None if tokens is None else []
             req.status, req.error = RequestStatus.FINISHED_ERROR, "the prefill node abandoned the KV transfer"
             self.num_finished += 1
-            return req
+            return req if tokens is None else [req]
         req.num_computed_tokens = req.num_prompt_tokens
+        if tokens is None:
+            return self._start_remote(req, first_token)
+        choices = [req] + (self.fork(req) if len(tokens) > 1 else [])
+        return [r for r, t in zip(choices, tokens) if self._start_remote(r, t) is not None]
+
+    def _start_remote(self, req: Request, first_token: int) -> Request | None:
+        """A choice whose prompt KV is in place: record its first token and run it (or end it)."""
         req.output_token_ids.append(first_token)
         status = self._check_stop(req, first_token)
         if status is not None:
@@ -240,6 +290,13 @@ class Scheduler:
             budget -= num_new
         if not out.preempted:
             self._admit(out, budget)
+        for chunk in list(out.chunks):  # n > 1: the prompt's first draw is also every other choice's
+            if chunk.sample and chunk.request.needs_fork:
+                for child in self.fork(chunk.request):
+                    self.running.append(child)
+                    out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0, True, fork_of=chunk.request))
+        out.copies = list({dst: (src, dst) for src, dst in self._copies}.values())  # a reused dst: its last copy
+        self._copies = []
         out.chunks.sort(key=lambda c: c.num_new_tokens != 1)  # decodes (query length 1) first
         return out
 

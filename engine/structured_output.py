@@ -178,6 +178,10 @@ class GrammarMatcher:
         """Advance on a sampled token; False (and the matcher stays in error) when it was not allowed."""
         return self._m.consume_token(int(token_id))
 
+    def fork(self) -> "GrammarMatcher":
+        """An independent matcher at this one's position (another choice of an n > 1 request)."""
+        return GrammarMatcher(self._m.deep_copy(), self.vocab_size)
+
     def rollback(self, num_tokens: int) -> None:
         """Undo the last tokens (speculative decoding's rejected drafts)."""
         if not self._m.rollback(num_tokens):

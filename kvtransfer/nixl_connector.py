@@ -4,7 +4,8 @@ engine process, owning its `KVTransferAgent`.
 Prefill side: during the step that computes a request's last prompt chunk, each layer's pages are
 WRITTEN as soon as that layer's KV is in memory (on CUDA an event recorded after the layer gates a
 sender thread), so the transfer overlaps the remaining layers' compute. Once every WRITE is DONE,
-one notice goes to the receiver naming the transfer id and carrying the first token; a push that
+one notice goes to the receiver naming the transfer id and carrying the first token (every
+choice's first token for an n > 1 request, whose choices share the pushed pages); a push that
 ends otherwise (error, abort, timeout) sends an "abandoned" notice instead, so the receiver frees
 its pages at once. A push is reported ended only when no WRITE from its pages is in flight.
 
@@ -47,16 +48,27 @@ def parse_faults(spec: str | None) -> dict:
     return faults
 
 
-def encode_notice(transfer_id: str, first_token: int | None) -> bytes:
+def encode_notice(transfer_id: str, first_token: int | list[int] | None) -> bytes:
+    """`first_token`: one token, or (n > 1 choices) each choice's first token in choice order."""
     return json.dumps({"transfer": transfer_id, "token": first_token}).encode()
 
 
-def decode_notice(message: bytes) -> tuple[str, int | None] | None:
+def decode_notice(message: bytes) -> tuple[str, int | list[int] | None] | None:
     try:
         note = json.loads(message)
-        return str(note["transfer"]), (None if note["token"] is None else int(note["token"]))
+        token = note["token"]
+        if isinstance(token, list):
+            return str(note["transfer"]), [int(t) for t in token]
+        return str(note["transfer"]), (None if token is None else int(token))
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def first_tokens(request) -> int | list[int]:
+    """What the notice carries: the first token, or every choice's of a forked (n > 1) request."""
+    if not request.forks:
+        return request.output_token_ids[0]
+    return [request.output_token_ids[0]] + [c.output_token_ids[0] for c in request.forks]
 
 
 @dataclass
@@ -78,7 +90,7 @@ class _Push:
     overdue_reported: bool = False
     first_post: float = 0.0
     compute_done: float = 0.0  # start_send time; 0 while the prompt still computes
-    first_token: int | None = None
+    first_token: int | list[int] | None = None
     dropped: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -202,7 +214,7 @@ class NixlConnector(KVConnector):
     def start_send(self, request) -> None:
         push = self.pushes.get(request.request_id) or self._new_push(request, layered=False)
         now = time.monotonic()
-        push.compute_done, push.first_token = now, request.output_token_ids[0]
+        push.compute_done, push.first_token = now, first_tokens(request)
         push.deadline = now + self.timeout_s
         if not push.layered:
             push.start_at = now + self.faults.get("stall", 0.0)
