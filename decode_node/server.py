@@ -1,6 +1,7 @@
 """Decode node: for each request one `Decode` call reserves pages for the prompt's KV, answers
 where a prefill node must write it, waits (bounded) for that node's notice naming the transfer
-(with the first token), joins the running batch and streams token ids. In a collocated cluster
+(with the first token; with n > 1 choices every choice's, and the choices fork there, sharing the
+prompt's pages), joins the running batch and streams token ids (each delta names its choice). In a collocated cluster
 (no prefill nodes) it also runs prompts itself (`Generate`)."""
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ async def _observed(node: Node, rid: str, stream, request: pb.DecodeRequest, col
     token came from the prefill node and the first gap here is already an inter-token one."""
     m = node.metrics
     start = last = time.monotonic()
-    num_tokens = 0 if collocated else 1
+    num_choices = request.sampling.n if request.sampling.HasField("n") else 1
+    num_tokens = 0 if collocated else num_choices
     async for delta in stream:
         now = time.monotonic()
         if delta.token_ids:
@@ -90,7 +92,8 @@ async def _observed(node: Node, rid: str, stream, request: pb.DecodeRequest, col
                 m.observe("inter_token_latency_seconds", now - last)
             num_tokens += len(delta.token_ids)
             last = now
-        if delta.finished:
+        num_choices -= delta.finished
+        if delta.finished and not num_choices:  # the request's end: its last choice ended
             if collocated:
                 m.inc("prompt_tokens_total", len(request.prompt_token_ids))
             _observe_decode(node, delta, now - start, num_tokens)

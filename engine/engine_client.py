@@ -211,6 +211,9 @@ class EngineClient:
         if self._closed:
             raise EngineDeadError("engine client is shut down")
         rid = request_id or f"req-{next(self._ids)}"
+        if params.n > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"request {rid!r}: n = {params.n} choices exceed the engine's max_num_seqs "
+                             f"({self.config.scheduler.max_num_seqs})")
         stream = RequestStream(rid, params.n)
         tokenizer = self.tokenizer if self.detokenize else None
         with self._lock:

@@ -149,8 +149,16 @@ class EngineCore:
         self.scheduler.abort(request_id, status=status, error=error, now=time.monotonic())
         if req.kv_dest is not None:
             self.connector.abort_send(req)  # its pages stay held until the connector reports the push over
-        self._pending.append(self._terminal(req, status, error))
+        self._pending += self._terminals(req, status, error)
         return True
+
+    def _terminals(self, req: Request, status: RequestStatus, error: str | None) -> list[RequestOutput]:
+        """`req`'s terminal output; a request of n > 1 choices that ends before it forked ends its
+        other choices too (each choice has exactly one terminal output)."""
+        outs = [self._terminal(req, status, error)]
+        if req.needs_fork:
+            outs += [dataclasses.replace(outs[0], index=i) for i in range(1, req.sampling_params.n)]
+        return outs
 
     def _terminal(self, req: Request, status: RequestStatus, error: str | None) -> RequestOutput:
         self.runner.prompt_logprobs.discard(req.request_id)
@@ -204,9 +212,9 @@ class EngineCore:
             req = self.scheduler.finish_sending(rid, result.error)
             if req is not None:
                 self.requests.pop(rid, None)
-                out = self._terminal(req, req.status, req.error)
-                out.kv_transfer = result.stats
-                outputs.append(out)
+                ends = self._terminals(req, req.status, req.error)
+                ends[0].kv_transfer = result.stats
+                outputs += ends
         ended = []
         for tid, notice in events.arrived.items():
             arrived = self.scheduler.remote_kv_arrived(tid, notice.first_token)
@@ -215,7 +223,7 @@ class EngineCore:
         ended += self.scheduler.expire_remote(time.monotonic())
         for req in ended:
             if req is not None and self.requests.pop(req.request_id, None) is not None:
-                outputs.append(self._terminal(req, req.status, req.error))
+                outputs += self._terminals(req, req.status, req.error)
         outputs += self._pending  # ended by an overdue push
         self._pending = []
         return outputs
@@ -326,7 +334,7 @@ class EngineCore:
         for rid, req in list(self.requests.items()):
             if req.is_finished:
                 self.requests.pop(rid)
-                outputs.append(self._terminal(req, req.status, req.error))
+                outputs += self._terminals(req, req.status, req.error)
         return outputs
 
     def _layer_saver(self, chunks: list):

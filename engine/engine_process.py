@@ -197,8 +197,10 @@ def _handle(core, msg, outputs: list):
     from engine.sampling_params import SamplingParams
     from engine.scheduler import SchedulerOverloaded
 
-    def refuse(rid: str, error: str) -> None:
-        outputs.append(RequestOutput(rid, [], finished=True, finish_reason="error", error=error))
+    def refuse(rid: str, error: str) -> None:  # every choice of the request ends
+        n = msg.params.get("n", 1) if isinstance(msg.params.get("n"), int) else 1
+        outputs.extend(RequestOutput(rid, [], finished=True, finish_reason="error", error=error, index=i)
+                       for i in range(max(1, n)))
 
     if isinstance(msg, AbortRequest):
         core.abort(msg.request_id, RequestStatus(msg.status), msg.error, msg.index)

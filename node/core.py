@@ -30,6 +30,7 @@ class Node:
 
     def __init__(self, role: str, engine_config, model_name: str, options: NodeOptions | None = None):
         engine_config = replace(engine_config, kv_role=role)  # the engine of a node hands KV over in its role
+        self.max_num_seqs = engine_config.scheduler.max_num_seqs
         self.options = options or NodeOptions()
         self.role = role
         self.model_name = model_name
@@ -55,9 +56,10 @@ class Node:
                            num_pages=s.get("num_pages", i.num_pages), num_free_pages=s["num_free_or_cached_pages"],
                            num_running=s["num_running"], num_waiting=s["num_waiting"],
                            prefix_cache_queries_tokens=s["prefix_cache_queries_tokens"],
-                           prefix_cache_hits_tokens=s["prefix_cache_hits_tokens"])
+                           prefix_cache_hits_tokens=s["prefix_cache_hits_tokens"], max_num_seqs=self.max_num_seqs)
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Abort a request (or only choice `index` of an n > 1 request)."""
         found = request_id in self.in_flight
-        self.client.abort(request_id)
+        self.client.abort(request_id, index=index)
         return found

@@ -18,11 +18,13 @@ class NodeServicerBase:
         return await asyncio.get_running_loop().run_in_executor(None, self.node.info)
 
     async def Abort(self, request, context):
-        return pb.AbortResponse(found=self.node.abort(request.request_id))
+        index = request.index if request.HasField("index") else None
+        return pb.AbortResponse(found=self.node.abort(request.request_id, index))
 
 
 def delta_to_proto(rid: str, delta) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=rid, token_ids=list(delta.token_ids), finished=delta.finished,
+                              index=delta.index,
                               logprobs=convert.logprobs_to_proto(delta.logprobs),
                               prompt_logprobs=convert.prompt_logprobs_to_proto(delta.prompt_logprobs))
     if delta.finished:

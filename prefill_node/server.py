@@ -1,6 +1,7 @@
 """Prefill node: runs prompts (chunked prefill, prefix cache), samples the first token, writes the
 prompt's KV into the decode node's reserved pages over NIXL, and answers once the WRITE is done.
-It never decodes beyond the first token.
+It never decodes beyond the first token: with n > 1 choices it samples each choice's first token from
+the prompt's last logits (the engine forks the choices) and sends the KV once.
 
 The destination may follow the prompt (`destination_follows`, then `SetDestination`): the prefill
 starts at once and the decode node's reservation overlaps it. The two calls may arrive in either
@@ -79,14 +80,18 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         node.in_flight.add(rid)
         try:
             stream = self._start(rid, request, first)
-            token_ids, logprobs, last, first_delta_queue, prompt_logprobs = [], [], None, None, None
+            choices = [([], []) for _ in range(params.n)]  # per choice: its first token (and logprob)
+            last, first_delta_queue, prompt_logprobs, error = None, None, None, None
             async for delta in stream:
-                token_ids += delta.token_ids
-                logprobs += delta.logprobs
+                choices[delta.index][0].extend(delta.token_ids)
+                choices[delta.index][1].extend(delta.logprobs)
                 prompt_logprobs = delta.prompt_logprobs or prompt_logprobs
                 if delta.queue_seconds is not None:
                     first_delta_queue = delta.queue_seconds
-                last = delta
+                if delta.finish_reason == "error":
+                    error = error or delta
+                if delta.index == 0 and delta.finished:  # choice 0 ends last: after its KV push
+                    last = delta
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
@@ -96,10 +101,19 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
             node.in_flight.discard(rid)
             self._awaiting_dest.discard(rid)
             _remember(self._ended, rid, None)  # a destination after this is forwarded: the engine abandons it
+        if error is not None or last is None:
+            last = error or last
+        elif params.n > 1 and any(len(ids) != 1 for ids, _ in choices):
+            last = dataclasses.replace(last, finish_reason="error", error=f"request {rid!r}: a choice has no first token")
         kv = last.kv_transfer or {}
         _observe_prefill(node, request, first_delta_queue, time.monotonic() - t0, last, kv)
-        # Finished "for real" only if the first token stopped it or the client asked for one token.
+        # Finished "for real" only if the first token stopped it or the client asked for one token;
+        # with n > 1 choices the decode node ends each choice (its notice carries every first token).
         done = last.finish_reason in ("stop", "abort", "error") or params.max_tokens == 1
+        if params.n > 1:
+            done = last.finish_reason in ("abort", "error")
+        token_ids = [t for ids, _ in choices for t in ids]
+        logprobs = [e for _, lps in choices for e in lps]
         return pb.PrefillResponse(
             request_id=rid, token_ids=token_ids, logprobs=convert.logprobs_to_proto(logprobs), finished=done,
             finish_reason=last.finish_reason or "", stop_reason="" if last.stop_reason is None else str(last.stop_reason),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from proto import pdserve_pb2 as pb
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs", "prompt_logprobs")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs", "prompt_logprobs", "n")
 _PLAIN = ("min_tokens", "top_k", "min_p", "presence_penalty", "frequency_penalty", "ignore_eos",
           "include_stop_str_in_output")
 
@@ -89,4 +89,5 @@ def output_from_proto(msg, num_cached_tokens: int = 0):
                          finished=msg.finished, finish_reason=msg.finish_reason or None,
                          stop_reason=msg.stop_reason or None, error=msg.error or None,
                          num_cached_tokens=num_cached_tokens,
-                         prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs))
+                         prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs),
+                         index=getattr(msg, "index", 0))

@@ -12,6 +12,11 @@
    the second on, detokenized here with stop strings applied (engine/output_processor.py's
    `RequestState`, as in every front).
 
+A request of n > 1 choices takes the same path once: P samples every choice's first token and
+sends the KV once, D forks the choices over the shared prompt pages and streams them, each delta
+naming its choice (`index`); here each choice has its own `RequestState` (stop strings end one
+choice: D is told to abort that choice only) and the request ends when its last choice has.
+
 Two calls per request, and cancelling them is its one abort path: D's stream and P's call each
 abort their node's side. Every wait is bounded. A prefill node that fails before anything was
 streamed is retried once on another node with a fresh D stream (the first one is cancelled; its
@@ -98,6 +103,7 @@ class Router:
         self.timeouts = timeouts or Timeouts()
         self.max_in_flight = max_in_flight
         self.tasks: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()  # per-choice aborts sent to nodes
         self._ids = itertools.count()
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "aborted": 0, "kv_bytes": 0, "retries": 0}
 
@@ -115,6 +121,9 @@ class Router:
                              f"limit of {limit} tokens")
         if any(t < 0 for t in ids):
             raise BadRequest("token ids must be non-negative")
+        max_n = min((n.info.max_num_seqs for n in nodes if n.info and n.info.max_num_seqs), default=None)
+        if max_n is not None and params.n > max_n:
+            raise BadRequest(f"n = {params.n} choices exceed the decode nodes' max_num_seqs ({max_n})")
         return ids
 
     def new_id(self) -> str:
@@ -122,25 +131,28 @@ class Router:
 
     # ------------------------------------------------------------- the path
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams, prompt: str | None = None):
-        """Async iterator of RequestOutput deltas (text filled in); the last one has `finished` set and
-        carries the usage."""
-        state = RequestState(request_id, prompt, ids, params, self.tokenizer)
+        """Async iterator of RequestOutput deltas (text filled in); each choice's last one has
+        `finished` set and carries its usage (the request ends with its last choice)."""
+        states = [RequestState(request_id, prompt, ids, params, self.tokenizer, index=i) for i in range(params.n)]
         if len(self.tasks) >= self.max_in_flight:
-            yield self._count(state.terminal("error", error="overloaded: too many requests in flight"))
+            for state in states:
+                yield self._count(state.terminal("error", error="overloaded: too many requests in flight"))
             return
         self.stats["requests"] += 1
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        task = asyncio.create_task(self._run(state, queue))
+        task = asyncio.create_task(self._run(states, queue))
         self.tasks[request_id] = task
         timing = _Timing(time.monotonic())
+        open_choices = len(states)
         try:
             while True:
                 delta = await queue.get()
                 timing.on_delta(delta, time.monotonic())
-                if delta.finished:
+                open_choices -= delta.finished
+                if not open_choices:
                     self._observe(timing, delta, len(ids))
                 yield delta
-                if delta.finished:
+                if not open_choices:
                     return
         finally:
             if not task.done():
@@ -178,24 +190,29 @@ class Router:
         self.stats[{"error": "errors", "abort": "aborted"}.get(final.finish_reason, "finished")] += 1
         return final
 
-    def _put(self, out: asyncio.Queue, deltas: list[RequestOutput]) -> bool:
-        """Queue deltas for the client, counting the terminal one; True once the request ended."""
+    def _put(self, states: list[RequestState], out: asyncio.Queue, deltas: list[RequestOutput]) -> bool:
+        """Queue deltas for the client, counting the request's end; True once every choice ended."""
+        ended = all(s.finished for s in states)
         for d in deltas:
-            out.put_nowait(self._count(d) if d.finished else d)
-        return bool(deltas) and deltas[-1].finished
+            out.put_nowait(self._count(d) if d.finished and ended and d is deltas[-1] else d)
+        return ended
 
-    async def _run(self, state: RequestState, out: asyncio.Queue) -> None:
+    def _end(self, states: list[RequestState], out: asyncio.Queue, reason: str, error: str | None = None) -> None:
+        """One terminal delta for every choice still open."""
+        self._put(states, out, [s.terminal(reason, error=error) for s in states if not s.finished])
+
+    async def _run(self, states: list[RequestState], out: asyncio.Queue) -> None:
         calls: list = []  # this request's open node streams; cancelling them aborts it on those nodes
         try:
-            await self._path(state, out, calls)
+            await self._path(states, out, calls)
         except asyncio.CancelledError:
-            self._put(out, [state.terminal("abort")])
+            self._end(states, out, "abort")
             raise
         except NoNodeAvailable as e:
-            self._put(out, [state.terminal("error", error=f"overloaded: {e}")])
+            self._end(states, out, "error", f"overloaded: {e}")
         except Exception as e:  # noqa: BLE001 — every request ends with one terminal status
-            log.exception("request %s failed", state.request_id)
-            self._put(out, [state.terminal("error", error=f"{type(e).__name__}: {e}")])
+            log.exception("request %s failed", states[0].request_id)
+            self._end(states, out, "error", f"{type(e).__name__}: {e}")
         finally:
             for call in calls:
                 call.cancel()
@@ -267,14 +284,15 @@ class Router:
             elif not task.cancelled():
                 task.exception()  # retrieved: the caller has P's failure, or a failure of D's ended it
 
-    async def _path(self, state: RequestState, out: asyncio.Queue, calls: list) -> None:
+    async def _path(self, states: list[RequestState], out: asyncio.Queue, calls: list) -> None:
+        state = states[0]
         rid, ids, params = state.request_id, state.prompt_token_ids, state.params
         if self.collocated:
             node = self.registry.pick("decode", self.policy, ids)
             req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params))
             call = node.stub.Generate(req, timeout=self.timeouts.decode_s)
             calls.append(call)
-            await self._stream(state, node, call, out, 0, unwrap=False)
+            await self._stream(states, node, rid, call, out, 0, unwrap=False)
             return
         tried: set = set()
         for attempt in range(_ATTEMPTS):
@@ -293,21 +311,51 @@ class Router:
                 log.warning("prefill of %s failed on %s (%s); retrying on another node", node_rid,
                             list(tried)[-1].address, e.code().name)
         if first.error or first.finish_reason == "error":
-            self._put(out, [state.terminal("error", error=first.error or "prefill failed")])
+            self._end(states, out, "error", first.error or "prefill failed")
             return
         self.stats["kv_bytes"] += first.kv_bytes
         cached = first.num_cached_tokens
-        if self._put(out, state.relay(convert.output_from_proto(first, cached))):
-            return
-        await self._stream(state, decode, call, out, cached, unwrap=True)
+        if len(states) == 1:
+            if self._put(states, out, state.relay(convert.output_from_proto(first, cached))):
+                return
+        else:  # each choice's first token; D ends the choices (their first tokens reached it too)
+            head = convert.output_from_proto(first, cached)
+            for i, s in enumerate(states):
+                lp = head.logprobs[i: i + 1] if head.logprobs else []
+                delta = RequestOutput(rid, head.token_ids[i: i + 1], lp, num_cached_tokens=cached,
+                                      prompt_logprobs=head.prompt_logprobs, index=i)
+                self._put(states, out, s.relay(delta))
+                if s.finished:  # a stop string in its first token
+                    self._abort_choice(decode, node_rid, i)
+            if all(s.finished for s in states):
+                return
+        await self._stream(states, decode, node_rid, call, out, cached, unwrap=True)
 
-    async def _stream(self, state: RequestState, node: NodeHandle, call, out, cached: int, unwrap: bool):
+    def _abort_choice(self, node: NodeHandle, node_rid: str, index: int) -> None:
+        """Tell a node to end one choice of an n > 1 request (its stop string was found here)."""
+        async def send():
+            try:
+                await node.stub.Abort(pb.AbortRequest(request_id=node_rid, index=index), timeout=self.timeouts.reserve_s)
+            except grpc.aio.AioRpcError:
+                pass  # the node's own end of the request frees it anyway
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _stream(self, states: list[RequestState], node: NodeHandle, node_rid: str, call, out, cached: int,
+                      unwrap: bool):
         """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client."""
         node.in_flight += 1
         try:
             while (msg := await call.read()) is not grpc.aio.EOF:  # read(), as `_open_decode` began with it
-                if self._put(out, state.relay(convert.output_from_proto(msg.delta if unwrap else msg, cached))):
+                delta = convert.output_from_proto(msg.delta if unwrap else msg, cached)
+                state = states[delta.index] if 0 <= delta.index < len(states) else None
+                if state is None or state.finished:
+                    continue  # a choice that already ended here (by a stop string)
+                if self._put(states, out, state.relay(delta)):
                     return  # ended; a stop string's end cancels the stream (in _run), which stops the node
+                if state.finished and not delta.finished:  # one choice of several ended by a stop string
+                    self._abort_choice(node, node_rid, delta.index)
             raise RuntimeError(f"node {node.address} ended the stream without a final status")
         except grpc.aio.AioRpcError as e:
             self.registry.mark_dead(node)

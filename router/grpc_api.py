@@ -1,6 +1,7 @@
 """The public gRPC `Generate` service of the router (server-streaming deltas, Abort). With an API
 key, both methods need metadata `authorization: Bearer KEY` (UNAUTHENTICATED otherwise, before any
-work); the standard health service stays open."""
+work); the standard health service stays open. With `sampling.n` > 1 every delta names its choice
+(`index`) and each choice ends with its own finished delta, whose usage counts that choice."""
 from __future__ import annotations
 
 import grpc
@@ -15,6 +16,7 @@ from router.http_api import key_matches
 
 def delta_to_proto(d: RequestOutput) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text, finished=d.finished,
+                              index=d.index,
                               logprobs=convert.logprobs_to_proto(d.logprobs),
                               prompt_logprobs=convert.prompt_logprobs_to_proto(d.prompt_logprobs))
     if d.finished:

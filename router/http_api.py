@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API of the router (aiohttp): `/v1/completions` (one prompt or a batch),
-`/v1/chat/completions` (the checkpoint's chat template, see `chat_template.py`), both with logprobs
-and SSE streaming ending in `data: [DONE]`; `/v1/models`, `/health`, `/metrics`. With an API key
+`/v1/chat/completions` (the checkpoint's chat template, see `chat_template.py`), both with logprobs,
+`n` choices per prompt (one router request per prompt; chunks carry each choice's `index`) and SSE
+streaming ending in `data: [DONE]`; `/v1/models`, `/health`, `/metrics`. With an API key
 every route but `/health` and `/metrics` needs `Authorization: Bearer KEY` (401 otherwise, before
 any parsing). Invalid requests get HTTP 400 with an OpenAI-style error body; a client that
 disconnects aborts its requests."""
@@ -131,18 +132,20 @@ class HttpApi:
         except (BadRequest, ChatTemplateError, StructuredOutputError, ValueError, TypeError) as e:
             return _error(400, str(e))
         rid = r.new_id()
-        jobs = [Choice(i, rid if len(prompts) == 1 else f"{rid}-{i}", text, ids)
-                for i, (text, ids) in enumerate(prompts)]
+        n = params.n
+        groups = [[Choice(p * n + j, rid if len(prompts) == 1 else f"{rid}-{p}", text, ids, j) for j in range(n)]
+                  for p, (text, ids) in enumerate(prompts)]  # one router request per prompt, n choices each
+        jobs = [c for group in groups for c in group]
         reply = ResponseBuilder(rid, r.model_name, chat, bool(body.get("echo")) and not chat, r.tokenizer, params,
                                 bool(body.get("return_token_ids")))
         if body.get("stream"):
-            return await self._stream(request, jobs, reply,
+            return await self._stream(request, groups, reply,
                                       bool((body.get("stream_options") or {}).get("include_usage")))
         try:
-            await asyncio.gather(*(self._collect(job, params) for job in jobs))
+            await asyncio.gather(*(self._collect(group, params) for group in groups))
         except asyncio.CancelledError:
-            for job in jobs:
-                r.abort(job.rid)
+            for group in groups:
+                r.abort(group[0].rid)
             raise
         failed = next((j for j in jobs if j.reason == "error"), None)
         if failed is not None:
@@ -150,20 +153,22 @@ class HttpApi:
             return _error(status, failed.error or "request failed", "server_error")
         return web.json_response(reply.response(jobs))
 
-    async def _collect(self, job: Choice, params) -> None:
-        async for d in self.router.generate(job.rid, job.ids, params):
-            job.add(d)
+    async def _collect(self, group: list[Choice], params) -> None:
+        """One prompt's request: its deltas to its choices by `index`."""
+        async for d in self.router.generate(group[0].rid, group[0].ids, params, group[0].prompt):
+            group[d.index].add(d)
 
-    async def _stream(self, request, jobs: list, reply: ResponseBuilder, include_usage: bool):
+    async def _stream(self, request, groups: list[list[Choice]], reply: ResponseBuilder, include_usage: bool):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         queue: asyncio.Queue = asyncio.Queue()
+        jobs = [c for group in groups for c in group]
 
-        async def pump(job):
-            async for d in self.router.generate(job.rid, job.ids, reply.params):
-                queue.put_nowait((job, d))
+        async def pump(group):
+            async for d in self.router.generate(group[0].rid, group[0].ids, reply.params, group[0].prompt):
+                queue.put_nowait((group[d.index], d))
 
-        tasks = [asyncio.create_task(pump(job)) for job in jobs]
+        tasks = [asyncio.create_task(pump(group)) for group in groups]
         open_jobs = len(jobs)
         try:
             while open_jobs:

@@ -35,8 +35,13 @@ def sampling_params(body: dict, chat: bool) -> SamplingParams:
             kw["prompt_logprobs"] = lp
     if body.get("prompt_logprobs") is not None:  # vLLM's extension, on both endpoints
         kw["prompt_logprobs"] = body["prompt_logprobs"]
-    if body.get("n", 1) != 1:
-        raise ValueError("n must be 1")
+    n = body.get("n")
+    if n is not None:
+        kw["n"] = n  # SamplingParams refuses anything but an integer >= 1; the router bounds it
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (1 if n is None else n):
+        raise ValueError(f"best_of must equal n ({1 if n is None else n}) when given; got {best_of!r} "
+                         "(choosing the best of more samples is not supported)")
     return SamplingParams(**kw)
 
 
@@ -102,10 +107,13 @@ class LogprobFormatter:
 
 
 class Choice:
-    """One prompt of a request (a batch has several) and what came back for it so far."""
+    """One choice of one prompt of a request (a batch has several prompts, `n` > 1 several choices
+    per prompt; OpenAI numbers them prompt-major: `index` = prompt * n + choice) and what came back
+    for it so far. The prompt's tokens count once in `usage`, on its choice 0."""
 
-    def __init__(self, index: int, rid: str, prompt: str | None, ids: list[int]):
+    def __init__(self, index: int, rid: str, prompt: str | None, ids: list[int], choice: int = 0):
         self.index, self.rid, self.prompt, self.ids = index, rid, prompt, ids
+        self.choice = choice  # which of its prompt's n choices
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list = []
@@ -191,9 +199,10 @@ class ResponseBuilder:
                 "created": self.created, "model": self.model, "choices": [ch]}
 
     def total_usage(self, choices: list[Choice]) -> dict:
-        prompt = sum(c.usage[0] for c in choices)
+        """Prompt tokens once per prompt, completion tokens summed over every choice."""
+        prompt = sum(c.usage[0] for c in choices if c.choice == 0)
         completion = sum(c.usage[1] for c in choices)
-        return usage(prompt, completion, sum(c.usage[2] for c in choices))
+        return usage(prompt, completion, sum(c.usage[2] for c in choices if c.choice == 0))
 
     def usage_chunk(self, choices: list[Choice]) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from router.openai_format import LogprobFormatter, completion_prompts, sampling_params
+from router.openai_format import Choice, LogprobFormatter, ResponseBuilder, completion_prompts, sampling_params
 
 
 def test_the_four_prompt_forms():
@@ -24,9 +24,20 @@ def test_logprob_fields_map_to_sampling_params():
     assert (p.logprobs, p.prompt_logprobs) == (2, 2)
     assert sampling_params({"logprobs": 0}, chat=False).prompt_logprobs is None
     for body, chat in (({"top_logprobs": 3}, True), ({"logprobs": True}, False), ({"logprobs": 21}, False),
-                       ({"n": 2}, False), ({"prompt_logprobs": -1}, False)):
+                       ({"n": 0}, False), ({"n": 1.5}, True), ({"n": True}, False), ({"n": 3, "best_of": 2}, False),
+                       ({"prompt_logprobs": -1}, False)):
         with pytest.raises(ValueError):
             sampling_params(body, chat)
+
+
+def test_n_maps_to_choices_and_usage_counts_each_prompt_once():
+    assert sampling_params({"n": 3, "best_of": 3, "seed": 4}, chat=True).n == 3
+    choices = [Choice(p * 2 + j, "r", None, [1, 2, 3, 4][: 2 + p], j) for p in range(2) for j in range(2)]
+    for i, c in enumerate(choices):
+        c.usage = (len(c.ids), 5 + i, 0)
+    reply = ResponseBuilder("r", "m", False, False, None, sampling_params({"n": 2}, chat=False))
+    assert reply.total_usage(choices) == {"prompt_tokens": 2 + 3, "completion_tokens": 5 + 6 + 7 + 8,
+                                          "total_tokens": 5 + 26}
 
 
 def test_completion_logprobs_with_echoed_prompt():
