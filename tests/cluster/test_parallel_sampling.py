@@ -146,6 +146,13 @@ def test_bad_n_is_a_400_and_leaves_nothing_behind(cluster, body, message):
             cluster.generate(PROMPT, max_tokens=4, n=n)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert wait_for(lambda: _pools_full(cluster))
+    assert _router_in_flight(cluster) == 0
+
+
+def _router_in_flight(cluster) -> float:
+    with urllib.request.urlopen(cluster.http.rsplit("/v1", 1)[0] + "/metrics", timeout=30) as r:
+        line = next(x for x in r.read().decode().splitlines() if x.startswith("pdserve:router_requests_in_flight"))
+    return float(line.split()[-1])
 
 
 def test_cancel_and_disconnect_mid_stream_free_every_page(cluster, client):

@@ -1,7 +1,8 @@
 """The OpenAI surface of `pdserve up` through the `openai` client, on a tiny checkpoint carrying
 Qwen3's real chat template and an API key: the chat prompt is exactly `transformers`' token ids,
 logprobs come back in both shapes (streamed and not), `echo` returns the engine's own prompt
-logprobs, a list of prompts is one batch, `usage` adds up, and only /health and /metrics are open
+logprobs, a list of prompts is one batch, `usage` adds up, n = 2 choices each validate against a JSON
+schema, and only /health and /metrics are open
 without the key (HTTP 401, gRPC UNAUTHENTICATED)."""
 from __future__ import annotations
 
@@ -193,6 +194,29 @@ def test_json_schema_output_validates_with_random_weights_streamed_and_not(clien
         obj = json.loads(text)
         jsonschema.validate(obj, SCHEMA)  # raises on any violation
         assert set(obj) == set(SCHEMA["required"]) and obj["kind"] in ("cat", "dog", "fish")
+
+
+@pytest.mark.slow
+def test_json_schema_with_n2_validates_every_choice_streamed_and_not(client, cluster):
+    """n = 2 choices under one schema: each choice has its own grammar matcher (on the prefill node for
+    its first token, on the decode node after the fork), so each output validates on its own."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}}
+    kw = dict(model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=120, response_format=fmt,
+              temperature=1.0, seed=9, n=2)
+    full = client.chat.completions.create(**kw)
+    texts = {c.index: c.message.content for c in full.choices}
+    streamed: dict = {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert sorted(texts) == sorted(streamed) == [0, 1] and streamed == texts  # seeded: the same twice
+    for text in texts.values():
+        jsonschema.validate(json.loads(text), SCHEMA)  # raises on any violation
+    bad = {"messages": MESSAGES, "n": 2, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}}
+    assert _http(cluster, "/v1/chat/completions", bad, key=KEY) == 400
 
 
 _LL_TASK = """task: pdserve_ll
