@@ -299,22 +299,29 @@ class EngineClient:
             self._send(AbortRequest(request_id, status.value, error, index), r)
 
     def generate(self, prompts_or_ids: list, params: SamplingParams) -> list[RequestOutput]:
-        """Blocking convenience: run all prompts (text or id lists) and return final results in order."""
+        """Blocking convenience: run all prompts (text or id lists) and return final results in order
+        (n > 1: each prompt's n choices in a row)."""
         streams = []
         for p in prompts_or_ids:
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             streams.append((self.add_request(ids, params, prompt=p if isinstance(p, str) else None)))
-        return [self._collect(s) for s in streams]
+        return [out for s in streams for out in self._collect(s)]
 
     @staticmethod
-    def _collect(stream: RequestStream) -> RequestOutput:
-        token_ids, text, logprobs = [], [], []
+    def _collect(stream: RequestStream) -> list[RequestOutput]:
+        """Each choice's accumulated result, in choice order (one for n = 1)."""
+        parts = [([], [], []) for _ in range(stream.num_choices)]
+        last = {}
         for delta in stream:
+            token_ids, text, logprobs = parts[delta.index]
             token_ids += delta.token_ids
             text.append(delta.text)
             logprobs += delta.logprobs
-        delta.token_ids, delta.text, delta.logprobs = token_ids, "".join(text), logprobs
-        return delta
+            if delta.finished:
+                last[delta.index] = delta
+        for i, (token_ids, text, logprobs) in enumerate(parts):
+            last[i].token_ids, last[i].text, last[i].logprobs = token_ids, "".join(text), logprobs
+        return [last[i] for i in range(stream.num_choices)]
 
     def shutdown(self) -> None:
         if self._closed:

@@ -304,6 +304,7 @@ class EngineCore:
                 req.output_logprobs.append(lp)
         finished = {r.request_id for r in self.scheduler.resolve(sched_out, result.sampled)}
         outputs = []
+        prompt_lps = {}  # n > 1: a forked choice's first output carries its prompt's logprobs too
         for c in sched_out.chunks:
             req = c.request
             rid = req.request_id
@@ -314,10 +315,13 @@ class EngineCore:
             if new and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
                 queued = req.first_scheduled_time - req.arrival_time
+            prompt_lp = None
+            if queued is not None:
+                prompt_lp = prompt_lps.get(c.fork_of.request_id) if c.fork_of else self.runner.prompt_logprobs.pop(rid)
+                prompt_lps[rid] = prompt_lp
             out = RequestOutput(req.output_id, new, [result.logprobs[rid]] if rid in result.logprobs else [],
                                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
-                               queue_seconds=queued, index=req.choice_index,
-                               prompt_logprobs=self.runner.prompt_logprobs.pop(rid) if queued is not None else None)
+                               queue_seconds=queued, index=req.choice_index, prompt_logprobs=prompt_lp)
             if req.status is RequestStatus.SENDING_KV:  # its end comes when the push has ended
                 self.connector.start_send(req)
                 self._sends_started = True

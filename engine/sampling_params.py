@@ -15,7 +15,6 @@ _GREEDY_EPS = 1e-5
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16  # None: until EOS or the context limit
-    n: int = 1  # choices per prompt, sharing the prompt's KV (choice i: seed + i)
     min_tokens: int = 0
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -35,6 +34,7 @@ class SamplingParams:
     # (kind, value): engine.structured_output's constraint — json_schema (schema as JSON text),
     # json_object, regex or grammar (Lark); the sampler masks every token the constraint forbids
     structured_output: tuple[str, str] | None = None
+    n: int = 1  # choices per prompt, sharing the prompt's KV (choice i: seed + i)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

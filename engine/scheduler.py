@@ -18,6 +18,12 @@ notice arrives, then runs; a prefill-role request with a destination ends in `se
 (SENDING_KV) holding its pages until its push has ended. A request that ends while a WRITE may
 still target or read its pages keeps them until the connector says none is in flight (or, on the
 decode side, until its deadline) — pages are never reused under a WRITE.
+
+Parallel sampling (`n` > 1, engine/parallel_sampling.py): the step that samples a prompt's first
+token also forks its other choices (fork chunks compute nothing and draw from the same logits row),
+which share its pages. A page a request is about to write that others still hold is copied first
+(copy on write: `SchedulerOutput.copies`, done on the device before the step's forward, so stream
+order makes it read the page after earlier steps wrote it); a page is freed by its last holder.
 """
 from __future__ import annotations
 
@@ -26,9 +32,10 @@ from dataclasses import dataclass, field
 
 from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
+from engine.parallel_sampling import fork_choices
 from engine.prompt_logprobs import wants_prompt_logprobs
 from engine.radix_cache import RadixCache
-from engine.request import PENDING_TOKEN, Request, RequestStatus, choice_id
+from engine.request import PENDING_TOKEN, Request, RequestStatus
 
 
 class SchedulerOverloaded(RuntimeError):
@@ -124,23 +131,10 @@ class Scheduler:
 
     # ------------------------------------------------------------- parallel sampling
     def fork(self, parent: Request) -> list[Request]:
-        """Choices 1..n-1 of `parent` (n > 1), running from its computed prompt: each holds one more
-        reference on every page `parent` holds. `parent` becomes choice 0 (n = 1 from now on)."""
-        params = parent.sampling_params
-        self.block_pool.incref(parent.page_ids * (params.n - 1))
-        for i in range(1, params.n):
-            child = Request(choice_id(parent.request_id, i), parent.prompt_token_ids, params.for_choice(i),
-                            arrival_time=parent.arrival_time, eos_token_ids=parent.eos_token_ids,
-                            status=RequestStatus.RUNNING, num_computed_tokens=parent.num_prompt_tokens,
-                            page_ids=list(parent.page_ids), num_cached_tokens=parent.num_cached_tokens,
-                            first_scheduled_time=parent.first_scheduled_time, choice_index=i,
-                            group_id=parent.request_id)
-            if parent.grammar is not None:  # a matcher of its own, at the grammar's start
-                child.grammar = parent.grammar.fork()
-            parent.forks.append(child)
-        parent.sampling_params = params.for_choice(0)
-        self.new_forks += parent.forks
-        return parent.forks
+        """Choices 1..n-1 of `parent` (engine/parallel_sampling.py), running from its computed prompt."""
+        forks = fork_choices(self.block_pool, parent)
+        self.new_forks += forks
+        return forks
 
     def take_new_forks(self) -> list[Request]:
         forks, self.new_forks = self.new_forks, []

@@ -197,3 +197,17 @@ def test_decode_node_killed_during_n_requests_ends_each_choice_once_and_survivor
     finally:
         c.stop()
     assert wait_for(lambda: not c.descendants(), timeout=30), "processes left behind"
+
+
+def test_collocated_n_choices_equal_lone_requests_with_seed_plus_index(offline):
+    lone = [offline.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(
+        temperature=1.0, seed=5 + i, max_tokens=6, ignore_eos=True))[0].token_ids for i in range(2)]
+    c = Cluster(num_prefill=0)
+    try:
+        deltas = list(c.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), sampling=pb.SamplingParams(
+            temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, n=2)), timeout=120))
+        assert [[t for d in deltas if d.index == i for t in d.token_ids] for i in range(2)] == lone
+        assert sorted(d.index for d in deltas if d.finished) == [0, 1]
+        assert wait_for(lambda: _pools_full(c))
+    finally:
+        c.stop()

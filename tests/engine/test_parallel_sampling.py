@@ -217,3 +217,34 @@ def test_n_is_validated():
     llm = _llm(max_num_seqs=4)
     with pytest.raises(RequestError, match="max_num_seqs"):
         llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(n=5))
+
+
+def test_every_choice_gets_the_prompt_logprobs():
+    outs = _llm().generate(prompt_token_ids=[PROMPT], sampling_params=_sampled(1, n=2, prompt_logprobs=1))
+    assert outs[0].prompt_logprobs is not None and len(outs[0].prompt_logprobs) == len(PROMPT)
+    assert outs[1].prompt_logprobs == outs[0].prompt_logprobs
+
+
+def test_engine_process_streams_choices_and_a_stop_string_ends_only_its_choice(lone_choices):
+    from engine.engine_client import EngineClient
+    from engine.llm import build_engine_config
+
+    client = EngineClient(build_engine_config("tiny-llama", load_format="dummy", page_size=PS, num_pages=128))
+    try:
+        outs = client.generate([PROMPT], _sampled(40, n=3))
+        assert [o.token_ids for o in outs] == [o.token_ids for o in lone_choices]
+        assert [o.index for o in outs] == [0, 1, 2]
+        stop = outs[1].text[len(outs[1].text) // 2:][:3]  # a piece from the middle of choice 1's text
+        assert stop
+        cut = client.generate([PROMPT], _sampled(40, n=3, stop=[stop]))
+        for full, part in zip(outs, cut):
+            if stop in full.text:
+                assert part.finish_reason == "stop" and part.text == full.text[: full.text.index(stop)]
+            else:  # a sibling's stop string does not end this choice
+                assert (part.finish_reason, part.token_ids) == ("length", full.token_ids)
+        assert cut[1].finish_reason == "stop"
+        from tests.cluster.conftest import wait_for
+
+        assert wait_for(lambda: client.engine_stats()["num_free_or_cached_pages"] == 128, timeout=10)
+    finally:
+        client.shutdown()
