@@ -43,6 +43,7 @@ def _generate_parser(sub) -> None:
     s.add_argument("--stop-token-ids", type=_parse_ids, default=[], help="comma-separated stop token ids")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", type=int, default=None, help="top-n logprobs per output token")
+    s.add_argument("--n", type=int, default=1, help="choices per prompt, the prompt computed once (choice i: seed + i)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--in-process", action="store_true",
                    help="run the engine loop in this process (default: a separate engine process)")
@@ -63,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
             stop=args.stop or None, stop_token_ids=args.stop_token_ids or None, ignore_eos=args.ignore_eos,
-            logprobs=args.logprobs)
+            logprobs=args.logprobs, n=args.n)
         kwargs = engine_kwargs(args)
         if args.in_process:
             results = _generate_in_process(LLM(args.model, **kwargs), prompts, params)
@@ -82,6 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             obj = {"prompt": r.prompt, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
                    "text": r.text, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
+            if params.n > 1:
+                obj["index"] = r.index
             if r.error:
                 obj["error"] = r.error
             if args.logprobs is not None:
@@ -94,15 +97,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_in_process(llm, prompts: list, params) -> list:
-    """Text prompts and id prompts batch separately; results come back in the order given."""
+    """Text prompts and id prompts batch separately; results come back in the order given (n per prompt)."""
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     ids = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    out: dict[int, object] = {}
+    n = params.n
+    out: dict[int, list] = {}
+
+    def place(order: list[int], results: list) -> None:
+        out.update((i, results[k * n:(k + 1) * n]) for k, i in enumerate(order))
+
     if texts:
-        out.update(zip(texts, llm.generate([prompts[i] for i in texts], params)))
+        place(texts, llm.generate([prompts[i] for i in texts], params))
     if ids:
-        out.update(zip(ids, llm.generate(prompt_token_ids=[prompts[i] for i in ids], sampling_params=params)))
-    return [out[i] for i in range(len(prompts))]
+        place(ids, llm.generate(prompt_token_ids=[prompts[i] for i in ids], sampling_params=params))
+    return [r for i in range(len(prompts)) for r in out[i]]
 
 
 def _jsonable(obj):

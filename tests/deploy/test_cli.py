@@ -32,7 +32,18 @@ def test_generate_in_process_matches_the_engine_process():
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
 
 
+def test_generate_n_prints_each_choice_in_and_out_of_process():
+    args = ["--prompt-ids", "5,6,7,8,9", "--prompt", "Hi", "--max-tokens", "4", "--ignore-eos", "--json", "--n", "2",
+            "--temperature", "1", "--seed", "3"]
+    a, b = _run(args), _run(args + ["--in-process"])
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    lines = [json.loads(line) for line in a.stdout.splitlines() if line.strip()]
+    assert [o["index"] for o in lines] == [0, 1, 0, 1] and lines[2]["prompt_token_ids"] == [5, 6, 7, 8, 9]
+    assert lines == [json.loads(line) for line in b.stdout.splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--prompt", "x", "--n", "0"], "n must be"),
     (["--prompt", "x", "--temperature", "-1"], "temperature"),
     (["--prompt", "x", "--top-p", "0"], "top_p"),
 ])
