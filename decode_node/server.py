@@ -76,14 +76,18 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
 async def _observed(node: Node, rid: str, stream, request: pb.DecodeRequest, collocated: bool):
     """The stream's deltas as protos, with the node's latency metrics: inter-token gaps as they
     come; TTFT and queue time too when the node ran the prompt itself (collocated); else the first
-    token came from the prefill node and the first gap here is already an inter-token one."""
+    token came from the prefill node and the first gap here is already an inter-token one. With
+    n > 1 choices the latencies are choice 0's (the choices step together), the token counts every
+    choice's, and the request is observed once, when its last choice ends."""
     m = node.metrics
     start = last = time.monotonic()
     num_choices = request.sampling.n if request.sampling.HasField("n") else 1
-    num_tokens = 0 if collocated else num_choices
+    num_tokens = 0 if collocated else 1  # of choice 0
+    all_tokens = 0 if collocated else num_choices
     async for delta in stream:
         now = time.monotonic()
-        if delta.token_ids:
+        all_tokens += len(delta.token_ids)
+        if delta.token_ids and delta.index == 0:
             if num_tokens == 0:
                 m.observe("time_to_first_token_seconds", now - start)
                 if delta.queue_seconds is not None:
@@ -96,18 +100,18 @@ async def _observed(node: Node, rid: str, stream, request: pb.DecodeRequest, col
         if delta.finished and not num_choices:  # the request's end: its last choice ended
             if collocated:
                 m.inc("prompt_tokens_total", len(request.prompt_token_ids))
-            _observe_decode(node, delta, now - start, num_tokens)
+            _observe_decode(node, delta, now - start, num_tokens, all_tokens)
         yield delta_to_proto(rid, delta)
 
 
-def _observe_decode(node: Node, final, seconds: float, num_tokens: int) -> None:
+def _observe_decode(node: Node, final, seconds: float, num_tokens: int, all_tokens: int) -> None:
     m = node.metrics
     if final.finish_reason == "error":
         m.inc("request_failure_total", reason="kv_transfer" if "KV" in (final.error or "") else "decode")
         return
     m.inc("request_success_total", finished_reason=final.finish_reason or "unknown")
-    m.inc("generation_tokens_total", num_tokens)
-    m.observe("request_generation_tokens", num_tokens)
+    m.inc("generation_tokens_total", all_tokens)
+    m.observe("request_generation_tokens", all_tokens)
     m.observe("request_decode_time_seconds", seconds)
     if num_tokens > 1:
         m.observe("request_time_per_output_token_seconds", seconds / (num_tokens - 1))

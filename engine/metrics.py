@@ -193,8 +193,10 @@ class ServingMetrics:
         self.get(name, **labels).set(value)
 
     def observe_request(self, ttft: float | None, e2e: float, num_output_tokens: int, itls: list[float] = (),
-                        num_prompt_tokens: int | None = None, finish_reason: str | None = None) -> None:
-        """One finished request, as the client saw it."""
+                        num_prompt_tokens: int | None = None, finish_reason: str | None = None,
+                        total_output_tokens: int | None = None) -> None:
+        """One finished request, as the client saw it. With n > 1 choices the latencies and
+        `num_output_tokens` are one choice's, `total_output_tokens` every choice's."""
         if ttft is not None:
             self.observe("time_to_first_token_seconds", ttft)
             if num_output_tokens > 1:
@@ -203,8 +205,9 @@ class ServingMetrics:
         for gap in itls:
             self.observe("inter_token_latency_seconds", gap)
         self.observe("e2e_request_latency_seconds", e2e)
-        self.observe("request_generation_tokens", num_output_tokens)
-        self.inc("generation_tokens_total", num_output_tokens)
+        total = num_output_tokens if total_output_tokens is None else total_output_tokens
+        self.observe("request_generation_tokens", total)
+        self.inc("generation_tokens_total", total)
         if num_prompt_tokens is not None:
             self.observe("request_prompt_tokens", num_prompt_tokens)
             self.inc("prompt_tokens_total", num_prompt_tokens)

@@ -63,14 +63,18 @@ class BadRequest(ValueError):
 
 @dataclass
 class _Timing:
+    """A request's latencies as the client sees them; with n > 1 choices, those of choice 0 (the
+    choices step together), and the tokens of every choice."""
     start: float
     ttft: float | None = None
     last: float = 0.0
     num_tokens: int = 0
     itls: list = field(default_factory=list)
+    all_tokens: int = 0
 
     def on_delta(self, delta: RequestOutput, now: float) -> None:
-        if delta.token_ids:
+        self.all_tokens += len(delta.token_ids)
+        if delta.token_ids and delta.index == 0:
             if self.ttft is None:
                 self.ttft = now - self.start
             else:
@@ -177,7 +181,7 @@ class Router:
             m.inc("request_success_total", finished_reason="abort")
             return
         m.observe_request(timing.ttft, timing.last - timing.start, timing.num_tokens, timing.itls,
-                          num_prompt_tokens, reason)
+                          num_prompt_tokens, reason, total_output_tokens=timing.all_tokens)
 
     def abort(self, request_id: str) -> bool:
         task = self.tasks.get(request_id)
