@@ -10,6 +10,8 @@ the choices; pages are counted by `block_pool.py` and scheduled by `scheduler.py
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine.block_pool import BlockPool
 from engine.request import Request, RequestStatus, choice_id
 
@@ -21,7 +23,9 @@ def fork_choices(pool: BlockPool, parent: Request) -> list[Request]:
     params = parent.sampling_params
     pool.incref(parent.page_ids * (params.n - 1))
     for i in range(1, params.n):
-        child = Request(choice_id(parent.request_id, i), parent.prompt_token_ids, params.for_choice(i),
+        # the prompt's logprobs came with choice 0's prefill; a choice never recomputes them
+        child = Request(choice_id(parent.request_id, i), parent.prompt_token_ids,
+                        replace(params.for_choice(i), prompt_logprobs=None),
                         arrival_time=parent.arrival_time, eos_token_ids=parent.eos_token_ids,
                         status=RequestStatus.RUNNING, num_computed_tokens=parent.num_prompt_tokens,
                         page_ids=list(parent.page_ids), num_cached_tokens=parent.num_cached_tokens,

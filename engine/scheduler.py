@@ -197,8 +197,8 @@ class Scheduler:
         if req is None:
             return None if first_token is None or isinstance(first_token, int) else []
         tokens = first_token if isinstance(first_token, list) else None
-        if tokens is not None and len(tokens) != req.sampling_params.n:
-            first_token = None  # a notice that does not match the request: treat as abandoned
+        if first_token is not None and (1 if tokens is None else len(tokens)) != getattr(req.sampling_params, "n", 1):
+            first_token = None  # not one first token per choice: treated as abandoned
         if req.is_finished or first_token is None:  # ended while waiting, or abandoned: no WRITE in flight now
             self.block_pool.decref(req.page_ids)
             req.page_ids = []
@@ -285,7 +285,7 @@ class Scheduler:
         if not out.preempted:
             self._admit(out, budget)
         for chunk in list(out.chunks):  # n > 1: the prompt's first draw is also every other choice's
-            if chunk.sample and chunk.request.needs_fork:
+            if chunk.sample and chunk.request.needs_fork and not chunk.request.output_token_ids:
                 for child in self.fork(chunk.request):
                     self.running.append(child)
                     out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0, True, fork_of=chunk.request))

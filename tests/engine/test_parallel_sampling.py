@@ -173,7 +173,8 @@ def _llm(overlap=True, **kw) -> LLM:
 
 
 def _sampled(seed, n=1, **kw) -> SamplingParams:
-    return SamplingParams(n=n, temperature=1.0, seed=seed, max_tokens=10, ignore_eos=True, logprobs=1, **kw)
+    kw.setdefault("max_tokens", 10)
+    return SamplingParams(n=n, temperature=1.0, seed=seed, ignore_eos=True, logprobs=1, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +249,28 @@ def test_engine_process_streams_choices_and_a_stop_string_ends_only_its_choice(l
         assert wait_for(lambda: client.engine_stats()["num_free_or_cached_pages"] == 128, timeout=10)
     finally:
         client.shutdown()
+
+
+def test_a_notice_without_one_first_token_per_choice_fails_the_request_and_frees_its_pages():
+    s = _scheduler(prefix=False)
+    req = _req("d", range(10, 17), n=3)
+    assert s.add_remote(req, "d#t", deadline=1e9)
+    assert s.remote_kv_arrived("d#t", 5) is req  # one token for three choices: nothing runs
+    assert req.status is RequestStatus.FINISHED_ERROR and req.needs_fork
+    assert s.block_pool.num_free_pages == s.block_pool.num_pages and not s.running
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_abort_ends_every_choice_once_before_or_after_the_fork(steps):
+    llm = _llm(max_num_batched_tokens=4)  # the 10-token prompt takes 3 steps; the fork comes with the third
+    core = llm.core
+    core.add_request("x", PROMPT, _sampled(1, n=3, max_tokens=20))
+    ends = []
+    for _ in range(steps):
+        ends += [o for o in core.step() if o.finished]
+    assert core.abort("x") and not core.abort("x")
+    while core.has_unfinished():
+        ends += [o for o in core.step() if o.finished]
+    assert sorted(o.index for o in ends) == [0, 1, 2] and {o.finish_reason for o in ends} == {"abort"}
+    pool = core.scheduler.block_pool
+    assert pool.num_free_pages + core.scheduler.radix.num_evictable_pages() == pool.num_pages
