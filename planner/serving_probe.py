@@ -3,10 +3,16 @@ a request's first token beyond the engine's own prefill step (HTTP/gRPC hops, th
 reservation, the prefill RPC and its completion notice). It starts the cluster as a user does (a
 `pdserve up` subprocess), sends prompts one at a time through the router's gRPC `Generate` API,
 and subtracts the profiled prefill time of each prompt from its TTFT. The simulator delays each
-request's arrival at the nodes by it.
+request's arrival at the nodes by it. Also the TPOT of one request alone through the cluster.
+
+`python -m planner.serving_probe --grpc HOST:PORT --profile P.json --mode disaggregated` probes a
+cluster that is already up and idle (one cluster start serves the probe and a later benchmark) and
+writes the overhead into the profile file.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import socket
 import statistics
@@ -27,19 +33,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ttft(stub, ids: list[int], max_tokens: int = 4) -> float:
+def _timed(stub, ids: list[int], max_tokens: int = 4) -> tuple[float, float | None]:
+    """TTFT and TPOT (None for fewer than two tokens) of one request, seconds."""
     msg = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     msg.token_ids.ids.extend(ids)
     t0 = time.perf_counter()
-    first = None
+    first, last, n = None, None, 0
     for delta in stub.Generate(msg, timeout=300):
-        if delta.token_ids and first is None:
-            first = time.perf_counter() - t0
+        if delta.token_ids:
+            now = time.perf_counter()
+            first = now - t0 if first is None else first
+            last, n = now - t0, n + len(delta.token_ids)
         if delta.finished:
             if delta.finish_reason == "error":
                 raise RuntimeError(f"probe request failed: {delta.error}")
             break
-    return first
+    return first, ((last - first) / (n - 1) if n > 1 else None)
+
+
+def _ttft(stub, ids: list[int], max_tokens: int = 4) -> float:
+    return _timed(stub, ids, max_tokens)[0]
+
+
+def probe(stub, prompt_lens: list[int], prefill_time, repeats: int, max_tokens: int = 4) -> dict:
+    """On an idle cluster: median TTFT minus `prefill_time(len)` over prompts and repeats, and the
+    median TPOT of these requests (one at a time, so batch 1), seconds."""
+    _ttft(stub, [101] * prompt_lens[0])  # warm-up: first-request compiles
+    over, tpot = [], []
+    for n in prompt_lens:
+        for i in range(repeats):
+            ids = [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
+            ttft, t = _timed(stub, ids, max_tokens)
+            over.append(ttft - prefill_time(n))
+            if t is not None:
+                tpot.append(t)
+    return {"overhead_s": max(0.0, statistics.median(over)),
+            "tpot_batch1_s": statistics.median(tpot) if tpot else None, "samples": len(over)}
 
 
 def measure(*args, attempts: int = 2, **kw) -> float:
@@ -75,13 +104,7 @@ def _measure_once(model: str, dtype: str, device: str, prompt_lens: list[int], p
             time.sleep(0.5)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.GenerateStub(ch)
-            _ttft(stub, [101] * prompt_lens[0])  # warm-up: first-request compiles
-            over = []
-            for n in prompt_lens:
-                for i in range(repeats):
-                    ids = [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
-                    over.append(_ttft(stub, ids) - prefill_time(n))
-        return max(0.0, statistics.median(over))
+            return probe(stub, prompt_lens, prefill_time, repeats)["overhead_s"]
     finally:
         proc.terminate()
         try:
@@ -91,3 +114,33 @@ def _measure_once(model: str, dtype: str, device: str, prompt_lens: list[int], p
             proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="probe an idle running cluster; write its serving overhead into a profile")
+    ap.add_argument("--grpc", required=True, help="the router's gRPC address")
+    ap.add_argument("--profile", required=True, help="profile JSON (read for prefill times, updated in place)")
+    ap.add_argument("--mode", choices=["disaggregated", "collocated"], default="disaggregated")
+    ap.add_argument("--prompts", default="256,2048")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per probe request (its TPOT is batch 1)")
+    ap.add_argument("--out", default=None, help="also write the probe's numbers here (JSON)")
+    args = ap.parse_args(argv)
+    from planner.profile import Profile
+    prof = Profile.load(args.profile)
+    lens = [int(x) for x in args.prompts.split(",")]
+    with grpc.insecure_channel(args.grpc) as ch:
+        res = probe(pb_grpc.GenerateStub(ch), lens, prof.prefill_time, args.repeats, args.max_tokens)
+    prof.serving_overhead[args.mode] = res["overhead_s"]
+    prof.notes.setdefault("serving_probe", {})[args.mode] = dict(res, prompts=lens, grpc=args.grpc)
+    prof.save(args.profile)
+    res.update(mode=args.mode, prompts=lens, engine_decode_batch1_s=prof.decode_time(1, prof.decode["context"][0]))
+    print(json.dumps(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
