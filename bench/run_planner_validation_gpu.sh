@@ -24,7 +24,7 @@ python -m deploy.cli up --model "$MODEL" --load-format dummy --dtype bfloat16 --
   --gpu-memory-utilization 0.45 --max-model-len 6144 --max-num-seqs 128 --grpc-port 50051 --http-port 8000 \
   > "$OUT/up_$MODEL.log" 2>&1 &
 UP=$!
-for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$OUT/up_$MODEL.log" && break; sleep 1; done
+for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$OUT/up_$MODEL.log" && break; kill -0 $UP 2>/dev/null || break; sleep 1; done
 echo "up after ${i}s" >> "$LOG"
 step probe_grpc 30 python -m planner.serving_probe --grpc 127.0.0.1:50051 --profile "$PROFILE" \
   --mode disaggregated --prompts 256,2048 --repeats 3 --max-tokens 64 --out "$OUT/probe_grpc.json"
