@@ -10,7 +10,9 @@ simulator reads from it. The file (JSON) holds the tables `pdserve profile` meas
 
 Costs between measured points are interpolated log-log (`interp.py`). A step that mixes prefill
 chunks and decodes costs the prefill of all its tokens (the decode tokens ride along the same
-weight reads) plus the decodes' attention over their context beyond the smallest one measured.
+weight reads), at most the chunks' prefills one after another (the table's rows are single
+sequences, whose causal attention grows with the square of their length), plus the decodes'
+attention over their context beyond the smallest one measured.
 """
 from __future__ import annotations
 
@@ -110,7 +112,13 @@ class Profile:
         total = sum(n for n, _ in prefill_chunks)
         # Attention of each chunk over its earlier tokens, beyond a chunk of the same size at the start.
         extra = sum(self.prefill_time(n, s) - self.prefill_time(n, 0) for n, s in prefill_chunks if s > 0)
-        t = self.prefill_time(total + num_decodes, 0) + max(extra, 0.0)
+        # Several prompts in one step share the weight reads but not their causal attention: the
+        # table's row for `total` tokens is one sequence of that length (attention over all of it),
+        # so a step never costs more than running its chunks one after another.
+        base = self.prefill_time(total + num_decodes, 0)
+        if len(prefill_chunks) > 1:
+            base = min(base, sum(self.prefill_time(n, 0) for n, _ in prefill_chunks))
+        t = base + max(extra, 0.0)
         if num_decodes:
             t += max(0.0, self.decode_time(num_decodes, ctx) - self.decode_time(num_decodes, self._ctx0))
         return t

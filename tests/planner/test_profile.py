@@ -69,3 +69,15 @@ def test_ep_all_to_all_table_from_two_gloo_ranks():
     p = synthetic(num_moe_layers=3, hidden_size=ep["shape"]["hidden"], top_k=ep["shape"]["top_k"], ep=ep)
     per_layer = ep["dispatch_seconds"][0][1] + ep["combine_seconds"][0][1]
     assert p.all_to_all_time(32, 2) == pytest.approx(3 * per_layer)
+
+
+def test_a_step_of_several_prompts_costs_no_more_than_their_prefills_in_turn():
+    # Quadratic attention in the table: one 8192-token sequence costs more than four of 2048.
+    p = synthetic(prefill_s_per_token=1e-5)
+    p.prefill["seconds"] = [[1e-3 + 1e-5 * n + 1e-9 * n * n for n in p.prefill["tokens"]] for _ in p.prefill["cached"]]
+    p = Profile(**p.to_dict())
+    four = [(2048, 0)] * 4
+    assert p.step_time(four, 0, 0) == pytest.approx(4 * p.prefill_time(2048), rel=1e-6)
+    assert p.step_time(four, 0, 0) < p.prefill_time(8192)
+    # Small chunks batch: the shared weight reads make one step cheaper than the chunks in turn.
+    assert p.step_time([(16, 0)] * 4, 0, 0) == pytest.approx(p.prefill_time(64), rel=1e-6)
