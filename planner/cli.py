@@ -52,6 +52,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-link", default="rdma", help="prefill → decode KV link: nvlink, pcie, rdma or NAME:GBPS:US")
     p.add_argument("--ep-link", default="nvlink", help="link inside an EP group (when the profile has no EP table)")
     p.add_argument("--no-collocated", action="store_true", help="only disaggregated shapes")
+    p.add_argument("--iterations", type=int, default=5,
+                   help="bisection steps per shape (the rate is found to 1.5×bound / 2^N)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--plot", default=None, help="PNG of goodput per GPU against offered rate for the top 3")
     p.add_argument("--json", default=None, help="write every evaluation here")

@@ -133,7 +133,8 @@ def sweep(profile: Profile, spec: ClusterSpec, samples, slos: dict, rates: list[
 
 def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], chunk_budgets: list[int],
          base: ClusterSpec | None = None, collocated: bool = True, attainment: float = 0.9,
-         burstiness: float = 1.0, seed: int = 0, progress=None, refine: int = 12) -> list[Evaluation]:
+         burstiness: float = 1.0, seed: int = 0, progress=None, refine: int = 12,
+         iterations: int = 5) -> list[Evaluation]:
     """Every shape, best first. With more than `refine` shapes, a first pass ranks them on a quarter
     of the requests and only the best `refine` are evaluated on all of them."""
     candidates = shapes(gpus, ep_sizes, chunk_budgets, collocated, base)
@@ -145,7 +146,7 @@ def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], 
         candidates = [e.spec for e in first[:refine]]
     out = []
     for spec in candidates:
-        out.append(evaluate(profile, spec, samples, slos, attainment, burstiness, seed))
+        out.append(evaluate(profile, spec, samples, slos, attainment, burstiness, seed, iterations))
         if progress:
             progress(out[-1])
     return sorted(out, key=lambda e: -e.goodput_per_gpu)
@@ -197,7 +198,7 @@ def main_args(args, samples) -> int:
           f"SLO {args.slo} at {args.attainment:.0%}; {len(samples)} {args.dataset_name} requests; KV link "
           f"{base.kv_link.name} ({base.kv_link.bandwidth / 1e9:.0f} GB/s), EP link {base.ep_link.name}", flush=True)
     evals = plan(profile, args.gpus, samples, slos, ep_sizes, args.chunk_budgets, base, not args.no_collocated,
-                 args.attainment, args.burstiness, args.seed,
+                 args.attainment, args.burstiness, args.seed, iterations=args.iterations,
                  progress=lambda e: print(f"  {e.spec.describe()}: {e.goodput_rate:.2f} req/s", file=sys.stderr))
     print(format_table(evals[: args.top], slos))
     if args.plot:
