@@ -152,6 +152,23 @@ def plan(profile: Profile, gpus: int, samples, slos: dict, ep_sizes: list[int], 
     return sorted(out, key=lambda e: -e.goodput_per_gpu)
 
 
+def transient_warning(e: Evaluation, samples, factor: float = 3.0) -> str | None:
+    """A goodput found while the requests arrive over less than `factor` request lifetimes is mostly
+    the ramp-up, not the steady state (batches never fill): say so, with the request count needed."""
+    s = e.at_goodput
+    if not s or e.goodput_rate <= 0:
+        return None
+    mean_out = sum(x.output_len for x in samples) / max(len(samples), 1)
+    life = (s["median_ttft_ms"] + s["median_tpot_ms"] * max(mean_out - 1, 0)) / 1e3
+    window = len(samples) / e.goodput_rate
+    if window >= factor * life:
+        return None
+    need = int(factor * life * e.goodput_rate) + 1
+    return (f"warning: {e.spec.describe()}: {len(samples)} requests arrive in {window:.1f} s at {e.goodput_rate:.1f} "
+            f"req/s, under {factor:g}× a request's life ({life:.1f} s); the figure is mostly ramp-up "
+            f"(use --num-prompts ≥ {need})")
+
+
 def format_table(evals: list[Evaluation], slos: dict) -> str:
     lines = ["| # | shape | GPUs | max req/s at SLO | per GPU | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | "
              "bottleneck above that rate |", "|---|---|---:|---:|---:|---|---|---|"]
@@ -201,6 +218,9 @@ def main_args(args, samples) -> int:
                  args.attainment, args.burstiness, args.seed, iterations=args.iterations,
                  progress=lambda e: print(f"  {e.spec.describe()}: {e.goodput_rate:.2f} req/s", file=sys.stderr))
     print(format_table(evals[: args.top], slos))
+    for e in evals[: args.top]:
+        if (warning := transient_warning(e, samples)):
+            print(warning, file=sys.stderr)
     if args.plot:
         top = evals[:3]
         hi = 1.5 * max((e.goodput_rate for e in top), default=1.0) or 1.0

@@ -1,10 +1,13 @@
 """The planner's search space and SLO parsing."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from planner.plan import parse_slo, plan, shapes
+from planner.plan import Evaluation, parse_slo, plan, shapes, transient_warning
 from planner.profile import synthetic
+from planner.simulator import ClusterSpec
 from planner.workload import fixed
 
 
@@ -32,3 +35,11 @@ def test_plan_ranks_by_goodput_per_gpu_and_refines_the_best():
     per_gpu = [e.goodput_per_gpu for e in ev]
     assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[0] > 0
     assert all(e.at_goodput["slo_attainment"] >= 0.9 for e in ev)
+
+
+def test_a_goodput_found_during_ramp_up_is_flagged():
+    samples = [SimpleNamespace(output_len=256)] * 100
+    e = Evaluation(ClusterSpec(), goodput_rate=100.0, at_goodput={"median_ttft_ms": 100.0, "median_tpot_ms": 20.0})
+    assert "ramp-up" in transient_warning(e, samples)  # 1 s of arrivals, 5.2 s per request
+    e.goodput_rate = 1.0  # 100 s of arrivals
+    assert transient_warning(e, samples) is None
