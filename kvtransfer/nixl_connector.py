@@ -3,9 +3,11 @@ engine process, owning its `KVTransferAgent`.
 
 Prefill side: during the step that computes a request's last prompt chunk, each layer's pages are
 WRITTEN as soon as that layer's KV is in memory (on CUDA an event recorded after the layer gates a
-sender thread), so the transfer overlaps the remaining layers' compute. Once every WRITE is DONE,
-one notice goes to the receiver naming the transfer id and carrying the first token (every
-choice's first token for an n > 1 request, whose choices share the pushed pages); a push that
+sender thread, which starts once all the step's layers are launched and sends the layers done by
+then as one WRITE, the rest as they complete), so the transfer overlaps the remaining layers'
+compute. Once every WRITE is DONE, one notice goes to the receiver naming the transfer id and
+carrying the first token (every choice's first token for an n > 1 request, whose choices share the
+pushed pages); a push that
 ends otherwise (error, abort, timeout) sends an "abandoned" notice instead, so the receiver frees
 its pages at once. A push is reported ended only when no WRITE from its pages is in flight.
 
@@ -150,37 +152,59 @@ class NixlConnector(KVConnector):
         if not rids:
             return None
 
-        def hook(layer: int) -> None:
-            if self.on_cuda:  # the layer's KV is written when this event completes on the GPU
-                import torch
+        events: list = []  # (layer, CUDA event after it) of this step, handed over once all are launched
 
-                event = torch.cuda.Event()
-                event.record()
+        def hook(layer: int) -> None:
+            if not self.on_cuda:
+                self._post_layers([layer], rids)
+                return
+            import torch
+
+            event = torch.cuda.Event()  # the layer's KV is written when this completes on the GPU
+            event.record()
+            events.append((layer, event))
+            if layer == self.num_layers - 1:
+                # The sender thread starts only now: while the engine thread is still launching the
+                # step's kernels it would wake per layer and contend for the GIL (and the CUDA driver).
                 for rid in rids:
                     with self.pushes[rid].lock:
                         self.pushes[rid].pending_jobs += 1
-                self._jobs.put((layer, event, rids))
-            else:
-                self._post_layer(layer, rids)
+                self._jobs.put((list(events), rids))
         return hook
 
     def _sender_loop(self) -> None:
         while True:
-            layer, event, rids = self._jobs.get()
-            event.synchronize()
-            self._post_layer(layer, rids, from_job=True)
+            self._send_step(*self._jobs.get())
 
-    def _post_layer(self, layer: int, rids: list[str], from_job: bool = False) -> None:
+    def _send_step(self, events: list, rids: list[str]) -> None:
+        """Post one step's layers for `rids` as their events (`query`/`synchronize`) complete."""
+        i = 0
+        while i < len(events):
+            # the layers done by now go out in one WRITE; else wait for the next one
+            j = i
+            while j < len(events) and events[j][1].query():
+                j += 1
+            if j == i:
+                events[i][1].synchronize()
+                j = i + 1
+            self._post_layers([layer for layer, _ in events[i:j]], rids)
+            i = j
+        for rid in rids:
+            push = self.pushes.get(rid)
+            if push is not None:
+                with push.lock:
+                    push.pending_jobs -= 1
+
+    def _post_layers(self, layers: list[int], rids: list[str]) -> None:
         for rid in rids:
             push = self.pushes.get(rid)
             if push is None:
                 continue
             with push.lock:
-                push.pending_jobs -= from_job
                 if destination_known(push.dest):
-                    self._write(rid, push, [layer])
+                    self._write(rid, push, layers)
                 else:
-                    push.ready.append(layer)
+                    push.ready.extend(layers)
 
     def _write(self, rid: str, push: _Push, layers: list[int] | None) -> None:
         """Post the WRITE of `layers` (None: all, in one WRITE); the caller holds `push.lock`."""

@@ -140,3 +140,34 @@ def test_unreachable_decode_engine_fails_the_waiting_push_and_frees_the_prefill_
     end = [o for o in outputs["dead"] if o.finished]
     assert len(end) == 1 and end[0].finish_reason == "error" and "KV transfer failed" in end[0].error
     assert _pools_full(prefill)
+
+
+class _Event:
+    """A CUDA event's two calls the sender thread makes, on the CPU: done, or done once waited on."""
+
+    def __init__(self, done: bool, log: list):
+        self.done, self.log = done, log
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.log.append("wait")
+        self.done = True
+
+
+def test_sender_posts_the_layers_done_by_now_as_one_write_then_waits_for_each_next(engines, monkeypatch):
+    """The GPU path's sender, after the step's layers were all launched: layers 0-2 finished while the
+    engine thread launched, 3 and 4 not yet."""
+    prefill, decode = engines
+    connector, log = prefill.connector, []
+    dest = decode.add_remote_request("events", PROMPT, _greedy(2))
+    prefill.add_request("events", PROMPT, _greedy(1), kv_dest=dest)
+    push = connector._new_push(prefill.requests["events"], layered=True)
+    push.pending_jobs = 1
+    monkeypatch.setattr(connector, "_write", lambda rid, p, layers: log.append(list(layers)))
+    events = [(i, _Event(i < 3, log)) for i in range(5)]
+    connector._send_step(events, ["events"])
+    assert log == [[0, 1, 2], "wait", [3], "wait", [4]] and push.pending_jobs == 0
+    prefill.abort("events")
+    decode.abort("events")
