@@ -293,6 +293,12 @@ class ParallelConfig:
                                               "(larger steps are split)")
     ep_overlap_min_tokens: int = setting(0, "run MoE steps of at least this many tokens as two overlapped "
                                             "micro-batches (0: never)")
+    # Two-batch overlap across whole layers (engine/ep/two_batch.py) and FP8 activations in the
+    # fixed-capacity dispatch: both off until a two-GPU run shows them faster (not measured yet).
+    ep_two_batch_min_tokens: int = setting(0, "run steps of at least this many tokens (busiest rank) as two "
+                                              "micro-batches interleaved across whole layers (0: never)")
+    ep_dispatch_fp8: bool = setting(False, "fixed-capacity all-to-all: send activations as FP8 (e4m3, one scale "
+                                           "per token and 128 columns) and dequantize on receipt")
     dist_init_method: str | None = setting(None, "torch.distributed rendezvous (set by whoever starts the ranks)",
                                            cli=False)
     # Multi-host EP group: `ep_nnodes` hosts each run ep_size / ep_nnodes ranks; this host's are
@@ -331,9 +337,10 @@ class ParallelConfig:
                               f"and ep_node_rank {self.ep_node_rank} must be below it")
         if self.ep_nnodes > 1 and not self.ep_master:
             raise ConfigError("an EP group over several hosts needs ep_master (HOST:PORT of its rendezvous)")
-        if self.ep_dispatch_capacity < 1 or self.ep_overlap_min_tokens < 0:
-            raise ConfigError(f"ep_dispatch_capacity must be >= 1 and ep_overlap_min_tokens >= 0, got "
-                              f"{self.ep_dispatch_capacity}, {self.ep_overlap_min_tokens}")
+        if self.ep_dispatch_capacity < 1 or self.ep_overlap_min_tokens < 0 or self.ep_two_batch_min_tokens < 0:
+            raise ConfigError(f"ep_dispatch_capacity must be >= 1, ep_overlap_min_tokens and ep_two_batch_min_tokens "
+                              f">= 0, got {self.ep_dispatch_capacity}, {self.ep_overlap_min_tokens}, "
+                              f"{self.ep_two_batch_min_tokens}")
         check_choices(self)
 
 

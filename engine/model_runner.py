@@ -213,6 +213,8 @@ class ModelRunner:
 
     def _run_eager(self, chunks: list, inputs: "_StepInputs", prev: StepHandle | None,
                    expert_load: torch.Tensor | None, layer_hook=None) -> torch.Tensor:
+        if self.ep is not None and self.ep.two_batch and self.ep.baton is None:
+            return self._run_two_batches(chunks, prev, expert_load, layer_hook)
         meta = AttentionMetadata.build(inputs.query_lens, inputs.seq_lens, inputs.tables, self.page_size, self.device)
         ids = torch.tensor(inputs.ids, dtype=torch.long).to(self.device, non_blocking=True)
         self._patch_pending(ids, inputs, prev)
@@ -224,6 +226,23 @@ class ModelRunner:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden[rows])
+
+    def _run_two_batches(self, chunks: list, prev: StepHandle | None, expert_load: torch.Tensor | None,
+                         layer_hook=None) -> torch.Tensor:
+        """EP two-batch overlap (engine/ep/two_batch.py): the step as two micro-batches interleaved
+        across whole layers. The later micro-batch carries the per-layer hook (its layer i ends after
+        the other's); an empty one (a one-token step) joins the MoE collectives with no tokens."""
+        from engine.ep.two_batch import split_chunks
+
+        parts = split_chunks(chunks)
+        hooks = (None, layer_hook) if parts[1] else (layer_hook, None)
+
+        def forward(i: int):
+            if not parts[i]:
+                return lambda: self.ep.run_idle()
+            return lambda: self._run_eager(parts[i], self._inputs(parts[i]), prev, expert_load, hooks[i])
+        logits = self.ep.run_two_batches(forward(0), forward(1))
+        return torch.cat([x for x in logits if x is not None])
 
 
 @dataclass

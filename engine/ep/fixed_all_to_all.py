@@ -3,23 +3,32 @@
 
 Every dispatch moves exactly `capacity` rows from each rank to each rank with one
 `all_to_all_single` of equal splits, so no size depends on the routing: no count exchange, no
-host read, and NCCL can capture it in a CUDA graph. A row carries one token's hidden state with
-its physical slot ids and routing weights packed behind it (bit-cast to the hidden dtype, so one
-collective moves both); rows past the sender's token count are padding with slot -1. The
-receiver turns slot ids into local ones (outside `[0, slots_per_rank)` where another rank owns
-the slot) and runs the grouped expert GEMM over all `ranks x capacity` rows: a row with no local
-slot costs no GEMM work and returns zeros.
-Combine is the reverse all-to-all of those partial sums, added up per token in float32.
+host read, and NCCL can capture it in a CUDA graph. `capacity` is the most tokens any rank sends
+in this dispatch (a token goes at most once to each rank), not experts x tokens: the buffer is
+`ranks x capacity` rows. One row is one token, as bytes:
+
+    [payload | k int32 local slot ids | k float32 routing weights]
+
+payload = the hidden state (bf16/fp32), or with FP8 dispatch its e4m3 bytes followed by one
+float32 scale per token and 128 columns (half the bytes of bf16). The sender writes each
+destination's *local* slot ids (slot - destination x slots_per_rank: ids outside
+`[0, slots_per_rank)` mean "not on that rank"), so the receiver reads ids and weights as views of
+the receive buffer with no conversion. Rows past the sender's token count are padding (zeros,
+ids -1). The receiver runs the grouped expert GEMM over all `ranks x capacity` rows: a row with
+no local slot costs no GEMM work and returns zeros. Combine is the reverse all-to-all of those
+partial sums (in the compute dtype), added up per token by one reduction (float32 accumulation).
+So a dispatch is 3 small pack kernels + 1 collective (+1 dequantize with FP8), a combine 1
+collective + 1 reduction.
 
 Each rank sends its whole token block to every rank, whether or not a token has an expert there.
-With few ranks nearly every token has one (top-6 of 64 experts over 2 ranks: 98.8 %), so this is
+With few ranks nearly every token has one (top-8 of 256 experts over 2 ranks: 99.6 %), so this is
 what a count-based exchange would send; at many ranks a compacting kernel (DeepEP) sends less,
 which fixed-size collectives cannot express.
 
 Calls come in start / finish pairs: in between the collective is in flight (its own NCCL stream,
 or gloo's worker thread), which lets the caller overlap one micro-batch's transfer with another's
-expert compute. Every rank must pass the same `capacity` for the same dispatch; the EP runtime
-agrees it once per step (`engine/ep/step_plan.py`).
+compute. Every rank must pass the same `capacity` for the same dispatch; the EP runtime agrees it
+once per step (`engine/ep/step_plan.py`).
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import torch.distributed as dist
 from engine.ep.all_to_all import Dispatched
 from engine.ep.group import EPGroup
 
+FP8_GROUP = 128  # columns per activation scale (DeepSeek-V3's activation block)
+
 
 @dataclass
 class _InFlight:
@@ -40,15 +51,50 @@ class _InFlight:
     capacity: int
     k: int = 0
     dtype: torch.dtype | None = None  # the hidden dtype (dispatch rows travel as bytes)
-    hidden_bytes: int = 0
+    hidden: int = 0  # hidden size
+
+
+class RowLayout:
+    """Byte offsets of one dispatch row (see the module docstring)."""
+
+    def __init__(self, hidden: int, k: int, dtype: torch.dtype, fp8: bool):
+        self.hidden, self.k, self.fp8 = hidden, k, fp8
+        self.groups = -(-hidden // FP8_GROUP)
+        self.scales = -(-hidden // 4) * 4  # FP8: float32 scales after the e4m3 bytes, 4-byte aligned
+        payload = self.scales + 4 * self.groups if fp8 else hidden * torch.empty((), dtype=dtype).element_size()
+        self.ids = -(-payload // 4) * 4
+        self.weights = self.ids + 4 * k
+        self.row_bytes = self.weights + 4 * k
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[T, H]` → (e4m3 `[T, H]`, float32 scales `[T, ceil(H/128)]`): per token and 128-column
+    group, the absolute maximum maps to the largest FP8 value (engine/kernels/fp8_ref.py's rule)."""
+    if x.is_cuda:
+        from engine.kernels.fp8_gemm import quantize_activation  # one Triton kernel
+        return quantize_activation(x, FP8_GROUP)
+    from engine.kernels.fp8_ref import quantize_activation_ref
+    return quantize_activation_ref(x, FP8_GROUP)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t, h = q.shape
+    g = scale.shape[1]
+    full = torch.nn.functional.pad(q.float(), (0, g * FP8_GROUP - h)).view(t, g, FP8_GROUP)
+    return (full * scale.unsqueeze(-1)).view(t, g * FP8_GROUP)[:, :h].to(dtype)
 
 
 class FixedCapacityAllToAll:
     name = "fixed"
     graph_safe = True
 
-    def __init__(self, group: EPGroup, slots_per_rank: int):
-        self.group, self.slots_per_rank = group, slots_per_rank
+    def __init__(self, group: EPGroup, slots_per_rank: int, fp8: bool = False):
+        self.group, self.slots_per_rank, self.fp8 = group, slots_per_rank, fp8
+        if fp8:
+            self.name = "fixed+fp8"
+        # Slot offset of each destination rank, subtracted while packing (kept on the device).
+        self._offsets = (torch.arange(group.size, dtype=torch.int32, device=group.device)
+                         * slots_per_rank).view(-1, 1, 1)
 
     def _all_to_all(self, recv: torch.Tensor, send: torch.Tensor):
         # Async (a Work to wait on) so micro-batches overlap; blocking while a CUDA graph is being
@@ -63,33 +109,44 @@ class FixedCapacityAllToAll:
         k = slot_ids.shape[1]
         if t > capacity:
             raise ValueError(f"EP dispatch of {t} tokens exceeds the agreed capacity of {capacity} rows per rank")
-        # Rows are bytes: the hidden state, then (4-byte aligned) slot ids as float32 (exact below
-        # 2^24; padding rows carry -1) and float32 weights: one collective moves all three bit for
-        # bit, and they are written straight into the buffer (a few kernels, no concatenation).
-        hb = h * hidden.element_size()
-        off = -(-hb // 4) * 4
-        send = torch.empty((self.group.size, capacity, off + 8 * k), dtype=torch.uint8, device=hidden.device)
-        send[:, :t, :hb] = hidden.contiguous().view(torch.uint8)
-        meta = send[:, :, off:].view(torch.float32)
-        meta[:, :t, :k] = slot_ids
-        meta[:, :t, k:] = topk_weights
-        if t < capacity:
-            send[:, t:, :hb] = 0
-            meta[:, t:, :k] = -1.0
+        lay = RowLayout(h, k, hidden.dtype, self.fp8)
+        send = torch.empty((self.group.size, capacity, lay.row_bytes), dtype=torch.uint8, device=hidden.device)
+        if t < capacity:  # padding rows: zero payload and weights, no slot
+            send[:, t:].zero_()
+            send[:, t:, lay.ids: lay.weights].view(torch.int32).fill_(-1)
+        if t:
+            rows = send[:, :t]
+            if self.fp8:
+                q, scale = quantize_rows(hidden)
+                rows[..., :h].copy_(q.view(torch.uint8).unsqueeze(0).expand(self.group.size, -1, -1))
+                rows[..., lay.scales: lay.scales + 4 * lay.groups].view(torch.float32).copy_(
+                    scale.unsqueeze(0).expand(self.group.size, -1, -1))
+            else:
+                rows[..., : lay.ids].view(hidden.dtype)[..., :h].copy_(hidden.unsqueeze(0).expand(
+                    self.group.size, -1, -1))
+            # Each destination's local slot ids: a masked route (-1) stays negative, another
+            # rank's slot falls outside [0, slots_per_rank); one kernel writes all destinations.
+            torch.sub(slot_ids.unsqueeze(0), self._offsets, out=rows[..., lay.ids: lay.weights].view(torch.int32))
+            rows[..., lay.weights:].view(torch.float32).copy_(topk_weights.unsqueeze(0).expand(
+                self.group.size, -1, -1))
         recv = torch.empty_like(send)
-        return _InFlight(self._all_to_all(recv, send), recv, t, capacity, k, hidden.dtype, hb)
+        return _InFlight(self._all_to_all(recv, send), recv, t, capacity, k, hidden.dtype, h)
 
     def finish_dispatch(self, pending: _InFlight) -> Dispatched:
         if pending.work is not None:
             pending.work.wait()
-        recv, k, hb = pending.recv, pending.k, pending.hidden_bytes
-        rows = recv.shape[0] * recv.shape[1]
-        hidden = recv[..., :hb].view(pending.dtype).reshape(rows, -1)
-        meta = recv[..., recv.shape[2] - 8 * k:].contiguous().view(torch.float32).view(rows, 2 * k)
-        # Local slot ids: those of other ranks (and padding's -1) fall outside [0, slots_per_rank),
-        # which the expert GEMM skips, so no mask is needed.
-        local = meta[:, :k].to(torch.int32) - self.group.rank * self.slots_per_rank
-        return Dispatched(hidden, local, meta[:, k:], (pending.num_tokens, pending.capacity))
+        recv, k, h = pending.recv, pending.k, pending.hidden
+        lay = RowLayout(h, k, pending.dtype, self.fp8)
+        rows = recv.view(-1, lay.row_bytes)
+        if self.fp8:
+            hidden = dequantize_rows(rows[:, :h].view(torch.float8_e4m3fn),
+                                     rows[:, lay.scales: lay.scales + 4 * lay.groups].view(torch.float32),
+                                     pending.dtype)
+        else:
+            hidden = rows[:, : lay.ids].view(pending.dtype)[:, :h]
+        ids = rows[:, lay.ids: lay.weights].view(torch.int32)
+        weights = rows[:, lay.weights:].view(torch.float32)
+        return Dispatched(hidden, ids, weights, (pending.num_tokens, pending.capacity))
 
     # ------------------------------------------------------------- combine
     def start_combine(self, partial: torch.Tensor, handle) -> _InFlight:
@@ -101,8 +158,9 @@ class FixedCapacityAllToAll:
     def finish_combine(self, pending: _InFlight) -> torch.Tensor:
         if pending.work is not None:
             pending.work.wait()
-        # recv[s, t]: rank s's partial sum for our token t; add the ranks up in float32.
-        return pending.recv[:, : pending.num_tokens].sum(dim=0, dtype=torch.float32).to(pending.recv.dtype)
+        # recv[s, t]: rank s's partial sum for our token t. One reduction over the ranks; torch
+        # accumulates bf16/fp16 sums in float32 and rounds once.
+        return pending.recv[:, : pending.num_tokens].sum(dim=0)
 
     # ------------------------------------------------------------- one-shot (every rank sends `capacity`)
     def dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -26,6 +26,7 @@ from engine.ep.all_to_all import DeepEPAllToAll, TorchAllToAll, deepep_module
 from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
 from engine.ep.group import EPGroup
 from engine.ep.step_plan import StepPlan, mask_padding, plan_step, run_pipelined
+from engine.ep.two_batch import Baton
 from engine.eplb import ExpertLoadRecorder, ExpertMap, ExpertPlacement, WeightMove, initial_placement, rebalance
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,18 @@ IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance met
 
 
 def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
-                      max_tokens_per_rank: int = 256):
+                      max_tokens_per_rank: int = 256, fp8: bool = False):
     """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
     `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
-    CUDA-graph safe)."""
+    CUDA-graph safe). `fp8`: the fixed path sends activations as FP8 with per-128-column scales."""
+    if fp8 and kind not in ("auto", "fixed"):
+        raise ValueError(f"FP8 dispatch is implemented by the fixed-capacity all-to-all, not {kind!r}")
     if kind not in ("auto", "fixed", "torch", "deepep"):
         raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | torch | deepep)")
     if kind == "torch":
         backend = TorchAllToAll(group, slots_per_rank)
-    elif kind == "fixed" or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
-        backend = FixedCapacityAllToAll(group, slots_per_rank)
+    elif kind == "fixed" or fp8 or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
+        backend = FixedCapacityAllToAll(group, slots_per_rank, fp8=fp8)
     else:
         if group.device.type != "cuda":
             raise ValueError("the DeepEP all-to-all needs CUDA devices")
@@ -69,7 +72,11 @@ class ExpertParallel:
         self.rank = self.group.rank
         # Decode nodes use DeepEP's low-latency kernels (fixed buffers, one slot per sequence a step holds).
         self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size, mode,
-                                            max_tokens_per_rank)
+                                            max_tokens_per_rank, fp8=parallel.ep_dispatch_fp8)
+        # Two-batch overlap across whole layers needs start/finish collectives (the fixed path).
+        self.two_batch_min_tokens = (parallel.ep_two_batch_min_tokens
+                                     if isinstance(self.all_to_all, FixedCapacityAllToAll) else 0)
+        self.baton: Baton | None = None  # set while a two-batch step runs (engine/ep/two_batch.py)
         placement = initial_placement(self.num_layers, self.num_experts, self.num_slots, parallel.ep_size)
         self.expert_map = ExpertMap(placement, device)
         self.recorder = ExpertLoadRecorder(self.num_layers, self.num_experts, max(1, parallel.eplb_window), device)
@@ -98,8 +105,23 @@ class ExpertParallel:
         fixes this step's dispatch plan from the most tokens any rank's `chunks` hold."""
         busy, stop, max_tokens = self.group.agree(has_work, stop, sum(c.num_new_tokens for c in chunks))
         self.plan = plan_step(max(1, max_tokens), self.parallel.ep_dispatch_capacity,
-                              self.parallel.ep_overlap_min_tokens, self.graph_buckets) if busy else None
+                              self.parallel.ep_overlap_min_tokens, self.graph_buckets,
+                              self.two_batch_min_tokens) if busy else None
         return busy, stop
+
+    @property
+    def two_batch(self) -> bool:
+        """This step runs as two interleaved micro-batches on every rank (engine/ep/two_batch.py)."""
+        return self.plan is not None and self.plan.two_batch
+
+    def run_two_batches(self, first, second) -> tuple:
+        """Run two micro-batch forwards interleaved at their collectives (both must visit every MoE
+        layer: a micro-batch without tokens calls `run_idle`)."""
+        self.baton = Baton()
+        try:
+            return self.baton.run(first, second)
+        finally:
+            self.baton = None
 
     @property
     def graph_bucket(self) -> int | None:
@@ -133,13 +155,18 @@ class ExpertParallel:
         slots = self.expert_map.route(layer.layer_id, topk_ids, replica_offset=self.rank)
         a2a = self.all_to_all
         if isinstance(a2a, FixedCapacityAllToAll):  # planned, pipelined micro-batches
-            return run_pipelined(a2a, layer._experts, hidden, slots, topk_weights, plan)
+            return run_pipelined(a2a, layer._experts, hidden, slots, topk_weights, plan,
+                                 self.baton.switch if self.baton is not None else None)
         sent = a2a.dispatch(hidden, slots, topk_weights)  # count-based backends size themselves
         return a2a.combine(layer._experts(sent.hidden, sent.topk_weights, sent.topk_ids), sent.handle)
 
     @torch.inference_mode()
     def run_idle(self) -> None:
-        """This rank has no tokens: still take part in every MoE layer's dispatch and combine."""
+        """This rank has no tokens: still take part in every MoE layer's dispatch and combine (twice
+        per layer in a two-batch step, interleaved as the busy ranks' micro-batches are)."""
+        if self.two_batch and self.baton is None:
+            self.run_two_batches(self.run_idle, self.run_idle)
+            return
         for layer_id in sorted(self.moe_layers):
             self.moe_layers[layer_id].idle_forward()
 

@@ -1,8 +1,9 @@
 """The fixed-capacity EP path one MoE layer at a time, on real gloo ranks: the step plan, the
 padded rows of a CUDA-graph bucket (masked on the device, as a replay runs them), an idle rank
-that still serves a bucket, a step split into more dispatches than one capacity holds, and the
-two-micro-batch pipeline — each compared with the same layer holding every expert on one rank
-(`ep_size` 1, the torch reference GEMM)."""
+that still serves a bucket, a step split into more dispatches than one capacity holds, the
+two-micro-batch pipeline, two micro-batches interleaved by the two-batch baton, and FP8 dispatch
+— each compared with the same layer holding every expert on one rank (`ep_size` 1, the torch
+reference GEMM; with FP8 dispatch, over the FP8-rounded activations)."""
 from __future__ import annotations
 
 import pytest
@@ -27,6 +28,27 @@ def test_plan_splits_a_step_over_the_capacity_and_overlaps_large_ones():
     for tokens in range(1, 40):
         plan = plan_step(tokens, 7, 5)
         assert plan.capacity * plan.num_chunks >= tokens and plan.capacity <= 7
+
+
+def test_two_batch_plan_covers_half_the_busiest_rank_within_the_capacity():
+    assert plan_step(16, 2048, 0, (1, 2, 4, 8, 16), two_batch_min_tokens=8) == StepPlan(16, 1, bucket=True)
+    assert plan_step(7, 2048, 0, two_batch_min_tokens=8) == StepPlan(7, 1)  # below the threshold
+    assert plan_step(4096, 2048, 512, two_batch_min_tokens=1024) == StepPlan(2048, 1, two_batch=True)
+    for tokens in range(2, 40):
+        plan = plan_step(tokens, 3, 0, two_batch_min_tokens=2)
+        assert plan.two_batch and plan.capacity <= 3 and plan.capacity * plan.num_chunks >= -(-tokens // 2)
+
+
+def test_split_chunks_halves_the_tokens_in_order_and_samples_once():
+    from engine.ep.two_batch import split_chunks
+    from engine.scheduler import ScheduledChunk
+
+    chunks = [ScheduledChunk("a", 5, 1, True), ScheduledChunk("b", 0, 6, True), ScheduledChunk("c", 3, 4, False)]
+    first, second = split_chunks(chunks)  # 11 tokens: 6 + 5, chunk b split after 5 of its 6
+    assert [(c.request, c.start, c.num_new_tokens, c.sample) for c in first] == [("a", 5, 1, True), ("b", 0, 5, False)]
+    assert [(c.request, c.start, c.num_new_tokens, c.sample) for c in second] == [("b", 5, 1, True),
+                                                                                 ("c", 3, 4, False)]
+    assert split_chunks([ScheduledChunk("a", 9, 1, True)]) == ([ScheduledChunk("a", 9, 1, True)], [])
 
 
 def _moe(parallel):
@@ -79,6 +101,30 @@ def _rank(rank: int, world: int, init: str, failures) -> None:
         for plan in (plan_step(13, 4, 0), plan_step(13, 2048, 8), plan_step(13, 2048, 0)):
             ep.plan = plan
             check(f"plan {plan}", hidden, weights, ids, tokens)
+            ep.step_end()
+
+        # Two micro-batches interleaved by the baton (each within the half-step plan: 7 tokens,
+        # capacity 4 -> two dispatches each), rank 2 idle in both.
+        ep.plan = plan_step(13, 4, 0, two_batch_min_tokens=2)
+        half = tokens - tokens // 2
+        parts = ep.run_two_batches(lambda: moe(hidden[:half], weights[:half], ids[:half]),
+                                   lambda: moe(hidden[half:], weights[half:], ids[half:]))
+        torch.testing.assert_close(torch.cat(parts), reference(hidden, weights, ids), atol=1e-5, rtol=1e-5)
+        ep.step_end()
+
+        # FP8 dispatch: the experts see the FP8-rounded activations, and nothing else changes.
+        from engine.ep.fixed_all_to_all import FixedCapacityAllToAll, dequantize_rows, quantize_rows
+
+        ep.all_to_all = FixedCapacityAllToAll(ep.group, ep.slots_per_rank, fp8=True)
+        rounded = dequantize_rows(*quantize_rows(hidden), hidden.dtype)
+        for plan in (plan_step(13, 4, 0), plan_step(13, 4, 0, two_batch_min_tokens=2)):
+            ep.plan = plan
+            got = (torch.cat(ep.run_two_batches(lambda: moe(hidden[:half], weights[:half], ids[:half]),
+                                                lambda: moe(hidden[half:], weights[half:], ids[half:])))
+                   if plan.two_batch else moe(hidden, weights, ids))
+            torch.testing.assert_close(got, reference(rounded, weights, ids), atol=1e-5, rtol=1e-5)
+            if tokens:
+                assert not torch.allclose(rounded, hidden)  # FP8 really rounded what travelled
             ep.step_end()
         ep.close()
     except BaseException as exc:  # reported to the parent; a failing rank must not hang the others
