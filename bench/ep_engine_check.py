@@ -6,8 +6,10 @@ For one model (DeepSeek-V2-Lite, dummy bf16 weights, by default) and each config
 EP = N with decode CUDA graphs; EP = N eager — it measures:
 * decode: `batch` requests per rank, the median step time once every request decodes (EP = N
   serves N × batch at that step time), and whether the EP ranks replayed graphs;
-* prefill: one `prefill`-token prompt per rank, the step time with two-batch overlap (two
-  micro-batches per MoE layer) and without (one dispatch);
+* prefill: one `prefill`-token prompt per rank, the step time without overlap (one dispatch per
+  MoE layer), with two-batch overlap across whole layers (`two_batch`: two micro-batches
+  interleaved through the model, engine/ep/two_batch.py) and with the per-layer overlap (`overlap`:
+  two micro-batches inside each MoE layer only) — `--prefill-variants` picks them;
 * tokens: rank 0's greedy tokens against the one-GPU engine on the same prompts (bf16: summation
   order differs across ranks, so the fraction of equal tokens is reported).
 Floors from `bench/roofline.py` with the HBM bandwidth and matmul rate measured in the same run
@@ -67,7 +69,8 @@ def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:
     config = build_engine_config(args["model"], load_format="dummy", dtype=args["dtype"], device=device,
                                  max_model_len=args["prefill"] + 256, ep_size=world, max_num_seqs=args["batch"],
                                  max_num_batched_tokens=max(8192, args["prefill"]), gpu_memory_utilization=0.85,
-                                 enable_prefix_cache=False, enforce_eager=args["eager"])
+                                 enable_prefix_cache=False, enforce_eager=args["eager"],
+                                 **({"ep_dispatch_fp8": True} if args["fp8_dispatch"] and world > 1 else {}))
     config = replace(config, parallel=replace(config.parallel, ep_rank=rank, dist_init_method=init))
     core = EngineCore(config)
     ep = core.runner.ep
@@ -81,12 +84,14 @@ def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:
     out.update(tokens=[tokens[rid] for rid, _, _ in reqs], decode_step_ms=1e3 * statistics.median(decode),
                decode_steps=len(decode))
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    variants = {"single": {}} if ep is None else {
-        "overlap": dict(ep_dispatch_capacity=args["prefill"], ep_overlap_min_tokens=512),  # two micro-batches
-        "no_overlap": dict(ep_dispatch_capacity=args["prefill"], ep_overlap_min_tokens=0)}  # one dispatch
+    cap = args["prefill"]
+    knobs = {"no_overlap": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=0, ep_two_batch_min_tokens=0),
+             "two_batch": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=0, ep_two_batch_min_tokens=512),
+             "overlap": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=512, ep_two_batch_min_tokens=0)}
+    variants = {"single": {}} if ep is None else {v: knobs[v] for v in args["prefill_variants"]}
     for name, knobs in variants.items():
-        for key, value in knobs.items():
-            setattr(ep.parallel, key, value)
+        if ep is not None:  # the settings are frozen: the EP runtime reads a changed copy
+            ep.parallel = replace(ep.parallel, **knobs)
         times = []
         for i in range(args["prefill_repeats"] + 1):
             prompt = [(31 * i + 7 * j + rank) % 1000 + 10 for j in range(args["prefill"])]
@@ -149,11 +154,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--device", default="cuda", help="cuda | cpu (a dry run on gloo ranks, e.g. tiny-deepseek-v3)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prefill-variants", default="no_overlap,two_batch,overlap",
+                    help="EP prefill variants: no_overlap | two_batch (whole layers) | overlap (per MoE layer)")
+    ap.add_argument("--fp8-dispatch", action="store_true", help="EP ranks send activations as FP8")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     args = dict(model=a.model, batch=a.batch, prompt=a.prompt, decode_tokens=a.decode_tokens, prefill=a.prefill,
-                prefill_repeats=a.prefill_repeats, device=a.device, dtype=a.dtype)
+                prefill_repeats=a.prefill_repeats, device=a.device, dtype=a.dtype,
+                prefill_variants=a.prefill_variants.split(","), fp8_dispatch=a.fp8_dispatch)
     report = {"model": a.model, "ep": a.ep, "batch_per_rank": a.batch, "prompt": a.prompt,
+              "fp8_dispatch": a.fp8_dispatch,
               "decode_tokens": a.decode_tokens, "prefill_tokens": a.prefill,
               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"}
     for name in a.configs.split(","):
@@ -184,7 +194,7 @@ def main() -> None:
 
 def _summary(report: dict) -> dict:
     keep = ("graphs", "backend", "decode_step_ms", "decode_steps", "prefill_single_ms", "prefill_overlap_ms",
-            "prefill_no_overlap_ms")
+            "prefill_no_overlap_ms", "prefill_two_batch_ms")
     out = {k: v for k, v in report.items() if k not in ("single", "ep_graphs", "ep_eager")}
     for name in ("single", "ep_graphs", "ep_eager"):
         if name in report:

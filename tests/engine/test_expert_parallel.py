@@ -3,8 +3,9 @@ tiny DeepSeek-V3 and Qwen3-MoE checkpoints built by HF `transformers` give the s
 and logprobs within tolerance with EP = 1, 2, 4 — with and without redundant experts, with
 online EPLB rebalances in the middle of generation (weights moved between ranks), and with a
 rank that has no requests. Both all-to-all paths: the fixed-capacity one (default), including
-prefill steps past its capacity (split into several dispatches) and two overlapped micro-batches,
-and the count-based `torch` one."""
+prefill steps past its capacity (split into several dispatches), two overlapped micro-batches per
+MoE layer, and two micro-batches interleaved across whole layers (two-batch overlap, prefill
+chunks split mid-prompt and decode batches), and the count-based `torch` one."""
 from __future__ import annotations
 
 import pytest
@@ -53,6 +54,9 @@ def _assert_same(results, reference):
 # overlapped micro-batches.
 SPLIT = dict(ep_dispatch_capacity=3, ep_overlap_min_tokens=0)
 SPLIT_OVERLAP = dict(ep_dispatch_capacity=4, ep_overlap_min_tokens=2)
+# Two-batch overlap from 2 tokens on (every prefill and every decode step of 2+ requests), each
+# micro-batch's MoE split further by a capacity of 3.
+TWO_BATCH = dict(ep_dispatch_capacity=3, ep_two_batch_min_tokens=2)
 
 
 @pytest.mark.parametrize("arch,ep_size,redundant,interval,a2a", [
@@ -61,6 +65,8 @@ SPLIT_OVERLAP = dict(ep_dispatch_capacity=4, ep_overlap_min_tokens=2)
     ("Qwen3MoeForCausalLM", 2, 2, 3, SPLIT),
     ("Qwen3MoeForCausalLM", 4, 0, 0, {}),
     ("Qwen3MoeForCausalLM", 2, 2, 2, SPLIT_OVERLAP),
+    ("DeepseekV3ForCausalLM", 2, 2, 2, TWO_BATCH),
+    ("Qwen3MoeForCausalLM", 4, 4, 3, TWO_BATCH),
 ])
 def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redundant, interval, a2a):
     path, reference = checkpoints[arch]
@@ -71,6 +77,8 @@ def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redund
     assert [r["ep_rank"] for r in ranks] == list(range(ep_size))
     assert {r["ep_backend"] for r in ranks} == {a2a.get("ep_backend", "fixed")}
     assert all(r["num_steps"] > 0 for r in ranks)  # attention data-parallel: every rank served requests
+    if a2a is TWO_BATCH:  # prefill and decode steps really ran as two interleaved micro-batches
+        assert all(r["ep_two_batch_steps"] > 0 for r in ranks)
     # Every routed token was counted once, on the rank that owned its request.
     routed = sum(sum(r["expert_tokens"].values()) for r in ranks)
     assert routed > 0
@@ -88,15 +96,18 @@ def test_ep_ranks_give_the_single_rank_tokens(checkpoints, arch, ep_size, redund
     assert all(r["num_free_pages"] + r["num_cached_pages"] == KW["num_pages"] for r in ranks)
 
 
-def test_an_idle_rank_joins_every_moe_step(checkpoints):
+@pytest.mark.parametrize("a2a", [SPLIT_OVERLAP, TWO_BATCH], ids=["overlap", "two_batch"])
+def test_an_idle_rank_joins_every_moe_step(checkpoints, a2a):
     path, reference = checkpoints["DeepseekV3ForCausalLM"]
     results, stats = _run(path, PROMPTS[:1], ep_size=2, num_redundant_experts=2, eplb_interval=3, eplb_window=2,
-                          **SPLIT_OVERLAP)
+                          **a2a)
     _assert_same(results, reference[:1])
     busy, idle = stats["ranks"]
     assert busy["num_steps"] > 0 and idle["num_steps"] == 0
     assert sum(idle["expert_tokens"].values()) == 0
     assert idle["eplb_rebalances"] == busy["eplb_rebalances"] >= 1
+    if a2a is TWO_BATCH:  # the idle rank joined the busy rank's two micro-batches
+        assert idle["ep_two_batch_steps"] == busy["ep_two_batch_steps"] > 0
 
 
 def test_placements_that_gain_little_are_not_applied(checkpoints):
