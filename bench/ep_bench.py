@@ -6,7 +6,8 @@ CUDA events between barriers (median of repeats):
 
 * dispatch: each token sent once to every rank owning one of its experts (+ ids and weights);
 * combine: the per-rank partial sums sent back and added up;
-* for graph-safe backends (`fixed`, the engine's default; `fixed_fp8`, its FP8-activation form),
+* for graph-safe backends (`fixed`, the engine's default; `symm`, its rows over symmetric memory;
+  `*_fp8`, their FP8-activation forms),
   dispatch + combine captured in one CUDA graph and replayed, as a decode step runs them: once per
   barrier (the ranks' host skew included), and `--loop` times back to back after one barrier (the
   steady state of a decode step's many MoE layers). The count-based `torch` backend is timed
@@ -75,14 +76,13 @@ def _host_time_ms(fn, repeats: int, warmup: int = 2, before=None) -> float:
     return statistics.median(times)
 
 
-def _backend(kind: str, group, per_rank: int, max_block_bytes: int):
+def _backend(kind: str, group, per_rank: int, hidden: int, top_k: int, max_tokens: int):
+    """`fixed`, `symm`, `torch`, `deepep`, and `<fixed|symm>_fp8` (FP8 activations)."""
     from engine.ep.runtime import select_all_to_all
 
-    if kind == "symm":
-        return SymmetricMemoryAllToAll(group, per_rank, max_block_bytes)
-    if kind == "fixed_fp8":
-        return select_all_to_all("fixed", group, per_rank, 0, fp8=True)
-    return select_all_to_all(kind, group, per_rank, 0)
+    base, fp8 = kind.removesuffix("_fp8"), kind.endswith("_fp8")
+    return select_all_to_all(base, group, per_rank, hidden, max_tokens_per_rank=max_tokens, fp8=fp8, top_k=top_k,
+                             dtype=torch.bfloat16)
 
 
 def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
@@ -114,16 +114,17 @@ def _worker(rank: int, world: int, init: str, args: dict, queue) -> None:
 
         def timed(fn):
             return time_ms(fn, args["repeats"], warmup=2, before=sync)
-    fixed = select_all_to_all("fixed", group, per_rank, hidden)
-    max_block = world * max(args["tokens"]) * (hidden * 4 + 16 * top_k)
+    twins = {False: select_all_to_all("fixed", group, per_rank, hidden),  # the NCCL rows, to check symm against
+             True: select_all_to_all("fixed", group, per_rank, hidden, fp8=True)}
     for kind in args["backends"]:
         a2a = None
         for t in args["tokens"]:
             try:
                 if a2a is None:
-                    a2a = fixed if kind == "fixed" else _backend(kind, group, per_rank, max_block)
-                rows.append(_measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap, dev, timed,
-                                     sync, args["loop"]))
+                    a2a = (twins[kind == "fixed_fp8"] if kind in ("fixed", "fixed_fp8") else
+                           _backend(kind, group, per_rank, hidden, top_k, max(args["tokens"])))
+                rows.append(_measure(a2a, twins[getattr(a2a, "fp8", False)], rank, world, t, hidden, experts, top_k,
+                                     per_rank, emap, dev, timed, sync, args["loop"]))
             except Exception as exc:  # one backend failing must not lose the others' figures
                 group.barrier()
                 rows.append(dict(backend=kind, rank=rank, tokens=t, error=repr(exc)[:300]))
@@ -180,7 +181,7 @@ def _measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap,
     if hasattr(a2a, "start_dispatch"):  # fixed-size rows: what actually crosses to the other ranks
         lay = RowLayout(hidden, top_k, dtype, getattr(a2a, "fp8", False))
         row["wire_bytes_remote"] = (world - 1) * t * (lay.row_bytes + hidden * x.element_size())  # d + c
-    if a2a is not fixed and a2a.name in ("symm",):  # same layout as the fixed backend: results must be equal
+    if a2a is not fixed and a2a.name.startswith("symm"):  # the fixed rows over another transport: must be equal
         ref = fixed.dispatch(x, slots, weights)
         row["equals_fixed"] = bool(torch.equal(ref.hidden, sent.hidden) and torch.equal(ref.topk_ids, sent.topk_ids)
                                    and torch.equal(fixed.combine(partial, ref.handle), combined))
@@ -202,44 +203,6 @@ def _measure(a2a, fixed, rank, world, t, hidden, experts, top_k, per_rank, emap,
                 graph.replay()
         row["graph_loop_ms"] = timed(replays) / loop
     return row
-
-
-class SymmetricMemoryAllToAll:
-    """Bench-only candidate: the fixed-capacity rows moved by peer copies into symmetric memory
-    (`torch.distributed._symmetric_memory`, present in torch 2.11) instead of NCCL: each rank copies
-    its block for rank r straight into r's buffer, then one device barrier per direction; the
-    receiver reads the rows in place (no copy out). One barrier suffices with a buffer per
-    direction: a rank writes a peer's dispatch buffer only after the previous combine barrier, which
-    the peer reaches after the expert GEMM that read it (stream order), and likewise for combine."""
-
-    def __new__(cls, group, slots_per_rank, max_block_bytes):
-        import torch.distributed._symmetric_memory as symm_mem
-
-        from engine.ep.fixed_all_to_all import FixedCapacityAllToAll
-
-        class _Symm(FixedCapacityAllToAll):
-            name = "symm"
-
-            def _exchange(self, send, phase):
-                world, me = self.group.size, self.group.rank
-                block = send[0].numel() * send.element_size()
-                if block * world > max_block_bytes:
-                    raise ValueError(f"symmetric buffer holds {max_block_bytes} bytes per direction")
-                base = 0 if phase == "dispatch" else max_block_bytes
-                for r in range(world):
-                    peer = self.handle.get_buffer(r, (block,), torch.uint8, base + me * block)
-                    peer.copy_(send[r].reshape(-1).view(torch.uint8))
-                self.handle.barrier(channel=0 if phase == "dispatch" else 1)
-                recv = self.buffer[base: base + world * block].view(send.dtype).view(send.shape)
-                return None, recv
-
-        a2a = _Symm(group, slots_per_rank)
-        name = group.group.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(name)
-        a2a.buffer = symm_mem.empty(2 * max_block_bytes, dtype=torch.uint8, device=group.device)
-        a2a.handle = symm_mem.rendezvous(a2a.buffer, name)
-        return a2a
 
 
 def run(world: int, tokens: list[int], backends: list[str], hidden=7168, experts=256, top_k=8, inter=2048,
@@ -326,9 +289,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="128,4096", help="tokens per rank, comma-separated")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--loop", type=int, default=50, help="graph replays back to back per timed repeat")
-    ap.add_argument("--backends", default="fixed,fixed_fp8,torch,symm",
-                    help="all-to-all backends, comma-separated (fixed_fp8: FP8 activations; symm: the bench-only "
-                         "symmetric-memory candidate)")
+    ap.add_argument("--backends", default="fixed,fixed_fp8,symm,symm_fp8,torch",
+                    help="all-to-all backends, comma-separated: fixed, symm (the fixed rows over symmetric "
+                         "memory), torch, deepep; fixed_fp8 / symm_fp8: FP8 activations")
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=8)

@@ -85,9 +85,10 @@ def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:
                decode_steps=len(decode))
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     cap = args["prefill"]
+    split_from = max(2, min(512, cap // 2))  # steps this large (busiest rank) overlap: the prefill does
     knobs = {"no_overlap": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=0, ep_two_batch_min_tokens=0),
-             "two_batch": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=0, ep_two_batch_min_tokens=512),
-             "overlap": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=512, ep_two_batch_min_tokens=0)}
+             "two_batch": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=0, ep_two_batch_min_tokens=split_from),
+             "overlap": dict(ep_dispatch_capacity=cap, ep_overlap_min_tokens=split_from, ep_two_batch_min_tokens=0)}
     variants = {"single": {}} if ep is None else {v: knobs[v] for v in args["prefill_variants"]}
     for name, knobs in variants.items():
         if ep is not None:  # the settings are frozen: the EP runtime reads a changed copy

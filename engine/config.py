@@ -281,9 +281,10 @@ class ParallelConfig:
     eplb_min_gain: float = setting(0.05, "move a layer's experts only if its max/mean GPU load drops by this "
                                          "fraction")
     ep_backend: str = setting("auto", "token all-to-all: DeepEP Buffer API (deep_ep or nixl_ep), fixed-capacity "
-                                      "torch.distributed (graph-safe) or count-based torch.distributed; auto: "
-                                      "DeepEP on CUDA when importable, else fixed",
-                              choices=("auto", "fixed", "torch", "deepep"))
+                                      "torch.distributed (graph-safe), the fixed rows over symmetric memory (symm, "
+                                      "CUDA; decode-sized steps, else fixed) or count-based torch.distributed; "
+                                      "auto: DeepEP on CUDA when importable, else fixed",
+                              choices=("auto", "fixed", "symm", "torch", "deepep"))
     # Fixed-capacity all-to-all: tokens per rank in one dispatch (a step with more, on any rank, is
     # split into dispatches of at most this many; it bounds the dispatch buffers), and the step size
     # (max tokens over the ranks) from which a step runs as two overlapped micro-batches (0: never;

@@ -107,9 +107,14 @@ class FixedCapacityAllToAll:
         recv = torch.empty_like(send)
         return dist.all_to_all_single(recv, send, group=self.group.group, async_op=not capturing), recv
 
+    def for_plan(self, plan) -> "FixedCapacityAllToAll":
+        """The transport for a step plan (a subclass may need one dispatch in flight at a time)."""
+        return self
+
     # ------------------------------------------------------------- dispatch
-    def start_dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       capacity: int) -> _InFlight:
+    def pack(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
+             capacity: int) -> torch.Tensor:
+        """The send buffer `[ranks, capacity, row bytes]`: block r is what rank r receives from us."""
         t, h = hidden.shape
         k = slot_ids.shape[1]
         if t > capacity:
@@ -134,7 +139,13 @@ class FixedCapacityAllToAll:
             torch.sub(slot_ids.unsqueeze(0), self._offsets, out=rows[..., lay.ids: lay.weights].view(torch.int32))
             rows[..., lay.weights:].view(torch.float32).copy_(topk_weights.unsqueeze(0).expand(
                 self.group.size, -1, -1))
-        return _InFlight(*self._exchange(send, "dispatch"), t, capacity, k, hidden.dtype, h)
+        return send
+
+    def start_dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       capacity: int) -> _InFlight:
+        send = self.pack(hidden, slot_ids, topk_weights, capacity)
+        return _InFlight(*self._exchange(send, "dispatch"), hidden.shape[0], capacity, slot_ids.shape[1],
+                         hidden.dtype, hidden.shape[1])
 
     def finish_dispatch(self, pending: _InFlight) -> Dispatched:
         if pending.work is not None:

@@ -35,15 +35,21 @@ IMBALANCE_EVERY = 64  # steps between group-wide load sums for the imbalance met
 
 
 def select_all_to_all(kind: str, group: EPGroup, slots_per_rank: int, hidden_size: int, mode: str = "normal",
-                      max_tokens_per_rank: int = 256, fp8: bool = False, fp8_group: int = 128):
-    """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | torch | deepep.
-    `mode` picks DeepEP's kernels: normal (prefill-sized batches) or low_latency (decode,
-    CUDA-graph safe). `fp8`: the fixed path sends activations as FP8 with per-128-column scales."""
-    if fp8 and kind not in ("auto", "fixed"):
-        raise ValueError(f"FP8 dispatch is implemented by the fixed-capacity all-to-all, not {kind!r}")
-    if kind not in ("auto", "fixed", "torch", "deepep"):
-        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | torch | deepep)")
-    if kind == "torch":
+                      max_tokens_per_rank: int = 256, fp8: bool = False, fp8_group: int = 128, top_k: int = 8,
+                      dtype: torch.dtype = torch.bfloat16):
+    """`kind`: auto (DeepEP API on CUDA when importable, else fixed) | fixed | symm (the fixed rows
+    over symmetric memory, CUDA) | torch | deepep. `mode` picks DeepEP's kernels: normal
+    (prefill-sized batches) or low_latency (decode, CUDA-graph safe). `fp8`: the fixed/symm paths
+    send activations as FP8 with per-`fp8_group`-column scales."""
+    if kind not in ("auto", "fixed", "symm", "torch", "deepep"):
+        raise ValueError(f"unknown EP all-to-all backend {kind!r} (auto | fixed | symm | torch | deepep)")
+    if fp8 and kind not in ("auto", "fixed", "symm"):
+        raise ValueError(f"FP8 dispatch is implemented by the fixed-capacity all-to-alls, not {kind!r}")
+    if kind == "symm":
+        from engine.ep.symm_all_to_all import SymmetricMemoryAllToAll
+        backend = SymmetricMemoryAllToAll(group, slots_per_rank, hidden_size, top_k, max_tokens_per_rank, dtype, fp8,
+                                          fp8_group)
+    elif kind == "torch":
         backend = TorchAllToAll(group, slots_per_rank)
     elif kind == "fixed" or fp8 or (kind == "auto" and (group.device.type != "cuda" or deepep_module() is None)):
         backend = FixedCapacityAllToAll(group, slots_per_rank, fp8=fp8, fp8_group=fp8_group)
@@ -80,7 +86,8 @@ class ExpertParallel:
         # Decode nodes use DeepEP's low-latency kernels (fixed buffers, one slot per sequence a step holds).
         self.all_to_all = select_all_to_all(parallel.ep_backend, self.group, self.slots_per_rank, hidden_size, mode,
                                             max_tokens_per_rank, fp8=parallel.ep_dispatch_fp8,
-                                            fp8_group=_activation_group(first))
+                                            fp8_group=_activation_group(first), top_k=first.top_k,
+                                            dtype=first.compute_dtype)
         self.baton: Baton | None = None  # set while a two-batch step runs (engine/ep/two_batch.py)
         placement = initial_placement(self.num_layers, self.num_experts, self.num_slots, parallel.ep_size)
         self.expert_map = ExpertMap(placement, device)
@@ -167,7 +174,7 @@ class ExpertParallel:
         slots = self.expert_map.route(layer.layer_id, topk_ids, replica_offset=self.rank)
         a2a = self.all_to_all
         if isinstance(a2a, FixedCapacityAllToAll):  # planned, pipelined micro-batches
-            return run_pipelined(a2a, layer._experts, hidden, slots, topk_weights, plan,
+            return run_pipelined(a2a.for_plan(plan), layer._experts, hidden, slots, topk_weights, plan,
                                  self.baton.switch if self.baton is not None else None)
         sent = a2a.dispatch(hidden, slots, topk_weights)  # count-based backends size themselves
         return a2a.combine(layer._experts(sent.hidden, sent.topk_weights, sent.topk_ids), sent.handle)

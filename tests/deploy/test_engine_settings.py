@@ -26,11 +26,13 @@ ENGINE_FLAGS = {
     "--num-redundant-experts": 0, "--eplb-interval": 0, "--eplb-window": 32, "--eplb-min-gain": 0.05,
     "--ep-nnodes": 1, "--ep-node-rank": 0, "--ep-master": None, "--ep-backend": "auto",
     "--quantization": None, "--kv-cache-dtype": "auto", "--no-progress": None,
-    "--ep-dispatch-capacity": 8192, "--ep-overlap-min-tokens": 0,
+    "--ep-dispatch-capacity": 8192, "--ep-overlap-min-tokens": 0, "--ep-two-batch-min-tokens": 0,
+    "--ep-dispatch-fp8": False,
 }
 # The choices of the flags that have them (as the commands declared them before).
 ENGINE_CHOICES = {"--load-format": ["auto", "dummy"], "--dtype": ["auto", "float32", "float16", "bfloat16"],
-                  "--attention-backend": ["auto", "torch", "triton"], "--ep-backend": ["auto", "fixed", "torch", "deepep"],
+                  "--attention-backend": ["auto", "torch", "triton"], "--ep-backend": ["auto", "fixed", "symm", "torch",
+                                                                                             "deepep"],
                   "--quantization": ["fp8"], "--kv-cache-dtype": ["auto", "fp8_e4m3"]}
 NODE_ONLY_FLAGS = {"--kv-transfer-timeout": 30.0}
 
