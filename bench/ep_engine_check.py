@@ -70,7 +70,8 @@ def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:
                                  max_model_len=args["prefill"] + 256, ep_size=world, max_num_seqs=args["batch"],
                                  max_num_batched_tokens=max(8192, args["prefill"]), gpu_memory_utilization=0.85,
                                  enable_prefix_cache=False, enforce_eager=args["eager"],
-                                 **({"ep_dispatch_fp8": True} if args["fp8_dispatch"] and world > 1 else {}))
+                                 **({"ep_dispatch_fp8": args["fp8_dispatch"], "ep_backend": args["ep_backend"]}
+                                    if world > 1 else {}))
     config = replace(config, parallel=replace(config.parallel, ep_rank=rank, dist_init_method=init))
     core = EngineCore(config)
     ep = core.runner.ep
@@ -99,6 +100,8 @@ def _rank(rank: int, world: int, init: str, args: dict, queue) -> None:
             _, steps = _drive(core, [(f"p{name}{i}", prompt, one)])
             times.append(sum(s for s, _ in steps))  # launch + the wait for its token (overlap scheduling)
         out[f"prefill_{name}_ms"] = 1e3 * statistics.median(times[1:])  # the first one warms up
+        if ep is not None:  # did the variant's steps really run as two micro-batches?
+            out[f"prefill_{name}_two_batch_steps"] = ep.num_two_batch_steps
     queue.put(out)
     queue.close()
     queue.join_thread()
@@ -158,13 +161,14 @@ def main() -> None:
     ap.add_argument("--prefill-variants", default="no_overlap,two_batch,overlap",
                     help="EP prefill variants: no_overlap | two_batch (whole layers) | overlap (per MoE layer)")
     ap.add_argument("--fp8-dispatch", action="store_true", help="EP ranks send activations as FP8")
+    ap.add_argument("--ep-backend", default="auto", help="EP all-to-all: auto | fixed | symm | torch | deepep")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     args = dict(model=a.model, batch=a.batch, prompt=a.prompt, decode_tokens=a.decode_tokens, prefill=a.prefill,
                 prefill_repeats=a.prefill_repeats, device=a.device, dtype=a.dtype,
-                prefill_variants=a.prefill_variants.split(","), fp8_dispatch=a.fp8_dispatch)
+                prefill_variants=a.prefill_variants.split(","), fp8_dispatch=a.fp8_dispatch, ep_backend=a.ep_backend)
     report = {"model": a.model, "ep": a.ep, "batch_per_rank": a.batch, "prompt": a.prompt,
-              "fp8_dispatch": a.fp8_dispatch,
+              "fp8_dispatch": a.fp8_dispatch, "ep_backend": a.ep_backend,
               "decode_tokens": a.decode_tokens, "prefill_tokens": a.prefill,
               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"}
     for name in a.configs.split(","):
@@ -195,7 +199,7 @@ def main() -> None:
 
 def _summary(report: dict) -> dict:
     keep = ("graphs", "backend", "decode_step_ms", "decode_steps", "prefill_single_ms", "prefill_overlap_ms",
-            "prefill_no_overlap_ms", "prefill_two_batch_ms")
+            "prefill_no_overlap_ms", "prefill_two_batch_ms", "prefill_two_batch_two_batch_steps")
     out = {k: v for k, v in report.items() if k not in ("single", "ep_graphs", "ep_eager")}
     for name in ("single", "ep_graphs", "ep_eager"):
         if name in report:
