@@ -74,7 +74,7 @@ def quantize_rows(x: torch.Tensor, group: int = FP8_GROUP) -> tuple[torch.Tensor
     group, the absolute maximum maps to the largest FP8 value (engine/kernels/fp8_ref.py's rule)."""
     if x.is_cuda:
         from engine.kernels.fp8_gemm import quantize_activation  # one Triton kernel
-        return quantize_activation(x, group)
+        return quantize_activation(x.contiguous(), group)
     from engine.kernels.fp8_ref import quantize_activation_ref
     return quantize_activation_ref(x, group)
 
