@@ -142,6 +142,7 @@ def _rank(rank: int, world: int, init: str, failures) -> None:
             if tokens:
                 assert not torch.allclose(rounded, hidden)  # FP8 really rounded what travelled
             ep.step_end()
+        ep.group.barrier()  # no rank tears the group (and rank 0's store) down while others still use it
         ep.close()
     except BaseException as exc:  # reported to the parent; a failing rank must not hang the others
         failures.put(f"rank {rank}: {exc!r}")
