@@ -10,6 +10,13 @@ shapes depend only on the batch size).
 With expert parallelism the graphs hold the MoE dispatch/combine collectives, so every rank must
 replay the same bucket in a step, idle ranks included (`run_idle`): the EP runtime agrees the
 bucket at `step_begin` (`ep.graph_bucket`) and masks the padded rows' routes on the device.
+
+A step is one upload and one replay: the inputs are one packed pinned buffer
+(engine/decode_inputs.py); the graph gathers its token ids from the host's ids and the previous
+step's draws (overlap scheduling's pending tokens), runs the model and samples into the buffer the
+next step gathers from. Each bucket has a greedy graph (argmax) and, without EP, a sampling graph
+(temperature / top-k / top-p / min-p, `engine.sampler.draw`); batches that need the host-driven
+sampler (penalties, seeds, logprobs, grammars) replay the greedy graph and sample its logits.
 """
 from __future__ import annotations
 
@@ -17,8 +24,11 @@ import logging
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, page_table_tensor
+from engine.attention.metadata import AttentionMetadata
+from engine.decode_inputs import DecodeInputs
 from engine.forward_batch import ForwardBatch
+from engine.request import PENDING_TOKEN
+from engine.sampler import draw
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +46,16 @@ class DecodeGraphs:
         self.runner = runner
         self.device = runner.device
         self.sizes = batch_buckets(max_batch)
-        self.max_batch = self.sizes[-1]
-        dev, n = self.device, self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros((n, runner.max_pages_per_seq), dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.max_batch = n = self.sizes[-1]
+        self.modes = ("greedy",) if runner.ep is not None else ("greedy", "sample")
+        self.buf = DecodeInputs(n, runner.max_pages_per_seq, self.device)
+        dev = self.buf.dev
+        self.positions, self.seq_lens, self.slot_mapping = dev.positions, dev.seq_lens, dev.slot_mapping
+        self.block_tables, self.sampled = dev.block_tables, dev.sampled
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=self.device)
+        self._neutral_src = list(range(n, 2 * n))
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, str], torch.Tensor] = {}
         self.pool = None
 
     def _metadata(self, bs: int) -> AttentionMetadata:
@@ -57,31 +67,46 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         r = self.runner
+        ids = torch.index_select(self.buf.token_pool, 0, self.buf.dev.src[:bs])
         batch = ForwardBatch(self._metadata(bs), r.kv_pool.layers, r.backend)
-        hidden = r.model(self.input_ids[:bs], self.positions[:bs], batch)
+        hidden = r.model(ids, self.positions[:bs], batch)
         return r.model.compute_logits(hidden)
+
+    def _body(self, bs: int, mode: str) -> torch.Tensor:
+        """What a graph holds: gather ids, forward, logits, draws into `sampled`."""
+        logits = self._forward(bs)
+        out = self.sampled[:bs]
+        if mode == "greedy":
+            torch.argmax(logits, dim=-1, out=out)
+        else:
+            d = self.buf.dev
+            truncation = (d.top_k[:bs], d.top_p[:bs], d.min_p[:bs])
+            noise = torch.empty_like(logits).exponential_()
+            out.copy_(draw(logits, d.greedy[:bs], d.temperature[:bs], truncation, noise))
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
         ep = self.runner.ep
         # EP: the NCCL watchdog thread polls events while we capture; only this thread must not.
-        mode = "global" if ep is None else "thread_local"
+        mode_ = "global" if ep is None else "thread_local"
         torch.cuda.synchronize(self.device)
         for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
             if ep is not None:
                 ep.capture_plan(bs)
-            self._forward(bs)  # warm-up: Triton compilation and autotuning happen outside capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
-                self.logits[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
+            for mode in self.modes:
+                self._body(bs, mode)  # warm-up: Triton compilation and autotuning happen outside capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode_):
+                    self.logits[(bs, mode)] = self._body(bs, mode)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[(bs, mode)] = graph
         torch.cuda.synchronize(self.device)
         if ep is not None:
             ep.graphs_captured(self.sizes)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        log.info("captured decode CUDA graphs for batch sizes %s (%s)", self.sizes, ", ".join(self.modes))
 
     def _bucket(self, b: int) -> int | None:
         if self.runner.ep is None:
@@ -102,29 +127,64 @@ class DecodeGraphs:
         self.slot_mapping[:bs].fill_(-1)
         self.block_tables[:bs].zero_()
         self.runner.ep.prepare_replay(0)
-        self.graphs[bs].replay()
+        self.graphs[(bs, "greedy")].replay()
         return True
 
-    def run(self, chunks: list, inputs, patch_pending) -> torch.Tensor:
-        """Replay the bucket for `chunks` (all decodes) with the runner's `inputs`; `patch_pending`
-        fills input ids the host has not seen yet from the step in flight, on the device."""
+    def run(self, chunks: list, prev, mode: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay the bucket for `chunks` (all decodes). Input tokens still PENDING on the host are
+        `prev`'s draws (a StepHandle). `mode`: "greedy" / "sample" draw in the graph and return the
+        draws' device view; None returns only the logits (the caller samples)."""
         b = len(chunks)
         bs = self._bucket(b)
         ps = self.runner.page_size
-        slots = [c.request.page_ids[c.start // ps] * ps + c.start % ps for c in chunks]
-        table = page_table_tensor([c.request.page_ids for c in chunks])
-        width = table.shape[1]
-        self.input_ids[:b].copy_(torch.tensor(inputs.ids), non_blocking=True)
-        patch_pending(self.input_ids[:b])
-        self.positions[:b].copy_(torch.tensor(inputs.positions), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(inputs.seq_lens, dtype=torch.int32), non_blocking=True)
-        self.slot_mapping[:b].copy_(torch.tensor(slots), non_blocking=True)
-        self.block_tables[:b, :width].copy_(table, non_blocking=True)
-        if bs > b:
-            self.seq_lens[b:bs].fill_(1)
-            self.slot_mapping[b:bs].fill_(-1)
-            self.block_tables[b:bs].zero_()
+        h = self.buf.host()
+        ids, src, pos, slots = [0] * b, self._neutral_src[:bs], [0] * b, [0] * b
+        pending = False
+        tables = h.block_tables
+        for i, c in enumerate(chunks):
+            req, p = c.request, c.start
+            prompt = req.prompt_token_ids
+            tok = prompt[p] if p < len(prompt) else req.output_token_ids[p - len(prompt)]
+            if tok == PENDING_TOKEN:  # sampled by the step in flight: gathered on the device
+                src[i] = self._prev_row(prev, req.request_id)
+                pending = True
+            else:
+                ids[i] = tok
+            pages = req.page_ids
+            pos[i] = p
+            slots[i] = pages[p // ps] * ps + p % ps
+            tables[i, :len(pages)] = pages
+        h.ids[:b] = ids
+        h.src[:bs] = src
+        h.positions[:b] = pos
+        h.seq_lens[:b] = h.positions[:b] + 1
+        h.seq_lens[b:bs] = 1
+        h.slot_mapping[:b] = slots
+        h.slot_mapping[b:bs] = -1
+        if mode == "sample":
+            self._fill_sampling(h, chunks)
+        if pending and not prev.graph_sampled:
+            rows = len(prev.rows)  # the host sampler drew them: put them where the graph gathers
+            self.sampled[:rows].copy_(prev.token_ids)
+        self.buf.upload(b)
         if self.runner.ep is not None:
             self.runner.ep.prepare_replay(b)
-        self.graphs[bs].replay()
-        return self.logits[bs][:b]
+        key = (bs, mode or "greedy")
+        self.graphs[key].replay()
+        return self.logits[key][:b], (self.sampled[:b] if mode else None)
+
+    @staticmethod
+    def _prev_row(prev, request_id: str) -> int:
+        if prev is None or prev.sampled is None or request_id not in prev.rows:
+            raise RuntimeError(f"request {request_id!r}: an input is pending but the step in flight did not sample it")
+        return prev.rows[request_id]
+
+    def _fill_sampling(self, h, chunks: list) -> None:
+        b = len(chunks)
+        vocab = self.runner.model_config.vocab_size
+        params = [c.request.sampling_params for c in chunks]
+        h.greedy[:b] = [p.is_greedy for p in params]
+        h.temperature[:b] = [1.0 if p.is_greedy else p.temperature for p in params]
+        h.top_k[:b] = [p.top_k if p.top_k > 0 else vocab for p in params]
+        h.top_p[:b] = [p.top_p for p in params]
+        h.min_p[:b] = [p.min_p for p in params]

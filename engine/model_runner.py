@@ -26,7 +26,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
 from engine.prompt_logprobs import PromptLogprobs
 from engine.request import PENDING_TOKEN
-from engine.sampler import Sampled, Sampler
+from engine.sampler import Sampled, Sampler, graph_sampling
 from engine.weight_loader import load_model
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,12 @@ class StepResult:
 class StepHandle:
     """A launched step: its draws on the device, their host copies in flight, an event."""
 
-    def __init__(self, rows: dict[str, int], sampled: Sampled | None, num_tokens: int, device: torch.device):
+    def __init__(self, rows: dict[str, int], sampled: Sampled | None, num_tokens: int, device: torch.device,
+                 graph_sampled: bool = False):
         self.rows = rows  # request id -> row of `sampled`
         self.sampled = sampled
         self.num_tokens = num_tokens
+        self.graph_sampled = graph_sampled  # drawn inside a decode graph: already where the next graph gathers
         self._host = None
         self._event = None
         if sampled is not None and device.type == "cuda":
@@ -53,6 +55,8 @@ class StepHandle:
                           for t in sampled.tensors()]
             self._event = torch.cuda.Event()
             self._event.record()
+        elif graph_sampled:  # a view of the graphs' draw buffer, which the next step overwrites
+            self._host = [t.clone() for t in sampled.tensors()]
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -161,20 +165,26 @@ class ModelRunner:
             return StepHandle({}, None, 0, self.device)
         self.kv_pool.copy_pages(list(copies))
         sampling = [c for c in chunks if c.sample]
+        rows = {c.request.request_id: i for i, c in enumerate(sampling)}
+        requests = [c.request for c in sampling]
         forks = any(c.fork_of is not None for c in chunks)
+        if (not forks and self.graphs is not None and expert_load is None and layer_hook is None
+                and self.graphs.can_run(chunks)):
+            mode = graph_sampling(requests)
+            logits, tokens = self.graphs.run(chunks, prev, mode if mode in self.graphs.modes else None)
+            if tokens is not None:
+                return StepHandle(rows, Sampled(tokens, [r.sampling_params for r in requests]), len(chunks),
+                                  self.device, graph_sampled=True)
+            return StepHandle(rows, self.sampler.sample_on_device(logits, requests), len(chunks), self.device)
         if forks:
             chunks = [c for c in chunks if c.fork_of is None]
         inputs = self._inputs(chunks)
-        if self.graphs is not None and expert_load is None and layer_hook is None and self.graphs.can_run(chunks):
-            logits = self.graphs.run(chunks, inputs, lambda ids: self._patch_pending(ids, inputs, prev))
-        else:
-            logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
+        logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
         if forks:  # every choice of a forked prompt draws from that prompt's last-position logits
             row = {c.request.request_id: i for i, c in enumerate(c for c in chunks if c.sample)}
             index = [row[(c.fork_of or c.request).request_id] for c in sampling]
             logits = logits[torch.tensor(index, dtype=torch.long).to(logits.device, non_blocking=True)]
-        sampled = self.sampler.sample_on_device(logits, [c.request for c in sampling]) if sampling else None
-        rows = {c.request.request_id: i for i, c in enumerate(sampling)}
+        sampled = self.sampler.sample_on_device(logits, requests) if sampling else None
         return StepHandle(rows, sampled, len(inputs.ids), self.device)
 
     @staticmethod
@@ -182,7 +192,7 @@ class ModelRunner:
         inputs = _StepInputs()
         for c in chunks:
             start, n = c.start, c.num_new_tokens
-            tokens = c.request.all_token_ids[start: start + n]
+            tokens = c.request.token_slice(start, start + n)
             for i, t in enumerate(tokens):
                 if t == PENDING_TOKEN:  # sampled by the step in flight: patched on the device
                     inputs.pending.append((len(inputs.ids) + i, c.request.request_id))

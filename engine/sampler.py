@@ -7,6 +7,11 @@ which samples exactly from `p`; a seeded request's noise comes from a generator 
 (seed, number of tokens generated so far) alone, so the same seed gives the same tokens whatever
 else is in the batch. All-greedy batches without penalties are a single argmax. Logprobs are the
 raw model's (log_softmax of the unprocessed logits), as vLLM returns by default.
+
+Decode steps replayed from CUDA graphs sample inside the graph (`draw` over device settings) when
+`graph_sampling(requests)` allows it: greedy rows, and unseeded temperature / top-k / top-p / min-p
+rows; penalties, min_tokens masks, structured output, logprobs and seeds take `Sampler` on the
+graph's logits.
 """
 from __future__ import annotations
 
@@ -21,6 +26,22 @@ from engine.structured_output import apply_token_bitmask, step_bitmask
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[dict | None] | None  # per row, None where not asked for; None if no row asked
+
+
+def graph_sampling(requests: list) -> str | None:
+    """How a decode graph may sample these rows: "greedy" (argmax), "sample" (`draw` in the graph),
+    or None: the host-driven `Sampler` must (it reads token history, grammars, seeds or logprobs)."""
+    mode = "greedy"
+    for r in requests:
+        p = r.sampling_params
+        if (p.has_penalties or p.logprobs is not None or r.grammar is not None
+                or len(r.output_token_ids) < p.min_tokens):
+            return None
+        if not p.is_greedy:
+            if p.seed is not None:
+                return None
+            mode = "sample"
+    return mode
 
 
 def _seed_for(seed: int, step: int) -> int:
@@ -116,38 +137,20 @@ class Sampler:
         dev = x.device
         greedy = torch.tensor([p.is_greedy for p in params], device=dev)
         temps = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=dev)
-        scaled = x / temps[:, None]
+        truncation = None
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-            scaled = self._truncate(scaled, params)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+            vocab = x.shape[1]
+            truncation = (torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev),
+                          torch.tensor([p.top_p for p in params], device=dev),
+                          torch.tensor([p.min_p for p in params], device=dev))
+        noise = torch.empty_like(x).exponential_()
         for row, r in enumerate(requests):
             p = r.sampling_params
             if p.seed is not None and not p.is_greedy:
                 gen = torch.Generator(device=dev)
                 gen.manual_seed(_seed_for(p.seed, len(r.output_token_ids)))
-                noise[row] = torch.empty(probs.shape[1], device=dev).exponential_(generator=gen)
-        drawn = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, x.argmax(dim=-1), drawn)
-
-    @staticmethod
-    def _truncate(scaled: torch.Tensor, params: list) -> torch.Tensor:
-        """Set logits outside each row's top-k / top-p / min-p set to -inf."""
-        dev = scaled.device
-        vocab = scaled.shape[1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
-        min_p = torch.tensor([p.min_p for p in params], device=dev)
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        rank = torch.arange(vocab, device=dev)[None, :]
-        drop = rank >= top_k[:, None]
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop |= mass_before >= top_p[:, None]
-        drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-        drop[:, 0] = False  # always keep the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+                noise[row] = torch.empty(x.shape[1], device=dev).exponential_(generator=gen)
+        return draw(x, greedy, temps, truncation, noise)
 
     # ---------------------------------------------------------------- logprobs
     @staticmethod
@@ -158,3 +161,32 @@ class Sampler:
         n_top = max(p.logprobs or 0 for p in params)
         top_vals, top_ids = lp.topk(max(n_top, 1), dim=-1)
         return chosen, ranks, top_vals, top_ids
+
+
+def draw(x: torch.Tensor, greedy: torch.Tensor, temps: torch.Tensor, truncation: tuple | None,
+         noise: torch.Tensor) -> torch.Tensor:
+    """Next tokens from processed logits `x` `[rows, vocab]` with per-row device settings: greedy rows
+    take the argmax; the others draw from softmax(x / temperature), truncated by (top_k, top_p, min_p)
+    when given, by the exponential race against `noise` (`E ~ Exp(1)` per token). Fixed shapes, no host
+    reads: the CUDA-graph decode step runs the same function (engine/cuda_graph.py)."""
+    scaled = x / temps[:, None]
+    if truncation is not None:
+        scaled = truncate(scaled, *truncation)
+    drawn = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(greedy, x.argmax(dim=-1), drawn)
+
+
+def truncate(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / top-p / min-p set to -inf (`top_k` = vocab, `top_p` = 1 and
+    `min_p` = 0 keep everything)."""
+    vocab = scaled.shape[1]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    drop = rank >= top_k[:, None]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)  # rounding must not cut a top_p = 1 row
+    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(1, order, sorted_logits)

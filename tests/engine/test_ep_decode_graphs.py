@@ -36,7 +36,7 @@ def _replayed_graphs(runner, max_batch: int):
             self.graphs, self.bs = graphs, bs
 
         def replay(self):
-            self.graphs.logits[self.bs].copy_(self.graphs.forward_as_captured(self.bs))
+            self.graphs.logits[(self.bs, "greedy")].copy_(self.graphs.forward_as_captured(self.bs))
 
     class ReplayedGraphs(DecodeGraphs):
         def _metadata(self, bs):
@@ -51,14 +51,14 @@ def _replayed_graphs(runner, max_batch: int):
             plan = ep.plan
             ep.capture_plan(bs)  # a real graph holds the capture-time plan (and its padding mask)
             try:
-                return self._forward(bs)
+                return self._body(bs, "greedy")
             finally:
                 ep.plan = plan
 
         def capture(self):
             for bs in reversed(self.sizes):  # collective, in the same order on every rank
-                self.logits[bs] = self.forward_as_captured(bs)
-                self.graphs[bs] = _Replay(self, bs)
+                self.logits[(bs, "greedy")] = self.forward_as_captured(bs)
+                self.graphs[(bs, "greedy")] = _Replay(self, bs)
             self.runner.ep.graphs_captured(self.sizes)
 
     graphs = ReplayedGraphs(runner, max_batch)
