@@ -140,7 +140,7 @@ class DecodeGraphs:
         h = self.buf.host()
         ids, src, pos, slots = [0] * b, self._neutral_src[:bs], [0] * b, [0] * b
         pending = False
-        tables = h.block_tables
+        tables, rows_written = h.block_tables, h.table_rows
         for i, c in enumerate(chunks):
             req, p = c.request, c.start
             prompt = req.prompt_token_ids
@@ -153,7 +153,10 @@ class DecodeGraphs:
             pages = req.page_ids
             pos[i] = p
             slots[i] = pages[p // ps] * ps + p % ps
-            tables[i, :len(pages)] = pages
+            seen = rows_written[i]  # rewrite a row only when its page list (object or length) changed
+            if seen is None or seen[0] is not pages or seen[1] != len(pages):
+                tables[i, :len(pages)] = pages
+                rows_written[i] = (pages, len(pages))
         h.ids[:b] = ids
         h.src[:bs] = src
         h.positions[:b] = pos

@@ -53,6 +53,8 @@ class DecodeInputs:
         self.dev = self._views(self._dev_bytes, on_device=True)
         self._host_bytes = [torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._hosts = [self._views(b, on_device=False) for b in self._host_bytes]
+        for h in self._hosts:
+            h.table_rows = [None] * max_batch  # what each block-table row holds: the caller's record
         self._events: list = [None, None]
         self._turn = 0
         self.token_pool = self.dev_int64_span("sampled", 2)  # [sampled | ids]: what `src` indexes

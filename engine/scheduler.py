@@ -42,7 +42,7 @@ class SchedulerOverloaded(RuntimeError):
     """The admission queue is full; the request is refused (nothing of it is kept)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     request: Request
     start: int  # first position computed this step (== request.num_computed_tokens)
@@ -262,7 +262,7 @@ class Scheduler:
         for req in list(self.running):
             if budget <= 0:
                 break
-            if req not in self.running:  # preempted earlier in this loop
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop (O(1): its status says)
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0 or (req.output_token_ids and self._ends_by_count(req)):
@@ -278,7 +278,7 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            if req not in self.running or not grown:
+            if req.status is not RequestStatus.RUNNING or not grown:
                 continue
             out.chunks.append(self._chunk(req, num_new))
             budget -= num_new
@@ -291,7 +291,8 @@ class Scheduler:
                     out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0, True, fork_of=chunk.request))
         out.copies = list({dst: (src, dst) for src, dst in self._copies}.values())  # a reused dst: its last copy
         self._copies = []
-        out.chunks.sort(key=lambda c: c.num_new_tokens != 1)  # decodes (query length 1) first
+        if any(c.num_new_tokens != 1 for c in out.chunks):
+            out.chunks.sort(key=lambda c: c.num_new_tokens != 1)  # decodes (query length 1) first
         return out
 
     def _victim(self, req: Request) -> Request | None:
@@ -355,8 +356,8 @@ class Scheduler:
         PENDING output, so the next step can be scheduled before the host knows the token."""
         for chunk in out.chunks:
             req = chunk.request
-            if req.is_finished or req not in self.running:
-                continue  # aborted while the step ran
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted (or preempted) while the step ran
             req.num_computed_tokens += chunk.num_new_tokens
             if chunk.sample:
                 chunk.output_index = len(req.output_token_ids)
