@@ -67,6 +67,9 @@ def measure_decode(core: EngineCore, batch: int, prompt_len: int, steps: int, se
            "context": prompt_len + steps, "cuda_graphs": graphs}
     if prof:
         out.update(prof)
+        # The profiler slows the host and adds per-kernel tracing gaps; the timed (unprofiled) steps
+        # against the same GPU-busy time show what the host leaves exposed without it.
+        out["host_not_hidden_timed_ms"] = max(0.0, out["ms_per_step"] - prof["gpu_busy_ms"])
     return out
 
 
@@ -286,9 +289,11 @@ def markdown(r: dict) -> str:
     lines.append(row)
     if prof:
         lines += ["", f"Profiled steps (overlap scheduling {'on' if r.get('overlap_schedule', True) else 'off'}):", "",
-                  "| batch | wall ms/step | GPU-busy ms/step | host not hidden | kernels/step |", "|---|---|---|---|---|"]
+                  "| batch | wall ms/step | GPU-busy ms/step | host not hidden | timed wall − busy | kernels/step |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {d['batch']} | {d['profiled_ms_per_step']:.2f} | {d['gpu_busy_ms']:.2f} | "
                   f"{d['host_not_hidden_ms']:.2f} ms ({d['host_not_hidden_ms'] / d['profiled_ms_per_step']:.0%}) | "
+                  f"{d['host_not_hidden_timed_ms']:.2f} ms ({d['host_not_hidden_timed_ms'] / d['ms_per_step']:.0%}) | "
                   f"{d['kernels_per_step']:.0f} |" for d in prof]
     tables = [(f"decode batch {d['batch']}", d.get("top_kernels")) for d in prof[:1]]
     tables.append((f"prefill {p['tokens']}", (p.get("profile") or {}).get("top_kernels")))

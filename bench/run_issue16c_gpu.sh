@@ -14,9 +14,15 @@ LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/budget_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-[ "$CHECK" = 1 ] && step check_decode_graphs 45 python -m tests.engine.check_decode_graphs cuda
-for m in ${MODELS//,/ }; do
-  step "engine_bench_$m" 120 python -m bench.engine_bench --model "$m" --dtype bfloat16 --batch "$BATCH" \
+if [ "$CHECK" = 1 ]; then
+  step check_decode_graphs 35 python -m tests.engine.check_decode_graphs cuda
+  step check_gemv 20 python -m tests.engine.kernels.check_gemv cuda real
+fi
+# MODELS: model[:batches] entries, e.g. "qwen3-8b llama-3-8b deepseek-v2-lite:64"
+for entry in $MODELS; do
+  m=${entry%%:*}; b=$BATCH; [ "$entry" != "$m" ] && b=${entry#*:}
+  step "engine_bench_$m" 120 python -m bench.engine_bench --model "$m" --dtype bfloat16 --batch "$b" \
     --decode-steps 48 --prompt-len 128 --prefill-len 2048 --profile --out "$OUT"
 done
+[ "$CHECK" = 1 ] && step check_attention 30 python -m tests.engine.kernels.check_attention cuda real
 echo "total ${SECONDS}s" >> "$LOG"

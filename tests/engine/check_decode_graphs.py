@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from engine.engine_core import EngineCore
 from engine.llm import build_engine_config
 from engine.sampling_params import SamplingParams
+from tests.engine import test_overlap_schedule
 from tests.engine.test_overlap_schedule import _run, _workload
 
 
@@ -32,6 +33,17 @@ def _core(device: str, graphs: bool, overlap: bool = True, **kw) -> SimpleNamesp
     return SimpleNamespace(core=core, modes=modes)
 
 
+class _Probe:
+    """What `_workload`'s greedy probe needs of an `LLM`, without a tokenizer (none on the device)."""
+
+    def __init__(self, device: str, **kw):
+        self.holder = _core(device, False, overlap=False, **kw)
+
+    def generate(self, prompt_token_ids, sampling_params):
+        tokens = _generate(self.holder, prompt_token_ids, [sampling_params] * len(prompt_token_ids))
+        return [SimpleNamespace(token_ids=t) for t in tokens]
+
+
 def _tokens(results):
     return {rid: ([t for t, _ in toks], end) for rid, (toks, end) in results.items()}
 
@@ -49,6 +61,7 @@ def _generate(holder, prompts, params) -> list[list[int]]:
 def main() -> int:
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     bad = 0
+    test_overlap_schedule._llm = lambda overlap, **kw: _Probe(device, **kw)
     work = _workload()
     aborts = {3: 2, 8: 1, 11: 0}
     for overlap in (True, False):

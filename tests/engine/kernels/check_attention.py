@@ -58,6 +58,9 @@ def cases(size: str):
         mla = dict(heads=4, kv_heads=1, dims=(16, 8))
         return [
             ("gqa decode", "gqa", [1, 1, 1], [5, 17, 0], 4, gqa),
+            # enough sequences x KV heads for one split per sequence: no merge, direct store
+            ("gqa decode one split", "gqa", [1] * 34, [(7 * i) % 23 for i in range(34)], 4,
+             dict(heads=8, kv_heads=4, dims=16)),
             ("gqa prefill", "gqa", [7, 20], [0, 0], 4, gqa),
             ("gqa mixed + prefix", "gqa", [1, 1, 9, 3], [30, 3, 12, 40], 16, gqa),
             ("gqa group 1", "gqa", [1, 6], [10, 5], 4, dict(heads=2, kv_heads=2, dims=16)),
