@@ -166,16 +166,17 @@ def _merge_splits(part_acc, part_ml, rows, hmask, o_ptr, DA: tl.constexpr, NUM_S
     tl.store(o_ptr, o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
+_LOCKS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _split_locks(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters, one per (sequence, head block), kept zero between launches by the
-    kernel itself. Grown outside graph capture: the largest batch runs first (warm-up)."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        locks = _LOCKS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return locks
+    kernel itself. A larger set is added when needed (before capture: the largest graph batch warms
+    up first); earlier sets stay alive, since captured graphs keep using them."""
+    sets = _LOCKS.setdefault(device, [])
+    if not sets or sets[-1].numel() < n:
+        sets.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return sets[-1]
 
 
 def _num_splits(batch: int, programs_per_seq: int) -> int:
