@@ -16,7 +16,6 @@ source "$(dirname "$0")/budget_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
 if [ "$CHECK" = 1 ]; then
   step check_decode_graphs 35 python -m tests.engine.check_decode_graphs cuda
-  step check_gemv 20 python -m tests.engine.kernels.check_gemv cuda real
 fi
 # MODELS: model[:batches] entries, e.g. "qwen3-8b llama-3-8b deepseek-v2-lite:64"
 for entry in $MODELS; do

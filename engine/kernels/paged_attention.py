@@ -8,9 +8,9 @@ dims, so the cached entry is loaded once and used as both key and value.
 
 Decode (the engine uses it for GQA; MLA decode has its own kernel in mla_decode.py): one program
 per (sequence, block of query heads sharing a KV head, KV split); the number of splits depends
-only on the batch size, each program stops at its sequence's length, and the last split of each
-(sequence, head block) to finish merges them (an atomic counter; one launch per layer), so the
-launch shape is fixed per batch size (graph-safe).
+only on the batch size, each program stops at its sequence's length, and a second kernel merges
+the splits (with one split, from ~33 sequences at 8 KV heads, the decode kernel stores the output
+itself), so the launch shape is fixed per batch size (graph-safe).
 Prefill: one program per (sequence, query head, block of query tokens), causal over the cached
 prefix plus the chunk itself. Accumulation is float32 throughout.
 """
@@ -91,7 +91,7 @@ def _online_softmax(qk, v, m, l, acc):
 
 
 @triton.jit
-def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, locks, out, scale,
+def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, out, scale,
                    stride_qt, stride_qh, stride_kp, stride_kc, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    K_COMP: tl.constexpr, V_COMP: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -127,56 +127,31 @@ def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, locks, out,
                                         stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N)
         qk = tl.where(pmask[None, :], qk * scale, float("-inf"))
         m, l, acc = _online_softmax(qk, v, m, l, acc)
-    o_ptr = out + b * stride_ot + heads[:, None] * stride_oh + da[None, :]
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1:  # nothing to merge: normalise and store the output (no second kernel)
+        o_ptr = out + b * stride_ot + heads[:, None] * stride_oh + da[None, :]
         tl.store(o_ptr, (acc / l[:, None]).to(out.dtype.element_ty), mask=hmask[:, None])
     else:
-        rows = (b * NUM_HEADS + heads) * NUM_SPLITS
-        tl.store(part_acc + (rows + s)[:, None] * DA + da[None, :], acc, mask=hmask[:, None])
-        tl.store(part_ml + (rows + s) * 2, m, mask=hmask)
-        tl.store(part_ml + (rows + s) * 2 + 1, l, mask=hmask)
-        # The last split of this (sequence, head block) to finish merges all of them (no second
-        # kernel); the counter's acq_rel ordering makes the others' partials visible, and the
-        # merger resets it for the next launch.
-        lock = locks + b * tl.num_programs(0) + hb
-        if tl.atomic_add(lock, 1) == NUM_SPLITS - 1:
-            _merge_splits(part_acc, part_ml, rows, hmask, o_ptr, DA, NUM_SPLITS)
-            tl.atomic_xchg(lock, 0)
+        row = (b * NUM_HEADS + heads) * NUM_SPLITS + s
+        tl.store(part_acc + row[:, None] * DA + da[None, :], acc, mask=hmask[:, None])
+        tl.store(part_ml + row * 2, m, mask=hmask)
+        tl.store(part_ml + row * 2 + 1, l, mask=hmask)
 
 
 @triton.jit
-def _merge_splits(part_acc, part_ml, rows, hmask, o_ptr, DA: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m) over the splits' partials."""
-    m_max = tl.full(rows.shape, float("-inf"), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m_s = tl.load(part_ml + (rows + s) * 2, mask=hmask, other=float("-inf"), cache_modifier=".cg")
-        m_max = tl.maximum(m_max, m_s)
+def _merge_kernel(part_acc, part_ml, out, stride_ot, stride_oh, DA: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  NUM_HEADS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
+    m = tl.load(part_ml + row * 2)
+    l = tl.load(part_ml + row * 2 + 1)
+    m_max = tl.max(m, 0)
+    w = tl.where(l > 0, tl.exp(m - m_max), 0.0)
     da = tl.arange(0, DA)
-    num = tl.zeros([rows.shape[0], DA], tl.float32)
-    den = tl.zeros(rows.shape, tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m_s = tl.load(part_ml + (rows + s) * 2, mask=hmask, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(part_ml + (rows + s) * 2 + 1, mask=hmask, other=0.0, cache_modifier=".cg")
-        w = tl.where(l_s > 0, tl.exp(m_s - m_max), 0.0)
-        a_s = tl.load(part_acc + (rows + s)[:, None] * DA + da[None, :], mask=hmask[:, None], other=0.0,
-                      cache_modifier=".cg")
-        num += a_s * w[:, None]
-        den += l_s * w
-    o = num / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(o_ptr, o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
-
-
-_LOCKS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _split_locks(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, head block), kept zero between launches by the
-    kernel itself. A larger set is added when needed (before capture: the largest graph batch warms
-    up first); earlier sets stay alive, since captured graphs keep using them."""
-    sets = _LOCKS.setdefault(device, [])
-    if not sets or sets[-1].numel() < n:
-        sets.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return sets[-1]
+    acc = tl.load(part_acc + row[:, None] * DA + da[None, :])
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out + b * stride_ot + h * stride_oh + da, o.to(out.dtype.element_ty))
 
 
 def _num_splits(batch: int, programs_per_seq: int) -> int:
@@ -194,16 +169,20 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     block_h = max(16, min(64, triton.next_power_of_2(group)))
     n_hblocks = triton.cdiv(group, block_h)
     splits = _num_splits(batch, num_kv_heads * n_hblocks)
-    part_acc = torch.empty(batch * num_heads * splits, da, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(batch * num_heads * splits, 2, dtype=torch.float32, device=q.device)
-    locks = _split_locks(q.device, batch * num_kv_heads * n_hblocks)
+    part_acc = part_ml = out  # unused with one split
+    if splits > 1:
+        part_acc = torch.empty(batch * num_heads * splits, da, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(batch * num_heads * splits, 2, dtype=torch.float32, device=q.device)
     block_n = 64
     _decode_kernel[(num_kv_heads * n_hblocks, batch, splits)](
-        q, kv_cache, block_tables, seq_lens, part_acc, part_ml, locks, out, scale,
+        q, kv_cache, block_tables, seq_lens, part_acc, part_ml, out, scale,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1), K_COMP=k_comp, V_COMP=v_comp, GROUP=group,
         BLOCK_H=block_h, DA=da, DB=db, PAGE=kv_cache.shape[2], BLOCK_N=block_n, NUM_SPLITS=splits,
         NUM_HEADS=num_heads)
+    if splits > 1:
+        _merge_kernel[(batch, num_heads)](part_acc, part_ml, out, out.stride(0), out.stride(1), DA=da,
+                                          NUM_SPLITS=splits, NUM_HEADS=num_heads)
 
 
 @triton.jit

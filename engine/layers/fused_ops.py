@@ -3,13 +3,11 @@ Triton on CUDA tensors, torch everywhere else (CPU runs and CI take the referenc
 also what the kernels are tested against). Every op here is CUDA-graph safe on both paths.
 
 Layers call these functions, never the kernel modules: norms (`RMSNorm`), the gated MLP, the GQA
-prologue (q/k norm + rotary + KV write), MLA's cached entry, MoE routing, and single-row
-projections (`linear`: the Triton GEMV where it measured faster than cuBLAS for that shape).
+prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.kernels import kv_write_ref, moe_routing_ref, norm_act_ref, rope_kv_ref
 
@@ -32,17 +30,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         from engine.kernels import norm_act
         return norm_act.add_rms_norm(x, residual, weight, eps)
     return norm_act_ref.add_rms_norm(x, residual, weight, eps)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; one bf16/fp16 row (a batch-1 decode step) may take the Triton GEMV instead."""
-    if (bias is None and _fused(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
-            and weight.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1 and weight.stride(-1) == 1):
-        from engine.kernels import gemv
-        config = gemv.choose(x, weight)
-        if config is not None:
-            return gemv.gemv(x, weight, config)
-    return F.linear(x, weight, bias)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

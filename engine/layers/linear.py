@@ -8,9 +8,9 @@ in full precision (MoE routers, which FP8 checkpoints ship in bf16)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from engine.layers import fused_ops
 from engine.layers.fp8_linear import fp8_linear
 from engine.layers.fp8_weights import fp8_parameters
 from engine.quantization import build_quantization, dequantize_blocks
@@ -32,7 +32,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant)
-        return fused_ops.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in full precision (a dequantized copy when FP8): for derived matrices only."""
