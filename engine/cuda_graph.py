@@ -141,6 +141,7 @@ class DecodeGraphs:
         ids, src, pos, slots = [0] * b, self._neutral_src[:bs], [0] * b, [0] * b
         pending = False
         tables, rows_written = h.block_tables, h.table_rows
+        width = 1
         for i, c in enumerate(chunks):
             req, p = c.request, c.start
             prompt = req.prompt_token_ids
@@ -151,6 +152,7 @@ class DecodeGraphs:
             else:
                 ids[i] = tok
             pages = req.page_ids
+            width = max(width, len(pages))
             pos[i] = p
             slots[i] = pages[p // ps] * ps + p % ps
             seen = rows_written[i]  # rewrite a row only when its page list (object or length) changed
@@ -169,7 +171,7 @@ class DecodeGraphs:
         if pending and not prev.graph_sampled:
             rows = len(prev.rows)  # the host sampler drew them: put them where the graph gathers
             self.sampled[:rows].copy_(prev.token_ids)
-        self.buf.upload(b)
+        self.buf.upload(b, width)
         if self.runner.ep is not None:
             self.runner.ep.prepare_replay(b)
         key = (bs, mode or "greedy")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+_ONE_COPY_BYTES = 256 << 10  # full-width block-table rows up to this size go in the one contiguous copy
+
 # (name, torch dtype, numpy dtype, columns); `sampled` first (device-written), `block_tables` last
 # (uploaded only up to the rows in use).
 _FIELDS = (
@@ -53,6 +55,7 @@ class DecodeInputs:
         self.dev = self._views(self._dev_bytes, on_device=True)
         self._host_bytes = [torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._hosts = [self._views(b, on_device=False) for b in self._host_bytes]
+        self._host_tables = [self._views(b, on_device=True).block_tables for b in self._host_bytes]  # torch views
         for h in self._hosts:
             h.table_rows = [None] * max_batch  # what each block-table row holds: the caller's record
         self._events: list = [None, None]
@@ -91,11 +94,19 @@ class DecodeInputs:
             ev.synchronize()
         return self._hosts[self._turn]
 
-    def upload(self, rows: int) -> None:
-        """Copy the filled pinned buffer to the device (block tables: the first `rows` rows)."""
-        end = self.offsets["block_tables"] + rows * self.width * 4
+    def upload(self, rows: int, columns: int) -> None:
+        """Copy the filled pinned buffer to the device: every field, and of the block tables the first
+        `rows` rows (one contiguous copy while that is small), or only their first `columns` entries
+        (a second, strided copy, when full-width rows would be large: long context limits)."""
+        tables = self.offsets["block_tables"]
         src = self._host_bytes[self._turn]
-        self._dev_bytes[self.upload_from: end].copy_(src[self.upload_from: end], non_blocking=True)
+        if rows * self.width * 4 <= _ONE_COPY_BYTES:
+            end = tables + rows * self.width * 4
+            self._dev_bytes[self.upload_from: end].copy_(src[self.upload_from: end], non_blocking=True)
+        else:
+            self._dev_bytes[self.upload_from: tables].copy_(src[self.upload_from: tables], non_blocking=True)
+            self.dev.block_tables[:rows, :columns].copy_(self._host_tables[self._turn][:rows, :columns],
+                                                         non_blocking=True)
         if self.device.type == "cuda":
             ev = self._events[self._turn] or torch.cuda.Event()
             ev.record()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import SamplingParams
+from engine import SamplingParams, decode_inputs
 from engine.cuda_graph import DecodeGraphs
 from tests.engine.test_overlap_schedule import _llm, _run, _workload
 
@@ -51,8 +51,11 @@ def _tokens(results):
     return {rid: ([t for t, _ in toks], end) for rid, (toks, end) in results.items()}
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_graph_steps_give_the_eager_engines_outputs_on_a_mixed_workload(overlap):
+@pytest.mark.parametrize("overlap,one_copy", [(True, True), (False, True), (True, False)])
+def test_graph_steps_give_the_eager_engines_outputs_on_a_mixed_workload(overlap, one_copy, monkeypatch):
+    """`one_copy=False`: block tables go up in their own strided copy (what long context limits take)."""
+    if not one_copy:
+        monkeypatch.setattr(decode_inputs, "_ONE_COPY_BYTES", 0)
     work = _workload()
     aborts = {3: 2, 8: 1, 11: 0}
     reference = _run(_llm(overlap), work, aborts)
