@@ -140,7 +140,7 @@ class DecodeGraphs:
         h = self.buf.host()
         ids, src, pos, slots = [0] * b, self._neutral_src[:bs], [0] * b, [0] * b
         pending = False
-        tables, rows_written = h.block_tables, h.table_rows
+        tables = h.block_tables
         width = 1
         for i, c in enumerate(chunks):
             req, p = c.request, c.start
@@ -155,10 +155,7 @@ class DecodeGraphs:
             width = max(width, len(pages))
             pos[i] = p
             slots[i] = pages[p // ps] * ps + p % ps
-            seen = rows_written[i]  # rewrite a row only when its page list (object or length) changed
-            if seen is None or seen[0] is not pages or seen[1] != len(pages):
-                tables[i, :len(pages)] = pages
-                rows_written[i] = (pages, len(pages))
+            tables[i, :len(pages)] = pages  # every step: copy on write (n > 1) replaces page ids in place
         h.ids[:b] = ids
         h.src[:bs] = src
         h.positions[:b] = pos

@@ -56,8 +56,6 @@ class DecodeInputs:
         self._host_bytes = [torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._hosts = [self._views(b, on_device=False) for b in self._host_bytes]
         self._host_tables = [self._views(b, on_device=True).block_tables for b in self._host_bytes]  # torch views
-        for h in self._hosts:
-            h.table_rows = [None] * max_batch  # what each block-table row holds: the caller's record
         self._events: list = [None, None]
         self._turn = 0
         self.token_pool = self.dev_int64_span("sampled", 2)  # [sampled | ids]: what `src` indexes

@@ -100,3 +100,19 @@ def test_in_graph_sampling_draws_beyond_the_argmax_when_hot():
     got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
         temperature=5.0, max_tokens=16, ignore_eos=True))]
     assert got != reference and all(len(t) == 16 for t in got)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True),
+                                    SamplingParams(n=3, temperature=1.0, seed=40, max_tokens=8, ignore_eos=True)],
+                         ids=["greedy", "seeded"])
+def test_forked_choices_through_graphs_equal_the_eager_engine(params):
+    """n > 1: choices share the prompt's pages and copy the partly filled last one on first write (page ids
+    replaced in place); the graph step must read the new pages, in-graph (greedy) or with the host sampler."""
+    prompts = [[5, 17, 300, 42, 7, 99, 1000, 3, 8, 11], [9, 9, 9]]  # partial last pages of 4-token pages
+    reference = [o.token_ids for o in _llm(True, num_pages=128).generate(prompt_token_ids=prompts,
+                                                                          sampling_params=params)]
+    llm = _llm(True, num_pages=128)
+    graphs = _with_graphs(llm)
+    got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert got == reference and len(got) == 6
+    assert graphs.replays["greedy"] > 3
