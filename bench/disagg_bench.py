@@ -54,7 +54,7 @@ def _one(prefill: EngineClient, decode: EngineClient, ids: list[int], rid: str, 
         dest, stream = decode.add_remote_request(ids, params, rid)
         t1 = time.perf_counter()
         pstream = prefill.add_request(ids, first_params, request_id=rid, kv_dest=dest)
-    first = EngineClient._collect(pstream)
+    first = EngineClient._collect(pstream)[0]  # n = 1: one choice
     t2 = time.perf_counter()
     second = stream.get(timeout=120)
     t3 = time.perf_counter()
