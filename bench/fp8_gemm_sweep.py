@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from bench.device_probe import probe
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm
+from engine.kernels.fp8_tiles import graph_time_ms
 from engine.quantization import quantize_blocks
 
 SHAPES = {"qwen3-8b qkv": (6144, 4096), "qwen3-8b gate_up": (24576, 4096), "qwen3-8b down": (4096, 12288),
@@ -37,23 +37,9 @@ CANDIDATES = {1: DECODE, 16: DECODE, 64: MID, 2048: PREFILL}
 
 
 def graph_ms(fn, calls: int = 20, repeats: int = 5) -> float:
-    """Per-call time of `fn` replayed from a CUDA graph of `calls` back-to-back calls (no launch cost)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / calls)
-    return statistics.median(times)
+    """Per-call time of `fn` replayed from a CUDA graph of `calls` back-to-back calls (no launch cost):
+    the tuner's own timer, so the sweep ranks tilings as the engine's warm-up does."""
+    return graph_time_ms(fn, calls, repeats)
 
 
 def fp8_peak() -> float:

@@ -38,7 +38,7 @@ def candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
     return out
 
 
-def _time(fn, calls: int = 10, reps: int = 5) -> float:
+def graph_time_ms(fn, calls: int = 10, reps: int = 5) -> float:
     """Per-call ms of `fn` replayed from a CUDA graph of `calls` calls: decode runs from graphs, and
     timing eager launches would rank tilings by their launch count (a 10 us GEMM costs less than
     the host's launch), not by their GPU time. Thread-local capture: other threads (NCCL's
@@ -76,7 +76,7 @@ def tiles_for(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         timed = []
         for i, t in enumerate(candidates(bucket(m), quantize_activations)):
             try:
-                timed.append((_time(lambda t=t: fp8_block_gemm(probe, weight, weight_scale, block_size,
+                timed.append((graph_time_ms(lambda t=t: fp8_block_gemm(probe, weight, weight_scale, block_size,
                                                                quantize_activations, t)), i, t))
             except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
                 log.warning("FP8 GEMM tiles %s failed for N=%d K=%d: %s", t, n, k, e)
