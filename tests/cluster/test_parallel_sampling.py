@@ -135,8 +135,14 @@ def _post(cluster, body, path="/completions"):
     ({"n": 3, "best_of": 2}, "best_of"),
     ({"n": 3, "top_p": 0}, "top_p"),
     ({"n": 2, "temperature": -0.5}, "temperature"),
+    # structured output: a bad schema, a bad regex, an unknown format, alone and with n > 1
+    ({"n": 2, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "invalid JSON schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+    ({"n": 3, "response_format": {"type": "yaml"}}, "response_format type"),
+    ({"n": 2, "structured_outputs": {"regex": "[a-"}}, "cannot compile the regex"),
 ])
-def test_bad_n_is_a_400_and_leaves_nothing_behind(cluster, body, message):
+def test_bad_n_or_structured_output_is_a_400_and_leaves_nothing_behind(cluster, body, message):
     for path, base in (("/completions", {"prompt": PROMPT}), ("/chat/completions", {"messages": [
             {"role": "user", "content": "Hi"}]})):
         status, err = _post(cluster, {**base, "max_tokens": 4, **body}, path)
@@ -169,6 +175,11 @@ def test_cancel_and_disconnect_mid_stream_free_every_page(cluster, client):
                                        stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.response.close()  # the client goes away mid-stream
+    # and a structured-output request of n > 1 (a grammar matcher per choice) dropped mid-stream
+    stream = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=30, n=2, temperature=1.0,
+                                       stream=True, extra_body={"response_format": {"type": "json_object"}})
+    next(iter(stream))
+    stream.response.close()
     assert wait_for(lambda: _pools_full(cluster), timeout=60)
     out = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, n=2, temperature=0,
                                     extra_body={"ignore_eos": True})
