@@ -24,43 +24,25 @@ token also forks its other choices (fork chunks compute nothing and draw from th
 which share its pages. A page a request is about to write that others still hold is copied first
 (copy on write: `SchedulerOutput.copies`, done on the device before the step's forward, so stream
 order makes it read the page after earlier steps wrote it); a page is freed by its last holder.
+The page operations themselves (allocate, grow with copy on write, release into the prefix cache)
+are `kv_cache_manager.py`'s; what a step hands the runner is `scheduler_output.py`'s.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
-from engine.block_pool import BlockPool, NoFreePages
 from engine.config import CacheConfig, SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
 from engine.parallel_sampling import fork_choices
 from engine.prompt_logprobs import wants_prompt_logprobs
-from engine.radix_cache import RadixCache
 from engine.request import PENDING_TOKEN, Request, RequestStatus
+from engine.scheduler_output import ScheduledChunk, SchedulerOutput
+
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput", "SchedulerOverloaded"]
 
 
 class SchedulerOverloaded(RuntimeError):
     """The admission queue is full; the request is refused (nothing of it is kept)."""
-
-
-@dataclass(slots=True)
-class ScheduledChunk:
-    request: Request
-    start: int  # first position computed this step (== request.num_computed_tokens)
-    num_new_tokens: int
-    sample: bool  # the chunk reaches the request's last token: sample its next one
-    output_index: int = -1  # where its sampled token goes in `request.output_token_ids` (set at launch)
-    fork_of: Request | None = None  # a forked choice's first draw: nothing computed, `fork_of`'s logits row
-
-
-@dataclass
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)  # query length 1 first
-    preempted: list[Request] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages to copy before the forward
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_new_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -68,8 +50,8 @@ class Scheduler:
         self.config = config
         self.page_size = cache.page_size
         self.max_model_len = max_model_len
-        self.block_pool = BlockPool(num_pages)
-        self.radix = RadixCache(self.block_pool, self.page_size) if cache.enable_prefix_cache else None
+        self.kv = KVCacheManager(num_pages, cache.page_size, cache.enable_prefix_cache)
+        self.block_pool, self.radix = self.kv.block_pool, self.kv.radix
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -78,11 +60,10 @@ class Scheduler:
         self.remote_kv: dict[str, Request] = {}  # decode role: transfer id -> request waiting for its KV
         self.sending: dict[str, Request] = {}  # prefill role: request id -> computed request, KV push in flight
         self.new_forks: list[Request] = []  # choices forked since the engine last took them
-        self._copies: list[tuple[int, int]] = []  # copy-on-write pages of the step being scheduled
 
     # ------------------------------------------------------------- admission
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return self.kv.pages_for(num_tokens)
 
     def add_request(self, req: Request) -> None:
         if len(self.waiting) >= self.config.max_waiting:
@@ -99,36 +80,6 @@ class Scheduler:
     def has_kv_in_flight(self) -> bool:
         return bool(self.remote_kv or self.sending)
 
-    # ------------------------------------------------------------- pages
-    def _allocate(self, n: int) -> list[int] | None:
-        if n <= 0:
-            return []
-        short = n - self.block_pool.num_free_pages
-        if short > 0 and self.radix is not None:
-            self.radix.evict(short)
-        try:
-            return self.block_pool.allocate(n)
-        except NoFreePages:
-            return None
-
-    def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Make `req.page_ids` cover `num_tokens` tokens. A page it is about to write that another
-        request still holds (a forked prompt's last, partly filled page) is replaced by a copy."""
-        need = self.pages_for(num_tokens)
-        pool = self.block_pool
-        shared = [i for i in range(req.num_computed_tokens // self.page_size, min(need, len(req.page_ids)))
-                  if pool.ref_count(req.page_ids[i]) > 1]
-        pages = self._allocate(len(shared) + max(0, need - len(req.page_ids)))
-        if pages is None:
-            return False
-        for i in shared:
-            dst = pages.pop()
-            self._copies.append((req.page_ids[i], dst))
-            pool.decref([req.page_ids[i]])  # still held by the others
-            req.page_ids[i] = dst
-        req.page_ids.extend(pages)
-        return True
-
     # ------------------------------------------------------------- parallel sampling
     def fork(self, parent: Request) -> list[Request]:
         """Choices 1..n-1 of `parent` (engine/parallel_sampling.py), running from its computed prompt."""
@@ -140,20 +91,11 @@ class Scheduler:
         forks, self.new_forks = self.new_forks, []
         return forks
 
-    def _release(self, req: Request) -> None:
-        """Give back a request's pages; its computed full pages go to the prefix cache first."""
-        if not req.page_ids:
-            return
-        if self.radix is not None:
-            self.radix.insert(req.all_token_ids, req.page_ids, req.num_computed_tokens)
-        self.block_pool.decref(req.page_ids)
-        req.page_ids = []
-
+    # ------------------------------------------------------------- prefill role
     def _hold_for_send(self, req: Request, status: RequestStatus) -> None:
         """Prefill role: a computed request whose KV push may be in flight keeps its pages (its
         full pages already shared with the prefix cache) until `finish_sending`."""
-        if self.radix is not None:
-            self.radix.insert(req.all_token_ids, req.page_ids, req.num_computed_tokens)
+        self.kv.cache(req)
         req.kv_final_status = status
         req.status = RequestStatus.SENDING_KV
         self.sending[req.request_id] = req
@@ -164,8 +106,7 @@ class Scheduler:
         req = self.sending.pop(request_id, None)
         if req is None:
             return None
-        self.block_pool.decref(req.page_ids)
-        req.page_ids = []
+        self.kv.free(req)
         if req.is_finished:  # aborted while its WRITEs were in flight: its end was reported then
             return None
         req.status = RequestStatus.FINISHED_ERROR if error else req.kv_final_status
@@ -179,7 +120,7 @@ class Scheduler:
         once `remote_kv_arrived` names `transfer_id`. False (nothing kept) if the pages are not free."""
         if transfer_id in self.remote_kv:
             raise ValueError(f"transfer id {transfer_id!r} is already in use")
-        pages = self._allocate(self.pages_for(req.num_prompt_tokens))
+        pages = self.kv.allocate(self.pages_for(req.num_prompt_tokens))
         if pages is None:
             return False
         req.page_ids = pages
@@ -200,8 +141,7 @@ class Scheduler:
         if first_token is not None and (1 if tokens is None else len(tokens)) != getattr(req.sampling_params, "n", 1):
             first_token = None  # not one first token per choice: treated as abandoned
         if req.is_finished or first_token is None:  # ended while waiting, or abandoned: no WRITE in flight now
-            self.block_pool.decref(req.page_ids)
-            req.page_ids = []
+            self.kv.free(req)
             if req.is_finished:
                 return None if tokens is None else []
             req.status, req.error = RequestStatus.FINISHED_ERROR, "the prefill node abandoned the KV transfer"
@@ -219,7 +159,7 @@ class Scheduler:
         status = self._check_stop(req, first_token)
         if status is not None:
             req.status = status
-            self._release(req)
+            self.kv.release(req)
             self.num_finished += 1
             return req
         req.status = RequestStatus.RUNNING
@@ -236,8 +176,7 @@ class Scheduler:
                 continue
             if req.is_finished:  # drained: no WRITE can still be coming
                 del self.remote_kv[tid]
-                self.block_pool.decref(req.page_ids)
-                req.page_ids = []
+                self.kv.free(req)
                 continue
             req.status = RequestStatus.FINISHED_ERROR
             req.error = f"KV for request {req.request_id!r} did not arrive in time"
@@ -248,7 +187,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.kv.release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -267,7 +206,7 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0 or (req.output_token_ids and self._ends_by_count(req)):
                 continue
-            while not (grown := self._grow(req, req.num_computed_tokens + num_new)):
+            while not (grown := self.kv.grow(req, req.num_computed_tokens + num_new)):
                 victim = self._victim(req)
                 if victim is None:  # only requests about to end hold the pages: try next step
                     break
@@ -289,8 +228,7 @@ class Scheduler:
                 for child in self.fork(chunk.request):
                     self.running.append(child)
                     out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0, True, fork_of=chunk.request))
-        out.copies = list({dst: (src, dst) for src, dst in self._copies}.values())  # a reused dst: its last copy
-        self._copies = []
+        out.copies = self.kv.take_copies()
         if any(c.num_new_tokens != 1 for c in out.chunks):
             out.chunks.sort(key=lambda c: c.num_new_tokens != 1)  # decodes (query length 1) first
         return out
@@ -308,16 +246,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if not req.page_ids and self.radix is not None and not wants_prompt_logprobs(req):
-                # Reuse a cached prefix, but always compute at least the last token (its logits).
-                req.page_ids = self.radix.match(req.all_token_ids, max_tokens=req.num_tokens - 1)
-                req.num_computed_tokens = len(req.page_ids) * self.page_size
-                req.num_cached_tokens = req.num_computed_tokens
+                self.kv.match_prefix(req)
             num_new = req.num_tokens - req.num_computed_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self._grow(req, req.num_computed_tokens + num_new):
-                self._release(req)  # give back the matched prefix; try again next step
+            if not self.kv.grow(req, req.num_computed_tokens + num_new):
+                self.kv.release(req)  # give back the matched prefix; try again next step
                 req.num_computed_tokens = 0
                 if not self.running:
                     self.waiting.popleft()
@@ -338,7 +273,7 @@ class Scheduler:
         """A request that cannot fit even with the whole pool to itself ends with an error."""
         if req in self.running:
             self.running.remove(req)
-        self._release(req)
+        self.kv.release(req)
         req.status = RequestStatus.FINISHED_ERROR
         req.error = (f"request {req.request_id!r} needs {self.pages_for(req.num_tokens)} KV pages of "
                      f"{self.page_size} tokens but the pool has {self.block_pool.num_pages}")
@@ -387,7 +322,7 @@ class Scheduler:
                     self._hold_for_send(req, status)
                     continue
             req.status = status
-            self._release(req)
+            self.kv.release(req)
             self.num_finished += 1
         return finished
 
@@ -425,7 +360,7 @@ class Scheduler:
                     if req.kv_push_started:  # a WRITE may read its pages: hold them until it ends
                         self.sending[request_id] = req
                     else:
-                        self._release(req)
+                        self.kv.release(req)
                     req.status, req.error = status, error
                     self.num_finished += 1
                     return req
