@@ -30,6 +30,7 @@ from bench.record import emit
 from engine.engine_client import EngineClient
 from engine.engine_args import build_engine_config
 from engine.kv_connector import DESTINATION_FOLLOWS
+from engine.request_stream import collect
 from engine.sampling_params import SamplingParams
 
 
@@ -54,7 +55,7 @@ def _one(prefill: EngineClient, decode: EngineClient, ids: list[int], rid: str, 
         dest, stream = decode.add_remote_request(ids, params, rid)
         t1 = time.perf_counter()
         pstream = prefill.add_request(ids, first_params, request_id=rid, kv_dest=dest)
-    first = EngineClient._collect(pstream)[0]  # n = 1: one choice
+    first = collect(pstream)[0]  # n = 1: one choice
     t2 = time.perf_counter()
     second = stream.get(timeout=120)
     t3 = time.perf_counter()

@@ -4,100 +4,38 @@ deltas, detokenize them here (never in the engine process) and hand text deltas 
 A receiver thread owns the output socket; each request's deltas go to its own queue, read either
 synchronously (`RequestStream.__iter__`) or from asyncio (`RequestStream.__aiter__`). If the engine
 process dies, every in-flight request ends with an error instead of waiting forever.
+Starting the processes is `rank_launcher.py`'s; a request's stream is `request_stream.py`'s.
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import queue
 import tempfile
 import threading
-import time
 
 import zmq
 
 from engine.config import EngineConfig, ModelConfig
-from engine.engine_process import (AbortRequest, AddRemoteRequest, AddRequest, EngineFailed, EngineReady,
-                                   RemoteAdded, SetKVDestination, Shutdown, Stats, StatsRequest, run_engine_process)
+from engine.engine_process import (AbortRequest, AddRemoteRequest, AddRequest, RemoteAdded, SetKVDestination,
+                                   Shutdown, Stats, StatsRequest)
 from engine.output_processor import RequestState
 from engine.outputs import RequestOutput
+from engine.rank_launcher import rank_configs, rank_device, start_ranks, wait_ready
 from engine.request import RequestStatus
+from engine.request_stream import RequestStream, collect
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
+
+__all__ = ["EngineClient", "EngineDeadError", "RequestStream", "rank_device"]
 
 log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
     pass
-
-
-class RequestStream:
-    """Deltas of one request, ending with one whose `finished` is true. Read it synchronously
-    (`for delta in stream`, `get`) or from asyncio (`async for delta in stream`), not both.
-
-    An asyncio reader gets deltas handed to its event loop by the receiver thread; it holds no
-    executor thread while it waits. (Waiting in `run_in_executor` did: a node with more open
-    streams than executor workers — prefills waiting for their KV push, decodes for their KV —
-    starved everything else it runs there, such as its `Info` answers and Redis heartbeats.)"""
-
-    def __init__(self, request_id: str, num_choices: int = 1):
-        self.request_id = request_id
-        self.num_choices = num_choices  # n > 1: deltas of every choice (`index`), each ending finished
-        self._q: queue.Queue[RequestOutput] = queue.Queue()
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aq: asyncio.Queue | None = None
-
-    def put(self, delta: RequestOutput) -> None:
-        with self._lock:
-            if self._loop is None:
-                self._q.put(delta)
-                return
-            try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, delta)
-            except RuntimeError:  # the reader's event loop is closed: nobody is listening any more
-                pass
-
-    def get(self, timeout: float | None = None) -> RequestOutput:
-        return self._q.get(timeout=timeout)
-
-    def __iter__(self):
-        open_choices = self.num_choices
-        while True:
-            delta = self._q.get()
-            yield delta
-            open_choices -= delta.finished
-            if not open_choices:
-                return
-
-    async def __aiter__(self):
-        aq: asyncio.Queue = asyncio.Queue()
-        with self._lock:  # deltas that came before the reader attached go first, in order
-            while not self._q.empty():
-                aq.put_nowait(self._q.get_nowait())
-            self._loop, self._aq = asyncio.get_running_loop(), aq
-        open_choices = self.num_choices
-        while True:
-            delta = await aq.get()
-            yield delta
-            open_choices -= delta.finished
-            if not open_choices:
-                return
-
-
-def rank_device(device: str, rank: int) -> str:
-    """EP rank `rank`'s device: GPU base+rank for cuda/cuda:N/auto-with-CUDA, else the CPU."""
-    import torch
-
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    base = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-    return f"cuda:{base + rank}"
 
 
 class EngineClient:
@@ -115,14 +53,9 @@ class EngineClient:
         self._out.bind(self._out_addr)
         self.num_ranks = config.parallel.ep_local_size  # EP ranks on this host
         self.rank_offset = config.parallel.ep_rank_offset
-        configs = [config] if config.parallel.ep_size == 1 else self._rank_configs(config)
         self._in_addrs = [f"ipc://{os.path.join(self._dir, f'in{r}')}" for r in range(self.num_ranks)]
-        self._procs = [mp.get_context("spawn").Process(
-            target=run_engine_process, args=(cfg, addr, self._out_addr), daemon=True, name=f"pdserve-engine{r}")
-            for r, (cfg, addr) in enumerate(zip(configs, self._in_addrs))]
-        for proc in self._procs:
-            proc.start()
-        self.rank_info = self._wait_ready(startup_timeout_s)
+        self._procs = start_ranks(rank_configs(config), self._in_addrs, self._out_addr)
+        self.rank_info = wait_ready(self._out, self._procs, self.rank_offset, startup_timeout_s)
         self.info = self.rank_info[0]
         self._ins = []
         for addr in self._in_addrs:
@@ -143,43 +76,6 @@ class EngineClient:
         self._closed = False
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="engine-receiver")
         self._receiver.start()
-
-    @staticmethod
-    def _rank_configs(config: EngineConfig) -> list[EngineConfig]:
-        from dataclasses import replace
-
-        from engine.ports import free_port
-
-        par = config.parallel
-        init = f"tcp://{par.ep_master}" if par.ep_master else f"tcp://127.0.0.1:{free_port()}"
-        return [replace(config, device=rank_device(config.device, r),
-                        parallel=replace(par, ep_rank=par.ep_rank_offset + r, dist_init_method=init))
-                for r in range(par.ep_local_size)]
-
-    def _wait_ready(self, timeout_s: float) -> list[EngineReady]:
-        deadline = time.monotonic() + timeout_s
-        ready: dict[int, EngineReady] = {}
-        try:
-            while time.monotonic() < deadline:
-                if self._out.poll(200):
-                    msg = pickle.loads(self._out.recv())
-                    if isinstance(msg, EngineFailed):
-                        raise RuntimeError(f"engine failed to start: {msg.message}")
-                    ready[msg.rank - self.rank_offset] = msg
-                    if len(ready) == self.num_ranks:
-                        return [ready[r] for r in range(self.num_ranks)]
-                    continue
-                dead = [p for p in self._procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"engine process {dead[0].name} exited during start-up "
-                                       f"(exit code {dead[0].exitcode})")
-            raise RuntimeError(f"engine did not become ready within {timeout_s:.0f} s "
-                               f"({len(ready)} of {self.num_ranks} ranks ready)")
-        except RuntimeError:
-            for p in self._procs:
-                p.kill()
-                p.join(5)
-            raise
 
     def _pick_rank(self, request_id: str) -> int:
         with self._lock:
@@ -305,23 +201,7 @@ class EngineClient:
         for p in prompts_or_ids:
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             streams.append((self.add_request(ids, params, prompt=p if isinstance(p, str) else None)))
-        return [out for s in streams for out in self._collect(s)]
-
-    @staticmethod
-    def _collect(stream: RequestStream) -> list[RequestOutput]:
-        """Each choice's accumulated result, in choice order (one for n = 1)."""
-        parts = [([], [], []) for _ in range(stream.num_choices)]
-        last = {}
-        for delta in stream:
-            token_ids, text, logprobs = parts[delta.index]
-            token_ids += delta.token_ids
-            text.append(delta.text)
-            logprobs += delta.logprobs
-            if delta.finished:
-                last[delta.index] = delta
-        for i, (token_ids, text, logprobs) in enumerate(parts):
-            last[i].token_ids, last[i].text, last[i].logprobs = token_ids, "".join(text), logprobs
-        return [last[i] for i in range(stream.num_choices)]
+        return [out for s in streams for out in collect(s)]
 
     def shutdown(self) -> None:
         if self._closed:
