@@ -92,6 +92,13 @@ class EngineClient:
             if rank is not None:
                 self._in_flight[rank] -= 1
 
+    def _close(self, request_id: str) -> None:
+        """The request is over on this side: forget its rank, its choices' states and its stream."""
+        self._forget(request_id)
+        with self._lock:
+            self._states.pop(request_id, None)
+            self._streams.pop(request_id, None)
+
     # ------------------------------------------------------------- API
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None, kv_dest: dict | None = None,
@@ -148,10 +155,7 @@ class EngineClient:
             with self._lock:
                 self._replies.pop(rid, None)
         if reply.dest is None:
-            self._forget(rid)
-            with self._lock:
-                self._states.pop(rid, None)
-                self._streams.pop(rid, None)
+            self._close(rid)
             raise ValueError(reply.error or "refused")
         return reply.dest, stream
 
@@ -273,10 +277,7 @@ class EngineClient:
         if stopped:
             self.abort(out.request_id, RequestStatus.FINISHED_STOPPED, index=out.index if len(states) > 1 else None)
         if delta.finished and all(s.finished for s in states):
-            self._forget(out.request_id)
-            with self._lock:
-                self._states.pop(out.request_id, None)
-                self._streams.pop(out.request_id, None)
+            self._close(out.request_id)
         stream.put(delta)
 
     def _fail_all(self, message: str) -> None:
