@@ -157,9 +157,25 @@ def _node_parser(sub, role: str) -> None:
     p.set_defaults(func=lambda args: _run_node(role, args))
 
 
+def _model_cannot_serve(args) -> str | None:
+    """Why the engine flags cannot work with this model (read from its config.json alone), before any
+    process starts: a --max-model-len beyond the positions the model can encode, an unknown model."""
+    from engine.config import ConfigError
+    from engine.presets import resolve_model
+
+    try:
+        resolve_model(args.model).check_max_model_len(args.max_model_len, args.model)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def _run_node(role: str, args) -> int:
     from node.core import NodeOptions
 
+    if (why := _model_cannot_serve(args)) is not None:
+        print(f"pdserve {role}: {why}", file=sys.stderr)
+        return 2
     config = build_engine_config(args.model, **engine_kwargs(args))
     options = NodeOptions(metrics_port=args.metrics_port, redis_url=args.redis_url, node_name=args.node_name,
                           advertise_host=args.advertise_host, heartbeat_ttl_s=args.heartbeat_ttl, slo=args.slo,
@@ -238,6 +254,9 @@ def _up_parser(sub) -> None:
 def _run_up(args) -> int:
     from deploy.launcher import up
 
+    if (why := _model_cannot_serve(args)) is not None:
+        print(f"pdserve up: {why}", file=sys.stderr)
+        return 2
     node_argv = ["--slo", args.slo] if args.slo else []
     tls = _tls(args)
     if tls:

@@ -19,6 +19,8 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from engine.rope_config import position_limit
+
 if TYPE_CHECKING:
     import torch
 
@@ -184,7 +186,7 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_kv_heads}")
-        self.max_model_len = int(self.hf.get("max_position_embeddings", 4096))
+        self.max_model_len = position_limit(self.hf)[0]  # the default context and the rotary tables' length
         self.tie_word_embeddings = bool(self.hf.get("tie_word_embeddings", False))
 
     @classmethod
@@ -198,6 +200,15 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
         return cls(hf=hf, path=path, dtype=resolve_dtype(dtype, hf))
+
+    def check_max_model_len(self, requested: int | None, name: str) -> int:
+        """The engine's context limit: `requested` (--max-model-len) if the model can position that
+        many tokens, else a ConfigError before any weight is loaded; None takes the model's own."""
+        if requested is None or requested <= self.max_model_len:
+            return requested or self.max_model_len
+        limit, source = position_limit(self.hf)
+        raise ConfigError(f"--max-model-len {requested} is beyond what model {name!r} can position: "
+                          f"{limit} tokens ({source}); lower --max-model-len to at most {limit}")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -79,6 +79,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module | None = None):
         self.config = config
         self.model_config = model_config
+        self.max_model_len = model_config.check_max_model_len(config.max_model_len, config.model)  # before loading
         self.device = config.resolved_device()
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
@@ -94,7 +95,6 @@ class ModelRunner:
         self.backend = select_backend(self.device, config.attention_backend)
         self.page_size = config.cache.page_size
         self.kv_spec = model_config.kv_spec(self.page_size, kv_cache_dtype(config.kv_cache_dtype, model_config.dtype))
-        self.max_model_len = config.max_model_len or model_config.max_model_len
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(self.kv_spec, self.num_pages, self.device)

@@ -11,18 +11,7 @@ import torch
 from torch import nn
 
 from engine.kernels.rope_kv_ref import apply_rope
-
-
-def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
-    """Rope settings from either the transformers-5 `rope_parameters` or the older `rope_scaling`."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    for k, v in scaling.items():
-        params.setdefault(k, v)
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or params.get("type") or "default"
-    params["rope_type"] = kind
-    return params
+from engine.rope_config import rope_parameters
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
