@@ -4,7 +4,8 @@ simulator reads from it. The file (JSON) holds the tables `pdserve profile` meas
 * `prefill.seconds[j][i]`: one step computing `tokens[i]` new prompt tokens after `cached[j]`
   tokens already in the KV cache (a cached prefix, or the earlier chunks of a chunked prefill);
 * `decode.seconds[j][i]`: one decode step of `batch[i]` sequences at `context[j]` tokens each;
-* `kv_transfer` (optional): seconds to move `bytes` of KV between two engines (the measured path);
+* `kv_transfer` (optional): seconds to push `bytes` of KV (`n` pages of every layer, one NIXL WRITE per
+  layer) into another process's KV pool on the profiled device, steady state (`kv_probe.py`; `path` says how);
 * `ep` (optional): dispatch / combine seconds of one MoE layer at `tokens` per rank on `ranks` GPUs;
 * model facts: KV bytes per token, layers, MoE shape, weight bytes, the KV pool of one GPU.
 

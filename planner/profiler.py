@@ -1,8 +1,8 @@
 """`pdserve profile`: measures one model's step costs on the device at hand, in-process through
 the engine (`EngineCore`, the same scheduler and model runner a node runs), and writes a profile
 (`planner/profile.py`): prefill step time against new tokens and cached prefix, decode step time
-against batch and context, KV transfer time against bytes between two KV pools over NIXL (when
-importable), and EP dispatch/combine against tokens and ranks (`ep_profile.py`, when several GPUs
+against batch and context, KV transfer time against bytes from this engine's KV pool into another
+process's over NIXL (when importable; `kv_probe.py` says what a row measures), and EP dispatch/combine against tokens and ranks (`ep_profile.py`, when several GPUs
 exist). Times are medians of repeats after a warm-up; CUDA is synchronised around each step.
 Dummy weights: step costs do not depend on the weights' values.
 """
@@ -19,10 +19,10 @@ import torch
 
 from engine.config import ModelConfig
 from engine.engine_core import EngineCore
-from engine.kv_cache import KVPool
 from engine.layers.moe import FusedMoE
 from engine.engine_args import build_engine_config
 from engine.sampling_params import SamplingParams
+from planner.kv_probe import measure_kv_transfer
 from planner.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -115,40 +115,6 @@ def _fill_missing(rows: list[list[float | None]]) -> list[list[float]]:
             if v is None:
                 k = max(k for k, x in enumerate(rows[j]) if x is not None)
                 rows[j][i] = rows[j - 1][i] * rows[j][k] / rows[j - 1][k]
-    return rows
-
-
-def measure_kv_transfer(spec, device: torch.device, page_counts: list[int], repeats: int, timeout_s: float = 30.0):
-    """Seconds to WRITE `n` pages of every layer between two KV pools through NIXL agents (the
-    product's `kvtransfer` path; on one GPU: VRAM → VRAM). None when NIXL is missing or fails."""
-    try:
-        from kvtransfer.agent import KVTransferAgent
-        pools = [KVPool(spec, max(page_counts), device) for _ in range(2)]
-        src = KVTransferAgent("prefill", pools[0].layers, spec.describe(), spec.page_bytes)
-        dst = KVTransferAgent("decode", pools[1].layers, spec.describe(), spec.page_bytes)
-    except Exception as e:  # noqa: BLE001 — no NIXL here: the profile simply has no KV table
-        log.warning("KV transfer not measured: %s", e)
-        return None
-    dest = dst.destination()
-    rows = {"bytes": [], "seconds": [], "path": f"NIXL WRITE {src.mem_type}→{dst.mem_type}, one {device.type} device"}
-    for n in page_counts:
-        d = dict(dest, page_ids=list(range(n)))
-        times = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            xfer = src.write(f"kv{n}-{i}", list(range(n)), d)
-            while (state := src.poll(xfer)) == "PROC":
-                if time.perf_counter() - t0 > timeout_s:
-                    log.warning("KV transfer of %d pages timed out; not measured", n)
-                    return None
-                dst.notifications()
-            if state != "DONE":
-                log.warning("KV transfer of %d pages failed (%s)", n, state)
-                return None
-            if i:
-                times.append(time.perf_counter() - t0)
-        rows["bytes"].append(n * spec.page_bytes * spec.num_layers)
-        rows["seconds"].append(statistics.median(times))
     return rows
 
 
