@@ -54,3 +54,15 @@ def test_kv_table_is_none_when_the_receiver_cannot_start():
     import planner.kv_probe as probe
 
     assert probe.measure_kv_transfer(SPEC, torch.device("cpu"), [1], 1, start_timeout_s=0.0) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vram_table_is_a_gpu_path_not_a_host_relay():
+    """VRAM→VRAM on one GPU between two processes goes GPU to GPU (cuda_ipc): far above the 0.48 GB/s
+    that two agents in one process got on an H200 (UCX's host relay). Not yet run on a device."""
+    spec = KVCacheSpec(num_layers=36, page_size=16, num_components=2, num_heads=8, head_dim=128,
+                       dtype=torch.bfloat16, kind="gqa")  # Qwen3-8B's KV page
+    table = measure_kv_transfer(spec, torch.device("cuda", 0), [256], 3)
+    assert table is not None and "VRAM→VRAM" in table["path"]
+    assert table["bytes"][0] / table["seconds"][0] > 20e9
