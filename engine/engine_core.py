@@ -215,14 +215,12 @@ class EngineCore:
                 ends = self._terminals(req, req.status, req.error)
                 ends[0].kv_transfer = result.stats
                 outputs += ends
-        ended = []
-        for tid, notice in events.arrived.items():
-            arrived = self.scheduler.remote_kv_arrived(tid, notice.first_token)
-            ended += arrived if isinstance(arrived, list) else [arrived]
+        ended = [req for tid, notice in events.arrived.items()
+                 for req in self.scheduler.remote_kv_arrived(tid, notice.first_token)]
         self._register_forks()
         ended += self.scheduler.expire_remote(time.monotonic())
         for req in ended:
-            if req is not None and self.requests.pop(req.request_id, None) is not None:
+            if self.requests.pop(req.request_id, None) is not None:
                 outputs += self._terminals(req, req.status, req.error)
         outputs += self._pending  # ended by an overdue push
         self._pending = []

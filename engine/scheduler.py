@@ -129,27 +129,24 @@ class Scheduler:
         self.remote_kv[transfer_id] = req
         return True
 
-    def remote_kv_arrived(self, transfer_id: str, first_token: int | list[int] | None) -> Request | list | None:
+    def remote_kv_arrived(self, transfer_id: str, first_token: int | list[int] | None) -> list[Request]:
         """The sender's notice for `transfer_id`: the KV is in the pages and `first_token` was
-        sampled (None: the sender abandoned it). Returns the request if the notice ended it.
-        For n > 1 choices `first_token` lists each choice's first token: the choices fork here and
-        the requests it ended (any of them) come back as a list."""
+        sampled (None: the sender abandoned it; a list: each choice's first token of an n > 1
+        request, whose choices fork here). Returns the requests (choices) the notice ended."""
         req = self.remote_kv.pop(transfer_id, None)
         if req is None:
-            return None if first_token is None or isinstance(first_token, int) else []
-        tokens = first_token if isinstance(first_token, list) else None
-        if first_token is not None and (1 if tokens is None else len(tokens)) != getattr(req.sampling_params, "n", 1):
-            first_token = None  # not one first token per choice: treated as abandoned
-        if req.is_finished or first_token is None:  # ended while waiting, or abandoned: no WRITE in flight now
+            return []
+        tokens = [first_token] if isinstance(first_token, int) else first_token
+        if tokens is not None and len(tokens) != getattr(req.sampling_params, "n", 1):
+            tokens = None  # not one first token per choice: treated as abandoned
+        if req.is_finished or tokens is None:  # ended while waiting, or abandoned: no WRITE in flight now
             self.kv.free(req)
             if req.is_finished:
-                return None if tokens is None else []
+                return []
             req.status, req.error = RequestStatus.FINISHED_ERROR, "the prefill node abandoned the KV transfer"
             self.num_finished += 1
-            return req if tokens is None else [req]
+            return [req]
         req.num_computed_tokens = req.num_prompt_tokens
-        if tokens is None:
-            return self._start_remote(req, first_token)
         choices = [req] + (self.fork(req) if len(tokens) > 1 else [])
         return [r for r, t in zip(choices, tokens) if self._start_remote(r, t) is not None]
 

@@ -292,7 +292,7 @@ class Simulator:
         self._try_step(prefill)
         (decode, drank), sim.reservation = sim.reservation, None
         sim.first_token_time, sim.tokens_out = self.now, 1
-        if drank.scheduler.remote_kv_arrived(sim.request_id, 0) is not None:  # the first token ended it
+        if drank.scheduler.remote_kv_arrived(sim.request_id, 0):  # the first token ended it
             drank.forget(sim.request_id)
             self._end(sim, "finished")
             return

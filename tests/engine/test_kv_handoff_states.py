@@ -22,8 +22,8 @@ def test_remote_request_runs_after_its_notice_with_the_first_token():
     assert s.add_remote(req, "d1#a", deadline=100.0)
     assert req.status is RequestStatus.WAITING_FOR_REMOTE_KV and len(req.page_ids) == 3
     assert not s.schedule().chunks  # nothing to compute until the KV is there
-    assert s.remote_kv_arrived("other#x", 5) is None  # a notice for another transfer changes nothing
-    assert s.remote_kv_arrived("d1#a", 7) is None
+    assert s.remote_kv_arrived("other#x", 5) == []  # a notice for another transfer changes nothing
+    assert s.remote_kv_arrived("d1#a", 7) == []
     assert req.status is RequestStatus.RUNNING and req.output_token_ids == [7]
     assert req.num_computed_tokens == 9
     out = s.schedule()
@@ -34,7 +34,7 @@ def test_first_token_that_stops_ends_the_request_and_frees_its_pages():
     s = _scheduler(prefix=False)
     req = _req("d1", range(10, 19), max_tokens=1)
     s.add_remote(req, "d1#a", deadline=100.0)
-    assert s.remote_kv_arrived("d1#a", 7) is req
+    assert s.remote_kv_arrived("d1#a", 7) == [req]
     assert req.status is RequestStatus.FINISHED_LENGTH and not req.page_ids and _full(s)
 
 
@@ -52,7 +52,7 @@ def test_aborted_while_waiting_keeps_pages_until_the_notice():
     assert req.status is RequestStatus.FINISHED_ABORTED
     assert req.page_ids and not _full(s)  # a WRITE may still be landing
     assert s.abort("d1", now=51.0) is None  # idempotent
-    assert s.remote_kv_arrived("d1#a", 7) is None  # the sender's last WRITE is done: free now
+    assert s.remote_kv_arrived("d1#a", 7) == []  # the sender's last WRITE is done: free now
     assert _full(s)
 
 
@@ -82,7 +82,7 @@ def test_abandon_notice_fails_a_waiting_request_at_once():
     s = _scheduler(prefix=False)
     req = _req("d1", range(10, 19))
     s.add_remote(req, "d1#a", deadline=100.0)
-    assert s.remote_kv_arrived("d1#a", None) is req
+    assert s.remote_kv_arrived("d1#a", None) == [req]
     assert req.status is RequestStatus.FINISHED_ERROR and _full(s)
 
 

@@ -255,7 +255,7 @@ def test_a_notice_without_one_first_token_per_choice_fails_the_request_and_frees
     s = _scheduler(prefix=False)
     req = _req("d", range(10, 17), n=3)
     assert s.add_remote(req, "d#t", deadline=1e9)
-    assert s.remote_kv_arrived("d#t", 5) is req  # one token for three choices: nothing runs
+    assert s.remote_kv_arrived("d#t", 5) == [req]  # one token for three choices: nothing runs
     assert req.status is RequestStatus.FINISHED_ERROR and req.needs_fork
     assert s.block_pool.num_free_pages == s.block_pool.num_pages and not s.running
 
