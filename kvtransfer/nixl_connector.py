@@ -231,6 +231,10 @@ class NixlConnector(KVConnector):
                 self._write(request.request_id, push, ready)
 
     def abandon(self, dest: dict) -> None:
+        """The "abandoned" notice to `dest`'s receiver (none without a destination: the receiver is
+        told when one comes, through this method)."""
+        if not destination_known(dest):
+            return
         error = self._notify(dest, None)
         if error:
             log.warning("abandon notice for transfer %s: %s", dest.get("transfer_id"), error)
@@ -249,12 +253,8 @@ class NixlConnector(KVConnector):
         push = self.pushes.get(request.request_id)
         if push is not None:
             push.aborted = True
-        elif destination_known(request.kv_dest):  # nothing posted: tell the receiver at once
-            self._notify(request.kv_dest, None)
-
-    def _notify_abandoned(self, push: _Push) -> None:
-        if destination_known(push.dest):  # without one the receiver is told when it comes (`abandon`)
-            self._notify(push.dest, None)
+        else:  # nothing posted: tell the receiver at once
+            self.abandon(request.kv_dest)
 
     def _notify(self, dest: dict, first_token: int | None) -> str | None:
         try:
@@ -291,13 +291,13 @@ class NixlConnector(KVConnector):
                            else f"no KV destination arrived within {self.timeout_s:.0f} s")
                 if not in_flight:  # nothing will land: end it now
                     self.pushes.pop(rid)
-                    self._notify_abandoned(push)
+                    self.abandon(push.dest)
                     return SendResult(error=timeout)
                 return SendResult(error=timeout, in_flight=True)
             return None
         self.pushes.pop(rid)
         if ended or push.overdue_reported:
-            self._notify_abandoned(push)
+            self.abandon(push.dest)
             return SendResult(error=error or "KV transfer abandoned")
         error = self._notify(push.dest, push.first_token)
         nbytes = sum(t.nbytes for t in transfers)
