@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bench.device_probe import probe
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm
-from engine.kernels.fp8_tiles import graph_time_ms
+from engine.kernels.graph_timing import graph_time_ms
 from engine.quantization import quantize_blocks
 
 SHAPES = {"qwen3-8b qkv": (6144, 4096), "qwen3-8b gate_up": (24576, 4096), "qwen3-8b down": (4096, 12288),

@@ -20,6 +20,7 @@ import torch
 
 from bench.device_probe import probe, time_ms
 from bench.record import emit
+from engine.kernels.graph_timing import graph_time_ms
 
 REPLAYS = 20
 DEVICE = "cuda"  # `--smoke` runs every row once on CPU (Triton interpreter) to check the script itself
@@ -31,17 +32,7 @@ def graph_ms(fn, repeats: int) -> float:
     """GPU ms per call of `fn`, from a CUDA graph of REPLAYS calls."""
     if DEVICE == "cpu":
         return _cpu_ms(fn)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(REPLAYS):
-            fn()
-    return time_ms(g.replay, repeats) / REPLAYS
+    return graph_time_ms(fn, REPLAYS, repeats)
 
 
 def _cpu_ms(fn, repeats: int = 1) -> float:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing as mp
-import statistics
 
 import torch
 
 from bench.record import emit
+from engine.kernels.graph_timing import graph_time_ms
 
 PAGE, R, P = 16, 512, 64
 BATCHES = (1, 16, 64, 128)
@@ -70,24 +70,6 @@ def _compile(tasks: list[tuple]) -> int:
     return failed
 
 
-def _time_us(fn, repeats: int = 5, calls: int = 4) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def run(ctx: int, workers: int, only: dict | None = None) -> dict:
     from engine.kernels.mla_decode import mla_decode, mla_decode_ref
 
@@ -107,7 +89,7 @@ def run(ctx: int, workers: int, only: dict | None = None) -> dict:
             fn = lambda: mla_decode(q, cache, tables, seq_lens, 0.04, R, config=_config(tile, splits))  # noqa: E731
             try:
                 row["err"] = (fn().float() - ref).abs().max().item()
-                row["us"] = _time_us(fn)
+                row["us"] = graph_time_ms(fn, calls=4) * 1e3
                 row["gbps"] = kv_bytes / row["us"] / 1e3
                 row["tflops"] = flops / row["us"] / 1e6
             except Exception as e:  # noqa: BLE001

@@ -12,11 +12,11 @@ Prefill sizes (M > 64) always take the default. Owns only that choice and its ca
 from __future__ import annotations
 
 import logging
-import statistics
 
 import torch
 
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles
+from engine.kernels.graph_timing import graph_time_ms
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +36,6 @@ def candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
     if m == 1 and quantize_activations:  # one launch fewer; measured ahead for narrow, deep weights
         out.append(GemmTiles(16, 128, 4, 4, fuse_quant=True, split_k=4))
     return out
-
-
-def graph_time_ms(fn, calls: int = 10, reps: int = 5) -> float:
-    """Per-call ms of `fn` replayed from a CUDA graph of `calls` calls: decode runs from graphs, and
-    timing eager launches would rank tilings by their launch count (a 10 us GEMM costs less than
-    the host's launch), not by their GPU time. Thread-local capture: other threads (NCCL's
-    watchdog) may touch CUDA meanwhile."""
-    fn()  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
 
 
 def tiles_for(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block_size: tuple[int, int],
