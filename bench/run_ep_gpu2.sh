@@ -16,16 +16,10 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-STAGE=$(mktemp -d)
+PACK=ep_results.tgz
+source "$(dirname "$0")/packed_steps.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m;
   python -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"; } > "$STAGE/device.txt" 2>&1
-step() {  # step NAME SECONDS CMD...: run, log to NAME.log, record rc and wall time, pack
-  local name=$1 secs=$2; shift 2
-  local t0=$SECONDS
-  timeout "$secs" "$@" > "$STAGE/$name.log" 2>&1
-  echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$STAGE/steps.txt"
-  tar czf "$OUT/ep_results.tgz" -C "$STAGE" . && cp "$STAGE/steps.txt" "$OUT/steps.txt"
-}
 step put_rows 20 python -m tests.engine.kernels.check_ep_put_rows cuda
 step a2a 75 python -m bench.ep_bench --tokens 128,4096 --backends fixed,fixed_fp8,symm,symm_fp8 --timeout 70 \
   --out "$STAGE"

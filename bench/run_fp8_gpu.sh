@@ -6,15 +6,9 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 # The device returns at most a handful of files: everything goes to $STAGE and is packed into
 # $OUT/fp8_results.tgz after every step (so a timeout still returns what finished).
-STAGE=$(mktemp -d)
+PACK=fp8_results.tgz
+source "$(dirname "$0")/packed_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
-step() {  # step NAME SECONDS CMD...: run, log to NAME.log, record rc and wall time, pack
-  local name=$1 secs=$2; shift 2
-  local t0=$SECONDS
-  timeout "$secs" "$@" > "$STAGE/$name.log" 2>&1
-  echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$STAGE/steps.txt"
-  tar czf "$OUT/fp8_results.tgz" -C "$STAGE" . && cp "$STAGE/steps.txt" "$OUT/steps.txt"
-}
 # GEMM correctness at real sizes first (every tiling the decode tuner may pick), then decode/prefill.
 step check_gemm 30 python -m tests.engine.kernels.check_fp8 cuda real gemm
 for q in fp8 none; do

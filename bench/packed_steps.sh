@@ -1,0 +1,13 @@
+# Sourced by device run scripts that write many files (the device tool brings back only a few):
+# `step NAME SECONDS CMD...` runs CMD under `timeout SECONDS` with its output in $STAGE/NAME.log, adds
+# "NAME rc=.. Ns total, Ms" to $STAGE/steps.txt (and prints it), then packs all of $STAGE into
+# $OUT/$PACK and copies steps.txt beside it, so a call cut short still returns what finished.
+# Set OUT and PACK before sourcing; STAGE is a fresh directory unless set.
+STAGE=${STAGE:-$(mktemp -d)}
+step() {
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$STAGE/$name.log" 2>&1
+  echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$STAGE/steps.txt"
+  tar czf "$OUT/$PACK" -C "$STAGE" . && cp "$STAGE/steps.txt" "$OUT/steps.txt"
+}
