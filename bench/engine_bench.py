@@ -225,7 +225,7 @@ def run(args) -> dict:
               "moe_backend": moe_backend, "probe": probe,
               "decode": decode, "prefill": prefill, "hf": hf_results, "engine_process": engine_process,
               "overlap_schedule": config.overlap_schedule, "num_layers": args.num_layers,
-              "fp8_decode_tiles": _fp8_tiles() if fp8 and device.type == "cuda" else None}
+              "decode_gemm_choices": _decode_gemm_choices() if device.type == "cuda" else None}
     if probe:
         hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
         for d in decode:
@@ -240,9 +240,11 @@ def run(args) -> dict:
     return result
 
 
-def _fp8_tiles() -> list[dict]:
-    from engine.kernels.fp8_tiles import chosen
-    return [dict(bucket=key[1], n=key[2], k=key[3], tiles=dataclasses.asdict(t)) for key, t in chosen().items()]
+def _decode_gemm_choices() -> list[dict]:
+    """The kernel the decode GEMM tuner picked per (token bucket, weight shape, weight dtype)."""
+    from engine.kernels.decode_gemm import chosen
+    return [dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), kernel=type(c).__name__,
+                 tiles=c if isinstance(c, str) else dataclasses.asdict(c)) for key, c in chosen().items()]
 
 
 def _moe_backend(core: EngineCore) -> str:

@@ -1,6 +1,6 @@
 """Block-scaled FP8 GEMM (engine/kernels/fp8_gemm.py, activation quantization included) at
 Qwen3-8B and DeepSeek-V3 linear-layer shapes, as the engine runs it (decode sizes: the tiles
-`fp8_tiles` times and keeps; prefill: the defaults), against floors measured in the same run: the
+`decode_gemm` times and keeps; prefill: the defaults), against floors measured in the same run: the
 FP8 matmul rate (torch._scaled_mm, per-tensor scales, 8192^3) and the HBM copy rate (read+write,
 the rate bench/roofline.py divides bytes by). Every time is per call inside a CUDA graph (decode
 runs that way; launch cost is not the kernel's). Alongside: bf16 `F.linear`, and torch._scaled_mm
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from bench.device_probe import probe
 from bench.fp8_gemm_sweep import fp8_peak, graph_ms
-from engine.kernels.fp8_gemm import fp8_block_gemm, quantize_activation
-from engine.kernels.fp8_tiles import tiles_for
+from engine.kernels.fp8_gemm import quantize_activation
+from engine.kernels import decode_gemm
 from engine.quantization import quantize_blocks
 
 SHAPES = {  # (N, K) of each weight
@@ -49,9 +49,9 @@ def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
     rows = []
     for m in ms_list:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        tiles = tiles_for(x, w8, ws, (128, 128), True)
-        ours = graph_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128), True, tiles))
-        w8a16 = graph_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128), False, tiles))
+        tiles = decode_gemm.choose(x, w8, ws, (128, 128), True)
+        ours = graph_ms(lambda: decode_gemm.run(tiles, x, w8, ws, (128, 128), True))
+        w8a16 = graph_ms(lambda: decode_gemm.run(tiles, x, w8, ws, (128, 128), False))
         bf16 = graph_ms(lambda: F.linear(x, wb))
         x8, sa = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device="cuda")
         rowwise, row_err = _try(lambda: torch._scaled_mm(x8, wt, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
@@ -62,7 +62,7 @@ def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
                 a, wt, scale_a=a_s.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16))
         flops, bytes_ = 2 * m * n * k, n * k + 2 * m * (n + k)  # FP8 weight + bf16 in/out (scales < 0.01%)
         floor = max(flops / peak, bytes_ / hbm) * 1e3
-        rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, tiles=dataclasses.asdict(tiles),
+        rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, tiles=dict(dataclasses.asdict(tiles), kernel=type(tiles).__name__),
                          w8a16_ms=w8a16, bf16_ms=bf16, scaled_mm_rowwise_ms=rowwise, scaled_mm_rowwise_error=row_err,
                          scaled_mm_blockwise_ms=blockwise, floor_ms=floor, ours_tflops=flops / ours / 1e9,
                          floor_over_ours=floor / ours, speedup_vs_bf16=bf16 / ours))
@@ -70,6 +70,8 @@ def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
 
 
 def _tiles_label(t: dict) -> str:
+    if t["kernel"] == "SkinnyTiles":
+        return f"skinny n{t['block_n']} k{t['block_k']} w{t['warps']} s{t['stages']}"
     split = f" sk{t['split_k']}" if t["split_k"] > 1 else ""
     quant = " in-GEMM quant" if t["fuse_quant"] else ""
     return f"{t['block_m']}x{t['block_n']} w{t['warps']} s{t['stages']}{split}{quant}"

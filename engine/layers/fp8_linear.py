@@ -15,10 +15,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x.device.type == "cuda":
-        from engine.kernels.fp8_gemm import fp8_block_gemm
-        from engine.kernels.fp8_tiles import tiles_for
-        tiles = tiles_for(x2, weight, weight_scale, config.block_size, config.quantize_activations)
-        y = fp8_block_gemm(x2, weight, weight_scale, config.block_size, config.quantize_activations, tiles)
+        from engine.kernels import decode_gemm
+        args = (weight, weight_scale, config.block_size, config.quantize_activations)
+        y = decode_gemm.run(decode_gemm.choose(x2, *args), x2, *args)
     else:
         y = fp8_block_gemm_ref(x2, weight, weight_scale, config.block_size, config.quantize_activations)
     if bias is not None:

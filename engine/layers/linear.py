@@ -11,9 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import decode_gemm, skinny_gemm
 from engine.layers.fp8_linear import fp8_linear
 from engine.layers.fp8_weights import fp8_parameters
 from engine.quantization import build_quantization, dequantize_blocks
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` for a full-precision weight; on CUDA, a few tokens run the kernel the decode GEMM
+    tuner timed fastest for this weight (cuBLAS or the skinny Triton GEMM, engine/kernels/decode_gemm.py)."""
+    if x.device.type != "cuda" or x.numel() > skinny_gemm.MAX_M * x.shape[-1] or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = decode_gemm.run(decode_gemm.choose(x2, weight), x2, weight, None, None, False)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Module):
@@ -32,7 +45,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant)
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in full precision (a dequantized copy when FP8): for derived matrices only."""

@@ -10,7 +10,7 @@ import torch
 
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles, quantize_activation
 from engine.kernels.fp8_ref import fp8_block_gemm_ref, fused_experts_fp8_ref, quantize_activation_ref
-from engine.kernels.fp8_tiles import candidates
+from engine.kernels.decode_gemm import fp8_candidates as candidates
 from engine.kernels.fused_moe_fp8 import fused_experts_fp8
 from engine.quantization import quantize_blocks
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One H200 call for the decode GEMM tuner (engine/kernels/decode_gemm.py, skinny_gemm.py): kernel
+# correctness at real sizes, every candidate timed at decode sizes against its floor, then the engine's
+# decode step with the tuner's choices: Qwen3-8B bf16 and FP8 at batch 1/16/64, Llama-3-8B bf16 at batch 1.
+# Packs everything into $OUT/decode_gemm_results.tgz after every step. ~5 min.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+PACK=decode_gemm_results.tgz
+source "$(dirname "$0")/packed_steps.sh"
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
+git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
+step check_skinny 60 python -m tests.engine.kernels.check_skinny_gemm cuda real
+step gemm_bench 120 python -m bench.decode_gemm_bench --m 1,4 --out "$STAGE" \
+  --shapes "qwen3-8b qkv,qwen3-8b o,qwen3-8b gate_up,qwen3-8b down,qwen3-8b lm_head,dsv3 q_a,dsv3 kv_a"
+for q in none fp8; do
+  flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
+  step "qwen3_$q" 75 python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 $flag --batch 1,16,64 \
+    --decode-steps 48 --prefill-len 2048 --out "$STAGE/qwen3_$q"
+done
+step llama_none 60 python -m bench.engine_bench --model llama-3-8b --dtype bfloat16 --batch 1,16,64 \
+  --decode-steps 48 --prefill-len 2048 --out "$STAGE/llama_none"

@@ -1,0 +1,120 @@
+"""Which kernel a decode-sized linear layer runs, and with which tiles: the candidates for each
+token-count bucket, timed once on the device the first time a weight shape meets that bucket, the
+fastest kept for the process.
+
+* bf16/fp16 weights, up to `skinny_gemm.MAX_M` tokens: cuBLAS (`F.linear`) or the skinny Triton
+  GEMM (`skinny_gemm.py`) in one of its tilings; more tokens always take cuBLAS.
+* FP8 block-scaled weights, up to `DECODE_MAX_M` tokens: the block GEMM (`fp8_gemm.py`) in one of
+  its decode tilings, or the skinny GEMM at ≤ `skinny_gemm.MAX_M`; prefill sizes take the block
+  GEMM's default tiles.
+
+Decode GEMMs stream the weight once, and which kernel reaches HBM speed depends on the weight's
+shape (rows to spread over the SMs, K to walk) more than any rule we could write down; vLLM and
+SGLang keep per-device JSON tables for the same reason. Candidates are timed inside a CUDA graph
+(launch cost must not rank them) over rotating copies of the weight, so that a weight small enough
+to stay in L2 between back-to-back calls is still read from HBM, as it is in a model step where the
+other layers' weights pass through L2 in between. Timing costs milliseconds per (bucket, N, K),
+once. Tuning runs only outside CUDA-graph capture (the engine's warm-up forward at each batch size
+comes first, engine/cuda_graph.py); a call without a timed choice takes the default.
+Owns that choice and its cache, not kernels.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import skinny_gemm as sk
+from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles
+from engine.kernels.graph_timing import graph_time_ms
+
+log = logging.getLogger(__name__)
+
+DECODE_MAX_M = 64
+CUBLAS = "cublas"  # the choice of F.linear for full-precision weights
+Choice = Union[str, GemmTiles, sk.SkinnyTiles]
+ROTATE_BYTES = 2 * 64 * 2**20  # weight copies cycled while timing: twice an H100/H200's 50-60 MB L2
+_chosen: dict[tuple, Choice] = {}
+
+
+def bucket(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
+def fp8_candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
+    """Block-GEMM tiles worth timing for tokens `m` (≤ DECODE_MAX_M)."""
+    bm = max(16, bucket(m))
+    out = [GemmTiles(bm, bn, 4, st, fuse_quant=False) for bn, st in ((32, 6), (64, 4))]
+    out.append(GemmTiles(bm, 64, 4, 4, fuse_quant=False, split_k=4))
+    if m == 1 and quantize_activations:  # one launch fewer; measured ahead for narrow, deep weights
+        out.append(GemmTiles(16, 128, 4, 4, fuse_quant=True, split_k=4))
+    return out
+
+
+def run(choice: Choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+        block_size: tuple[int, int] | None, quantize_activations: bool) -> torch.Tensor:
+    """x `[M, K]` @ weight^T with the chosen kernel (scales only for FP8 weights)."""
+    if isinstance(choice, sk.SkinnyTiles):
+        return sk.skinny_gemm(x, weight, weight_scale, block_size, quantize_activations, choice)
+    if weight_scale is None:
+        return F.linear(x, weight)
+    return fp8_block_gemm(x, weight, weight_scale, block_size, quantize_activations, choice)
+
+
+def _default(m: int, weight: torch.Tensor, weight_scale, block_size, on_cpu: bool) -> Choice:
+    if weight_scale is None:
+        return CUBLAS
+    return gemm_tiles(m, weight.shape[0], weight.shape[1], on_cpu)
+
+
+def candidates(m: int, weight: torch.Tensor, weight_scale, block_size, quantize_activations: bool) -> list[Choice]:
+    out: list[Choice] = [CUBLAS] if weight_scale is None else fp8_candidates(m, quantize_activations)
+    out += [t for t in sk.candidates() if sk.supports(m, weight, block_size if weight_scale is not None else None, t)]
+    return out
+
+
+def time_choice(choice: Choice, m: int, weight: torch.Tensor, weight_scale, block_size, quantize_activations: bool,
+          x_dtype: torch.dtype) -> float:
+    """Graph-timed ms of one call, cycling over enough copies of the weight to defeat L2 reuse."""
+    nbytes = weight.numel() * weight.element_size()
+    copies = [(weight, weight_scale)]
+    try:
+        while len(copies) < 8 and len(copies) * nbytes < ROTATE_BYTES:
+            copies.append((torch.empty_like(weight), weight_scale))
+    except torch.OutOfMemoryError:  # timing from L2 then: a ranking still, if an optimistic one
+        pass
+    probe = torch.randn(m, weight.shape[1], device=weight.device, dtype=x_dtype)
+    cycle = itertools.cycle(copies)
+    return graph_time_ms(lambda: run(choice, probe, *next(cycle), block_size, quantize_activations),
+                         calls=max(4, len(copies)))
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+           block_size: tuple[int, int] | None = None, quantize_activations: bool = False) -> Choice:
+    """The kernel to run `x [M, K] @ weight [N, K]^T` with: timed once per (device, bucket, N, K, dtypes)."""
+    m = x.shape[0]
+    on_cpu = x.device.type != "cuda"
+    limit = DECODE_MAX_M if weight_scale is not None else sk.MAX_M
+    if on_cpu or m > limit or m == 0:
+        return _default(m, weight, weight_scale, block_size, on_cpu)
+    key = (x.device.index, bucket(m), tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype)
+    choice = _chosen.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return _default(m, weight, weight_scale, block_size, False)
+        timed = []
+        for i, c in enumerate(candidates(bucket(m), weight, weight_scale, block_size, quantize_activations)):
+            try:
+                timed.append((time_choice(c, bucket(m), weight, weight_scale, block_size, quantize_activations, x.dtype), i, c))
+            except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
+                log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
+        choice = _chosen[key] = min(timed)[2] if timed else _default(m, weight, weight_scale, block_size, False)
+    return choice
+
+
+def chosen() -> dict[tuple, Choice]:
+    """The choices made so far in this process (for benches to record)."""
+    return dict(_chosen)

@@ -1,0 +1,125 @@
+"""Triton GEMM for a few tokens (decode at small batch): `x [M, K] @ W^T` with M ≤ `MAX_M`, for
+bf16/fp16 weights and for block-scaled FP8 weights (engine/quantization.py's DeepSeek format).
+References: `F.linear` and `fp8_ref.fp8_block_gemm_ref`.
+
+At one to a few tokens a linear layer is a matrix-vector product bound by reading the weight once,
+and what decides its speed is how many bytes are in flight across the SMs, not tensor cores: a
+`tl.dot` tile pads M to 16 and wants wide N tiles, which leaves narrow weights (N = 4096 rows over
+132 SMs) with too few programs. Here each program owns `BLOCK_N` rows (a few) over the whole of K,
+streams `[BLOCK_N, BLOCK_K]` weight tiles (K contiguous: 16-byte loads) and multiplies them on the
+CUDA cores, accumulating `[M, BLOCK_N, BLOCK_K]` partial products in float32 that are summed once at
+the end. No split-K, so no atomics, zero fill or cast launch: one launch per GEMM, output written in
+the activation dtype.
+
+FP8 weights: `BLOCK_N` divides the scale block's rows, so the rows of a tile share one scale per
+128 columns; that scale (and, with dynamic activation quantization, the token's own per-128-column
+scale) is folded into the activation row, `O(M·BLOCK_K)` work per step instead of `O(BLOCK_N·BLOCK_K)`.
+Activations are quantized inside the kernel exactly as `quantize_activation_ref` does (the same
+values as the two-launch path; each program recomputes the few rows it needs). Sums are float32 in a
+different order than the reference's per-block dot, so results agree to float32 rounding.
+Launch shapes depend only on M and the weight (CUDA-graph safe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.fp8_gemm import _quantize_tile
+from engine.quantization import FP8_MAX
+
+MAX_M = 4  # token counts this kernel serves (its registers grow with M)
+
+
+@triton.jit
+def _skinny_gemm_kernel(x, w, w_scale, c, m, n, k, stride_xm, stride_wn, stride_sn, stride_cm,
+                        SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
+                        QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    toks = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    n_ok = rows < n
+    m_ok = toks < m
+    w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    x_ptr = x + toks.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    GROUPS: tl.constexpr = BLOCK_K // SCALE_COLS
+    for k0 in range(0, k, BLOCK_K):
+        k_ok = cols < k - k0
+        wv = tl.load(w_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if FP8_W:
+            if QUANT_X:  # per token and SCALE_COLS columns, as quantize_activation_ref
+                q, s = _quantize_tile(tl.reshape(xv, [BLOCK_M * GROUPS, SCALE_COLS]), FP8_MAX)
+                xv = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_K])
+            # the tile's rows share one weight scale per SCALE_COLS columns (BLOCK_N | SCALE_ROWS)
+            g = k0 // SCALE_COLS + tl.arange(0, GROUPS)
+            ws = tl.load(w_scale + (pid * BLOCK_N // SCALE_ROWS) * stride_sn + g,
+                         mask=g < tl.cdiv(k, SCALE_COLS), other=0.0)
+            ws = tl.reshape(tl.broadcast_to(ws[:, None], [GROUPS, SCALE_COLS]), [BLOCK_K])
+            xv = xv * ws[None, :]
+        acc += wv[None, :, :] * xv[:, None, :]
+    out = tl.sum(acc, axis=2)
+    c_ptr = c + toks.to(tl.int64)[:, None] * stride_cm + rows[None, :]
+    tl.store(c_ptr, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class SkinnyTiles:
+    """One launch configuration of `_skinny_gemm_kernel`."""
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+def default_tiles(n: int, on_cpu: bool) -> SkinnyTiles:
+    """Small row tiles so narrow weights still give every SM several programs; 512-column steps."""
+    if on_cpu:
+        return SkinnyTiles(4, 256, 4, 1)
+    return SkinnyTiles(8 if n >= 16384 else 4, 512, 4, 3)
+
+
+def candidates() -> list[SkinnyTiles]:
+    """Configurations the decode tuner times per weight shape."""
+    return [SkinnyTiles(bn, bk, w, st) for bn, bk, w, st in (
+        (2, 512, 4, 4), (4, 512, 4, 3), (4, 1024, 8, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3),
+        (16, 512, 8, 2))]
+
+
+def supports(m: int, weight: torch.Tensor, block_size: tuple[int, int] | None, tiles: SkinnyTiles) -> bool:
+    """Whether this kernel can run `m` tokens through `weight` with `tiles`."""
+    if not 0 < m <= MAX_M or weight.stride(-1) != 1:
+        return False
+    if block_size is None:
+        return True
+    bn, bk = block_size
+    return bn % tiles.block_n == 0 and tiles.block_k % bk == 0
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                block_size: tuple[int, int] | None = None, quantize_activations: bool = False,
+                tiles: SkinnyTiles | None = None) -> torch.Tensor:
+    """x `[M, K]` @ weight `[N, K]`^T → `[M, N]` in x's dtype; an FP8 weight comes with its block
+    scales (`weight_scale`, `block_size`) and `quantize_activations` as in `fp8_block_gemm_ref`."""
+    m, k = x.shape
+    n = weight.shape[0]
+    t = tiles or default_tiles(n, x.device.type == "cpu")
+    if not supports(m, weight, block_size, t):
+        raise ValueError(f"skinny_gemm: M={m} (max {MAX_M}), weight {tuple(weight.shape)} stride {weight.stride()}, "
+                         f"block size {block_size} do not fit tiles {t}")
+    x = x.contiguous()
+    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    fp8 = weight_scale is not None
+    scale = weight_scale if fp8 else x  # unused without FP8
+    scale_rows, scale_cols = block_size if fp8 else (1, t.block_k)
+    _skinny_gemm_kernel[(triton.cdiv(n, t.block_n),)](
+        x, weight, scale, c, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), c.stride(0),
+        SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8, QUANT_X=fp8 and quantize_activations,
+        FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.warps, num_stages=t.stages)
+    return c

@@ -1,0 +1,58 @@
+"""Compares the skinny Triton GEMM (engine/kernels/skinny_gemm.py) with its references — `F.linear`
+for full-precision weights, `fp8_block_gemm_ref` for block-scaled FP8 weights with and without dynamic
+activation quantization — for every tiling the decode tuner may pick (interpreter on CPU, native on CUDA).
+Usage: python -m tests.engine.kernels.check_skinny_gemm [device] [small|real]"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import skinny_gemm as sk
+from engine.kernels.fp8_ref import fp8_block_gemm_ref
+from engine.quantization import quantize_blocks
+
+
+def _rel(got, ref) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
+
+
+def check(m, n, k, block, dtype, device, fp8: bool, quantize_activations: bool, tiles) -> float:
+    torch.manual_seed(m * n + k)
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device) * k ** -0.5
+    if not fp8:
+        w = w.to(dtype)
+        return _rel(sk.skinny_gemm(x, w, tiles=tiles), F.linear(x.float(), w.float()))
+    w8, ws = quantize_blocks(w, block)
+    return _rel(sk.skinny_gemm(x, w8, ws, block, quantize_activations, tiles),
+                fp8_block_gemm_ref(x, w8, ws, block, quantize_activations))
+
+
+def main() -> int:
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    size = sys.argv[2] if len(sys.argv) > 2 else "small"
+    if size == "small":  # N and K not multiples of any tile; several scale blocks both ways
+        dtype, tol, block, shapes, ms = torch.float32, 1e-5, (16, 32), [(40, 300)], (1, 3, 4)
+        tilings = sk.candidates()
+    else:
+        dtype, tol, block, ms = torch.bfloat16, 1e-2, (128, 128), (1, 2, 4)
+        shapes = [(6144, 4096), (4096, 12288), (576, 7168), (151936, 4096)]
+        tilings = sk.candidates()
+    bad = 0
+    for n, k in shapes:
+        for fp8, qa in ((False, False), (True, True), (True, False)):
+            for m in ms:
+                errs = [(check(m, n, k, block, dtype, device, fp8, qa, t), t) for t in tilings
+                        if sk.supports(m, torch.empty(1, 1), block if fp8 else None, t)]
+                err, worst = max(errs, key=lambda e: e[0])
+                ok = err < tol
+                bad += not ok
+                print(f"{'ok ' if ok else 'BAD'} m={m} n={n} k={k} fp8={fp8} qa={qa}: {len(errs)} tilings, "
+                      f"max rel err {err:.2e} ({worst})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
