@@ -77,23 +77,31 @@ class SkinnyTiles:
     stages: int
 
 
+# A row tile's accumulator holds BLOCK_M x BLOCK_N x BLOCK_K float32 values in registers; past this
+# many they spill (64 per thread at 8 warps).
+MAX_ACC = 16384
+
+
 def default_tiles(n: int, on_cpu: bool) -> SkinnyTiles:
-    """Small row tiles so narrow weights still give every SM several programs; 512-column steps."""
+    """Wide K steps: the bytes in flight over the whole grid are N x BLOCK_K whatever BLOCK_N is, and a
+    narrow weight needs megabytes in flight to cover HBM latency."""
     if on_cpu:
         return SkinnyTiles(4, 256, 4, 1)
-    return SkinnyTiles(8 if n >= 16384 else 4, 512, 4, 3)
+    return SkinnyTiles(2, 1024, 4, 2)
 
 
 def candidates() -> list[SkinnyTiles]:
-    """Configurations the decode tuner times per weight shape."""
+    """Configurations the decode tuner times per weight shape (those that fit `MAX_ACC` for its M)."""
     return [SkinnyTiles(bn, bk, w, st) for bn, bk, w, st in (
-        (2, 512, 4, 4), (4, 512, 4, 3), (4, 1024, 8, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3),
-        (16, 512, 8, 2))]
+        (1, 2048, 4, 1), (2, 2048, 8, 1), (2, 1024, 4, 2), (4, 1024, 8, 2), (4, 512, 4, 3), (8, 512, 8, 2),
+        (8, 1024, 8, 1), (16, 256, 4, 3))]
 
 
 def supports(m: int, weight: torch.Tensor, block_size: tuple[int, int] | None, tiles: SkinnyTiles) -> bool:
     """Whether this kernel can run `m` tokens through `weight` with `tiles`."""
     if not 0 < m <= MAX_M or weight.stride(-1) != 1:
+        return False
+    if triton.next_power_of_2(m) * tiles.block_n * tiles.block_k > MAX_ACC:
         return False
     if block_size is None:
         return True

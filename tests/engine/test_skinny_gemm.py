@@ -29,6 +29,7 @@ def test_tiles_whose_rows_straddle_a_scale_block_are_refused():
     tiles = skinny_gemm.SkinnyTiles(16, 256, 4, 1)
     assert skinny_gemm.supports(1, w, None, tiles)
     assert skinny_gemm.supports(4, w, (16, 32), tiles)
+    assert not skinny_gemm.supports(4, w, None, skinny_gemm.SkinnyTiles(16, 1024, 4, 1))  # accumulator would spill
     assert not skinny_gemm.supports(1, w, (8, 32), tiles)  # 16 rows span two 8-row scale blocks
     assert not skinny_gemm.supports(1, w, (16, 384), tiles)  # a 256-column step splits a 384-column block
     assert not skinny_gemm.supports(skinny_gemm.MAX_M + 1, w, None, tiles)
