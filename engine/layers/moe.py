@@ -138,9 +138,8 @@ class FusedMoE(nn.Module):
         if hidden.shape[0] == 0:
             return hidden.new_zeros(hidden.shape)
         if self.quant is not None:
-            out = fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
-                              topk_ids, self.quant)
-            return out if shared is None else out + shared(hidden)
+            return fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
+                               topk_ids, self.quant, shared)
         if hidden.device.type != "cuda":
             return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids,
                                      shared_output=None if shared is None else shared(hidden))
