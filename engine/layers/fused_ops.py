@@ -3,7 +3,7 @@ Triton on CUDA tensors, torch everywhere else (CPU runs and CI take the referenc
 also what the kernels are tested against). Every op here is CUDA-graph safe on both paths.
 
 Layers call these functions, never the kernel modules: norms (`RMSNorm`), the gated MLP, the GQA
-prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing.
+prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing (logits and top-k).
 """
 from __future__ import annotations
 
@@ -89,6 +89,14 @@ def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, 
         from engine.kernels import rope_kv
         impl = rope_kv.mla_query
     return impl(q_latent, q, positions, cos, sin, interleaved)
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden `[T, H]` @ the float32 router weight `[E, H]`^T in float32 → logits `[T, E]`."""
+    if _fused(hidden):
+        from engine.kernels import moe_routing
+        return moe_routing.router_logits(hidden, weight)
+    return moe_routing_ref.router_logits(hidden, weight)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

@@ -1,4 +1,4 @@
-"""Compares the fused Triton kernels (norm_act, rope_kv, moe_routing) with their torch references
+"""Compares the fused Triton kernels (norm_act, rope_kv, moe_routing incl. router logits) with their torch references
 (interpreter on CPU, native on CUDA). Prints one `ok`/`BAD` line per case.
 Usage: python -m tests.engine.kernels.check_fused_ops [device] [small|real]"""
 from __future__ import annotations
@@ -112,6 +112,13 @@ def check_routing(t: int, e: int, k: int, device, g, scoring="softmax", renorm=F
            f" {gs} ties={ties}", same and err < 1e-5 and w.dtype == rw.dtype, f"ids equal={same} max err {err:.1e}")
 
 
+def check_router_logits(t: int, e: int, h: int, dtype, device, g) -> None:
+    x = torch.randn(t, h, generator=g).to(device, dtype)
+    w = (0.05 * torch.randn(e, h, generator=g)).to(device)  # the router weight is held in float32
+    close(f"router_logits T={t} E={e} H={h} {dtype}", moe_routing.router_logits(x, w),
+          moe_routing_ref.router_logits(x, w))
+
+
 def check_align(t: int, e: int, k: int, block_m: int, device, g) -> None:
     ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
     ids[::3, 0] = -1  # experts on another rank
@@ -139,6 +146,9 @@ def main() -> int:
         check_routing(6, 32, 4, device, g, "sigmoid", True, 8, 3, True, 2.5, "top2sum")
         check_align(70, 8, 2, 4, device, g)
         check_align(3, 6, 2, 4, device, g)
+        check_router_logits(1, 12, 80, torch.float32, device, g)  # partial expert block and K step
+        check_router_logits(3, 16, 64, torch.bfloat16, device, g)
+        check_router_logits(9, 16, 64, torch.bfloat16, device, g)  # above the GEMV's sizes: cuBLAS
     else:
         bf = torch.bfloat16
         check_norm_act([1, 64, 2048], 4096, 12288, bf, device, g)  # Qwen3-8B
@@ -155,6 +165,9 @@ def main() -> int:
             check_align(t, 64, 6, 16 if t < 64 else 64, device, g)
             check_align(t, 256, 8, 16, device, g)
         check_routing(64, 64, 6, device, g, ties=True)
+        for t in (1, 4, 64):
+            check_router_logits(t, 64, 2048, bf, device, g)  # DeepSeek-V2-Lite
+            check_router_logits(t, 256, 7168, bf, device, g)  # DeepSeek-V3
     return 0 if all(RESULTS) else 1
 
 
