@@ -91,6 +91,19 @@ def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, 
     return impl(q_latent, q, positions, cos, sin, interleaved)
 
 
+def mla_absorbed_query(q: torch.Tensor, w_uk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """MLA's absorbed decode query `[T, H, R + P]`: `q [T, H, nope + P]`'s no-rope part times `w_uk
+    [H, nope, R]` ++ its rotated rope part; one kernel at decode sizes, else the batched GEMM + `mla_query`."""
+    if _fused(q) and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0 and w_uk.dtype == q.dtype:
+        from engine.kernels import rope_kv
+        if q.shape[0] <= rope_kv.ABSORB_MAX_TOKENS:
+            return rope_kv.mla_absorbed_query(q, w_uk, positions, cos, sin, interleaved)
+    nope = w_uk.shape[1]
+    q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+    return mla_query(q_latent, q, positions, cos, sin, interleaved)
+
+
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden `[T, H]` @ the float32 router weight `[E, H]`^T in float32 → logits `[T, E]`."""
     if _fused(hidden):
