@@ -44,7 +44,7 @@ MAX_TOKENS = 4  # batches up to this size take this path (the grouped GEMM above
 
 
 @triton.jit
-def _act_operand(v, QUANT: tl.constexpr):
+def _act_operand(v, QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
     """float32 activation tile `[R, K]` (one scale group per row) → what the weights multiply: `v`, or
     in W8A8 its FP8 quantization per row, dequantized (`quantize_activation_ref`'s values)."""
     if QUANT == 2:
@@ -55,8 +55,8 @@ def _act_operand(v, QUANT: tl.constexpr):
 
 @triton.jit
 def _gate_up_tile(x_row, w, ws, n, inter, hidden, stride_wn, stride_sn, dt, QUANT: tl.constexpr,
-                  SCALE_N: tl.constexpr, GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  FP8_MAX: tl.constexpr, SCALE_N: tl.constexpr, GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`silu(x @ w[n]^T) * (x @ w[inter + n]^T)` for the rows `n` of one [2*inter, hidden] matrix
     (FP8 with block scales `ws` when QUANT), rounded to `dt` where the unfused GEMM + SiLU-and-mul
     would round. Each K step covers K_GROUPS groups of GROUP_K (≤ BLOCK_K) columns."""
@@ -73,7 +73,7 @@ def _gate_up_tile(x_row, w, ws, n, inter, hidden, stride_wn, stride_sn, dt, QUAN
         for gi in tl.static_range(K_GROUPS):
             k0 = k_step + gi * GROUP_K
             k_ok = lane_ok & ((k0 + kk) < hidden)
-            xv = _act_operand(tl.load(x_row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :], QUANT)
+            xv = _act_operand(tl.load(x_row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :], QUANT, FP8_MAX)
             m = n_ok[:, None] & k_ok[None, :]
             wg = tl.load(wg_ptr + k0, mask=m, other=0.0).to(tl.float32)
             wu = tl.load(wu_ptr + k0, mask=m, other=0.0).to(tl.float32)
@@ -91,8 +91,8 @@ def _gate_up_tile(x_row, w, ws, n, inter, hidden, stride_wn, stride_sn, dt, QUAN
 @triton.jit
 def _up_kernel(x, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, hidden, num_experts, num_slots, stride_x,
                stride_we, stride_wn, stride_se, stride_sn, stride_a, stride_swn, stride_ssn, stride_sa,
-               TOP_K: tl.constexpr, QUANT: tl.constexpr, SCALE_N: tl.constexpr, GROUP_K: tl.constexpr,
-               K_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               TOP_K: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr, SCALE_N: tl.constexpr,
+               GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     slot = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dt = act.dtype.element_ty
@@ -102,21 +102,22 @@ def _up_kernel(x, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, hidden, 
         if (e >= 0) & (e < num_experts) & (tl.program_id(1) * BLOCK_N < inter):
             e64 = e.to(tl.int64)
             a, n_ok = _gate_up_tile(x + (slot // TOP_K) * stride_x, w13 + e64 * stride_we, s13 + e64 * stride_se, n,
-                                    inter, hidden, stride_wn, stride_sn, dt, QUANT, SCALE_N, GROUP_K, K_GROUPS,
+                                    inter, hidden, stride_wn, stride_sn, dt, QUANT, FP8_MAX, SCALE_N, GROUP_K, K_GROUPS,
                                     BLOCK_N, BLOCK_K)
             tl.store(act + slot * stride_a + n, a, mask=n_ok)
     else:  # token (slot - num_slots)'s shared experts
         t = slot - num_slots
         if tl.program_id(1) * BLOCK_N < s_inter:
             a, n_ok = _gate_up_tile(x + t * stride_x, sw13, ss13, n, s_inter, hidden, stride_swn, stride_ssn, dt,
-                                    QUANT, SCALE_N, GROUP_K, K_GROUPS, BLOCK_N, BLOCK_K)
+                                    QUANT, FP8_MAX, SCALE_N, GROUP_K, K_GROUPS, BLOCK_N, BLOCK_K)
             tl.store(sact + t * stride_sa + n, a, mask=n_ok)
 
 
 @triton.jit
 def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out, inter, s_inter, hidden, num_experts,
                          stride_a, stride_we, stride_wn, stride_se, stride_sn, stride_s, stride_sa, stride_swn,
-                         stride_ssn, stride_o, TOP_K: tl.constexpr, QUANT: tl.constexpr, SCALE_N: tl.constexpr,
+                         stride_ssn, stride_o, TOP_K: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
+                         SCALE_N: tl.constexpr,
                          GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr, SGROUP_K: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SBLOCK_K: tl.constexpr, SHARED: tl.constexpr):
@@ -141,7 +142,8 @@ def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out,
         for gi in tl.static_range(K_GROUPS):
             k0 = k_step + gi * GROUP_K
             k_ok = lane_ok & ((k0 + kk) < inter)
-            av = _act_operand(tl.load(a_ptr + k0, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), QUANT)
+            av = _act_operand(tl.load(a_ptr + k0, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), QUANT,
+                              FP8_MAX)
             m = ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
             part = tl.sum(tl.load(w_ptr + k0, mask=m, other=0.0).to(tl.float32) * av[:, None, :], axis=2)
             if QUANT != 0:  # one weight scale per (slot, row) in this K step
@@ -161,7 +163,7 @@ def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out,
         for k0 in range(0, s_inter, SGROUP_K):
             k_ok = (sk < SGROUP_K) & ((k0 + sk) < s_inter)
             av = _act_operand(tl.load(sact + t * stride_sa + k0 + sk, mask=k_ok, other=0.0).to(tl.float32)[None, :],
-                              QUANT)
+                              QUANT, FP8_MAX)
             wv = tl.load(sw_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             if QUANT != 0:
                 wv = wv * tl.load(ss_ptr + k0 // SGROUP_K, mask=n_ok, other=0.0)[:, None]
@@ -248,12 +250,12 @@ def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, bloc
     _up_kernel[(rows, triton.cdiv(max(inter, s_inter), bn1))](
         hidden, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, h, num_experts, t * k, hidden.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(-2), act.stride(0), sw13.stride(0),
-        ss13.stride(-2), sact.stride(0), TOP_K=k, QUANT=quant, SCALE_N=scale_n, GROUP_K=group1, K_GROUPS=kg1,
-        BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
+        ss13.stride(-2), sact.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
+        GROUP_K=group1, K_GROUPS=kg1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
     _down_combine_kernel[(t, triton.cdiv(h, bn2))](
         act, w2, s2, ids, wts, shared_out, sact, sw2, ss2, out, inter, s_inter, h, num_experts, act.stride(0),
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(-2), shared_out.stride(0), sact.stride(0),
-        sw2.stride(0), ss2.stride(-2), out.stride(0), TOP_K=k, QUANT=quant, SCALE_N=scale_n, GROUP_K=group2,
-        K_GROUPS=kg2, SGROUP_K=sgroup, BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2, BLOCK_K=bk2,
-        SBLOCK_K=sbk, SHARED=mode, num_warps=4)
+        sw2.stride(0), ss2.stride(-2), out.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
+        GROUP_K=group2, K_GROUPS=kg2, SGROUP_K=sgroup, BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2,
+        BLOCK_K=bk2, SBLOCK_K=sbk, SHARED=mode, num_warps=4)
     return out
