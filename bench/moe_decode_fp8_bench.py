@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bench.device_probe import probe
 from bench.record import emit
 
-# (up BLOCK_N, up K groups, down BLOCK_N, down K groups); the first is `moe_decode.fp8_tiles`'s default
+# (up BLOCK_N, up K groups, down BLOCK_N, down K groups); the first is `moe_decode.fp8_decode_tiles`'s default
 TILES = [(16, 4, 4, 4), (16, 2, 4, 2), (32, 4, 8, 4), (16, 4, 8, 2), (8, 4, 4, 4)]
 
 
@@ -62,7 +62,7 @@ def run(tokens_list, hidden=2048, num_experts=64, inter=1408, top_k=6, shared=2,
             row[f"fp8_w8a8_{tiles}_ms"] = graph_time_ms(
                 lambda: moe_decode.decode_experts_fp8(*experts, True, shared_weights=fp8_shared, tiles=tiles))
         rows.append(row)
-    return {"hbm_copy_bytes_per_s": bw, "default_tiles": moe_decode.fp8_tiles(False), "rows": rows,
+    return {"hbm_copy_bytes_per_s": bw, "default_tiles": moe_decode.fp8_decode_tiles(False), "rows": rows,
             "shape": dict(hidden=hidden, experts=num_experts, inter=inter, top_k=top_k, shared=shared, block=block)}
 
 

@@ -192,12 +192,12 @@ def decode_experts_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch
     """`fp8_ref.fused_experts_fp8_ref`'s contract: FP8 experts w13 `[E, 2I, H]`, w2 `[E, H, I]` with
     block scales `[E, ceil(2I/bn), ceil(H/bk)]`, `[E, ceil(H/bn), ceil(I/bk)]`; the shared experts as
     their output or as FP8 weights with the same blocks (gate/up `[2Is, H]`, its scales, down
-    `[H, Is]`, its scales). `tiles`: see `fp8_tiles`."""
+    `[H, Is]`, its scales). `tiles`: see `fp8_decode_tiles`."""
     return _launch(hidden, (w13, w13_scale, w2, w2_scale), topk_weights, topk_ids, shared_output, shared_weights,
                    tuple(block_size), quantize_activations, tiles)
 
 
-def fp8_tiles(on_cpu: bool) -> tuple[int, int, int, int]:
+def fp8_decode_tiles(on_cpu: bool) -> tuple[int, int, int, int]:
     """(up BLOCK_N, up K groups, down BLOCK_N, down K groups) of the FP8 kernels. A K group is one
     `bk`-column scale block; four per loop iteration read 512 one-byte columns, about the bytes in
     flight of the bf16 kernels' 256 two-byte columns."""
@@ -235,7 +235,7 @@ def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, bloc
     on_cpu = hidden.device.type == "cpu"
     if fp8:  # a K step is one scale block (masked up to a power of two)
         scale_n, group_k = block_size
-        bn1, kg1, bn2, kg2 = tiles or fp8_tiles(on_cpu)
+        bn1, kg1, bn2, kg2 = tiles or fp8_decode_tiles(on_cpu)
         bk1 = bk2 = sbk = triton.next_power_of_2(group_k)
         group1 = group2 = sgroup = group_k
     else:

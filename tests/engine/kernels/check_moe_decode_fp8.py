@@ -10,7 +10,7 @@ import torch
 
 from engine.kernels.fp8_ref import fused_experts_fp8_ref
 from engine.kernels.fused_moe_fp8 import fused_experts_fp8
-from engine.kernels.moe_decode import MAX_TOKENS, decode_experts_fp8, fp8_tiles
+from engine.kernels.moe_decode import MAX_TOKENS, decode_experts_fp8, fp8_decode_tiles
 from engine.quantization import quantize_blocks
 
 
@@ -46,7 +46,7 @@ def main() -> int:
         # across the gate/up boundary, H = 72 ends in a partial block, bk = 24 is not a power of two;
         # the GPU's tiles (four K groups per iteration, some past the end) at one case.
         cases = [(1, 8, 64, 32, 2, (16, 32), None), (3, 8, 72, 24, 3, (16, 32), None),
-                 (2, 6, 72, 40, 2, (16, 24), None), (3, 8, 72, 24, 3, (16, 32), fp8_tiles(on_cpu=False))]
+                 (2, 6, 72, 40, 2, (16, 24), None), (3, 8, 72, 24, 3, (16, 32), fp8_decode_tiles(on_cpu=False))]
         dtype, tol = torch.float32, 1e-4
     else:  # DeepSeek-V2-Lite: 64 experts of width 1408, top-6, two shared experts, 128x128 blocks
         cases = [(t, 64, 2048, 1408, 6, (128, 128), None) for t in range(1, MAX_TOKENS + 1)]
