@@ -1,5 +1,6 @@
 """Triton fused MoE with block-scaled FP8 experts: `fused_experts_fp8(...)` with the contract of
-`fp8_ref.fused_experts_fp8_ref`.
+`fp8_ref.fused_experts_fp8_ref` (shared experts included). Batches of up to `moe_decode.MAX_TOKENS`
+tokens take `moe_decode.decode_experts_fp8` (two kernels, activations quantized inside them).
 
 The same schedule as `fused_moe.py` (token-expert slots grouped by expert with
 `align_by_expert`, one program per (block of slots, N tile), CUDA-graph-safe launch shapes), with
@@ -15,8 +16,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.kernels.fp8_gemm import quantize_activation
+from engine.kernels import moe_decode
+from engine.kernels.fp8_gemm import fp8_block_gemm, quantize_activation
 from engine.kernels.fused_moe import _tiles, align_by_expert
+from engine.kernels.norm_act import silu_and_mul
 
 
 @triton.jit
@@ -79,7 +82,24 @@ def _stage(x, w, w_scale, out, flat_w, sorted_slots, block_expert, num_slots, to
 
 def fused_experts_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                       w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      block_size: tuple[int, int], quantize_activations: bool = True) -> torch.Tensor:
+                      block_size: tuple[int, int], quantize_activations: bool = True,
+                      shared_output: torch.Tensor | None = None,
+                      shared_weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    t, k = topk_ids.shape
+    if t <= moe_decode.MAX_TOKENS:
+        return moe_decode.decode_experts_fp8(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+                                             block_size, quantize_activations, shared_output, shared_weights)
+    if shared_weights is not None:
+        sw13, ss13, sw2, ss2 = shared_weights
+        gate_up = fp8_block_gemm(hidden, sw13, ss13, block_size, quantize_activations)
+        shared_output = fp8_block_gemm(silu_and_mul(gate_up), sw2, ss2, block_size, quantize_activations)
+    out = _grouped_experts(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block_size,
+                           quantize_activations)
+    return out if shared_output is None else out + shared_output
+
+
+def _grouped_experts(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block_size,
+                     quantize_activations) -> torch.Tensor:
     t, k = topk_ids.shape
     num_experts, two_i, h = w13.shape
     num_slots = t * k

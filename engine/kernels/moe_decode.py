@@ -1,5 +1,6 @@
 """Triton MoE expert computation for decode-sized batches (a few tokens): two kernels, no expert
-alignment, with the contract of `fused_moe_ref.fused_experts_ref` (shared output included).
+alignment, with the contract of `fused_moe_ref.fused_experts_ref` (shared output included), or with
+block-scaled FP8 experts that of `fp8_ref.fused_experts_fp8_ref` (`decode_experts_fp8`).
 
 At a handful of tokens the routed experts are memory-bound matrix-vector products: what matters is
 reading each selected expert's weights once and launching few kernels. The grouped GEMM path
@@ -16,6 +17,13 @@ a zero fill, the k-slot sum) and one more for the shared-expert add. This path r
 
 With the shared experts' weights the whole DeepSeekMoE block after routing is these two kernels.
 
+FP8 (`QUANT`: 1 weight-only, 2 W8A8): each K step is one scale block of `bk` columns (`K_GROUPS`
+of them unrolled per loop iteration, so their loads are in flight together); the weight tile is
+widened and multiplied by its block scale, and in W8A8 the activation tile the program loads (x in
+the up kernel, the rounded `silu(gate) * up` rows in the down kernel) is quantized per token/slot
+and `bk` columns on the spot — `quantize_activation_ref`'s values, no extra launch — and multiplied
+dequantized. The shared experts' weights are FP8 with the same blocks (`GatedMLP` of FP8 linears).
+
 Rounding follows the grouped path step by step (gate/up, the activation and each slot's weighted
 output are rounded to the activation dtype; the k-slot sum is float32, rounded once; the shared
 output — the shared MLP's result rounded as `GatedMLP` rounds it — is added after that rounding, as
@@ -29,34 +37,62 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.fp8_gemm import _quantize_tile
+from engine.quantization import FP8_MAX
+
 MAX_TOKENS = 4  # batches up to this size take this path (the grouped GEMM above)
 
 
 @triton.jit
-def _gate_up_tile(x_row, w, n, inter, hidden, stride_wn, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`silu(x @ w[n]^T) * (x @ w[inter + n]^T)` for the rows `n` of one [2*inter, hidden] matrix,
-    rounded to `dt` where the unfused GEMM + SiLU-and-mul would round."""
+def _act_operand(v, QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
+    """float32 activation tile `[R, K]` (one scale group per row) → what the weights multiply: `v`, or
+    in W8A8 its FP8 quantization per row, dequantized (`quantize_activation_ref`'s values)."""
+    if QUANT == 2:
+        q, s = _quantize_tile(v, FP8_MAX)
+        v = q.to(tl.float8e4nv).to(tl.float32) * s[:, None]
+    return v
+
+
+@triton.jit
+def _gate_up_tile(x_row, w, ws, n, inter, hidden, stride_wn, stride_sn, dt, QUANT: tl.constexpr,
+                  FP8_MAX: tl.constexpr, SCALE_N: tl.constexpr, GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`silu(x @ w[n]^T) * (x @ w[inter + n]^T)` for the rows `n` of one [2*inter, hidden] matrix
+    (FP8 with block scales `ws` when QUANT), rounded to `dt` where the unfused GEMM + SiLU-and-mul
+    would round. Each K step covers K_GROUPS groups of GROUP_K (≤ BLOCK_K) columns."""
     n_ok = n < inter
     kk = tl.arange(0, BLOCK_K)
+    lane_ok = kk < GROUP_K
     wg_ptr = w + n[:, None] * stride_wn + kk[None, :]
     wu_ptr = wg_ptr + inter * stride_wn
+    sg_ptr = ws + (n // SCALE_N) * stride_sn
+    su_ptr = ws + ((inter + n) // SCALE_N) * stride_sn
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = (k0 + kk) < hidden
-        xv = tl.load(x_row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        m = n_ok[:, None] & k_ok[None, :]
-        acc_g += tl.load(wg_ptr + k0, mask=m, other=0.0).to(tl.float32) * xv
-        acc_u += tl.load(wu_ptr + k0, mask=m, other=0.0).to(tl.float32) * xv
+    for k_step in range(0, hidden, GROUP_K * K_GROUPS):
+        for gi in tl.static_range(K_GROUPS):
+            k0 = k_step + gi * GROUP_K
+            k_ok = lane_ok & ((k0 + kk) < hidden)
+            xv = _act_operand(tl.load(x_row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :], QUANT, FP8_MAX)
+            m = n_ok[:, None] & k_ok[None, :]
+            wg = tl.load(wg_ptr + k0, mask=m, other=0.0).to(tl.float32)
+            wu = tl.load(wu_ptr + k0, mask=m, other=0.0).to(tl.float32)
+            if QUANT != 0:  # past the end the tiles are zero: any scale in range will do
+                kb = tl.minimum(k0, hidden - 1) // GROUP_K
+                wg = wg * tl.load(sg_ptr + kb, mask=n_ok, other=0.0)[:, None]
+                wu = wu * tl.load(su_ptr + kb, mask=n_ok, other=0.0)[:, None]
+            acc_g += wg * xv
+            acc_u += wu * xv
     g = tl.sum(acc_g, axis=1).to(dt).to(tl.float32)
     u = tl.sum(acc_u, axis=1).to(dt).to(tl.float32)
     return ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt), n_ok
 
 
 @triton.jit
-def _up_kernel(x, w13, ids, act, sw13, sact, inter, s_inter, hidden, num_experts, num_slots, stride_x, stride_we,
-               stride_wn, stride_a, stride_swn, stride_sa, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+def _up_kernel(x, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, hidden, num_experts, num_slots, stride_x,
+               stride_we, stride_wn, stride_se, stride_sn, stride_a, stride_swn, stride_ssn, stride_sa,
+               TOP_K: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr, SCALE_N: tl.constexpr,
+               GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     slot = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dt = act.dtype.element_ty
@@ -64,20 +100,26 @@ def _up_kernel(x, w13, ids, act, sw13, sact, inter, s_inter, hidden, num_experts
         e = tl.load(ids + slot)
         # Unrouted slots (the down kernel never reads their rows) and tiles past the width do nothing.
         if (e >= 0) & (e < num_experts) & (tl.program_id(1) * BLOCK_N < inter):
-            a, n_ok = _gate_up_tile(x + (slot // TOP_K) * stride_x, w13 + e.to(tl.int64) * stride_we, n, inter,
-                                    hidden, stride_wn, dt, BLOCK_N, BLOCK_K)
+            e64 = e.to(tl.int64)
+            a, n_ok = _gate_up_tile(x + (slot // TOP_K) * stride_x, w13 + e64 * stride_we, s13 + e64 * stride_se, n,
+                                    inter, hidden, stride_wn, stride_sn, dt, QUANT, FP8_MAX, SCALE_N, GROUP_K, K_GROUPS,
+                                    BLOCK_N, BLOCK_K)
             tl.store(act + slot * stride_a + n, a, mask=n_ok)
     else:  # token (slot - num_slots)'s shared experts
         t = slot - num_slots
         if tl.program_id(1) * BLOCK_N < s_inter:
-            a, n_ok = _gate_up_tile(x + t * stride_x, sw13, n, s_inter, hidden, stride_swn, dt, BLOCK_N, BLOCK_K)
+            a, n_ok = _gate_up_tile(x + t * stride_x, sw13, ss13, n, s_inter, hidden, stride_swn, stride_ssn, dt,
+                                    QUANT, FP8_MAX, SCALE_N, GROUP_K, K_GROUPS, BLOCK_N, BLOCK_K)
             tl.store(sact + t * stride_sa + n, a, mask=n_ok)
 
 
 @triton.jit
-def _down_combine_kernel(act, w2, ids, weights, shared, sact, sw2, out, inter, s_inter, hidden, num_experts,
-                         stride_a, stride_we, stride_wn, stride_s, stride_sa, stride_swn, stride_o,
-                         TOP_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out, inter, s_inter, hidden, num_experts,
+                         stride_a, stride_we, stride_wn, stride_se, stride_sn, stride_s, stride_sa, stride_swn,
+                         stride_ssn, stride_o, TOP_K: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
+                         SCALE_N: tl.constexpr,
+                         GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr, SGROUP_K: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SBLOCK_K: tl.constexpr, SHARED: tl.constexpr):
     """SHARED: 0 none, 1 add the given output `shared`, 2 compute it from `sact` and `sw2`."""
     t = tl.program_id(0)
@@ -90,16 +132,24 @@ def _down_combine_kernel(act, w2, ids, weights, shared, sact, sw2, out, inter, s
     wt = tl.load(weights + t * TOP_K + j, mask=ok, other=0.0).to(tl.float32)
     slots = t * TOP_K + j
     kk = tl.arange(0, BLOCK_K)
-    w_ptr = (w2 + tl.where(ok, e, 0).to(tl.int64)[:, None, None] * stride_we + n[None, :, None] * stride_wn
-             + kk[None, None, :])
+    lane_ok = kk < GROUP_K
+    e64 = tl.where(ok, e, 0).to(tl.int64)
+    w_ptr = w2 + e64[:, None, None] * stride_we + n[None, :, None] * stride_wn + kk[None, None, :]
+    s_ptr = s2 + e64[:, None] * stride_se + (n // SCALE_N)[None, :] * stride_sn
     a_ptr = act + slots.to(tl.int64)[:, None] * stride_a + kk[None, :]
     acc = tl.zeros([BLOCK_S, BLOCK_N], tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k_ok = (k0 + kk) < inter
-        av = tl.load(a_ptr + k0, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        m = ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
-        wv = tl.load(w_ptr + k0, mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(wv * av[:, None, :], axis=2)
+    for k_step in range(0, inter, GROUP_K * K_GROUPS):
+        for gi in tl.static_range(K_GROUPS):
+            k0 = k_step + gi * GROUP_K
+            k_ok = lane_ok & ((k0 + kk) < inter)
+            av = _act_operand(tl.load(a_ptr + k0, mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), QUANT,
+                              FP8_MAX)
+            m = ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
+            part = tl.sum(tl.load(w_ptr + k0, mask=m, other=0.0).to(tl.float32) * av[:, None, :], axis=2)
+            if QUANT != 0:  # one weight scale per (slot, row) in this K step
+                part = part * tl.load(s_ptr + tl.minimum(k0, inter - 1) // GROUP_K, mask=ok[:, None] & n_ok[None, :],
+                                      other=0.0)
+            acc += part
     dt = out.dtype.element_ty
     per_slot = (acc * wt[:, None]).to(dt).to(tl.float32)  # each slot's weighted output, as stored
     y = tl.sum(tl.where(ok[:, None], per_slot, 0.0), axis=0).to(dt)
@@ -108,11 +158,16 @@ def _down_combine_kernel(act, w2, ids, weights, shared, sact, sw2, out, inter, s
     if SHARED == 2:
         sk = tl.arange(0, SBLOCK_K)
         sw_ptr = sw2 + n[:, None] * stride_swn + sk[None, :]
+        ss_ptr = ss2 + (n // SCALE_N) * stride_ssn
         sacc = tl.zeros([BLOCK_N, SBLOCK_K], tl.float32)
-        for k0 in range(0, s_inter, SBLOCK_K):
-            k_ok = (k0 + sk) < s_inter
-            av = tl.load(sact + t * stride_sa + k0 + sk, mask=k_ok, other=0.0).to(tl.float32)
-            sacc += tl.load(sw_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * av[None, :]
+        for k0 in range(0, s_inter, SGROUP_K):
+            k_ok = (sk < SGROUP_K) & ((k0 + sk) < s_inter)
+            av = _act_operand(tl.load(sact + t * stride_sa + k0 + sk, mask=k_ok, other=0.0).to(tl.float32)[None, :],
+                              QUANT, FP8_MAX)
+            wv = tl.load(sw_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            if QUANT != 0:
+                wv = wv * tl.load(ss_ptr + k0 // SGROUP_K, mask=n_ok, other=0.0)[:, None]
+            sacc += wv * av
         s_out = tl.sum(sacc, axis=1).to(dt).to(tl.float32)  # the shared MLP's output, as GatedMLP returns it
         y = (y.to(tl.float32) + s_out).to(dt)
     tl.store(out + t * stride_o + n, y, mask=n_ok)
@@ -124,6 +179,34 @@ def decode_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     """hidden `[T, H]`, w13 `[E, 2I, H]`, w2 `[E, H, I]`, topk_weights/ids `[T, k]`; the shared
     experts as their output `[T, H]` or as their weights (gate/up `[2Is, H]`, down `[H, Is]`), or
     neither → routed output (+ shared) `[T, H]` in hidden's dtype."""
+    shared = None if shared_weights is None else (shared_weights[0], None, shared_weights[1], None)
+    return _launch(hidden, (w13, None, w2, None), topk_weights, topk_ids, shared_output, shared, None, False)
+
+
+def decode_experts_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                       w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       block_size: tuple[int, int], quantize_activations: bool = True,
+                       shared_output: torch.Tensor | None = None,
+                       shared_weights: tuple[torch.Tensor, ...] | None = None,
+                       tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """`fp8_ref.fused_experts_fp8_ref`'s contract: FP8 experts w13 `[E, 2I, H]`, w2 `[E, H, I]` with
+    block scales `[E, ceil(2I/bn), ceil(H/bk)]`, `[E, ceil(H/bn), ceil(I/bk)]`; the shared experts as
+    their output or as FP8 weights with the same blocks (gate/up `[2Is, H]`, its scales, down
+    `[H, Is]`, its scales). `tiles`: see `fp8_decode_tiles`."""
+    return _launch(hidden, (w13, w13_scale, w2, w2_scale), topk_weights, topk_ids, shared_output, shared_weights,
+                   tuple(block_size), quantize_activations, tiles)
+
+
+def fp8_decode_tiles(on_cpu: bool) -> tuple[int, int, int, int]:
+    """(up BLOCK_N, up K groups, down BLOCK_N, down K groups) of the FP8 kernels. A K group is one
+    `bk`-column scale block; four per loop iteration read 512 one-byte columns, about the bytes in
+    flight of the bf16 kernels' 256 two-byte columns."""
+    return (16, 1, 16, 1) if on_cpu else (16, 4, 4, 4)
+
+
+def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, block_size, quantize_activations,
+            tiles=None) -> torch.Tensor:
+    w13, s13, w2, s2 = experts
     t, k = topk_ids.shape
     num_experts, two_i, h = w13.shape
     inter = two_i // 2
@@ -133,29 +216,46 @@ def decode_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     out = torch.empty_like(hidden)
     if t == 0:
         return out
+    fp8 = block_size is not None
+    quant = (2 if quantize_activations else 1) if fp8 else 0
+    # Scale pointers of the bf16 kernels are never read: the weights stand in for them.
+    s13, s2 = (s13.contiguous(), s2.contiguous()) if fp8 else (w13, w2)
     ids = topk_ids.to(torch.int32).contiguous()
     wts = topk_weights.float().contiguous()
     act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)
-    mode, sw13, sw2, s_inter, sact = 0, w13, w2, 0, act
-    if shared_weights is not None:
-        sw13, sw2 = (w.contiguous() for w in shared_weights)
+    mode, sw13, ss13, sw2, ss2, s_inter, sact = 0, w13, s13, w2, s2, 0, act
+    if shared is not None:
+        sw13, ss13, sw2, ss2 = shared if fp8 else (shared[0], shared[0], shared[2], shared[2])
+        sw13, ss13, sw2, ss2 = (w.contiguous() for w in (sw13, ss13, sw2, ss2))
         s_inter = sw2.shape[1]
         mode, sact = 2, torch.empty(t, s_inter, dtype=hidden.dtype, device=hidden.device)
-    shared = out
+    shared_out = out
     if shared_output is not None and mode == 0:
-        mode, shared = 1, shared_output.contiguous()
+        mode, shared_out = 1, shared_output.contiguous()
     on_cpu = hidden.device.type == "cpu"
-    bn1, bk1 = (16, 32) if on_cpu else (16, 256)
+    if fp8:  # a K step is one scale block (masked up to a power of two)
+        scale_n, group_k = block_size
+        bn1, kg1, bn2, kg2 = tiles or fp8_decode_tiles(on_cpu)
+        bk1 = bk2 = sbk = triton.next_power_of_2(group_k)
+        group1 = group2 = sgroup = group_k
+    else:
+        scale_n, kg1, kg2 = 1, 1, 1
+        bn1, bk1 = (16, 32) if on_cpu else (16, 256)
+        # Small N tiles: at one token the down projection has only H / BLOCK_N programs to spread the
+        # k experts' reads over (16 rows gave 128 programs and a third of the HBM bandwidth).
+        bn2, bk2 = (4, 16) if on_cpu else (4, 256)
+        group1, group2, sbk = bk1, bk2, 4 * bk2
+        sgroup = sbk
     rows = t * k + (t if mode == 2 else 0)
     _up_kernel[(rows, triton.cdiv(max(inter, s_inter), bn1))](
-        hidden, w13, ids, act, sw13, sact, inter, s_inter, h, num_experts, t * k, hidden.stride(0), w13.stride(0),
-        w13.stride(1), act.stride(0), sw13.stride(0), sact.stride(0), TOP_K=k, BLOCK_N=bn1, BLOCK_K=bk1,
-        num_warps=4)
-    # Small N tiles: at one token the down projection has only H / BLOCK_N programs to spread the
-    # k experts' reads over (16 rows gave 128 programs and a third of the HBM bandwidth).
-    bn2, bk2 = (4, 16) if on_cpu else (4, 256)
+        hidden, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, h, num_experts, t * k, hidden.stride(0),
+        w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(-2), act.stride(0), sw13.stride(0),
+        ss13.stride(-2), sact.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
+        GROUP_K=group1, K_GROUPS=kg1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
     _down_combine_kernel[(t, triton.cdiv(h, bn2))](
-        act, w2, ids, wts, shared, sact, sw2, out, inter, s_inter, h, num_experts, act.stride(0), w2.stride(0),
-        w2.stride(1), shared.stride(0), sact.stride(0), sw2.stride(0), out.stride(0), TOP_K=k,
-        BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2, BLOCK_K=bk2, SBLOCK_K=4 * bk2, SHARED=mode, num_warps=4)
+        act, w2, s2, ids, wts, shared_out, sact, sw2, ss2, out, inter, s_inter, h, num_experts, act.stride(0),
+        w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(-2), shared_out.stride(0), sact.stride(0),
+        sw2.stride(0), ss2.stride(-2), out.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
+        GROUP_K=group2, K_GROUPS=kg2, SGROUP_K=sgroup, BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2,
+        BLOCK_K=bk2, SBLOCK_K=sbk, SHARED=mode, num_warps=4)
     return out

@@ -1,5 +1,8 @@
 """Triton MoE routing and expert alignment with the contracts of `moe_routing_ref.py`.
 
+Router logits (`router_logits`, decode sizes): one kernel computing the float32 logits from the
+activation-dtype hidden states, where torch runs a cast to float32 and cuBLAS's GEMV (two kernels).
+
 Routing: one program per token holds its E router logits as a `[groups, E/groups]` tile, scores
 them (softmax or sigmoid), adds the correction bias, keeps the best `topk_groups` groups (by best
 or top-2-sum score), then picks the top k by repeated arg-max (ties go to the lowest expert id),
@@ -96,6 +99,46 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "soft
             SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, TOP2SUM=group_score == "top2sum",
             RENORM=renormalize, FILL_NEG_INF=correction_bias is not None, num_warps=1 if e <= 128 else 2)
     return weights, ids
+
+
+ROUTER_GEMV_MAX_TOKENS = 4  # larger batches take cuBLAS (a GEMM, no longer a bandwidth-bound GEMV)
+
+
+@triton.jit
+def _router_logits_kernel(x, w, out, t, hidden, e, stride_x, stride_w, stride_o, BLOCK_T: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per BLOCK_E experts, all T (≤ BLOCK_T) tokens: float32 dot products of the
+    widened activations with the float32 router rows."""
+    rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    toks = tl.arange(0, BLOCK_T)
+    kk = tl.arange(0, BLOCK_K)
+    r_ok, t_ok = rows < e, toks < t
+    acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = (k0 + kk) < hidden
+        xv = tl.load(x + toks[:, None] * stride_x + k0 + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        wv = tl.load(w + rows.to(tl.int64)[:, None] * stride_w + k0 + kk[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        acc += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
+    tl.store(out + toks[:, None] * stride_o + rows[None, :], tl.sum(acc, axis=2), mask=t_ok[:, None] & r_ok[None, :])
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`moe_routing_ref.router_logits` in one kernel at decode sizes (where torch runs a cast and
+    cuBLAS's two-kernel GEMV); cuBLAS above `ROUTER_GEMV_MAX_TOKENS` tokens."""
+    t, h = hidden.shape
+    if t > ROUTER_GEMV_MAX_TOKENS or hidden.stride(-1) != 1 or weight.stride(-1) != 1:
+        return torch.nn.functional.linear(hidden.float(), weight.float())
+    e = weight.shape[0]
+    out = torch.empty((t, e), dtype=torch.float32, device=hidden.device)
+    if t:
+        on_cpu = hidden.device.type == "cpu"
+        # On GPU one router row per program (E programs) in two or so K steps: a few µs of latency, not bytes
+        block_e, block_k = (8, 32) if on_cpu else (1, 1024)
+        _router_logits_kernel[(triton.cdiv(e, block_e),)](
+            hidden, weight, out, t, h, e, hidden.stride(0), weight.stride(0), out.stride(0),
+            BLOCK_T=triton.next_power_of_2(t), BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 CHUNK = 64  # slots per program in the alignment kernels

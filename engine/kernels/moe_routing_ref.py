@@ -15,6 +15,12 @@ from __future__ import annotations
 import torch
 
 
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden `[T, H]` (activation dtype), router weight `[E, H]` (held in float32) → `[T, E]` float32
+    logits, computed in float32 as HF's DeepSeek and Qwen3-MoE routers compute them."""
+    return torch.nn.functional.linear(hidden.float(), weight.float())
+
+
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
                    num_groups: int = 1, topk_groups: int = 1, correction_bias: torch.Tensor | None = None,
                    routed_scaling_factor: float = 1.0, group_score: str = "max"):

@@ -4,7 +4,9 @@ applies the per-head RMSNorm (Qwen3), rotates it, stores q (or k), and for KV he
 v straight into their page slot. Replaces ~20 torch kernels per layer (splits, norms, gathers of
 cos/sin, float casts, cat, two scatter writes). For MLA, `mla_kv_entry` builds the cached entry
 (normed latent ++ rotated rope key) and writes it to its page slot in one kernel, and `mla_query`
-assembles the absorbed query (latent part ++ rotated q_pe). Launch shapes depend only on T (graph-safe)."""
+assembles the absorbed query (latent part ++ rotated q_pe); at decode sizes `mla_absorbed_query` also
+does the key up-projection's absorption (`q_nope @ W_UK`, a batched GEMM otherwise) in the same kernel.
+Launch shapes depend only on T (graph-safe)."""
 from __future__ import annotations
 
 import torch
@@ -175,4 +177,64 @@ def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, 
                                   q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0), R=r,
                                   BLOCK_R=triton.next_power_of_2(r), NOPE=nope, P=p, INTERLEAVED=interleaved,
                                   num_warps=4)
+    return out
+
+
+ABSORB_MAX_TOKENS = 4  # larger batches take cuBLAS's batched GEMM (the weight is then read once per token here)
+
+
+@triton.jit
+def _mla_absorbed_query_kernel(q, w_uk, pos, cos, sin, out, num_tokens, stride_qt, stride_qh, stride_wh, stride_wd,
+                               stride_ot, stride_oh, stride_cos, R: tl.constexpr, NOPE: tl.constexpr, P: tl.constexpr,
+                               INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    """One program per (head, BLOCK_R latent channels), all tokens: `q_nope[t, h] @ w_uk[h]` for its
+    channels (float32, rounded once, as the batched GEMM); the first channel block of each head also
+    writes the head's rotated rope part for every token."""
+    h = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    toks = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    r_ok, t_ok = r < R, toks < num_tokens
+    q_head = q + h * stride_qh
+    acc = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+    for d0 in tl.static_range(0, NOPE, BLOCK_D):
+        d_ok = (d0 + d) < NOPE
+        qv = tl.load(q_head + toks[:, None] * stride_qt + d0 + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        wv = tl.load(w_uk + h * stride_wh + (d0 + d)[:, None] * stride_wd + r[None, :],
+                     mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(qv[:, :, None] * wv[None, :, :], axis=1)
+    dt = out.dtype.element_ty
+    dst = out + h * stride_oh
+    tl.store(dst + toks[:, None] * stride_ot + r[None, :], acc.to(dt), mask=t_ok[:, None] & r_ok[None, :])
+    if tl.program_id(1) == 0:
+        for t in range(num_tokens):
+            p = tl.load(pos + t).to(tl.int64)
+            o1, o2, i1, i2 = _norm_rope(q_head + t * stride_qt + NOPE, cos, cos + p * stride_cos, sin + p * stride_cos,
+                                        0.0, False, INTERLEAVED, P, P // 2)
+            tl.store(dst + t * stride_ot + R + i1, o1.to(dt))
+            tl.store(dst + t * stride_ot + R + i2, o2.to(dt))
+
+
+def mla_absorbed_query(q: torch.Tensor, w_uk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """`rope_kv_ref.mla_absorbed_query` in one kernel (the batched GEMM and `mla_query` fused) for up
+    to `ABSORB_MAX_TOKENS` tokens: q `[T, H, nope + P]`, w_uk `[H, nope, R]` in q's dtype."""
+    t, h, _ = q.shape
+    _, nope, r = w_uk.shape
+    p = 2 * cos.shape[-1]
+    if t > ABSORB_MAX_TOKENS or w_uk.dtype != q.dtype:
+        raise ValueError(f"mla_absorbed_query takes at most {ABSORB_MAX_TOKENS} tokens with w_uk in q's dtype "
+                         f"(got {t} tokens, {w_uk.dtype} vs {q.dtype})")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    w_uk = w_uk.contiguous()
+    out = torch.empty((t, h, r + p), dtype=q.dtype, device=q.device)
+    if t:
+        block_r, block_d = (16, 8) if q.device.type == "cpu" else (64, 32)
+        _mla_absorbed_query_kernel[(h, triton.cdiv(r, block_r))](
+            q, w_uk, positions, cos, sin, out, t, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
+            out.stride(0), out.stride(1), cos.stride(0), R=r, NOPE=nope, P=p, INTERLEAVED=interleaved,
+            BLOCK_T=triton.next_power_of_2(t), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return out

@@ -73,3 +73,13 @@ def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, 
     p = 2 * cos.shape[-1]
     q_pe = apply_rope(q[..., q.shape[-1] - p:], positions, cos, sin, interleaved)
     return torch.cat([q_latent, q_pe.to(q_latent.dtype)], dim=-1)
+
+
+def mla_absorbed_query(q: torch.Tensor, w_uk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """MLA's absorbed decode query `[T, H, R + P]` from the projected query `q [T, H, nope + P]`: the
+    no-rope part moved into latent space by the absorbed key up-projection `w_uk [H, nope, R]`
+    (a batched GEMM), followed by the rotated rope part (`mla_query`)."""
+    nope = w_uk.shape[1]
+    q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+    return mla_query(q_latent, q, positions, cos, sin, interleaved)

@@ -27,11 +27,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def fp8_experts(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                 w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                config: Fp8Config) -> torch.Tensor:
-    """The fused MoE expert computation over FP8 experts (`fused_moe_ref.fused_experts_ref`'s contract)."""
+                config: Fp8Config, shared=None) -> torch.Tensor:
+    """The fused MoE expert computation over FP8 experts (`fused_moe_ref.fused_experts_ref`'s contract),
+    plus the output of `shared` (the shared experts' `GatedMLP`) when given. On CUDA at decode sizes
+    (`moe_decode.MAX_TOKENS`) the two decode kernels compute the shared experts too, from their FP8
+    weights when they are in the experts' blocks; above, the module runs its own (tuned) GEMMs."""
     args = (hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, config.block_size,
             config.quantize_activations)
-    if hidden.device.type == "cuda":
-        from engine.kernels.fused_moe_fp8 import fused_experts_fp8
-        return fused_experts_fp8(*args)
-    return fused_experts_fp8_ref(*args)
+    if hidden.device.type != "cuda":
+        return fused_experts_fp8_ref(*args, shared_output=None if shared is None else shared(hidden))
+    from engine.kernels.fused_moe_fp8 import fused_experts_fp8
+    from engine.kernels.moe_decode import MAX_TOKENS
+    weights = shared.fp8_weights(config) if shared is not None and hidden.shape[0] <= MAX_TOKENS else None
+    shared_output = shared(hidden) if shared is not None and weights is None else None
+    return fused_experts_fp8(*args, shared_output=shared_output, shared_weights=weights)

@@ -3,7 +3,7 @@ Triton on CUDA tensors, torch everywhere else (CPU runs and CI take the referenc
 also what the kernels are tested against). Every op here is CUDA-graph safe on both paths.
 
 Layers call these functions, never the kernel modules: norms (`RMSNorm`), the gated MLP, the GQA
-prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing.
+prologue (q/k norm + rotary + KV write), MLA's cached entry and MoE routing (logits and top-k).
 """
 from __future__ import annotations
 
@@ -89,6 +89,27 @@ def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, 
         from engine.kernels import rope_kv
         impl = rope_kv.mla_query
     return impl(q_latent, q, positions, cos, sin, interleaved)
+
+
+def mla_absorbed_query(q: torch.Tensor, w_uk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """MLA's absorbed decode query `[T, H, R + P]`: `q [T, H, nope + P]`'s no-rope part times `w_uk
+    [H, nope, R]` ++ its rotated rope part; one kernel at decode sizes, else the batched GEMM + `mla_query`."""
+    if _fused(q) and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0 and w_uk.dtype == q.dtype:
+        from engine.kernels import rope_kv
+        if q.shape[0] <= rope_kv.ABSORB_MAX_TOKENS:
+            return rope_kv.mla_absorbed_query(q, w_uk, positions, cos, sin, interleaved)
+    nope = w_uk.shape[1]
+    q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+    return mla_query(q_latent, q, positions, cos, sin, interleaved)
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden `[T, H]` @ the float32 router weight `[E, H]`^T in float32 → logits `[T, E]`."""
+    if _fused(hidden):
+        from engine.kernels import moe_routing
+        return moe_routing.router_logits(hidden, weight)
+    return moe_routing_ref.router_logits(hidden, weight)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

@@ -88,9 +88,9 @@ class MLAttention(nn.Module):
             q_pe = self.rope.rotate(q[..., self.dn:], positions)
             out = self._prefill_decompressed(q_nope, q_pe, entry, kv_cache, meta)
         else:
-            q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, R]
-            # latent ++ rotated q_pe in one kernel (the rotation alone is ~10 torch kernels)
-            query = fused_ops.mla_query(q_latent, q, positions, self.rope.cos, self.rope.sin, self.rope.interleaved)
+            # q_nope @ W_UK ++ rotated q_pe: one kernel at decode sizes (the rotation alone is ~10 torch kernels)
+            query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
+                                                 self.rope.interleaved)
             out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
             out = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # [T, H, dv]
         return self.o_proj(out.reshape(t, h * self.dv))

@@ -27,6 +27,15 @@ class GatedMLP(nn.Module):
             return None
         return gu.weight, down.weight
 
+    def fp8_weights(self, config) -> tuple[torch.Tensor, ...] | None:
+        """(gate/up `[2I, H]`, its block scales, down `[H, I]`, its block scales) when both are FP8 in
+        `config`'s blocks and activation scheme, without bias (what the FP8 decode MoE kernels can take
+        in place of this module), else None."""
+        gu, down = self.gate_up_proj, self.down_proj
+        if gu.quant != config or down.quant != config or gu.bias is not None or down.bias is not None:
+            return None
+        return gu.weight, gu.weight_scale_inv, down.weight, down.weight_scale_inv
+
     def register_weights(self, table: WeightTable, prefix: str) -> None:
         """HF names `{prefix}.gate_proj.weight`, `.up_proj.weight`, `.down_proj.weight` (+ biases)."""
         gu = self.gate_up_proj

@@ -1,9 +1,9 @@
 """Mixture-of-experts: routing (which experts each token goes to, with what weight) and the
 expert computation over stacked expert weights.
 
-Routing (`select_experts`: softmax top-k, group-limited softmax, DeepSeek-V3's grouped sigmoid
-with correction bias) is defined in `engine/kernels/moe_routing_ref.py`, with a Triton kernel
-chosen on CUDA by `fused_ops.py`; it is re-exported here.
+Routing (`router_logits` in float32, then `select_experts`: softmax top-k, group-limited softmax,
+DeepSeek-V3's grouped sigmoid with correction bias) is defined in `engine/kernels/moe_routing_ref.py`,
+with Triton kernels chosen on CUDA by `fused_ops.py`; it is re-exported here.
 
 Experts are stored stacked, `w13 [E, 2I, H]` (gate rows then up rows) and `w2 [E, H, I]`, the
 layout the fused kernels and expert-parallel weight moves use. The expert computation runs the
@@ -26,7 +26,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels.fused_moe_ref import fused_experts_ref
 from engine.layers.fp8_linear import fp8_experts
 from engine.layers.fp8_weights import fp8_parameters
-from engine.layers.fused_ops import select_experts  # noqa: F401 (routing lives in fused_ops / kernels)
+from engine.layers.fused_ops import router_logits, select_experts  # noqa: F401 (routing lives in fused_ops / kernels)
 from engine.layers.weights import WeightError, WeightTable, dummy_generator, load_rows
 from engine.quantization import build_quantization, fill_dummy_fp8
 
@@ -138,9 +138,8 @@ class FusedMoE(nn.Module):
         if hidden.shape[0] == 0:
             return hidden.new_zeros(hidden.shape)
         if self.quant is not None:
-            out = fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
-                              topk_ids, self.quant)
-            return out if shared is None else out + shared(hidden)
+            return fp8_experts(hidden, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights,
+                               topk_ids, self.quant, shared)
         if hidden.device.type != "cuda":
             return fused_experts_ref(hidden, self.w13, self.w2, topk_weights, topk_ids,
                                      shared_output=None if shared is None else shared(hidden))

@@ -10,14 +10,13 @@ import logging
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
 from engine.layers.linear import Linear
 from engine.layers.mla import MLAttention
 from engine.layers.mlp import GatedMLP
-from engine.layers.moe import FusedMoE, select_experts
+from engine.layers.moe import FusedMoE, router_logits, select_experts
 from engine.layers.rotary import RotaryEmbedding
 from engine.layers.weights import WeightTable, into
 from engine.models.llama import CausalLM, skip_buffers
@@ -47,7 +46,7 @@ class DeepseekMoE(nn.Module):
 
     def route(self, hidden: torch.Tensor):
         hf = self.hf
-        logits = F.linear(hidden.float(), self.gate.weight)
+        logits = router_logits(hidden, self.gate.weight)
         scale = float(hf.get("routed_scaling_factor", 1.0) or 1.0)
         if self.method == "noaux_tc":
             return select_experts(logits, self.top_k, hf.get("scoring_func", "sigmoid"),

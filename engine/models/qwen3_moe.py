@@ -3,13 +3,12 @@ renormalisation, no shared expert); `decoder_sparse_step` / `mlp_only_layers` ke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
 from engine.layers.linear import Linear
 from engine.layers.mlp import GatedMLP
-from engine.layers.moe import FusedMoE, select_experts
+from engine.layers.moe import FusedMoE, router_logits, select_experts
 from engine.layers.weights import WeightTable, into
 from engine.models.llama import Qwen3ForCausalLM
 
@@ -29,7 +28,7 @@ class Qwen3SparseMoE(nn.Module):
                                 layer_id, parallel)
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        logits = F.linear(hidden.float(), self.gate.weight)
+        logits = router_logits(hidden, self.gate.weight)
         weights, ids = select_experts(logits, self.top_k, "softmax", renormalize=self.renormalize)
         return self.experts(hidden, weights, ids, batch)
 

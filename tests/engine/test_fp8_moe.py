@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from engine.config import ParallelConfig
+from engine.kernels.fp8_ref import shared_mlp_fp8
 from engine.kernels.fused_moe_ref import fused_experts_ref
+from engine.layers.mlp import GatedMLP
 from engine.layers.moe import FusedMoE
 from engine.quantization import FP8_DTYPE, Fp8Config, building_with, dequantize_blocks
 
@@ -31,6 +33,29 @@ def test_fp8_experts_equal_the_reference_on_dequantized_weights():
     ref = fused_experts_ref(x, dequantize_blocks(moe.w13, moe.w13_scale_inv, BLOCK),
                             dequantize_blocks(moe.w2, moe.w2_scale_inv, BLOCK), wts, ids)
     torch.testing.assert_close(moe(x, wts, ids), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_shared_experts_offer_their_fp8_weights_and_are_added_after_the_routed_sum():
+    config = Fp8Config(BLOCK)
+    with building_with(config):
+        moe = FusedMoE(8, 2, 64, 32, layer_id=0)
+        shared = GatedMLP(64, 64)
+    moe.dummy_fill(seed=3, std=0.05, prefix="layers.0.mlp.experts")
+    g = torch.Generator().manual_seed(1)
+    for lin in (shared.gate_up_proj, shared.down_proj):
+        fill = torch.randn(lin.weight.shape, generator=g) * 0.05
+        lin.weight.data.copy_(fill.to(FP8_DTYPE))
+        lin.weight_scale_inv.data.fill_(0.5)
+    weights = shared.fp8_weights(config)
+    assert weights is not None and weights[0] is shared.gate_up_proj.weight and weights[3].shape == (4, 2)
+    assert shared.fp8_weights(Fp8Config(BLOCK, activation_scheme="none")) is None  # other activation scheme
+    x = torch.randn(3, 64, generator=g)
+    ids = torch.tensor([[0, 5], [-1, 2], [7, 8]], dtype=torch.int32)
+    wts = torch.rand(3, 2, generator=g)
+    routed = moe(x, wts, ids)
+    want = routed + shared_mlp_fp8(x, *weights, BLOCK)
+    torch.testing.assert_close(moe(x, wts, ids, shared=shared), want, rtol=0, atol=0)
+    torch.testing.assert_close(shared(x), shared_mlp_fp8(x, *weights, BLOCK), rtol=1e-6, atol=1e-6)
 
 
 def test_eplb_slot_packing_moves_fp8_weights_with_their_scales():

@@ -1,6 +1,7 @@
-"""Compares the fused Triton kernels (norm_act, rope_kv, moe_routing) with their torch references
-(interpreter on CPU, native on CUDA). Prints one `ok`/`BAD` line per case.
-Usage: python -m tests.engine.kernels.check_fused_ops [device] [small|real]"""
+"""Compares the fused Triton kernels (norm_act, rope_kv incl. the absorbed MLA query, moe_routing incl.
+router logits) with their torch references (interpreter on CPU, native on CUDA). Prints one
+`ok`/`BAD` line per case.
+Usage: python -m tests.engine.kernels.check_fused_ops [device] [small|real|decode]"""
 from __future__ import annotations
 
 import sys
@@ -87,6 +88,18 @@ def check_mla_query(t: int, h: int, r: int, nope: int, p: int, interleaved: bool
           rope_kv_ref.mla_query(q_latent, q, pos, cos, sin, interleaved))
 
 
+def check_mla_absorbed_query(t: int, h: int, r: int, nope: int, p: int, interleaved: bool, dtype, device, g) -> None:
+    max_pos = 32 + t
+    q = torch.randn(t, h * (nope + p), generator=g).to(device, dtype).view(t, h, nope + p)
+    w_uk = (torch.randn(h, nope, r, generator=g) * nope ** -0.5).to(device, dtype)
+    pos = torch.randint(0, max_pos, (t,), generator=g).to(device)
+    freqs = torch.outer(torch.arange(max_pos).double(), 1.0 / 1e4 ** (torch.arange(0, p, 2).double() / p))
+    cos, sin = freqs.cos().float().to(device), freqs.sin().float().to(device)
+    close(f"mla_absorbed_query T={t} H={h} R={r} nope={nope} P={p} interleaved={interleaved} {dtype}",
+          rope_kv.mla_absorbed_query(q, w_uk, pos, cos, sin, interleaved),
+          rope_kv_ref.mla_absorbed_query(q, w_uk, pos, cos, sin, interleaved))
+
+
 def check_routing(t: int, e: int, k: int, device, g, scoring="softmax", renorm=False, groups=1, topk_groups=1,
                   bias=False, scale=1.0, gs="max", ties=False) -> None:
     logits = torch.randn(t, e, generator=g)
@@ -112,6 +125,13 @@ def check_routing(t: int, e: int, k: int, device, g, scoring="softmax", renorm=F
            f" {gs} ties={ties}", same and err < 1e-5 and w.dtype == rw.dtype, f"ids equal={same} max err {err:.1e}")
 
 
+def check_router_logits(t: int, e: int, h: int, dtype, device, g) -> None:
+    x = torch.randn(t, h, generator=g).to(device, dtype)
+    w = (0.05 * torch.randn(e, h, generator=g)).to(device)  # the router weight is held in float32
+    close(f"router_logits T={t} E={e} H={h} {dtype}", moe_routing.router_logits(x, w),
+          moe_routing_ref.router_logits(x, w))
+
+
 def check_align(t: int, e: int, k: int, block_m: int, device, g) -> None:
     ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
     ids[::3, 0] = -1  # experts on another rank
@@ -133,12 +153,24 @@ def main() -> int:
         check_mla_entry(3, 24, 8, torch.float32, device, g)
         check_mla_query(3, 2, 24, 16, 8, True, torch.float32, device, g)
         check_mla_query(2, 3, 32, 8, 8, False, torch.float32, device, g)
+        check_mla_absorbed_query(1, 2, 24, 16, 8, True, torch.float32, device, g)  # partial R block
+        check_mla_absorbed_query(3, 3, 32, 12, 8, False, torch.float32, device, g)  # partial nope block
         check_routing(7, 16, 4, device, g, renorm=True)
         check_routing(5, 16, 3, device, g, ties=True)
         check_routing(6, 16, 3, device, g, groups=4, topk_groups=2)
         check_routing(6, 32, 4, device, g, "sigmoid", True, 8, 3, True, 2.5, "top2sum")
         check_align(70, 8, 2, 4, device, g)
         check_align(3, 6, 2, 4, device, g)
+        check_router_logits(1, 12, 80, torch.float32, device, g)  # partial expert block and K step
+        check_router_logits(3, 16, 64, torch.bfloat16, device, g)
+        check_router_logits(9, 16, 64, torch.bfloat16, device, g)  # above the GEMV's sizes: cuBLAS
+    elif size == "decode":  # the decode-size kernels of the V2-Lite branch alone, at real sizes
+        for t in (1, 4):
+            check_mla_absorbed_query(t, 16, 512, 128, 64, True, torch.bfloat16, device, g)  # DeepSeek-V2-Lite
+            check_mla_absorbed_query(t, 128, 512, 128, 64, True, torch.bfloat16, device, g)  # DeepSeek-V3
+        for t in (1, 4, 64):  # router logits: the GEMV up to 4 tokens, cuBLAS at 64
+            check_router_logits(t, 64, 2048, torch.bfloat16, device, g)  # DeepSeek-V2-Lite
+            check_router_logits(t, 256, 7168, torch.bfloat16, device, g)  # DeepSeek-V3
     else:
         bf = torch.bfloat16
         check_norm_act([1, 64, 2048], 4096, 12288, bf, device, g)  # Qwen3-8B
@@ -148,6 +180,9 @@ def main() -> int:
         check_mla_entry(64, 512, 64, bf, device, g)  # DeepSeek-V2/V3
         for t in (1, 64):
             check_mla_query(t, 16, 512, 128, 64, True, bf, device, g)  # DeepSeek-V2-Lite
+        for t in (1, 4):
+            check_mla_absorbed_query(t, 16, 512, 128, 64, True, bf, device, g)  # DeepSeek-V2-Lite
+            check_mla_absorbed_query(t, 128, 512, 128, 64, True, bf, device, g)  # DeepSeek-V3
         for t in (1, 64, 4096):
             check_routing(t, 64, 6, device, g)  # DeepSeek-V2-Lite greedy
             check_routing(t, 128, 8, device, g, renorm=True)  # Qwen3-30B-A3B
@@ -155,6 +190,9 @@ def main() -> int:
             check_align(t, 64, 6, 16 if t < 64 else 64, device, g)
             check_align(t, 256, 8, 16, device, g)
         check_routing(64, 64, 6, device, g, ties=True)
+        for t in (1, 4, 64):
+            check_router_logits(t, 64, 2048, bf, device, g)  # DeepSeek-V2-Lite
+            check_router_logits(t, 256, 7168, bf, device, g)  # DeepSeek-V3
     return 0 if all(RESULTS) else 1
 
 
