@@ -41,6 +41,9 @@ class _Prefill:
         self.core, self.tokens, self.n = core, tokens, 0
         self.gen = torch.Generator().manual_seed(1)
 
+    def ready(self, n: int) -> None:
+        pass
+
     def unit(self) -> None:
         import torch
         from engine.sampling_params import SamplingParams
@@ -72,6 +75,11 @@ class _Decode:
             self.core.step()
         self.left = self.horizon - 8
 
+    def ready(self, n: int) -> None:
+        """Refill now if fewer than `n` steps are left, so no refill (a prefill) lands in timed work."""
+        if self.left < n:
+            self._refill()
+
     def unit(self) -> None:
         if self.left <= 0:
             self._refill()
@@ -95,6 +103,7 @@ def _worker(role: str, cfg: dict, cmds, results) -> None:
             cmd, n = cmds.get()
             if cmd == "quit":
                 return
+            work.ready(n if cmd == "time" else cfg["horizon"] // 2)
             if cmd == "time":
                 times = []
                 for _ in range(n):
@@ -130,7 +139,7 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     cfg = dict(model=model, dtype=dtype, device=device, mem=mem, tokens=tokens, batch=batch, context=context,
-               horizon=4 * decode_units + 16, max_len=max(tokens, context + 4 * decode_units + 32) + 16, stop=stop)
+               horizon=8 * decode_units + 64, max_len=max(tokens, context + 8 * decode_units + 80) + 16, stop=stop)
     results = ctx.Queue()
     cmds = {r: ctx.Queue() for r in ("prefill", "decode")}
     procs = {r: ctx.Process(target=_worker, args=(r, cfg, cmds[r], results), daemon=True) for r in cmds}
