@@ -75,6 +75,14 @@ def requests_for(rep: dict, args):
     return from_samples(samples, rep["request_rate"], rep.get("burstiness", 1.0), args.seed)
 
 
+def http_overhead_s(profile: Profile, path: str) -> float:
+    """Idle HTTP run's median TTFT minus the profile's prefill of its prompt length (seconds, ≥ 0)."""
+    with open(path) as f:
+        rep = json.load(f)
+    prompt = rep["total_input_tokens"] // max(rep["completed"], 1)
+    return max(0.0, rep["median_ttft_ms"] / 1e3 - profile.prefill_time(prompt))
+
+
 def _err(pred: float, meas: float) -> float:
     return (pred - meas) / meas if meas else float("nan")
 
@@ -102,6 +110,8 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
 def markdown(res: dict) -> str:
     p = res["profile"]
     over = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p["serving_overhead"].items()) or "none measured"
+    if res.get("request_overhead_ms") is not None:
+        over += f" (used instead: {res['request_overhead_ms']:.0f} ms)"
     inter = p.get("interference") or {}
     shared = (f"shared GPU: measured slowdown decode ×{inter['decode_slowdown']:.2f}, prefill "
               f"×{inter['prefill_slowdown']:.2f}" if inter else "shared GPU: no interference measured")
@@ -142,13 +152,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--request-overhead-ms", type=float, default=None,
                     help="serving-path latency before a request reaches the nodes (default: the profile's)")
+    ap.add_argument("--http-probe", default=None,
+                    help="an idle `pdserve bench` run through the HTTP API (one request at a time, the device "
+                         "script's probe_http_*.json): its median TTFT minus the profiled prefill is the overhead "
+                         "(the sweep goes through HTTP; the profile's overhead was probed over gRPC)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     profile = Profile.load(args.profile)
+    if args.http_probe and args.request_overhead_ms is None:
+        args.request_overhead_ms = http_overhead_s(profile, args.http_probe) * 1e3
+        print(f"serving-path overhead from {args.http_probe} (HTTP, idle): {args.request_overhead_ms:.1f} ms",
+              file=sys.stderr)
     rows = validate(profile, load_results(args.results), args)
     res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date",
                                                                   "serving_overhead", "interference")},
-           "rows": rows, "shared_gpu": args.shared_gpu,
+           "rows": rows, "shared_gpu": args.shared_gpu, "request_overhead_ms": args.request_overhead_ms,
            "command": " ".join(sys.argv)}
     emit(res, markdown(res), args.out, f"validate_{profile.model}")
     return 0 if rows else 1

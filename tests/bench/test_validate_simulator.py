@@ -52,3 +52,12 @@ def test_measured_interference_replaces_turns_unless_turns_are_asked_for(tmp_pat
     # Concurrent roles without slowdown: decode keeps its own pace; turns stall it for prefills.
     assert inter["median_tpot_ms"]["predicted"] == pytest.approx(DECODE_S * 1e3, rel=0.05)
     assert turns["median_tpot_ms"]["predicted"] > inter["median_tpot_ms"]["predicted"]
+
+
+def test_an_idle_http_probe_gives_the_overhead_beyond_the_profiled_prefill(tmp_path, capsys):
+    probe = tmp_path / "probe_http.json"
+    probe.write_text(json.dumps({"total_input_tokens": 4 * 512, "completed": 4, "median_ttft_ms": 80.0}))
+    (row,) = _rows(tmp_path, capsys, None, "--http-probe", str(probe))
+    (plain,) = _rows(tmp_path, capsys, None, "--request-overhead-ms", "0")
+    # Overhead 80 - 50 ms is added to every request's arrival at the nodes, so to its TTFT.
+    assert row["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(30.0, abs=0.5)
