@@ -83,7 +83,7 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
 }
 
 # MODEL: the full validation.
-pstep "profile_$MODEL" 80 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
+pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
   --out "$STAGE/profile_$MODEL.json" $PROF_ARGS --kv-pages '' --ep-ranks ''
 pstep "interference_$MODEL" 45 python -m planner.interference --profile "$STAGE/profile_$MODEL.json" --model "$MODEL" \
   --dtype "$DTYPE" --device "$DEVICE" $IF_ARGS

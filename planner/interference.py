@@ -139,7 +139,7 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     cfg = dict(model=model, dtype=dtype, device=device, mem=mem, tokens=tokens, batch=batch, context=context,
-               horizon=8 * decode_units + 64, max_len=max(tokens, context + 8 * decode_units + 80) + 16, stop=stop)
+               horizon=8 * decode_units + 64, max_len=max(tokens + 8, context + 8 * decode_units + 80), stop=stop)
     results = ctx.Queue()
     cmds = {r: ctx.Queue() for r in ("prefill", "decode")}
     procs = {r: ctx.Process(target=_worker, args=(r, cfg, cmds[r], results), daemon=True) for r in cmds}
