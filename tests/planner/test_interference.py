@@ -1,0 +1,23 @@
+"""planner/interference.py on CPU: two engine processes of a tiny model step alone and beside each
+other, and the ratios land in the profile file where the simulator reads them."""
+from __future__ import annotations
+
+import pytest
+
+from planner import interference
+from planner.profile import Profile, synthetic
+
+
+@pytest.mark.slow
+def test_two_engine_processes_measure_slowdowns_into_the_profile(tmp_path):
+    path = tmp_path / "p.json"
+    synthetic(model="tiny-qwen3").save(str(path))
+    assert interference.main(["--profile", str(path), "--model", "tiny-qwen3", "--dtype", "float32", "--device",
+                              "cpu", "--prefill-tokens", "64", "--decode-batch", "2", "--decode-context", "32",
+                              "--decode-steps", "4", "--prefills", "2"]) == 0
+    t = Profile.load(str(path)).interference
+    for k in ("decode_alone_s", "prefill_alone_s", "decode_shared_s", "prefill_shared_s"):
+        assert t[k] > 0, k
+    assert t["decode_slowdown"] == pytest.approx(t["decode_shared_s"] / t["decode_alone_s"])
+    assert t["prefill_slowdown"] == pytest.approx(t["prefill_shared_s"] / t["prefill_alone_s"])
+    assert (t["decode_batch"], t["decode_context"], t["prefill_tokens"]) == (2, 32, 64)

@@ -1,0 +1,76 @@
+"""A prefill and a decode node on one GPU: whole steps in turns, or both at once with each step
+stretched by the profile's measured interference; and the prefill table's floor for short prompts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.profile import Profile, constant, synthetic
+from planner.simulator import ClusterSpec, simulate
+from planner.workload import SimRequest
+
+PREFILL_S, DECODE_S = 0.1, 0.01
+
+
+def _two_requests() -> list[SimRequest]:
+    """A decodes 50 tokens from t≈0.1 s; B's prefill (0.1 s) lands in the middle of A's decode."""
+    return [SimRequest("a", list(range(100, 164)), 50, 0.0), SimRequest("b", list(range(200, 264)), 2, 0.2)]
+
+
+def _run(model: str, interference: dict | None):
+    profile = constant(PREFILL_S, DECODE_S, interference=interference)
+    spec = ClusterSpec(num_prefill=1, num_decode=1, share_gpu=True, shared_gpu_model=model, kv_link="nvlink")
+    reqs = _two_requests()
+    simulate(profile, spec, reqs)
+    return {r.request_id: r for r in reqs}
+
+
+def test_without_interference_both_roles_step_at_once_and_decode_keeps_its_pace():
+    r = _run("interference", {"decode_slowdown": 1.0, "prefill_slowdown": 1.0})
+    assert r["a"].tpot == pytest.approx(DECODE_S, rel=1e-6)
+    assert r["b"].ttft == pytest.approx(PREFILL_S, abs=1e-3)
+
+
+def test_turns_stall_decode_for_a_whole_prefill():
+    r = _run("turns", None)
+    # 49 decode gaps of 10 ms, one of which also waits for B's 100 ms prefill (and B's own decode).
+    assert r["a"].tpot > DECODE_S + 0.09 / 49
+
+
+def test_measured_slowdowns_stretch_the_overlapping_steps_only():
+    r = _run("interference", {"decode_slowdown": 3.0, "prefill_slowdown": 2.0})
+    # B's prefill starts while A decodes: it takes 2 x 100 ms.
+    assert r["b"].ttft == pytest.approx(2 * PREFILL_S, abs=0.011)
+    # A's decode steps that start during that prefill (about 200 ms / 30 ms of them) take 30 ms.
+    stretched = 2 * PREFILL_S // (3 * DECODE_S)
+    expected = (49 * DECODE_S + stretched * 2 * DECODE_S) / 49
+    assert r["a"].tpot == pytest.approx(expected, rel=0.1)
+    free = _run("interference", {"decode_slowdown": 1.0, "prefill_slowdown": 1.0})["a"].tpot
+    assert free < r["a"].tpot
+
+
+def test_auto_uses_interference_only_when_the_profile_measured_it():
+    assert _run("auto", None)["a"].tpot == pytest.approx(_run("turns", None)["a"].tpot)
+    measured = {"decode_slowdown": 1.0, "prefill_slowdown": 1.0}
+    assert _run("auto", measured)["a"].tpot == pytest.approx(DECODE_S, rel=1e-6)
+
+
+def test_interference_table_survives_a_profile_file(tmp_path):
+    p = synthetic(interference={"decode_slowdown": 1.4, "prefill_slowdown": 1.1})
+    p.save(tmp_path / "p.json")
+    q = Profile.load(tmp_path / "p.json")
+    assert q.slowdown("decode") == 1.4 and q.slowdown("prefill") == 1.1
+    assert synthetic().slowdown("decode") == 1.0
+    assert json.load(open(tmp_path / "p.json"))["interference"]["decode_slowdown"] == 1.4
+
+
+def test_prompts_shorter_than_the_first_column_cost_the_first_column():
+    p = synthetic()
+    p.prefill["tokens"] = [128, 512, 2048]
+    p.prefill["seconds"] = [[0.013, 0.021, 0.05]] * len(p.prefill["cached"])
+    p = Profile(**p.to_dict())
+    assert p.prefill_time(16) == pytest.approx(0.013)
+    assert p.prefill_time(300) > 0.013
+    # Several short prompts in one step share its fixed cost: one step, not two.
+    assert p.step_time([(20, 0), (30, 0)], 0, 0) == pytest.approx(0.013)
