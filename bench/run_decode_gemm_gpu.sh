@@ -10,7 +10,7 @@ source "$(dirname "$0")/packed_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
 git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
 step check_skinny 60 python -m tests.engine.kernels.check_skinny_gemm cuda real
-step gemm_bench 120 python -m bench.decode_gemm_bench --m 1,4 --out "$STAGE" \
+step gemm_bench 90 python -m bench.decode_gemm_bench --m 1,4 --out "$STAGE" \
   --shapes "qwen3-8b qkv,qwen3-8b o,qwen3-8b gate_up,qwen3-8b down,qwen3-8b lm_head,dsv3 q_a,dsv3 kv_a"
 for q in none fp8; do
   flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"

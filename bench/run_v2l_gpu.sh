@@ -14,7 +14,7 @@ step check_moe_decode_fp8 20 python -m tests.engine.kernels.check_moe_decode_fp8
 # 2. Decode batch 1/16/64 with kernels per step and roofline % (--profile), FP8 then bf16; short prefill.
 for q in fp8 none; do
   flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
-  step "v2lite_$q" 35 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 $flag \
+  step "v2lite_$q" 60 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 $flag \
     --batch 1,16,64 --decode-steps 32 --prefill-len 256 --profile --out "$STAGE/v2lite_$q"
 done
 # 3. The two fusions for fewer launches per step, at V2-Lite and V3 shapes: the absorbed MLA query
