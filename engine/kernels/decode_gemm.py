@@ -55,13 +55,19 @@ def fp8_candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
 
 
 def run(choice: Choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-        block_size: tuple[int, int] | None, quantize_activations: bool) -> torch.Tensor:
-    """x `[M, K]` @ weight^T with the chosen kernel (scales only for FP8 weights)."""
+        block_size: tuple[int, int] | None, quantize_activations: bool, gated: bool = False) -> torch.Tensor:
+    """x `[M, K]` @ weight^T with the chosen kernel (scales only for FP8 weights); `gated` (only where
+    `gated_fused(choice)`): x is `[gate | up]` and the input is `silu(gate) * up`."""
     if isinstance(choice, sk.SkinnyTiles):
-        return sk.skinny_gemm(x, weight, weight_scale, block_size, quantize_activations, choice)
+        return sk.skinny_gemm(x, weight, weight_scale, block_size, quantize_activations, choice, gated)
     if weight_scale is None:
         return F.linear(x, weight)
     return fp8_block_gemm(x, weight, weight_scale, block_size, quantize_activations, choice)
+
+
+def gated_fused(choice: Choice) -> bool:
+    """Whether `choice` can take the SwiGLU input `[gate | up]` itself (`run(..., gated=True)`)."""
+    return isinstance(choice, sk.SkinnyTiles)
 
 
 def _default(m: int, weight: torch.Tensor, weight_scale, block_size, on_cpu: bool) -> Choice:

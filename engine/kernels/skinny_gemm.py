@@ -36,7 +36,7 @@ MAX_M = 4  # token counts this kernel serves (its registers grow with M)
 @triton.jit
 def _skinny_gemm_kernel(x, w, w_scale, c, m, n, k, stride_xm, stride_wn, stride_sn, stride_cm,
                         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
-                        QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                        QUANT_X: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,6 +52,10 @@ def _skinny_gemm_kernel(x, w, w_scale, c, m, n, k, stride_xm, stride_wn, stride_
         k_ok = cols < k - k0
         wv = tl.load(w_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         xv = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if GATED:  # x = [gate | up]: the input is silu(gate) * up, rounded as the unfused ops round
+            dt = x.dtype.element_ty
+            up = tl.load(x_ptr + k + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            xv = ((xv / (1.0 + tl.exp(-xv))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
         if FP8_W:
             if QUANT_X:  # per token and SCALE_COLS columns, as quantize_activation_ref
                 q, s = _quantize_tile(tl.reshape(xv, [BLOCK_M * GROUPS, SCALE_COLS]), FP8_MAX)
@@ -111,10 +115,15 @@ def supports(m: int, weight: torch.Tensor, block_size: tuple[int, int] | None, t
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                 block_size: tuple[int, int] | None = None, quantize_activations: bool = False,
-                tiles: SkinnyTiles | None = None) -> torch.Tensor:
+                tiles: SkinnyTiles | None = None, gated: bool = False) -> torch.Tensor:
     """x `[M, K]` @ weight `[N, K]`^T → `[M, N]` in x's dtype; an FP8 weight comes with its block
-    scales (`weight_scale`, `block_size`) and `quantize_activations` as in `fp8_block_gemm_ref`."""
-    m, k = x.shape
+    scales (`weight_scale`, `block_size`) and `quantize_activations` as in `fp8_block_gemm_ref`.
+    `gated`: x is `[M, 2K]` = `[gate | up]` and the product is `silu(gate) * up` @ weight^T (the SwiGLU
+    MLP's down projection with its activation inside: one launch and no activation tensor)."""
+    m, k = x.shape[0], weight.shape[1]
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"skinny_gemm: input {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
+                         f"(gated={gated})")
     n = weight.shape[0]
     t = tiles or default_tiles(n, x.device.type == "cpu")
     if not supports(m, weight, block_size, t):
@@ -127,7 +136,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     scale_rows, scale_cols = block_size if fp8 else (1, t.block_k)
     _skinny_gemm_kernel[(triton.cdiv(n, t.block_n),)](
         x, weight, scale, c, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), c.stride(0),
-        SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8, QUANT_X=fp8 and quantize_activations,
+        SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8, QUANT_X=fp8 and quantize_activations, GATED=gated,
         FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages)
     return c

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import decode_gemm, skinny_gemm
+from engine.layers.activation import silu_and_mul
 from engine.layers.fp8_linear import fp8_linear
 from engine.layers.fp8_weights import fp8_parameters
 from engine.quantization import build_quantization, dequantize_blocks
@@ -46,6 +47,20 @@ class Linear(nn.Module):
         if self.quant is not None:
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant)
         return dense_linear(x, self.weight, self.bias)
+
+    def forward_gated(self, h: torch.Tensor) -> torch.Tensor:
+        """`self(silu(gate) * up)` for `h = [gate | up]` (a SwiGLU down projection). At a few tokens on
+        CUDA, where the decode GEMM tuner chose the skinny kernel for this weight, that is one launch
+        reading `h` itself: no SiLU-and-mul launch, no activation tensor."""
+        h2 = h.reshape(-1, h.shape[-1])
+        if (h.device.type == "cuda" and self.bias is None and 0 < h2.shape[0] <= skinny_gemm.MAX_M
+                and (self.quant is not None or h.dtype == self.weight.dtype)):
+            args = ((self.weight, None, None, False) if self.quant is None else
+                    (self.weight, self.weight_scale_inv, self.quant.block_size, self.quant.quantize_activations))
+            choice = decode_gemm.choose(h2, *args)
+            if decode_gemm.gated_fused(choice):
+                return decode_gemm.run(choice, h2, *args, gated=True).view(*h.shape[:-1], self.out_features)
+        return self(silu_and_mul(h))
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in full precision (a dequantized copy when FP8): for derived matrices only."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.activation import silu_and_mul
 from engine.layers.linear import Linear, MergedLinear
 from engine.layers.weights import WeightTable, into, into_shard
 
@@ -17,7 +16,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_gated(self.gate_up_proj(x))
 
     def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gate/up `[2I, H]`, down `[H, I]`) when both are full precision without bias (what a

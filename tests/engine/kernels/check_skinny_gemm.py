@@ -1,6 +1,7 @@
 """Compares the skinny Triton GEMM (engine/kernels/skinny_gemm.py) with its references — `F.linear`
 for full-precision weights, `fp8_block_gemm_ref` for block-scaled FP8 weights with and without dynamic
 activation quantization — for every tiling the decode tuner may pick (interpreter on CPU, native on CUDA).
+and with the SwiGLU input `[gate | up]` (`gated`).
 Usage: python -m tests.engine.kernels.check_skinny_gemm [device] [small|real]"""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from engine.kernels import skinny_gemm as sk
 from engine.kernels.fp8_ref import fp8_block_gemm_ref
+from engine.kernels.norm_act_ref import silu_and_mul as silu_and_mul_ref
 from engine.quantization import quantize_blocks
 
 
@@ -18,16 +20,18 @@ def _rel(got, ref) -> float:
     return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
 
 
-def check(m, n, k, block, dtype, device, fp8: bool, quantize_activations: bool, tiles) -> float:
+def check(m, n, k, block, dtype, device, fp8: bool, quantize_activations: bool, tiles, gated: bool = False) -> float:
+    """`gated`: the input is `[gate | up]` and the reference runs `silu_and_mul_ref` first."""
     torch.manual_seed(m * n + k)
-    x = torch.randn(m, k, device=device).to(dtype)
+    x = torch.randn(m, 2 * k if gated else k, device=device).to(dtype)
+    x_in = silu_and_mul_ref(x) if gated else x
     w = torch.randn(n, k, device=device) * k ** -0.5
     if not fp8:
         w = w.to(dtype)
-        return _rel(sk.skinny_gemm(x, w, tiles=tiles), F.linear(x.float(), w.float()))
+        return _rel(sk.skinny_gemm(x, w, tiles=tiles, gated=gated), F.linear(x_in.float(), w.float()))
     w8, ws = quantize_blocks(w, block)
-    return _rel(sk.skinny_gemm(x, w8, ws, block, quantize_activations, tiles),
-                fp8_block_gemm_ref(x, w8, ws, block, quantize_activations))
+    return _rel(sk.skinny_gemm(x, w8, ws, block, quantize_activations, tiles, gated),
+                fp8_block_gemm_ref(x_in, w8, ws, block, quantize_activations))
 
 
 def main() -> int:
@@ -51,6 +55,10 @@ def main() -> int:
                 bad += not ok
                 print(f"{'ok ' if ok else 'BAD'} m={m} n={n} k={k} fp8={fp8} qa={qa}: {len(errs)} tilings, "
                       f"max rel err {err:.2e} ({worst})")
+            # the SwiGLU down projection with its activation inside, at one size and the default tiles
+            err = check(ms[-1], n, k, block, dtype, device, fp8, qa, None, gated=True)
+            bad += err >= tol
+            print(f"{'ok ' if err < tol else 'BAD'} gated m={ms[-1]} n={n} k={k} fp8={fp8} qa={qa}: rel err {err:.2e}")
     return 1 if bad else 0
 
 
