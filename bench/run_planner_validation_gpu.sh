@@ -31,6 +31,12 @@ if [ -n "${SMALL:-}" ]; then  # CPU rehearsal of the flow
   PROF2_ARGS="--prefill-tokens 32,256 --cached 0 --decode-batch 1,4 --decode-context 64 --decode-steps 2 --repeats 1"
   IF_ARGS="--prefill-tokens 256 --decode-batch 4 --decode-context 128 --decode-steps 8 --prefills 2"
   RIN=256; ROUT=16; RATES_R="1 2 4"; RATES_S="2 4 8"; NR=4; NS=6; MAXLEN=1024
+elif [ -n "${QUICK:-}" ]; then  # a short call: lighter tables, four sweep points of the first model
+  PROF_ARGS="--prefill-tokens 128,512,2048,8192 --cached 0,2048 --decode-batch 1,16,64,128
+    --decode-context 128,2560 --decode-steps 8 --repeats 2"
+  PROF2_ARGS=$PROF_ARGS
+  IF_ARGS="--prefill-tokens 2048 --decode-batch 32 --decode-context 1024 --decode-steps 20 --prefills 3"
+  RIN=2048; ROUT=256; RATES_R="2 4"; RATES_S="4 8"; NR=16; NS=32; MAXLEN=6144
 else
   # KV transfer is not profiled: the same-GPU push is modelled as NVLink (the profiler's NIXL loop is slow).
   PROF_ARGS="--prefill-tokens 32,128,512,2048,8192 --cached 0,2048,4096 --decode-batch 1,4,16,64,128
@@ -87,7 +93,7 @@ pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype 
   --out "$STAGE/profile_$MODEL.json" $PROF_ARGS --kv-pages '' --ep-ranks ''
 pstep "interference_$MODEL" 45 python -m planner.interference --profile "$STAGE/profile_$MODEL.json" --model "$MODEL" \
   --dtype "$DTYPE" --device "$DEVICE" $IF_ARGS
-pstep "engine_bench_$MODEL" 30 python -m bench.engine_bench --model "$MODEL" --dtype "$DTYPE" --batch 1 \
+[ -z "${QUICK:-}" ] && pstep "engine_bench_$MODEL" 30 python -m bench.engine_bench --model "$MODEL" --dtype "$DTYPE" --batch 1 \
   --decode-steps 48 --prompt-len 128 --prefill-len $RIN --max-model-len $MAXLEN --out "$STAGE/engine_bench_$MODEL"
 serve "$MODEL" "random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8"
 
