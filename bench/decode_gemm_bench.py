@@ -14,12 +14,12 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 
 from bench.device_probe import probe
+from bench.record import emit
 from engine.kernels import decode_gemm, skinny_gemm
 from engine.kernels.fp8_ref import fp8_block_gemm_ref
 from engine.quantization import quantize_blocks
@@ -111,14 +111,7 @@ def main(argv=None) -> int:
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_bytes_per_s=hbm, rows=rows,
                   candidates=[dataclasses.asdict(t) for t in skinny_gemm.candidates()])
-    text = markdown(result)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "decode_gemm.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "decode_gemm.md"), "w") as f:
-            f.write(text)
+    emit(result, markdown(result), args.out, "decode_gemm")
     return 0
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
-import os
 
 import torch
 import torch.nn.functional as F
 
 from bench.device_probe import probe
+from bench.record import emit
 from bench.fp8_gemm_sweep import fp8_peak, graph_ms
 from engine.kernels.fp8_gemm import quantize_activation
 from engine.kernels import decode_gemm
@@ -108,14 +107,7 @@ def main(argv=None) -> int:
                   device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_bytes_per_s=hbm,
                   bf16_peak_flops=p["bf16_matmul_flops_per_s"], fp8_peak_flops=peak,
                   scaled_mm_blockwise_error=state.get("blockwise_error"), rows=rows)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "fp8_gemm.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "fp8_gemm.md"), "w") as f:
-            f.write(text)
+    emit(result, markdown(result), args.out, "fp8_gemm")
     return 0
 
 
