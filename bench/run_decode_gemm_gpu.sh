@@ -9,7 +9,7 @@ PACK=decode_gemm_results.tgz
 source "$(dirname "$0")/packed_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
 git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
-step check_skinny 40 python -m tests.engine.kernels.check_skinny_gemm cuda real
+step check_skinny 30 python -m tests.engine.kernels.check_skinny_gemm cuda real
 [ -z "${SKIP_GEMM_BENCH:-}" ] && step gemm_bench 60 python -m bench.decode_gemm_bench --m 1,4 --out "$STAGE" \
   --shapes "qwen3-8b qkv,qwen3-8b o,qwen3-8b gate_up,qwen3-8b down,qwen3-8b lm_head"
 for q in none fp8; do
@@ -17,5 +17,5 @@ for q in none fp8; do
   step "qwen3_$q" 70 python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 $flag --batch 1,16,64 \
     --decode-steps 48 --prefill-len 2048 --out "$STAGE/qwen3_$q"
 done
-step llama_none 45 python -m bench.engine_bench --model llama-3-8b --dtype bfloat16 --batch 1 \
+[ -z "${SKIP_LLAMA:-}" ] && step llama_none 45 python -m bench.engine_bench --model llama-3-8b --dtype bfloat16 --batch 1 \
   --decode-steps 48 --prefill-len 2048 --out "$STAGE/llama_none"
