@@ -7,10 +7,10 @@ export PYTHONUNBUFFERED=1
 PACK=fp8_bs1.tgz
 source "$(dirname "$0")/packed_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
-step check_skinny 30 python -m tests.engine.kernels.check_skinny_gemm cuda real
 for q in none fp8; do
   flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
   step "qwen3_$q" 60 python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 $flag --batch 1 \
     --decode-steps 48 --prefill-len 256 --out "$STAGE/qwen3_$q"
 done
+step check_skinny 30 python -m tests.engine.kernels.check_skinny_gemm cuda batch1
 step check_moe_decode_fp8 25 python -m tests.engine.kernels.check_moe_decode_fp8 cuda v2lite

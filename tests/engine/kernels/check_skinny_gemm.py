@@ -2,7 +2,7 @@
 for full-precision weights, `fp8_block_gemm_ref` for block-scaled FP8 weights with and without dynamic
 activation quantization — for every tiling the decode tuner may pick (interpreter on CPU, native on CUDA).
 and with the SwiGLU input `[gate | up]` (`gated`).
-Usage: python -m tests.engine.kernels.check_skinny_gemm [device] [small|real]"""
+Usage: python -m tests.engine.kernels.check_skinny_gemm [device] [small|batch1|real]"""
 from __future__ import annotations
 
 import sys
@@ -39,6 +39,10 @@ def main() -> int:
     size = sys.argv[2] if len(sys.argv) > 2 else "small"
     if size == "small":  # N and K not multiples of any tile; several scale blocks both ways
         dtype, tol, block, shapes, ms = torch.float32, 1e-5, (16, 32), [(40, 300)], (1, 3, 4)
+        tilings = sk.candidates()
+    elif size == "batch1":  # the engine's batch-1 shapes only (Qwen3-8B qkv and down): a short device call
+        dtype, tol, block, ms = torch.bfloat16, 1e-2, (128, 128), (1,)
+        shapes = [(6144, 4096), (4096, 12288)]
         tilings = sk.candidates()
     else:
         dtype, tol, block, ms = torch.bfloat16, 1e-2, (128, 128), (1, 2, 4)
