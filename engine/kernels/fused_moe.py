@@ -26,22 +26,29 @@ from engine.kernels.norm_act import silu_and_mul
 
 
 @triton.jit
+def _slot_tile(sorted_slots, num_slots, n_out, TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What one grouped-GEMM program (block of one expert's sorted slots, tile of output columns) works
+    on: its slots and which are real, the activation row each reads (its token's, or its own), its
+    output columns and which exist, and the K offsets of one step. Shared by the bf16 and FP8 kernels."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots + rows)
+    row_ok = slots < num_slots
+    a_rows = slots // TOP_K if A_PER_TOKEN else slots
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slots, row_ok, a_rows, offs_n, offs_n < n_out, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
 def _grouped_gemm_kernel(a, b, c, weights, sorted_slots, block_expert, num_slots, n_out, k_in,
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                          TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert + pid_m)
+    e = tl.load(block_expert + tl.program_id(0))
     if e < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots + rows)
-    row_ok = slots < num_slots
-    a_rows = slots // TOP_K if A_PER_TOKEN else slots
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_out
-    offs_k = tl.arange(0, BLOCK_K)
+    slots, row_ok, a_rows, offs_n, n_ok, offs_k = _slot_tile(sorted_slots, num_slots, n_out, TOP_K, A_PER_TOKEN,
+                                                             BLOCK_M, BLOCK_N, BLOCK_K)
     a_ptr = a + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptr = b + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)

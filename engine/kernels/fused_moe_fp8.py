@@ -18,7 +18,7 @@ import triton.language as tl
 
 from engine.kernels import moe_decode
 from engine.kernels.fp8_gemm import fp8_block_gemm, quantize_activation
-from engine.kernels.fused_moe import _tiles, align_by_expert
+from engine.kernels.fused_moe import _slot_tile, _tiles, align_by_expert
 from engine.kernels.norm_act import silu_and_mul
 
 
@@ -28,18 +28,11 @@ def _grouped_fp8_gemm_kernel(a, a_scale, b, b_scale, c, weights, sorted_slots, b
                              SCALE_ROWS: tl.constexpr, A_FP8: tl.constexpr, TOP_K: tl.constexpr,
                              A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert + pid_m)
+    e = tl.load(block_expert + tl.program_id(0))
     if e < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots + rows)
-    row_ok = slots < num_slots
-    a_rows = slots // TOP_K if A_PER_TOKEN else slots
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_out
-    offs_k = tl.arange(0, BLOCK_K)
+    slots, row_ok, a_rows, offs_n, n_ok, offs_k = _slot_tile(sorted_slots, num_slots, n_out, TOP_K, A_PER_TOKEN,
+                                                             BLOCK_M, BLOCK_N, BLOCK_K)
     a_ptr = a + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptr = b + e.to(tl.int64) * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     bs_ptr = b_scale + e.to(tl.int64) * stride_bse + (offs_n // SCALE_ROWS) * stride_bsn
