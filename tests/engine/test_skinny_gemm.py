@@ -8,20 +8,17 @@ import torch.nn.functional as F
 
 from engine.kernels import decode_gemm, skinny_gemm
 from engine.layers.linear import dense_linear
-from tests.engine.test_attention_kernels import _run
+from tests.engine.kernel_checks import check_passes_on_cpu, check_passes_on_gpu
 
 
 def test_skinny_gemm_matches_its_references_for_every_tuner_tiling_under_the_interpreter():
-    r = _run(["-m", "tests.engine.kernels.check_skinny_gemm", "cpu", "small"], interpret=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("ok ") == 12, r.stdout
+    check_passes_on_cpu("check_skinny_gemm", "small", 12)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_skinny_gemm_matches_its_references_at_real_sizes_on_gpu():
-    r = _run(["-m", "tests.engine.kernels.check_skinny_gemm", "cuda", "real"], interpret=False, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    check_passes_on_gpu("check_skinny_gemm", "real")
 
 
 def test_tiles_whose_rows_straddle_a_scale_block_are_refused():
