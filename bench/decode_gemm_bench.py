@@ -55,11 +55,12 @@ def measure(label: str, n: int, k: int, ms: list[int], hbm: float) -> list[dict]
     del w
     rows = []
     for dtype, (wt, ws, block) in weights.items():
+        copies = decode_gemm.weight_copies(wt)
         for m in ms:
             times = {}
             for c in decode_gemm.candidates(m, wt, ws, block, True):
                 try:
-                    times[_label(c)] = (decode_gemm.time_choice(c, m, wt, ws, block, True, torch.bfloat16), _family(c))
+                    times[_label(c)] = (decode_gemm.time_choice(c, m, copies, ws, block, True, torch.bfloat16), _family(c))
                 except Exception as e:  # noqa: BLE001 - record, go on
                     times[_label(c)] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

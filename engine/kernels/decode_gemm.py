@@ -82,19 +82,25 @@ def candidates(m: int, weight: torch.Tensor, weight_scale, block_size, quantize_
     return out
 
 
-def time_choice(choice: Choice, m: int, weight: torch.Tensor, weight_scale, block_size, quantize_activations: bool,
-          x_dtype: torch.dtype) -> float:
-    """Graph-timed ms of one call, cycling over enough copies of the weight to defeat L2 reuse."""
+def weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The weight and enough scratch copies of its shape (contents unset: timing does not read them) to
+    cycle through while timing, so no call finds its weight still in L2."""
     nbytes = weight.numel() * weight.element_size()
-    copies = [(weight, weight_scale)]
+    copies = [weight]
     try:
         while len(copies) < 8 and len(copies) * nbytes < ROTATE_BYTES:
-            copies.append((torch.empty_like(weight), weight_scale))
+            copies.append(torch.empty_like(weight))
     except torch.OutOfMemoryError:  # timing from L2 then: a ranking still, if an optimistic one
         pass
-    probe = torch.randn(m, weight.shape[1], device=weight.device, dtype=x_dtype)
+    return copies
+
+
+def time_choice(choice: Choice, m: int, copies: list[torch.Tensor], weight_scale, block_size,
+                quantize_activations: bool, x_dtype: torch.dtype) -> float:
+    """Graph-timed ms of one call, cycling over `weight_copies(weight)`."""
+    probe = torch.randn(m, copies[0].shape[1], device=copies[0].device, dtype=x_dtype)
     cycle = itertools.cycle(copies)
-    return graph_time_ms(lambda: run(choice, probe, *next(cycle), block_size, quantize_activations),
+    return graph_time_ms(lambda: run(choice, probe, next(cycle), weight_scale, block_size, quantize_activations),
                          calls=max(4, len(copies)))
 
 
@@ -111,10 +117,11 @@ def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
             return _default(m, weight, weight_scale, block_size, False)
-        timed = []
+        timed, copies = [], weight_copies(weight)  # allocated once for all candidates
         for i, c in enumerate(candidates(bucket(m), weight, weight_scale, block_size, quantize_activations)):
             try:
-                timed.append((time_choice(c, bucket(m), weight, weight_scale, block_size, quantize_activations, x.dtype), i, c))
+                timed.append((time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
+                                          x.dtype), i, c))
             except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
                 log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
         choice = _chosen[key] = min(timed)[2] if timed else _default(m, weight, weight_scale, block_size, False)
