@@ -33,11 +33,16 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
         node = self.node
         loop = asyncio.get_running_loop()
         node.in_flight.add(rid)
+        # Admission blocks a worker thread until the engine answers; the call may be cancelled
+        # meanwhile, before the engine has even seen the request. The thread runs on (shielded), and
+        # if it admits the request after all, the request is aborted then: an abort sent before the
+        # admission would be dropped as unknown and the pages kept until the KV timeout.
+        admit = loop.run_in_executor(
+            None, lambda: node.client.add_remote_request(list(request.prompt_token_ids), params, rid,
+                                                         tuple(request.eos_token_ids) or None))
         try:
             try:
-                dest, stream = await loop.run_in_executor(
-                    None, lambda: node.client.add_remote_request(list(request.prompt_token_ids), params, rid,
-                                                                 tuple(request.eos_token_ids) or None))
+                dest, stream = await asyncio.shield(admit)
             except ValueError as e:  # refused (overloaded, too long, duplicate id): nothing was kept
                 yield pb.DecodeResponse(destination=pb.KVDestination(request_id=rid, error=str(e)))
                 return
@@ -46,6 +51,8 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
                 yield pb.DecodeResponse(delta=msg)
         except asyncio.CancelledError:
             node.client.abort(rid)
+            if not admit.done():
+                admit.add_done_callback(lambda f: f.exception() is None and node.client.abort(rid))
             raise
         finally:
             node.in_flight.discard(rid)

@@ -187,12 +187,14 @@ class EngineCore:
 
     def set_kv_dest(self, request_id: str, dest: dict) -> None:
         """The destination of a request added with `DESTINATION_FOLLOWS` (prefill role). If the request
-        has already ended (aborted, failed, timed out waiting), the receiver is told to free its pages."""
+        has already ended (aborted, failed, timed out waiting) or is unknown, the receiver is told to
+        free its pages, unless a push to a destination it already had is still ending (that tells it)."""
         if self.connector is None or self.connector.role != "prefill":
             raise RequestError(f"request {request_id!r}: this engine is not in the prefill role; it cannot send KV")
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
-            self.connector.abandon(dest)
+            if not self.connector.owns_notice(request_id):
+                self.connector.abandon(dest)
         elif req.kv_dest is not None and not destination_known(req.kv_dest):
             req.kv_dest = dest
             self.connector.set_destination(req)

@@ -84,6 +84,11 @@ class KVConnector(abc.ABC):
     def abandon(self, dest: dict) -> None:
         """A destination came for a request that had already ended: tell the receiver to free it."""
 
+    def owns_notice(self, request_id: str) -> bool:
+        """A push of `request_id` to a known destination is under way: its own end tells the
+        receiver (an "abandoned" notice before its WRITEs end would free pages still being written)."""
+        return False
+
     # ------------------------------------------------------------- decode side
     def destination(self, request) -> dict:
         """Where a prefill engine must write `request`'s prompt KV (its `page_ids`)."""

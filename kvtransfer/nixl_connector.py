@@ -239,6 +239,10 @@ class NixlConnector(KVConnector):
         if error:
             log.warning("abandon notice for transfer %s: %s", dest.get("transfer_id"), error)
 
+    def owns_notice(self, request_id: str) -> bool:
+        push = self.pushes.get(request_id)
+        return push is not None and destination_known(push.dest)
+
     def start_send(self, request) -> None:
         push = self.pushes.get(request.request_id) or self._new_push(request, layered=False)
         now = time.monotonic()

@@ -44,6 +44,14 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
 
     async def SetDestination(self, request: pb.KVDestination, context) -> pb.SetDestinationResponse:
         rid, dest = request.request_id, convert.dest_from_proto(request)
+        if request.cancelled:  # the router's client left: nothing may be written to these pages
+            found = rid in self._awaiting_dest
+            self._awaiting_dest.discard(rid)
+            self._early_dests.pop(rid, None)
+            _remember(self._ended, rid, None)  # a Prefill call for it that comes later is refused
+            self.node.client.abort(rid)  # if it runs here (its cancelled call may not have ended yet)
+            self.node.client.set_kv_dest(rid, dest)  # then ended or unknown: the engine tells D to free them
+            return pb.SetDestinationResponse(found=found)
         if rid in self._awaiting_dest or rid in self._ended:  # the engine abandons it if the request ended
             found = rid in self._awaiting_dest
             self._awaiting_dest.discard(rid)
@@ -76,6 +84,9 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         node = self.node
+        if rid in self._ended:  # cancelled before its call came (SetDestination said so), or a repeated id
+            return pb.PrefillResponse(request_id=rid, finished=True, finish_reason="abort",
+                                      error=f"request {rid!r} was cancelled or has already ended here")
         t0 = time.monotonic()
         node.in_flight.add(rid)
         try:

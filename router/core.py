@@ -107,7 +107,7 @@ class Router:
         self.timeouts = timeouts or Timeouts()
         self.max_in_flight = max_in_flight
         self.tasks: dict[str, asyncio.Task] = {}
-        self._background: set[asyncio.Task] = set()  # per-choice aborts sent to nodes
+        self._background: set[asyncio.Task] = set()  # per-choice aborts, late destinations
         self._ids = itertools.count()
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "aborted": 0, "kv_bytes": 0, "retries": 0}
 
@@ -221,14 +221,19 @@ class Router:
             for call in calls:
                 call.cancel()
 
-    async def _open_decode(self, rid: str, ids: list[int], params: SamplingParams, calls: list):
-        """Open D's `Decode` stream; returns (node, stream, KV destination) once D has reserved."""
+    async def _open_decode(self, rid: str, ids: list[int], params: SamplingParams, calls: list, opened: list):
+        """Open D's `Decode` stream; returns (node, stream, KV destination) once D has reserved. The
+        stream and the read of its first message are also put in `opened` as soon as they exist: the
+        read is shielded (cancelling a read cancels the call), for `_handoff`'s cancellation."""
         node = self.registry.pick("decode", "least_load")
         req = pb.DecodeRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params))
         call = node.stub.Decode(req, timeout=self.timeouts.decode_s)
         calls.append(call)
+        read = asyncio.ensure_future(call.read())
+        read.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
+        opened += [call, read]
         try:
-            first = await asyncio.wait_for(call.read(), self.timeouts.reserve_s)
+            first = await asyncio.wait_for(asyncio.shield(read), self.timeouts.reserve_s)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
             call.cancel()
             self.registry.mark_dead(node)
@@ -272,8 +277,10 @@ class Router:
         Returns (D, D's stream, P's answer); P's call is cancelled (aborting it there) if D fails."""
         prefill = await self._pick_prefill(ids, tried)
         task = asyncio.ensure_future(self._prefill(prefill, rid, ids, params))
+        opened: list = []  # D's stream, once open
+        dest, handed = None, False
         try:
-            decode, call, dest = await self._open_decode(rid, ids, params, calls)
+            decode, call, dest = await self._open_decode(rid, ids, params, calls, opened)
             if not task.done():
                 await self._hand_destination(prefill, dest)
             else:  # P ended first (refused, failed): handed over anyway, P tells D to free its pages now
@@ -281,7 +288,13 @@ class Router:
                     await self._hand_destination(prefill, dest)
                 except (grpc.aio.AioRpcError, RuntimeError) as e:
                     log.info("destination of %s not handed to %s after it ended: %s", rid, prefill.address, e)
+            handed = True
             return decode, call, await task
+        except asyncio.CancelledError:
+            if opened and not handed:  # the client left while D reserved or its destination travelled to P
+                calls.remove(opened[0])
+                self._in_background(self._late_destination(prefill, *opened, dest))
+            raise
         finally:
             if not task.done():  # D refused or failed, or we were cancelled: P stops too
                 task.cancel()
@@ -342,7 +355,32 @@ class Router:
                 await node.stub.Abort(pb.AbortRequest(request_id=node_rid, index=index), timeout=self.timeouts.reserve_s)
             except grpc.aio.AioRpcError:
                 pass  # the node's own end of the request frees it anyway
-        task = asyncio.get_running_loop().create_task(send())
+        self._in_background(send())
+
+    async def _late_destination(self, prefill: NodeHandle, call, read: asyncio.Future,
+                                dest: pb.KVDestination | None) -> None:
+        """A request cancelled after D reserved pages but before P surely had their address. Nothing
+        can write them then, yet D cannot know it and would hold them for the whole KV timeout. So the
+        address still goes to P (read from D's stream first if it had not come yet), whose engine,
+        its request ended, sends D the "abandoned" notice that frees them at once; then D's stream
+        is cancelled (its abort). Bounded by the reservation timeout."""
+        try:
+            if dest is None:
+                first = await asyncio.wait_for(read, self.timeouts.reserve_s)
+                if first is grpc.aio.EOF or not first.HasField("destination") or first.destination.error:
+                    return
+                dest = first.destination
+            cancelled = pb.KVDestination()
+            cancelled.CopyFrom(dest)
+            cancelled.cancelled = True
+            await self._hand_destination(prefill, cancelled)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, RuntimeError) as e:
+            log.info("destination of cancelled %s not handed to %s: %s", dest and dest.request_id, prefill.address, e)
+        finally:
+            call.cancel()
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

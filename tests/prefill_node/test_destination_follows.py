@@ -102,3 +102,29 @@ def test_the_destination_reaches_the_engine_once_whichever_call_comes_first():
 
 def test_a_destination_after_the_prefill_ended_still_reaches_the_engine_which_abandons_it():
     assert _run("after the end") == [("add", "r", {}), ("dest", "r", "r#t")]
+
+
+def _cancelled(rid: str) -> pb.KVDestination:
+    dest = _dest(rid)
+    dest.cancelled = True
+    return dest
+
+
+def test_a_cancelled_destination_ends_the_request_and_reaches_the_engine_to_be_abandoned():
+    """The router's client left after D reserved: whether the Prefill call is running here, never
+    came, or comes later, the engine gets an abort and then the destination (which it abandons, so
+    D frees the pages at once), and a Prefill call that comes later is refused without running."""
+    async def main():
+        node = FakeNode()
+        servicer = PrefillServicer(node)
+        call = asyncio.ensure_future(servicer.Prefill(_prefill("running"), None))
+        await asyncio.sleep(0)
+        assert (await servicer.SetDestination(_cancelled("running"), None)).found
+        await _finish(node, "running")
+        await call
+        assert not (await servicer.SetDestination(_cancelled("never"), None)).found
+        late = await servicer.Prefill(_prefill("never"), None)
+        assert late.finished and late.finish_reason == "abort" and "cancelled" in late.error
+        return node.client.calls
+    assert asyncio.run(main()) == [("add", "running", {}), ("abort", "running"), ("dest", "running", "running#t"),
+                                   ("abort", "never"), ("dest", "never", "never#t")]
