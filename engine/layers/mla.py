@@ -104,12 +104,15 @@ class MLAttention(nn.Module):
         for qlen in meta.query_lens_cpu:
             starts.append(starts[-1] + qlen)
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            ctx = gather_kv(kv_cache, 0, meta.block_tables[b], slen)[:, 0].to(q_nope.dtype)  # [S, R + P]
+            rows = slice(starts[b], starts[b] + qlen)
+            if qlen == slen:  # no cached prefix: the step's own entries (no gather back from the pages)
+                ctx = entry[rows].to(q_nope.dtype)  # [S, R + P]
+            else:
+                ctx = gather_kv(kv_cache, 0, meta.block_tables[b], slen)[:, 0].to(q_nope.dtype)
             lat, kpe = ctx.split([self.rank, self.dr], dim=-1)
             k_nope = torch.einsum("hdr,sr->hsd", self.w_uk, lat)  # [H, S, dn]
             v = torch.einsum("sr,hrv->hsv", lat, self.w_uv)  # [H, S, dv]
             k = torch.cat([k_nope, kpe.unsqueeze(0).expand(h, -1, -1)], dim=-1)
-            rows = slice(starts[b], starts[b] + qlen)
             # 4-D [1, H, L, D]: the fused SDPA kernels take only batched 4-D inputs (3-D falls back
             # to a materialised score matrix).
             q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1).unsqueeze(0)
