@@ -52,7 +52,8 @@ class DecodeServicer(NodeServicerBase, pb_grpc.DecodeNodeServicer):
         except asyncio.CancelledError:
             node.client.abort(rid)
             if not admit.done():
-                admit.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and node.client.abort(rid))
+                admit.add_done_callback(
+                    lambda f: not f.cancelled() and f.exception() is None and node.client.abort(rid))
             raise
         finally:
             node.in_flight.discard(rid)
