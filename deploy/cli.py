@@ -161,10 +161,10 @@ def _model_cannot_serve(args) -> str | None:
     """Why the engine flags cannot work with this model (read from its config.json alone), before any
     process starts: a --max-model-len beyond the positions the model can encode, an unknown model."""
     from engine.config import ConfigError
-    from engine.presets import resolve_model
+    from engine.presets import check_model
 
     try:
-        resolve_model(args.model).check_max_model_len(args.max_model_len, args.model)
+        check_model(args.model, args.max_model_len)
     except ConfigError as e:
         return str(e)
     return None

@@ -191,14 +191,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | torch.dtype = "auto") -> "ModelConfig":
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ConfigError(f"{path!r} is neither a known preset nor a directory with config.json")
-        with open(cfg_path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        hf = read_config_json(path)
         return cls(hf=hf, path=path, dtype=resolve_dtype(dtype, hf))
 
     def check_max_model_len(self, requested: int | None, name: str) -> int:
@@ -212,10 +205,7 @@ class ModelConfig:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = self.hf.get("eos_token_id")
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return eos_token_ids(self.hf)
 
     def kv_spec(self, page_size: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
         dtype = dtype or self.dtype
@@ -223,6 +213,26 @@ class ModelConfig:
             dim = self.hf["kv_lora_rank"] + self.hf["qk_rope_head_dim"]
             return KVCacheSpec(self.num_layers, page_size, 1, 1, dim, dtype, "mla")
         return KVCacheSpec(self.num_layers, page_size, 2, self.num_kv_heads, self.head_dim, dtype, "gqa")
+
+
+def eos_token_ids(hf: dict[str, Any]) -> list[int]:
+    """The EOS ids an HF config names (one or a list; none if unset)."""
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def read_config_json(path: str) -> dict[str, Any]:
+    """A checkpoint directory's config.json as a dict (ConfigError if missing or not JSON)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{path!r} is neither a known preset nor a directory with config.json")
+    with open(cfg_path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:

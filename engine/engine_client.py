@@ -8,6 +8,7 @@ Starting the processes is `rank_launcher.py`'s; a request's stream is `request_s
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 
 import zmq
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, eos_token_ids
 from engine.engine_process import (AbortRequest, AddRemoteRequest, AddRequest, RemoteAdded, SetKVDestination,
                                    Shutdown, Stats, StatsRequest)
 from engine.output_processor import RequestState
@@ -63,9 +64,7 @@ class EngineClient:
             sock.connect(addr)
             self._ins.append(sock)
         self._send_lock = threading.Lock()
-        self.model_config = ModelConfig(hf=self.info.hf_config, path=self.info.model_path)
         self.max_model_len = self.info.max_model_len
-        self.tokenizer = load_tokenizer(config.tokenizer or self.info.model_path)
         self._states: dict[str, list[RequestState]] = {}  # one state per choice
         self._streams: dict[str, RequestStream] = {}
         self._replies: dict[str, queue.Queue] = {}  # request id or "#statsN" -> its one reply
@@ -76,6 +75,16 @@ class EngineClient:
         self._closed = False
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="engine-receiver")
         self._receiver.start()
+
+    # Made on first use: a node front (token ids only) needs neither, and ModelConfig's dtype imports
+    # torch (seconds of start-up in a process that otherwise never loads it).
+    @functools.cached_property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(hf=self.info.hf_config, path=self.info.model_path)
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.config.tokenizer or self.info.model_path)
 
     def _pick_rank(self, request_id: str) -> int:
         with self._lock:
@@ -236,7 +245,7 @@ class EngineClient:
         return next((p for p in self._procs if not p.is_alive()), None)
 
     def _eos_ids(self) -> tuple[int, ...]:
-        ids = list(self.model_config.eos_token_ids)
+        ids = eos_token_ids(self.info.hf_config)
         if not ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
             ids = [self.tokenizer.eos_token_id]
         return tuple(ids)

@@ -12,9 +12,12 @@ import copy
 import os
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
-from engine.config import ConfigError, ModelConfig, resolve_dtype
+from engine.config import ConfigError, ModelConfig, read_config_json, resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 _DEEPSEEK_V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
@@ -135,12 +138,26 @@ def preset_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[name])
 
 
-def resolve_model(name_or_dir: str, dtype: str | torch.dtype = "auto") -> ModelConfig:
-    """A preset name or an HF checkpoint directory → ModelConfig (path set only for directories)."""
+def model_hf(name_or_dir: str) -> tuple[dict[str, Any], str | None]:
+    """A preset's or checkpoint directory's HF config dict, and the directory (None for a preset)."""
     if name_or_dir in PRESETS:
-        hf = preset_config(name_or_dir)
-        return ModelConfig(hf=hf, path=None, dtype=resolve_dtype(dtype, hf))
+        return preset_config(name_or_dir), None
     if os.path.isdir(name_or_dir):
-        return ModelConfig.from_pretrained(name_or_dir, dtype)
+        return read_config_json(name_or_dir), name_or_dir
     raise ConfigError(f"unknown model {name_or_dir!r}: not a preset ({', '.join(PRESETS)}) "
                       f"and not a checkpoint directory")
+
+
+def resolve_model(name_or_dir: str, dtype: str | torch.dtype = "auto") -> ModelConfig:
+    """A preset name or an HF checkpoint directory → ModelConfig (path set only for directories)."""
+    hf, path = model_hf(name_or_dir)
+    return ModelConfig(hf=hf, path=path, dtype=resolve_dtype(dtype, hf))
+
+
+def check_model(name_or_dir: str, max_model_len: int | None) -> None:
+    """ConfigError if the model is unknown, its config is broken or unsupported, or it cannot position
+    `max_model_len` tokens, without importing torch (launchers check this before starting anything).
+    The ModelConfig made here is only validated: its dtype stays a name."""
+    hf, path = model_hf(name_or_dir)
+    ModelConfig(hf=hf, path=path, dtype=str(hf.get("torch_dtype") or "auto")).check_max_model_len(
+        max_model_len, name_or_dir)

@@ -61,8 +61,16 @@ class TLSFiles:
         return ctx
 
 
+# A node that is starting or restarting is reconnected to within a second: gRPC's default backoff
+# grows to minutes, and at a cluster's start the router's first tries fail before the nodes listen.
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def open_channel(address: str, tls: TLSFiles | None = None) -> grpc.aio.Channel:
-    return grpc.aio.secure_channel(address, tls.channel_credentials()) if tls else grpc.aio.insecure_channel(address)
+    if tls:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=_CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
 
 
 class GrpcServer:
