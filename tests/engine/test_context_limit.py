@@ -68,3 +68,22 @@ def test_pdserve_up_refuses_before_starting_any_process():
     assert r.returncode == 2, r.stderr
     assert "tiny-qwen3" in r.stderr and "2048" in r.stderr and "--max-model-len" in r.stderr
     assert "loading" not in r.stderr  # no node was started
+
+
+def test_the_launchers_model_check_and_engine_settings_do_not_import_torch():
+    """`pdserve up` and the node commands check the model before anything starts, and a node's front
+    builds its engine settings, without torch: importing it costs seconds of every process start."""
+    code = ("import sys\n"
+            "from engine.presets import check_model\n"
+            "from engine.config import ConfigError\n"
+            "from engine.engine_args import build_engine_config\n"
+            "check_model('tiny-llama', None)\n"
+            "try:\n"
+            "    check_model('qwen3-8b', 10**7)\n"
+            "    raise SystemExit('an impossible context was accepted')\n"
+            "except ConfigError:\n"
+            "    pass\n"
+            "build_engine_config('tiny-llama', page_size=4)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
