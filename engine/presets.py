@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ConfigError, ModelConfig, read_config_json, resolve_dtype
 

@@ -44,14 +44,12 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
 
     async def SetDestination(self, request: pb.KVDestination, context) -> pb.SetDestinationResponse:
         rid, dest = request.request_id, convert.dest_from_proto(request)
-        if request.cancelled:  # the router's client left: nothing may be written to these pages
-            found = rid in self._awaiting_dest
-            self._awaiting_dest.discard(rid)
+        if request.cancelled:  # the router's client left: nothing may be written to these pages, so the
+            # request ends here (if it runs: its cancelled call may not have ended yet) and is handed
+            # the destination as an ended one below, which the engine abandons (D frees the pages)
             self._early_dests.pop(rid, None)
             _remember(self._ended, rid, None)  # a Prefill call for it that comes later is refused
-            self.node.client.abort(rid)  # if it runs here (its cancelled call may not have ended yet)
-            self.node.client.set_kv_dest(rid, dest)  # then ended or unknown: the engine tells D to free them
-            return pb.SetDestinationResponse(found=found)
+            self.node.client.abort(rid)
         if rid in self._awaiting_dest or rid in self._ended:  # the engine abandons it if the request ended
             found = rid in self._awaiting_dest
             self._awaiting_dest.discard(rid)
