@@ -229,7 +229,8 @@ def mla_absorbed_query(q: torch.Tensor, w_uk: torch.Tensor, positions: torch.Ten
                          f"(got {t} tokens, {w_uk.dtype} vs {q.dtype})")
     if q.stride(-1) != 1:
         q = q.contiguous()
-    w_uk = w_uk.contiguous()
+    if w_uk.stride(-1) != 1:  # other strides are the kernel's (the layer passes a view of kv_b's weight)
+        w_uk = w_uk.contiguous()
     out = torch.empty((t, h, r + p), dtype=q.dtype, device=q.device)
     if t:
         block_r, block_d = (16, 8) if q.device.type == "cpu" else (64, 32)

@@ -62,14 +62,33 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(h * self.dv, hidden, bias=bias)
         self.rope = rope
         self.scale = yarn_softmax_scale(hf, qk)
-        self.register_buffer("w_uk", torch.empty(h, self.dn, self.rank), persistent=False)  # q_nope → latent
-        self.register_buffer("w_uv", torch.empty(h, self.rank, self.dv), persistent=False)  # latent → v
+        # kv_b_proj's weight in the compute dtype, per head [nope key rows ++ value rows, R] (`w_kvb`):
+        # decompression multiplies by all of it in one GEMM, the absorbed query by its key rows (`w_uk`, a
+        # view). An FP8 kv_b_proj is dequantized once into a buffer; otherwise `w_kvb` is the weight itself.
+        # `w_uv` is the value rows transposed, a copy: cuBLAS/MKL take the transposed view too, but not
+        # bit for bit as the contiguous one, and EP runs must give the one-rank tokens.
+        self._kvb_buffer = self.kv_b_proj.quant is not None
+        if self._kvb_buffer:
+            self.register_buffer("_w_kvb", torch.empty(h, self.dn + self.dv, self.rank), persistent=False)
+        self.register_buffer("w_uv", torch.empty(h, self.rank, self.dv), persistent=False)
+
+    @property
+    def w_kvb(self) -> torch.Tensor:
+        """`[H, dn + dv, R]`."""
+        if self._kvb_buffer:
+            return self._w_kvb
+        return self.kv_b_proj.weight.view(self.num_heads, self.dn + self.dv, self.rank)
+
+    @property
+    def w_uk(self) -> torch.Tensor:
+        """`[H, dn, R]`: q_nope → latent (the absorbed key up-projection)."""
+        return self.w_kvb[:, : self.dn]
 
     @torch.no_grad()
     def process_weights_after_loading(self) -> None:
-        w = self.kv_b_proj.dense_weight(self.w_uk.dtype).view(self.num_heads, self.dn + self.dv, self.rank)
-        self.w_uk.copy_(w[:, : self.dn])
-        self.w_uv.copy_(w[:, self.dn:].transpose(1, 2))
+        if self._kvb_buffer:
+            self._w_kvb.copy_(self.kv_b_proj.dense_weight(self._w_kvb.dtype).view_as(self._w_kvb))
+        self.w_uv.copy_(self.w_kvb[:, self.dn:].transpose(1, 2))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t, h = hidden.shape[0], self.num_heads
@@ -78,15 +97,16 @@ class MLAttention(nn.Module):
         else:
             q = self.q_proj(hidden)
         q = q.view(t, h, self.dn + self.dr)
-        q_nope = q[..., : self.dn]
         kv_cache, meta = batch.kv_caches[self.layer_id], batch.attn
         # [T, R + P]: normed latent ++ rotated rope key, what the cache stores (written there too)
         entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
                                        self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved,
                                        kv_cache, meta.slot_mapping)
         if meta.num_decodes == 0 and t >= DECOMPRESS_MIN_TOKENS:
-            q_pe = self.rope.rotate(q[..., self.dn:], positions)
-            out = self._prefill_decompressed(q_nope, q_pe, entry, kv_cache, meta)
+            # q_nope ++ rotated q_pe in one kernel (the same one that builds the absorbed query)
+            query = fused_ops.mla_query(q[..., : self.dn], q, positions, self.rope.cos, self.rope.sin,
+                                        self.rope.interleaved)
+            out = self._prefill_decompressed(query, entry, kv_cache, meta)
         else:
             # q_nope @ W_UK ++ rotated q_pe: one kernel at decode sizes (the rotation alone is ~10 torch kernels)
             query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
@@ -95,34 +115,43 @@ class MLAttention(nn.Module):
             out = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # [T, H, dv]
         return self.o_proj(out.reshape(t, h * self.dv))
 
-    def _prefill_decompressed(self, q_nope, q_pe, entry, kv_cache, meta) -> torch.Tensor:
+    def _decompress(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached entries `ctx [S, R + P]` → per-head keys `[S, H, dn + P]` (up-projected latent ++ the
+        shared rope key) and values `[S, H, dv]`: one GEMM over `kv_b_proj`'s weight and one concat."""
+        s, h = ctx.shape[0], self.num_heads
+        lat, kpe = ctx.split([self.rank, self.dr], dim=-1)
+        kv = torch.mm(lat, self.w_kvb.view(-1, self.rank).t()).view(s, h, self.dn + self.dv)
+        k = torch.cat([kv[..., : self.dn], kpe.unsqueeze(1).expand(s, h, self.dr)], dim=-1)
+        return k, kv[..., self.dn:]
+
+    def _prefill_decompressed(self, query, entry, kv_cache, meta) -> torch.Tensor:
         """Causal attention of each prefill chunk over its whole sequence (cached prefix + chunk),
-        with keys and values up-projected from the cached latents. Returns `[T, H, dv]`."""
-        h = self.num_heads
-        out = q_nope.new_empty(q_nope.shape[0], h, self.dv)
+        with keys and values up-projected from the cached latents. `query [T, H, dn + P]` (rotated).
+        Returns `[T, H, dv]`. Sequences without a cached prefix (the usual prefill) are decompressed
+        together from this step's own entries, and their values padded to the key width once, so SDPA's
+        flash kernel applies; a chunk over a cached prefix gathers its sequence back from the pages."""
+        h, width = self.num_heads, self.dn + self.dr
+        t = query.shape[0]
+        out = query.new_empty(t, h, self.dv)
         starts = [0]  # from the host lists: reading query_start_loc back would sync once per layer
         for qlen in meta.query_lens_cpu:
             starts.append(starts[-1] + qlen)
+        dense = [qlen == slen for qlen, slen in zip(meta.query_lens_cpu, meta.seq_lens_cpu)]
+        if any(dense):  # the step's own entries, all sequences at once (rows of prefix chunks unused)
+            k_all, v_all = self._decompress(entry.to(query.dtype))
+            v_all = F.pad(v_all, (0, width - self.dv))
+        # 4-D [1, H, L, D] views: the fused SDPA kernels take only batched 4-D inputs (3-D falls back to
+        # a materialised score matrix); each needs only its last dimension contiguous.
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             rows = slice(starts[b], starts[b] + qlen)
-            if qlen == slen:  # no cached prefix: the step's own entries (no gather back from the pages)
-                ctx = entry[rows].to(q_nope.dtype)  # [S, R + P]
-            else:
-                ctx = gather_kv(kv_cache, 0, meta.block_tables[b], slen)[:, 0].to(q_nope.dtype)
-            lat, kpe = ctx.split([self.rank, self.dr], dim=-1)
-            k_nope = torch.einsum("hdr,sr->hsd", self.w_uk, lat)  # [H, S, dn]
-            v = torch.einsum("sr,hrv->hsv", lat, self.w_uv)  # [H, S, dv]
-            k = torch.cat([k_nope, kpe.unsqueeze(0).expand(h, -1, -1)], dim=-1)
-            # 4-D [1, H, L, D]: the fused SDPA kernels take only batched 4-D inputs (3-D falls back
-            # to a materialised score matrix).
-            q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1).unsqueeze(0)
-            k, v = k.unsqueeze(0), v.unsqueeze(0)
-            if qlen == slen:  # no cached prefix: plain causal, values padded to the key width so the
-                # flash kernel applies
-                vp = F.pad(v, (0, q.shape[-1] - self.dv))
+            q = query[rows].transpose(0, 1).unsqueeze(0)
+            if dense[b]:  # no cached prefix: plain causal
+                k, v = (x[rows].transpose(0, 1).unsqueeze(0) for x in (k_all, v_all))
                 with sdpa_kernel(_DENSE_BACKENDS):
-                    o = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.scale)[..., : self.dv]
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., : self.dv]
             else:  # bottom-right causal: the chunk's queries sit at the last Q of the S positions
+                ctx = gather_kv(kv_cache, 0, meta.block_tables[b], slen)[:, 0].to(query.dtype)  # [S, R + P]
+                k, v = (x.transpose(0, 1).unsqueeze(0) for x in self._decompress(ctx))
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(qlen, slen),
                                                    scale=self.scale)
             out[rows] = o[0].transpose(0, 1)

@@ -76,14 +76,19 @@ def check_mla_entry(t: int, r: int, p: int, dtype, device, g) -> None:
     close(f"mla_kv_entry + cache write, entry T={t} {dtype}", entries[0], entries[1])
 
 
-def check_mla_query(t: int, h: int, r: int, nope: int, p: int, interleaved: bool, dtype, device, g) -> None:
+def check_mla_query(t: int, h: int, r: int, nope: int, p: int, interleaved: bool, dtype, device, g,
+                    latent_is_nope: bool = False) -> None:
+    """`latent_is_nope`: the decompressed prefill's query, q's own no-rope part (a view) ++ rotated q_pe."""
     max_pos = 32 + t
     q_latent = torch.randn(h, t, r, generator=g).to(device, dtype).transpose(0, 1)  # a bmm's output layout
     q = torch.randn(t, h * (nope + p), generator=g).to(device, dtype).view(t, h, nope + p)
+    if latent_is_nope:
+        q_latent, r = q[..., :nope], nope
     pos = torch.randint(0, max_pos, (t,), generator=g).to(device)
     freqs = torch.outer(torch.arange(max_pos).double(), 1.0 / 1e4 ** (torch.arange(0, p, 2).double() / p))
     cos, sin = freqs.cos().float().to(device), freqs.sin().float().to(device)
-    close(f"mla_query T={t} H={h} R={r} nope={nope} P={p} interleaved={interleaved} {dtype}",
+    close(f"mla_query T={t} H={h} R={r} nope={nope} P={p} interleaved={interleaved} {dtype}"
+          + (" (latent = q's nope view)" if latent_is_nope else ""),
           rope_kv.mla_query(q_latent, q, pos, cos, sin, interleaved),
           rope_kv_ref.mla_query(q_latent, q, pos, cos, sin, interleaved))
 
@@ -153,6 +158,7 @@ def main() -> int:
         check_mla_entry(3, 24, 8, torch.float32, device, g)
         check_mla_query(3, 2, 24, 16, 8, True, torch.float32, device, g)
         check_mla_query(2, 3, 32, 8, 8, False, torch.float32, device, g)
+        check_mla_query(5, 3, 0, 16, 8, True, torch.float32, device, g, latent_is_nope=True)
         check_mla_absorbed_query(1, 2, 24, 16, 8, True, torch.float32, device, g)  # partial R block
         check_mla_absorbed_query(3, 3, 32, 12, 8, False, torch.float32, device, g)  # partial nope block
         check_routing(7, 16, 4, device, g, renorm=True)
@@ -180,6 +186,7 @@ def main() -> int:
         check_mla_entry(64, 512, 64, bf, device, g)  # DeepSeek-V2/V3
         for t in (1, 64):
             check_mla_query(t, 16, 512, 128, 64, True, bf, device, g)  # DeepSeek-V2-Lite
+        check_mla_query(2048, 16, 0, 128, 64, True, bf, device, g, latent_is_nope=True)  # V2-Lite decompressed prefill
         for t in (1, 4):
             check_mla_absorbed_query(t, 16, 512, 128, 64, True, bf, device, g)  # DeepSeek-V2-Lite
             check_mla_absorbed_query(t, 128, 512, 128, 64, True, bf, device, g)  # DeepSeek-V3
