@@ -161,12 +161,17 @@ def _chunk_count_kernel(ids, chunk_counts, local_rank, n, E: tl.constexpr, BLOCK
 
 @triton.jit
 def _scan_kernel(chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks,
-                 max_padded, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+                 max_padded, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     ex = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], tl.int32)
-    for c in range(num_chunks):  # running per-expert offset of each chunk
-        tl.store(chunk_base + c * BLOCK_E + ex, counts)
-        counts += tl.load(chunk_counts + c * BLOCK_E + ex)
+    for c0 in range(0, num_chunks, BLOCK_C):  # running per-expert offset of each chunk, BLOCK_C chunks at a time
+        c = c0 + tl.arange(0, BLOCK_C)
+        at = c[:, None] * BLOCK_E + ex[None, :]
+        rows = tl.load(chunk_counts + at, mask=(c < num_chunks)[:, None], other=0)
+        inclusive = tl.cumsum(rows, axis=0)
+        tl.store(chunk_base + at, inclusive - rows + counts[None, :], mask=(c < num_chunks)[:, None])
+        counts += tl.sum(rows, axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded = tl.where(ex < E, padded, 0)
     ends = tl.cumsum(padded, axis=0)
@@ -215,7 +220,8 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         _chunk_count_kernel[(num_chunks,)](flat, chunk_counts, local_rank, n, E=num_experts, BLOCK_E=block_e,
                                            CHUNK=CHUNK, num_warps=8)
     _scan_kernel[(1,)](chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks,
-                       max_padded, E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
+                       max_padded, E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64,
+                       BLOCK_C=max(1, min(32, 4096 // block_e)), num_warps=4)
     if num_chunks:
         _scatter_kernel[(num_chunks,)](flat, chunk_base, expert_start, local_rank, sorted_slots, n, E=num_experts,
                                        BLOCK_E=block_e, CHUNK=CHUNK)

@@ -167,6 +167,7 @@ def main() -> int:
         check_routing(6, 32, 4, device, g, "sigmoid", True, 8, 3, True, 2.5, "top2sum")
         check_align(70, 8, 2, 4, device, g)
         check_align(3, 6, 2, 4, device, g)
+        check_align(300, 256, 8, 16, device, g)  # 38 chunks: the offset scan takes several blocks of chunks
         check_router_logits(1, 12, 80, torch.float32, device, g)  # partial expert block and K step
         check_router_logits(3, 16, 64, torch.bfloat16, device, g)
         check_router_logits(9, 16, 64, torch.bfloat16, device, g)  # above the GEMV's sizes: cuBLAS
