@@ -46,7 +46,7 @@ class MLADecodeConfig:
 @triton.jit
 def _attend_tile(q_own, q_rest, q_rope, kv, block_tables, row_table, n0, end, qk_scale, m, l, acc, own0, rest0,
                  stride_kp, stride_ks, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr):
     """Scores of the head block against positions n0..n0+BLOCK_N (< end), then one online-softmax
     update of (running max, running sum, unnormalised output), all in the exp2 domain. The scores
     use all R latent channels (this program's `own0..` slice and, with two value splits, the
@@ -59,7 +59,8 @@ def _attend_tile(q_own, q_rest, q_rope, kv, block_tables, row_table, n0, end, qk
     cols = tl.arange(0, RV)
     # An FP8 cache (scale 1) is read in the query's dtype (a no-op for a bf16 cache).
     lat = tl.load(row[:, None] + own0 + cols[None, :], mask=pmask[:, None], other=0.0).to(q_own.dtype)
-    rope = tl.load(row[:, None] + R + tl.arange(0, P)[None, :], mask=pmask[:, None], other=0.0).to(q_rope.dtype)
+    pc = tl.arange(0, BLOCK_P)  # BLOCK_P ≥ 16 (a tensor-core dot's K), masked to P
+    rope = tl.load(row[:, None] + R + pc[None, :], mask=pmask[:, None] & (pc < P)[None, :], other=0.0).to(q_rope.dtype)
     qk = tl.dot(q_own, tl.trans(lat), out_dtype=tl.float32)
     if VALUE_SPLITS == 2:
         rest = tl.load(row[:, None] + rest0 + cols[None, :], mask=pmask[:, None], other=0.0).to(q_rest.dtype)
@@ -79,7 +80,8 @@ def _attend_tile(q_own, q_rest, q_rope, kv, block_tables, row_table, n0, end, qk
 def _mla_decode_kernel(q, kv, block_tables, seq_lens, out, part_out, part_lse, qk_scale, num_heads, num_splits,
                        stride_qb, stride_qh, stride_kp, stride_ks, stride_bt, stride_ob, stride_oh,
                        R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr, DIRECT: tl.constexpr):
+                       BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr, DIRECT: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
     # Fastest grid axis: the (head block, value split) programs sharing one latent tile run together.
     hb = tl.program_id(0) // VALUE_SPLITS
     vs = tl.program_id(0) % VALUE_SPLITS
@@ -100,13 +102,15 @@ def _mla_decode_kernel(q, kv, block_tables, seq_lens, out, part_out, part_lse, q
     q_rest = q_own
     if VALUE_SPLITS == 2:
         q_rest = tl.load(q_row + rest0 + tl.arange(0, RV)[None, :], mask=hmask[:, None], other=0.0)
-    q_rope = tl.load(q_row + R + tl.arange(0, P)[None, :], mask=hmask[:, None], other=0.0)
+    pc = tl.arange(0, BLOCK_P)
+    q_rope = tl.load(q_row + R + pc[None, :], mask=hmask[:, None] & (pc < P)[None, :], other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, RV], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         m, l, acc = _attend_tile(q_own, q_rest, q_rope, kv, block_tables, b * stride_bt, n0, end, qk_scale, m, l,
-                                 acc, own0, rest0, stride_kp, stride_ks, R, P, PAGE, BLOCK_N, VALUE_SPLITS)
+                                 acc, own0, rest0, stride_kp, stride_ks, R, P, PAGE, BLOCK_N, VALUE_SPLITS,
+                                 BLOCK_P)
     l_safe = tl.where(l > 0, l, 1.0)  # an empty split (or sequence) gives zeros
     o = acc / l_safe[:, None]
     if DIRECT:
@@ -193,7 +197,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_heads, cfg.num_splits,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), R=v_dim, P=rope, PAGE=kv_cache.shape[2], BLOCK_H=cfg.block_h,
-        BLOCK_N=cfg.block_n, VALUE_SPLITS=cfg.value_splits, DIRECT=direct, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, VALUE_SPLITS=cfg.value_splits, DIRECT=direct,
+        BLOCK_P=max(16, triton.next_power_of_2(rope)), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     if not direct:
         _combine_kernel[(batch, num_heads)](part_out, part_lse, out, num_heads, cfg.num_splits, out.stride(0),

@@ -56,7 +56,7 @@ def write_kv(kv_cache: torch.Tensor, comp: int, values: torch.Tensor, slot_mappi
 @triton.jit
 def _load_block(kv, block_tables, row_table, kvh, n0, end, qa, qb, stride_kp, stride_kc, stride_ks, stride_kh,
                 K_COMP: tl.constexpr, V_COMP: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+                PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr):
     """Scores of the queries against KV positions n0..n0+BLOCK_N (< end) and the values there."""
     pos = n0 + tl.arange(0, BLOCK_N)
     pmask = pos < end
@@ -66,9 +66,9 @@ def _load_block(kv, block_tables, row_table, kvh, n0, end, qa, qb, stride_kp, st
     # An FP8 cache (scale 1) is read in the query's dtype.
     ka = tl.load(base[:, None] + K_COMP * stride_kc + da[None, :], mask=pmask[:, None], other=0.0).to(qa.dtype)
     qk = tl.dot(qa, tl.trans(ka), out_dtype=tl.float32)
-    if DB > 0:
-        db = tl.arange(0, DB)
-        kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None],
+    if DB > 0:  # BLOCK_DB ≥ 16 (a tensor-core dot's K), masked to DB
+        db = tl.arange(0, BLOCK_DB)
+        kb = tl.load(base[:, None] + K_COMP * stride_kc + DA + db[None, :], mask=pmask[:, None] & (db < DB)[None, :],
                      other=0.0).to(qb.dtype)
         qk += tl.dot(qb, tl.trans(kb), out_dtype=tl.float32)
     if V_COMP == K_COMP:
@@ -96,7 +96,7 @@ def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, out, scale,
                    stride_ot, stride_oh,
                    K_COMP: tl.constexpr, V_COMP: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    DA: tl.constexpr, DB: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_DB: tl.constexpr):
     # Head blocks vary fastest so the programs sharing one sequence's KV run side by side and
     # read it from L2 (MLA: 128 heads share one latent).
     hb = tl.program_id(0)
@@ -115,8 +115,8 @@ def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, out, scale,
     q_row = q + b * stride_qt + heads[:, None] * stride_qh
     qa = tl.load(q_row + da[None, :], mask=hmask[:, None], other=0.0)
     if DB > 0:
-        db = tl.arange(0, DB)
-        qb = tl.load(q_row + DA + db[None, :], mask=hmask[:, None], other=0.0)
+        db = tl.arange(0, BLOCK_DB)
+        qb = tl.load(q_row + DA + db[None, :], mask=hmask[:, None] & (db < DB)[None, :], other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DA], tl.float32)
@@ -124,7 +124,8 @@ def _decode_kernel(q, kv, block_tables, seq_lens, part_acc, part_ml, out, scale,
         qb = qa
     for n0 in range(start, end, BLOCK_N):
         pos, pmask, qk, v = _load_block(kv, block_tables, b * stride_bt, kvh, n0, end, qa, qb, stride_kp, stride_kc,
-                                        stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N)
+                                        stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N,
+                                        BLOCK_DB)
         qk = tl.where(pmask[None, :], qk * scale, float("-inf"))
         m, l, acc = _online_softmax(qk, v, m, l, acc)
     if NUM_SPLITS == 1:  # nothing to merge: normalise and store the output (no second kernel)
@@ -160,6 +161,12 @@ def _num_splits(batch: int, programs_per_seq: int) -> int:
     return triton.next_power_of_2(splits)
 
 
+def _block_db(db: int) -> int:
+    """The second query/key part's block: a power of two of at least 16 (a tensor-core dot's K; tiny
+    models' rope widths are 8), masked to `db`."""
+    return max(16, triton.next_power_of_2(db)) if db else 0
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, k_comp: int, v_comp: int, da: int, db: int, out: torch.Tensor) -> None:
     """q `[B, Hq, DA+DB]` (one query per sequence) → out `[B, Hq, DA]`."""
@@ -179,7 +186,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1), K_COMP=k_comp, V_COMP=v_comp, GROUP=group,
         BLOCK_H=block_h, DA=da, DB=db, PAGE=kv_cache.shape[2], BLOCK_N=block_n, NUM_SPLITS=splits,
-        NUM_HEADS=num_heads)
+        NUM_HEADS=num_heads, BLOCK_DB=_block_db(db))
     if splits > 1:
         _merge_kernel[(batch, num_heads)](part_acc, part_ml, out, out.stride(0), out.stride(1), DA=da,
                                           NUM_SPLITS=splits, NUM_HEADS=num_heads)
@@ -190,7 +197,8 @@ def _prefill_kernel(q, kv, block_tables, seq_lens, query_start, out, scale, seq_
                     stride_qt, stride_qh, stride_kp, stride_kc, stride_ks, stride_kh, stride_bt,
                     stride_ot, stride_oh,
                     K_COMP: tl.constexpr, V_COMP: tl.constexpr, GROUP: tl.constexpr, DA: tl.constexpr,
-                    DB: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    DB: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_DB: tl.constexpr):
     b = tl.program_id(0) + seq_offset
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -206,8 +214,8 @@ def _prefill_kernel(q, kv, block_tables, seq_lens, query_start, out, scale, seq_
     q_row = q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh
     qa = tl.load(q_row + da[None, :], mask=mmask[:, None], other=0.0)
     if DB > 0:
-        db = tl.arange(0, DB)
-        qb = tl.load(q_row + DA + db[None, :], mask=mmask[:, None], other=0.0)
+        db = tl.arange(0, BLOCK_DB)
+        qb = tl.load(q_row + DA + db[None, :], mask=mmask[:, None] & (db < DB)[None, :], other=0.0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DA], tl.float32)
@@ -216,7 +224,8 @@ def _prefill_kernel(q, kv, block_tables, seq_lens, query_start, out, scale, seq_
         qb = qa
     for n0 in range(0, end, BLOCK_N):
         pos, pmask, qk, v = _load_block(kv, block_tables, b * stride_bt, kvh, n0, end, qa, qb, stride_kp, stride_kc,
-                                        stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N)
+                                        stride_ks, stride_kh, K_COMP, V_COMP, DA, DB, PAGE, BLOCK_N,
+                                        BLOCK_DB)
         causal = (pos[None, :] <= q_pos[:, None]) & pmask[None, :]
         qk = tl.where(causal, qk * scale, float("-inf"))
         m, l, acc = _online_softmax(qk, v, m, l, acc)
@@ -241,4 +250,4 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale, first_seq,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1), K_COMP=k_comp, V_COMP=v_comp, GROUP=group,
-        DA=da, DB=db, PAGE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n)
+        DA=da, DB=db, PAGE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DB=_block_db(db))
