@@ -10,7 +10,9 @@ from engine.layers import fused_ops
 from engine.llm import build_engine_config
 from engine.sampling_params import SamplingParams
 
-PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 440))]
+# The 160-token prompt makes the first step a prefill of 211 tokens: MLA models attend decompressed there
+# (mla.DECOMPRESS_MIN_TOKENS), all four sequences from that step's own entries.
+PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 440)), list(range(600, 760))]
 MODELS = ("tiny-llama", "tiny-qwen3", "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3")
 
 
@@ -18,7 +20,7 @@ def generate(model: str, fused: bool, device: str) -> list[list[int]]:
     """Greedy tokens through the engine core in-process (no tokenizer needed)."""
     fused_ops._fused = (lambda x: x.is_cuda) if fused else (lambda x: False)  # the seam's one switch
     config = build_engine_config(model, load_format="dummy", dtype="float32", device=device, page_size=16,
-                                 num_pages=64, enforce_eager=not fused, max_num_batched_tokens=64, max_num_seqs=8)
+                                 num_pages=64, enforce_eager=not fused, max_num_batched_tokens=256, max_num_seqs=8)
     core = EngineCore(config)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
