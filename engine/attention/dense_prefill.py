@@ -1,8 +1,10 @@
 """Dense prefill for GQA: a prefill-only step in which no sequence has a cached prefix needs no
-paged reads at all — every key and value is this step's own — so each sequence runs torch SDPA's
-fused causal kernels (flash / cuDNN / memory-efficient on CUDA) over its contiguous q, k, v.
-Chunked prefill over a cached prefix, and any step with decodes, stays on the paged kernels.
-Not for CUDA-graph capture (decode steps never take it)."""
+paged reads at all — every key and value is this step's own — so it runs fused causal attention
+over the contiguous q, k, v. On CUDA in half precision that is one varlen flash-attention call for
+all sequences of the step (`varlen_flash`: no loop over sequences on the host, GQA without
+expanding the KV heads); elsewhere each sequence runs torch SDPA (flash / cuDNN /
+memory-efficient / math). Chunked prefill over a cached prefix, and any step with decodes, stays on
+the paged kernels. Not for CUDA-graph capture (decode steps never take it)."""
 from __future__ import annotations
 
 import torch
@@ -16,13 +18,35 @@ def is_dense_prefill(meta: AttentionMetadata) -> bool:
     return meta.num_decode_tokens == 0 and meta.query_lens_cpu == meta.seq_lens_cpu
 
 
+VARLEN = True  # the one-call varlen flash path where it applies (a switch for benchmarks and checks)
+
+
+def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int, scale: float) -> torch.Tensor | None:
+    """Causal flash attention over sequences back to back: q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]` (Hkv
+    divides Hq), `cu_q` / `cu_k` int32 `[B + 1]` on the device, `max_q` / `max_k` host bounds. Where a
+    sequence has more keys than queries the mask is bottom-right aligned (its queries are its last
+    positions). None where the kernel does not apply (CPU, float32, head size over 256 or not a
+    multiple of 8), so the caller takes its own path."""
+    d = q.shape[-1]
+    if not (VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
+            and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0):
+        return None
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+    return out[0]
+
+
 def dense_prefill_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
     """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (sequences back to back) → causal attention `[T, Hq, D]`.
-    Inputs go to SDPA 4-D (`[1, H, L, D]`): its fused kernels take only batched 4-D tensors. KV
-    heads are expanded to the query heads (a copy of 2·T·Hq·D elements, small next to the
-    attention) rather than passed with `enable_gqa`, which not every fused SDPA kernel takes;
-    `bench/kernels_bench.py` times both."""
+    One varlen flash call where it applies; otherwise per sequence, SDPA 4-D (`[1, H, L, D]`: its
+    fused kernels take only batched 4-D tensors) with the KV heads expanded to the query heads (a
+    copy of 2·T·Hq·D elements, small next to the attention) rather than passed with `enable_gqa`,
+    which not every fused SDPA kernel takes; `bench/kernels_bench.py` times both."""
+    out = varlen_flash(q, k, v, meta.query_start_loc, meta.query_start_loc, meta.max_query_len,
+                       meta.max_query_len, scale)
+    if out is not None:
+        return out
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
     start = 0

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from engine.attention.dense_prefill import varlen_flash
 from engine.attention.torch_backend import gather_kv
 
 from engine.forward_batch import ForwardBatch
@@ -140,6 +141,11 @@ class MLAttention(nn.Module):
         if any(dense):  # the step's own entries, all sequences at once (rows of prefix chunks unused)
             k_all, v_all = self._decompress(entry.to(query.dtype))
             v_all = F.pad(v_all, (0, width - self.dv))
+            if all(dense):  # one varlen flash call for every sequence, where it applies
+                o = varlen_flash(query, k_all, v_all, meta.query_start_loc, meta.query_start_loc, meta.max_query_len,
+                                 meta.max_query_len, self.scale)
+                if o is not None:
+                    return o[..., : self.dv]
         # 4-D [1, H, L, D] views: the fused SDPA kernels take only batched 4-D inputs (3-D falls back to
         # a materialised score matrix); each needs only its last dimension contiguous.
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
