@@ -7,6 +7,8 @@ memory-efficient / math). Chunked prefill over a cached prefix, and any step wit
 the paged kernels. Not for CUDA-graph capture (decode steps never take it)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,12 @@ def is_dense_prefill(meta: AttentionMetadata) -> bool:
 VARLEN = True  # the one-call varlen flash path where it applies (a switch for benchmarks and checks)
 
 
+@functools.cache
+def _flash_arch(device: torch.device) -> bool:
+    """FlashAttention-2 in torch runs on sm80 and newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                  max_q: int, max_k: int, scale: float) -> torch.Tensor | None:
     """Causal flash attention over sequences back to back: q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]` (Hkv
@@ -30,7 +38,7 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
     multiple of 8), so the caller takes its own path."""
     d = q.shape[-1]
     if not (VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
-            and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0):
+            and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0 and _flash_arch(q.device)):
         return None
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
     return out[0]
