@@ -11,6 +11,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention.metadata import AttentionMetadata
 
@@ -20,6 +22,8 @@ def is_dense_prefill(meta: AttentionMetadata) -> bool:
     return meta.num_decode_tokens == 0 and meta.query_lens_cpu == meta.seq_lens_cpu
 
 
+_ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
 VARLEN = True  # the one-call varlen flash path where it applies (a switch for benchmarks and checks)
 
 
@@ -44,6 +48,35 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
     return out[0]
 
 
+def causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  q_lens: list[int], k_lens: list[int], scale: float,
+                  backends: list[SDPBackend] | None = None) -> torch.Tensor:
+    """`varlen_flash` where it applies, else the same attention per sequence with SDPA (bottom-right
+    causal where a sequence has more keys than queries; KV heads expanded to the query heads;
+    `backends` restricts SDPA's choice). `q_lens` / `k_lens`: the host's copies of the lengths."""
+    out = varlen_flash(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), scale)
+    if out is not None:
+        return out
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    group = q.shape[1] // k.shape[1]
+    qs = ks = 0
+    for qlen, klen in zip(q_lens, k_lens):
+        # 4-D [1, H, L, D] views: the fused SDPA kernels take only batched 4-D inputs (3-D falls back
+        # to a materialised score matrix); each needs only its last dimension contiguous.
+        qb = q[qs: qs + qlen].transpose(0, 1).unsqueeze(0)
+        kb, vb = (x[ks: ks + klen].transpose(0, 1).unsqueeze(0) for x in (k, v))
+        if group > 1:
+            kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)
+        if qlen == klen:
+            with sdpa_kernel(backends or _ALL_BACKENDS):
+                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal_lower_right(qlen, klen), scale=scale)
+        out[qs: qs + qlen] = o[0].transpose(0, 1)
+        qs, ks = qs + qlen, ks + klen
+    return out
+
+
 def dense_prefill_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
     """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (sequences back to back) → causal attention `[T, Hq, D]`.
@@ -51,19 +84,5 @@ def dense_prefill_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
     fused kernels take only batched 4-D tensors) with the KV heads expanded to the query heads (a
     copy of 2·T·Hq·D elements, small next to the attention) rather than passed with `enable_gqa`,
     which not every fused SDPA kernel takes; `bench/kernels_bench.py` times both."""
-    out = varlen_flash(q, k, v, meta.query_start_loc, meta.query_start_loc, meta.max_query_len,
-                       meta.max_query_len, scale)
-    if out is not None:
-        return out
-    out = torch.empty_like(q)
-    group = q.shape[1] // k.shape[1]
-    start = 0
-    for qlen in meta.query_lens_cpu:
-        rows = slice(start, start + qlen)
-        start += qlen
-        qs, ks, vs = (x[rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        if group > 1:
-            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-        out[rows] = o[0].transpose(0, 1)
-    return out
+    return causal_varlen(q, k, v, meta.query_start_loc, meta.query_start_loc, meta.query_lens_cpu,
+                         meta.query_lens_cpu, scale)

@@ -46,6 +46,24 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     page_size: int
 
+    def context_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(page ids, offsets in the page) of every cached position 0 .. seq_len - 1 of every sequence,
+        sequences back to back, and their cumulative lengths (int32 `[B + 1]`): where a prefill over
+        cached prefixes reads whole sequences back from a paged pool. Built on the device once per step
+        (every layer reads the same positions) from the lengths the host already knows."""
+        cached = self.__dict__.get("_context_index")
+        if cached is None:
+            dev = self.block_tables.device
+            total = sum(self.seq_lens_cpu)
+            lens = self.seq_lens.long()
+            seq = torch.repeat_interleave(torch.arange(len(self.seq_lens_cpu), device=dev), lens, output_size=total)
+            cu = torch.zeros(len(self.seq_lens_cpu) + 1, dtype=torch.int32, device=dev)
+            torch.cumsum(lens, 0, out=cu[1:])
+            pos = torch.arange(total, device=dev) - cu[:-1].long()[seq]
+            pages = self.block_tables[seq, pos // self.page_size].long()
+            cached = self.__dict__["_context_index"] = (pages, pos % self.page_size, cu)
+        return cached
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)

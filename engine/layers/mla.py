@@ -20,11 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention import SDPBackend
 
-from engine.attention.dense_prefill import varlen_flash
-from engine.attention.torch_backend import gather_kv
+from engine.attention.dense_prefill import causal_varlen
 
 from engine.forward_batch import ForwardBatch
 from engine.layers import fused_ops
@@ -128,40 +126,22 @@ class MLAttention(nn.Module):
     def _prefill_decompressed(self, query, entry, kv_cache, meta) -> torch.Tensor:
         """Causal attention of each prefill chunk over its whole sequence (cached prefix + chunk),
         with keys and values up-projected from the cached latents. `query [T, H, dn + P]` (rotated).
-        Returns `[T, H, dv]`. Sequences without a cached prefix (the usual prefill) are decompressed
-        together from this step's own entries, and their values padded to the key width once, so SDPA's
-        flash kernel applies; a chunk over a cached prefix gathers its sequence back from the pages."""
-        h, width = self.num_heads, self.dn + self.dr
-        t = query.shape[0]
-        out = query.new_empty(t, h, self.dv)
-        starts = [0]  # from the host lists: reading query_start_loc back would sync once per layer
-        for qlen in meta.query_lens_cpu:
-            starts.append(starts[-1] + qlen)
-        dense = [qlen == slen for qlen, slen in zip(meta.query_lens_cpu, meta.seq_lens_cpu)]
-        if any(dense):  # the step's own entries, all sequences at once (rows of prefix chunks unused)
-            k_all, v_all = self._decompress(entry.to(query.dtype))
-            v_all = F.pad(v_all, (0, width - self.dv))
-            if all(dense):  # one varlen flash call for every sequence, where it applies
-                o = varlen_flash(query, k_all, v_all, meta.query_start_loc, meta.query_start_loc, meta.max_query_len,
-                                 meta.max_query_len, self.scale)
-                if o is not None:
-                    return o[..., : self.dv]
-        # 4-D [1, H, L, D] views: the fused SDPA kernels take only batched 4-D inputs (3-D falls back to
-        # a materialised score matrix); each needs only its last dimension contiguous.
-        for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            rows = slice(starts[b], starts[b] + qlen)
-            q = query[rows].transpose(0, 1).unsqueeze(0)
-            if dense[b]:  # no cached prefix: plain causal
-                k, v = (x[rows].transpose(0, 1).unsqueeze(0) for x in (k_all, v_all))
-                with sdpa_kernel(_DENSE_BACKENDS):
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., : self.dv]
-            else:  # bottom-right causal: the chunk's queries sit at the last Q of the S positions
-                ctx = gather_kv(kv_cache, 0, meta.block_tables[b], slen)[:, 0].to(query.dtype)  # [S, R + P]
-                k, v = (x.transpose(0, 1).unsqueeze(0) for x in self._decompress(ctx))
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(qlen, slen),
-                                                   scale=self.scale)
-            out[rows] = o[0].transpose(0, 1)
-        return out
+        Returns `[T, H, dv]`. Without cached prefixes (the usual prefill) the keys and values come
+        from this step's own entries; otherwise every sequence is read back from the pages in one
+        gather (`AttentionMetadata.context_index`). Either way: one decompression GEMM for the step,
+        values padded to the key width once (the flash kernel needs equal widths), one varlen
+        attention call (per sequence only off CUDA / in float32)."""
+        width = self.dn + self.dr
+        if meta.query_lens_cpu == meta.seq_lens_cpu:
+            ctx, cu_k = entry, meta.query_start_loc
+        else:
+            pages, offsets, cu_k = meta.context_index()
+            ctx = kv_cache[pages, 0, offsets, 0]  # [sum of seq_lens, R + P]
+        k, v = self._decompress(ctx.to(query.dtype))
+        v = F.pad(v, (0, width - self.dv))
+        o = causal_varlen(query, k, v, meta.query_start_loc, cu_k, meta.query_lens_cpu, meta.seq_lens_cpu,
+                          self.scale, _DENSE_BACKENDS)
+        return o[..., : self.dv]
 
     def register_weights(self, table: WeightTable, prefix: str) -> None:
         names = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
