@@ -36,3 +36,20 @@ def test_an_empty_batch_and_bad_lengths():
         AttentionMetadata.build([5], [3], [[0]], 16)
     with pytest.raises(ValueError, match="cannot hold"):
         AttentionMetadata.build([20], [20], [[0]], 16)
+
+
+def test_context_index_reads_each_sequence_back_from_its_pages():
+    from engine.attention.torch_backend import gather_kv
+    rng = random.Random(1)
+    page = 4
+    pool = torch.randn(40, 1, page, 1, 6)
+    seq_lens = [9, 1, 16, 5]
+    query_lens = [3, 1, 16, 2]
+    tables = [rng.sample(range(40), -(-s // page)) for s in seq_lens]
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, page)
+    pages, offsets, cu = meta.context_index()
+    assert meta.context_index()[0] is pages  # built once per step
+    got = pool[pages, 0, offsets, 0]
+    want = torch.cat([gather_kv(pool, 0, meta.block_tables[b], s)[:, 0] for b, s in enumerate(seq_lens)])
+    assert torch.equal(got, want)
+    assert cu.tolist() == [0, 9, 10, 26, 31]

@@ -7,26 +7,30 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from engine.attention import dense_prefill
-from engine.attention.metadata import AttentionMetadata
 
 
-def check_kernel(lens: list[int], hq: int, hkv: int, d: int, device: str, g: torch.Generator) -> bool:
-    t = sum(lens)
-    q = torch.randn(t, hq, d, generator=g).to(device, torch.bfloat16)
-    k = torch.randn(t, hkv, d, generator=g).to(device, torch.bfloat16)
-    v = torch.randn(t, hkv, d, generator=g).to(device, torch.bfloat16)
-    meta = AttentionMetadata.build(lens, lens, [[0]] * len(lens), max(lens), device)
+def check_kernel(lens: list[int], hq: int, hkv: int, d: int, device: str, g: torch.Generator,
+                 prefix: list[int] | None = None) -> bool:
+    """Sequences of `lens` new tokens after `prefix` cached ones (keys = prefix + new)."""
+    prefix = prefix or [0] * len(lens)
+    k_lens = [n + p for n, p in zip(lens, prefix)]
+    q = torch.randn(sum(lens), hq, d, generator=g).to(device, torch.bfloat16)
+    k = torch.randn(sum(k_lens), hkv, d, generator=g).to(device, torch.bfloat16)
+    v = torch.randn(sum(k_lens), hkv, d, generator=g).to(device, torch.bfloat16)
+    cu_q = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    outs = []
+    for varlen in (True, False):
+        dense_prefill.VARLEN = varlen
+        outs.append(dense_prefill.causal_varlen(q, k, v, cu_q, cu_k, lens, k_lens, d ** -0.5))
     dense_prefill.VARLEN = True
-    got = dense_prefill.dense_prefill_gqa(q, k, v, meta, d ** -0.5)
-    dense_prefill.VARLEN = False
-    ref = dense_prefill.dense_prefill_gqa(q, k, v, meta, d ** -0.5)
-    dense_prefill.VARLEN = True
+    got, ref = outs
     err = (got.float() - ref.float()).abs().max().item()
     ok = err < 2e-2 and got.shape == ref.shape
-    print(f"{'ok ' if ok else 'BAD'} varlen flash lens={lens if len(lens) < 6 else f'{len(lens)} seqs'} "
+    shown = lens if len(lens) < 6 else f"{len(lens)} seqs"
+    print(f"{'ok ' if ok else 'BAD'} varlen flash lens={shown}{f' after {prefix}' if any(prefix) else ''} "
           f"Hq={hq} Hkv={hkv} D={d}: max abs err {err:.1e}", flush=True)
     return ok
 
@@ -48,6 +52,12 @@ def check_engine(model: str, device: str) -> bool:
         reqs = [core.requests[str(i)] for i in range(len(prompts))]
         while core.has_unfinished():
             core.step()
+        # the long prompt again with 150 new tokens: its first 160 come from the prefix cache, so MLA
+        # attends decompressed over a cached prefix
+        core.add_request("again", prompts[-1] + list(range(800, 950)), sp)
+        reqs.append(core.requests["again"])
+        while core.has_unfinished():
+            core.step()
         runs.append([list(r.output_token_ids) for r in reqs])
         del core
     dense_prefill.VARLEN = True
@@ -64,7 +74,9 @@ def main() -> int:
                check_kernel([1, 7, 300, 129, 1000], 32, 8, 128, device, g),
                check_kernel([37] * 40, 32, 8, 128, device, g),  # a ShareGPT-like prefill batch
                check_kernel([2048], 16, 16, 192, device, g),  # DeepSeek-V2-Lite decompressed (values padded)
-               check_kernel([5, 700, 64], 128, 128, 192, device, g)]  # DeepSeek-V3 decompressed
+               check_kernel([5, 700, 64], 128, 128, 192, device, g),  # DeepSeek-V3 decompressed
+               check_kernel([3, 100, 256], 32, 8, 128, device, g, prefix=[50, 400, 0]),  # bottom-right causal
+               check_kernel([150, 1], 16, 16, 192, device, g, prefix=[160, 33])]
     results += [check_engine(m, device) for m in ("tiny-qwen3", "tiny-deepseek-v2")]
     return 0 if all(results) else 1
 
