@@ -33,6 +33,12 @@ def _flash_arch(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def varlen_applies(q: torch.Tensor, head_dim: int) -> bool:
+    """Whether `varlen_flash` runs for queries like `q` with this head size (else it returns None)."""
+    return (VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+            and head_dim % 8 == 0 and _flash_arch(q.device))
+
+
 def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                  max_q: int, max_k: int, scale: float) -> torch.Tensor | None:
     """Causal flash attention over sequences back to back: q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]` (Hkv
@@ -41,8 +47,7 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
     positions). None where the kernel does not apply (CPU, float32, head size over 256 or not a
     multiple of 8), so the caller takes its own path."""
     d = q.shape[-1]
-    if not (VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
-            and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0 and _flash_arch(q.device)):
+    if not (varlen_applies(q, d) and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0):
         return None
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
     return out[0]

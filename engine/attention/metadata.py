@@ -46,23 +46,31 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     page_size: int
 
-    def context_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(page ids, offsets in the page) of every cached position 0 .. seq_len - 1 of every sequence,
-        sequences back to back, and their cumulative lengths (int32 `[B + 1]`): where a prefill over
-        cached prefixes reads whole sequences back from a paged pool. Built on the device once per step
-        (every layer reads the same positions) from the lengths the host already knows."""
-        cached = self.__dict__.get("_context_index")
-        if cached is None:
+    def context_index(self, first_seq: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(page ids, offsets in the page) of every cached position 0 .. seq_len - 1 of sequences
+        `first_seq ..` back to back, and their cumulative lengths (int32 `[n + 1]`): where a prefill
+        over cached prefixes reads whole sequences back from a paged pool. Built on the device once per
+        step (every layer reads the same positions) from the lengths the host already knows."""
+        cache = self.__dict__.setdefault("_context_index", {})
+        if first_seq not in cache:
             dev = self.block_tables.device
-            total = sum(self.seq_lens_cpu)
-            lens = self.seq_lens.long()
-            seq = torch.repeat_interleave(torch.arange(len(self.seq_lens_cpu), device=dev), lens, output_size=total)
-            cu = torch.zeros(len(self.seq_lens_cpu) + 1, dtype=torch.int32, device=dev)
+            lens_cpu = self.seq_lens_cpu[first_seq:]
+            total = sum(lens_cpu)
+            lens = self.seq_lens[first_seq:].long()
+            seq = torch.repeat_interleave(torch.arange(len(lens_cpu), device=dev), lens, output_size=total)
+            cu = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=dev)
             torch.cumsum(lens, 0, out=cu[1:])
             pos = torch.arange(total, device=dev) - cu[:-1].long()[seq]
-            pages = self.block_tables[seq, pos // self.page_size].long()
-            cached = self.__dict__["_context_index"] = (pages, pos % self.page_size, cu)
-        return cached
+            pages = self.block_tables[first_seq:][seq, pos // self.page_size].long()
+            cache[first_seq] = (pages, pos % self.page_size, cu)
+        return cache[first_seq]
+
+    def query_starts_from(self, first_seq: int) -> torch.Tensor:
+        """int32 `[n + 1]` cumulative query lengths of sequences `first_seq ..`, starting at 0."""
+        cache = self.__dict__.setdefault("_query_starts", {})
+        if first_seq not in cache:
+            cache[first_seq] = self.query_start_loc[first_seq:] - self.query_start_loc[first_seq]
+        return cache[first_seq]
 
     @property
     def num_seqs(self) -> int:

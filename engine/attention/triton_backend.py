@@ -1,14 +1,15 @@
 """The GPU attention backend: Triton paged kernels behind the `AttentionBackend` interface. Decode
 rows (query length 1, first in the batch) go to a split-KV decode kernel — GQA's in
 engine/kernels/paged_attention.py, MLA's all-heads-per-latent-tile kernel in
-engine/kernels/mla_decode.py — and the rest to the prefill-with-prefix kernel; GQA prefill-only
-steps with no cached prefix go to torch SDPA's fused kernels (`dense_prefill.py`). The pure-decode
+engine/kernels/mla_decode.py — and the rest to one varlen flash-attention call (GQA, half precision:
+prefill-only steps over the step's own keys and values, chunks over cached prefixes over their sequences
+gathered back from the pages; `dense_prefill.py`) or else the Triton prefill-with-prefix kernel. The pure-decode
 path reads only device tensors and batch-size-dependent shapes, so it runs under CUDA graph capture."""
 from __future__ import annotations
 
 import torch
 
-from engine.attention.dense_prefill import dense_prefill_gqa, is_dense_prefill
+from engine.attention.dense_prefill import dense_prefill_gqa, is_dense_prefill, varlen_applies, varlen_flash
 from engine.attention.metadata import AttentionMetadata
 from engine.kernels.mla_decode import mla_decode
 from engine.kernels.paged_attention import decode_attention, prefill_attention, write_kv
@@ -51,7 +52,16 @@ class TritonAttentionBackend:
             decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                              k_comp, v_comp, da, db, out[:nd])
         num_prefill = meta.num_seqs - nd
-        if num_prefill > 0:
+        if num_prefill > 0 and k_comp != v_comp and varlen_applies(q, da):
+            # GQA chunks over cached prefixes: their whole sequences gathered from the pages once, then
+            # one varlen flash call (bottom-right causal) instead of the paged prefill kernel
+            pages, offsets, cu_k = meta.context_index(nd)
+            k, v = kv_cache[pages, k_comp, offsets], kv_cache[pages, v_comp, offsets]
+            if k.dtype != q.dtype:  # an FP8 pool (scale 1) is read in the query's dtype, as the kernels do
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            out[nd:] = varlen_flash(q[nd:], k, v, meta.query_starts_from(nd), cu_k, max(meta.query_lens_cpu[nd:]),
+                                    max(meta.seq_lens_cpu[nd:]), scale)
+        elif num_prefill > 0:
             max_q = max(meta.query_lens_cpu[nd:])
             prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd, num_prefill,
                               max_q, scale, k_comp, v_comp, da, db, out)

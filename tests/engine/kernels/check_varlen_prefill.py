@@ -52,10 +52,18 @@ def check_engine(model: str, device: str) -> bool:
         reqs = [core.requests[str(i)] for i in range(len(prompts))]
         while core.has_unfinished():
             core.step()
-        # the long prompt again with 150 new tokens: its first 160 come from the prefix cache, so MLA
-        # attends decompressed over a cached prefix
+        # the long prompt again with 150 new tokens: its first 160 come from the prefix cache (MLA attends
+        # decompressed over a cached prefix); then once more while another request decodes (one step of
+        # a decode and a chunk over a cached prefix: GQA's gathered varlen path, MLA's paged kernels)
         core.add_request("again", prompts[-1] + list(range(800, 950)), sp)
         reqs.append(core.requests["again"])
+        while core.has_unfinished():
+            core.step()
+        core.add_request("short", list(range(1000, 1010)), sp)
+        reqs.append(core.requests["short"])
+        core.step()
+        core.add_request("mixed", prompts[-1] + list(range(1100, 1140)), sp)
+        reqs.append(core.requests["mixed"])
         while core.has_unfinished():
             core.step()
         runs.append([list(r.output_token_ids) for r in reqs])
