@@ -21,11 +21,15 @@ def page_table_tensor(page_tables: list[list[int]], width: int | None = None) ->
     return torch.tensor([t + [0] * (width - len(t)) for t in page_tables], dtype=torch.int32).reshape(-1, width)
 
 
-def _slots(query_lens: list[int], seq_lens: list[int], starts: list[int], tables: torch.Tensor,
-           page_size: int) -> torch.Tensor:
+def _slots(query_lens: list[int], seq_lens: list[int], starts: list[int], page_tables: list[list[int]],
+           tables: torch.Tensor, page_size: int) -> torch.Tensor:
     """int64 `[T]` flat KV slot of every new token, `page * page_size + offset` (a few whole-tensor ops
     on the host: a Python loop per token cost ~1 ms per 2k-token step)."""
     total = starts[-1]
+    if total <= 256:  # a few tokens (decode steps): the plain loop costs less than the tensor ops
+        return torch.tensor([table[pos // page_size] * page_size + pos % page_size
+                             for q, s, table in zip(query_lens, seq_lens, page_tables)
+                             for pos in range(s - q, s)], dtype=torch.int64)
     q = torch.tensor(query_lens, dtype=torch.int64)
     seq = torch.repeat_interleave(torch.arange(len(query_lens)), q, output_size=total)  # sequence of each token
     first = torch.tensor(seq_lens, dtype=torch.int64) - q  # position of each sequence's first new token
@@ -112,7 +116,7 @@ class AttentionMetadata:
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=tables.to(device),
-            slot_mapping=_slots(query_lens, seq_lens, qsl, tables, page_size).to(device),
+            slot_mapping=_slots(query_lens, seq_lens, qsl, page_tables, tables, page_size).to(device),
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             query_lens_cpu=list(query_lens),

@@ -1,0 +1,56 @@
+"""Host time of a step's attention metadata (`AttentionMetadata.build`): the part of preparing a prefill
+step that grows with its token count. CPU only; no device involved.
+
+    python -m bench.host_prep_bench --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.record import emit
+from engine.attention.metadata import AttentionMetadata
+
+CASES = {"one 2k-token prompt": ([2048], 16), "40 prompts of 200 tokens": ([200] * 40, 16),
+         "64 decodes at 1k context": ([1] * 64, 16), "8 chunks of 1k over 8k prefixes": ([1024] * 8, 16)}
+
+
+def time_build(lens: list[int], page: int, repeats: int) -> float:
+    prefix = 8192 if lens == [1024] * 8 else (1023 if lens == [1] * 64 else 0)
+    seq_lens = [n + prefix for n in lens]
+    tables, nxt = [], 0
+    for s in seq_lens:
+        n = -(-s // page)
+        tables.append(list(range(nxt, nxt + n)))
+        nxt += n
+    AttentionMetadata.build(lens, seq_lens, tables, page)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        AttentionMetadata.build(lens, seq_lens, tables, page)
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = {name: time_build(lens, page, args.repeats) for name, (lens, page) in CASES.items()}
+    r = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+         "command": " ".join(sys.argv), "cpu": platform.processor() or platform.machine(),
+         "threads": torch.get_num_threads(), "build_ms": rows}
+    md = [f"# AttentionMetadata.build host time ({r['date']}, {commit}, CPU, {r['threads']} threads)", "",
+          "| batch | ms per build |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in rows.items()]
+    emit(r, "\n".join(md) + "\n", args.out, "host_prep")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
