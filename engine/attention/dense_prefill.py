@@ -8,6 +8,7 @@ the paged kernels. Not for CUDA-graph capture (decode steps never take it)."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention.metadata import AttentionMetadata
+
+log = logging.getLogger(__name__)
 
 
 def is_dense_prefill(meta: AttentionMetadata) -> bool:
@@ -49,7 +52,14 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
     d = q.shape[-1]
     if not (varlen_applies(q, d) and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0):
         return None
-    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+    global VARLEN
+    try:
+        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                      scale=scale)
+    except (RuntimeError, TypeError) as e:  # a torch build without the op's varlen form: the per-sequence path
+        log.warning("varlen flash attention unavailable (%s); prefill attention runs per sequence", e)
+        VARLEN = False
+        return None
     return out[0]
 
 
