@@ -52,6 +52,7 @@ class TritonAttentionBackend:
             decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                              k_comp, v_comp, da, db, out[:nd])
         num_prefill = meta.num_seqs - nd
+        done = None
         if num_prefill > 0 and k_comp != v_comp and varlen_applies(q, da):
             # GQA chunks over cached prefixes: their whole sequences gathered from the pages once, then
             # one varlen flash call (bottom-right causal) instead of the paged prefill kernel
@@ -59,8 +60,10 @@ class TritonAttentionBackend:
             k, v = kv_cache[pages, k_comp, offsets], kv_cache[pages, v_comp, offsets]
             if k.dtype != q.dtype:  # an FP8 pool (scale 1) is read in the query's dtype, as the kernels do
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            out[nd:] = varlen_flash(q[nd:], k, v, meta.query_starts_from(nd), cu_k, max(meta.query_lens_cpu[nd:]),
-                                    max(meta.seq_lens_cpu[nd:]), scale)
+            done = varlen_flash(q[nd:], k, v, meta.query_starts_from(nd), cu_k, max(meta.query_lens_cpu[nd:]),
+                                max(meta.seq_lens_cpu[nd:]), scale)
+        if done is not None:
+            out[nd:] = done
         elif num_prefill > 0:
             max_q = max(meta.query_lens_cpu[nd:])
             prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd, num_prefill,
