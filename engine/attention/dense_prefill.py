@@ -54,13 +54,17 @@ def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
         return None
     global VARLEN
     try:
-        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
-                                                      scale=scale)
+        return _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
     except (RuntimeError, TypeError) as e:  # a torch build without the op's varlen form: the per-sequence path
         log.warning("varlen flash attention unavailable (%s); prefill attention runs per sequence", e)
         VARLEN = False
         return None
-    return out[0]
+
+
+def _flash_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """torch's FlashAttention-2 op in its varlen form (causal is bottom-right aligned, GQA native)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale)[0]
 
 
 def causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
