@@ -69,6 +69,27 @@ class AttentionMetadata:
             cache[first_seq] = (pages, pos % self.page_size, cu)
         return cache[first_seq]
 
+    def split(self, num_decodes: int) -> tuple["AttentionMetadata", "AttentionMetadata"]:
+        """(the first `num_decodes` sequences' metadata, the rest's): a step's decodes and its prefill
+        chunks attended separately (their rows of the step's tensors are `[:num_decodes]` and the rest).
+        Built once per step (every layer asks)."""
+        cache = self.__dict__.setdefault("_split", {})
+        if num_decodes in cache:
+            return cache[num_decodes]
+        n = num_decodes
+        decodes = AttentionMetadata(
+            num_decode_tokens=n, query_start_loc=self.query_start_loc[: n + 1], seq_lens=self.seq_lens[:n],
+            block_tables=self.block_tables[:n], slot_mapping=self.slot_mapping[:n], max_query_len=1,
+            max_seq_len=max(self.seq_lens_cpu[:n], default=0), query_lens_cpu=self.query_lens_cpu[:n],
+            seq_lens_cpu=self.seq_lens_cpu[:n], page_size=self.page_size)
+        chunks = AttentionMetadata(
+            num_decode_tokens=0, query_start_loc=self.query_starts_from(n), seq_lens=self.seq_lens[n:],
+            block_tables=self.block_tables[n:], slot_mapping=self.slot_mapping[n:],
+            max_query_len=max(self.query_lens_cpu[n:], default=0), max_seq_len=max(self.seq_lens_cpu[n:], default=0),
+            query_lens_cpu=self.query_lens_cpu[n:], seq_lens_cpu=self.seq_lens_cpu[n:], page_size=self.page_size)
+        cache[num_decodes] = decodes, chunks
+        return decodes, chunks
+
     def query_starts_from(self, first_seq: int) -> torch.Tensor:
         """int32 `[n + 1]` cumulative query lengths of sequences `first_seq ..`, starting at 0."""
         cache = self.__dict__.setdefault("_query_starts", {})

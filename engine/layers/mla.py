@@ -101,18 +101,26 @@ class MLAttention(nn.Module):
         entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
                                        self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved,
                                        kv_cache, meta.slot_mapping)
-        if meta.num_decodes == 0 and t >= DECOMPRESS_MIN_TOKENS:
+        nd = meta.num_decodes
+        if t - nd >= DECOMPRESS_MIN_TOKENS:  # prefill chunks decompressed; a step's decodes, if any, absorbed
+            decode_meta, prefill_meta = meta.split(nd) if nd else (None, meta)
             # q_nope ++ rotated q_pe in one kernel (the same one that builds the absorbed query)
-            query = fused_ops.mla_query(q[..., : self.dn], q, positions, self.rope.cos, self.rope.sin,
+            query = fused_ops.mla_query(q[nd:, :, : self.dn], q[nd:], positions[nd:], self.rope.cos, self.rope.sin,
                                         self.rope.interleaved)
-            out = self._prefill_decompressed(query, entry, kv_cache, meta)
+            out = self._prefill_decompressed(query, entry[nd:], kv_cache, prefill_meta)
+            if nd:
+                out = torch.cat([self._absorbed(q[:nd], positions[:nd], entry[:nd], kv_cache, decode_meta, batch), out])
         else:
-            # q_nope @ W_UK ++ rotated q_pe: one kernel at decode sizes (the rotation alone is ~10 torch kernels)
-            query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
-                                                 self.rope.interleaved)
-            out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
-            out = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # [T, H, dv]
+            out = self._absorbed(q, positions, entry, kv_cache, meta, batch)
         return self.o_proj(out.reshape(t, h * self.dv))
+
+    def _absorbed(self, q, positions, entry, kv_cache, meta, batch: ForwardBatch) -> torch.Tensor:
+        """Weight-absorbed attention (decode; short prefill chunks): `[T, H, dv]`."""
+        # q_nope @ W_UK ++ rotated q_pe: one kernel at decode sizes (the rotation alone is ~10 torch kernels)
+        query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
+                                             self.rope.interleaved)
+        out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
+        return torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)
 
     def _decompress(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached entries `ctx [S, R + P]` → per-head keys `[S, H, dn + P]` (up-projected latent ++ the

@@ -103,3 +103,22 @@ print("same", sorted(set(calls)))
     r = _run(["-c", script], interpret=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("same") == 1
+
+
+def test_mla_steps_mixing_decodes_with_long_chunks_split_them_and_give_the_absorbed_tokens(monkeypatch):
+    """A step with decodes and a chunk long enough to decompress: the decodes attend absorbed, the chunk
+    decompressed (`AttentionMetadata.split`); tokens equal the all-absorbed engine's (float32)."""
+    from engine.attention.metadata import AttentionMetadata
+    from engine.layers import mla
+    monkeypatch.setattr(mla, "DECOMPRESS_MIN_TOKENS", 10**9)
+    ref = generate("tiny-deepseek-v2")
+    splits = []
+    original = AttentionMetadata.split
+
+    def split(self, n):
+        splits.append(n)
+        return original(self, n)
+    monkeypatch.setattr(AttentionMetadata, "split", split)
+    monkeypatch.setattr(mla, "DECOMPRESS_MIN_TOKENS", 8)
+    assert generate("tiny-deepseek-v2") == ref
+    assert splits and all(n >= 1 for n in splits)
