@@ -1,5 +1,6 @@
-"""Host time of a step's attention metadata (`AttentionMetadata.build`): the part of preparing a prefill
-step that grows with its token count. CPU only; no device involved.
+"""Host time of the parts of preparing a step that grow with its token count: the attention metadata
+(`AttentionMetadata.build`) and the runner's flattened inputs (`ModelRunner._inputs`). CPU only; no
+device involved.
 
     python -m bench.host_prep_bench --out DIR
 """
@@ -36,6 +37,29 @@ def time_build(lens: list[int], page: int, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats * 1e3
 
 
+class _Request:
+    def __init__(self, rid: str, tokens: list[int], page: int):
+        self.request_id, self.tokens, self.page_ids = rid, tokens, list(range(len(tokens) // page + 1))
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        return self.tokens[start:end]
+
+
+class _Chunk:
+    def __init__(self, request: _Request):
+        self.request, self.start, self.num_new_tokens, self.sample = request, 0, len(request.tokens), True
+
+
+def time_inputs(lens: list[int], page: int, repeats: int) -> float:
+    from engine.model_runner import ModelRunner
+    chunks = [_Chunk(_Request(f"r{i}", list(range(5, 5 + n)), page)) for i, n in enumerate(lens)]
+    ModelRunner._inputs(chunks)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        ModelRunner._inputs(chunks)
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=50)
@@ -43,11 +67,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = {name: time_build(lens, page, args.repeats) for name, (lens, page) in CASES.items()}
+    inputs = {name: time_inputs(lens, page, args.repeats) for name, (lens, page) in CASES.items()
+              if name in ("one 2k-token prompt", "40 prompts of 200 tokens")}
     r = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
          "command": " ".join(sys.argv), "cpu": platform.processor() or platform.machine(),
-         "threads": torch.get_num_threads(), "build_ms": rows}
+         "threads": torch.get_num_threads(), "build_ms": rows, "inputs_ms": inputs}
     md = [f"# AttentionMetadata.build host time ({r['date']}, {commit}, CPU, {r['threads']} threads)", "",
           "| batch | ms per build |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in rows.items()]
+    md += ["", "| prompt chunks | ms per `ModelRunner._inputs` |", "|---|---:|"]
+    md += [f"| {k} | {v:.3f} |" for k, v in inputs.items()]
     emit(r, "\n".join(md) + "\n", args.out, "host_prep")
     return 0
 

@@ -193,10 +193,13 @@ class ModelRunner:
         for c in chunks:
             start, n = c.start, c.num_new_tokens
             tokens = c.request.token_slice(start, start + n)
-            for i, t in enumerate(tokens):
-                if t == PENDING_TOKEN:  # sampled by the step in flight: patched on the device
-                    inputs.pending.append((len(inputs.ids) + i, c.request.request_id))
-            inputs.ids.extend(0 if t == PENDING_TOKEN else t for t in tokens)
+            if PENDING_TOKEN in tokens:  # sampled by the step in flight: patched on the device
+                for i, t in enumerate(tokens):
+                    if t == PENDING_TOKEN:
+                        inputs.pending.append((len(inputs.ids) + i, c.request.request_id))
+                inputs.ids.extend(0 if t == PENDING_TOKEN else t for t in tokens)
+            else:  # a prompt chunk: no per-token Python
+                inputs.ids.extend(tokens)
             inputs.positions.extend(range(start, start + n))
             inputs.query_lens.append(n)
             inputs.seq_lens.append(start + n)
