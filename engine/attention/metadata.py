@@ -31,10 +31,20 @@ def _slots(query_lens: list[int], seq_lens: list[int], starts: list[int], page_t
                              for q, s, table in zip(query_lens, seq_lens, page_tables)
                              for pos in range(s - q, s)], dtype=torch.int64)
     q = torch.tensor(query_lens, dtype=torch.int64)
-    seq = torch.repeat_interleave(torch.arange(len(query_lens)), q, output_size=total)  # sequence of each token
     first = torch.tensor(seq_lens, dtype=torch.int64) - q  # position of each sequence's first new token
-    pos = first[seq] + torch.arange(total) - torch.tensor(starts[:-1], dtype=torch.int64)[seq]
+    seq, pos = _flat_positions(q, torch.tensor(starts[:-1], dtype=torch.int64), total, first)
     return tables[seq, pos // page_size].long() * page_size + pos % page_size
+
+
+def _flat_positions(counts: torch.Tensor, starts: torch.Tensor, total: int,
+                    first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position) of each of `total` rows holding sequences back to back: sequence b has
+    `counts[b]` rows from row `starts[b]`, at positions `first[b]` (0 if None) onwards. int64, on
+    `counts`' device; `total` is the host's sum, so nothing syncs."""
+    dev = counts.device
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts, output_size=total)
+    pos = torch.arange(total, device=dev) - starts[seq]
+    return seq, pos if first is None else pos + first[seq]
 
 
 @dataclass
@@ -57,14 +67,10 @@ class AttentionMetadata:
         step (every layer reads the same positions) from the lengths the host already knows."""
         cache = self.__dict__.setdefault("_context_index", {})
         if first_seq not in cache:
-            dev = self.block_tables.device
-            lens_cpu = self.seq_lens_cpu[first_seq:]
-            total = sum(lens_cpu)
             lens = self.seq_lens[first_seq:].long()
-            seq = torch.repeat_interleave(torch.arange(len(lens_cpu), device=dev), lens, output_size=total)
-            cu = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=dev)
+            cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=lens.device)
             torch.cumsum(lens, 0, out=cu[1:])
-            pos = torch.arange(total, device=dev) - cu[:-1].long()[seq]
+            seq, pos = _flat_positions(lens, cu[:-1].long(), sum(self.seq_lens_cpu[first_seq:]))
             pages = self.block_tables[first_seq:][seq, pos // self.page_size].long()
             cache[first_seq] = (pages, pos % self.page_size, cu)
         return cache[first_seq]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend
 
-from engine.attention.dense_prefill import causal_varlen
+from engine.attention.dense_prefill import causal_varlen, is_dense_prefill
 
 from engine.forward_batch import ForwardBatch
 from engine.layers import fused_ops
@@ -140,7 +140,7 @@ class MLAttention(nn.Module):
         values padded to the key width once (the flash kernel needs equal widths), one varlen
         attention call (per sequence only off CUDA / in float32)."""
         width = self.dn + self.dr
-        if meta.query_lens_cpu == meta.seq_lens_cpu:
+        if is_dense_prefill(meta):
             ctx, cu_k = entry, meta.query_start_loc
         else:
             pages, offsets, cu_k = meta.context_index()
