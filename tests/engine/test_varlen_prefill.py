@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from engine.attention import dense_prefill
+from tests.engine.kernels import check_varlen_prefill
+from tests.engine.kernels.check_varlen_prefill import PROMPTS
 from tests.engine.test_attention_kernels import _run
 
 
@@ -43,32 +45,11 @@ dense_prefill._flash_forward = fake
 dense_prefill.varlen_applies = triton_backend.varlen_applies = lambda q, d: True
 """
 
-PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 440)), list(range(600, 760))]
-
-
-def generate(model: str, backend: str = "torch") -> list[list[int]]:
-    """Greedy tokens: one prefill step of two prompts; the long one again after it finished (a chunk
-    over a cached prefix); then a step mixing a decode with such a chunk."""
-    from engine.engine_core import EngineCore
-    from engine.llm import build_engine_config
-    from engine.sampling_params import SamplingParams
-    config = build_engine_config(model, load_format="dummy", dtype="float32", device="cpu", page_size=16, num_pages=64,
-                                 max_num_batched_tokens=256, max_num_seqs=8, attention_backend=backend)
-    core = EngineCore(config)
-    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    rounds = [[("a", p) for p in (PROMPTS[0], PROMPTS[-1])], [("again", PROMPTS[-1] + list(range(800, 950)))],
-              [("short", list(range(1000, 1010)))], [("mixed", PROMPTS[-1] + list(range(1100, 1140)))]]
-    reqs = []
-    for n, batch in enumerate(rounds):
-        for i, (name, prompt) in enumerate(batch):
-            core.add_request(f"{name}{i}", prompt, sp)
-            reqs.append(core.requests[f"{name}{i}"])
-        if n == 2:  # one step: "short" is then decoding when "mixed" arrives
-            core.step()
-            continue
-        while core.has_unfinished():
-            core.step()
-    return [list(r.output_token_ids) for r in reqs]
+def generate(model: str, backend: str = "auto") -> list[list[int]]:
+    """check_varlen_prefill's scenario (a dense step, a chunk over a cached prefix, a step mixing a decode
+    with one) on CPU in float32, shorter: two first prompts, three tokens each."""
+    return check_varlen_prefill.generate(model, "cpu", "float32", backend, max_tokens=3,
+                                         first=(PROMPTS[0], PROMPTS[-1]))
 
 
 def test_mla_prefill_through_the_varlen_call_gives_the_per_sequence_tokens(monkeypatch):

@@ -35,39 +35,43 @@ def check_kernel(lens: list[int], hq: int, hkv: int, d: int, device: str, g: tor
     return ok
 
 
-def check_engine(model: str, device: str) -> bool:
+PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 440)), list(range(600, 760))]
+
+
+def generate(model: str, device: str, dtype: str, backend: str = "auto", max_tokens: int = 12,
+             first: list[list[int]] | tuple = tuple(PROMPTS)) -> list[list[int]]:
+    """Greedy tokens through the engine core: one prefill step of the `first` prompts (their last is the
+    160-token one, so MLA's first step attends decompressed); that prompt again with 150 new tokens after
+    it finished (its first 160 come from the prefix cache: a chunk over a cached prefix); then once more
+    while another request decodes (one step of a decode and such a chunk: GQA's gathered varlen path)."""
     from engine.engine_core import EngineCore
     from engine.llm import build_engine_config
     from engine.sampling_params import SamplingParams
-    prompts = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 440)), list(range(600, 760))]
+    config = build_engine_config(model, load_format="dummy", dtype=dtype, device=device, page_size=16, num_pages=64,
+                                 max_num_batched_tokens=256, max_num_seqs=8, attention_backend=backend)
+    core = EngineCore(config)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    long = list(first[-1])
+    rounds = [list(first), [long + list(range(800, 950))], [list(range(1000, 1010))], [long + list(range(1100, 1140))]]
+    reqs = []
+    for n, batch in enumerate(rounds):
+        for prompt in batch:
+            rid = str(len(reqs))
+            core.add_request(rid, prompt, sp)
+            reqs.append(core.requests[rid])
+        if n == 2:  # one step: this request is then decoding when the next round's chunk arrives
+            core.step()
+            continue
+        while core.has_unfinished():
+            core.step()
+    return [list(r.output_token_ids) for r in reqs]
+
+
+def check_engine(model: str, device: str) -> bool:
     runs = []
     for varlen in (False, True):
         dense_prefill.VARLEN = varlen
-        config = build_engine_config(model, load_format="dummy", dtype="bfloat16", device=device, page_size=16,
-                                     num_pages=64, max_num_batched_tokens=256, max_num_seqs=8)
-        core = EngineCore(config)
-        sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-        for i, p in enumerate(prompts):
-            core.add_request(str(i), p, sp)
-        reqs = [core.requests[str(i)] for i in range(len(prompts))]
-        while core.has_unfinished():
-            core.step()
-        # the long prompt again with 150 new tokens: its first 160 come from the prefix cache (MLA attends
-        # decompressed over a cached prefix); then once more while another request decodes (one step of
-        # a decode and a chunk over a cached prefix: GQA's gathered varlen path, MLA's paged kernels)
-        core.add_request("again", prompts[-1] + list(range(800, 950)), sp)
-        reqs.append(core.requests["again"])
-        while core.has_unfinished():
-            core.step()
-        core.add_request("short", list(range(1000, 1010)), sp)
-        reqs.append(core.requests["short"])
-        core.step()
-        core.add_request("mixed", prompts[-1] + list(range(1100, 1140)), sp)
-        reqs.append(core.requests["mixed"])
-        while core.has_unfinished():
-            core.step()
-        runs.append([list(r.output_token_ids) for r in reqs])
-        del core
+        runs.append(generate(model, device, "bfloat16"))
     dense_prefill.VARLEN = True
     ok = runs[0] == runs[1]
     print(f"{'ok ' if ok else 'BAD'} {model} bf16: greedy tokens with varlen flash prefill = per-sequence SDPA"
