@@ -22,13 +22,8 @@ step check_fused_engine 90 python -m tests.engine.kernels.check_fused_engine cud
 step v2lite_bf16 75 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 --batch 1 \
   --decode-steps 32 --prefill-len 2048 --profile --out "$STAGE/v2lite_bf16"
 step prefill_host 75 python -m bench.prefill_host --model deepseek-v2-lite --tokens 2048 --out "$STAGE"
-for q in none fp8; do
-  flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
-  step "qwen3_$q" 60 python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 $flag --batch 1 \
-    --decode-steps 48 --prefill-len 256 --out "$STAGE/qwen3_$q"
-done
-step check_skinny 30 python -m tests.engine.kernels.check_skinny_gemm cuda batch1
-step check_moe_decode_fp8 25 python -m tests.engine.kernels.check_moe_decode_fp8 cuda v2lite
+# 3. is bench/run_fp8_bs1_gpu.sh, into the same staging folder (it also packs $OUT/fp8_bs1.tgz)
+STAGE=$STAGE bash "$(dirname "$0")/run_fp8_bs1_gpu.sh"
 step v2lite_fp8 60 python -m bench.engine_bench --model deepseek-v2-lite --dtype bfloat16 --quantization fp8 \
   --batch 1,16,64 --decode-steps 32 --prefill-len 2048 --profile --out "$STAGE/v2lite_fp8"
 cat "$STAGE"/prefill_host_*.md 2>/dev/null | head -60
