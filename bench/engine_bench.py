@@ -203,7 +203,8 @@ def run(args) -> dict:
         quantization=args.quantization,
         max_model_len=args.max_model_len, enable_prefix_cache=False, max_num_seqs=max(args.batch),
         max_num_batched_tokens=max(args.prefill_len, max(args.batch)), gpu_memory_utilization=args.gpu_mem,
-        num_pages=args.num_pages, cuda_graph_max_batch=max(args.batch), overlap_schedule=not args.no_overlap)
+        num_pages=args.num_pages, cuda_graph_max_batch=max(args.batch), overlap_schedule=not args.no_overlap,
+        prefill_graph_max_tokens=args.prefill_graph_max_tokens)
     core = EngineCore(config, model=model, model_config=mc)
     backend_name, moe_backend = core.runner.backend.name, _moe_backend(core)
     decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b, profile=args.profile)
@@ -222,6 +223,7 @@ def run(args) -> dict:
               "dtype": str(mc.dtype) + (f" + {args.quantization} weights" if args.quantization else ""),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "attention_backend": backend_name,
+              "prefill_graphs": (core.runner.prefill_graphs.sizes if core.runner.prefill_graphs is not None else None),
               "moe_backend": moe_backend, "probe": probe,
               "decode": decode, "prefill": prefill, "hf": hf_results, "engine_process": engine_process,
               "overlap_schedule": config.overlap_schedule, "num_layers": args.num_layers,
@@ -263,7 +265,8 @@ def markdown(r: dict) -> str:
     cut = f", first {r['num_layers']} layers" if r.get("num_layers") else ""
     lines = [f"### {r['model']} ({r['dtype']}{cut}) on {r['device']} — {r['date']}", "",
              f"`{r['command']}`", "",
-             f"torch {r['torch']}, attention backend `{r['attention_backend']}`, MoE: {r['moe_backend']}"]
+             f"torch {r['torch']}, attention backend `{r['attention_backend']}`, MoE: {r['moe_backend']}, "
+             f"prefill CUDA graphs: {r.get('prefill_graphs') or 'off'}"]
     if r["probe"]:
         p = r["probe"]
         lines.append(f"Measured in the same run: HBM copy {p['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
@@ -331,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="GPU-busy, kernels and unhidden host time per step")
     ap.add_argument("--engine-process", action="store_true", help="also time batch-1 decode through the engine process")
     ap.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=2048,
+                    help="largest prefill replayed as CUDA graphs (0: eager prefill)")
     ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")
     args = ap.parse_args(argv)
     r = run(args)

@@ -1,7 +1,7 @@
 """The model runner: turns one scheduled step into tensors, runs the model and samples.
 
 It owns the model weights, the KV pool memory, the attention backend and (on CUDA) the decode
-CUDA graphs. It knows nothing about queues or requests' lifecycles: it reads the scheduler's
+CUDA graphs and the dense prefill ones (engine/prefill_graph.py). It knows nothing about queues or requests' lifecycles: it reads the scheduler's
 chunks (which tokens of which request to compute, into which pages) and returns the sampled
 token of every chunk that ends at its request's last known token.
 
@@ -24,12 +24,16 @@ from engine.config import EngineConfig, ModelConfig, kv_cache_dtype
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
+from engine.prefill_graph import MIN_BUCKET as PREFILL_GRAPH_MIN_TOKENS
+from engine.prefill_graph import PrefillGraphs
 from engine.prompt_logprobs import PromptLogprobs
 from engine.request import PENDING_TOKEN
 from engine.sampler import Sampled, Sampler, graph_sampling
 from engine.weight_loader import load_model
 
 log = logging.getLogger(__name__)
+
+PREFILL_GRAPH_MAX_SEQS = 64  # sequences a prefill graph step holds (its logits rows: [64, vocab])
 
 
 @dataclass
@@ -106,9 +110,22 @@ class ModelRunner:
             max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
             self.graphs = DecodeGraphs(self, max_batch)
             self.graphs.capture()
-        log.info("model runner ready: %s on %s, %s, %d KV pages of %d tokens (%.1f MiB), backend=%s, graphs=%s",
-                 model_config.architecture, self.device, model_config.dtype, self.num_pages, self.page_size,
-                 self.kv_pool.total_bytes / 2**20, self.backend.name, self.graphs is not None)
+        self.prefill_graphs: PrefillGraphs | None = None
+        if self._prefill_graphs_planned():
+            pg = PrefillGraphs(self, config.prefill_graph_max_tokens, min(PREFILL_GRAPH_MAX_SEQS,
+                                                                           config.scheduler.max_num_seqs))
+            self.prefill_graphs = pg if pg.capture() else None
+        log.info("model runner ready: %s on %s, %s, %d KV pages of %d tokens (%.1f MiB), backend=%s, graphs=%s, "
+                 "prefill graphs=%s", model_config.architecture, self.device, model_config.dtype, self.num_pages,
+                 self.page_size, self.kv_pool.total_bytes / 2**20, self.backend.name, self.graphs is not None,
+                 self.prefill_graphs is not None)
+
+    def _prefill_graphs_planned(self) -> bool:
+        """Dense prefill steps replay CUDA graphs on one GPU (no EP) with the Triton backend, in half
+        precision (the varlen flash path; others attend per sequence, which cannot be captured)."""
+        return (self.device.type == "cuda" and not self.config.enforce_eager and self.ep is None
+                and self.config.prefill_graph_max_tokens >= PREFILL_GRAPH_MIN_TOKENS
+                and self.backend.name == "triton" and self.model_config.dtype in (torch.float16, torch.bfloat16))
 
     # ---------------------------------------------------------------- memory
     def _decide_num_pages(self) -> int:
@@ -118,6 +135,9 @@ class ModelRunner:
         if self.device.type != "cuda":
             return max(1, KVPool.pages_for_budget(self.kv_spec, cache.cpu_kv_bytes))
         peak = self._profile_peak_activation_bytes()
+        if self._prefill_graphs_planned():  # the graphs' private pool: about the activations of the largest bucket
+            profiled = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+            peak += int(peak * min(1.0, self.config.prefill_graph_max_tokens / profiled))
         free, total = torch.cuda.mem_get_info(self.device)
         # gpu_memory_utilization is this process's share of the GPU (several engines may share one):
         # weights + activations + KV stay under it, and never beyond what is actually free now.
@@ -179,6 +199,11 @@ class ModelRunner:
         if forks:
             chunks = [c for c in chunks if c.fork_of is None]
         inputs = self._inputs(chunks)
+        if (not forks and expert_load is None and self.prefill_graphs is not None and not inputs.pending
+                and self.prefill_graphs.can_run(chunks)):
+            logits = self.prefill_graphs.run(inputs, layer_hook)
+            sampled = self.sampler.sample_on_device(logits, requests) if sampling else None
+            return StepHandle(rows, sampled, len(inputs.ids), self.device)
         logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
         if forks:  # every choice of a forked prompt draws from that prompt's last-position logits
             row = {c.request.request_id: i for i, c in enumerate(c for c in chunks if c.sample)}

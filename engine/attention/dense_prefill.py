@@ -4,7 +4,8 @@ over the contiguous q, k, v. On CUDA in half precision that is one varlen flash-
 all sequences of the step (`varlen_flash`: no loop over sequences on the host, GQA without
 expanding the KV heads); elsewhere each sequence runs torch SDPA (flash / cuDNN /
 memory-efficient / math). Chunked prefill over a cached prefix, and any step with decodes, stays on
-the paged kernels. Not for CUDA-graph capture (decode steps never take it)."""
+the paged kernels. The varlen call reads only device offsets and a host length bound, so dense steps
+are captured as CUDA graphs (engine/prefill_graph.py); the per-sequence path refuses capture."""
 from __future__ import annotations
 
 import functools
@@ -76,6 +77,8 @@ def causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
     out = varlen_flash(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), scale)
     if out is not None:
         return out
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():  # the loop below reads host lengths
+        raise RuntimeError("per-sequence prefill attention cannot run inside a CUDA graph")
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     group = q.shape[1] // k.shape[1]
     qs = ks = 0

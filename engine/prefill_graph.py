@@ -1,0 +1,222 @@
+"""CUDA graphs for dense prefill steps, one graph per decoder layer.
+
+An eager prefill step is host-bound below a few thousand tokens: every layer launches a few dozen
+kernels (Triton launches cost 40-50 µs of host time each on the device's CPU), so DeepSeek-V2-Lite's
+2,048-token prefill took 54 ms of host time for ~30 ms of GPU work, and a 256-token prompt 33 ms
+(bench/results/2026-12-07_h200_today.md). Here a prefill-only step whose sequences all start at
+position 0 (no cached prefix, no decodes: the disaggregated prefill node's usual step) replays graphs
+captured per token bucket instead.
+
+Layout of a bucket of T tokens with up to S sequences: the step's tokens back to back, then the
+padding tokens as one extra sequence (they attend among themselves, so every row stays finite; their
+KV slot is -1, no write); unused sequence slots have length 0 (repeated offsets, which the varlen
+flash kernel skips). The attention is the one varlen flash call of dense prefill
+(engine/attention/dense_prefill.py) with the bucket size as its length bound, so nothing in the
+forward depends on the real lengths but device tensors. Logits come from a fixed `[S]` row index
+(each sampling sequence's last token; unused rows read row 0 and are dropped).
+
+The capture is cut after every decoder layer (the model's `on_layer_done` callback ends one graph
+and begins the next in the same memory pool), so a replay runs the layers' graphs in order and calls
+the step's per-layer hook between them: the prefill node's layer-wise KV push records its events
+exactly where the eager forward would. L + 1 replays cost ~0.3 ms of host time.
+
+Inputs are one packed int64 buffer uploaded with one non-blocking copy from one of two pinned
+copies, each guarded by the event of its last upload (as engine/decode_inputs.py does for decode).
+Padding tokens cost GPU time (buckets are powers of two, so at most 2× the tokens); the MoE layers
+route them like any token. Steps that do not fit (more tokens or sequences than the largest bucket,
+cached prefixes, decodes, prompt logprobs, forks, EPLB recording, EP) run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+from engine.forward_batch import ForwardBatch
+from engine.request import PENDING_TOKEN
+from engine.prompt_logprobs import wants_prompt_logprobs
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 128  # MLA attends decompressed (dense, the graphable path) from 128 tokens
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Powers of two from MIN_BUCKET up to `max_tokens` (rounded up to one)."""
+    sizes = [MIN_BUCKET]
+    while sizes[-1] < max_tokens:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+class PrefillGraphs:
+    """Per-bucket, per-layer CUDA graphs of the dense prefill forward (`capture=False`: the same padded
+    static-buffer forward run eagerly, which is what the CPU tests check against the eager runner)."""
+
+    def __init__(self, runner, max_tokens: int, max_seqs: int, capture: bool = True):
+        self.runner = runner
+        self.device = runner.device
+        self.sizes = token_buckets(max_tokens)
+        self.max_tokens = self.sizes[-1]
+        self.max_seqs = max_seqs
+        self.capture_graphs = capture
+        t, s = self.max_tokens, max_seqs
+        # [ids T | positions T | slots T | logit rows S | query offsets S + 2]
+        self._off = {"ids": 0, "positions": t, "slots": 2 * t, "rows": 3 * t, "cu": 3 * t + s}
+        n = 3 * t + 2 * s + 2
+        self._dev = torch.zeros(n, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        self._hosts = [torch.zeros(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._host_np = [h.numpy() for h in self._hosts]
+        self._events: list = [None, None]
+        self._turn = 0
+        self._tables = torch.zeros(s + 1, 1, dtype=torch.int32, device=self.device)  # dense steps read no pages
+        self.graphs: dict[int, list] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    # ---------------------------------------------------------------- eligibility
+    def bucket(self, num_tokens: int) -> int | None:
+        return next((b for b in self.sizes if b >= num_tokens), None)
+
+    def can_run(self, chunks: list) -> bool:
+        """A prefill-only step over fresh sequences that fits a bucket."""
+        if len(chunks) > self.max_seqs:
+            return False
+        total = 0
+        for c in chunks:
+            req = c.request
+            if c.start != 0 or c.fork_of is not None or wants_prompt_logprobs(req):
+                return False
+            total += c.num_new_tokens
+        return self.bucket(total) is not None
+
+    # ---------------------------------------------------------------- the forward
+    def _views(self, t: int):
+        d, o = self._dev, self._off
+        return (d[o["ids"]: o["ids"] + t], d[o["positions"]: o["positions"] + t], d[o["slots"]: o["slots"] + t],
+                d[o["rows"]: o["rows"] + self.max_seqs], d[o["cu"]: o["cu"] + self.max_seqs + 2])
+
+    def _body(self, t: int, on_layer_done=None) -> torch.Tensor:
+        """The padded forward of bucket `t` over the static inputs: logits `[S, vocab]`."""
+        r = self.runner
+        ids, pos, slots, rows, cu64 = self._views(t)
+        cu = cu64.to(torch.int32)
+        lens = [t] + [0] * self.max_seqs  # host bounds only: max() is the flash kernel's length bound
+        meta = AttentionMetadata(num_decode_tokens=0, query_start_loc=cu, seq_lens=cu[1:] - cu[:-1],
+                                 block_tables=self._tables, slot_mapping=slots, max_query_len=t, max_seq_len=t,
+                                 query_lens_cpu=lens, seq_lens_cpu=lens, page_size=r.page_size)
+        batch = ForwardBatch(meta, r.kv_pool.layers, r.backend, None, on_layer_done)
+        hidden = r.model(ids, pos, batch)
+        return r.model.compute_logits(hidden.index_select(0, rows))
+
+    def _neutral_inputs(self, t: int) -> None:
+        """Inputs no step owns (capture and warm-up): one padding sequence of `t` tokens, no KV writes."""
+        o, s = self._off, self.max_seqs
+        self._dev.zero_()
+        self._dev[o["slots"]: o["slots"] + self.max_tokens].fill_(-1)
+        self._dev[o["cu"] + s + 1] = t
+
+    @torch.inference_mode()
+    def capture(self) -> bool:
+        """Warm up and capture every bucket, largest first; False (and nothing kept) if the forward
+        cannot be captured (a per-sequence fallback somewhere, an op that syncs)."""
+        if not self.capture_graphs:
+            return True
+        torch.cuda.synchronize(self.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        try:
+            for t in reversed(self.sizes):
+                self._neutral_inputs(t)
+                self._body(t)  # Triton compilation and autotuning outside capture
+                torch.cuda.synchronize(self.device)
+                self.graphs[t], self.logits[t] = self._capture_bucket(t, stream)
+        except RuntimeError as e:
+            log.warning("prefill CUDA graphs not captured (%s); prefill runs eagerly", e)
+            self.graphs.clear()
+            self.logits.clear()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            return False
+        torch.cuda.synchronize(self.device)
+        log.info("captured prefill CUDA graphs for %s tokens, up to %d sequences, %d graphs per bucket",
+                 self.sizes, self.max_seqs, len(self.graphs[self.sizes[0]]))
+        return True
+
+    def _capture_bucket(self, t: int, stream) -> tuple[list, torch.Tensor]:
+        graphs = [torch.cuda.CUDAGraph()]
+
+        def cut(_layer: int) -> None:  # end this layer's graph, begin the next one's
+            graphs[-1].capture_end()
+            graphs.append(torch.cuda.CUDAGraph())
+            graphs[-1].capture_begin(pool=self.pool)
+
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            graphs[0].capture_begin(pool=self.pool)
+            try:
+                logits = self._body(t, cut)
+            finally:
+                graphs[-1].capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return graphs, logits
+
+    # ---------------------------------------------------------------- a step
+    def _fill(self, inputs, t: int) -> None:
+        """The step's ids, positions, KV slots, logits rows and offsets into the pinned copy, uploaded."""
+        self._turn ^= 1
+        ev = self._events[self._turn]
+        if ev is not None:
+            ev.synchronize()
+        h, o, s = self._host_np[self._turn], self._off, self.max_seqs
+        ps = self.runner.page_size
+        n = len(inputs.ids)
+        h[o["ids"]: o["ids"] + n] = inputs.ids
+        h[o["ids"] + n: o["ids"] + t] = 0
+        slots = h[o["slots"]: o["slots"] + t]
+        pos = h[o["positions"]: o["positions"] + t]
+        at = 0
+        for q, table in zip(inputs.query_lens, inputs.tables):
+            pages = np.asarray(table[: -(-q // ps)], dtype=np.int64)
+            slots[at: at + q] = (pages[:, None] * ps + np.arange(ps)).reshape(-1)[:q]
+            pos[at: at + q] = np.arange(q)
+            at += q
+        slots[n:] = -1
+        pos[n:] = 0
+        rows = h[o["rows"]: o["rows"] + s]
+        rows[:] = 0
+        rows[: len(inputs.logits_rows)] = inputs.logits_rows
+        cu = h[o["cu"]: o["cu"] + s + 2]
+        cu[0] = 0
+        cu[1: len(inputs.query_lens) + 1] = np.cumsum(inputs.query_lens)
+        cu[len(inputs.query_lens) + 1: s + 1] = n
+        cu[s + 1] = t
+        src = self._hosts[self._turn]
+        self._dev.copy_(src, non_blocking=True)  # one copy: the few KiB of padding cost less than a second one
+        if self.device.type == "cuda":
+            ev = self._events[self._turn] or torch.cuda.Event()
+            ev.record()
+            self._events[self._turn] = ev
+
+    def run(self, inputs, layer_hook=None) -> torch.Tensor:
+        """One dense prefill step (`inputs`: the runner's `_StepInputs`, no pending tokens): the logits of
+        its sampling sequences, in order. `layer_hook(i)` runs after layer i's graph, as in the eager
+        forward."""
+        if inputs.pending or PENDING_TOKEN in inputs.ids:
+            raise RuntimeError("a prefill graph step cannot take tokens still pending on the device")
+        t = self.bucket(len(inputs.ids))
+        self._fill(inputs, t)
+        if not self.capture_graphs:
+            logits = self._body(t, layer_hook)
+        else:
+            graphs = self.graphs[t]
+            last = len(graphs) - 1
+            for i, g in enumerate(graphs):
+                g.replay()
+                if layer_hook is not None and i < last:
+                    layer_hook(i)
+            logits = self.logits[t]
+        return logits[: len(inputs.logits_rows)]

@@ -1,0 +1,123 @@
+"""Dense prefill CUDA graphs (engine/prefill_graph.py) on CPU: the padded static-buffer forward they
+capture, run eagerly (`capture=False`), against the runner's eager step — logits, every KV page written
+(and nothing written for the padding), the per-layer hook's calls. CUDA graphs themselves need a GPU:
+tests/engine/kernels/check_prefill_graph.py replays them there against the eager engine. torch's
+FlashAttention-2 op runs only on CUDA, so its varlen form is replaced here by the reference of
+tests/engine/test_varlen_prefill.py (a mock: the real op cannot run on this machine)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import dense_prefill, triton_backend
+from engine.kernels import kv_write_ref
+from engine.model_runner import ModelRunner
+from engine.prefill_graph import PrefillGraphs, token_buckets
+from tests.engine.test_varlen_prefill import fa2_reference
+
+PROMPTS = [list(range(3, 8)), list(range(100, 140)), list(range(200, 300))]  # 145 tokens: bucket 256
+
+
+def test_token_buckets_are_powers_of_two_from_128():
+    assert token_buckets(2048) == [128, 256, 512, 1024, 2048]
+    assert token_buckets(100) == [128]
+    assert token_buckets(1500) == [128, 256, 512, 1024, 2048]
+
+
+@pytest.fixture
+def varlen_mock(monkeypatch):
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        calls.append((cu_q.tolist(), max_q))
+        return fa2_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+    monkeypatch.setattr(dense_prefill, "_flash_forward", fake)
+    monkeypatch.setattr(dense_prefill, "varlen_applies", lambda q, d: True)
+    monkeypatch.setattr(triton_backend, "varlen_applies", lambda q, d: True)
+    monkeypatch.setattr(triton_backend, "write_kv", kv_write_ref.write_kv)  # the Triton write needs a GPU
+    return calls
+
+
+def _core(model: str, backend: str, max_num_seqs: int = 8):
+    from engine.engine_core import EngineCore
+    from engine.llm import build_engine_config
+    config = build_engine_config(model, load_format="dummy", dtype="float32", device="cpu", page_size=16,
+                                 num_pages=64, max_num_batched_tokens=512, max_num_seqs=max_num_seqs,
+                                 attention_backend=backend)
+    return EngineCore(config)
+
+
+def _schedule(core, prompts):
+    from engine.sampling_params import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        core.add_request(str(i), p, sp)
+    return core.scheduler.schedule().chunks
+
+
+@pytest.mark.parametrize("model,backend", [("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")])
+def test_padded_graph_forward_matches_the_eager_step(varlen_mock, model, backend):
+    """GQA through the Triton backend's dense path, MLA through its decompressed prefill (any backend)."""
+    core = _core(model, backend)
+    runner = core.runner
+    chunks = _schedule(core, PROMPTS)
+    assert [c.start for c in chunks] == [0, 0, 0]
+    inputs = ModelRunner._inputs(chunks)
+    pools = runner.kv_pool.layers
+    eager = runner._run_eager(chunks, inputs, None, None)
+    eager_kv = [p.clone() for p in pools]
+    for p in pools:
+        p.zero_()
+
+    graphs = PrefillGraphs(runner, max_tokens=512, max_seqs=4, capture=False)
+    assert graphs.can_run(chunks)
+    layers = []
+    varlen_mock.clear()
+    got = graphs.run(ModelRunner._inputs(chunks), layer_hook=layers.append)
+    assert got.shape == eager.shape == (3, runner.model_config.vocab_size)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    for before, after in zip(eager_kv, pools):  # the same pages written, and none for the padding rows
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert layers == list(range(len(pools)))
+    # one varlen call per layer over the padded layout: 3 sequences, 1 empty slot, the padding sequence
+    assert varlen_mock and all(c == ([0, 5, 45, 145, 145, 256], 256) for c in varlen_mock)
+
+
+def test_steps_that_do_not_fit_run_eagerly():
+    core = _core("tiny-qwen3", "torch")
+    graphs = PrefillGraphs(core.runner, max_tokens=128, max_seqs=2, capture=False)
+    assert not graphs.can_run(_schedule(core, PROMPTS))  # three sequences, two slots
+    core = _core("tiny-qwen3", "torch")
+    assert not graphs.can_run(_schedule(core, [list(range(1, 200))]))  # over the largest bucket
+    core = _core("tiny-qwen3", "torch")
+    chunks = _schedule(core, [list(range(1, 100))])
+    assert graphs.can_run(chunks)
+    chunks[0].start = 16  # a chunk over a cached prefix
+    assert not graphs.can_run(chunks)
+
+
+def test_generation_with_prefill_graphs_gives_the_eager_tokens(varlen_mock):
+    """The engine loop with the graph path taking every prefill step (MLA; decodes on the torch
+    backend): the same greedy tokens, and the graph path really ran."""
+    def generate(with_graphs: bool):
+        core = _core("tiny-deepseek-v2", "torch")
+        if with_graphs:
+            core.runner.prefill_graphs = PrefillGraphs(core.runner, max_tokens=256, max_seqs=4, capture=False)
+        _schedule_all(core)
+        return [list(core.requests[str(i)].output_token_ids) for i in range(len(PROMPTS))]
+
+    def _schedule_all(core):
+        from engine.sampling_params import SamplingParams
+        sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for i, p in enumerate(PROMPTS):
+            core.add_request(str(i), p, sp)
+        reqs = dict(core.requests)
+        while core.has_unfinished():
+            core.step()
+        core.requests.update(reqs)
+
+    ref = generate(False)
+    varlen_mock.clear()
+    got = generate(True)
+    assert got == ref and all(len(t) == 4 for t in got)
+    assert any(max_q == 256 for _, max_q in varlen_mock)  # the padded bucket's call
