@@ -38,7 +38,7 @@ class _Prefill:
 
     def __init__(self, core, tokens: int):
         import torch
-        self.core, self.tokens, self.n = core, tokens, 0
+        self.core, self.tokens, self.n = core, tokens, 0  # `tokens` may change between commands ("size")
         self.gen = torch.Generator().manual_seed(1)
 
     def ready(self, n: int) -> None:
@@ -89,20 +89,27 @@ class _Decode:
 
 def _worker(role: str, cfg: dict, cmds, results) -> None:
     """Runs in its own process: builds the engine, then obeys ("time", n) → median seconds of n units,
-    ("loop", None) → units until the parent sets `stop` (the shared event in cfg), ("quit", None)."""
+    ("loop", None) → units until the parent sets `stop` (the shared event in cfg), ("size", t) → the
+    prefill worker's prompts are now t tokens, ("quit", None)."""
     try:
         core = _engine(cfg["model"], cfg["dtype"], cfg["device"], cfg["mem"], cfg["max_len"], cfg["batch"],
-                       max(cfg["tokens"], cfg["batch"]))
-        work = (_Prefill(core, cfg["tokens"]) if role == "prefill"
+                       max(max(cfg["tokens"]), cfg["batch"]))
+        work = (_Prefill(core, cfg["tokens"][0]) if role == "prefill"
                 else _Decode(core, cfg["batch"], cfg["context"], cfg["horizon"]))
-        for _ in range(2):  # compile / capture before anything is timed
-            work.unit()
+        for t in cfg["tokens"] if role == "prefill" else [None]:  # compile / capture before anything is timed
+            if t is not None:
+                work.tokens = t
+            for _ in range(2):
+                work.unit()
         _sync(core)
         results.put((role, "ready", None))
         while True:
             cmd, n = cmds.get()
             if cmd == "quit":
                 return
+            if cmd == "size":
+                work.tokens = n
+                continue
             work.ready(n if cmd == "time" else cfg["horizon"] // 2)
             if cmd == "time":
                 times = []
@@ -132,14 +139,19 @@ def _expect(results, role: str, what: str, timeout: float):
     return val
 
 
-def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: int = 2048, batch: int = 32,
-            context: int = 1024, mem: float = 0.4, decode_units: int = 40, prefill_units: int = 5,
+def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: int | list[int] = 2048,
+            batch: int = 32, context: int = 1024, mem: float = 0.4, decode_units: int = 40, prefill_units: int = 5,
             timeout: float = 300.0) -> dict:
-    """Decode step and prefill step seconds, alone and beside the other role's continuous work."""
+    """Decode step and prefill step seconds, alone and beside the other role's continuous work. With
+    several prefill sizes (one pair of engine processes for all), the top-level figures are the largest
+    size's and `by_prefill_tokens` lists every size's: a short prompt's prefill is host-bound and fares
+    differently on a time-sliced GPU than a long, GPU-bound one."""
+    sizes = sorted(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    cfg = dict(model=model, dtype=dtype, device=device, mem=mem, tokens=tokens, batch=batch, context=context,
-               horizon=8 * decode_units + 64, max_len=max(tokens + 8, context + 8 * decode_units + 80), stop=stop)
+    cfg = dict(model=model, dtype=dtype, device=device, mem=mem, tokens=sizes, batch=batch, context=context,
+               horizon=8 * decode_units + 64, max_len=max(sizes[-1] + 8, context + 8 * decode_units + 80),
+               stop=stop)
     results = ctx.Queue()
     cmds = {r: ctx.Queue() for r in ("prefill", "decode")}
     procs = {r: ctx.Process(target=_worker, args=(r, cfg, cmds[r], results), daemon=True) for r in cmds}
@@ -167,9 +179,17 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
             _expect(results, busy, "stopped", timeout)
             return t
 
-        out = {"decode_alone_s": timed("decode", decode_units), "prefill_alone_s": timed("prefill", prefill_units)}
-        out["decode_shared_s"] = beside("prefill", "decode", decode_units)
-        out["prefill_shared_s"] = beside("decode", "prefill", prefill_units)
+        decode_alone = timed("decode", decode_units)
+        rows = []
+        for t in sizes:
+            cmds["prefill"].put(("size", t))
+            row = {"prefill_tokens": t, "decode_alone_s": decode_alone,
+                   "prefill_alone_s": timed("prefill", prefill_units),
+                   "decode_shared_s": beside("prefill", "decode", decode_units),
+                   "prefill_shared_s": beside("decode", "prefill", prefill_units)}
+            row.update(decode_slowdown=row["decode_shared_s"] / row["decode_alone_s"],
+                       prefill_slowdown=row["prefill_shared_s"] / row["prefill_alone_s"])
+            rows.append(row)
         for r in cmds:
             cmds[r].put(("quit", None))
     finally:
@@ -177,9 +197,10 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    out.update(decode_slowdown=out["decode_shared_s"] / out["decode_alone_s"],
-               prefill_slowdown=out["prefill_shared_s"] / out["prefill_alone_s"],
-               decode_batch=batch, decode_context=context, prefill_tokens=tokens, memory_share=mem)
+    out = dict(rows[-1])
+    out.update(decode_batch=batch, decode_context=context, memory_share=mem)
+    if len(rows) > 1:
+        out["by_prefill_tokens"] = rows
     return out
 
 
@@ -189,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--prefill-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[2048],
+                    help="prompt sizes of the prefill engine, comma-separated (e.g. 256,2048)")
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--memory-share", type=float, default=0.4, help="gpu_memory_utilization of each engine")

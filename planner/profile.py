@@ -20,7 +20,9 @@ attention over their context beyond the smallest one measured.
 """
 from __future__ import annotations
 
+import bisect
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from planner.interp import Table1D, Table2D
@@ -133,11 +135,22 @@ class Profile:
             t += max(0.0, self.decode_time(num_decodes, ctx) - self.decode_time(num_decodes, self._ctx0))
         return t
 
-    def slowdown(self, role: str) -> float:
-        """A `role` step's stretch while the other role's engine works on the same GPU (1 if unmeasured)."""
+    def slowdown(self, role: str, prefill_tokens: int | None = None) -> float:
+        """A `role` step's stretch while the other role's engine works on the same GPU (1 if unmeasured).
+        Where the profile measured several prompt sizes (`by_prefill_tokens`), the stretch follows the
+        size of the prefill step involved (this one, or the partner's beside a decode step): linear in
+        log tokens between the measured sizes, held at the end values beyond them."""
         if not self.interference:
             return 1.0
-        return float(self.interference.get(f"{'prefill' if role == 'prefill' else 'decode'}_slowdown", 1.0))
+        key = f"{'prefill' if role == 'prefill' else 'decode'}_slowdown"
+        rows = self.interference.get("by_prefill_tokens") or []
+        if prefill_tokens and len(rows) > 1:
+            xs = [math.log(r["prefill_tokens"]) for r in rows]
+            x = min(max(math.log(prefill_tokens), xs[0]), xs[-1])
+            i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+            w = (x - xs[i]) / (xs[i + 1] - xs[i])
+            return float(rows[i][key] * (1 - w) + rows[i + 1][key] * w)
+        return float(self.interference.get(key, 1.0))
 
     def expert_read_scale(self, ep_size: int) -> float:
         """Decode is bound by weight reads; with EP each GPU reads only its share of the experts."""

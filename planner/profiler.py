@@ -179,7 +179,8 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
     if interference:  # after this process's engine is gone: two engines of half the memory share
         from planner.interference import measure as measure_interference
         shared = measure_interference(model, str(mc.dtype).removeprefix("torch."), str(dev.type),
-                                      tokens=min(2048, max(prefill_tokens)), batch=min(32, max(decode_batch)),
+                                      tokens=sorted({min(256, max(prefill_tokens)), min(2048, max(prefill_tokens))}),
+                                      batch=min(32, max(decode_batch)),
                                       context=min(1024, max(decode_context)))
     offset = 3 + decode_steps // 2  # decode contexts grow while timed: the table holds the mean
     prof = Profile(

@@ -237,7 +237,9 @@ class Simulator:
             return
         partner = node.gpu_partner
         if partner is not None and partner.stepping:  # both engines' kernels share the GPU meanwhile
-            dt *= self.profile.slowdown(node.role)
+            prefill = node if node.role == "prefill" else partner
+            tokens = sum(c.num_new_tokens for r in prefill.ranks if r.out is not None for c in r.out.chunks)
+            dt *= self.profile.slowdown(node.role, tokens)
         node.stepping, node.step_started = True, self.now
         if node.role == "prefill":
             self._push_kv(node, dt)

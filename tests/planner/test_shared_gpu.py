@@ -74,3 +74,23 @@ def test_prompts_shorter_than_the_first_column_cost_the_first_column():
     assert p.prefill_time(300) > 0.013
     # Several short prompts in one step share its fixed cost: one step, not two.
     assert p.step_time([(20, 0), (30, 0)], 0, 0) == pytest.approx(0.013)
+
+
+BY_SIZE = {"decode_slowdown": 1.5, "prefill_slowdown": 2.0, "prefill_tokens": 2048,
+           "by_prefill_tokens": [{"prefill_tokens": 64, "prefill_slowdown": 5.0, "decode_slowdown": 1.1},
+                                 {"prefill_tokens": 2048, "prefill_slowdown": 2.0, "decode_slowdown": 1.5}]}
+
+
+def test_slowdown_follows_the_prefill_size_where_several_were_measured():
+    p = synthetic(interference=BY_SIZE)
+    assert p.slowdown("prefill", 64) == pytest.approx(5.0) and p.slowdown("prefill", 2048) == pytest.approx(2.0)
+    assert p.slowdown("prefill", 16) == pytest.approx(5.0) and p.slowdown("prefill", 8192) == pytest.approx(2.0)
+    mid = 2 ** ((6 + 11) / 2)  # halfway in log tokens
+    assert p.slowdown("prefill", mid) == pytest.approx(3.5) and p.slowdown("decode", mid) == pytest.approx(1.3)
+    assert p.slowdown("prefill") == 2.0 and p.slowdown("decode") == 1.5  # no size: the largest size's figures
+
+
+def test_a_short_prompt_beside_decode_takes_its_own_sizes_stretch():
+    """B's 64-token prefill lands in A's decode: stretched by the 64-token row (5×), not the 2k one (2×)."""
+    r = _run("interference", BY_SIZE)
+    assert r["b"].ttft == pytest.approx(5 * PREFILL_S, abs=0.011)
