@@ -10,7 +10,7 @@ PACK=prefill_graph.tgz
 source "$(dirname "$0")/packed_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
 git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
-step check_prefill_graph 100 python -m tests.engine.kernels.check_prefill_graph
+step check_prefill_graph 100 python -m tests.engine.kernels.check_prefill_graph tiny-qwen3,tiny-deepseek-v2
 eb() {  # name model prefill-len graph-max [extra...]
   local name=$1 model=$2 len=$3 gmax=$4; shift 4
   step "$name" 60 python -m bench.engine_bench --model "$model" --dtype bfloat16 --batch 1 --decode-steps 8 \
