@@ -334,8 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="GPU-busy, kernels and unhidden host time per step")
     ap.add_argument("--engine-process", action="store_true", help="also time batch-1 decode through the engine process")
     ap.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
-    ap.add_argument("--prefill-graph-max-tokens", type=int, default=2048,
-                    help="largest prefill replayed as CUDA graphs (0: eager prefill)")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=0,
+                    help="largest prefill replayed as CUDA graphs (0, the engine's default: eager prefill)")
     ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")
     args = ap.parse_args(argv)
     r = run(args)

@@ -5,7 +5,9 @@ kernels (Triton launches cost 40-50 µs of host time each on the device's CPU), 
 2,048-token prefill took 54 ms of host time for ~30 ms of GPU work, and a 256-token prompt 33 ms
 (bench/results/2026-12-07_h200_today.md). Here a prefill-only step whose sequences all start at
 position 0 (no cached prefix, no decodes: the disaggregated prefill node's usual step) replays graphs
-captured per token bucket instead.
+captured per token bucket instead. Opt-in (`--prefill-graph-max-tokens`, default 0) until a GPU run
+has checked and timed it (tests/engine/kernels/check_prefill_graph.py, bench/run_prefill_graph_gpu.sh);
+so far it is tested on CPU only, where graphs cannot be captured.
 
 Layout of a bucket of T tokens with up to S sequences: the step's tokens back to back, then the
 padding tokens as one extra sequence (they attend among themselves, so every row stays finite; their
@@ -18,7 +20,8 @@ forward depends on the real lengths but device tensors. Logits come from a fixed
 The capture is cut after every decoder layer (the model's `on_layer_done` callback ends one graph
 and begins the next in the same memory pool), so a replay runs the layers' graphs in order and calls
 the step's per-layer hook between them: the prefill node's layer-wise KV push records its events
-exactly where the eager forward would. L + 1 replays cost ~0.3 ms of host time.
+exactly where the eager forward would. L + 1 replays should cost well under a millisecond of host
+time (about 10 µs each: an estimate, not yet measured).
 
 Inputs are one packed int64 buffer uploaded with one non-blocking copy from one of two pinned
 copies, each guarded by the event of its last upload (as engine/decode_inputs.py does for decode).
