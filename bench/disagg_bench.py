@@ -39,7 +39,8 @@ def _client(args, role: str | None) -> EngineClient:
     cfg = build_engine_config(args.model, dtype="bfloat16", device=args.device, load_format="dummy",
                               max_model_len=max(args.lengths) + 64, gpu_memory_utilization=args.gpu_mem,
                               max_num_batched_tokens=args.chunk, enable_prefix_cache=False, max_num_seqs=16,
-                              kv_role=role, cuda_graph_max_batch=16)
+                              kv_role=role, cuda_graph_max_batch=16,
+                              prefill_graph_max_tokens=args.prefill_graph_max_tokens)
     return EngineClient(cfg, detokenize=False)
 
 
@@ -153,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--gpu-mem", type=float, default=0.46, help="each engine's share of the GPU")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the hand-off (tiny models)")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=0,
+                    help="the prefill engines replay CUDA graphs up to this many tokens (0: eager prefill)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     r = run(args)
