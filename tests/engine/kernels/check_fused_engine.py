@@ -21,11 +21,15 @@ def generate(model: str, fused: bool, device: str) -> list[list[int]]:
     fused_ops._fused = (lambda x: x.is_cuda) if fused else (lambda x: False)  # the seam's one switch
     config = build_engine_config(model, load_format="dummy", dtype="float32", device=device, page_size=16,
                                  num_pages=64, enforce_eager=not fused, max_num_batched_tokens=256, max_num_seqs=8)
-    core = EngineCore(config)
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
+    return greedy(EngineCore(config), PROMPTS)
+
+
+def greedy(core: EngineCore, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+    """Every prompt's greedy tokens (`max_tokens` each), the engine stepped until all are done."""
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
         core.add_request(str(i), p, sp)
-    reqs = [core.requests[str(i)] for i in range(len(PROMPTS))]
+    reqs = [core.requests[str(i)] for i in range(len(prompts))]
     while core.has_unfinished():
         core.step()
     return [list(r.output_token_ids) for r in reqs]

@@ -12,9 +12,9 @@ from engine.engine_core import EngineCore
 from engine.llm import build_engine_config
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
+from tests.engine.kernels.check_fused_engine import PROMPTS, greedy
 
 MODELS = ("tiny-llama", "tiny-qwen3", "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3")
-PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 8], [11, 12], list(range(400, 440)), list(range(600, 760))]
 
 
 def _core(model: str, graphs: bool) -> EngineCore:
@@ -60,14 +60,7 @@ def check_step(model: str) -> bool:
 
 
 def generate(model: str, graphs: bool) -> list[list[int]]:
-    core = _core(model, graphs)
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
-        core.add_request(str(i), p, sp)
-    reqs = [core.requests[str(i)] for i in range(len(PROMPTS))]
-    while core.has_unfinished():
-        core.step()
-    return [list(r.output_token_ids) for r in reqs]
+    return greedy(_core(model, graphs), PROMPTS)
 
 
 def main() -> int:
