@@ -13,6 +13,7 @@ from engine.attention import dense_prefill, triton_backend
 from engine.kernels import kv_write_ref
 from engine.model_runner import ModelRunner
 from engine.prefill_graph import PrefillGraphs, token_buckets
+from tests.engine.test_attention_kernels import _run
 from tests.engine.test_varlen_prefill import fa2_reference
 
 PROMPTS = [list(range(3, 8)), list(range(100, 140)), list(range(200, 300))]  # 145 tokens: bucket 256
@@ -121,3 +122,10 @@ def test_generation_with_prefill_graphs_gives_the_eager_tokens(varlen_mock):
     got = generate(True)
     assert got == ref and all(len(t) == 4 for t in got)
     assert any(max_q == 256 for _, max_q in varlen_mock)  # the padded bucket's call
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_replayed_prefill_graphs_match_the_eager_step_on_gpu():
+    r = _run(["-m", "tests.engine.kernels.check_prefill_graph"], interpret=False, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
