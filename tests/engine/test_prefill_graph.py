@@ -129,3 +129,60 @@ def test_generation_with_prefill_graphs_gives_the_eager_tokens(varlen_mock):
 def test_replayed_prefill_graphs_match_the_eager_step_on_gpu():
     r = _run(["-m", "tests.engine.kernels.check_prefill_graph"], interpret=False, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU (graphs need a GPU): records the capture and replay calls."""
+    log: list = []
+
+    def __init__(self):
+        self.id = len([e for e in _FakeGraph.log if e[0] == "new"])
+        _FakeGraph.log.append(("new", self.id))
+
+    def capture_begin(self, pool=None):
+        _FakeGraph.log.append(("begin", self.id, pool))
+
+    def capture_end(self):
+        _FakeGraph.log.append(("end", self.id))
+
+    def replay(self):
+        _FakeGraph.log.append(("replay", self.id))
+
+
+def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen_mock, monkeypatch):
+    """The capture/replay bookkeeping with torch.cuda's graph API replaced by a recorder (a mock: CUDA
+    graphs cannot run here): per bucket L + 1 graphs, each begun in the shared pool and ended once, in
+    order; a replay runs them in order with the layer hook after each of the first L."""
+    import contextlib
+    core = _core("tiny-qwen3", "triton")
+    runner = core.runner
+    layers = len(runner.kv_pool.layers)
+    stream = type("S", (), {"wait_stream": lambda self, other: None})()
+    _FakeGraph.log = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool",))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4)
+    assert graphs.capture()
+    assert sorted(graphs.graphs) == [128, 256] and all(len(g) == layers + 1 for g in graphs.graphs.values())
+    events = [e for e in _FakeGraph.log if e[0] in ("begin", "end")]
+    assert len(events) == 2 * 2 * (layers + 1)
+    for i in range(0, len(events), 2):  # never nested: each graph ends before the next begins
+        begin, end = events[i], events[i + 1]
+        assert begin[0] == "begin" and begin[2] == ("pool",) and end == ("end", begin[1])
+    assert graphs.logits[256].shape == (4, runner.model_config.vocab_size)
+
+    _FakeGraph.log = []
+    chunks = _schedule(core, PROMPTS)
+    out = graphs.run(ModelRunner._inputs(chunks), layer_hook=lambda i: _FakeGraph.log.append(("hook", i)))
+    ids = [g.id for g in graphs.graphs[256]]
+    expected = []
+    for i, gid in enumerate(ids):
+        expected.append(("replay", gid))
+        if i < layers:
+            expected.append(("hook", i))
+    assert _FakeGraph.log == expected
+    assert out.shape == (3, runner.model_config.vocab_size)
