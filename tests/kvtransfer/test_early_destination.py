@@ -171,3 +171,38 @@ def test_sender_posts_the_layers_done_by_now_as_one_write_then_waits_for_each_ne
     assert log == [[0, 1, 2], "wait", [3], "wait", [4]] and push.pending_jobs == 0
     prefill.abort("events")
     decode.abort("events")
+
+
+def test_prefill_graph_path_pushes_every_layer_and_decode_continues_exactly(monkeypatch, reference):
+    """The prefill engine's step through the prefill graphs' padded forward (engine/prefill_graph.py, run
+    eagerly: CUDA graphs need a GPU) with the destination known up front: the layer-wise push posts each
+    layer from the hook between layers, and D's tokens equal the standalone engine's. The FA2 varlen op
+    is the reference mock of tests/engine/test_varlen_prefill.py (it runs only on CUDA)."""
+    from engine.attention import dense_prefill, triton_backend
+    from engine.kernels import kv_write_ref
+    from engine.prefill_graph import PrefillGraphs
+    from tests.engine.test_varlen_prefill import fa2_reference
+    monkeypatch.setattr(dense_prefill, "_flash_forward", fa2_reference)
+    monkeypatch.setattr(dense_prefill, "varlen_applies", lambda q, d: True)
+    monkeypatch.setattr(triton_backend, "varlen_applies", lambda q, d: True)
+    monkeypatch.setattr(triton_backend, "write_kv", kv_write_ref.write_kv)
+    kw = dict(KW, max_num_batched_tokens=32)  # the whole prompt in one step
+    prefill = EngineCore(build_engine_config("tiny-llama", kv_role="prefill", attention_backend="triton", **kw))
+    prefill.attach_connector(NixlConnector.for_engine(prefill))
+    graphs = prefill.runner.prefill_graphs = PrefillGraphs(prefill.runner, max_tokens=128, max_seqs=4, capture=False)
+    ran = []
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda inputs, hook=None: ran.append(hook is not None) or run(inputs, hook))
+    posted = []
+    post = prefill.connector._post_layers
+    monkeypatch.setattr(prefill.connector, "_post_layers", lambda layers, rids: posted.extend(layers) or post(layers, rids))
+    decode = _core("decode")
+    outputs: dict = {}
+    dest = decode.add_remote_request("g", PROMPT, _greedy(5))
+    prefill.add_request("g", PROMPT, _greedy(1), kv_dest=dest)
+    _step([prefill, decode], outputs, lambda: _ended(outputs, "g") and "g" not in decode.requests)
+    tokens = [t for o in outputs["g"] for t in o.token_ids]
+    assert tokens == reference
+    assert ran == [True]  # one prefill step, through the graph path, with the per-layer hook
+    assert posted == list(range(len(prefill.runner.kv_pool.layers)))
+    assert _pools_full(prefill, decode)
