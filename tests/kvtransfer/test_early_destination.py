@@ -195,7 +195,8 @@ def test_prefill_graph_path_pushes_every_layer_and_decode_continues_exactly(monk
     monkeypatch.setattr(graphs, "run", lambda inputs, hook=None: ran.append(hook is not None) or run(inputs, hook))
     posted = []
     post = prefill.connector._post_layers
-    monkeypatch.setattr(prefill.connector, "_post_layers", lambda layers, rids: posted.extend(layers) or post(layers, rids))
+    monkeypatch.setattr(prefill.connector, "_post_layers",
+                        lambda layers, rids: posted.extend(layers) or post(layers, rids))
     decode = _core("decode")
     outputs: dict = {}
     dest = decode.add_remote_request("g", PROMPT, _greedy(5))
