@@ -11,3 +11,8 @@ step() {
   echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$STAGE/steps.txt"
   tar czf "$OUT/$PACK" -C "$STAGE" . && cp "$STAGE/steps.txt" "$OUT/steps.txt"
 }
+# record_run: the GPU (device.txt) and the tree (commit.txt) into $STAGE.
+record_run() {
+  nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
+  git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
+}

@@ -7,8 +7,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 PACK=decode_gemm_results.tgz
 source "$(dirname "$0")/packed_steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
-git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
+record_run
 step check_skinny 30 python -m tests.engine.kernels.check_skinny_gemm cuda real
 [ -z "${SKIP_GEMM_BENCH:-}" ] && step gemm_bench 60 python -m bench.decode_gemm_bench --m 1,4 --out "$STAGE" \
   --shapes "qwen3-8b qkv,qwen3-8b o,qwen3-8b gate_up,qwen3-8b down,qwen3-8b lm_head"

@@ -6,7 +6,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 PACK=fp8_bs1.tgz
 source "$(dirname "$0")/packed_steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
+record_run
 for q in none fp8; do
   flag=""; [ "$q" = fp8 ] && flag="--quantization fp8"
   step "qwen3_$q" 60 python -m bench.engine_bench --model qwen3-8b --dtype bfloat16 $flag --batch 1 \

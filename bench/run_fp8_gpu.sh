@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 # $OUT/fp8_results.tgz after every step (so a timeout still returns what finished).
 PACK=fp8_results.tgz
 source "$(dirname "$0")/packed_steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
+record_run
 # GEMM correctness at real sizes first (every tiling the decode tuner may pick), then decode/prefill.
 step check_gemm 30 python -m tests.engine.kernels.check_fp8 cuda real gemm
 for q in fp8 none; do

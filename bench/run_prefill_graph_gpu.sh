@@ -8,8 +8,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PACK=prefill_graph.tgz
 source "$(dirname "$0")/packed_steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
-git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
+record_run
 step check_prefill_graph 100 python -m tests.engine.kernels.check_prefill_graph tiny-qwen3,tiny-deepseek-v2
 eb() {  # name model prefill-len graph-max [extra...]
   local name=$1 model=$2 len=$3 gmax=$4; shift 4

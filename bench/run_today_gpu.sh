@@ -14,8 +14,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PACK=today.tgz
 source "$(dirname "$0")/packed_steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
-git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
+record_run
 step check_varlen_prefill 60 python -m tests.engine.kernels.check_varlen_prefill cuda
 step check_fused_ops 40 python -m tests.engine.kernels.check_fused_ops cuda real
 step check_fused_engine 90 python -m tests.engine.kernels.check_fused_engine cuda

@@ -7,7 +7,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 PACK=v2l_results.tgz
 source "$(dirname "$0")/packed_steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
+record_run
 # 1. FP8 decode MoE against the torch reference at V2-Lite sizes (64 experts, H 2048, I 1408, top-6,
 #    2 shared experts; T = 1..4; W8A8 and weight-only; shared experts none / as output / as FP8 weights).
 step check_moe_decode_fp8 60 python -m tests.engine.kernels.check_moe_decode_fp8 cuda v2lite
