@@ -38,7 +38,6 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata
 from engine.forward_batch import ForwardBatch
-from engine.request import PENDING_TOKEN
 from engine.prompt_logprobs import wants_prompt_logprobs
 
 log = logging.getLogger(__name__)
@@ -89,9 +88,8 @@ class PrefillGraphs:
         if len(chunks) > self.max_seqs:
             return False
         total = 0
-        for c in chunks:
-            req = c.request
-            if c.start != 0 or c.fork_of is not None or wants_prompt_logprobs(req):
+        for c in chunks:  # (forks never reach here: the runner keeps those steps eager)
+            if c.start != 0 or wants_prompt_logprobs(c.request):
                 return False
             total += c.num_new_tokens
         return self.bucket(total) is not None
@@ -179,16 +177,15 @@ class PrefillGraphs:
         n = len(inputs.ids)
         h[o["ids"]: o["ids"] + n] = inputs.ids
         h[o["ids"] + n: o["ids"] + t] = 0
+        h[o["positions"]: o["positions"] + n] = inputs.positions
+        h[o["positions"] + n: o["positions"] + t] = 0
         slots = h[o["slots"]: o["slots"] + t]
-        pos = h[o["positions"]: o["positions"] + t]
         at = 0
-        for q, table in zip(inputs.query_lens, inputs.tables):
+        for q, table in zip(inputs.query_lens, inputs.tables):  # every sequence starts at position 0
             pages = np.asarray(table[: -(-q // ps)], dtype=np.int64)
             slots[at: at + q] = (pages[:, None] * ps + np.arange(ps)).reshape(-1)[:q]
-            pos[at: at + q] = np.arange(q)
             at += q
         slots[n:] = -1
-        pos[n:] = 0
         rows = h[o["rows"]: o["rows"] + s]
         rows[:] = 0
         rows[: len(inputs.logits_rows)] = inputs.logits_rows
@@ -208,7 +205,7 @@ class PrefillGraphs:
         """One dense prefill step (`inputs`: the runner's `_StepInputs`, no pending tokens): the logits of
         its sampling sequences, in order. `layer_hook(i)` runs after layer i's graph, as in the eager
         forward."""
-        if inputs.pending or PENDING_TOKEN in inputs.ids:
+        if inputs.pending:
             raise RuntimeError("a prefill graph step cannot take tokens still pending on the device")
         t = self.bucket(len(inputs.ids))
         self._fill(inputs, t)

@@ -3,9 +3,10 @@ paged reads at all — every key and value is this step's own — so it runs fus
 over the contiguous q, k, v. On CUDA in half precision that is one varlen flash-attention call for
 all sequences of the step (`varlen_flash`: no loop over sequences on the host, GQA without
 expanding the KV heads); elsewhere each sequence runs torch SDPA (flash / cuDNN /
-memory-efficient / math). Chunked prefill over a cached prefix, and any step with decodes, stays on
-the paged kernels. The varlen call reads only device offsets and a host length bound, so dense steps
-are captured as CUDA graphs (engine/prefill_graph.py); the per-sequence path refuses capture."""
+memory-efficient / math). Chunks over a cached prefix go through the same varlen call from the
+attention backend (their sequences gathered back from the pages; triton_backend.py). The varlen call
+reads only device offsets and a host length bound, so dense steps are captured as CUDA graphs
+(engine/prefill_graph.py); the per-sequence path refuses capture."""
 from __future__ import annotations
 
 import functools
