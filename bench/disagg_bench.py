@@ -28,6 +28,7 @@ import time
 import torch
 
 from bench.record import emit
+from engine.config import EngineConfig
 from engine.engine_client import EngineClient
 from engine.engine_args import build_engine_config
 from engine.kv_connector import DESTINATION_FOLLOWS
@@ -107,12 +108,14 @@ def run(args) -> dict:
         d["collocated_ttft_ms"] = c["ttft_ms"]
         d["early"] = {k: v for k, v in e.items() if k != "tokens_out"}
         d["same_tokens"] = d["tokens_out"] == c["tokens_out"] == e["tokens_out"]
+        # Every arm's tokens, so a mismatch says which path differs (decode engine or collocated decode).
+        d["tokens_by_arm"] = {k: [r["tokens_out"] for r in v] for k, v in runs.items()}
         # Medians too: at 1k the run-to-run spread of one arm exceeds the 5% margin, so a best-of-3
         # can land either side of it (bench/results/2026-11-29_h200_final.md, call 3).
         d["median_ttft_ms"] = {k: statistics.median(r["ttft_ms"] for r in v) for k, v in runs.items()}
         d["repeats"] = args.repeats
         rows.append(d)
-        print(json.dumps({k: v for k, v in d.items() if k != "tokens_out"}), flush=True)
+        print(json.dumps({k: v for k, v in d.items() if k not in ("tokens_out", "tokens_by_arm")}), flush=True)
     prefill.shutdown()
     decode.shutdown()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -154,8 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--gpu-mem", type=float, default=0.46, help="each engine's share of the GPU")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the hand-off (tiny models)")
-    ap.add_argument("--prefill-graph-max-tokens", type=int, default=0,
-                    help="the prefill engines replay CUDA graphs up to this many tokens (0: eager prefill)")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=EngineConfig.prefill_graph_max_tokens,
+                    help="the prefill engines replay CUDA graphs up to this many tokens (0: eager prefill; "
+                         "default: the engine's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     r = run(args)

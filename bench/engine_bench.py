@@ -227,7 +227,8 @@ def run(args) -> dict:
               "moe_backend": moe_backend, "probe": probe,
               "decode": decode, "prefill": prefill, "hf": hf_results, "engine_process": engine_process,
               "overlap_schedule": config.overlap_schedule, "num_layers": args.num_layers,
-              "decode_gemm_choices": _decode_gemm_choices() if device.type == "cuda" else None}
+              "decode_gemm_choices": _decode_gemm_choices() if device.type == "cuda" else None,
+              "moe_decode_choices": _moe_decode_choices() if device.type == "cuda" else None}
     if probe:
         hbm, flops = probe["hbm_copy_bytes_per_s"], probe["bf16_matmul_flops_per_s"]
         for d in decode:
@@ -247,6 +248,13 @@ def _decode_gemm_choices() -> list[dict]:
     from engine.kernels.decode_gemm import chosen
     return [dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), kernel=type(c).__name__,
                  tiles=c if isinstance(c, str) else dataclasses.asdict(c)) for key, c in chosen().items()]
+
+
+def _moe_decode_choices() -> list[dict]:
+    """The tiles the decode-MoE tuner picked per (token bucket, expert shapes, FP8 mode)."""
+    from engine.kernels.moe_decode import _chosen
+    return [dict(bucket=key[1], top_k=key[2], w13=list(key[3]), w2=list(key[4]), weight_dtype=str(key[5]),
+                 block=key[7], tiles=c._asdict()) for key, c in _chosen.items()]
 
 
 def _moe_backend(core: EngineCore) -> str:
@@ -334,8 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="GPU-busy, kernels and unhidden host time per step")
     ap.add_argument("--engine-process", action="store_true", help="also time batch-1 decode through the engine process")
     ap.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
-    ap.add_argument("--prefill-graph-max-tokens", type=int, default=0,
-                    help="largest prefill replayed as CUDA graphs (0, the engine's default: eager prefill)")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=EngineConfig.prefill_graph_max_tokens,
+                    help="largest prefill replayed as CUDA graphs (0: eager prefill; default: the engine's)")
     ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")
     args = ap.parse_args(argv)
     r = run(args)

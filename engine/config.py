@@ -389,10 +389,9 @@ class EngineConfig:
                                            "(--no-overlap-schedule: wait for each step's tokens first)",
                                      flag="--no-overlap-schedule")
     cuda_graph_max_batch: int = setting(256, "largest decode batch captured as a CUDA graph", cli=False)
-    prefill_graph_max_tokens: int = setting(0, "largest prefill-only step over fresh prompts (tokens) replayed as "
-                                                "CUDA graphs, one per layer, captured at powers of two from 128, e.g. "
-                                                "2048 (default 0: eager prefill, until a GPU run has checked the "
-                                                "graphs: bench/run_prefill_graph_gpu.sh)")
+    prefill_graph_max_tokens: int = setting(2048, "largest prefill-only step over fresh prompts (tokens) replayed "
+                                                   "as CUDA graphs, one per layer, captured at powers of two from "
+                                                   "128 (0: eager prefill)")
     tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's, else DeepSeek's)")
     kv_role: str | None = setting(None, "None (standalone) | prefill | decode: KV transfer over the connector "
                                         "(set by the node's role)", cli=False, choices=(None, "prefill", "decode"))

@@ -33,14 +33,47 @@ outside `[0, E)` (another EP rank's) load nothing and add nothing. Launch shapes
 """
 from __future__ import annotations
 
+import logging
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels.fp8_gemm import _quantize_tile
+from engine.kernels.graph_timing import graph_time_ms
 from engine.quantization import FP8_MAX
 
+log = logging.getLogger(__name__)
+
 MAX_TOKENS = 4  # batches up to this size take this path (the grouped GEMM above)
+
+
+class DecodeMoeTiles(NamedTuple):
+    """Launch shapes of the two kernels. `*_k`: BLOCK_K columns per K step in bf16/fp16; in FP8 the
+    number of `bk`-column scale blocks per K step (each padded to a power of two)."""
+    up_n: int
+    up_k: int
+    down_n: int
+    down_k: int
+    up_warps: int = 4
+    down_warps: int = 4
+
+
+# What the tuner times per (token bucket, shapes, dtype, FP8 mode) on a GPU: (BLOCK_N, K, warps) of each
+# kernel. The first of each list is the default. bf16 at one token: the up kernel at 16 x 256 read 73%
+# of the HBM rate on DeepSeek-V2-Lite, the down kernel at 4 x 256 53% (2026-12-07_h200_today: 786 and
+# 545 us over 26 layers for 92 and 46 MB a step); K = 1408 wastes half of its sixth 256-column step,
+# which 128-column steps do not. Every candidate compiles for sm_90 without spilling at V2-Lite's sizes
+# (tests/engine/kernels/compile_sm90.py; 32-row bf16 up tiles, 32 x 4 FP8 up and 8 x 4 FP8 down tiles
+# at 8 warps spilled 192-344 bytes a thread and are left out).
+UP_CANDIDATES = {False: [(16, 256, 4), (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 512, 8), (8, 1024, 8),
+                         (4, 512, 4)],
+                 True: [(8, 4, 4), (16, 2, 4), (16, 1, 4), (8, 2, 4), (8, 4, 8), (16, 4, 8), (4, 4, 4)]}
+DOWN_CANDIDATES = {False: [(4, 256, 4), (4, 128, 4), (2, 256, 4), (8, 128, 4), (2, 512, 4), (4, 512, 8),
+                           (8, 256, 8)],
+                   True: [(4, 2, 4), (4, 1, 4), (2, 2, 4), (2, 4, 4), (8, 2, 8), (4, 4, 8)]}
+_chosen: dict[tuple, DecodeMoeTiles] = {}
 
 
 @triton.jit
@@ -175,12 +208,15 @@ def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out,
 
 def decode_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, shared_output: torch.Tensor | None = None,
-                   shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """hidden `[T, H]`, w13 `[E, 2I, H]`, w2 `[E, H, I]`, topk_weights/ids `[T, k]`; the shared
     experts as their output `[T, H]` or as their weights (gate/up `[2Is, H]`, down `[H, Is]`), or
-    neither → routed output (+ shared) `[T, H]` in hidden's dtype."""
+    neither → routed output (+ shared) `[T, H]` in hidden's dtype. `tiles`: a `DecodeMoeTiles`;
+    default: tuned on a GPU (`choose_tiles`)."""
     shared = None if shared_weights is None else (shared_weights[0], None, shared_weights[1], None)
-    return _launch(hidden, (w13, None, w2, None), topk_weights, topk_ids, shared_output, shared, None, False)
+    return _launch(hidden, (w13, None, w2, None), topk_weights, topk_ids, shared_output, shared, None, False,
+                   tiles)
 
 
 def decode_experts_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
@@ -188,22 +224,111 @@ def decode_experts_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch
                        block_size: tuple[int, int], quantize_activations: bool = True,
                        shared_output: torch.Tensor | None = None,
                        shared_weights: tuple[torch.Tensor, ...] | None = None,
-                       tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                       tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """`fp8_ref.fused_experts_fp8_ref`'s contract: FP8 experts w13 `[E, 2I, H]`, w2 `[E, H, I]` with
     block scales `[E, ceil(2I/bn), ceil(H/bk)]`, `[E, ceil(H/bn), ceil(I/bk)]`; the shared experts as
     their output or as FP8 weights with the same blocks (gate/up `[2Is, H]`, its scales, down
-    `[H, Is]`, its scales). `tiles`: see `fp8_decode_tiles`."""
+    `[H, Is]`, its scales). `tiles`: a `DecodeMoeTiles` (or its first four fields); default: tuned."""
     return _launch(hidden, (w13, w13_scale, w2, w2_scale), topk_weights, topk_ids, shared_output, shared_weights,
                    tuple(block_size), quantize_activations, tiles)
 
 
-def fp8_decode_tiles(on_cpu: bool) -> tuple[int, int, int, int]:
-    """(up BLOCK_N, up K groups, down BLOCK_N, down K groups) of the FP8 kernels. A K group is one
-    `bk`-column scale block; four per loop iteration read 512 one-byte columns, about the bytes in
-    flight of the bf16 kernels' 256 two-byte columns. Sized so that ptxas fits them without spilling
-    (tests/engine/kernels/compile_sm90.py: 8 rows x 4 groups up, 4 rows x 2 groups down at 168-242 registers;
-    16 x 4 and 4 x 4 spilled 120-216 bytes a thread)."""
-    return (16, 1, 16, 1) if on_cpu else (8, 4, 4, 2)
+def fp8_decode_tiles(on_cpu: bool) -> DecodeMoeTiles:
+    """The FP8 kernels' default tiles. A K group is one `bk`-column scale block; four per loop iteration
+    read 512 one-byte columns, about the bytes in flight of the bf16 kernels' 256 two-byte columns.
+    Sized so that ptxas fits them without spilling (tests/engine/kernels/compile_sm90.py: 8 rows x 4
+    groups up, 4 rows x 2 groups down at 168-242 registers; 16 x 4 and 4 x 4 spilled 120-216 bytes a
+    thread)."""
+    return DecodeMoeTiles(16, 1, 16, 1) if on_cpu else _tiles_of(UP_CANDIDATES[True][0], DOWN_CANDIDATES[True][0])
+
+
+def default_tiles(fp8: bool, on_cpu: bool) -> DecodeMoeTiles:
+    """Tiles before (or without) tuning: small ones under the CPU interpreter, else each list's first."""
+    if fp8:
+        return fp8_decode_tiles(on_cpu)
+    if on_cpu:
+        return DecodeMoeTiles(16, 32, 4, 16)
+    return _tiles_of(UP_CANDIDATES[False][0], DOWN_CANDIDATES[False][0])
+
+
+def _tiles_of(up: tuple[int, int, int], down: tuple[int, int, int]) -> DecodeMoeTiles:
+    return DecodeMoeTiles(up[0], up[1], down[0], down[1], up[2], down[2])
+
+
+def _bucket(t: int) -> int:
+    return 1 << (t - 1).bit_length()
+
+
+def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations) -> DecodeMoeTiles:
+    """The tiles for this call: timed once per (device, token bucket, shapes, dtypes, FP8 mode, shared
+    form) on a GPU, outside CUDA-graph capture (the engine's warm-up forward at each batch size comes
+    first), as `decode_gemm.choose` does for linear layers; a call under capture without a timed choice,
+    or off CUDA, takes the default. The up kernel's candidates are timed with the default down tiles,
+    then the down kernel's with the chosen up tiles: each timing is both kernels, replayed from a CUDA
+    graph over rotating expert ids (consecutive calls read disjoint experts where there are enough, so
+    the selected experts' weights come from HBM as in a model step, not from L2)."""
+    fp8 = block_size is not None
+    on_cpu = hidden.device.type != "cuda"
+    default = default_tiles(fp8, on_cpu)
+    if on_cpu:
+        return default
+    t, k = topk_ids.shape
+    w13, _, w2, _ = experts
+    key = (hidden.device.index, _bucket(t), k, tuple(w13.shape), tuple(w2.shape), w13.dtype, hidden.dtype,
+           block_size, quantize_activations, shared_output is not None,
+           None if shared is None else tuple(shared[2].shape))
+    choice = _chosen.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        return default
+    _chosen[key] = choice = _tune(hidden, experts, topk_ids, shared_output, shared, block_size,
+                                  quantize_activations, fp8, default)
+    log.info("decode MoE tiles for %d token(s), experts %s: %s", _bucket(t), tuple(w13.shape), choice)
+    return choice
+
+
+def _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8, default):
+    t, k = _bucket(topk_ids.shape[0]), topk_ids.shape[1]
+    num_experts = experts[0].shape[0]
+    dev = hidden.device
+    x = hidden[:1].expand(t, -1).contiguous() if hidden.shape[0] < t else hidden[:t].contiguous()
+    sh = None
+    if shared_output is not None:
+        sh = shared_output[:1].expand(t, -1).contiguous() if shared_output.shape[0] < t else shared_output[:t]
+    calls = max(4, min(8, num_experts // (t * k)))
+    ids = [((torch.arange(t * k, device=dev) + c * t * k) % num_experts).view(t, k).to(torch.int32)
+           for c in range(calls)]
+    wts = torch.full((t, k), 1.0 / k, device=dev)
+    state = {"i": 0}
+
+    def timed(tiles: DecodeMoeTiles) -> float:
+        def call():
+            state["i"] = (state["i"] + 1) % calls
+            _launch(x, experts, wts, ids[state["i"]], sh, shared, block_size, quantize_activations, tiles)
+        try:
+            return graph_time_ms(call, calls=calls)
+        except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
+            log.warning("decode MoE tiles %s failed for experts %s: %s", tiles, tuple(experts[0].shape), e)
+            return float("inf")
+
+    return search(timed, fp8, default)
+
+
+def search(measure, fp8: bool, default: DecodeMoeTiles) -> DecodeMoeTiles:
+    """The up kernel's candidates with the default down tiles, then the down kernel's with the fastest
+    up tiles; `measure(tiles)` → ms (inf: failed). Each measurement is taken once. The default if
+    nothing ran."""
+    times: dict[DecodeMoeTiles, float] = {}
+
+    def ms(tiles: DecodeMoeTiles) -> float:
+        if tiles not in times:
+            times[tiles] = measure(tiles)
+        return times[tiles]
+    down0 = (default.down_n, default.down_k, default.down_warps)
+    best_up = min(UP_CANDIDATES[fp8], key=lambda up: ms(_tiles_of(up, down0)))
+    best = min((_tiles_of(best_up, down) for down in DOWN_CANDIDATES[fp8]), key=ms)
+    return best if ms(best) < float("inf") else default
 
 
 def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, block_size, quantize_activations,
@@ -234,18 +359,19 @@ def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, bloc
     shared_out = out
     if shared_output is not None and mode == 0:
         mode, shared_out = 1, shared_output.contiguous()
-    on_cpu = hidden.device.type == "cpu"
+    if tiles is None:
+        tiles = choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations)
+    tiles = DecodeMoeTiles(*tiles)
     if fp8:  # a K step is one scale block (masked up to a power of two)
         scale_n, group_k = block_size
-        bn1, kg1, bn2, kg2 = tiles or fp8_decode_tiles(on_cpu)
+        bn1, kg1, bn2, kg2 = tiles[:4]
         bk1 = bk2 = sbk = triton.next_power_of_2(group_k)
         group1 = group2 = sgroup = group_k
     else:
+        # Small N tiles for the down kernel: at one token it has only H / BLOCK_N programs to spread
+        # the k experts' reads over (16 rows gave 128 programs and a third of the HBM bandwidth).
         scale_n, kg1, kg2 = 1, 1, 1
-        bn1, bk1 = (16, 32) if on_cpu else (16, 256)
-        # Small N tiles: at one token the down projection has only H / BLOCK_N programs to spread the
-        # k experts' reads over (16 rows gave 128 programs and a third of the HBM bandwidth).
-        bn2, bk2 = (4, 16) if on_cpu else (4, 256)
+        bn1, bk1, bn2, bk2 = tiles[:4]
         group1, group2, sbk = bk1, bk2, 4 * bk2
         sgroup = sbk
     rows = t * k + (t if mode == 2 else 0)
@@ -253,11 +379,11 @@ def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, bloc
         hidden, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, h, num_experts, t * k, hidden.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(-2), act.stride(0), sw13.stride(0),
         ss13.stride(-2), sact.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
-        GROUP_K=group1, K_GROUPS=kg1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
+        GROUP_K=group1, K_GROUPS=kg1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=tiles.up_warps)
     _down_combine_kernel[(t, triton.cdiv(h, bn2))](
         act, w2, s2, ids, wts, shared_out, sact, sw2, ss2, out, inter, s_inter, h, num_experts, act.stride(0),
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(-2), shared_out.stride(0), sact.stride(0),
         sw2.stride(0), ss2.stride(-2), out.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
         GROUP_K=group2, K_GROUPS=kg2, SGROUP_K=sgroup, BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2,
-        BLOCK_K=bk2, SBLOCK_K=sbk, SHARED=mode, num_warps=4)
+        BLOCK_K=bk2, SBLOCK_K=sbk, SHARED=mode, num_warps=tiles.down_warps)
     return out
