@@ -49,11 +49,16 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
 python -c "import sys, torch, grpc, aiohttp, zmq; print(sys.version.split()[0], torch.__version__, 'grpc', grpc.__version__, 'aiohttp', aiohttp.__version__)" >> "$LOG" 2>&1
 
-bench() {  # name dataset rate prompts [args...]
+bench() {  # name dataset rate prompts [args...]; the cluster's histograms scraped before and after
   local name=$1 ds=$2 rate=$3 n=$4; shift 4
+  local targets=$STAGE/targets.json
+  [ -f "$targets" ] && python -m bench.scrape_metrics scrape --targets "$targets" --out "$STAGE/metrics_before_$name.json"
   pstep "$name" 60 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name "$ds" \
     --num-prompts "$n" --request-rate "$rate" --goodput ttft:1000 tpot:50 "$@" --disable-tqdm \
     --save-result --result-dir "$STAGE" --result-filename "$name.json"
+  [ -f "$targets" ] && python -m bench.scrape_metrics scrape --targets "$targets" --out "$STAGE/metrics_after_$name.json" \
+    && python -m bench.scrape_metrics diff "$STAGE/metrics_before_$name.json" "$STAGE/metrics_after_$name.json" \
+    > "$STAGE/ttft_split_$name.txt" 2>&1
 }
 
 serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points then ShareGPT-like), down
@@ -62,6 +67,7 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
   echo "=== up $m (at $((SECONDS - T0))s)" >> "$LOG"
   python -m deploy.cli up --model "$m" --load-format dummy --dtype "$DTYPE" --device "$DEVICE" \
     --gpu-memory-utilization 0.45 --max-model-len $MAXLEN --max-num-seqs 128 --grpc-port $GRPC_PORT --http-port $HTTP_PORT \
+    --prometheus-targets "$STAGE/targets.json" \
     > "$STAGE/up_$m.log" 2>&1 &
   local up=$! i
   for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$STAGE/up_$m.log" && break; kill -0 $up 2>/dev/null || break

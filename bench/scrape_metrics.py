@@ -1,0 +1,92 @@
+"""Where a served request's time went, from the cluster's own Prometheus histograms: scrape every
+process of a `pdserve up` (its `--prometheus-targets` file) before and after a load run, then print, per
+process and histogram, the mean over the requests of that run (the difference of `_sum` over the
+difference of `_count`). Beside the client's TTFT this splits it into the router's TTFT, the prefill
+node's queue and prefill times and the KV push; it is what the one-GPU sweeps need to say why a
+simulated TTFT differs from the measured one.
+
+    python -m bench.scrape_metrics scrape --targets T.json --out before.json
+    python -m bench.scrape_metrics diff before.json after.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import urllib.request
+
+# Histograms worth splitting a TTFT into (prefix `pdserve_` or not: matched on the suffix).
+HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+              "kv_transfer_time_seconds", "request_time_per_output_token_seconds", "e2e_request_latency_seconds")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def parse(text: str) -> dict[str, list[float]]:
+    """`{histogram: [sum, count]}` over every label set of each histogram in HISTOGRAMS."""
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if not m:
+            continue
+        name, value = m.group(1), m.group(3)
+        for h in HISTOGRAMS:
+            for suffix, i in (("_sum", 0), ("_count", 1)):
+                if name.endswith(h + suffix):
+                    out.setdefault(h, [0.0, 0.0])[i] += float(value)
+    return out
+
+
+def scrape(targets_file: str, timeout_s: float = 5.0) -> dict:
+    with open(targets_file) as f:
+        groups = json.load(f)
+    nodes = {}
+    for g in groups:
+        name = g.get("labels", {}).get("node", g["targets"][0])
+        try:
+            with urllib.request.urlopen(f"http://{g['targets'][0]}/metrics", timeout=timeout_s) as r:
+                nodes[name] = parse(r.read().decode())
+        except OSError as e:
+            nodes[name] = {"error": str(e)}
+    return {"time": time.time(), "nodes": nodes}
+
+
+def diff(before: dict, after: dict) -> dict[str, dict[str, dict]]:
+    """Per node and histogram: requests observed between the scrapes and their mean in ms."""
+    out: dict[str, dict[str, dict]] = {}
+    for node, hists in after["nodes"].items():
+        if "error" in hists:
+            continue
+        prev = before["nodes"].get(node, {})
+        for h, (s, c) in hists.items():
+            s0, c0 = prev.get(h, [0.0, 0.0]) if "error" not in prev else (0.0, 0.0)
+            if c - c0 > 0:
+                out.setdefault(node, {})[h] = {"count": int(c - c0), "mean_ms": (s - s0) / (c - c0) * 1e3}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("scrape")
+    s.add_argument("--targets", required=True)
+    s.add_argument("--out", required=True)
+    d = sub.add_parser("diff")
+    d.add_argument("before")
+    d.add_argument("after")
+    args = ap.parse_args(argv)
+    if args.cmd == "scrape":
+        with open(args.out, "w") as f:
+            json.dump(scrape(args.targets), f)
+        return 0
+    with open(args.before) as f1, open(args.after) as f2:
+        result = diff(json.load(f1), json.load(f2))
+    for node, hists in sorted(result.items()):
+        for h, v in sorted(hists.items()):
+            print(f"{node:10s} {h:42s} n={v['count']:4d} mean {v['mean_ms']:9.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
