@@ -74,6 +74,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     # --- KV transfer (prefill pushes, decode receives) ------------------------------------------
     MetricSpec("kv_transfer_time_seconds", "histogram", "Time to push one request's KV to the decode node.",
                buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_transfer_exposed_seconds", "histogram",
+               "Time from the end of a request's prefill compute to its KV push completing (what the push adds "
+               "to TTFT).", buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_destination_wait_seconds", "histogram",
+               "Time a computed prompt waited for the decode node's KV destination (part of the exposed time).",
+               buckets=LATENCY_BUCKETS),
     MetricSpec("kv_transfer_bytes_total", "counter", "KV bytes pushed to decode nodes."),
     MetricSpec("kv_transfer_failures_total", "counter", "KV transfers that failed or timed out.", ("reason",)),
     # --- engine state (pulled from the engine process) ------------------------------------------

@@ -92,6 +92,7 @@ class _Push:
     overdue_reported: bool = False
     first_post: float = 0.0
     compute_done: float = 0.0  # start_send time; 0 while the prompt still computes
+    dest_at: float = 0.0  # when the destination was known here (the push's creation if it came first)
     first_token: int | list[int] | None = None
     dropped: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -137,7 +138,9 @@ class NixlConnector(KVConnector):
     # ------------------------------------------------------------- prefill side
     def _new_push(self, request, layered: bool) -> _Push:
         pages = request.page_ids[: -(-request.num_prompt_tokens // self.page_size)]
-        push = _Push(request.kv_dest, list(pages), self.num_layers, layered, time.monotonic() + self.timeout_s)
+        now = time.monotonic()
+        push = _Push(request.kv_dest, list(pages), self.num_layers, layered, now + self.timeout_s)
+        push.dest_at = now if destination_known(request.kv_dest) else 0.0
         self.pushes[request.request_id] = push
         request.kv_push_started = True
         return push
@@ -225,7 +228,7 @@ class NixlConnector(KVConnector):
         if push is None:  # not computed yet: its push starts with the destination known
             return
         with push.lock:
-            push.dest = request.kv_dest
+            push.dest, push.dest_at = request.kv_dest, time.monotonic()
             if push.ready:
                 ready, push.ready = push.ready, []
                 self._write(request.request_id, push, ready)
@@ -308,7 +311,9 @@ class NixlConnector(KVConnector):
         self.bytes_sent += nbytes
         stats = {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
                  "descriptors": sum(t.num_descs for t in transfers),
-                 "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers}
+                 "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers,
+                 # how long the computed prompt waited for D's destination (part of the exposed time)
+                 "destination_wait_seconds": max(0.0, push.dest_at - push.compute_done)}
         return SendResult(error=error, stats=stats)
 
     # ------------------------------------------------------------- decode side

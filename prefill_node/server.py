@@ -146,6 +146,10 @@ def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dic
         m.observe("request_prefill_time_seconds", max(0.0, total_s - queue_s))
     if kv:
         m.observe("kv_transfer_time_seconds", float(kv.get("seconds", 0.0)))
+        if "exposed_seconds" in kv:
+            m.observe("kv_transfer_exposed_seconds", float(kv["exposed_seconds"]))
+        if "destination_wait_seconds" in kv:
+            m.observe("kv_destination_wait_seconds", float(kv["destination_wait_seconds"]))
         m.inc("kv_transfer_bytes_total", int(kv.get("bytes", 0)))
 
 

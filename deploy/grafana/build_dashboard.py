@@ -288,6 +288,13 @@ def kv_transfer_panels() -> list[dict]:
         timeseries("KV transfer failures/s", [
             target(rate_by("pdserve:kv_transfer_failures_total", "node, reason"), "{{node}} {{reason}}"),
         ], width=8, stack=True),
+        timeseries("KV push exposed after prefill", quantile_targets("pdserve:kv_transfer_exposed_seconds",
+                                                                     (0.5, 0.99), by="node"),
+                   "s", "From the end of the prefill compute to the push's completion: what the hand-off adds "
+                   "to TTFT.", width=12),
+        timeseries("Wait for the decode node's KV destination", quantile_targets(
+            "pdserve:kv_destination_wait_seconds", (0.5, 0.99), by="node"),
+            "s", "Time a computed prompt waited for its destination (the decode node's reservation).", width=12),
     ]
 
 

@@ -93,6 +93,10 @@ def test_decode_tokens_equal_the_standalone_engine_whenever_the_destination_come
     assert tokens[0] == reference[0] and tokens[1:] == reference[1:]
     ends = [o for o in outputs[f"r-{dest_after}"] if o.finished]
     assert len(ends) == 2 and all(o.error is None for o in ends)  # one from each engine
+    kv = next(o.kv_transfer for o in ends if o.kv_transfer)  # P's: what its push took
+    assert 0.0 <= kv["destination_wait_seconds"] <= kv["exposed_seconds"] + 1e-6
+    # a destination handed over after the compute is waited for; one known earlier is not
+    assert (kv["destination_wait_seconds"] > 0.0) == (dest_after == "prefill")
     assert _pools_full(*engines)
 
 
