@@ -78,7 +78,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Time from the end of a request's prefill compute to its KV push completing (what the push adds "
                "to TTFT).", buckets=LATENCY_BUCKETS),
     MetricSpec("kv_destination_wait_seconds", "histogram",
-               "Time a computed prompt waited for the decode node's KV destination (part of the exposed time).",
+               "Time a prompt's written KV waited for the decode node's KV destination.",
                buckets=LATENCY_BUCKETS),
     MetricSpec("kv_transfer_bytes_total", "counter", "KV bytes pushed to decode nodes."),
     MetricSpec("kv_transfer_failures_total", "counter", "KV transfers that failed or timed out.", ("reason",)),

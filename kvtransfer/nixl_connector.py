@@ -93,6 +93,7 @@ class _Push:
     first_post: float = 0.0
     compute_done: float = 0.0  # start_send time; 0 while the prompt still computes
     dest_at: float = 0.0  # when the destination was known here (the push's creation if it came first)
+    kv_ready_at: float = 0.0  # when the last layer's KV was seen written (layered pushes)
     first_token: int | list[int] | None = None
     dropped: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -204,6 +205,8 @@ class NixlConnector(KVConnector):
             if push is None:
                 continue
             with push.lock:
+                if self.num_layers - 1 in layers:  # the latest chunk's last layer
+                    push.kv_ready_at = time.monotonic()
                 if destination_known(push.dest):
                     self._write(rid, push, layers)
                 else:
@@ -312,8 +315,9 @@ class NixlConnector(KVConnector):
         stats = {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
                  "descriptors": sum(t.num_descs for t in transfers),
                  "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers,
-                 # how long the computed prompt waited for D's destination (part of the exposed time)
-                 "destination_wait_seconds": max(0.0, push.dest_at - push.compute_done)}
+                 # how long the written KV waited for D's destination: from the last layer's KV seen
+                 # written (layered) or the end of the compute, to the destination's arrival
+                 "destination_wait_seconds": max(0.0, push.dest_at - (push.kv_ready_at or push.compute_done))}
         return SendResult(error=error, stats=stats)
 
     # ------------------------------------------------------------- decode side
