@@ -20,6 +20,7 @@ import urllib.request
 # Histograms worth splitting a TTFT into (prefix `pdserve_` or not: matched on the suffix).
 HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
               "kv_transfer_time_seconds", "kv_transfer_exposed_seconds", "kv_destination_wait_seconds",
+              "kv_write_tail_seconds", "kv_post_delay_seconds",
               "request_time_per_output_token_seconds", "e2e_request_latency_seconds")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 

@@ -80,6 +80,11 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("kv_destination_wait_seconds", "histogram",
                "Time a prompt's written KV waited for the decode node's KV destination.",
                buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_write_tail_seconds", "histogram",
+               "Time from a push's last KV WRITE posted to all of its WRITEs seen done.", buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_post_delay_seconds", "histogram",
+               "Time from a push's first WRITE being possible (first layer written, destination known) to its "
+               "post.", buckets=LATENCY_BUCKETS),
     MetricSpec("kv_transfer_bytes_total", "counter", "KV bytes pushed to decode nodes."),
     MetricSpec("kv_transfer_failures_total", "counter", "KV transfers that failed or timed out.", ("reason",)),
     # --- engine state (pulled from the engine process) ------------------------------------------

@@ -91,6 +91,8 @@ class _Push:
     aborted: bool = False
     overdue_reported: bool = False
     first_post: float = 0.0
+    last_post: float = 0.0
+    first_layer_at: float = 0.0  # when the first layer's KV was seen written (layered pushes)
     compute_done: float = 0.0  # start_send time; 0 while the prompt still computes
     dest_at: float = 0.0  # when the destination was known here (the push's creation if it came first)
     kv_ready_at: float = 0.0  # when the last layer's KV was seen written (layered pushes)
@@ -205,8 +207,10 @@ class NixlConnector(KVConnector):
             if push is None:
                 continue
             with push.lock:
+                now = time.monotonic()
+                push.first_layer_at = push.first_layer_at or now
                 if self.num_layers - 1 in layers:  # the latest chunk's last layer
-                    push.kv_ready_at = time.monotonic()
+                    push.kv_ready_at = now
                 if destination_known(push.dest):
                     self._write(rid, push, layers)
                 else:
@@ -221,7 +225,8 @@ class NixlConnector(KVConnector):
                 with self._nixl_lock:  # the sender thread and the engine loop share the agent
                     push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=layers,
                                                            runs=push.runs))
-                push.first_post = push.first_post or time.monotonic()
+                push.last_post = time.monotonic()
+                push.first_post = push.first_post or push.last_post
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"
         push.posted += len(layers) if layers is not None else 1
@@ -317,7 +322,12 @@ class NixlConnector(KVConnector):
                  "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers,
                  # how long the written KV waited for D's destination: from the last layer's KV seen
                  # written (layered) or the end of the compute, to the destination's arrival
-                 "destination_wait_seconds": max(0.0, push.dest_at - (push.kv_ready_at or push.compute_done))}
+                 "destination_wait_seconds": max(0.0, push.dest_at - (push.kv_ready_at or push.compute_done)),
+                 # from the last WRITE posted to all of them seen done (the wire and the completion polling)
+                 "write_tail_seconds": max(0.0, now - push.last_post),
+                 # from the first WRITE possible (first layer written and the destination known) to its post
+                 "post_delay_seconds": max(0.0, push.first_post - max(push.dest_at, push.first_layer_at
+                                                                      or push.compute_done))}
         return SendResult(error=error, stats=stats)
 
     # ------------------------------------------------------------- decode side

@@ -146,10 +146,12 @@ def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dic
         m.observe("request_prefill_time_seconds", max(0.0, total_s - queue_s))
     if kv:
         m.observe("kv_transfer_time_seconds", float(kv.get("seconds", 0.0)))
-        if "exposed_seconds" in kv:
-            m.observe("kv_transfer_exposed_seconds", float(kv["exposed_seconds"]))
-        if "destination_wait_seconds" in kv:
-            m.observe("kv_destination_wait_seconds", float(kv["destination_wait_seconds"]))
+        for key, metric in (("exposed_seconds", "kv_transfer_exposed_seconds"),
+                            ("destination_wait_seconds", "kv_destination_wait_seconds"),
+                            ("write_tail_seconds", "kv_write_tail_seconds"),
+                            ("post_delay_seconds", "kv_post_delay_seconds")):
+            if key in kv:
+                m.observe(metric, float(kv[key]))
         m.inc("kv_transfer_bytes_total", int(kv.get("bytes", 0)))
 
 
