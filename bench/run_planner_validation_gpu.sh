@@ -29,13 +29,13 @@ pstep() { step "$@"; pack; }
 if [ -n "${SMALL:-}" ]; then  # CPU rehearsal of the flow
   PROF_ARGS="--prefill-tokens 32,128,512 --cached 0,256 --decode-batch 1,4,16 --decode-context 64,256 --decode-steps 4 --repeats 2"
   PROF2_ARGS="--prefill-tokens 32,256 --cached 0 --decode-batch 1,4 --decode-context 64 --decode-steps 2 --repeats 1"
-  IF_ARGS="--prefill-tokens 256 --decode-batch 4 --decode-context 128 --decode-steps 8 --prefills 2"
+  IF_ARGS="--prefill-tokens 256 --decode-batch 4 --decode-context 128 --decode-steps 8 --prefills 2 --push"
   RIN=256; ROUT=16; RATES_R="1 2 4"; RATES_S="2 4 8"; NR=4; NS=6; MAXLEN=1024
 elif [ -n "${QUICK:-}" ]; then  # a short call: lighter tables, four sweep points of the first model
   PROF_ARGS="--prefill-tokens 128,512,2048,8192 --cached 0,2048 --decode-batch 1,16,64,128
     --decode-context 128,2560 --decode-steps 8 --repeats 2"
   PROF2_ARGS=$PROF_ARGS
-  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 32 --decode-context 1024 --decode-steps 20 --prefills 3"
+  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 32 --decode-context 1024 --decode-steps 20 --prefills 3 --push"
   RIN=2048; ROUT=256; RATES_R="2 4"; RATES_S="4 8"; NR=16; NS=32; MAXLEN=6144
 else
   # KV transfer is not profiled: the same-GPU push is modelled as NVLink (the profiler's NIXL loop is slow).
@@ -43,7 +43,7 @@ else
     --decode-context 128,1024,2560 --decode-steps 16 --repeats 3"
   PROF2_ARGS="--prefill-tokens 32,128,512,2048,8192 --cached 0,2048 --decode-batch 1,16,64,128
     --decode-context 128,2560 --decode-steps 16 --repeats 2"
-  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 32 --decode-context 1024 --decode-steps 40 --prefills 5"
+  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 32 --decode-context 1024 --decode-steps 40 --prefills 5 --push"
   RIN=2048; ROUT=256; RATES_R="2 4 1"; RATES_S="4 8 2"; NR=0; NS=0; MAXLEN=6144
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
@@ -97,7 +97,7 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
 # MODEL: the full validation.
 pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
   --out "$STAGE/profile_$MODEL.json" $PROF_ARGS --kv-pages '' --ep-ranks ''
-pstep "interference_$MODEL" 60 python -m planner.interference --profile "$STAGE/profile_$MODEL.json" --model "$MODEL" \
+pstep "interference_$MODEL" 90 python -m planner.interference --profile "$STAGE/profile_$MODEL.json" --model "$MODEL" \
   --dtype "$DTYPE" --device "$DEVICE" $IF_ARGS
 [ -z "${QUICK:-}" ] && pstep "engine_bench_$MODEL" 30 python -m bench.engine_bench --model "$MODEL" --dtype "$DTYPE" --batch 1 \
   --decode-steps 48 --prompt-len 128 --prefill-len $RIN --max-model-len $MAXLEN --out "$STAGE/engine_bench_$MODEL"

@@ -142,15 +142,27 @@ class Profile:
         log tokens between the measured sizes, held at the end values beyond them."""
         if not self.interference:
             return 1.0
-        key = f"{'prefill' if role == 'prefill' else 'decode'}_slowdown"
-        rows = self.interference.get("by_prefill_tokens") or []
+        return self._by_prefill_size(f"{'prefill' if role == 'prefill' else 'decode'}_slowdown", prefill_tokens, 1.0)
+
+    def shared_push_exposed(self, prompt_tokens: int) -> float:
+        """Seconds a prompt's KV hand-off runs on after its prefill while a decode engine works on the
+        same GPU (`planner/interference.py --push`), by prompt size as `slowdown` interpolates; 0 if
+        unmeasured."""
+        if not self.interference:
+            return 0.0
+        return self._by_prefill_size("push_exposed_shared_s", prompt_tokens, 0.0)
+
+    def _by_prefill_size(self, key: str, prefill_tokens: int | None, default: float) -> float:
+        """The interference table's `key`: linear in log tokens between the measured prompt sizes, held
+        at the end values beyond them; the top-level (largest size's) figure without a size."""
+        rows = [r for r in self.interference.get("by_prefill_tokens") or [] if key in r]
         if prefill_tokens and len(rows) > 1:
             xs = [math.log(r["prefill_tokens"]) for r in rows]
             x = min(max(math.log(prefill_tokens), xs[0]), xs[-1])
             i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
             w = (x - xs[i]) / (xs[i + 1] - xs[i])
             return float(rows[i][key] * (1 - w) + rows[i + 1][key] * w)
-        return float(self.interference.get(key, 1.0))
+        return float(self.interference.get(key, default))
 
     def expert_read_scale(self, ep_size: int) -> float:
         """Decode is bound by weight reads; with EP each GPU reads only its share of the experts."""

@@ -178,10 +178,13 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
     shared = None
     if interference:  # after this process's engine is gone: two engines of half the memory share
         from planner.interference import measure as measure_interference
+        import importlib.util
+        # With NIXL, the engines are a prefill and a decode role and the KV hand-off is timed too.
         shared = measure_interference(model, str(mc.dtype).removeprefix("torch."), str(dev.type),
                                       tokens=sorted({min(256, max(prefill_tokens)), min(2048, max(prefill_tokens))}),
                                       batch=min(32, max(decode_batch)),
-                                      context=min(1024, max(decode_context)))
+                                      context=min(1024, max(decode_context)),
+                                      push=importlib.util.find_spec("nixl") is not None)
     offset = 3 + decode_steps // 2  # decode contexts grow while timed: the table holds the mean
     prof = Profile(
         model=model, dtype=str(mc.dtype).removeprefix("torch.") + (f"+{quantization}" if quantization else ""),

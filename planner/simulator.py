@@ -287,6 +287,10 @@ class Simulator:
                 if rid in finished:
                     sim.kv_exposed = max(0.0, sim.kv_done - self.now)
                     t = max(self.now, sim.kv_done) + node.channel.link.latency
+                    partner = node.gpu_partner
+                    if partner is not None and partner.stepping:  # the hand-off beside a decode on this GPU
+                        t = max(t, self.now + self.profile.shared_push_exposed(sim.prompt_len))
+                        sim.kv_exposed = t - self.now
                     self._at(t, self._kv_landed, node, rank, sim)
                 continue
             sim.tokens_out += 1

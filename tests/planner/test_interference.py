@@ -24,3 +24,22 @@ def test_two_engine_processes_measure_slowdowns_into_the_profile(tmp_path):
     rows = t["by_prefill_tokens"]  # one row per prompt size, the largest's figures also at the top level
     assert [r["prefill_tokens"] for r in rows] == [32, 64] and rows[-1]["prefill_slowdown"] == t["prefill_slowdown"]
     assert all(r["prefill_shared_s"] > 0 and r["decode_alone_s"] == t["decode_alone_s"] for r in rows)
+
+
+@pytest.mark.slow
+def test_push_mode_hands_kv_over_nixl_into_the_decode_engine_alone_and_while_it_decodes(tmp_path):
+    """Prefill and decode roles joined by real NIXL (CPU memory): each size's prompts are prefilled into
+    pages the decode engine reserved, once with it idle and once while it loops over its batch (the
+    reservations served between its steps); the exposed push times land in each size's row."""
+    path = tmp_path / "p.json"
+    synthetic(model="tiny-qwen3").save(str(path))
+    assert interference.main(["--profile", str(path), "--model", "tiny-qwen3", "--dtype", "float32", "--device",
+                              "cpu", "--prefill-tokens", "16,48", "--decode-batch", "2", "--decode-context", "32",
+                              "--decode-steps", "4", "--prefills", "2", "--push"]) == 0
+    rows = Profile.load(str(path)).interference["by_prefill_tokens"]
+    for r in rows:
+        for name in ("alone", "shared"):
+            assert r[f"push_exposed_{name}_s"] >= 0.0 and r[f"push_destination_wait_{name}_s"] >= 0.0
+            # the hand-off's wall time holds the prefill and the exposed push
+            assert r[f"push_wall_{name}_s"] >= r[f"push_exposed_{name}_s"] > -1e-9
+            assert r[f"push_wall_{name}_s"] > 0

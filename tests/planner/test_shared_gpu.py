@@ -94,3 +94,23 @@ def test_a_short_prompt_beside_decode_takes_its_own_sizes_stretch():
     """B's 64-token prefill lands in A's decode: stretched by the 64-token row (5×), not the 2k one (2×)."""
     r = _run("interference", BY_SIZE)
     assert r["b"].ttft == pytest.approx(5 * PREFILL_S, abs=0.011)
+
+
+PUSH = {"decode_slowdown": 1.0, "prefill_slowdown": 1.0, "prefill_tokens": 2048,
+        "by_prefill_tokens": [{"prefill_tokens": 64, "prefill_slowdown": 1.0, "decode_slowdown": 1.0,
+                               "push_exposed_shared_s": 0.03},
+                              {"prefill_tokens": 2048, "prefill_slowdown": 1.0, "decode_slowdown": 1.0,
+                               "push_exposed_shared_s": 0.01}]}
+
+
+def test_the_measured_shared_gpu_push_delays_the_first_token_only_beside_a_decode_step():
+    """B's 64-token prompt is prefilled while A decodes on the same GPU: its KV lands the measured 30 ms
+    after its prefill. A, prefilled on an idle GPU, hands off over the modelled link alone."""
+    base = _run("interference", {k: v for k, v in PUSH.items() if k != "by_prefill_tokens"})
+    r = _run("interference", PUSH)
+    assert r["b"].ttft == pytest.approx(base["b"].ttft + 0.03, abs=2e-3)
+    assert r["b"].kv_exposed == pytest.approx(0.03, abs=1e-6)
+    assert r["a"].ttft == pytest.approx(base["a"].ttft, abs=1e-9)
+    p = synthetic(interference=PUSH)
+    assert p.shared_push_exposed(64) == pytest.approx(0.03) and p.shared_push_exposed(8192) == pytest.approx(0.01)
+    assert synthetic().shared_push_exposed(64) == 0.0  # unmeasured: the link model alone
