@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from bench.roofline import attention_flops, decode_step_bytes, experts_touched, param_counts
+from bench.roofline import attention_flops, experts_touched, param_counts
 from engine.config import ParallelConfig
 from engine.memory_plan import H200_BYTES, plan as memory_plan
 from engine.presets import resolve_model

@@ -86,7 +86,7 @@ def sweep(ms_list, shapes, hbm, peak) -> list[dict]:
             for r in row["tiles"]:
                 print(f"    {r['tiles']} {r['ms'] if isinstance(r['ms'], str) else round(r['ms'], 4)}", flush=True)
             rows.append(row)
-        del w8, ws, wb, wt
+        w8 = ws = wb = wt = None  # this shape's weights go before the next shape's are made
         torch.cuda.empty_cache()
     return rows
 

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 
-import grpc
 import redis.asyncio as aioredis
 
 from node.grpc_server import open_channel

@@ -11,7 +11,6 @@ on the device (`bench/ep_engine_check.py`)."""
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 from engine import LLM, SamplingParams
