@@ -14,7 +14,8 @@ SGLang keep per-device JSON tables for the same reason. Candidates are timed ins
 (launch cost must not rank them) over rotating copies of the weight, so that a weight small enough
 to stay in L2 between back-to-back calls is still read from HBM, as it is in a model step where the
 other layers' weights pass through L2 in between. Timing costs milliseconds per (bucket, N, K),
-once. Tuning runs only outside CUDA-graph capture (the engine's warm-up forward at each batch size
+once, and shared with the machine's other engine processes through `tuning_cache.py` (so they all run
+the same kernels and round alike). Tuning runs only outside CUDA-graph capture (the engine's warm-up forward at each batch size
 comes first, engine/cuda_graph.py); a call without a timed choice takes the default.
 Owns that choice and its cache, not kernels.
 """
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import skinny_gemm as sk
+from engine.kernels import tuning_cache
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles
 from engine.kernels.graph_timing import graph_time_ms
 
@@ -117,14 +119,19 @@ def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
             return _default(m, weight, weight_scale, block_size, False)
-        timed, copies = [], weight_copies(weight)  # allocated once for all candidates
-        for i, c in enumerate(candidates(bucket(m), weight, weight_scale, block_size, quantize_activations)):
-            try:
-                timed.append((time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
-                                          x.dtype), i, c))
-            except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
-                log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
-        choice = _chosen[key] = min(timed)[2] if timed else _default(m, weight, weight_scale, block_size, False)
+        def tune() -> Choice:
+            timed, copies = [], weight_copies(weight)  # allocated once for all candidates
+            for i, c in enumerate(candidates(bucket(m), weight, weight_scale, block_size, quantize_activations)):
+                try:
+                    timed.append((time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
+                                              x.dtype), i, c))
+                except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
+                    log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
+            return min(timed)[2] if timed else _default(m, weight, weight_scale, block_size, False)
+        # One choice per device kind and shape for every process (engine/kernels/tuning_cache.py).
+        choice = _chosen[key] = tuning_cache.shared_choice(
+            "decode_gemm", tuning_cache.device_key(x.device, key[1:]),
+            {"GemmTiles": GemmTiles, "SkinnyTiles": sk.SkinnyTiles}, tune)
     return choice
 
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.fp8_gemm import _quantize_tile
+from engine.kernels import tuning_cache
 from engine.kernels.graph_timing import graph_time_ms
 from engine.quantization import FP8_MAX
 
@@ -262,7 +263,8 @@ def _bucket(t: int) -> int:
 def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations) -> DecodeMoeTiles:
     """The tiles for this call: timed once per (device, token bucket, shapes, dtypes, FP8 mode, shared
     form) on a GPU, outside CUDA-graph capture (the engine's warm-up forward at each batch size comes
-    first), as `decode_gemm.choose` does for linear layers; a call under capture without a timed choice,
+    first), as `decode_gemm.choose` does for linear layers, and shared with the machine's other processes
+    (`tuning_cache.py`); a call under capture without a timed choice,
     or off CUDA, takes the default. The up kernel's candidates are timed with the default down tiles,
     then the down kernel's with the chosen up tiles: each timing is both kernels, replayed from a CUDA
     graph over rotating expert ids (consecutive calls read disjoint experts where there are enough, so
@@ -282,8 +284,10 @@ def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, q
         return choice
     if torch.cuda.is_current_stream_capturing():
         return default
-    _chosen[key] = choice = _tune(hidden, experts, topk_ids, shared_output, shared, block_size,
-                                  quantize_activations, fp8, default)
+    _chosen[key] = choice = tuning_cache.shared_choice(
+        "moe_decode", tuning_cache.device_key(hidden.device, key[1:]), {"DecodeMoeTiles": DecodeMoeTiles},
+        lambda: _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8,
+                      default))
     log.info("decode MoE tiles for %d token(s), experts %s: %s", _bucket(t), tuple(w13.shape), choice)
     return choice
 
