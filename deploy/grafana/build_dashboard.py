@@ -295,6 +295,12 @@ def kv_transfer_panels() -> list[dict]:
         timeseries("Wait for the decode node's KV destination", quantile_targets(
             "pdserve:kv_destination_wait_seconds", (0.5, 0.99), by="node"),
             "s", "Time a computed prompt waited for its destination (the decode node's reservation).", width=12),
+        timeseries("KV push: post delay and write tail (p50, p99)", [
+            target(quantile(q, metric, by="node"), f"{{{{node}}}} {what} p{round(q * 100)}")
+            for metric, what in (("pdserve:kv_post_delay_seconds", "post delay"),
+                                 ("pdserve:kv_write_tail_seconds", "write tail")) for q in (0.5, 0.99)],
+            "s", "Post delay: from a push's first WRITE being possible to its post. Write tail: from its last "
+            "WRITE posted to all of them done.", width=24),
     ]
 
 
