@@ -63,7 +63,7 @@ def main() -> int:
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     size = sys.argv[2] if len(sys.argv) > 2 else "small"
     if size == "small":  # odd widths: every tile is partly masked
-        shape, block, dtype, tol, tokens = (6, 40, 24, 2), (8, 16), torch.float32, 1e-4, (2,)
+        shape, block, dtype, tol, tokens = (4, 40, 24, 2), (8, 16), torch.float32, 1e-4, (1,)
     else:  # DeepSeek-V2-Lite: 64 experts of width 1408, top-6, two shared experts
         shape, block, dtype, tol, tokens = (64, 2048, 1408, 6), (128, 128), torch.bfloat16, 2e-2, (1, 4)
     bad = 0
