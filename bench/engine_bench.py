@@ -204,7 +204,8 @@ def run(args) -> dict:
         max_model_len=args.max_model_len, enable_prefix_cache=False, max_num_seqs=max(args.batch),
         max_num_batched_tokens=max(args.prefill_len, max(args.batch)), gpu_memory_utilization=args.gpu_mem,
         num_pages=args.num_pages, cuda_graph_max_batch=max(args.batch), overlap_schedule=not args.no_overlap,
-        prefill_graph_max_tokens=args.prefill_graph_max_tokens)
+        prefill_graph_max_tokens=args.prefill_graph_max_tokens,
+        decode_graph_short_context=args.decode_graph_short_context)
     core = EngineCore(config, model=model, model_config=mc)
     backend_name, moe_backend = core.runner.backend.name, _moe_backend(core)
     decode = [measure_decode(core, b, args.prompt_len, args.decode_steps, seed=b, profile=args.profile)
@@ -342,6 +343,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="GPU-busy, kernels and unhidden host time per step")
     ap.add_argument("--engine-process", action="store_true", help="also time batch-1 decode through the engine process")
     ap.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
+    ap.add_argument("--decode-graph-short-context", type=int, default=EngineConfig.decode_graph_short_context,
+                    help="also capture decode graphs sized for contexts up to N (0: off; default: the engine's)")
     ap.add_argument("--prefill-graph-max-tokens", type=int, default=EngineConfig.prefill_graph_max_tokens,
                     help="largest prefill replayed as CUDA graphs (0: eager prefill; default: the engine's)")
     ap.add_argument("--out", default=None, help="directory for <model>.md and <model>.json")

@@ -389,6 +389,9 @@ class EngineConfig:
                                            "(--no-overlap-schedule: wait for each step's tokens first)",
                                      flag="--no-overlap-schedule")
     cuda_graph_max_batch: int = setting(256, "largest decode batch captured as a CUDA graph", cli=False)
+    decode_graph_short_context: int = setting(0, "also capture decode CUDA graphs whose attention sizes its "
+                                                 "split-KV launch for contexts up to N tokens (fewer splits, no "
+                                                 "merge kernel), replayed while every sequence fits N (0: off)")
     prefill_graph_max_tokens: int = setting(2048, "largest prefill-only step over fresh prompts (tokens) replayed "
                                                    "as CUDA graphs, one per layer, captured at powers of two from "
                                                    "128 (0: eager prefill)")

@@ -54,27 +54,33 @@ class DecodeGraphs:
         self.block_tables, self.sampled = dev.block_tables, dev.sampled
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=self.device)
         self._neutral_src = list(range(n, 2 * n))
-        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[int, str], torch.Tensor] = {}
+        # (batch, mode, context bound): every bucket has a graph for any context (bound None), and with
+        # `decode_graph_short_context` N a second one whose attention sizes its split-KV launch for
+        # contexts up to N (fewer splits, no merge kernel when one split covers them), replayed while
+        # every sequence of the step fits N. Not on EP ranks (their capture plans one graph per bucket).
+        short = getattr(runner.config, "decode_graph_short_context", 0)
+        self.bounds: tuple[int | None, ...] = (None, short) if short and runner.ep is None else (None,)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple, torch.Tensor] = {}
         self.pool = None
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, bs: int, bound: int | None = None) -> AttentionMetadata:
         return AttentionMetadata(
             num_decode_tokens=bs, query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs], max_query_len=1,
-            max_seq_len=self.runner.max_model_len, query_lens_cpu=[1] * bs, seq_lens_cpu=[1] * bs,
-            page_size=self.runner.page_size)
+            max_seq_len=self.runner.max_model_len if bound is None else bound, query_lens_cpu=[1] * bs,
+            seq_lens_cpu=[1] * bs, page_size=self.runner.page_size, decode_context_bound=bound)
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, bound: int | None = None) -> torch.Tensor:
         r = self.runner
         ids = torch.index_select(self.buf.token_pool, 0, self.buf.dev.src[:bs])
-        batch = ForwardBatch(self._metadata(bs), r.kv_pool.layers, r.backend)
+        batch = ForwardBatch(self._metadata(bs, bound), r.kv_pool.layers, r.backend)
         hidden = r.model(ids, self.positions[:bs], batch)
         return r.model.compute_logits(hidden)
 
-    def _body(self, bs: int, mode: str) -> torch.Tensor:
+    def _body(self, bs: int, mode: str, bound: int | None = None) -> torch.Tensor:
         """What a graph holds: gather ids, forward, logits, draws into `sampled`."""
-        logits = self._forward(bs)
+        logits = self._forward(bs, bound)
         out = self.sampled[:bs]
         if mode == "greedy":
             torch.argmax(logits, dim=-1, out=out)
@@ -95,18 +101,20 @@ class DecodeGraphs:
             if ep is not None:
                 ep.capture_plan(bs)
             for mode in self.modes:
-                self._body(bs, mode)  # warm-up: Triton compilation and autotuning happen outside capture
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode_):
-                    self.logits[(bs, mode)] = self._body(bs, mode)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[(bs, mode)] = graph
+                for bound in self.bounds:
+                    self._body(bs, mode, bound)  # warm-up: Triton compilation and autotuning outside capture
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode_):
+                        self.logits[(bs, mode, bound)] = self._body(bs, mode, bound)
+                    if self.pool is None:
+                        self.pool = graph.pool()
+                    self.graphs[(bs, mode, bound)] = graph
         torch.cuda.synchronize(self.device)
         if ep is not None:
             ep.graphs_captured(self.sizes)
-        log.info("captured decode CUDA graphs for batch sizes %s (%s)", self.sizes, ", ".join(self.modes))
+        log.info("captured decode CUDA graphs for batch sizes %s (%s)%s", self.sizes, ", ".join(self.modes),
+                 f", also for contexts up to {self.bounds[1]}" if len(self.bounds) > 1 else "")
 
     def _bucket(self, b: int) -> int | None:
         if self.runner.ep is None:
@@ -127,7 +135,7 @@ class DecodeGraphs:
         self.slot_mapping[:bs].fill_(-1)
         self.block_tables[:bs].zero_()
         self.runner.ep.prepare_replay(0)
-        self.graphs[(bs, "greedy")].replay()
+        self.graphs[(bs, "greedy", None)].replay()
         return True
 
     def run(self, chunks: list, prev, mode: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,7 +179,9 @@ class DecodeGraphs:
         self.buf.upload(b, width)
         if self.runner.ep is not None:
             self.runner.ep.prepare_replay(b)
-        key = (bs, mode or "greedy")
+        short = self.bounds[-1]
+        bound = short if short is not None and max(pos) < short else None  # every length = position + 1 ≤ N
+        key = (bs, mode or "greedy", bound)
         self.graphs[key].replay()
         return self.logits[key][:b], (self.sampled[:b] if mode else None)
 

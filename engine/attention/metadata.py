@@ -59,6 +59,10 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     page_size: int
+    # A bound on every decode sequence's length that the decode kernels may size their split-KV launch
+    # by (fewer splits for short contexts); set only by a short-context decode graph (engine/cuda_graph.py),
+    # whose replays it holds. None: the kernels size for any length.
+    decode_context_bound: int | None = None
 
     def context_index(self, first_seq: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(page ids, offsets in the page) of every cached position 0 .. seq_len - 1 of sequences
@@ -87,7 +91,8 @@ class AttentionMetadata:
             num_decode_tokens=n, query_start_loc=self.query_start_loc[: n + 1], seq_lens=self.seq_lens[:n],
             block_tables=self.block_tables[:n], slot_mapping=self.slot_mapping[:n], max_query_len=1,
             max_seq_len=max(self.seq_lens_cpu[:n], default=0), query_lens_cpu=self.query_lens_cpu[:n],
-            seq_lens_cpu=self.seq_lens_cpu[:n], page_size=self.page_size)
+            seq_lens_cpu=self.seq_lens_cpu[:n], page_size=self.page_size,
+            decode_context_bound=self.decode_context_bound)
         chunks = AttentionMetadata(
             num_decode_tokens=0, query_start_loc=self.query_starts_from(n), seq_lens=self.seq_lens[n:],
             block_tables=self.block_tables[n:], slot_mapping=self.slot_mapping[n:],

@@ -47,10 +47,11 @@ class TritonAttentionBackend:
         out = torch.empty(q.shape[0], q.shape[1], da, dtype=q.dtype, device=q.device)
         nd = meta.num_decode_tokens
         if nd and k_comp == v_comp:  # MLA: the latent is both key (with the rope channels) and value
-            mla_decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, da, out[:nd])
+            mla_decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, da, out[:nd],
+                       max_seq_len=meta.decode_context_bound)
         elif nd:
             decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                             k_comp, v_comp, da, db, out[:nd])
+                             k_comp, v_comp, da, db, out[:nd], max_seq_len=meta.decode_context_bound)
         num_prefill = meta.num_seqs - nd
         done = None
         if num_prefill > 0 and k_comp != v_comp and varlen_applies(q, da):

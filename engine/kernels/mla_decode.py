@@ -153,25 +153,41 @@ def _num_sms(device: torch.device) -> int:
 _TILES = {64: (64, 8, 3, 1), 32: (64, 4, 2, 1), 16: (128, 8, 2, 1)}
 
 
-def choose_config(batch: int, num_heads: int, device: torch.device) -> MLADecodeConfig:
-    """A function of static shapes only, so a captured CUDA graph keeps its launch. Splits fill
-    the SMs about once with one program each (more only adds merge traffic)."""
+# A split covers at least this many tiles of positions: below it, the split's fixed cost and the merge
+# launch outweigh the parallel reads (decode_attention holds its splits to the same bound).
+MIN_TILES_PER_SPLIT = 4
+
+
+def max_splits_for(max_seq_len: int | None, block_n: int) -> int:
+    """The most splits worth a step whose longest sequence is `max_seq_len` (None: unbounded). A CUDA
+    graph is captured with its bound (engine/cuda_graph.py: the model's limit, or a short-context
+    bound whose graphs are replayed only while every sequence fits it), so the launch stays static."""
+    if max_seq_len is None:
+        return 1 << 30
+    return max(1, triton.cdiv(max_seq_len, MIN_TILES_PER_SPLIT * block_n))
+
+
+def choose_config(batch: int, num_heads: int, device: torch.device, max_seq_len: int | None = None) -> MLADecodeConfig:
+    """A function of static shapes (and the step's context bound) only, so a captured CUDA graph keeps
+    its launch. Splits fill the SMs about once with one program each (more only adds merge traffic),
+    and each covers at least `MIN_TILES_PER_SPLIT` tiles of the longest sequence."""
     block_h = 16 if num_heads <= 16 else 32 if num_heads <= 32 else 64
     if device.type != "cuda":  # interpreter: small tiles keep it quick
-        return MLADecodeConfig(block_h, 16, min(3, _num_sms(device)), 4, 1)
+        return MLADecodeConfig(block_h, 16, min(3, _num_sms(device), max_splits_for(max_seq_len, 4)), 4, 1)
     block_n, warps, stages, value_splits = _TILES[block_h]
     programs_per_seq = triton.cdiv(num_heads, block_h) * value_splits
-    splits = max(1, min(32, _num_sms(device) // (batch * programs_per_seq)))
+    splits = max(1, min(32, _num_sms(device) // (batch * programs_per_seq), max_splits_for(max_seq_len, block_n)))
     return MLADecodeConfig(block_h, block_n, splits, warps, stages, value_splits)
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                scale: float, v_dim: int, out: torch.Tensor | None = None,
-               config: MLADecodeConfig | None = None) -> torch.Tensor:
+               config: MLADecodeConfig | None = None, max_seq_len: int | None = None) -> torch.Tensor:
     """q `[B, H, R + P]` (one query per sequence) over the cached entries → `[B, H, R]` (R = v_dim).
 
     `kv_cache` is one layer's pool `[num_pages, 1, page_size, 1, R + P]`, `block_tables[b]` the
     page ids of sequence b and `seq_lens[b] ≥ 1` its cached length (this step's entry included).
+    `max_seq_len`: a bound on every `seq_lens[b]` (fewer splits below it), None if unknown.
     """
     batch, num_heads, width = q.shape
     rope = width - v_dim
@@ -183,7 +199,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         out = torch.empty(batch, num_heads, v_dim, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    cfg = config or choose_config(batch, num_heads, q.device)
+    cfg = config or choose_config(batch, num_heads, q.device, max_seq_len)
     head_blocks = triton.cdiv(num_heads, cfg.block_h)
     direct = cfg.num_splits == 1
     if direct:

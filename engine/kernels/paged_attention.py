@@ -168,19 +168,24 @@ def _block_db(db: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, k_comp: int, v_comp: int, da: int, db: int, out: torch.Tensor) -> None:
-    """q `[B, Hq, DA+DB]` (one query per sequence) → out `[B, Hq, DA]`."""
+                     scale: float, k_comp: int, v_comp: int, da: int, db: int, out: torch.Tensor,
+                     max_seq_len: int | None = None) -> None:
+    """q `[B, Hq, DA+DB]` (one query per sequence) → out `[B, Hq, DA]`. `max_seq_len`: a bound on every
+    `seq_lens[b]` (each split covers at least `mla_decode.MIN_TILES_PER_SPLIT` tiles of it), None if unknown."""
+    from engine.kernels.mla_decode import max_splits_for
     batch, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     block_h = max(16, min(64, triton.next_power_of_2(group)))
     n_hblocks = triton.cdiv(group, block_h)
+    block_n = 64
     splits = _num_splits(batch, num_kv_heads * n_hblocks)
+    if max_seq_len is not None:  # powers of two, as the heuristic gives
+        splits = min(splits, 1 << (max_splits_for(max_seq_len, block_n).bit_length() - 1))
     part_acc = part_ml = out  # unused with one split
     if splits > 1:
         part_acc = torch.empty(batch * num_heads * splits, da, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(batch * num_heads * splits, 2, dtype=torch.float32, device=q.device)
-    block_n = 64
     _decode_kernel[(num_kv_heads * n_hblocks, batch, splits)](
         q, kv_cache, block_tables, seq_lens, part_acc, part_ml, out, scale,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),

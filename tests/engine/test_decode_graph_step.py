@@ -22,22 +22,25 @@ class _Replay:
 
     def replay(self):
         self.graphs.replays[self.key[1]] += 1
+        self.graphs.bound_replays[self.key[2]] += 1
         self.graphs.logits[self.key].copy_(self.graphs._body(*self.key))
 
 
 class EagerGraphs(DecodeGraphs):
-    def _metadata(self, bs):
-        meta = super()._metadata(bs)
+    def _metadata(self, bs, bound=None):
+        meta = super()._metadata(bs, bound)
         meta.seq_lens_cpu = self.seq_lens[:bs].tolist()  # the torch reference reads lengths on the host
         return meta
 
     def capture(self):
         self.replays = {m: 0 for m in self.modes}
+        self.bound_replays = {b: 0 for b in self.bounds}
         vocab = self.runner.model_config.vocab_size
         for bs in self.sizes:
             for mode in self.modes:
-                self.logits[(bs, mode)] = torch.empty(bs, vocab)
-                self.graphs[(bs, mode)] = _Replay(self, (bs, mode))
+                for bound in self.bounds:
+                    self.logits[(bs, mode, bound)] = torch.empty(bs, vocab)
+                    self.graphs[(bs, mode, bound)] = _Replay(self, (bs, mode, bound))
 
 
 def _with_graphs(llm, max_batch: int = 6):
@@ -116,3 +119,40 @@ def test_forked_choices_through_graphs_equal_the_eager_engine(params):
     got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
     assert got == reference and len(got) == 6
     assert graphs.replays["greedy"] > 3
+
+
+def test_short_context_graphs_serve_the_steps_that_fit_them_and_the_rest_take_the_general_ones():
+    """`decode_graph_short_context` N: a second graph per bucket whose attention may size its split-KV
+    launch for contexts up to N. A step replays it only while every sequence's length fits N; the tokens
+    and ends equal the eager engine's either way."""
+    work = _workload()
+    reference = _run(_llm(True), work, {})
+    llm = _llm(True, decode_graph_short_context=32)
+    graphs = _with_graphs(llm)
+    assert graphs.bounds == (None, 32)
+    got = _run(llm, work, {})
+    assert _tokens(got) == _tokens(reference)
+    assert graphs.bound_replays[32] > 5 and graphs.bound_replays[None] > 5, graphs.bound_replays  # contexts grow past 32
+
+
+def test_a_context_bound_caps_the_split_kv_launch_and_none_keeps_it():
+    """The split choice a short-context graph captures: each split covers at least MIN_TILES_PER_SPLIT
+    tiles of the bound (one split, no merge, for a bound within that many tiles); no bound: unchanged."""
+    from unittest import mock
+
+    from engine.kernels import mla_decode as mla
+
+    cuda = torch.device("cuda")
+    with mock.patch.object(mla, "_num_sms", return_value=132):
+        free = mla.choose_config(1, 16, cuda)
+        assert free.num_splits == 32  # the SM-filling heuristic at batch 1
+        assert mla.choose_config(1, 16, cuda, max_seq_len=None) == free
+        short = mla.choose_config(1, 16, cuda, max_seq_len=mla.MIN_TILES_PER_SPLIT * free.block_n)
+        assert short.num_splits == 1 and dataclasses_equal_but_splits(short, free)
+        assert mla.choose_config(1, 16, cuda, max_seq_len=4096).num_splits == 4096 // (4 * free.block_n)
+    assert mla.max_splits_for(None, 64) > 1 << 20 and mla.max_splits_for(1, 64) == 1
+
+
+def dataclasses_equal_but_splits(a, b) -> bool:
+    import dataclasses
+    return dataclasses.replace(a, num_splits=b.num_splits) == b

@@ -35,13 +35,13 @@ def _replayed_graphs(runner, max_batch: int):
             self.graphs, self.bs = graphs, bs
 
         def replay(self):
-            self.graphs.logits[(self.bs, "greedy")].copy_(self.graphs.forward_as_captured(self.bs))
+            self.graphs.logits[(self.bs, "greedy", None)].copy_(self.graphs.forward_as_captured(self.bs))
 
     class ReplayedGraphs(DecodeGraphs):
-        def _metadata(self, bs):
+        def _metadata(self, bs, bound=None):
             # The torch attention reference reads lengths on the host (the Triton kernels that
             # run in real graphs read the device buffer); hand it the buffer's current values.
-            meta = super()._metadata(bs)
+            meta = super()._metadata(bs, bound)
             meta.seq_lens_cpu = self.seq_lens[:bs].tolist()
             return meta
 
@@ -56,8 +56,8 @@ def _replayed_graphs(runner, max_batch: int):
 
         def capture(self):
             for bs in reversed(self.sizes):  # collective, in the same order on every rank
-                self.logits[(bs, "greedy")] = self.forward_as_captured(bs)
-                self.graphs[(bs, "greedy")] = _Replay(self, bs)
+                self.logits[(bs, "greedy", None)] = self.forward_as_captured(bs)
+                self.graphs[(bs, "greedy", None)] = _Replay(self, bs)
             self.runner.ep.graphs_captured(self.sizes)
 
     graphs = ReplayedGraphs(runner, max_batch)
