@@ -58,7 +58,7 @@ class DecodeGraphs:
         # `decode_graph_short_context` N a second one whose attention sizes its split-KV launch for
         # contexts up to N (fewer splits, no merge kernel when one split covers them), replayed while
         # every sequence of the step fits N. Not on EP ranks (their capture plans one graph per bucket).
-        short = getattr(runner.config, "decode_graph_short_context", 0)
+        short = runner.config.decode_graph_short_context
         self.bounds: tuple[int | None, ...] = (None, short) if short and runner.ep is None else (None,)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple, torch.Tensor] = {}

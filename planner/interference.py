@@ -91,13 +91,17 @@ class _Decode:
         self.core, self.batch, self.context, self.horizon, self.n = core, batch, context, horizon, 0
         self.left = 0
 
-    def _refill(self) -> None:
-        from engine.sampling_params import SamplingParams
+    def _end_batch(self) -> None:
+        """Abort the batch's own requests and drain (reservations, "x…", end when their KV lands)."""
         for r in list(self.core.requests):
-            if r.startswith("d"):  # the batch's own; reservations ("x…") end when their KV lands
+            if r.startswith("d"):
                 self.core.abort(r)
         while self.core.has_unfinished():
             self.core.step()
+
+    def _refill(self) -> None:
+        from engine.sampling_params import SamplingParams
+        self._end_batch()
         params = SamplingParams(temperature=0, max_tokens=self.horizon, ignore_eos=True)
         for _ in range(self.batch):
             self.n += 1
@@ -119,11 +123,7 @@ class _Decode:
 
     def pause(self) -> None:
         """End the batch (the next unit refills it)."""
-        for r in list(self.core.requests):
-            if r.startswith("d"):
-                self.core.abort(r)
-        while self.core.has_unfinished():
-            self.core.step()
+        self._end_batch()
         self.left = 0
 
     def reserve(self, rid: str, ids: list[int]) -> dict:
@@ -142,9 +142,10 @@ def _worker(role: str, cfg: dict, cmds, results) -> None:
     ("loop", None) → units until the parent sets `stop` (the shared event in cfg), ("size", t) → the
     prefill worker's prompts are now t tokens, ("quit", None). With cfg["push"]: ("prompt", None) → a
     prompt of the prefill worker's size; ("push", (rid, ids, dest)) → the prefill worker prefills it into
-    the decode engine's pages (its push stats); ("reserve",
-    (rid, ids)) → the decode worker's destination for it (answered between its steps while it loops);
-    ("settle", None) → the decode worker steps until the reservations' KV has landed."""
+    the decode engine's pages (its push stats); ("reserve", (rid, ids)) → the decode worker's destination
+    for it (answered between its steps while it loops); ("serve", None) → the decode worker, its batch
+    ended, serves reservations and their landing KV until `stop`; ("settle", None) → the decode worker
+    steps until the reservations' KV has landed."""
     try:
         kv_role = role if cfg.get("push") else None
         core = _engine(cfg["model"], cfg["dtype"], cfg["device"], cfg["mem"], cfg["max_len"], cfg["batch"],

@@ -15,8 +15,9 @@ SGLang keep per-device JSON tables for the same reason. Candidates are timed ins
 to stay in L2 between back-to-back calls is still read from HBM, as it is in a model step where the
 other layers' weights pass through L2 in between. Timing costs milliseconds per (bucket, N, K),
 once, and shared with the machine's other engine processes through `tuning_cache.py` (so they all run
-the same kernels and round alike). Tuning runs only outside CUDA-graph capture (the engine's warm-up forward at each batch size
-comes first, engine/cuda_graph.py); a call without a timed choice takes the default.
+the same kernels and round alike). Tuning runs only outside CUDA-graph capture (the engine's warm-up
+forward at each batch size comes first, engine/cuda_graph.py); a call without a timed choice takes the
+default.
 Owns that choice and its cache, not kernels.
 """
 from __future__ import annotations

@@ -40,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.fp8_gemm import _quantize_tile
 from engine.kernels import tuning_cache
+from engine.kernels.decode_gemm import bucket
+from engine.kernels.fp8_gemm import _quantize_tile
 from engine.kernels.graph_timing import graph_time_ms
 from engine.quantization import FP8_MAX
 
@@ -256,10 +257,6 @@ def _tiles_of(up: tuple[int, int, int], down: tuple[int, int, int]) -> DecodeMoe
     return DecodeMoeTiles(up[0], up[1], down[0], down[1], up[2], down[2])
 
 
-def _bucket(t: int) -> int:
-    return 1 << (t - 1).bit_length()
-
-
 def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations) -> DecodeMoeTiles:
     """The tiles for this call: timed once per (device, token bucket, shapes, dtypes, FP8 mode, shared
     form) on a GPU, outside CUDA-graph capture (the engine's warm-up forward at each batch size comes
@@ -276,7 +273,7 @@ def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, q
         return default
     t, k = topk_ids.shape
     w13, _, w2, _ = experts
-    key = (hidden.device.index, _bucket(t), k, tuple(w13.shape), tuple(w2.shape), w13.dtype, hidden.dtype,
+    key = (hidden.device.index, bucket(t), k, tuple(w13.shape), tuple(w2.shape), w13.dtype, hidden.dtype,
            block_size, quantize_activations, shared_output is not None,
            None if shared is None else tuple(shared[2].shape))
     choice = _chosen.get(key)
@@ -288,12 +285,12 @@ def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, q
         "moe_decode", tuning_cache.device_key(hidden.device, key[1:]), {"DecodeMoeTiles": DecodeMoeTiles},
         lambda: _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8,
                       default))
-    log.info("decode MoE tiles for %d token(s), experts %s: %s", _bucket(t), tuple(w13.shape), choice)
+    log.info("decode MoE tiles for %d token(s), experts %s: %s", bucket(t), tuple(w13.shape), choice)
     return choice
 
 
 def _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8, default):
-    t, k = _bucket(topk_ids.shape[0]), topk_ids.shape[1]
+    t, k = bucket(topk_ids.shape[0]), topk_ids.shape[1]
     num_experts = experts[0].shape[0]
     dev = hidden.device
     x = hidden[:1].expand(t, -1).contiguous() if hidden.shape[0] < t else hidden[:t].contiguous()

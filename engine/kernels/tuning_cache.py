@@ -54,11 +54,10 @@ def decode(entry: dict, types: dict[str, type]):
 
 
 def device_key(device, key: tuple) -> str:
-    """`key` (a tuner's shape key, without the device index) on this device name and software."""
+    """`key` (a tuner's shape key, without the device index) on this CUDA device's name and software."""
     import torch
     import triton
-    name = torch.cuda.get_device_name(device) if getattr(device, "type", "cuda") == "cuda" else str(device)
-    return f"{name}|torch {torch.__version__}|triton {triton.__version__}|{key!r}"
+    return f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|triton {triton.__version__}|{key!r}"
 
 
 def shared_choice(namespace: str, key: str, types: dict[str, type], tune: Callable[[], object]):
@@ -84,8 +83,7 @@ def shared_choice(namespace: str, key: str, types: dict[str, type], tune: Callab
             except (KeyError, TypeError) as e:  # written by another version: tune again, overwrite
                 log.warning("kernel tuning cache entry %s unreadable (%s); tuning again", entry_key, e)
         choice = tune()
-        table = _read(path)  # unchanged under the lock, but a corrupt file is not kept
-        table[entry_key] = encode(choice)
+        table[entry_key] = encode(choice)  # the table read above: nobody writes while we hold the lock
         _write(path, table)
         return choice
 
