@@ -97,9 +97,13 @@ def test_prometheus_scrapes_the_cluster_and_answers_ttft_tpot_quantiles(tmp_path
         # The configured SLO targets are bucket boundaries, so "fraction under SLO" is exact there.
         under = _prom_query(port, 'sum(pdserve:time_to_first_token_seconds_bucket{role="router",le="0.25"})')
         assert under and 0 <= float(under[0]["value"][1]) <= num
-        # Node-side series arrive too: KV transfer time on the prefill node, ITL on the decode node,
-        # engine state per rank.
+        # Node-side series arrive too: KV transfer time and its split (exposed, destination wait, post delay,
+        # write tail) on the prefill node, ITL on the decode node, engine state per rank.
         for expr in ('sum(pdserve:kv_transfer_time_seconds_count{role="prefill"})',
+                     'sum(pdserve:kv_transfer_exposed_seconds_count{role="prefill"})',
+                     'sum(pdserve:kv_destination_wait_seconds_count{role="prefill"})',
+                     'sum(pdserve:kv_post_delay_seconds_count{role="prefill"})',
+                     'sum(pdserve:kv_write_tail_seconds_count{role="prefill"})',
                      'sum(pdserve:inter_token_latency_seconds_count{role="decode"})',
                      'sum(pdserve:engine_steps_total{role="decode"})'):
             _wait(lambda: (r := _prom_query(port, expr)) and float(r[0]["value"][1]) > 0, 20, expr)
