@@ -246,9 +246,13 @@ def run(args) -> dict:
 
 def _decode_gemm_choices() -> list[dict]:
     """The kernel the decode GEMM tuner picked per (token bucket, weight shape, weight dtype)."""
-    from engine.kernels.decode_gemm import chosen
-    return [dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), kernel=type(c).__name__,
-                 tiles=c if isinstance(c, str) else dataclasses.asdict(c)) for key, c in chosen().items()]
+    from engine.kernels.decode_gemm import chosen, timings
+    def desc(c) -> dict:
+        return dict(kernel=type(c).__name__, tiles=c if isinstance(c, str) else dataclasses.asdict(c))
+    timed = timings()
+    return [dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), gated=key[7], **desc(c),
+                 timed_ms=[dict(ms=round(ms, 5), **desc(t)) for ms, t in timed.get(key, [])])
+            for key, c in chosen().items()]
 
 
 def _moe_decode_choices() -> list[dict]:

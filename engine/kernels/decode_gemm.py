@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from engine.kernels import skinny_gemm as sk
 from engine.kernels import tuning_cache
-from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles
+from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gated_supported, gemm_tiles
 from engine.kernels.graph_timing import graph_time_ms
+from engine.kernels.norm_act import silu_and_mul
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ CUBLAS = "cublas"  # the choice of F.linear for full-precision weights
 Choice = Union[str, GemmTiles, sk.SkinnyTiles]
 ROTATE_BYTES = 2 * 64 * 2**20  # weight copies cycled while timing: twice an H100/H200's 50-60 MB L2
 _chosen: dict[tuple, Choice] = {}
+_timed: dict[tuple, list[tuple[float, Choice]]] = {}  # what this process's tuning measured, fastest first
 
 
 def bucket(m: int) -> int:
@@ -65,11 +67,15 @@ def run(choice: Choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         return sk.skinny_gemm(x, weight, weight_scale, block_size, quantize_activations, choice, gated)
     if weight_scale is None:
         return F.linear(x, weight)
-    return fp8_block_gemm(x, weight, weight_scale, block_size, quantize_activations, choice)
+    return fp8_block_gemm(x, weight, weight_scale, block_size, quantize_activations, choice, gated)
 
 
-def gated_fused(choice: Choice) -> bool:
-    """Whether `choice` can take the SwiGLU input `[gate | up]` itself (`run(..., gated=True)`)."""
+def gated_fused(choice: Choice, quantize_activations: bool = False) -> bool:
+    """Whether `choice` can take the SwiGLU input `[gate | up]` itself (`run(..., gated=True)`): the
+    skinny GEMM always; the FP8 block GEMM where its activations are quantized ahead (that launch
+    applies the activation too)."""
+    if isinstance(choice, GemmTiles):
+        return gated_supported(choice, quantize_activations)
     return isinstance(choice, sk.SkinnyTiles)
 
 
@@ -81,7 +87,9 @@ def _default(m: int, weight: torch.Tensor, weight_scale, block_size, on_cpu: boo
 
 def candidates(m: int, weight: torch.Tensor, weight_scale, block_size, quantize_activations: bool) -> list[Choice]:
     out: list[Choice] = [CUBLAS] if weight_scale is None else fp8_candidates(m, quantize_activations)
-    out += [t for t in sk.candidates() if sk.supports(m, weight, block_size if weight_scale is not None else None, t)]
+    fp8 = weight_scale is not None
+    out += [t for t in sk.candidates(fp8, quantize_activations)
+            if sk.supports(m, weight, block_size if fp8 else None, t)]
     return out
 
 
@@ -99,23 +107,34 @@ def weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
 
 
 def time_choice(choice: Choice, m: int, copies: list[torch.Tensor], weight_scale, block_size,
-                quantize_activations: bool, x_dtype: torch.dtype) -> float:
-    """Graph-timed ms of one call, cycling over `weight_copies(weight)`."""
-    probe = torch.randn(m, copies[0].shape[1], device=copies[0].device, dtype=x_dtype)
+                quantize_activations: bool, x_dtype: torch.dtype, gated: bool = False) -> float:
+    """Graph-timed ms of one call, cycling over `weight_copies(weight)`. `gated`: the input is SwiGLU's
+    `[gate | up]`, and a choice that cannot take it is timed with the SiLU-and-mul launch it needs."""
+    k = copies[0].shape[1]
+    probe = torch.randn(m, 2 * k if gated else k, device=copies[0].device, dtype=x_dtype)
     cycle = itertools.cycle(copies)
-    return graph_time_ms(lambda: run(choice, probe, next(cycle), weight_scale, block_size, quantize_activations),
-                         calls=max(4, len(copies)))
+    if gated and gated_fused(choice, quantize_activations):
+        def call():
+            return run(choice, probe, next(cycle), weight_scale, block_size, quantize_activations, gated=True)
+    else:
+        def call():
+            x = silu_and_mul(probe) if gated else probe
+            return run(choice, x, next(cycle), weight_scale, block_size, quantize_activations)
+    return graph_time_ms(call, calls=max(4, len(copies)))
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
            block_size: tuple[int, int] | None = None, quantize_activations: bool = False) -> Choice:
-    """The kernel to run `x [M, K] @ weight [N, K]^T` with: timed once per (device, bucket, N, K, dtypes)."""
+    """The kernel to run `x [M, K] @ weight [N, K]^T` with: timed once per (device, bucket, N, K, dtypes,
+    whether x is SwiGLU's `[M, 2K]` input to a down projection, `Linear.forward_gated`)."""
     m = x.shape[0]
+    gated = x.shape[1] == 2 * weight.shape[1]
     on_cpu = x.device.type != "cuda"
     limit = DECODE_MAX_M if weight_scale is not None else sk.MAX_M
     if on_cpu or m > limit or m == 0:
         return _default(m, weight, weight_scale, block_size, on_cpu)
-    key = (x.device.index, bucket(m), tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype)
+    key = (x.device.index, bucket(m), tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype,
+           gated)
     choice = _chosen.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
@@ -125,9 +144,10 @@ def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
             for i, c in enumerate(candidates(bucket(m), weight, weight_scale, block_size, quantize_activations)):
                 try:
                     timed.append((time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
-                                              x.dtype), i, c))
+                                              x.dtype, gated), i, c))
                 except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
                     log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
+            _timed[key] = [(ms, c) for ms, _, c in sorted(timed)]
             return min(timed)[2] if timed else _default(m, weight, weight_scale, block_size, False)
         # One choice per device kind and shape for every process (engine/kernels/tuning_cache.py).
         choice = _chosen[key] = tuning_cache.shared_choice(
@@ -139,3 +159,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
 def chosen() -> dict[tuple, Choice]:
     """The choices made so far in this process (for benches to record)."""
     return dict(_chosen)
+
+
+def timings() -> dict[tuple, list[tuple[float, Choice]]]:
+    """Per key, every candidate this process timed (ms, choice), fastest first; empty for keys whose
+    choice came from the tuning cache."""
+    return dict(_timed)

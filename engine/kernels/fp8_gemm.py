@@ -44,24 +44,33 @@ def _quantize_tile(v, FP8_MAX: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MAX: tl.constexpr,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     lane = tl.arange(0, BLOCK)
     cols = g * GROUP + lane
     ok = (rows < m)[:, None] & ((lane < GROUP) & (cols < k))[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    v = tl.load(x + rows64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    y, scale = _quantize_tile(v, FP8_MAX)
+    v = tl.load(x + rows64 * stride_xm + cols[None, :], mask=ok, other=0.0)
+    if GATED:  # x = [gate | up]: quantize silu(gate) * up, rounded as `silu_and_mul` rounds it
+        up = tl.load(x + rows64 * stride_xm + k + cols[None, :], mask=ok, other=0.0)
+        gate = v.to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+        v = (act * up.to(tl.float32)).to(up.dtype)
+    y, scale = _quantize_tile(v.to(tl.float32), FP8_MAX)
     tl.store(q + rows64 * stride_qm + cols[None, :], y.to(q.dtype.element_ty), mask=ok)
     tl.store(s + rows * stride_sm + g, scale, mask=rows < m)
 
 
-def quantize_activation(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x: torch.Tensor, group: int, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[M, K]` → (FP8 `[M, K]`, float32 scales `[M, ceil(K/group)]`); see `quantize_activation_ref`.
-    One program per `BLOCK_R` rows and group (one per row and group left prefill launching 10^5
-    programs of 128 values each)."""
-    m, k = x.shape
+    `gated`: x is `[M, 2K]` = `[gate | up]` and what is quantized is `silu(gate) * up` (SwiGLU's
+    activation and the down projection's quantization in one launch, the values of `silu_and_mul`
+    followed by this). One program per `BLOCK_R` rows and group (one per row and group left prefill
+    launching 10^5 programs of 128 values each)."""
+    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     groups = triton.cdiv(k, group)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
@@ -69,7 +78,7 @@ def quantize_activation(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
         block_r = min(16, triton.next_power_of_2(m))
         _quantize_rows_kernel[(triton.cdiv(m, block_r), groups)](
             x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUP=group,
-            BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r)
+            BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r, GATED=gated)
     return q, s
 
 
@@ -142,7 +151,7 @@ def gemm_tiles(m: int, n: int, k: int, on_cpu: bool) -> GemmTiles:
     activations inside the GEMM recomputes them for every N tile and measured 2-4x slower than one
     `quantize_activation` launch ahead from M = 64 up (-7 % to +32 % at M = 1); decode sizes want
     narrow N tiles (every SM busy streaming the weight), prefill 128x128 tiles with 8 warps for wide
-    weights and 64x128 with 4 for narrow ones. `engine/kernels/fp8_tiles.py` times the decode
+    weights and 64x128 with 4 for narrow ones. `engine/kernels/decode_gemm.py` times the decode
     candidates on the device instead."""
     if on_cpu:
         return GemmTiles(16, 32, 4, 1)
@@ -154,23 +163,36 @@ def gemm_tiles(m: int, n: int, k: int, on_cpu: bool) -> GemmTiles:
     return GemmTiles(128, 128, 8, 4, fuse_quant=False) if wide else GemmTiles(64, 128, 4, 4, fuse_quant=False)
 
 
+def gated_supported(tiles: GemmTiles, quantize_activations: bool) -> bool:
+    """Whether `fp8_block_gemm(..., gated=True)` can run with these tiles: only where activations are
+    quantized ahead of the GEMM (the quantization launch applies SwiGLU's activation too)."""
+    return quantize_activations and not tiles.fuse_quant
+
+
 def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    block_size: tuple[int, int], quantize_activations: bool = True,
-                   tiles: GemmTiles | None = None) -> torch.Tensor:
-    """x `[M, K]` @ dequant(weight `[N, K]`)^T → `[M, N]` in x's dtype; see `fp8_block_gemm_ref`."""
-    m, k = x.shape
-    n = weight.shape[0]
+                   tiles: GemmTiles | None = None, gated: bool = False) -> torch.Tensor:
+    """x `[M, K]` @ dequant(weight `[N, K]`)^T → `[M, N]` in x's dtype; see `fp8_block_gemm_ref`.
+    `gated` (where `gated_supported`): x is `[M, 2K]` = `[gate | up]` and the GEMM's input is
+    `silu(gate) * up`, made and quantized by one launch."""
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     bn, bk = block_size
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"fp8_block_gemm: input {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
+                         f"(gated={gated})")
     if m == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     x = x.contiguous()
     t = tiles or gemm_tiles(m, n, k, x.device.type == "cpu")
+    if gated and not gated_supported(t, quantize_activations):
+        raise ValueError(f"fp8_block_gemm: gated input needs activations quantized ahead, not tiles {t} "
+                         f"(quantize_activations={quantize_activations})")
     if not quantize_activations:
         mode, a, a_scale = A_WEIGHT_ONLY, x, weight_scale  # a_scale unused
     elif t.fuse_quant:
         mode, a, a_scale = A_QUANTIZE, x, weight_scale  # a_scale unused
     else:
-        mode, (a, a_scale) = A_FP8, quantize_activation(x, bk)
+        mode, (a, a_scale) = A_FP8, quantize_activation(x, bk, gated)
     out = torch.zeros if t.split_k > 1 else torch.empty
     c = out((m, n), dtype=torch.float32 if t.split_k > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), t.split_k)

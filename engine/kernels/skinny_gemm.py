@@ -14,8 +14,10 @@ the activation dtype.
 FP8 weights: `BLOCK_N` divides the scale block's rows, so the rows of a tile share one scale per
 128 columns; that scale (and, with dynamic activation quantization, the token's own per-128-column
 scale) is folded into the activation row, `O(M·BLOCK_K)` work per step instead of `O(BLOCK_N·BLOCK_K)`.
-Activations are quantized inside the kernel exactly as `quantize_activation_ref` does (the same
-values as the two-launch path; each program recomputes the few rows it needs). Sums are float32 in a
+Activations are quantized exactly as `quantize_activation_ref` does, either inside the kernel (each
+program recomputing the few rows it needs) or by one `quantize_activation` launch ahead
+(`SkinnyTiles.quant_ahead`, which with `gated` also applies SwiGLU's activation): the same values
+either way, and the same as the block GEMM's. Sums are float32 in a
 different order than the reference's per-block dot, so results agree to float32 rounding.
 Launch shapes depend only on M and the weight (CUDA-graph safe).
 """
@@ -27,17 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.fp8_gemm import _quantize_tile
+from engine.kernels.fp8_gemm import _quantize_tile, quantize_activation
 from engine.quantization import FP8_MAX
 
 MAX_M = 4  # token counts this kernel serves (its registers grow with M)
 
 
 @triton.jit
-def _skinny_gemm_kernel(x, w, w_scale, c, m, n, k, stride_xm, stride_wn, stride_sn, stride_cm,
+def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn, stride_cm,
                         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
-                        QUANT_X: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        QUANT_X: tl.constexpr, X_FP8: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     toks = tl.arange(0, BLOCK_M)
@@ -57,11 +59,15 @@ def _skinny_gemm_kernel(x, w, w_scale, c, m, n, k, stride_xm, stride_wn, stride_
             up = tl.load(x_ptr + k + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             xv = ((xv / (1.0 + tl.exp(-xv))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
         if FP8_W:
-            if QUANT_X:  # per token and SCALE_COLS columns, as quantize_activation_ref
+            g = k0 // SCALE_COLS + tl.arange(0, GROUPS)
+            if X_FP8:  # quantized ahead (`quantize_activation`): FP8 values and their scale per group
+                xs = tl.load(x_scale + toks[:, None] * stride_xsm + g[None, :],
+                             mask=m_ok[:, None] & (g < tl.cdiv(k, SCALE_COLS))[None, :], other=0.0)
+                xv = tl.reshape(tl.reshape(xv, [BLOCK_M, GROUPS, SCALE_COLS]) * xs[:, :, None], [BLOCK_M, BLOCK_K])
+            elif QUANT_X:  # per token and SCALE_COLS columns, as quantize_activation_ref
                 q, s = _quantize_tile(tl.reshape(xv, [BLOCK_M * GROUPS, SCALE_COLS]), FP8_MAX)
                 xv = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_K])
             # the tile's rows share one weight scale per SCALE_COLS columns (BLOCK_N | SCALE_ROWS)
-            g = k0 // SCALE_COLS + tl.arange(0, GROUPS)
             ws = tl.load(w_scale + (pid * BLOCK_N // SCALE_ROWS) * stride_sn + g,
                          mask=g < tl.cdiv(k, SCALE_COLS), other=0.0)
             ws = tl.reshape(tl.broadcast_to(ws[:, None], [GROUPS, SCALE_COLS]), [BLOCK_K])
@@ -74,11 +80,15 @@ def _skinny_gemm_kernel(x, w, w_scale, c, m, n, k, stride_xm, stride_wn, stride_
 
 @dataclass(frozen=True)
 class SkinnyTiles:
-    """One launch configuration of `_skinny_gemm_kernel`."""
+    """One launch configuration of `_skinny_gemm_kernel`. `quant_ahead` (FP8 weights with dynamic
+    activation quantization): one `quantize_activation` launch ahead instead of every program
+    quantizing the rows it reads (O(K) work per program, which at a few rows per program costs more
+    than the weight's multiply-adds)."""
     block_n: int
     block_k: int
     warps: int
     stages: int
+    quant_ahead: bool = False
 
 
 # A row tile's accumulator holds BLOCK_M x BLOCK_N x BLOCK_K float32 values in registers; past this
@@ -94,11 +104,24 @@ def default_tiles(n: int, on_cpu: bool) -> SkinnyTiles:
     return SkinnyTiles(2, 1024, 4, 2)
 
 
-def candidates() -> list[SkinnyTiles]:
-    """Configurations the decode tuner times per weight shape (those that fit `MAX_ACC` for its M)."""
-    return [SkinnyTiles(bn, bk, w, st) for bn, bk, w, st in (
-        (1, 2048, 4, 1), (2, 2048, 8, 1), (2, 1024, 4, 2), (4, 1024, 8, 2), (4, 512, 4, 3), (8, 512, 8, 2),
-        (8, 1024, 8, 1), (16, 256, 4, 3))]
+_TILES = ((1, 2048, 4, 1), (2, 2048, 8, 1), (2, 1024, 4, 2), (4, 1024, 8, 2), (4, 512, 4, 3), (8, 512, 8, 2),
+          (8, 1024, 8, 1), (16, 256, 4, 3))
+# FP8 weights move half the bytes per element: the same bytes in flight per program need K steps
+# twice as long (the accumulator is the limit, `MAX_ACC`).
+_FP8_TILES = ((1, 4096, 4, 1), (2, 4096, 8, 1), (2, 2048, 4, 2), (4, 2048, 8, 2), (4, 1024, 4, 3),
+              (8, 1024, 8, 2), (8, 2048, 8, 1), (16, 512, 4, 3))
+
+
+def candidates(fp8: bool = False, quantize_activations: bool = False) -> list[SkinnyTiles]:
+    """Configurations the decode tuner times per weight shape (those that fit `MAX_ACC` for its M): for
+    FP8 weights also the K-wider ones, and with dynamic activation quantization each both ways
+    (quantized in the kernel, or ahead)."""
+    out = [SkinnyTiles(*t) for t in _TILES]
+    if fp8:
+        out += [SkinnyTiles(*t) for t in _FP8_TILES if t not in _TILES]
+        if quantize_activations:
+            out += [SkinnyTiles(*t, quant_ahead=True) for t in _FP8_TILES]
+    return out
 
 
 def supports(m: int, weight: torch.Tensor, block_size: tuple[int, int] | None, tiles: SkinnyTiles) -> bool:
@@ -134,9 +157,12 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     fp8 = weight_scale is not None
     scale = weight_scale if fp8 else x  # unused without FP8
     scale_rows, scale_cols = block_size if fp8 else (1, t.block_k)
+    ahead = fp8 and quantize_activations and t.quant_ahead
+    a, a_scale = quantize_activation(x, scale_cols, gated) if ahead else (x, scale)  # a_scale unused if not ahead
     _skinny_gemm_kernel[(triton.cdiv(n, t.block_n),)](
-        x, weight, scale, c, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), c.stride(0),
-        SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8, QUANT_X=fp8 and quantize_activations, GATED=gated,
+        a, a_scale, weight, scale, c, m, n, k, a.stride(0), a_scale.stride(0), weight.stride(0), scale.stride(0),
+        c.stride(0), SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
+        QUANT_X=fp8 and quantize_activations and not ahead, X_FP8=ahead, GATED=gated and not ahead,
         FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages)
     return c

@@ -51,14 +51,19 @@ class Linear(nn.Module):
     def forward_gated(self, h: torch.Tensor) -> torch.Tensor:
         """`self(silu(gate) * up)` for `h = [gate | up]` (a SwiGLU down projection). At a few tokens on
         CUDA, where the decode GEMM tuner chose the skinny kernel for this weight, that is one launch
-        reading `h` itself: no SiLU-and-mul launch, no activation tensor."""
+        reading `h` itself: no SiLU-and-mul launch, no activation tensor. An FP8 weight whose activations
+        are quantized ahead of its GEMM gets SwiGLU's activation from that quantization launch, at any
+        token count."""
         h2 = h.reshape(-1, h.shape[-1])
-        if (h.device.type == "cuda" and self.bias is None and 0 < h2.shape[0] <= skinny_gemm.MAX_M
-                and (self.quant is not None or h.dtype == self.weight.dtype)):
-            args = ((self.weight, None, None, False) if self.quant is None else
-                    (self.weight, self.weight_scale_inv, self.quant.block_size, self.quant.quantize_activations))
+        if h.device.type == "cuda" and self.bias is None and h2.shape[0] > 0:
+            if self.quant is not None:  # FP8: any size (prefill's block GEMM quantizes ahead too)
+                args = (self.weight, self.weight_scale_inv, self.quant.block_size, self.quant.quantize_activations)
+            elif h2.shape[0] <= skinny_gemm.MAX_M and h.dtype == self.weight.dtype:
+                args = (self.weight, None, None, False)
+            else:
+                return self(silu_and_mul(h))
             choice = decode_gemm.choose(h2, *args)
-            if decode_gemm.gated_fused(choice):
+            if decode_gemm.gated_fused(choice, args[3]):
                 return decode_gemm.run(choice, h2, *args, gated=True).view(*h.shape[:-1], self.out_features)
         return self(silu_and_mul(h))
 

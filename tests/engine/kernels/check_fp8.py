@@ -12,6 +12,7 @@ from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles, quant
 from engine.kernels.fp8_ref import fp8_block_gemm_ref, fused_experts_fp8_ref, quantize_activation_ref
 from engine.kernels.decode_gemm import fp8_candidates as candidates
 from engine.kernels.fused_moe_fp8 import fused_experts_fp8
+from engine.kernels.norm_act_ref import silu_and_mul as silu_and_mul_ref
 from engine.quantization import quantize_blocks
 
 
@@ -28,12 +29,24 @@ def check_activation(m, k, group, dtype, device) -> float:
                                  qr.float() * sr.repeat_interleave(group, 1)[:, :k]))
 
 
-def check_gemm(m, n, k, block, dtype, device, quantize_activations, tiles=None) -> float:
+def check_gated_activation(m, k, group, dtype, device) -> float:
+    """`[gate | up]` → silu(gate) * up quantized in one launch, against `silu_and_mul` then the reference
+    quantization: the same FP8 values and scales."""
+    torch.manual_seed(m + 1)
+    x = (torch.randn(m, 2 * k, device=device) * 3).to(dtype)
+    q, s = quantize_activation(x, group, gated=True)
+    qr, sr = quantize_activation_ref(silu_and_mul_ref(x), group)
+    return max(_rel(s, sr), _rel(q.float() * s.repeat_interleave(group, 1)[:, :k],
+                                 qr.float() * sr.repeat_interleave(group, 1)[:, :k]))
+
+
+def check_gemm(m, n, k, block, dtype, device, quantize_activations, tiles=None, gated: bool = False) -> float:
+    """`gated`: the input is `[gate | up]` and the reference runs `silu_and_mul_ref` first."""
     torch.manual_seed(n + k)
-    x = torch.randn(m, k, device=device).to(dtype)
+    x = torch.randn(m, 2 * k if gated else k, device=device).to(dtype)
     w8, ws = quantize_blocks(torch.randn(n, k, device=device) * k ** -0.5, block)
-    return _rel(fp8_block_gemm(x, w8, ws, block, quantize_activations, tiles),
-                fp8_block_gemm_ref(x, w8, ws, block, quantize_activations))
+    return _rel(fp8_block_gemm(x, w8, ws, block, quantize_activations, tiles, gated),
+                fp8_block_gemm_ref(silu_and_mul_ref(x) if gated else x, w8, ws, block, quantize_activations))
 
 
 def check_moe(t, e, h, i, k, block, dtype, device, quantize_activations) -> float:
@@ -72,6 +85,10 @@ def main() -> int:
         moes = [(t, 32, 7168, 2048, 8) for t in (1, 64, 512)]
     bad = 0
     cases = [(f"act {c}", lambda c=c: check_activation(*c, dtype, device)) for c in acts]
+    cases += [(f"gated act {c}", lambda c=c: check_gated_activation(*c, dtype, device)) for c in acts]
+    ahead = dataclasses.replace(gemm_tiles(*gemms[-1], device == "cpu"), fuse_quant=False)
+    cases.append((f"gemm {gemms[-1]} gated", lambda c=gemms[-1]: check_gemm(*c, block, dtype, device, True, ahead,
+                                                                           gated=True)))
     for qa in (True, False):
         cases += [(f"gemm {c} qa={qa}", lambda c=c, qa=qa: check_gemm(*c, block, dtype, device, qa)) for c in gemms]
         for variant in ("prequantized", "split_k=2"):  # the non-default tile choices, at one size each
@@ -80,7 +97,7 @@ def main() -> int:
         cases += [] if gemm_only else [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa))
                                        for c in moes]
     n, k = gemms[0][1:]
-    for m in (1, 33):  # every tiling the decode tuner may pick (engine/kernels/fp8_tiles.py)
+    for m in (1, 33):  # every tiling the decode tuner may pick (engine/kernels/decode_gemm.py)
         cases.append((f"gemm ({m}, {n}, {k}) tuner candidates", lambda m=m: max(
             check_gemm(m, n, k, block, dtype, device, True, t) for t in candidates(m, True))))
     for label, fn in cases:
