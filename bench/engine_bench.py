@@ -250,8 +250,11 @@ def _decode_gemm_choices() -> list[dict]:
     def desc(c) -> dict:
         return dict(kernel=type(c).__name__, tiles=c if isinstance(c, str) else dataclasses.asdict(c))
     timed = timings()
-    return [dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), gated=key[7], **desc(c),
-                 timed_ms=[dict(ms=round(ms, 5), **desc(t)) for ms, t in timed.get(key, [])])
+    def shape(key) -> dict:
+        if key[0] == "bmm":  # choose_bmm: (tag, device, bucket, [B, N, K], dtype, x dtype)
+            return dict(bucket=key[2], bmm=list(key[3]), weight_dtype=str(key[4]))
+        return dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), gated=key[7])
+    return [dict(**shape(key), **desc(c), timed_ms=[dict(ms=round(ms, 5), **desc(t)) for ms, t in timed.get(key, [])])
             for key, c in chosen().items()]
 
 

@@ -165,3 +165,44 @@ def timings() -> dict[tuple, list[tuple[float, Choice]]]:
     """Per key, every candidate this process timed (ms, choice), fastest first; empty for keys whose
     choice came from the tuning cache."""
     return dict(_timed)
+
+
+BMM = "bmm"  # the choice of torch.bmm (cuBLAS) for a batch of small products
+
+
+def run_bmm(choice: Choice, x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """`skinny_bmm`'s product, x `[M, B, K]` through weight `[B, N, K]` → `[M, B, N]`, with the chosen
+    kernel; torch.bmm multiplies by `weight_t`, the same matrices stored `[B, K, N]`."""
+    if isinstance(choice, sk.SkinnyTiles):
+        return sk.skinny_bmm(x, weight, choice)
+    return torch.bmm(x.transpose(0, 1), weight_t).transpose(0, 1)
+
+
+def choose_bmm(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> Choice:
+    """The kernel for `run_bmm` at a few tokens on CUDA (torch.bmm elsewhere): torch.bmm or the skinny
+    kernel in one of its tilings, timed once per (device, bucket, B, N, K, dtype) like `choose`, with
+    rotating copies of both weight layouts."""
+    m = x.shape[0]
+    if x.device.type != "cuda" or not 0 < m <= sk.MAX_M or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return BMM
+    key = ("bmm", x.device.index, bucket(m), tuple(weight.shape), weight.dtype, x.dtype)
+    choice = _chosen.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return BMM
+        def tune() -> Choice:
+            pairs = list(zip(weight_copies(weight), weight_copies(weight_t)))
+            probe = torch.randn(bucket(m), *x.shape[1:], device=x.device, dtype=x.dtype)
+            timed = []
+            for i, c in enumerate([BMM] + [t for t in sk.candidates() if sk.supports(bucket(m), weight, None, t)]):
+                cycle = itertools.cycle(pairs)
+                try:
+                    ms = graph_time_ms(lambda: run_bmm(c, probe, *next(cycle)), calls=max(4, len(pairs)))
+                    timed.append((ms, i, c))
+                except Exception as e:  # noqa: BLE001 - as in `choose`
+                    log.warning("decode bmm candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
+            _timed[key] = [(ms, c) for ms, _, c in sorted(timed)]
+            return min(timed)[2] if timed else BMM
+        choice = _chosen[key] = tuning_cache.shared_choice(
+            "decode_bmm", tuning_cache.device_key(x.device, key[2:]), {"SkinnyTiles": sk.SkinnyTiles}, tune)
+    return choice

@@ -37,10 +37,15 @@ MAX_M = 4  # token counts this kernel serves (its registers grow with M)
 
 @triton.jit
 def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn, stride_cm,
+                        stride_xb, stride_wb, stride_cb,
                         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
                         QUANT_X: tl.constexpr, X_FP8: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)  # `skinny_bmm`'s batch (one matrix per batch entry)
+    x += batch * stride_xb
+    w += batch * stride_wb
+    c += batch * stride_cb
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     toks = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -159,10 +164,34 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     scale_rows, scale_cols = block_size if fp8 else (1, t.block_k)
     ahead = fp8 and quantize_activations and t.quant_ahead
     a, a_scale = quantize_activation(x, scale_cols, gated) if ahead else (x, scale)  # a_scale unused if not ahead
-    _skinny_gemm_kernel[(triton.cdiv(n, t.block_n),)](
+    _skinny_gemm_kernel[(triton.cdiv(n, t.block_n), 1)](
         a, a_scale, weight, scale, c, m, n, k, a.stride(0), a_scale.stride(0), weight.stride(0), scale.stride(0),
-        c.stride(0), SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
+        c.stride(0), 0, 0, 0, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
         QUANT_X=fp8 and quantize_activations and not ahead, X_FP8=ahead, GATED=gated and not ahead,
         FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages)
+    return c
+
+
+def skinny_bmm(x: torch.Tensor, weight: torch.Tensor, tiles: SkinnyTiles | None = None) -> torch.Tensor:
+    """One small matrix product per batch entry, token-major: x `[M, B, K]` and weight `[B, N, K]` →
+    `[M, B, N]` with `out[:, b] = x[:, b] @ weight[b]^T` (MLA's per-head value up-projection: the
+    attention output `[T, H, R]` through `[H, dv, R]`). Full-precision weights; x and weight may be
+    strided views whose last dimension is contiguous. One launch over (row tiles, batch)."""
+    m, bsz, k = x.shape
+    n = weight.shape[1]
+    if weight.shape[0] != bsz or weight.shape[2] != k:
+        raise ValueError(f"skinny_bmm: input {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    c = torch.empty((m, bsz, n), dtype=x.dtype, device=x.device)
+    if m == 0 or bsz == 0:
+        return c
+    t = tiles or default_tiles(n, x.device.type == "cpu")
+    if not supports(m, weight, None, t) or x.stride(-1) != 1:
+        raise ValueError(f"skinny_bmm: M={m} (max {MAX_M}), weight stride {weight.stride()}, input stride "
+                         f"{x.stride()} do not fit tiles {t}")
+    _skinny_gemm_kernel[(triton.cdiv(n, t.block_n), bsz)](
+        x, x, weight, x, c, m, n, k, x.stride(0), 0, weight.stride(1), 0, c.stride(0),
+        x.stride(1), weight.stride(0), c.stride(1), SCALE_ROWS=1, SCALE_COLS=t.block_k, FP8_W=False,
+        QUANT_X=False, X_FP8=False, GATED=False, FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages)
     return c

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend
 from engine.attention.dense_prefill import causal_varlen, is_dense_prefill
 
 from engine.forward_batch import ForwardBatch
+from engine.kernels import decode_gemm
 from engine.layers import fused_ops
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
@@ -120,7 +121,10 @@ class MLAttention(nn.Module):
         query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
                                              self.rope.interleaved)
         out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
-        return torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)
+        # `[T, H, R]` through W_UV per head: at a few tokens on CUDA the tuner's pick of torch.bmm and the
+        # skinny kernel reading `w_kvb`'s value rows in place and writing `[T, H, dv]` (no transposes)
+        w_vu = self.w_kvb[:, self.dn:]
+        return decode_gemm.run_bmm(decode_gemm.choose_bmm(out, w_vu, self.w_uv), out, w_vu, self.w_uv)
 
     def _decompress(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached entries `ctx [S, R + P]` → per-head keys `[S, H, dn + P]` (up-projected latent ++ the

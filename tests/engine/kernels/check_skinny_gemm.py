@@ -2,6 +2,7 @@
 for full-precision weights, `fp8_block_gemm_ref` for block-scaled FP8 weights with and without dynamic
 activation quantization — for every tiling the decode tuner may pick (interpreter on CPU, native on CUDA).
 and with the SwiGLU input `[gate | up]` (`gated`).
+Also `skinny_bmm` (MLA's per-head value up-projection) against torch.bmm.
 Usage: python -m tests.engine.kernels.check_skinny_gemm [device] [small|batch1|real]"""
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ def check(m, n, k, block, dtype, device, fp8: bool, quantize_activations: bool, 
                 fp8_block_gemm_ref(x_in, w8, ws, block, quantize_activations))
 
 
+def check_bmm(m, heads, rank, dn, dv, dtype, device, tiles) -> float:
+    """`skinny_bmm` (MLA's value up-projection: `[T, H, R]` through each head's value rows of `kv_b_proj`,
+    read in place as a strided view) against torch.bmm over the transposed copy the engine keeps."""
+    torch.manual_seed(m + heads)
+    w_kvb = (torch.randn(heads, dn + dv, rank, device=device) * rank ** -0.5).to(dtype)
+    w_vu = w_kvb[:, dn:]
+    x = torch.randn(m, heads, rank, device=device).to(dtype)
+    ref = torch.bmm(x.float().transpose(0, 1), w_vu.float().transpose(1, 2)).transpose(0, 1)
+    return _rel(sk.skinny_bmm(x, w_vu, tiles), ref)
+
+
 def main() -> int:
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     size = sys.argv[2] if len(sys.argv) > 2 else "small"
@@ -45,7 +57,15 @@ def main() -> int:
     else:
         dtype, tol, block, ms = torch.bfloat16, 1e-2, (128, 128), (1, 2, 4)
         shapes = [(6144, 4096), (4096, 12288), (576, 7168), (151936, 4096)]
+    bmms = [(3, 96, 16, 40)] if size == "small" else [(16, 512, 128, 128), (128, 512, 128, 128)]
     bad = 0
+    for heads, rank, dn, dv in bmms:  # every tiling, at every M
+        errs = [(check_bmm(m, heads, rank, dn, dv, dtype, device, t), m, t) for m in ms for t in sk.candidates()
+                if sk.supports(m, torch.empty(1, 1), None, t)]
+        err, m, worst = max(errs, key=lambda e: e[0])
+        bad += err >= tol
+        print(f"{'ok ' if err < tol else 'BAD'} bmm heads={heads} rank={rank} dv={dv}: {len(errs)} cases, "
+              f"max rel err {err:.2e} (m={m}, {worst})")
     for n, k in shapes:
         for fp8, qa in ((False, False), (True, True), (True, False)):
             for m in ms:
