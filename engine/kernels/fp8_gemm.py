@@ -20,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.quantization import FP8_DTYPE, FP8_MAX
+
+PDL_MAX_M = 64  # decode sizes launch with PDL (engine/kernels/pdl.py); prefill tiles keep their plain loop
 
 
 @triton.jit
@@ -44,7 +47,11 @@ def _quantize_tile(v, FP8_MAX: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MAX: tl.constexpr,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr):
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    if USE_PDL:  # nothing to load ahead: signal (the GEMM after it may start on its weights), then wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     lane = tl.arange(0, BLOCK)
@@ -78,7 +85,8 @@ def quantize_activation(x: torch.Tensor, group: int, gated: bool = False) -> tup
         block_r = min(16, triton.next_power_of_2(m))
         _quantize_rows_kernel[(triton.cdiv(m, block_r), groups)](
             x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUP=group,
-            BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r, GATED=gated)
+            BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r, GATED=gated,
+            **pdl.launch_args(x.device, m <= PDL_MAX_M))
     return q, s
 
 
@@ -89,9 +97,24 @@ A_WEIGHT_ONLY = 2  # bf16 activations kept; the FP8 weight tile is widened in re
 
 
 @triton.jit
+def _gemm_step(acc, x, w, ws, as_ptr, kb, m_ok, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One K block: `dot(a, b)` with the block's scales applied to the partial product, added to `acc`."""
+    if A_MODE == 0:
+        xs = tl.load(as_ptr + kb, mask=m_ok, other=0.0)
+        acc += tl.dot(x, w) * xs[:, None] * ws[None, :]
+    elif A_MODE == 1:
+        xq, xs = _quantize_tile(x.to(tl.float32), FP8_MAX)
+        acc += tl.dot(xq.to(w.dtype), w) * xs[:, None] * ws[None, :]
+    else:  # e4m3 values are exact in bf16/fp32: scale the partial product, not the operand
+        acc += tl.dot(x, w.to(x.dtype)) * ws[None, :]
+    return acc
+
+
+@triton.jit
 def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                      SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_m = tl.cdiv(m, BLOCK_M)
@@ -111,19 +134,26 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
     bs_ptr = b_scale + (offs_n // SCALE_ROWS) * stride_bsn
     as_ptr = a_scale + offs_m * stride_asm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(split, tl.cdiv(k, BLOCK_K), SPLIT_K):  # one K step = one scale block
+    blocks = tl.cdiv(k, BLOCK_K)
+    kb_first = split
+    if USE_PDL:  # the first weight tile in flight before waiting for the kernels before (pdl.py)
+        k_ok = offs_k < k - split * BLOCK_K  # all false when this split has no block
+        w = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        ws = tl.load(bs_ptr + split, mask=n_ok & (split < blocks), other=0.0)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        if split < blocks:
+            x = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _gemm_step(acc, x, w, ws, as_ptr, split, m_ok, A_MODE, FP8_MAX)
+        a_ptr += BLOCK_K * SPLIT_K
+        b_ptr += BLOCK_K * SPLIT_K
+        kb_first = split + SPLIT_K
+    for kb in range(kb_first, blocks, SPLIT_K):  # one K step = one scale block
         k_ok = offs_k < k - kb * BLOCK_K
         x = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         ws = tl.load(bs_ptr + kb, mask=n_ok, other=0.0)
-        if A_MODE == 0:
-            xs = tl.load(as_ptr + kb, mask=m_ok, other=0.0)
-            acc += tl.dot(x, w) * xs[:, None] * ws[None, :]
-        elif A_MODE == 1:
-            xq, xs = _quantize_tile(x.to(tl.float32), FP8_MAX)
-            acc += tl.dot(xq.to(w.dtype), w) * xs[:, None] * ws[None, :]
-        else:  # e4m3 values are exact in bf16/fp32: scale the partial product, not the operand
-            acc += tl.dot(x, w.to(x.dtype)) * ws[None, :]
+        acc = _gemm_step(acc, x, w, ws, as_ptr, kb, m_ok, A_MODE, FP8_MAX)
         a_ptr += BLOCK_K * SPLIT_K
         b_ptr += BLOCK_K * SPLIT_K
     c_ptr = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -199,5 +229,6 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
                            weight.stride(0), weight_scale.stride(0), c.stride(0), SCALE_ROWS=bn, A_MODE=mode,
                            FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk,
-                           GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
+                           GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages,
+                           **pdl.launch_args(x.device, m <= PDL_MAX_M))
     return c.to(x.dtype) if t.split_k > 1 else c

@@ -9,13 +9,21 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
+PDL_MAX_ROWS = 64  # decode sizes launch with PDL (engine/kernels/pdl.py)
+
 
 @triton.jit
 def _rms_norm_kernel(x, res, w, out, res_out, stride_x, stride_r, stride_o, stride_ro, d, eps,
-                     HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
+    wv = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the wait (pdl.py)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     v = tl.load(x + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         # The sum is rounded to the activation dtype, as `x + residual` in torch would be.
@@ -25,7 +33,6 @@ def _rms_norm_kernel(x, res, w, out, res_out, stride_x, stride_r, stride_o, stri
     vf = v.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(vf * vf, axis=0) / d + eps)
     y = (vf * inv).to(v.dtype).to(tl.float32)
-    wv = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out + row * stride_o + cols, (y * wv).to(out.dtype.element_ty), mask=mask)
 
 
@@ -46,7 +53,8 @@ def _launch_norm(x, residual, weight, eps):
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), d, eps,
-            HAS_RES=residual is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8)
+            HAS_RES=residual is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
+            **pdl.launch_args(x.device, x2.shape[0] <= PDL_MAX_ROWS))
     return out.view(*x.shape[:-1], d), res_out.view(*x.shape[:-1], d)
 
 

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.fp8_gemm import _quantize_tile, quantize_activation
 from engine.quantization import FP8_MAX
 
@@ -36,11 +37,41 @@ MAX_M = 4  # token counts this kernel serves (its registers grow with M)
 
 
 @triton.jit
+def _skinny_step(acc, wv, x, x_ptr, x_scale, w_scale, k0, k, pid, toks, cols, m_ok, k_ok, stride_xsm, stride_sn,
+                 SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr, QUANT_X: tl.constexpr,
+                 X_FP8: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step: the activation columns k0.. (SwiGLU'd, scaled as the mode says) times the weight
+    tile `wv` (float32), added to `acc`."""
+    GROUPS: tl.constexpr = BLOCK_K // SCALE_COLS
+    xv = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    if GATED:  # x = [gate | up]: the input is silu(gate) * up, rounded as the unfused ops round
+        dt = x.dtype.element_ty
+        up = tl.load(x_ptr + k + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        xv = ((xv / (1.0 + tl.exp(-xv))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+    if FP8_W:
+        g = k0 // SCALE_COLS + tl.arange(0, GROUPS)
+        if X_FP8:  # quantized ahead (`quantize_activation`): FP8 values and their scale per group
+            xs = tl.load(x_scale + toks[:, None] * stride_xsm + g[None, :],
+                         mask=m_ok[:, None] & (g < tl.cdiv(k, SCALE_COLS))[None, :], other=0.0)
+            xv = tl.reshape(tl.reshape(xv, [BLOCK_M, GROUPS, SCALE_COLS]) * xs[:, :, None], [BLOCK_M, BLOCK_K])
+        elif QUANT_X:  # per token and SCALE_COLS columns, as quantize_activation_ref
+            q, s = _quantize_tile(tl.reshape(xv, [BLOCK_M * GROUPS, SCALE_COLS]), FP8_MAX)
+            xv = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_K])
+        # the tile's rows share one weight scale per SCALE_COLS columns (BLOCK_N | SCALE_ROWS)
+        ws = tl.load(w_scale + (pid * BLOCK_N // SCALE_ROWS) * stride_sn + g,
+                     mask=g < tl.cdiv(k, SCALE_COLS), other=0.0)
+        ws = tl.reshape(tl.broadcast_to(ws[:, None], [GROUPS, SCALE_COLS]), [BLOCK_K])
+        xv = xv * ws[None, :]
+    return acc + wv[None, :, :] * xv[:, None, :]
+
+
+@triton.jit
 def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn, stride_cm,
                         stride_xb, stride_wb, stride_cb,
                         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
                         QUANT_X: tl.constexpr, X_FP8: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # `skinny_bmm`'s batch (one matrix per batch entry)
     x += batch * stride_xb
@@ -54,30 +85,21 @@ def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xs
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
     x_ptr = x + toks.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    GROUPS: tl.constexpr = BLOCK_K // SCALE_COLS
-    for k0 in range(0, k, BLOCK_K):
+    # The first weight tile needs nothing from the kernels before: it is in flight before the wait for
+    # them (engine/kernels/pdl.py), the rest of K after it.
+    k_ok = cols < k
+    wv = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    acc = _skinny_step(acc, wv, x, x_ptr, x_scale, w_scale, 0, k, pid, toks, cols, m_ok, k_ok, stride_xsm, stride_sn,
+                       SCALE_ROWS, SCALE_COLS, FP8_W, QUANT_X, X_FP8, GATED, FP8_MAX, BLOCK_M, BLOCK_N, BLOCK_K)
+    for k0 in range(BLOCK_K, k, BLOCK_K):
         k_ok = cols < k - k0
         wv = tl.load(w_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if GATED:  # x = [gate | up]: the input is silu(gate) * up, rounded as the unfused ops round
-            dt = x.dtype.element_ty
-            up = tl.load(x_ptr + k + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            xv = ((xv / (1.0 + tl.exp(-xv))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
-        if FP8_W:
-            g = k0 // SCALE_COLS + tl.arange(0, GROUPS)
-            if X_FP8:  # quantized ahead (`quantize_activation`): FP8 values and their scale per group
-                xs = tl.load(x_scale + toks[:, None] * stride_xsm + g[None, :],
-                             mask=m_ok[:, None] & (g < tl.cdiv(k, SCALE_COLS))[None, :], other=0.0)
-                xv = tl.reshape(tl.reshape(xv, [BLOCK_M, GROUPS, SCALE_COLS]) * xs[:, :, None], [BLOCK_M, BLOCK_K])
-            elif QUANT_X:  # per token and SCALE_COLS columns, as quantize_activation_ref
-                q, s = _quantize_tile(tl.reshape(xv, [BLOCK_M * GROUPS, SCALE_COLS]), FP8_MAX)
-                xv = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_K])
-            # the tile's rows share one weight scale per SCALE_COLS columns (BLOCK_N | SCALE_ROWS)
-            ws = tl.load(w_scale + (pid * BLOCK_N // SCALE_ROWS) * stride_sn + g,
-                         mask=g < tl.cdiv(k, SCALE_COLS), other=0.0)
-            ws = tl.reshape(tl.broadcast_to(ws[:, None], [GROUPS, SCALE_COLS]), [BLOCK_K])
-            xv = xv * ws[None, :]
-        acc += wv[None, :, :] * xv[:, None, :]
+        acc = _skinny_step(acc, wv, x, x_ptr, x_scale, w_scale, k0, k, pid, toks, cols, m_ok, k_ok, stride_xsm,
+                           stride_sn, SCALE_ROWS, SCALE_COLS, FP8_W, QUANT_X, X_FP8, GATED, FP8_MAX, BLOCK_M,
+                           BLOCK_N, BLOCK_K)
     out = tl.sum(acc, axis=2)
     c_ptr = c + toks.to(tl.int64)[:, None] * stride_cm + rows[None, :]
     tl.store(c_ptr, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -169,7 +191,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         c.stride(0), 0, 0, 0, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
         QUANT_X=fp8 and quantize_activations and not ahead, X_FP8=ahead, GATED=gated and not ahead,
         FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages)
+        num_warps=t.warps, num_stages=t.stages, **pdl.launch_args(x.device))
     return c
 
 
@@ -193,5 +215,5 @@ def skinny_bmm(x: torch.Tensor, weight: torch.Tensor, tiles: SkinnyTiles | None 
         x, x, weight, x, c, m, n, k, x.stride(0), 0, weight.stride(1), 0, c.stride(0),
         x.stride(1), weight.stride(0), c.stride(1), SCALE_ROWS=1, SCALE_COLS=t.block_k, FP8_W=False,
         QUANT_X=False, X_FP8=False, GATED=False, FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages)
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages, **pdl.launch_args(x.device))
     return c
