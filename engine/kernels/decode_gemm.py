@@ -29,6 +29,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import pdl
 from engine.kernels import skinny_gemm as sk
 from engine.kernels import tuning_cache
 from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gated_supported, gemm_tiles
@@ -152,7 +153,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
         # One choice per device kind and shape for every process (engine/kernels/tuning_cache.py).
         choice = _chosen[key] = tuning_cache.shared_choice(
             "decode_gemm", tuning_cache.device_key(x.device, key[1:]),
-            {"GemmTiles": GemmTiles, "SkinnyTiles": sk.SkinnyTiles}, tune)
+            {"GemmTiles": GemmTiles, "SkinnyTiles": sk.SkinnyTiles}, pdl.disabled()(tune))
     return choice
 
 
@@ -204,5 +205,6 @@ def choose_bmm(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) ->
             _timed[key] = [(ms, c) for ms, _, c in sorted(timed)]
             return min(timed)[2] if timed else BMM
         choice = _chosen[key] = tuning_cache.shared_choice(
-            "decode_bmm", tuning_cache.device_key(x.device, key[2:]), {"SkinnyTiles": sk.SkinnyTiles}, tune)
+            "decode_bmm", tuning_cache.device_key(x.device, key[2:]), {"SkinnyTiles": sk.SkinnyTiles},
+            pdl.disabled()(tune))
     return choice

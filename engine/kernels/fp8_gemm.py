@@ -135,20 +135,11 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
     as_ptr = a_scale + offs_m * stride_asm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     blocks = tl.cdiv(k, BLOCK_K)
-    kb_first = split
-    if USE_PDL:  # the first weight tile in flight before waiting for the kernels before (pdl.py)
-        k_ok = offs_k < k - split * BLOCK_K  # all false when this split has no block
-        w = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        ws = tl.load(bs_ptr + split, mask=n_ok & (split < blocks), other=0.0)
+    if USE_PDL:  # signal, then wait for the kernels before (pdl.py); no tile is loaded ahead here:
+        # peeling one off the software-pipelined loop exposed the next tile's latency (H100, 2026-12-07d)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if split < blocks:
-            x = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _gemm_step(acc, x, w, ws, as_ptr, split, m_ok, A_MODE, FP8_MAX)
-        a_ptr += BLOCK_K * SPLIT_K
-        b_ptr += BLOCK_K * SPLIT_K
-        kb_first = split + SPLIT_K
-    for kb in range(kb_first, blocks, SPLIT_K):  # one K step = one scale block
+    for kb in range(split, blocks, SPLIT_K):  # one K step = one scale block
         k_ok = offs_k < k - kb * BLOCK_K
         x = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)

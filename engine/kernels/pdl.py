@@ -24,6 +24,7 @@ before sm_90.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -35,9 +36,25 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+_off = 0  # > 0 inside `disabled()`
+
+
+@contextlib.contextmanager
+def disabled():
+    """Launch plainly inside this block: the kernel tuners time candidates without PDL, since back-to-back
+    copies of one GEMM would overlap each other's ramp and tail by more than a step's mix of kernels does."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL (and compile its wait/signal in)."""
-    if device.type != "cuda" or os.environ.get("PDSERVE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    if (_off or device.type != "cuda" or os.environ.get("PDSERVE_PDL", "1") == "0"
+            or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
