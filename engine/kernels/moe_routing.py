@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.moe_routing_ref import padded_slots
 
 
@@ -106,19 +107,25 @@ ROUTER_GEMV_MAX_TOKENS = 4  # larger batches take cuBLAS (a GEMM, no longer a ba
 
 @triton.jit
 def _router_logits_kernel(x, w, out, t, hidden, e, stride_x, stride_w, stride_o, BLOCK_T: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """One program per BLOCK_E experts, all T (≤ BLOCK_T) tokens: float32 dot products of the
-    widened activations with the float32 router rows."""
+    widened activations with the float32 router rows. The first K step's router rows are loaded before
+    waiting for the kernel before (engine/kernels/pdl.py)."""
     rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     toks = tl.arange(0, BLOCK_T)
     kk = tl.arange(0, BLOCK_K)
     r_ok, t_ok = rows < e, toks < t
+    w_ptr = w + rows.to(tl.int64)[:, None] * stride_w + kk[None, :]
+    wv = tl.load(w_ptr, mask=r_ok[:, None] & (kk < hidden)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = (k0 + kk) < hidden
+        if k0 > 0:
+            wv = tl.load(w_ptr + k0, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         xv = tl.load(x + toks[:, None] * stride_x + k0 + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        wv = tl.load(w + rows.to(tl.int64)[:, None] * stride_w + k0 + kk[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                     other=0.0)
         acc += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
     tl.store(out + toks[:, None] * stride_o + rows[None, :], tl.sum(acc, axis=2), mask=t_ok[:, None] & r_ok[None, :])
 
@@ -137,7 +144,8 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         block_e, block_k = (8, 32) if on_cpu else (1, 1024)
         _router_logits_kernel[(triton.cdiv(e, block_e),)](
             hidden, weight, out, t, h, e, hidden.stride(0), weight.stride(0), out.stride(0),
-            BLOCK_T=triton.next_power_of_2(t), BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+            BLOCK_T=triton.next_power_of_2(t), BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4,
+            **pdl.launch_args(hidden.device))
     return out
 
 

@@ -17,6 +17,8 @@ here that takes part does, in this order:
    anything, so the chain stays ordered transitively;
 4. the rest.
 
+Taking part: the skinny GEMM and `skinny_bmm`, the FP8 block GEMM and activation quantization at
+≤ 64 tokens, RMSNorm at ≤ 64 rows, the MoE router's logits and MLA's absorbed query.
 A kernel launched without the flag (torch's, cuBLAS, our others) waits for full completion as usual.
 CUDA graph capture keeps the programmatic edges. `PDSERVE_PDL=0` turns it off (kernels then compile
 without the wait/signal and launch normally); off as well on CPU, under the Triton interpreter and

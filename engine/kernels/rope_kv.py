@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 
 @triton.jit
 def _norm_rope(src, w, cos_row, sin_row, eps, HAS_NORM: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -187,23 +189,32 @@ ABSORB_MAX_TOKENS = 4  # larger batches take cuBLAS's batched GEMM (the weight i
 def _mla_absorbed_query_kernel(q, w_uk, pos, cos, sin, out, num_tokens, stride_qt, stride_qh, stride_wh, stride_wd,
                                stride_ot, stride_oh, stride_cos, R: tl.constexpr, NOPE: tl.constexpr, P: tl.constexpr,
                                INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
+                               BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     """One program per (head, BLOCK_R latent channels), all tokens: `q_nope[t, h] @ w_uk[h]` for its
     channels (float32, rounded once, as the batched GEMM); the first channel block of each head also
-    writes the head's rotated rope part for every token."""
+    writes the head's rotated rope part for every token. The first `w_uk` tile is loaded before waiting
+    for the kernel before (engine/kernels/pdl.py)."""
     h = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     toks = tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     r_ok, t_ok = r < R, toks < num_tokens
     q_head = q + h * stride_qh
+    w_first = tl.load(w_uk + h * stride_wh + d[:, None] * stride_wd + r[None, :],
+                      mask=(d < NOPE)[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
     for d0 in tl.static_range(0, NOPE, BLOCK_D):
         d_ok = (d0 + d) < NOPE
         qv = tl.load(q_head + toks[:, None] * stride_qt + d0 + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
                      other=0.0).to(tl.float32)
-        wv = tl.load(w_uk + h * stride_wh + (d0 + d)[:, None] * stride_wd + r[None, :],
-                     mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        if d0 == 0:
+            wv = w_first
+        else:
+            wv = tl.load(w_uk + h * stride_wh + (d0 + d)[:, None] * stride_wd + r[None, :],
+                         mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(qv[:, :, None] * wv[None, :, :], axis=1)
     dt = out.dtype.element_ty
     dst = out + h * stride_oh
@@ -237,5 +248,6 @@ def mla_absorbed_query(q: torch.Tensor, w_uk: torch.Tensor, positions: torch.Ten
         _mla_absorbed_query_kernel[(h, triton.cdiv(r, block_r))](
             q, w_uk, positions, cos, sin, out, t, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
             out.stride(0), out.stride(1), cos.stride(0), R=r, NOPE=nope, P=p, INTERLEAVED=interleaved,
-            BLOCK_T=triton.next_power_of_2(t), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+            BLOCK_T=triton.next_power_of_2(t), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+            **pdl.launch_args(q.device))
     return out
