@@ -16,3 +16,10 @@ record_run() {
   nvidia-smi --query-gpu=name,memory.total --format=csv > "$STAGE/device.txt" 2>&1
   git log -1 --format='%H %s' > "$STAGE/commit.txt" 2>/dev/null
 }
+# bench_step NAME SECONDS MODEL [ARGS...]: the engine bench (bf16 activations, 48 decode steps, a 2k prefill)
+# as a step writing into $STAGE/NAME; ARGS add --batch, --quantization, --profile and the like.
+bench_step() {
+  local name=$1 secs=$2 model=$3; shift 3
+  step "$name" "$secs" python -m bench.engine_bench --model "$model" --dtype bfloat16 --decode-steps 48 \
+    --prefill-len 2048 --out "$STAGE/$name" "$@"
+}

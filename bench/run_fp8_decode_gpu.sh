@@ -9,11 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PACK=fp8_decode.tgz
 source "$(dirname "$0")/packed_steps.sh"
 record_run
-eb() {  # name model [extra...]
-  local name=$1 model=$2; shift 2
-  step "$name" 110 python -m bench.engine_bench --model "$model" --dtype bfloat16 --decode-steps 48 \
-    --batch 1 --prefill-len 2048 --out "$STAGE/$name" "$@"
-}
+eb() { local name=$1 model=$2; shift 2; bench_step "$name" 110 "$model" --batch 1 "$@"; }  # name model [extra...]
 step check_skinny_gemm 150 python -m tests.engine.kernels.check_skinny_gemm cuda batch1
 step check_fp8 90 python -m tests.engine.kernels.check_fp8 cuda real gemm
 step check_fused_engine 90 python -m tests.engine.kernels.check_fused_engine cuda

@@ -9,11 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PACK=issue16_recheck.tgz
 source "$(dirname "$0")/packed_steps.sh"
 record_run
-eb() {  # name model [extra...]
-  local name=$1 model=$2; shift 2
-  step "$name" 70 python -m bench.engine_bench --model "$model" --dtype bfloat16 --decode-steps 48 \
-    --prefill-len 2048 --out "$STAGE/$name" "$@"
-}
+eb() { local name=$1; shift; bench_step "$name" 70 "$@"; }  # name model [extra...]
 step check_short_context_graphs 90 python -m tests.engine.kernels.check_short_context_graphs
 eb v2lite_bf16 deepseek-v2-lite --batch 1 --profile
 eb v2lite_bf16_short deepseek-v2-lite --batch 1 --decode-graph-short-context 512

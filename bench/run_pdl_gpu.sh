@@ -11,11 +11,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PACK=pdl.tgz
 source "$(dirname "$0")/packed_steps.sh"
 record_run
-eb() {  # name model batch [extra...]
-  local name=$1 model=$2 batch=$3; shift 3
-  step "$name" 110 python -m bench.engine_bench --model "$model" --dtype bfloat16 --decode-steps 48 \
-    --batch "$batch" --prefill-len 2048 --out "$STAGE/$name" "$@"
-}
+eb() { local name=$1 model=$2 batch=$3; shift 3; bench_step "$name" 110 "$model" --batch "$batch" "$@"; }
 [ -z "$QUICK" ] && step check_skinny_gemm 150 python -m tests.engine.kernels.check_skinny_gemm cuda batch1
 step check_fp8 90 python -m tests.engine.kernels.check_fp8 cuda real gemm
 step check_fused_ops 90 python -m tests.engine.kernels.check_fused_ops cuda real
