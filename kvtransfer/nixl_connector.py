@@ -7,7 +7,10 @@ sender thread, which starts once all the step's layers are launched and sends th
 then as one WRITE, the rest as they complete), so the transfer overlaps the remaining layers'
 compute. Once every WRITE is DONE, one notice goes to the receiver naming the transfer id and
 carrying the first token (every choice's first token for an n > 1 request, whose choices share the
-pushed pages); a push that
+pushed pages). A completion thread sends that notice as soon as the last WRITE is seen DONE and the
+first token is known, not at the engine loop's next poll: on a busy prefill node that poll waits for
+the next step (tens of ms, 2026-12-07b's TTFT split), and the decode node would wait with it. The
+engine loop's poll then only reports the push ended and frees its pages; a push that
 ends otherwise (error, abort, timeout) sends an "abandoned" notice instead, so the receiver frees
 its pages at once. A push is reported ended only when no WRITE from its pages is in flight.
 
@@ -98,6 +101,8 @@ class _Push:
     kv_ready_at: float = 0.0  # when the last layer's KV was seen written (layered pushes)
     first_token: int | list[int] | None = None
     dropped: bool = False
+    notified_at: float = 0.0  # when the completion thread sent the notice (0: not sent by it)
+    notice_error: str | None = None  # that notice's failure
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -119,8 +124,11 @@ class NixlConnector(KVConnector):
             log.warning("KV transfer fault injection active: %s", self.faults)
         self._nixl_lock = threading.Lock()  # the sender thread and the engine loop share the agent
         self._jobs: queue.Queue = queue.Queue()
-        if role == "prefill" and self.on_cuda:
-            threading.Thread(target=self._sender_loop, daemon=True, name="kv-layer-sender").start()
+        self._wake = threading.Event()  # a push may have become ready to notify
+        if role == "prefill":
+            if self.on_cuda:
+                threading.Thread(target=self._sender_loop, daemon=True, name="kv-layer-sender").start()
+            threading.Thread(target=self._completion_loop, daemon=True, name="kv-completion").start()
 
     @classmethod
     def for_engine(cls, core) -> "NixlConnector":
@@ -177,6 +185,32 @@ class NixlConnector(KVConnector):
                         self.pushes[rid].pending_jobs += 1
                 self._jobs.put((list(events), rids))
         return hook
+
+    def _completion_loop(self) -> None:
+        """Notify each push's receiver as soon as it can be: every WRITE DONE and the first token known."""
+        while True:
+            ready = [(rid, p) for rid, p in list(self.pushes.items()) if self._may_notify(p)]
+            if not ready:  # woken when a prompt's compute ends; else a periodic look while pushes exist
+                self._wake.wait(0.001 if self.pushes else 0.05)
+                self._wake.clear()
+                continue
+            for rid, push in ready:
+                with self._nixl_lock:
+                    states = [self.agent.poll(t) if not getattr(t, "done", False) else "DONE"
+                              for t in push.transfers]
+                if all(st == "DONE" for st in states):
+                    with push.lock:
+                        if self._may_notify(push):  # nothing ended it meanwhile
+                            push.notice_error = self._notify(push.dest, push.first_token)
+                            push.notified_at = time.monotonic()
+            time.sleep(0.0001)
+
+    def _may_notify(self, push: _Push) -> bool:
+        """Whether the completion thread may send `push`'s notice once its WRITEs are DONE."""
+        complete = push.posted == (push.num_layers if push.layered else 1) and push.pending_jobs == 0
+        return (complete and push.compute_done > 0 and not push.notified_at and destination_known(push.dest)
+                and push.error is None and not push.aborted and not push.dropped and not push.overdue_reported
+                and bool(push.transfers))
 
     def _sender_loop(self) -> None:
         while True:
@@ -257,12 +291,14 @@ class NixlConnector(KVConnector):
     def start_send(self, request) -> None:
         push = self.pushes.get(request.request_id) or self._new_push(request, layered=False)
         now = time.monotonic()
-        push.compute_done, push.first_token = now, first_tokens(request)
-        push.deadline = now + self.timeout_s
-        if not push.layered:
-            push.start_at = now + self.faults.get("stall", 0.0)
-            if self.faults.get("drop", 0) and self._rng.random() < self.faults["drop"]:
-                push.dropped = True  # injected: lost, but the sender believes it done
+        with push.lock:
+            push.compute_done, push.first_token = now, first_tokens(request)
+            push.deadline = now + self.timeout_s
+            if not push.layered:
+                push.start_at = now + self.faults.get("stall", 0.0)
+                if self.faults.get("drop", 0) and self._rng.random() < self.faults["drop"]:
+                    push.dropped = True  # injected: lost, but the sender believes it done
+        self._wake.set()
 
     def abort_send(self, request) -> None:
         push = self.pushes.get(request.request_id)
@@ -289,7 +325,9 @@ class NixlConnector(KVConnector):
             with push.lock:
                 self._write(rid, push, None)
         with push.lock:
-            transfers, error, pending = list(push.transfers), push.error, push.pending_jobs
+            transfers, error, pending, notified_at = list(push.transfers), push.error, push.pending_jobs, push.notified_at
+        if notified_at:  # the completion thread saw every WRITE DONE and told the receiver
+            return self._notified(rid, push, transfers)
         with self._nixl_lock:
             states = [self.agent.poll(t) if not getattr(t, "done", False) else "DONE" for t in transfers]
         for t, st in zip(transfers, states):
@@ -310,14 +348,28 @@ class NixlConnector(KVConnector):
                     return SendResult(error=timeout)
                 return SendResult(error=timeout, in_flight=True)
             return None
+        with push.lock:  # the completion thread notifies under this lock: one of the two does
+            if push.notified_at:
+                return self._notified(rid, push, transfers)
+            self.pushes.pop(rid)
+            if ended or push.overdue_reported:
+                self.abandon(push.dest)
+                return SendResult(error=error or "KV transfer abandoned")
+            error = self._notify(push.dest, push.first_token)
+        return SendResult(error=error, stats=self._stats(push, transfers, now))
+
+    def _notified(self, rid: str, push: _Push, transfers: list) -> SendResult:
+        """The end of a push whose notice the completion thread sent (an abort after it came too late
+        to stop the receiver; the request still ends aborted here)."""
         self.pushes.pop(rid)
-        if ended or push.overdue_reported:
-            self.abandon(push.dest)
-            return SendResult(error=error or "KV transfer abandoned")
-        error = self._notify(push.dest, push.first_token)
+        error = push.notice_error or ("KV transfer abandoned" if push.aborted else None)
+        return SendResult(error=error, stats=self._stats(push, transfers, push.notified_at))
+
+    def _stats(self, push: _Push, transfers: list, now: float) -> dict:
+        """A completed push's figures; `now`: when its notice went out."""
         nbytes = sum(t.nbytes for t in transfers)
         self.bytes_sent += nbytes
-        stats = {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
+        return {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
                  "descriptors": sum(t.num_descs for t in transfers),
                  "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers,
                  # how long the written KV waited for D's destination: from the last layer's KV seen
@@ -328,7 +380,6 @@ class NixlConnector(KVConnector):
                  # from the first WRITE possible (first layer written and the destination known) to its post
                  "post_delay_seconds": max(0.0, push.first_post - max(push.dest_at, push.first_layer_at
                                                                       or push.compute_done))}
-        return SendResult(error=error, stats=stats)
 
     # ------------------------------------------------------------- decode side
     def destination(self, request) -> dict:

@@ -104,6 +104,35 @@ def test_decode_tokens_equal_the_standalone_engine_whenever_the_destination_come
     assert _pools_full(*engines)
 
 
+def test_the_notice_goes_out_while_the_prefill_loop_stands_still(engines, reference, monkeypatch):
+    """P's completion thread tells D as soon as the last WRITE is DONE: D decodes while P's loop is not
+    stepped after the step that sampled the first token (on a busy prefill node that loop is inside
+    its next step, tens of ms). The wire is made slow by a stand-in — each WRITE reads as in flight for
+    its first 50 ms, as a loaded link would — so the step's own poll cannot already have seen it DONE."""
+    prefill, decode = engines
+    conn = prefill.connector
+    real_poll, first_seen = conn.agent.poll, {}
+
+    def slow_poll(transfer):
+        state = real_poll(transfer)
+        seen = first_seen.setdefault(id(transfer), time.monotonic())
+        return "PROC" if state == "DONE" and time.monotonic() - seen < 0.05 else state
+
+    monkeypatch.setattr(conn.agent, "poll", slow_poll)
+    outputs: dict = {}
+    dest = decode.add_remote_request("busy", PROMPT, _greedy(5))
+    prefill.add_request("busy", PROMPT, _greedy(1), kv_dest=dest)
+    _step([prefill], outputs, lambda: bool(outputs.get("busy")))  # computed, first token out, push in flight
+    assert not any(o.finished for o in outputs["busy"]) and "busy" in conn.pushes
+    _step([decode], outputs, lambda: "busy" not in decode.requests, limit_s=10.0)  # P's loop stands still
+    assert [t for o in outputs["busy"] for t in o.token_ids] == reference
+    assert "busy" in conn.pushes  # P's loop has not reported it yet; it frees P's pages when it next runs
+    _step([prefill], outputs, lambda: not prefill.has_kv_in_flight())
+    ends = [o for o in outputs["busy"] if o.finished]
+    assert len(ends) == 2 and all(o.error is None for o in ends)
+    assert _pools_full(*engines)
+
+
 def test_destination_that_never_comes_fails_the_prefill_and_a_late_one_frees_the_decode_pages(engines):
     prefill, decode = engines
     outputs: dict = {}
