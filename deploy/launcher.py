@@ -105,7 +105,7 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
         gpu_sets = iter(assign_gpus(num_prefill + num_decode, ep_size, [] if on_cpu else visible_gpus()))
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(n):
-                port, metrics_port = free_port(host), free_port(host)
+                port, metrics_port = (free_port(host, exclude=(grpc_port, http_port)) for _ in range(2))
                 addrs[role].append(f"{host}:{port}")
                 name = f"{role}{i}"
                 argv = [role, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),

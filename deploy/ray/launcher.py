@@ -245,7 +245,9 @@ class RayCluster:
         slots = [RankSlot.options(**resources, max_restarts=-1, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=k)).remote() for k in range(1, spec.ep_size)]
         extra_gpu_ids = [g for ids in ray.get([s.gpu_ids.remote() for s in slots]) for g in ids]
-        port, metrics_port = free_port(cfg.host), free_port(cfg.host)  # fixed: a restart keeps the address
+        router = (cfg.router.grpc_port, cfg.router.http_port)
+        # fixed: a restart keeps the address
+        port, metrics_port = free_port(cfg.host, exclude=router), free_port(cfg.host, exclude=router)
         argv = [spec.role, "--host", cfg.host, "--port", str(port), "--metrics-port", str(metrics_port),
                 "--node-name", name, "--model", cfg.model, "--load-format", cfg.load_format, *cfg.engine_args]
         if spec.ep_size > 1:
