@@ -39,6 +39,8 @@ def _capable(index: int) -> bool:
 
 
 _off = 0  # > 0 inside `disabled()`
+# read once: `enabled` runs at every launch of these kernels outside graph replay
+_ENV_OFF = os.environ.get("PDSERVE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @contextlib.contextmanager
@@ -55,8 +57,7 @@ def disabled():
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL (and compile its wait/signal in)."""
-    if (_off or device.type != "cuda" or os.environ.get("PDSERVE_PDL", "1") == "0"
-            or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _off or _ENV_OFF or device.type != "cuda":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
