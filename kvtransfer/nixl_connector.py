@@ -303,7 +303,8 @@ class NixlConnector(KVConnector):
     def abort_send(self, request) -> None:
         push = self.pushes.get(request.request_id)
         if push is not None:
-            push.aborted = True
+            with push.lock:  # the completion thread checks it under this lock before notifying
+                push.aborted = True
         else:  # nothing posted: tell the receiver at once
             self.abandon(request.kv_dest)
 
@@ -339,7 +340,10 @@ class NixlConnector(KVConnector):
         complete = push.compute_done and push.posted == (push.num_layers if push.layered else 1)
         if in_flight or not (ended or complete):
             if now > push.deadline and not push.overdue_reported and not push.aborted:
-                push.overdue_reported = True
+                with push.lock:  # not while the completion thread is telling the receiver it arrived
+                    if push.notified_at:
+                        return self._notified(rid, push, transfers)
+                    push.overdue_reported = True
                 timeout = (f"KV transfer timed out after {self.timeout_s:.0f} s" if destination_known(push.dest)
                            else f"no KV destination arrived within {self.timeout_s:.0f} s")
                 if not in_flight:  # nothing will land: end it now
