@@ -65,6 +65,7 @@ class Transfer:
     handle: object
     nbytes: int
     num_descs: int
+    state: str = "PROC"  # DONE or ERR once a poll saw it end (its handle is then released)
 
 
 def _nixl_api():
@@ -159,11 +160,15 @@ class KVTransferAgent:
         self.agent.send_notif(self._connect(dest), message)
 
     def poll(self, transfer: Transfer) -> str:
-        """DONE, PROC or ERR; a finished transfer's handle is released."""
+        """DONE, PROC or ERR; a finished transfer's handle is released and its state kept, so a later
+        poll (the connector's engine loop and its completion thread both poll) answers without it."""
+        if transfer.state != "PROC":
+            return transfer.state
         try:
             state = self.agent.check_xfer_state(transfer.handle)
         except Exception:  # noqa: BLE001 — e.g. the peer disconnected mid-transfer
             state = "ERR"
         if state in ("DONE", "ERR"):
             self.agent.release_xfer_handle(transfer.handle)
+            transfer.state = state
         return state

@@ -105,6 +105,10 @@ class _Push:
     notice_error: str | None = None  # that notice's failure
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def all_posted(self) -> bool:
+        return self.posted == (self.num_layers if self.layered else 1)
+
 
 class NixlConnector(KVConnector):
     def __init__(self, role: str, kv_layers: list, layout: dict, page_bytes: int, page_size: int,
@@ -195,10 +199,7 @@ class NixlConnector(KVConnector):
                 self._wake.clear()
                 continue
             for rid, push in ready:
-                with self._nixl_lock:
-                    states = [self.agent.poll(t) if not getattr(t, "done", False) else "DONE"
-                              for t in push.transfers]
-                if all(st == "DONE" for st in states):
+                if all(st == "DONE" for st in self._states(push.transfers)):
                     with push.lock:
                         if self._may_notify(push):  # nothing ended it meanwhile
                             push.notice_error = self._notify(push.dest, push.first_token)
@@ -207,10 +208,9 @@ class NixlConnector(KVConnector):
 
     def _may_notify(self, push: _Push) -> bool:
         """Whether the completion thread may send `push`'s notice once its WRITEs are DONE."""
-        complete = push.posted == (push.num_layers if push.layered else 1) and push.pending_jobs == 0
-        return (complete and push.compute_done > 0 and not push.notified_at and destination_known(push.dest)
-                and push.error is None and not push.aborted and not push.dropped and not push.overdue_reported
-                and bool(push.transfers))
+        return (push.all_posted and push.pending_jobs == 0 and push.compute_done > 0 and not push.notified_at
+                and destination_known(push.dest) and push.error is None and not push.aborted and not push.dropped
+                and not push.overdue_reported and bool(push.transfers))
 
     def _sender_loop(self) -> None:
         while True:
@@ -326,18 +326,13 @@ class NixlConnector(KVConnector):
             with push.lock:
                 self._write(rid, push, None)
         with push.lock:
-            transfers, error, pending, notified_at = list(push.transfers), push.error, push.pending_jobs, push.notified_at
-        if notified_at:  # the completion thread saw every WRITE DONE and told the receiver
-            return self._notified(rid, push, transfers)
-        with self._nixl_lock:
-            states = [self.agent.poll(t) if not getattr(t, "done", False) else "DONE" for t in transfers]
-        for t, st in zip(transfers, states):
-            t.done = st in ("DONE", "ERR")
-            if st == "ERR":
-                error = error or "KV transfer failed (NIXL reported an error)"
-        in_flight = pending > 0 or any(st == "PROC" for st in states)
+            transfers, error, pending = list(push.transfers), push.error, push.pending_jobs
+        states = self._states(transfers)
+        if "ERR" in states:
+            error = error or "KV transfer failed (NIXL reported an error)"
+        in_flight = pending > 0 or "PROC" in states
         ended = push.aborted or error is not None
-        complete = push.compute_done and push.posted == (push.num_layers if push.layered else 1)
+        complete = push.compute_done and push.all_posted
         if in_flight or not (ended or complete):
             if now > push.deadline and not push.overdue_reported and not push.aborted:
                 with push.lock:  # not while the completion thread is telling the receiver it arrived
@@ -361,6 +356,12 @@ class NixlConnector(KVConnector):
                 return SendResult(error=error or "KV transfer abandoned")
             error = self._notify(push.dest, push.first_token)
         return SendResult(error=error, stats=self._stats(push, transfers, now))
+
+    def _states(self, transfers: list) -> list[str]:
+        """Each WRITE's NIXL state (the agent keeps a final one); the engine loop and the completion
+        thread share the agent."""
+        with self._nixl_lock:
+            return [self.agent.poll(t) for t in transfers]
 
     def _notified(self, rid: str, push: _Push, transfers: list) -> SendResult:
         """The end of a push whose notice the completion thread sent (an abort after it came too late
