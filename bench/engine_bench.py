@@ -246,16 +246,16 @@ def run(args) -> dict:
 
 def _decode_gemm_choices() -> list[dict]:
     """The kernel the decode GEMM tuner picked per (token bucket, weight shape, weight dtype)."""
-    from engine.kernels.decode_gemm import chosen, timings
+    from engine.kernels.decode_gemm import chosen, chosen_bmm, timings
     def desc(c) -> dict:
         return dict(kernel=type(c).__name__, tiles=c if isinstance(c, str) else dataclasses.asdict(c))
     timed = timings()
-    def shape(key) -> dict:
-        if key[0] == "bmm":  # choose_bmm: (tag, device, bucket, [B, N, K], dtype, x dtype)
-            return dict(bucket=key[2], bmm=list(key[3]), weight_dtype=str(key[4]))
-        return dict(bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), gated=key[7])
-    return [dict(**shape(key), **desc(c), timed_ms=[dict(ms=round(ms, 5), **desc(t)) for ms, t in timed.get(key, [])])
-            for key, c in chosen().items()]
+    def row(key, c, **shape) -> dict:
+        return dict(**shape, **desc(c), timed_ms=[dict(ms=round(ms, 5), **desc(t)) for ms, t in timed.get(key, [])])
+    # keys: (device index, bucket, weight shape, weight dtype, [block, quantization,] x dtype[, gated])
+    return ([row(key, c, bucket=key[1], n=key[2][0], k=key[2][1], weight_dtype=str(key[3]), gated=key[7])
+             for key, c in chosen().items()]
+            + [row(key, c, bucket=key[1], bmm=list(key[2]), weight_dtype=str(key[3])) for key, c in chosen_bmm().items()])
 
 
 def _moe_decode_choices() -> list[dict]:

@@ -42,7 +42,8 @@ DECODE_MAX_M = 64
 CUBLAS = "cublas"  # the choice of F.linear for full-precision weights
 Choice = Union[str, GemmTiles, sk.SkinnyTiles]
 ROTATE_BYTES = 2 * 64 * 2**20  # weight copies cycled while timing: twice an H100/H200's 50-60 MB L2
-_chosen: dict[tuple, Choice] = {}
+_chosen: dict[tuple, Choice] = {}  # linear layers' choices, by (device index, *`choose`'s shape key)
+_chosen_bmm: dict[tuple, Choice] = {}  # `choose_bmm`'s
 _timed: dict[tuple, list[tuple[float, Choice]]] = {}  # what this process's tuning measured, fastest first
 
 
@@ -134,32 +135,44 @@ def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
     limit = DECODE_MAX_M if weight_scale is not None else sk.MAX_M
     if on_cpu or m > limit or m == 0:
         return _default(m, weight, weight_scale, block_size, on_cpu)
-    key = (x.device.index, bucket(m), tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype,
-           gated)
-    choice = _chosen.get(key)
-    if choice is None:
-        if torch.cuda.is_current_stream_capturing():
-            return _default(m, weight, weight_scale, block_size, False)
-        def tune() -> Choice:
-            timed, copies = [], weight_copies(weight)  # allocated once for all candidates
-            for i, c in enumerate(candidates(bucket(m), weight, weight_scale, block_size, quantize_activations)):
-                try:
-                    timed.append((time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
-                                              x.dtype, gated), i, c))
-                except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
-                    log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
-            _timed[key] = [(ms, c) for ms, _, c in sorted(timed)]
-            return min(timed)[2] if timed else _default(m, weight, weight_scale, block_size, False)
-        # One choice per device kind and shape for every process (engine/kernels/tuning_cache.py).
-        choice = _chosen[key] = tuning_cache.shared_choice(
-            "decode_gemm", tuning_cache.device_key(x.device, key[1:]),
-            {"GemmTiles": GemmTiles, "SkinnyTiles": sk.SkinnyTiles}, pdl.disabled()(tune))
-    return choice
+    shape = (bucket(m), tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype, gated)
+    default = _default(m, weight, weight_scale, block_size, False)
+
+    def tune() -> Choice:
+        copies = weight_copies(weight)  # allocated once for all candidates
+        return _fastest((x.device.index, *shape), weight,
+                        candidates(bucket(m), weight, weight_scale, block_size, quantize_activations),
+                        lambda c: time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
+                                              x.dtype, gated), default)
+    return tuning_cache.tuned(_chosen, "decode_gemm", x.device, shape, TYPES, pdl.disabled()(tune), default)
+
+
+TYPES = {"GemmTiles": GemmTiles, "SkinnyTiles": sk.SkinnyTiles}  # the choices' classes, for the tuning cache
+
+
+def _fastest(key: tuple, weight: torch.Tensor, cands: list[Choice], time_one, default: Choice) -> Choice:
+    """The candidate `time_one` times fastest (a tiling that fails to compile or run is skipped), its
+    timings kept under `key` for `timings()`; `default` if none ran. Callers run it with PDL off
+    (`pdl.disabled()`): back-to-back copies of one GEMM would overlap each other's ramp and tail by more
+    than a step's mix of kernels does."""
+    timed = []
+    for i, c in enumerate(cands):
+        try:
+            timed.append((time_one(c), i, c))
+        except Exception as e:  # noqa: BLE001 - a tiling this device cannot compile or fit is skipped
+            log.warning("decode GEMM candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
+    _timed[key] = [(ms, c) for ms, _, c in sorted(timed)]
+    return min(timed)[2] if timed else default
 
 
 def chosen() -> dict[tuple, Choice]:
-    """The choices made so far in this process (for benches to record)."""
+    """The linear layers' choices made so far in this process (for benches to record)."""
     return dict(_chosen)
+
+
+def chosen_bmm() -> dict[tuple, Choice]:
+    """`choose_bmm`'s choices made so far in this process."""
+    return dict(_chosen_bmm)
 
 
 def timings() -> dict[tuple, list[tuple[float, Choice]]]:
@@ -186,25 +199,15 @@ def choose_bmm(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) ->
     m = x.shape[0]
     if x.device.type != "cuda" or not 0 < m <= sk.MAX_M or x.stride(-1) != 1 or weight.stride(-1) != 1:
         return BMM
-    key = ("bmm", x.device.index, bucket(m), tuple(weight.shape), weight.dtype, x.dtype)
-    choice = _chosen.get(key)
-    if choice is None:
-        if torch.cuda.is_current_stream_capturing():
-            return BMM
-        def tune() -> Choice:
-            pairs = list(zip(weight_copies(weight), weight_copies(weight_t)))
-            probe = torch.randn(bucket(m), *x.shape[1:], device=x.device, dtype=x.dtype)
-            timed = []
-            for i, c in enumerate([BMM] + [t for t in sk.candidates() if sk.supports(bucket(m), weight, None, t)]):
-                cycle = itertools.cycle(pairs)
-                try:
-                    ms = graph_time_ms(lambda: run_bmm(c, probe, *next(cycle)), calls=max(4, len(pairs)))
-                    timed.append((ms, i, c))
-                except Exception as e:  # noqa: BLE001 - as in `choose`
-                    log.warning("decode bmm candidate %s failed for weight %s: %s", c, tuple(weight.shape), e)
-            _timed[key] = [(ms, c) for ms, _, c in sorted(timed)]
-            return min(timed)[2] if timed else BMM
-        choice = _chosen[key] = tuning_cache.shared_choice(
-            "decode_bmm", tuning_cache.device_key(x.device, key[2:]), {"SkinnyTiles": sk.SkinnyTiles},
-            pdl.disabled()(tune))
-    return choice
+    shape = (bucket(m), tuple(weight.shape), weight.dtype, x.dtype)
+
+    def tune() -> Choice:
+        pairs = list(zip(weight_copies(weight), weight_copies(weight_t)))
+        probe = torch.randn(bucket(m), *x.shape[1:], device=x.device, dtype=x.dtype)
+
+        def time_one(c) -> float:
+            cycle = itertools.cycle(pairs)
+            return graph_time_ms(lambda: run_bmm(c, probe, *next(cycle)), calls=max(4, len(pairs)))
+        cands = [BMM] + [t for t in sk.candidates() if sk.supports(bucket(m), weight, None, t)]
+        return _fastest((x.device.index, *shape), weight, cands, time_one, BMM)
+    return tuning_cache.tuned(_chosen_bmm, "decode_bmm", x.device, shape, TYPES, pdl.disabled()(tune), BMM)

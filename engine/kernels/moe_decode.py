@@ -273,20 +273,15 @@ def choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, q
         return default
     t, k = topk_ids.shape
     w13, _, w2, _ = experts
-    key = (hidden.device.index, bucket(t), k, tuple(w13.shape), tuple(w2.shape), w13.dtype, hidden.dtype,
-           block_size, quantize_activations, shared_output is not None,
-           None if shared is None else tuple(shared[2].shape))
-    choice = _chosen.get(key)
-    if choice is not None:
+    shape = (bucket(t), k, tuple(w13.shape), tuple(w2.shape), w13.dtype, hidden.dtype, block_size,
+             quantize_activations, shared_output is not None, None if shared is None else tuple(shared[2].shape))
+
+    def tune() -> DecodeMoeTiles:
+        choice = _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8, default)
+        log.info("decode MoE tiles for %d token(s), experts %s: %s", bucket(t), tuple(w13.shape), choice)
         return choice
-    if torch.cuda.is_current_stream_capturing():
-        return default
-    _chosen[key] = choice = tuning_cache.shared_choice(
-        "moe_decode", tuning_cache.device_key(hidden.device, key[1:]), {"DecodeMoeTiles": DecodeMoeTiles},
-        lambda: _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8,
-                      default))
-    log.info("decode MoE tiles for %d token(s), experts %s: %s", bucket(t), tuple(w13.shape), choice)
-    return choice
+    return tuning_cache.tuned(_chosen, "moe_decode", hidden.device, shape, {"DecodeMoeTiles": DecodeMoeTiles}, tune,
+                              default)
 
 
 def _tune(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations, fp8, default):

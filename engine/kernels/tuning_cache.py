@@ -88,6 +88,21 @@ def shared_choice(namespace: str, key: str, types: dict[str, type], tune: Callab
         return choice
 
 
+def tuned(store: dict, namespace: str, device, shape: tuple, types: dict[str, type], tune: Callable[[], object],
+          default):
+    """A tuner's choice for `shape` on the CUDA `device`: this process's (kept in `store` under
+    `(device index, *shape)`), else the machine's or `tune()`'s (`shared_choice`); `default` while a CUDA
+    graph is being captured (nothing can be timed then, and nothing is remembered)."""
+    import torch
+    key = (device.index, *shape)
+    choice = store.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return default
+        choice = store[key] = shared_choice(namespace, device_key(device, shape), types, tune)
+    return choice
+
+
 def _read(path: str) -> dict:
     try:
         with open(path) as f:

@@ -79,3 +79,26 @@ def test_an_unwritable_place_tunes_in_process(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv(tuning_cache.ENV, str(blocker / "sub" / "t.json"))  # a directory under a file
     assert tuning_cache.shared_choice("x", "k", TYPES, lambda: "cublas") == "cublas"
+
+
+def test_tuned_remembers_per_device_and_shape_and_tunes_nothing_under_capture(tmp_path, monkeypatch):
+    """`tuned`, the tuners' shared front: one `tune()` per (device, shape) in a process, the store keyed
+    (device index, *shape), the machine's entry keyed by the shape alone; `default` while a graph is
+    captured, remembered nowhere."""
+    import torch
+    monkeypatch.setenv(tuning_cache.ENV, str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning_cache, "device_key", lambda device, shape: f"GPU|{shape!r}")  # no GPU here
+    dev, store, calls = torch.device("cuda", 1), {}, []
+
+    def tune():
+        calls.append(1)
+        return SkinnyTiles(4, 512, 4, 3)
+    default = SkinnyTiles(2, 1024, 4, 2)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuning_cache.tuned(store, "decode_gemm", dev, (1, (8, 8)), TYPES, tune, default) == default
+    assert store == {} and calls == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for _ in range(2):
+        assert tuning_cache.tuned(store, "decode_gemm", dev, (1, (8, 8)), TYPES, tune, default) == SkinnyTiles(4, 512, 4, 3)
+    assert calls == [1] and store == {(1, 1, (8, 8)): SkinnyTiles(4, 512, 4, 3)}
+    assert "decode_gemm|GPU|(1, (8, 8))" in json.loads((tmp_path / "tuning.json").read_text())
