@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.pdl import signal_then_wait
 from engine.quantization import FP8_DTYPE, FP8_MAX
 
-PDL_MAX_M = 64  # decode sizes launch with PDL (engine/kernels/pdl.py); prefill tiles keep their plain loop
 
 
 @triton.jit
@@ -49,9 +49,7 @@ def _quantize_tile(v, FP8_MAX: tl.constexpr):
 def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MAX: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
                           USE_PDL: tl.constexpr):
-    if USE_PDL:  # nothing to load ahead: signal (the GEMM after it may start on its weights), then wait
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    signal_then_wait(USE_PDL)  # nothing to load ahead (the GEMM after it may start on its weights)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     lane = tl.arange(0, BLOCK)
@@ -86,7 +84,7 @@ def quantize_activation(x: torch.Tensor, group: int, gated: bool = False) -> tup
         _quantize_rows_kernel[(triton.cdiv(m, block_r), groups)](
             x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUP=group,
             BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r, GATED=gated,
-            **pdl.launch_args(x.device, m <= PDL_MAX_M))
+            **pdl.launch_args(x.device, m))
     return q, s
 
 
@@ -135,10 +133,9 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
     as_ptr = a_scale + offs_m * stride_asm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     blocks = tl.cdiv(k, BLOCK_K)
-    if USE_PDL:  # signal, then wait for the kernels before (pdl.py); no tile is loaded ahead here:
-        # peeling one off the software-pipelined loop exposed the next tile's latency (H100, 2026-12-07d)
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    # No tile is loaded ahead of the wait here: peeling one off the software-pipelined loop exposed the
+    # next tile's latency (H100, 2026-12-07d)
+    signal_then_wait(USE_PDL)
     for kb in range(split, blocks, SPLIT_K):  # one K step = one scale block
         k_ok = offs_k < k - kb * BLOCK_K
         x = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -221,5 +218,5 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
                            weight.stride(0), weight_scale.stride(0), c.stride(0), SCALE_ROWS=bn, A_MODE=mode,
                            FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk,
                            GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages,
-                           **pdl.launch_args(x.device, m <= PDL_MAX_M))
+                           **pdl.launch_args(x.device, m))
     return c.to(x.dtype) if t.split_k > 1 else c

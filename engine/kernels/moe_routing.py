@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.pdl import signal_then_wait
 from engine.kernels.moe_routing_ref import padded_slots
 
 
@@ -117,9 +118,7 @@ def _router_logits_kernel(x, w, out, t, hidden, e, stride_x, stride_w, stride_o,
     r_ok, t_ok = rows < e, toks < t
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_w + kk[None, :]
     wv = tl.load(w_ptr, mask=r_ok[:, None] & (kk < hidden)[None, :], other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    signal_then_wait(USE_PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = (k0 + kk) < hidden

@@ -10,8 +10,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-
-PDL_MAX_ROWS = 64  # decode sizes launch with PDL (engine/kernels/pdl.py)
+from engine.kernels.pdl import signal_then_wait
 
 
 @triton.jit
@@ -21,9 +20,7 @@ def _rms_norm_kernel(x, res, w, out, res_out, stride_x, stride_r, stride_o, stri
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
     wv = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the wait (pdl.py)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    signal_then_wait(USE_PDL)
     v = tl.load(x + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         # The sum is rounded to the activation dtype, as `x + residual` in torch would be.
@@ -54,7 +51,7 @@ def _launch_norm(x, residual, weight, eps):
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), d, eps,
             HAS_RES=residual is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
-            **pdl.launch_args(x.device, x2.shape[0] <= PDL_MAX_ROWS))
+            **pdl.launch_args(x.device, x2.shape[0]))
     return out.view(*x.shape[:-1], d), res_out.view(*x.shape[:-1], d)
 
 

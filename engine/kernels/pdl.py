@@ -31,6 +31,18 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
+
+DECODE_MAX_TOKENS = 64  # `launch_args` keeps larger launches plain: prefill tiles keep their loop
+
+
+@triton.jit
+def signal_then_wait(USE_PDL: tl.constexpr):
+    """Steps 2 and 3 above, for a kernel launched with `launch_args` (a no-op without PDL)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +74,9 @@ def enabled(device: torch.device) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_args(device: torch.device, wanted: bool = True) -> dict:
-    """Keyword arguments for launching a participating kernel (one with a `USE_PDL` constexpr):
-    the constexpr, and Triton's launch flag where it is on (and `wanted`: a caller may keep, say,
-    prefill-sized launches plain)."""
+def launch_args(device: torch.device, tokens: int | None = None) -> dict:
+    """Keyword arguments for launching a participating kernel (one with a `USE_PDL` constexpr): the
+    constexpr, and Triton's launch flag where it is on. A launch over more than `DECODE_MAX_TOKENS`
+    `tokens` stays plain."""
+    wanted = tokens is None or tokens <= DECODE_MAX_TOKENS
     return {"USE_PDL": True, "launch_pdl": True} if wanted and enabled(device) else {"USE_PDL": False}

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.pdl import signal_then_wait
 
 
 @triton.jit
@@ -202,9 +203,7 @@ def _mla_absorbed_query_kernel(q, w_uk, pos, cos, sin, out, num_tokens, stride_q
     q_head = q + h * stride_qh
     w_first = tl.load(w_uk + h * stride_wh + d[:, None] * stride_wd + r[None, :],
                       mask=(d < NOPE)[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    signal_then_wait(USE_PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
     for d0 in tl.static_range(0, NOPE, BLOCK_D):
         d_ok = (d0 + d) < NOPE

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.pdl import signal_then_wait
 from engine.kernels.fp8_gemm import _quantize_tile, quantize_activation
 from engine.quantization import FP8_MAX
 
@@ -89,9 +90,7 @@ def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xs
     # them (engine/kernels/pdl.py), the rest of K after it.
     k_ok = cols < k
     wv = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    signal_then_wait(USE_PDL)
     acc = _skinny_step(acc, wv, x, x_ptr, x_scale, w_scale, 0, k, pid, toks, cols, m_ok, k_ok, stride_xsm, stride_sn,
                        SCALE_ROWS, SCALE_COLS, FP8_W, QUANT_X, X_FP8, GATED, FP8_MAX, BLOCK_M, BLOCK_N, BLOCK_K)
     for k0 in range(BLOCK_K, k, BLOCK_K):

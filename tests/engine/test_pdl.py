@@ -21,7 +21,8 @@ def test_off_on_cpu_and_inside_disabled(monkeypatch):
     monkeypatch.setattr(pdl, "_ENV_OFF", False)
     monkeypatch.setattr(pdl, "_capable", lambda index: True)  # an sm_90 stand-in: no GPU here
     assert pdl.launch_args(CUDA) == {"USE_PDL": True, "launch_pdl": True}
-    assert pdl.launch_args(CUDA, wanted=False) == {"USE_PDL": False}
+    assert pdl.launch_args(CUDA, tokens=pdl.DECODE_MAX_TOKENS) == {"USE_PDL": True, "launch_pdl": True}
+    assert pdl.launch_args(CUDA, tokens=pdl.DECODE_MAX_TOKENS + 1) == {"USE_PDL": False}  # prefill: plain
     with pdl.disabled():
         with pdl.disabled():
             assert not pdl.enabled(CUDA)
