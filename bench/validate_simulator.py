@@ -60,7 +60,8 @@ def shape_for(name: str, args) -> ClusterSpec | None:
     if args.gpu_memory_utilization:
         run["gpu_memory_utilization"] = args.gpu_memory_utilization
     over = None if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
-    return ClusterSpec(**run, request_overhead_s=over, shared_gpu_model=args.shared_gpu, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+    return ClusterSpec(**run, request_overhead_s=over, shared_gpu_model=args.shared_gpu, first_token=args.first_token,
+                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        chunk_budget=args.chunk_budget, kv_link="nvlink" if kv == "measured" else kv,
                        use_measured_kv=kv == "measured")
 
@@ -116,7 +117,8 @@ def markdown(res: dict) -> str:
     shared = (f"shared GPU: measured slowdown decode ×{inter['decode_slowdown']:.2f}, prefill "
               f"×{inter['prefill_slowdown']:.2f}" if inter else "shared GPU: no interference measured")
     lines = [f"Profile: {p['model']} ({p['dtype']}) on {p['device']}, commit {p['commit']}, {p['date']}; "
-             f"serving-path overhead: {over}; {shared}; shared-GPU model: {res.get('shared_gpu', 'auto')}", "",
+             f"serving-path overhead: {over}; {shared}; shared-GPU model: {res.get('shared_gpu', 'auto')}; "
+             f"first token to the client: {res.get('first_token', 'kv_landed')}", "",
              "| run | shape | rate | p50 TTFT ms meas / pred (err) | p50 TPOT ms meas / pred (err) | "
              "goodput req/s meas / pred (err) |", "|---|---|---:|---|---|---|"]
 
@@ -156,6 +158,9 @@ def main(argv=None) -> int:
                     help="an idle `pdserve bench` run through the HTTP API (one request at a time, the device "
                          "script's probe_http_*.json): its median TTFT minus the profiled prefill is the overhead "
                          "(the sweep goes through HTTP; the profile's overhead was probed over gRPC)")
+    ap.add_argument("--first-token", choices=["sampled", "kv_landed"], default="sampled",
+                    help="when the served first token left: when the prefill node sampled it (the product since "
+                         "2026-12-07's first-token-ahead change), or after the KV push (runs recorded before it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     profile = Profile.load(args.profile)
@@ -167,6 +172,7 @@ def main(argv=None) -> int:
     res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date",
                                                                   "serving_overhead", "interference")},
            "rows": rows, "shared_gpu": args.shared_gpu, "request_overhead_ms": args.request_overhead_ms,
+           "first_token": args.first_token,
            "command": " ".join(sys.argv)}
     emit(res, markdown(res), args.out, f"validate_{profile.model}")
     return 0 if rows else 1

@@ -5,8 +5,10 @@ router part follows `router/core.py` with its real policies (`router.policy.pick
 disaggregated request reserves KV pages on the least-loaded decode node (none free: it fails as
 overloaded, as the product answers), goes to a prefill node picked by the policy, its KV is
 pushed layer by layer during each prefill step over the prefill node's egress channel, and the
-first token reaches the client when the last byte has landed (the product returns it with the
-prefill RPC after the transfer); the decode node then decodes the rest. Collocated nodes run whole
+first token reaches the client when the prefill step that sampled it ends (the product's prefill
+node streams it before the push has ended; `first_token="kv_landed"` models the product before
+2026-12-07, which answered with it after the transfer); the decode node decodes the rest once the
+last byte has landed, so an exposed push shows in the second token's latency. Collocated nodes run whole
 requests. Time is simulated; nothing sleeps.
 """
 from __future__ import annotations
@@ -55,6 +57,14 @@ class ClusterSpec:
     # Seconds from a client's send to the nodes (router, RPC hops); None: the profile's measured
     # serving overhead for this mode (0 if it has none).
     request_overhead_s: float | None = None
+    # When a disaggregated request's first token reaches the client: "sampled" (when P's step that
+    # sampled it ends: the product streams it ahead of the push) or "kv_landed" (after the push; the
+    # product before 2026-12-07, for re-predicting runs recorded with it).
+    first_token: str = "sampled"
+
+    def __post_init__(self):
+        if self.first_token not in ("sampled", "kv_landed"):
+            raise ValueError(f"first_token must be 'sampled' or 'kv_landed', not {self.first_token!r}")
 
     @property
     def collocated(self) -> bool:
@@ -285,6 +295,8 @@ class Simulator:
             sim = rank.sim[rid]
             if node.role == "prefill":
                 if rid in finished:
+                    if self.spec.first_token == "sampled":
+                        sim.first_token_time, sim.tokens_out = self.now, 1
                     sim.kv_exposed = max(0.0, sim.kv_done - self.now)
                     t = max(self.now, sim.kv_done) + node.channel.link.latency
                     partner = node.gpu_partner
@@ -312,7 +324,8 @@ class Simulator:
         prefill.served += 1
         self._try_step(prefill)
         (decode, drank), sim.reservation = sim.reservation, None
-        sim.first_token_time, sim.tokens_out = self.now, 1
+        if self.spec.first_token == "kv_landed":
+            sim.first_token_time, sim.tokens_out = self.now, 1
         if drank.scheduler.remote_kv_arrived(sim.request_id, 0):  # the first token ended it
             drank.forget(sim.request_id)
             self._end(sim, "finished")

@@ -23,7 +23,7 @@ class SimRequest:
     status: str = "pending"  # pending | finished | failed
     error: str = ""
     kv_done: float = 0.0  # disaggregated: when the last KV byte landed on the decode node
-    kv_exposed: float = 0.0  # how much of the KV push ran past the end of the prefill (adds to TTFT)
+    kv_exposed: float = 0.0  # how much of the KV push ran past the end of the prefill (delays the decode)
     reservation: tuple | None = field(default=None, repr=False)  # (decode node, rank) holding its KV pages
 
     @property

@@ -1,5 +1,7 @@
 """Prefill node: runs prompts (chunked prefill, prefix cache), samples the first token, writes the
-prompt's KV into the decode node's reserved pages over NIXL, and answers once the WRITE is done.
+prompt's KV into the decode node's reserved pages over NIXL. It streams the first token to the router
+the moment it is sampled (the client's TTFT does not wait for the transfer), and ends its answer once
+the WRITEs are done.
 It never decodes beyond the first token: with n > 1 choices it samples each choice's first token from
 the prompt's last logits (the engine forks the choices) and sends the KV once.
 
@@ -74,7 +76,9 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
                 self._awaiting_dest.add(rid)
         return stream
 
-    async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+    async def Prefill(self, request: pb.PrefillRequest, context):
+        """The head (first tokens, as soon as every choice has one) and then the end (after the push);
+        see `PrefillResponse` in the .proto."""
         rid = request.request_id
         try:
             params = convert.params_from_proto(request.sampling)
@@ -83,29 +87,38 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         first = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         node = self.node
         if rid in self._ended:  # cancelled before its call came (SetDestination said so), or a repeated id
-            return pb.PrefillResponse(request_id=rid, finished=True, finish_reason="abort",
-                                      error=f"request {rid!r} was cancelled or has already ended here")
+            yield pb.PrefillResponse(request_id=rid, finished=True, finish_reason="abort",
+                                     error=f"request {rid!r} was cancelled or has already ended here")
+            return
         t0 = time.monotonic()
         node.in_flight.add(rid)
+        head_sent = False
         try:
             stream = self._start(rid, request, first)
             choices = [([], []) for _ in range(params.n)]  # per choice: its first token (and logprob)
-            last, first_delta_queue, prompt_logprobs, error = None, None, None, None
+            last, first_delta_queue, prompt_logprobs, error, cached = None, None, None, None, 0
             async for delta in stream:
                 choices[delta.index][0].extend(delta.token_ids)
                 choices[delta.index][1].extend(delta.logprobs)
                 prompt_logprobs = delta.prompt_logprobs or prompt_logprobs
+                cached = max(cached, delta.num_cached_tokens)
                 if delta.queue_seconds is not None:
                     first_delta_queue = delta.queue_seconds
                 if delta.finish_reason == "error":
                     error = error or delta
                 if delta.index == 0 and delta.finished:  # choice 0 ends last: after its KV push
                     last = delta
+                if not head_sent and error is None and last is None and all(ids for ids, _ in choices):
+                    head_sent = True  # the client's first token must not wait for the transfer
+                    yield self._tokens(pb.PrefillResponse(request_id=rid, head=True, num_cached_tokens=cached,
+                                                          prompt_logprobs=convert.prompt_logprobs_to_proto(prompt_logprobs)),
+                                       choices)
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
         except ValueError as e:
-            return pb.PrefillResponse(request_id=rid, finished=True, finish_reason="error", error=str(e))
+            yield pb.PrefillResponse(request_id=rid, finished=True, finish_reason="error", error=str(e))
+            return
         finally:
             node.in_flight.discard(rid)
             self._awaiting_dest.discard(rid)
@@ -121,14 +134,22 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
         done = last.finish_reason in ("stop", "abort", "error") or params.max_tokens == 1
         if params.n > 1:
             done = last.finish_reason in ("abort", "error")
-        token_ids = [t for ids, _ in choices for t in ids]
-        logprobs = [e for _, lps in choices for e in lps]
-        return pb.PrefillResponse(
-            request_id=rid, token_ids=token_ids, logprobs=convert.logprobs_to_proto(logprobs), finished=done,
-            finish_reason=last.finish_reason or "", stop_reason="" if last.stop_reason is None else str(last.stop_reason),
-            error=last.error or "", num_cached_tokens=last.num_cached_tokens, kv_bytes=int(kv.get("bytes", 0)),
-            kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0,
-            prompt_logprobs=convert.prompt_logprobs_to_proto(prompt_logprobs))
+        end = pb.PrefillResponse(
+            request_id=rid, finished=done, finish_reason=last.finish_reason or "",
+            stop_reason="" if last.stop_reason is None else str(last.stop_reason), error=last.error or "",
+            num_cached_tokens=last.num_cached_tokens or cached, kv_bytes=int(kv.get("bytes", 0)),
+            kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0)
+        if not head_sent:
+            self._tokens(end, choices)
+            end.prompt_logprobs.extend(convert.prompt_logprobs_to_proto(prompt_logprobs))
+        yield end
+
+    @staticmethod
+    def _tokens(msg: pb.PrefillResponse, choices: list) -> pb.PrefillResponse:
+        """Every choice's first token (and logprob) into `msg`, in choice order."""
+        msg.token_ids.extend(t for ids, _ in choices for t in ids)
+        msg.logprobs.extend(convert.logprobs_to_proto([e for _, lps in choices for e in lps]))
+        return msg
 
 
 def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dict) -> None:

@@ -255,14 +255,24 @@ class Router:
             await self.registry.record_prefix(node, ids)
         return node
 
-    async def _prefill(self, node: NodeHandle, rid, ids, params) -> pb.PrefillResponse:
-        """P's Prefill call, its destination to follow (`_hand_destination`)."""
+    async def _prefill(self, node: NodeHandle, rid, ids, params, head: asyncio.Future) -> pb.PrefillResponse:
+        """P's Prefill stream, its destination to follow (`_hand_destination`): its first tokens resolve
+        `head` the moment P sampled them; returns P's end (after the KV push)."""
         node.in_flight += 1
+        call = None
         try:
             req = pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=convert.params_to_proto(params),
                                     destination_follows=True)
-            return await node.stub.Prefill(req, timeout=self.timeouts.prefill_s)
+            call = node.stub.Prefill(req, timeout=self.timeouts.prefill_s)
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                if not msg.head:
+                    return msg
+                if not head.done():
+                    head.set_result(msg)
+            raise RuntimeError(f"prefill node {node.address} ended its stream without a final status")
         finally:
+            if call is not None:
+                call.cancel()  # a no-op once it ended; otherwise P aborts the request
             node.in_flight -= 1
             node.served += 1
 
@@ -274,11 +284,14 @@ class Router:
 
     async def _handoff(self, rid, ids, params, tried: set, calls: list):
         """One attempt: P starts the prompt while D reserves; P gets D's destination when it comes.
-        Returns (D, D's stream, P's answer); P's call is cancelled (aborting it there) if D fails."""
+        Returns (D, D's stream, P's first message, P's call task): the first message is P's head (its
+        first tokens; the task then still waits for P's end, after the push) or P's end. P's call is
+        cancelled (aborting it there) if D fails."""
         prefill = await self._pick_prefill(ids, tried)
-        task = asyncio.ensure_future(self._prefill(prefill, rid, ids, params))
+        head = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(self._prefill(prefill, rid, ids, params, head))
         opened: list = []  # D's stream, once open
-        dest, handed = None, False
+        dest, handed, keep = None, False, False
         try:
             decode, call, dest = await self._open_decode(rid, ids, params, calls, opened)
             if not task.done():
@@ -289,16 +302,20 @@ class Router:
                 except (grpc.aio.AioRpcError, RuntimeError) as e:
                     log.info("destination of %s not handed to %s after it ended: %s", rid, prefill.address, e)
             handed = True
-            return decode, call, await task
+            await asyncio.wait({head, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not head.done():
+                return decode, call, task.result(), task
+            keep = True  # P's end is awaited with D's stream (`_stream`)
+            return decode, call, head.result(), task
         except asyncio.CancelledError:
             if opened and not handed:  # the client left while D reserved or its destination travelled to P
                 calls.remove(opened[0])
                 self._in_background(self._late_destination(prefill, *opened, dest))
             raise
         finally:
-            if not task.done():  # D refused or failed, or we were cancelled: P stops too
+            if not task.done() and not keep:  # D refused or failed, or we were cancelled: P stops too
                 task.cancel()
-            elif not task.cancelled():
+            elif task.done() and not task.cancelled():
                 task.exception()  # retrieved: the caller has P's failure, or a failure of D's ended it
 
     async def _path(self, states: list[RequestState], out: asyncio.Queue, calls: list) -> None:
@@ -317,7 +334,7 @@ class Router:
             # when the retry arrives there (its cancellation travels on its own).
             node_rid = _attempt_id(rid, attempt)
             try:
-                decode, call, first = await self._handoff(node_rid, ids, params, tried, calls)
+                decode, call, first, prefill_end = await self._handoff(node_rid, ids, params, tried, calls)
                 break
             except grpc.aio.AioRpcError as e:  # from P (D's failures arrive as NoNodeAvailable / RuntimeError)
                 for c in calls:
@@ -327,10 +344,14 @@ class Router:
                 self.stats["retries"] += 1
                 log.warning("prefill of %s failed on %s (%s); retrying on another node", node_rid,
                             list(tried)[-1].address, e.code().name)
-        if first.error or first.finish_reason == "error":
-            self._end(states, out, "error", first.error or "prefill failed")
-            return
-        self.stats["kv_bytes"] += first.kv_bytes
+        if not first.head:  # P ended before sampling, or at once
+            prefill_end = None
+            if first.error or first.finish_reason == "error":
+                self._end(states, out, "error", first.error or "prefill failed")
+                return
+            self.stats["kv_bytes"] += first.kv_bytes
+        else:
+            calls.append(prefill_end)  # cancelled with D's stream if the request ends first (P aborts)
         cached = first.num_cached_tokens
         if len(states) == 1:
             if self._put(states, out, state.relay(convert.output_from_proto(first, cached))):
@@ -346,7 +367,16 @@ class Router:
                     self._abort_choice(decode, node_rid, i)
             if all(s.finished for s in states):
                 return
-        await self._stream(states, decode, node_rid, call, out, cached, unwrap=True)
+        await self._stream(states, decode, node_rid, call, out, cached, unwrap=True, prefill_end=prefill_end)
+        if prefill_end is not None and not prefill_end.done():  # D ended it before P's end came: P's push
+            calls.remove(prefill_end)  # ends by itself (bounded), so it is not aborted there
+            self._in_background(self._prefill_end_late(prefill_end))
+
+    async def _prefill_end_late(self, task: asyncio.Task) -> None:
+        try:
+            self.stats["kv_bytes"] += (await task).kv_bytes
+        except (grpc.aio.AioRpcError, RuntimeError) as e:
+            log.info("prefill end after the request ended: %s", e)
 
     def _abort_choice(self, node: NodeHandle, node_rid: str, index: int) -> None:
         """Tell a node to end one choice of an n > 1 request (its stop string was found here)."""
@@ -385,11 +415,31 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     async def _stream(self, states: list[RequestState], node: NodeHandle, node_rid: str, call, out, cached: int,
-                      unwrap: bool):
-        """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client."""
+                      unwrap: bool, prefill_end: asyncio.Task | None = None):
+        """Relay a node's token stream (D's `Decode` deltas, or a collocated `Generate`) to the client;
+        until `prefill_end` (P's call after its head) is done, watch it too: P's end after the push may
+        fail the request or end it (the first token ended it)."""
         node.in_flight += 1
+        read = None
         try:
-            while (msg := await call.read()) is not grpc.aio.EOF:  # read(), as `_open_decode` began with it
+            while True:
+                if prefill_end is not None:
+                    if read is None:
+                        read = asyncio.ensure_future(call.read())  # read(), as `_open_decode` began with it
+                        read.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    await asyncio.wait({read, prefill_end}, return_when=asyncio.FIRST_COMPLETED)
+                    if prefill_end.done():
+                        if self._prefill_ended(states, out, prefill_end):
+                            return
+                        prefill_end = None
+                    if not read.done():
+                        continue
+                if read is not None:  # one read at a time: the one begun while P's end was awaited
+                    msg, read = await read, None
+                else:
+                    msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    break
                 delta = convert.output_from_proto(msg.delta if unwrap else msg, cached)
                 state = states[delta.index] if 0 <= delta.index < len(states) else None
                 if state is None or state.finished:
@@ -403,5 +453,25 @@ class Router:
             self.registry.mark_dead(node)
             raise RuntimeError(f"decode node {node.address} failed mid-request: {e.code().name}") from None
         finally:
+            if read is not None and not read.done():
+                read.cancel()
             node.in_flight -= 1
             node.served += 1
+
+    def _prefill_ended(self, states: list[RequestState], out: asyncio.Queue, task: asyncio.Task) -> bool:
+        """P's end after its head: the push failed (the request fails: its first token was streamed, so
+        it is not retried), the first token ended the request, or the KV is on D; True if it ended."""
+        try:
+            end = task.result()
+        except grpc.aio.AioRpcError as e:
+            raise RuntimeError(f"prefill node failed after the first token: {e.code().name}: {e.details()}") from None
+        self.stats["kv_bytes"] += end.kv_bytes
+        if end.error or end.finish_reason == "error":
+            self._end(states, out, "error", end.error or "prefill failed")
+            return True
+        if not end.finished:
+            return False
+        for s in states:
+            if not s.finished:
+                self._put(states, out, s.relay(convert.output_from_proto(end, end.num_cached_tokens)))
+        return all(s.finished for s in states)

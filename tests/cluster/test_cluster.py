@@ -270,7 +270,10 @@ def test_restarted_decode_node_is_a_new_incarnation_and_serves(offline):
 
 @pytest.mark.parametrize("faults,expected", [
     ("drop=1", "did not arrive"),  # WRITE lost, prefill believes it succeeded: decode must not answer success
-    ("stall=6", "timed out"),  # WRITE stalled past the transfer timeout
+    # WRITE stalled past the transfer timeout: P's push times out while D's wait for the KV does; the
+    # client's first token is already out (P streams it before the push), so whichever side's end
+    # reaches the router first ends the request
+    ("stall=6", ("timed out", "did not arrive in time")),
 ])
 def test_lost_or_stalled_kv_never_ends_in_success_and_frees_pages(faults, expected):
     c = Cluster(extra=["--kv-transfer-timeout", "2"], env={"PDSERVE_KV_FAULTS": faults})
@@ -278,7 +281,9 @@ def test_lost_or_stalled_kv_never_ends_in_success_and_frees_pages(faults, expect
         t0 = time.monotonic()
         with cf.ThreadPoolExecutor(4) as pool:
             finals = list(pool.map(lambda p: c.generate(p, max_tokens=5)[1], PROMPTS[:4]))
-        assert all(f.finish_reason == "error" and expected in f.error for f in finals), [f.error for f in finals]
+        expected = (expected,) if isinstance(expected, str) else expected
+        assert all(f.finish_reason == "error" and any(e in f.error for e in expected) for f in finals), \
+            [f.error for f in finals]
         assert time.monotonic() - t0 < 30
         assert wait_for(lambda: _pools_full(c), timeout=30)
     finally:

@@ -71,9 +71,16 @@ def _prefill(rid: str) -> pb.PrefillRequest:
 
 
 async def _finish(node: FakeNode, rid: str) -> None:
+    """The engine's two outputs of a prefill-role request: its first token, then its end after the push."""
     stream = node.client.streams[rid]
-    await stream.queue.put(RequestOutput(rid, [9], finished=True, finish_reason="length"))
+    await stream.queue.put(RequestOutput(rid, [9]))
+    await stream.queue.put(RequestOutput(rid, [], finished=True, finish_reason="length",
+                                         kv_transfer={"bytes": 64, "seconds": 0.01}))
     await stream.queue.put(None)
+
+
+async def _answer(servicer: PrefillServicer, request: pb.PrefillRequest) -> list:
+    return [msg async for msg in servicer.Prefill(request, None)]
 
 
 def _run(order: str) -> list:
@@ -82,13 +89,14 @@ def _run(order: str) -> list:
         servicer = PrefillServicer(node)
         if order == "dest first":
             assert not (await servicer.SetDestination(_dest("r"), None)).found
-        call = asyncio.ensure_future(servicer.Prefill(_prefill("r"), None))
+        call = asyncio.ensure_future(_answer(servicer, _prefill("r")))
         await asyncio.sleep(0)  # the Prefill call has added the request
         if order == "prefill first":
             assert (await servicer.SetDestination(_dest("r"), None)).found
         await _finish(node, "r")
-        answer = await call
-        assert answer.token_ids == [9] and not answer.error
+        head, end = await call
+        assert head.head and head.token_ids == [9] and not head.error
+        assert not end.head and not end.token_ids and not end.error and end.kv_bytes == 64 and not end.finished
         if order == "after the end":
             assert not (await servicer.SetDestination(_dest("r"), None)).found
         return node.client.calls
@@ -117,14 +125,53 @@ def test_a_cancelled_destination_ends_the_request_and_reaches_the_engine_to_be_a
     async def main():
         node = FakeNode()
         servicer = PrefillServicer(node)
-        call = asyncio.ensure_future(servicer.Prefill(_prefill("running"), None))
+        call = asyncio.ensure_future(_answer(servicer, _prefill("running")))
         await asyncio.sleep(0)
         assert (await servicer.SetDestination(_cancelled("running"), None)).found
         await _finish(node, "running")
         await call
         assert not (await servicer.SetDestination(_cancelled("never"), None)).found
-        late = await servicer.Prefill(_prefill("never"), None)
+        late, = await _answer(servicer, _prefill("never"))
         assert late.finished and late.finish_reason == "abort" and "cancelled" in late.error
         return node.client.calls
     assert asyncio.run(main()) == [("add", "running", {}), ("abort", "running"), ("dest", "running", "running#t"),
                                    ("abort", "never"), ("dest", "never", "never#t")]
+
+
+def test_the_first_token_is_streamed_before_the_push_ends():
+    """The head leaves as soon as the engine sampled the first token, while the push still runs;
+    the end (after the push) carries no token again, and whether the first token ended the request."""
+    async def main():
+        node = FakeNode()
+        servicer = PrefillServicer(node)
+        request = _prefill("r")
+        request.sampling.max_tokens = 1
+        gen = servicer.Prefill(request, None)
+        head = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        await node.client.streams["r"].queue.put(RequestOutput("r", [9], num_cached_tokens=4))
+        head = await asyncio.wait_for(head, 5)  # the push has not ended: no end delta was queued
+        assert head.head and list(head.token_ids) == [9] and head.num_cached_tokens == 4 and not head.finished
+        end = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        assert not end.done()  # the end waits for the push
+        await node.client.streams["r"].queue.put(RequestOutput("r", [], finished=True, finish_reason="length",
+                                                               num_cached_tokens=4))
+        await node.client.streams["r"].queue.put(None)
+        end = await asyncio.wait_for(end, 5)
+        assert not end.head and not end.token_ids and end.finished and end.finish_reason == "length"
+    asyncio.run(main())
+
+
+def test_a_request_that_fails_before_its_first_token_sends_only_the_end():
+    async def main():
+        node = FakeNode()
+        servicer = PrefillServicer(node)
+        call = asyncio.ensure_future(_answer(servicer, _prefill("r")))
+        await asyncio.sleep(0)
+        await node.client.streams["r"].queue.put(RequestOutput("r", [], finished=True, finish_reason="error",
+                                                               error="KV transfer timed out"))
+        await node.client.streams["r"].queue.put(None)
+        end, = await asyncio.wait_for(call, 5)
+        assert not end.head and end.finish_reason == "error" and "KV" in end.error
+    asyncio.run(main())

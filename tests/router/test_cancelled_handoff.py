@@ -45,6 +45,7 @@ class ScriptedPrefill(pb_grpc.PrefillNodeServicer):
 
     async def Prefill(self, request, context):
         await asyncio.sleep(60)  # still computing when the client leaves
+        yield pb.PrefillResponse(request_id=request.request_id)  # (never reached: a stream's shape)
 
     async def SetDestination(self, request, context):
         self.destinations.append(request)
