@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import queue
+import shutil
 import tempfile
 import threading
 
@@ -55,8 +56,18 @@ class EngineClient:
         self.num_ranks = config.parallel.ep_local_size  # EP ranks on this host
         self.rank_offset = config.parallel.ep_rank_offset
         self._in_addrs = [f"ipc://{os.path.join(self._dir, f'in{r}')}" for r in range(self.num_ranks)]
-        self._procs = start_ranks(rank_configs(config), self._in_addrs, self._out_addr)
-        self.rank_info = wait_ready(self._out, self._procs, self.rank_offset, startup_timeout_s)
+        self._procs = []
+        try:
+            self._procs = start_ranks(rank_configs(config), self._in_addrs, self._out_addr)
+            self.rank_info = wait_ready(self._out, self._procs, self.rank_offset, startup_timeout_s)
+        except BaseException:
+            for p in self._procs:
+                if p.is_alive():
+                    p.kill()
+            self._out.close(0)
+            self._ctx.term()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
         self.info = self.rank_info[0]
         self._ins = []
         for addr in self._in_addrs:
@@ -235,6 +246,7 @@ class EngineClient:
             sock.close(0)
         self._out.close(0)
         self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the IPC sockets' folder
 
     def _send(self, msg, rank: int = 0) -> None:
         with self._send_lock:

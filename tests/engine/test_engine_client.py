@@ -66,6 +66,7 @@ def test_engine_death_fails_in_flight_requests_instead_of_hanging():
         assert last.finished and last.finish_reason == "error" and "died" in last.error
     finally:
         c.shutdown()
+    assert not os.path.exists(c._dir)  # its IPC sockets' folder goes with it
 
 
 def test_async_readers_hold_no_executor_thread_while_they_wait():
