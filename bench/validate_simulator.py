@@ -51,7 +51,7 @@ def shape_for(name: str, args) -> ClusterSpec | None:
     run = next((v for k, v in RUNS.items() if name.startswith(k)), None)
     if args.num_decode is not None:
         run = dict(num_prefill=args.num_prefill, num_decode=args.num_decode, share_gpu=args.share_gpu,
-                   gpu_memory_utilization=args.gpu_memory_utilization, kv=args.kv_link)
+                   gpu_memory_utilization=args.gpu_memory_utilization, kv=args.kv_link or "nvlink")
     if run is None:
         return None
     run = dict(run)
