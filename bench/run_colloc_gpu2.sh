@@ -17,9 +17,10 @@ for mode in disagg colloc; do
   for i in $(seq 1 300); do grep -q "pdserve up: gRPC" "$OUT/up_$mode.log" && break; sleep 1; done
   grep "on GPU" "$OUT/up_$mode.log"
   for rate in ${RATES:-4 8 12 16}; do
+    SEED=$((SEED + 1))  # each run its own prompts: the prefix cache keeps the last run's
     echo "$(ts) $mode random 2048/256 @ $rate req/s"
     python -m deploy.cli bench --base-url http://127.0.0.1:8000/v1 --dataset-name random --num-prompts ${NUM:-48} \
-      --random-input-len 2048 --random-output-len 256 --request-rate $rate --goodput ttft:1000 tpot:50 --warmup-requests 8 \
+      --random-input-len 2048 --random-output-len 256 --request-rate $rate --seed $SEED --goodput ttft:1000 tpot:50 --warmup-requests 8 \
       --save-result --result-dir "$OUT" --result-filename "colloc_${mode}_${rate}.json" 2>/dev/null \
       | grep -E "Successful|throughput|goodput|Median TTFT|P99 TTFT|Median TPOT|P99 TPOT"
   done

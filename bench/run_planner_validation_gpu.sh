@@ -49,12 +49,15 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
 python -c "import sys, torch, grpc, aiohttp, zmq; print(sys.version.split()[0], torch.__version__, 'grpc', grpc.__version__, 'aiohttp', aiohttp.__version__)" >> "$LOG" 2>&1
 
-bench() {  # name dataset rate prompts [args...]; the cluster's histograms scraped before and after
+SEED=0
+bench() {  # name dataset rate prompts [args...]; the cluster's histograms scraped before and after; each
+  # run its own seed (prompts the server's prefix cache holds from an earlier run would prefill cached)
   local name=$1 ds=$2 rate=$3 n=$4; shift 4
+  SEED=$((SEED + 1))
   local targets=$STAGE/targets.json
   [ -f "$targets" ] && python -m bench.scrape_metrics scrape --targets "$targets" --out "$STAGE/metrics_before_$name.json"
   pstep "$name" 60 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name "$ds" \
-    --num-prompts "$n" --request-rate "$rate" --goodput ttft:1000 tpot:50 "$@" --disable-tqdm \
+    --num-prompts "$n" --request-rate "$rate" --goodput ttft:1000 tpot:50 --seed $SEED "$@" --disable-tqdm \
     --save-result --result-dir "$STAGE" --result-filename "$name.json"
   [ -f "$targets" ] && python -m bench.scrape_metrics scrape --targets "$targets" --out "$STAGE/metrics_after_$name.json" \
     && python -m bench.scrape_metrics diff "$STAGE/metrics_before_$name.json" "$STAGE/metrics_after_$name.json" \
@@ -76,7 +79,7 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
   pstep "probe_grpc_$m" 40 python -m planner.serving_probe --grpc 127.0.0.1:$GRPC_PORT --profile "$profile" \
     --mode disaggregated --prompts 256,$RIN --repeats 3 --max-tokens 64 --out "$STAGE/probe_grpc_$m.json"
   pstep "probe_http_$m" 30 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name random \
-    --num-prompts 4 --random-input-len $RIN --random-output-len 64 --request-rate inf --max-concurrency 1 \
+    --num-prompts 4 --random-input-len $RIN --random-output-len 64 --request-rate inf --max-concurrency 1 --seed 1000 \
     --save-result --result-dir "$STAGE" --result-filename "probe_http_$m.json" --disable-tqdm
   local r n
   for r in $RATES_R; do

@@ -13,16 +13,18 @@ for model in ${MODELS:-qwen3-8b deepseek-v2-lite}; do
   UP=$!
   for i in $(seq 1 300); do grep -q "pdserve up: gRPC" "$OUT/up_$model.log" && break; sleep 1; done
   for rate in ${RANDOM_RATES:-1 2 4}; do
+    SEED=$((SEED + 1))  # each run its own prompts: the prefix cache keeps the last run's
     echo "$(ts) $model random 2048/256 @ $rate req/s"
     python -m deploy.cli bench --base-url http://127.0.0.1:8000/v1 --dataset-name random --num-prompts 32 \
-      --random-input-len 2048 --random-output-len 256 --request-rate $rate --goodput ttft:1000 tpot:50 \
+      --random-input-len 2048 --random-output-len 256 --request-rate $rate --seed $SEED --goodput ttft:1000 tpot:50 \
       --save-result --result-dir "$OUT" --result-filename "sweep_${model}_random_${rate}.json" 2>/dev/null \
       | grep -E "Successful|Failed|throughput|goodput|Median TTFT|P99 TTFT|Median TPOT|P99 TPOT"
   done
   for rate in ${SHAREGPT_RATES:-2 4 8}; do
+    SEED=$((SEED + 1))  # each run its own prompts: the prefix cache keeps the last run's
     echo "$(ts) $model sharegpt-like @ $rate req/s"
     python -m deploy.cli bench --base-url http://127.0.0.1:8000/v1 --dataset-name sharegpt --num-prompts 64 \
-      --request-rate $rate --goodput ttft:1000 tpot:50 --save-result --result-dir "$OUT" \
+      --request-rate $rate --seed $SEED --goodput ttft:1000 tpot:50 --save-result --result-dir "$OUT" \
       --result-filename "sweep_${model}_sharegpt_${rate}.json" 2>/dev/null \
       | grep -E "Successful|Failed|throughput|goodput|Median TTFT|P99 TTFT|Median TPOT|P99 TPOT"
   done

@@ -8,8 +8,12 @@ and goodput with the relative error.
 Each result file is one `pdserve bench --save-result` JSON, or a dict of them by file name (the
 sweep files). The cluster each run was served by is read from its file name (the recorded
 scripts' shapes, `RUNS` below) unless flags give it; the requests are rebuilt with the bench's own
-generator and arrival process from the run's dataset, prompt count and seed 0; only runs of the
-profile's model are compared.
+generator and arrival process from the run's dataset, prompt count and seed (recorded since
+2026-12-07; 0 before); only runs of the profile's model are compared.
+
+Runs against one server that repeated a seed measured prefills the server's prefix cache already
+held from the run before (the recorded sweeps before 2026-12-07: every rate after a dataset's first
+sent the same prompts), which the simulator, starting empty, does not predict: re-measure those.
 """
 from __future__ import annotations
 
@@ -70,10 +74,12 @@ def requests_for(rep: dict, args):
     n = rep.get("num_prompts") or rep["completed"] + rep["failed"]
     per = rep["total_input_tokens"] // max(rep["completed"], 1)
     out = rep["total_output_tokens"] // max(rep["completed"], 1)
-    ns = SimpleNamespace(random_input_len=args.input_len or per, random_output_len=args.output_len or out,
-                         random_range_ratio=0.0, seed=args.seed)
+    seed = rep.get("seed", args.seed)  # recorded since 2026-12-07; runs before it used seed 0
+    ns = SimpleNamespace(random_input_len=args.input_len or rep.get("random_input_len") or per,
+                         random_output_len=args.output_len or rep.get("random_output_len") or out,
+                         random_range_ratio=0.0, seed=seed)
     samples = build(rep["dataset"], n, args.vocab_size, ns)
-    return from_samples(samples, rep["request_rate"], rep.get("burstiness", 1.0), args.seed)
+    return from_samples(samples, rep["request_rate"], rep.get("burstiness", 1.0), seed)
 
 
 def http_overhead_s(profile: Profile, path: str) -> float:

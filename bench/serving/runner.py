@@ -206,7 +206,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--goodput", nargs="*", default=None, help="SLOs, e.g. ttft:1000 tpot:50 e2el:20000 (ms)")
     p.add_argument("--warmup-requests", type=int, default=2)
     p.add_argument("--no-ignore-eos", action="store_true", help="let EOS end outputs early")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="prompts and arrivals; give each run against one server its own (a server's prefix cache "
+                        "keeps an earlier run's prompts, so a repeated seed measures cached prefills)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--max-duration", type=float, default=3600.0, help="stop issuing requests after this many s")
     p.add_argument("--save-result", action="store_true")
@@ -216,6 +218,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar of requests done")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="sent as 'Authorization: Bearer KEY' (gRPC: metadata) (default: env OPENAI_API_KEY)")
+
+
+_WARMUP_SEED = 1_000_003  # warm-up prompts come from seed + this
 
 
 def main_args(args) -> int:
@@ -229,8 +234,10 @@ def main_args(args) -> int:
         model = args.model or _first_model(args.base_url, args.api_key)
     reqs = datasets.build(args.dataset_name, args.num_prompts, args.vocab_size, args)
     ignore_eos = not args.no_ignore_eos
-    if args.warmup_requests:
-        asyncio.run(run(args.base_url, model, reqs[: args.warmup_requests], float("inf"), 1.0, None, ignore_eos,
+    if args.warmup_requests:  # prompts of their own: a warm-up must not leave the measured prompts cached
+        warm_args = argparse.Namespace(**{**vars(args), "seed": args.seed + _WARMUP_SEED})
+        warm = datasets.build(args.dataset_name, args.warmup_requests, args.vocab_size, warm_args)
+        asyncio.run(run(args.base_url, model, warm, float("inf"), 1.0, None, ignore_eos,
                         args.seed, args.request_timeout, args.max_duration, progress=False, backend=args.backend,
                         api_key=args.api_key))
     results, duration = asyncio.run(run(args.base_url, model, reqs, args.request_rate, args.burstiness,
@@ -243,7 +250,8 @@ def main_args(args) -> int:
                           "output_lens": [r.output_len for r in ok]}
     rep.update(model=model, dataset=args.dataset_name, request_rate=args.request_rate, burstiness=args.burstiness,
                max_concurrency=args.max_concurrency, num_prompts=args.num_prompts, base_url=args.base_url,
-               backend=args.backend,
+               backend=args.backend, seed=args.seed, warmup_requests=args.warmup_requests,
+               random_input_len=args.random_input_len, random_output_len=args.random_output_len,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(format_report(rep))
     if args.save_result:

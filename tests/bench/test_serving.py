@@ -101,3 +101,34 @@ def test_grpc_backend_needs_a_grpc_address():
     from deploy.cli import main
 
     assert main(["bench", "--backend", "pdserve-grpc", "--base-url", "http://127.0.0.1:8000/v1"]) == 2
+
+
+def test_warm_up_prompts_are_not_the_measured_ones_and_the_seed_is_recorded(tmp_path, monkeypatch):
+    """A warm-up that sent the run's own first prompts would leave them in the server's prefix cache
+    (their prefills measured cached); the warm-up draws its own. No server: `run` is replaced by a
+    recorder of what each phase sends."""
+    from bench.serving import runner
+
+    sent = []
+
+    async def fake_run(base_url, model, reqs, *a, **k):
+        sent.append([r.prompt_ids for r in reqs])
+        return [RequestResult(success=True, ttft=0.01, latency=0.02, output_len=4, itl=[0.003] * 3,
+                              prompt_len=r.prompt_len) for r in reqs], 1.0
+    monkeypatch.setattr(runner, "run", fake_run)
+    rc = runner.main(["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--num-prompts", "5", "--seed", "7",
+                      "--random-input-len", "32", "--save-result", "--result-dir", str(tmp_path),
+                      "--result-filename", "r.json"])
+    assert rc == 0
+    warm, measured = sent
+    assert len(warm) == 2 and len(measured) == 5
+    assert not {tuple(p) for p in warm} & {tuple(p) for p in measured}
+    assert measured == [r.prompt_ids for r in datasets.build("random", 5, 32000, _ns(seed=7, random_input_len=32))]
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["seed"] == 7 and rep["random_input_len"] == 32 and rep["warmup_requests"] == 2
+
+
+def _ns(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"random_input_len": 1024, "random_output_len": 128, "random_range_ratio": 0.0, **kw})
