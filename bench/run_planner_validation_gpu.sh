@@ -97,7 +97,13 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
   pack
 }
 
-# MODEL: the full validation.
+# MODEL: the full validation (PROFILE_FROM=FILE: that profile instead, measured by an earlier call on
+# the same device kind; only the serving runs and the re-prediction).
+if [ -n "${PROFILE_FROM:-}" ]; then
+  cp "$PROFILE_FROM" "$STAGE/profile_$MODEL.json"
+  serve "$MODEL" "random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8"
+  echo "total $((SECONDS - T0))s" >> "$LOG"; pack; exit 0
+fi
 pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
   --out "$STAGE/profile_$MODEL.json" $PROF_ARGS --kv-pages '' --ep-ranks ''
 pstep "interference_$MODEL" 90 python -m planner.interference --profile "$STAGE/profile_$MODEL.json" --model "$MODEL" \

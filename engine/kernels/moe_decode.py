@@ -22,7 +22,9 @@ of them unrolled per loop iteration, so their loads are in flight together); the
 widened and multiplied by its block scale, and in W8A8 the activation tile the program loads (x in
 the up kernel, the rounded `silu(gate) * up` rows in the down kernel) is quantized per token/slot
 and `bk` columns on the spot — `quantize_activation_ref`'s values, no extra launch — and multiplied
-dequantized. The shared experts' weights are FP8 with the same blocks (`GatedMLP` of FP8 linears).
+dequantized. The shared experts' weights are FP8 with the same blocks (`GatedMLP` of FP8 linears);
+their down projection takes eight scale blocks per step (`_SHARED_STEP_BYTES`), their scales broadcast
+over each block's columns.
 
 Rounding follows the grouped path step by step (gate/up, the activation and each slot's weighted
 output are rounded to the activation dtype; the k-slot sum is float32, rounded once; the shared
@@ -76,6 +78,9 @@ DOWN_CANDIDATES = {False: [(4, 256, 4), (4, 128, 4), (2, 256, 4), (8, 128, 4), (
                            (8, 256, 8)],
                    True: [(4, 2, 4), (4, 1, 4), (2, 2, 4), (2, 4, 4), (8, 2, 8), (4, 4, 8)]}
 _chosen: dict[tuple, DecodeMoeTiles] = {}
+# Columns of the shared experts' down projection per K step of the down kernel in FP8 (whole scale
+# blocks): the bf16 kernel's 1,024 (4 x its 256-column routed step) in one-byte weights.
+_SHARED_STEP_BYTES = 1024
 
 
 @triton.jit
@@ -154,9 +159,10 @@ def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out,
                          stride_ssn, stride_o, TOP_K: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
                          SCALE_N: tl.constexpr,
                          GROUP_K: tl.constexpr, K_GROUPS: tl.constexpr, SGROUP_K: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SBLOCK_K: tl.constexpr, SHARED: tl.constexpr):
-    """SHARED: 0 none, 1 add the given output `shared`, 2 compute it from `sact` and `sw2`."""
+                         SK_GROUPS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SBLOCK_K: tl.constexpr, SHARED: tl.constexpr):
+    """SHARED: 0 none, 1 add the given output `shared`, 2 compute it from `sact` and `sw2`, SK_GROUPS
+    groups of SGROUP_K (≤ SBLOCK_K) columns per step (FP8: one scale block each)."""
     t = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < hidden
@@ -191,17 +197,25 @@ def _down_combine_kernel(act, w2, s2, ids, weights, shared, sact, sw2, ss2, out,
     if SHARED == 1:
         y = (y.to(tl.float32) + tl.load(shared + t * stride_s + n, mask=n_ok, other=0.0).to(tl.float32)).to(dt)
     if SHARED == 2:
-        sk = tl.arange(0, SBLOCK_K)
-        sw_ptr = sw2 + n[:, None] * stride_swn + sk[None, :]
-        ss_ptr = ss2 + (n // SCALE_N) * stride_ssn
-        sacc = tl.zeros([BLOCK_N, SBLOCK_K], tl.float32)
-        for k0 in range(0, s_inter, SGROUP_K):
-            k_ok = (sk < SGROUP_K) & ((k0 + sk) < s_inter)
-            av = _act_operand(tl.load(sact + t * stride_sa + k0 + sk, mask=k_ok, other=0.0).to(tl.float32)[None, :],
-                              QUANT, FP8_MAX)
+        # SK_GROUPS groups per step, their loads in flight together (FP8: one 128-column scale block
+        # per step read 512 bytes a program and left the step latency-bound)
+        WIDE: tl.constexpr = SK_GROUPS * SBLOCK_K
+        sk = tl.arange(0, WIDE)
+        lane = sk % SBLOCK_K
+        col = (sk // SBLOCK_K) * SGROUP_K + lane  # the step's columns, group by group
+        sw_ptr = sw2 + n[:, None] * stride_swn + col[None, :]
+        g = tl.arange(0, SK_GROUPS)
+        ss_ptr = ss2 + (n // SCALE_N)[:, None] * stride_ssn + g[None, :]
+        sacc = tl.zeros([BLOCK_N, WIDE], tl.float32)
+        for k0 in range(0, s_inter, SGROUP_K * SK_GROUPS):
+            k_ok = (lane < SGROUP_K) & ((k0 + col) < s_inter)
+            av = tl.load(sact + t * stride_sa + k0 + col, mask=k_ok, other=0.0).to(tl.float32)
+            av = tl.reshape(_act_operand(tl.reshape(av, [SK_GROUPS, SBLOCK_K]), QUANT, FP8_MAX), [1, WIDE])
             wv = tl.load(sw_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            if QUANT != 0:
-                wv = wv * tl.load(ss_ptr + k0 // SGROUP_K, mask=n_ok, other=0.0)[:, None]
+            if QUANT != 0:  # one scale per (row, group); groups past the end load none (their tiles are zero)
+                kb = k0 // SGROUP_K
+                ws = tl.load(ss_ptr + kb, mask=n_ok[:, None] & ((kb + g) * SGROUP_K < s_inter)[None, :], other=0.0)
+                wv = tl.reshape(tl.reshape(wv, [BLOCK_N, SK_GROUPS, SBLOCK_K]) * ws[:, :, None], [BLOCK_N, WIDE])
             sacc += wv * av
         s_out = tl.sum(sacc, axis=1).to(dt).to(tl.float32)  # the shared MLP's output, as GatedMLP returns it
         y = (y.to(tl.float32) + s_out).to(dt)
@@ -358,18 +372,19 @@ def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, bloc
     if tiles is None:
         tiles = choose_tiles(hidden, experts, topk_ids, shared_output, shared, block_size, quantize_activations)
     tiles = DecodeMoeTiles(*tiles)
-    if fp8:  # a K step is one scale block (masked up to a power of two)
+    if fp8:  # a K group is one scale block (masked up to a power of two)
         scale_n, group_k = block_size
         bn1, kg1, bn2, kg2 = tiles[:4]
         bk1 = bk2 = sbk = triton.next_power_of_2(group_k)
         group1 = group2 = sgroup = group_k
+        skg = max(1, _SHARED_STEP_BYTES // sbk)  # one-byte weights
     else:
         # Small N tiles for the down kernel: at one token it has only H / BLOCK_N programs to spread
         # the k experts' reads over (16 rows gave 128 programs and a third of the HBM bandwidth).
         scale_n, kg1, kg2 = 1, 1, 1
         bn1, bk1, bn2, bk2 = tiles[:4]
         group1, group2, sbk = bk1, bk2, 4 * bk2
-        sgroup = sbk
+        sgroup, skg = sbk, 1
     rows = t * k + (t if mode == 2 else 0)
     _up_kernel[(rows, triton.cdiv(max(inter, s_inter), bn1))](
         hidden, w13, s13, ids, act, sw13, ss13, sact, inter, s_inter, h, num_experts, t * k, hidden.stride(0),
@@ -380,6 +395,6 @@ def _launch(hidden, experts, topk_weights, topk_ids, shared_output, shared, bloc
         act, w2, s2, ids, wts, shared_out, sact, sw2, ss2, out, inter, s_inter, h, num_experts, act.stride(0),
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(-2), shared_out.stride(0), sact.stride(0),
         sw2.stride(0), ss2.stride(-2), out.stride(0), TOP_K=k, QUANT=quant, FP8_MAX=FP8_MAX, SCALE_N=scale_n,
-        GROUP_K=group2, K_GROUPS=kg2, SGROUP_K=sgroup, BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2,
+        GROUP_K=group2, K_GROUPS=kg2, SGROUP_K=sgroup, SK_GROUPS=skg, BLOCK_S=triton.next_power_of_2(k), BLOCK_N=bn2,
         BLOCK_K=bk2, SBLOCK_K=sbk, SHARED=mode, num_warps=tiles.down_warps)
     return out
