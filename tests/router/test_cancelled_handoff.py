@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 
 from engine.sampling_params import SamplingParams
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.core import Router, Timeouts
 from router.registry import Registry
+from tests.router.scripted_nodes import serve
 
 
 class ScriptedDecode(pb_grpc.DecodeNodeServicer):
@@ -53,19 +53,11 @@ class ScriptedPrefill(pb_grpc.PrefillNodeServicer):
         return pb.SetDestinationResponse(found=False)
 
 
-async def _serve(servicer, add_fn) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    add_fn(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 def test_a_request_cancelled_before_d_answered_still_hands_d_address_to_p_marked_cancelled():
     async def main():
         decode, prefill = ScriptedDecode(), ScriptedPrefill()
-        d_server, d_addr = await _serve(decode, pb_grpc.add_DecodeNodeServicer_to_server)
-        p_server, p_addr = await _serve(prefill, pb_grpc.add_PrefillNodeServicer_to_server)
+        d_server, d_addr = await serve(decode, pb_grpc.add_DecodeNodeServicer_to_server)
+        p_server, p_addr = await serve(prefill, pb_grpc.add_PrefillNodeServicer_to_server)
         registry = Registry([p_addr], [d_addr])
         try:
             await asyncio.wait_for(registry.wait_ready(), 20)

@@ -13,6 +13,7 @@ from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.core import Router, Timeouts
 from router.registry import Registry
+from tests.router.scripted_nodes import serve
 
 
 class ScriptedDecode(pb_grpc.DecodeNodeServicer):
@@ -55,20 +56,12 @@ class ScriptedPrefill(pb_grpc.PrefillNodeServicer):
         return pb.SetDestinationResponse(found=True)
 
 
-async def _serve(servicer, add_fn) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    add_fn(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 def _scenario(end: pb.PrefillResponse | None, land_kv: bool) -> tuple[list, ScriptedPrefill, ScriptedDecode]:
     """Generate 3 tokens; returns the client's deltas (the first read while P's push still runs)."""
     async def main():
         decode, prefill = ScriptedDecode(), ScriptedPrefill(end)
-        d_server, d_addr = await _serve(decode, pb_grpc.add_DecodeNodeServicer_to_server)
-        p_server, p_addr = await _serve(prefill, pb_grpc.add_PrefillNodeServicer_to_server)
+        d_server, d_addr = await serve(decode, pb_grpc.add_DecodeNodeServicer_to_server)
+        p_server, p_addr = await serve(prefill, pb_grpc.add_PrefillNodeServicer_to_server)
         registry = Registry([p_addr], [d_addr])
         try:
             await asyncio.wait_for(registry.wait_ready(), 20)
