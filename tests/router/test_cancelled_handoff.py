@@ -11,9 +11,7 @@ import asyncio
 from engine.sampling_params import SamplingParams
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from router.core import Router, Timeouts
-from router.registry import Registry
-from tests.router.scripted_nodes import serve
+from tests.router.scripted_nodes import scripted_cluster
 
 
 class ScriptedDecode(pb_grpc.DecodeNodeServicer):
@@ -56,12 +54,7 @@ class ScriptedPrefill(pb_grpc.PrefillNodeServicer):
 def test_a_request_cancelled_before_d_answered_still_hands_d_address_to_p_marked_cancelled():
     async def main():
         decode, prefill = ScriptedDecode(), ScriptedPrefill()
-        d_server, d_addr = await serve(decode, pb_grpc.add_DecodeNodeServicer_to_server)
-        p_server, p_addr = await serve(prefill, pb_grpc.add_PrefillNodeServicer_to_server)
-        registry = Registry([p_addr], [d_addr])
-        try:
-            await asyncio.wait_for(registry.wait_ready(), 20)
-            router = Router(registry, tokenizer=None, model_name="m", timeouts=Timeouts(reserve_s=10))
+        async with scripted_cluster(prefill, decode) as router:
             stream = router.generate("r1", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
             consumer = asyncio.ensure_future(stream.__anext__())
             await asyncio.wait_for(decode.entered.wait(), 10)
@@ -75,8 +68,4 @@ def test_a_request_cancelled_before_d_answered_still_hands_d_address_to_p_marked
             assert dest.cancelled and dest.request_id == "r1" and list(dest.page_ids) == [3, 4]
             await asyncio.wait_for(decode.cancelled.wait(), 10)  # then D's stream ends (its abort)
             assert len(prefill.destinations) == 1
-        finally:
-            await registry.close()
-            await d_server.stop(0)
-            await p_server.stop(0)
     asyncio.run(main())

@@ -11,9 +11,7 @@ import grpc
 from engine.sampling_params import SamplingParams
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from router.core import Router, Timeouts
-from router.registry import Registry
-from tests.router.scripted_nodes import serve
+from tests.router.scripted_nodes import scripted_cluster
 
 
 class ScriptedDecode(pb_grpc.DecodeNodeServicer):
@@ -60,12 +58,7 @@ def _scenario(end: pb.PrefillResponse | None, land_kv: bool) -> tuple[list, Scri
     """Generate 3 tokens; returns the client's deltas (the first read while P's push still runs)."""
     async def main():
         decode, prefill = ScriptedDecode(), ScriptedPrefill(end)
-        d_server, d_addr = await serve(decode, pb_grpc.add_DecodeNodeServicer_to_server)
-        p_server, p_addr = await serve(prefill, pb_grpc.add_PrefillNodeServicer_to_server)
-        registry = Registry([p_addr], [d_addr])
-        try:
-            await asyncio.wait_for(registry.wait_ready(), 20)
-            router = Router(registry, tokenizer=None, model_name="m", timeouts=Timeouts(reserve_s=10))
+        async with scripted_cluster(prefill, decode) as router:
             stream = router.generate("r1", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
             first = await asyncio.wait_for(stream.__anext__(), 10)
             assert first.token_ids == [7] and not first.finished  # P's push has not ended
@@ -77,10 +70,6 @@ def _scenario(end: pb.PrefillResponse | None, land_kv: bool) -> tuple[list, Scri
             if not land_kv:  # the request ended without D: its stream is cancelled (D frees the pages)
                 await asyncio.wait_for(decode.cancelled.wait(), 10)
             return deltas, prefill, decode
-        finally:
-            await registry.close()
-            await d_server.stop(0)
-            await p_server.stop(0)
     return asyncio.run(asyncio.wait_for(main(), 60))
 
 
