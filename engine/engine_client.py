@@ -56,7 +56,7 @@ class EngineClient:
         self.num_ranks = config.parallel.ep_local_size  # EP ranks on this host
         self.rank_offset = config.parallel.ep_rank_offset
         self._in_addrs = [f"ipc://{os.path.join(self._dir, f'in{r}')}" for r in range(self.num_ranks)]
-        self._procs = []
+        self._procs, self._ins = [], []
         try:
             self._procs = start_ranks(rank_configs(config), self._in_addrs, self._out_addr)
             self.rank_info = wait_ready(self._out, self._procs, self.rank_offset, startup_timeout_s)
@@ -64,12 +64,9 @@ class EngineClient:
             for p in self._procs:
                 if p.is_alive():
                     p.kill()
-            self._out.close(0)
-            self._ctx.term()
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._release()
             raise
         self.info = self.rank_info[0]
-        self._ins = []
         for addr in self._in_addrs:
             sock = self._ctx.socket(zmq.PUSH)
             sock.connect(addr)
@@ -242,11 +239,15 @@ class EngineClient:
                 p.kill()
                 p.join(5)
         self._receiver.join(3)
+        self._release()
+
+    def _release(self) -> None:
+        """Close this side's sockets and ZMQ context and remove the IPC sockets' folder."""
         for sock in self._ins:
             sock.close(0)
         self._out.close(0)
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)  # the IPC sockets' folder
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def _send(self, msg, rank: int = 0) -> None:
         with self._send_lock:

@@ -110,9 +110,8 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
                     last = delta
                 if not head_sent and error is None and last is None and all(ids for ids, _ in choices):
                     head_sent = True  # the client's first token must not wait for the transfer
-                    yield self._tokens(pb.PrefillResponse(request_id=rid, head=True, num_cached_tokens=cached,
-                                                          prompt_logprobs=convert.prompt_logprobs_to_proto(prompt_logprobs)),
-                                       choices)
+                    yield _with_first_tokens(pb.PrefillResponse(request_id=rid, head=True, num_cached_tokens=cached),
+                                             choices, prompt_logprobs)
         except asyncio.CancelledError:
             node.client.abort(rid)
             raise
@@ -139,17 +138,15 @@ class PrefillServicer(NodeServicerBase, pb_grpc.PrefillNodeServicer):
             stop_reason="" if last.stop_reason is None else str(last.stop_reason), error=last.error or "",
             num_cached_tokens=last.num_cached_tokens or cached, kv_bytes=int(kv.get("bytes", 0)),
             kv_seconds=float(kv.get("seconds", 0.0)), prefill_seconds=time.monotonic() - t0)
-        if not head_sent:
-            self._tokens(end, choices)
-            end.prompt_logprobs.extend(convert.prompt_logprobs_to_proto(prompt_logprobs))
-        yield end
+        yield end if head_sent else _with_first_tokens(end, choices, prompt_logprobs)
 
-    @staticmethod
-    def _tokens(msg: pb.PrefillResponse, choices: list) -> pb.PrefillResponse:
-        """Every choice's first token (and logprob) into `msg`, in choice order."""
-        msg.token_ids.extend(t for ids, _ in choices for t in ids)
-        msg.logprobs.extend(convert.logprobs_to_proto([e for _, lps in choices for e in lps]))
-        return msg
+
+def _with_first_tokens(msg: pb.PrefillResponse, choices: list, prompt_logprobs) -> pb.PrefillResponse:
+    """`msg` carrying every choice's first token (and logprob), in choice order, and the prompt's logprobs."""
+    msg.token_ids.extend(t for ids, _ in choices for t in ids)
+    msg.logprobs.extend(convert.logprobs_to_proto([e for _, lps in choices for e in lps]))
+    msg.prompt_logprobs.extend(convert.prompt_logprobs_to_proto(prompt_logprobs))
+    return msg
 
 
 def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dict) -> None:

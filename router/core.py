@@ -346,10 +346,8 @@ class Router:
                             list(tried)[-1].address, e.code().name)
         if not first.head:  # P ended before sampling, or at once
             prefill_end = None
-            if first.error or first.finish_reason == "error":
-                self._end(states, out, "error", first.error or "prefill failed")
+            if self._prefill_failed(states, out, first):
                 return
-            self.stats["kv_bytes"] += first.kv_bytes
         else:
             calls.append(prefill_end)  # cancelled with D's stream if the request ends first (P aborts)
         cached = first.num_cached_tokens
@@ -458,6 +456,14 @@ class Router:
             node.in_flight -= 1
             node.served += 1
 
+    def _prefill_failed(self, states: list[RequestState], out: asyncio.Queue, end: pb.PrefillResponse) -> bool:
+        """P's end: a failure there ends the request with its error (True); else its KV bytes count."""
+        if end.error or end.finish_reason == "error":
+            self._end(states, out, "error", end.error or "prefill failed")
+            return True
+        self.stats["kv_bytes"] += end.kv_bytes
+        return False
+
     def _prefill_ended(self, states: list[RequestState], out: asyncio.Queue, task: asyncio.Task) -> bool:
         """P's end after its head: the push failed (the request fails: its first token was streamed, so
         it is not retried), the first token ended the request, or the KV is on D; True if it ended."""
@@ -465,9 +471,7 @@ class Router:
             end = task.result()
         except grpc.aio.AioRpcError as e:
             raise RuntimeError(f"prefill node failed after the first token: {e.code().name}: {e.details()}") from None
-        self.stats["kv_bytes"] += end.kv_bytes
-        if end.error or end.finish_reason == "error":
-            self._end(states, out, "error", end.error or "prefill failed")
+        if self._prefill_failed(states, out, end):
             return True
         if not end.finished:
             return False
