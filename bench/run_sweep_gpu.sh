@@ -4,6 +4,7 @@
 # TPOT<=50 ms. Results (JSON per run) land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SEED=${SEED:-1000}  # the first run's seed; each run after it the next
 ts() { date -u +%H:%M:%S; }
 for model in ${MODELS:-qwen3-8b deepseek-v2-lite}; do
   echo "$(ts) up $model"
