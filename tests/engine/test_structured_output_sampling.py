@@ -62,3 +62,44 @@ def test_bad_constraint_is_refused_and_keeps_nothing(llm):
     assert "bad" not in llm.core.requests and not llm.core.scheduler.waiting
     with pytest.raises(ValueError, match="structured_output"):
         SamplingParams(structured_output=("yaml", "x"))
+
+
+def test_compiler_builds_off_the_request_path(llm, tmp_path):
+    """The engine starts its tokenizer's grammar compiler at construction, in the background, one per
+    tokenizer per process: a constrained request after that pays only its own grammar, not the ~1 s
+    tokenizer view that used to stall the engine's loop (and a decode node's KV reservations) on the
+    first constrained request."""
+    import time
+
+    from engine.structured_output import compiler_future
+    from engine.tokenizer import tokenizer_dir
+
+    fut = llm.core._grammars
+    core = llm.core
+    directory = tokenizer_dir(core.config.tokenizer or core.model_config.path)
+    assert compiler_future(directory, core.model_config.vocab_size, list(core.eos_token_ids)) is fut  # shared
+    fut.result(timeout=60)  # built beside the engine's start
+    t = time.perf_counter()
+    llm.core.add_request("first-constrained", [3, 4, 5], SamplingParams(
+        max_tokens=4, structured_output=("regex", r"[a-z]{2}")))
+    took = time.perf_counter() - t
+    llm.core.abort("first-constrained")
+    assert took < 0.5, f"admitting a constrained request took {took:.2f} s"
+
+    broken = compiler_future(str(tmp_path), 1000, [1])  # no tokenizer.json there
+    with pytest.raises(Exception, match="tokenizer"):
+        broken.result(timeout=60)
+
+
+def test_unbuildable_compiler_fails_only_constrained_requests(llm, monkeypatch):
+    from concurrent.futures import Future
+
+    failed = Future()
+    failed.set_exception(ValueError("cannot load tokenizer (bad file)"))
+    monkeypatch.setattr(llm.core, "_grammars", failed)
+    with pytest.raises(RequestError, match="structured output is unavailable.*cannot load tokenizer"):
+        llm.core.add_request("c", [3, 4], SamplingParams(max_tokens=2, structured_output=("regex", "a")))
+    assert "c" not in llm.core.requests
+    out = llm.generate(prompt_token_ids=[[3, 4]], sampling_params=SamplingParams(temperature=0, max_tokens=3,
+                                                                                ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
