@@ -213,9 +213,10 @@ def run(args) -> dict:
     prefill = measure_prefill(core, args.prefill_len, seed=7)
     if args.profile:
         prefill["profile"] = profile_prefill(core, args.prefill_len, seed=8)
+    prefill_graphs = core.runner.prefill_graphs.sizes if core.runner.prefill_graphs is not None else None
     engine_process = None
-    if args.engine_process:
-        del core
+    if args.engine_process:  # the weights and KV of this process's engine go first: the engine process loads its own
+        del core, model
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
         engine_process = measure_engine_process(config, args.prompt_len, args.decode_steps)
@@ -224,7 +225,7 @@ def run(args) -> dict:
               "dtype": str(mc.dtype) + (f" + {args.quantization} weights" if args.quantization else ""),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "attention_backend": backend_name,
-              "prefill_graphs": (core.runner.prefill_graphs.sizes if core.runner.prefill_graphs is not None else None),
+              "prefill_graphs": prefill_graphs,
               "moe_backend": moe_backend, "probe": probe,
               "decode": decode, "prefill": prefill, "hf": hf_results, "engine_process": engine_process,
               "overlap_schedule": config.overlap_schedule, "num_layers": args.num_layers,
