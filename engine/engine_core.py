@@ -20,6 +20,7 @@ import uuid
 
 import torch
 
+from engine import structured_output
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_connector import destination_known
 from engine.model_runner import ModelRunner
@@ -55,7 +56,9 @@ class EngineCore:
         self.connector = None  # KVConnector of a prefill/decode-role engine (attach_connector)
         self._in_flight = None  # (SchedulerOutput, StepHandle) launched, not yet reported
         self._sends_started = False  # a push's request finished computing in this step (poll at once)
-        self._grammars = self._start_grammar_compiler()  # Future of structured output's compiler
+        self._grammars = None  # Future of structured output's compiler, started here unless prewarm is off
+        if structured_output.prewarm_enabled():
+            self._grammars = self._start_grammar_compiler()
         # EP ranks stop together: a Shutdown sets stop_requested; `stopped` turns true on every
         # rank in the same step, after which no rank enters another collective.
         self.stop_requested = False
@@ -114,6 +117,8 @@ class EngineCore:
         constrained request comes within its first second)."""
         from engine.structured_output import StructuredOutputError, StructuredOutputSpec
 
+        if self._grammars is None:  # prewarm off: built now, the request waits (~1 s)
+            self._grammars = self._start_grammar_compiler()
         try:
             return self._grammars.result().matcher(StructuredOutputSpec(*constraint))
         except StructuredOutputError as e:

@@ -150,6 +150,13 @@ class GrammarCompiler:
         return GrammarMatcher(self._ll.LLMatcher(self.tokenizer, self._grammar(spec), log_level=0), self.vocab_size)
 
 
+def prewarm_enabled() -> bool:
+    """Whether engines and routers start building their grammar compiler at start (the default) rather than
+    on the first constrained request (`PDSERVE_GRAMMAR_PREWARM=0`: about a second of CPU saved per process
+    that never sees one; the test suite's many short-lived clusters set it)."""
+    return os.environ.get("PDSERVE_GRAMMAR_PREWARM", "1") != "0"
+
+
 _COMPILERS: dict[tuple, Future] = {}
 _COMPILERS_LOCK = threading.Lock()
 
@@ -157,7 +164,8 @@ _COMPILERS_LOCK = threading.Lock()
 def compiler_future(directory: str | None, vocab_size: int | None = None,
                     eos_token_ids: list[int] | None = None) -> Future:
     """This process's `GrammarCompiler` for one tokenizer, built once in a background thread started by
-    the first call (an engine or the router calls this at start, long before a constrained request).
+    the first call (an engine or the router calls this at start, long before a constrained request, unless
+    `prewarm_enabled()` says not to).
     Building it holds the GIL for about a second in one piece (the tokenizer's llguidance view, Rust code
     that does not release it: measured 0.9 s on this project's CPU machine), so built on a request's path
     it stalled every other request of that engine or router, a decode node's KV reservations included.

@@ -49,7 +49,9 @@ class HttpApi:
         return compiler_future(getattr(tok, "directory", None), getattr(tok, "vocab_size", None), eos)
 
     def app(self) -> web.Application:
-        if self._grammar is None:
+        from engine.structured_output import prewarm_enabled
+
+        if self._grammar is None and prewarm_enabled():
             self._grammar = self._start_grammar_compiler()
         app = web.Application(client_max_size=32 << 20, middlewares=[self._authorize] if self.api_key else [])
         app.router.add_post("/v1/completions", lambda r: self._handle(r, chat=False))

@@ -28,7 +28,7 @@ LONG = list(range(600, 662))  # 62 tokens: 15 full pages of 4 and a partial one
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(extra=["--max-num-seqs", str(MAX_SEQS)])
+    c = Cluster(extra=["--max-num-seqs", str(MAX_SEQS)], env={"PDSERVE_GRAMMAR_PREWARM": "1"})  # constrained requests
     yield c
     c.stop()
 

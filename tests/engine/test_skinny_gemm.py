@@ -12,7 +12,7 @@ from tests.engine.kernel_checks import check_passes_on_cpu, check_passes_on_gpu
 
 
 def test_skinny_gemm_matches_its_references_for_every_tuner_tiling_under_the_interpreter():
-    check_passes_on_cpu("check_skinny_gemm", "small", 14)
+    check_passes_on_cpu("check_skinny_gemm", "small", 11)
 
 
 @pytest.mark.gpu

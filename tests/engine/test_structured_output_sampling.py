@@ -64,26 +64,32 @@ def test_bad_constraint_is_refused_and_keeps_nothing(llm):
         SamplingParams(structured_output=("yaml", "x"))
 
 
-def test_compiler_builds_off_the_request_path(llm, tmp_path):
-    """The engine starts its tokenizer's grammar compiler at construction, in the background, one per
-    tokenizer per process: a constrained request after that pays only its own grammar, not the ~1 s
-    tokenizer view that used to stall the engine's loop (and a decode node's KV reservations) on the
-    first constrained request."""
+def test_compiler_builds_off_the_request_path(llm, tmp_path, monkeypatch):
+    """By default an engine starts its tokenizer's grammar compiler at construction, in the background, one
+    per tokenizer per process: a constrained request after that pays only its own grammar, not the ~1 s
+    tokenizer view that used to stall the engine's loop (and a decode node's KV reservations) on the first
+    constrained request. With `PDSERVE_GRAMMAR_PREWARM=0` (this suite's setting, which `llm` was built
+    under) the first constrained request starts it."""
     import time
 
     from engine.structured_output import compiler_future
     from engine.tokenizer import tokenizer_dir
 
-    fut = llm.core._grammars
-    core = llm.core
+    monkeypatch.setenv("PDSERVE_GRAMMAR_PREWARM", "1")
+    core = LLM("tiny-llama", load_format="dummy", page_size=4, num_pages=64).core
+    fut = core._grammars
+    assert fut is not None  # started by the constructor
     directory = tokenizer_dir(core.config.tokenizer or core.model_config.path)
     assert compiler_future(directory, core.model_config.vocab_size, list(core.eos_token_ids)) is fut  # shared
-    fut.result(timeout=60)  # built beside the engine's start
+    llm.core.add_request("lazy", [3, 4], SamplingParams(max_tokens=2, structured_output=("regex", "a")))
+    llm.core.abort("lazy")
+    assert llm.core._grammars is fut  # the fixture's engine (prewarm off) takes the same one on first use
+    fut.result(timeout=60)
     t = time.perf_counter()
-    llm.core.add_request("first-constrained", [3, 4, 5], SamplingParams(
+    core.add_request("first-constrained", [3, 4, 5], SamplingParams(
         max_tokens=4, structured_output=("regex", r"[a-z]{2}")))
     took = time.perf_counter() - t
-    llm.core.abort("first-constrained")
+    core.abort("first-constrained")
     assert took < 0.5, f"admitting a constrained request took {took:.2f} s"
 
     broken = compiler_future(str(tmp_path), 1000, [1])  # no tokenizer.json there

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(checkpoint):
-    c = Cluster(extra=["--model", checkpoint, "--api-key", KEY])
+    c = Cluster(extra=["--model", checkpoint, "--api-key", KEY], env={"PDSERVE_GRAMMAR_PREWARM": "1"})  # constrained requests
     yield c
     c.stop()
 
@@ -270,16 +270,17 @@ def test_lm_eval_loglikelihood_and_generate_until_tasks(cluster, checkpoint, tmp
         f.writelines(json.dumps({"question": d["question"], "answer": d["choices"][0]}) + "\n" for d in docs)
     (tmp_path / "ll.yaml").write_text(_LL_TASK.format(data=tmp_path / "ll.jsonl"))
     (tmp_path / "gen.yaml").write_text(_GEN_TASK.format(data=tmp_path / "gen.jsonl"))
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # the defaults: 15 s of indexing
     model_args = {"model": checkpoint, "base_url": f"{cluster.http}/completions", "tokenizer_backend": "huggingface",
                   "tokenizer": checkpoint, "max_length": 96}
     out = lm_eval.simple_evaluate(model="local-completions", model_args=model_args,
-                                  tasks=["pdserve_ll", "pdserve_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  tasks=["pdserve_ll", "pdserve_gen"], task_manager=tasks,
                                   log_samples=True)
     assert set(out["results"]) == {"pdserve_ll", "pdserve_gen"}
     assert len(out["samples"]["pdserve_gen"]) == 3 and 0.0 <= out["results"]["pdserve_gen"]["exact_match,none"] <= 1
     chat = lm_eval.simple_evaluate(model="local-chat-completions", apply_chat_template=True,
                                    model_args={"model": checkpoint, "base_url": f"{cluster.http}/chat/completions"},
-                                   tasks=["pdserve_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                   tasks=["pdserve_gen"], task_manager=tasks,
                                    log_samples=True)
     llm = LLM(checkpoint, **OFFLINE_KW)
     template = ChatTemplate.load(checkpoint)
