@@ -21,9 +21,12 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a mask is made: the router imports this module without it
+    import torch
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
 _JSON_OBJECT_SCHEMA = {"type": "object"}
@@ -199,6 +202,8 @@ class GrammarMatcher:
         self.num_words = (vocab_size + 31) // 32
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        import torch
+
         """Write the allowed next tokens into row `row` of an int32 CPU tensor [batch, num_words]."""
         target = bitmask[row]
         if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not target.is_contiguous():
@@ -208,6 +213,8 @@ class GrammarMatcher:
         self._m.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
 
     def bitmask(self) -> torch.Tensor:
+        import torch
+
         out = torch.empty(1, self.num_words, dtype=torch.int32)
         self.fill_bitmask(out)
         return out[0]
@@ -250,6 +257,8 @@ def step_bitmask(requests: list) -> torch.Tensor | None:
     rows = [(i, r) for i, r in enumerate(requests) if getattr(r, "grammar", None) is not None]
     if not rows:
         return None
+    import torch
+
     mask = torch.full((len(requests), rows[0][1].grammar.num_words), -1, dtype=torch.int32)
     for i, r in rows:
         for token in r.output_token_ids[r.grammar_consumed:]:
@@ -262,6 +271,8 @@ def step_bitmask(requests: list) -> torch.Tensor | None:
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Torch reference: logits [batch, vocab] with disallowed tokens set to -inf (in place, returned).
     Tokens past the bitmask's 32 × words are disallowed."""
+    import torch
+
     batch, vocab = logits.shape
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = ((bitmask.to(torch.int32)[:, :, None] >> shifts) & 1).reshape(batch, -1)
