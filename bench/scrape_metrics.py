@@ -20,7 +20,8 @@ import urllib.request
 # Histograms worth splitting a TTFT into (prefix `pdserve_` or not: matched on the suffix).
 HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
               "kv_transfer_time_seconds", "kv_transfer_exposed_seconds", "kv_destination_wait_seconds",
-              "kv_write_tail_seconds", "kv_post_delay_seconds",
+              "kv_write_tail_seconds", "kv_post_delay_seconds", "kv_write_lock_wait_seconds",
+              "kv_write_call_seconds", "kv_writes_per_push",
               "request_time_per_output_token_seconds", "e2e_request_latency_seconds")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
@@ -55,7 +56,8 @@ def scrape(targets_file: str, timeout_s: float = 5.0) -> dict:
 
 
 def diff(before: dict, after: dict) -> dict[str, dict[str, dict]]:
-    """Per node and histogram: requests observed between the scrapes and their mean in ms."""
+    """Per node and histogram: requests observed between the scrapes and their mean (in ms for the
+    `_seconds` histograms, as `mean_ms`; else as `mean`)."""
     out: dict[str, dict[str, dict]] = {}
     for node, hists in after["nodes"].items():
         if "error" in hists:
@@ -64,7 +66,9 @@ def diff(before: dict, after: dict) -> dict[str, dict[str, dict]]:
         for h, (s, c) in hists.items():
             s0, c0 = prev.get(h, [0.0, 0.0]) if "error" not in prev else (0.0, 0.0)
             if c - c0 > 0:
-                out.setdefault(node, {})[h] = {"count": int(c - c0), "mean_ms": (s - s0) / (c - c0) * 1e3}
+                mean = (s - s0) / (c - c0)
+                out.setdefault(node, {})[h] = ({"count": int(c - c0), "mean_ms": mean * 1e3} if h.endswith("_seconds")
+                                               else {"count": int(c - c0), "mean": mean})
     return out
 
 
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
         result = diff(json.load(f1), json.load(f2))
     for node, hists in sorted(result.items()):
         for h, v in sorted(hists.items()):
-            print(f"{node:10s} {h:42s} n={v['count']:4d} mean {v['mean_ms']:9.2f} ms")
+            mean = f"{v['mean_ms']:9.2f} ms" if "mean_ms" in v else f"{v['mean']:9.2f}"
+            print(f"{node:10s} {h:42s} n={v['count']:4d} mean {mean}")
     return 0
 
 

@@ -85,6 +85,14 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("kv_post_delay_seconds", "histogram",
                "Time from a push's first WRITE being possible (first layer written, destination known) to its "
                "post.", buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_write_lock_wait_seconds", "histogram",
+               "Time a push's KV WRITEs waited for the NIXL agent's lock before posting (summed per push).",
+               buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_write_call_seconds", "histogram",
+               "Time inside NIXL posting a push's KV WRITEs (summed per push).", buckets=LATENCY_BUCKETS),
+    MetricSpec("kv_writes_per_push", "histogram", "KV WRITEs a push posted (1: all layers at once; one per "
+               "layer or group of layers done together when pushed layer by layer).",
+               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
     MetricSpec("kv_transfer_bytes_total", "counter", "KV bytes pushed to decode nodes."),
     MetricSpec("kv_transfer_failures_total", "counter", "KV transfers that failed or timed out.", ("reason",)),
     # --- engine state (pulled from the engine process) ------------------------------------------

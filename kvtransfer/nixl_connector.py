@@ -103,6 +103,8 @@ class _Push:
     dropped: bool = False
     notified_at: float = 0.0  # when the completion thread sent the notice (0: not sent by it)
     notice_error: str | None = None  # that notice's failure
+    lock_wait: float = 0.0  # seconds its WRITEs waited for the agent lock (summed)
+    call_time: float = 0.0  # seconds inside NIXL posting them (descriptor lists, initialize, transfer; summed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -256,10 +258,14 @@ class NixlConnector(KVConnector):
             try:
                 if push.runs is None:  # once per push: a Python loop over every page (1,024 at 16k tokens)
                     push.runs = page_runs(push.pages, push.dest["page_ids"])
+                t0 = time.monotonic()
                 with self._nixl_lock:  # the sender thread and the engine loop share the agent
+                    t1 = time.monotonic()
                     push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=layers,
                                                            runs=push.runs))
                 push.last_post = time.monotonic()
+                push.lock_wait += t1 - t0
+                push.call_time += push.last_post - t1
                 push.first_post = push.first_post or push.last_post
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"
@@ -375,7 +381,10 @@ class NixlConnector(KVConnector):
         nbytes = sum(t.nbytes for t in transfers)
         self.bytes_sent += nbytes
         return {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
-                 "descriptors": sum(t.num_descs for t in transfers),
+                 "descriptors": sum(t.num_descs for t in transfers), "writes": len(transfers),
+                 # posting the WRITEs: waiting for the agent lock (the completion thread and the engine loop
+                 # poll under it) and inside NIXL's calls, summed over the push
+                 "write_lock_wait_seconds": push.lock_wait, "write_call_seconds": push.call_time,
                  "exposed_seconds": max(0.0, now - push.compute_done), "layers": push.num_layers,
                  # how long the written KV waited for D's destination: from the last layer's KV seen
                  # written (layered) or the end of the compute, to the destination's arrival

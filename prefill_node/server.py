@@ -167,7 +167,9 @@ def _observe_prefill(node: Node, request, queue_s, total_s: float, last, kv: dic
         for key, metric in (("exposed_seconds", "kv_transfer_exposed_seconds"),
                             ("destination_wait_seconds", "kv_destination_wait_seconds"),
                             ("write_tail_seconds", "kv_write_tail_seconds"),
-                            ("post_delay_seconds", "kv_post_delay_seconds")):
+                            ("post_delay_seconds", "kv_post_delay_seconds"),
+                            ("write_lock_wait_seconds", "kv_write_lock_wait_seconds"),
+                            ("write_call_seconds", "kv_write_call_seconds"), ("writes", "kv_writes_per_push")):
             if key in kv:
                 m.observe(metric, float(kv[key]))
         m.inc("kv_transfer_bytes_total", int(kv.get("bytes", 0)))

@@ -298,9 +298,16 @@ def kv_transfer_panels() -> list[dict]:
         timeseries("KV push: post delay and write tail (p50, p99)", [
             target(quantile(q, metric, by="node"), f"{{{{node}}}} {what} p{round(q * 100)}")
             for metric, what in (("pdserve:kv_post_delay_seconds", "post delay"),
-                                 ("pdserve:kv_write_tail_seconds", "write tail")) for q in (0.5, 0.99)],
+                                 ("pdserve:kv_write_tail_seconds", "write tail"),
+                                 ("pdserve:kv_write_lock_wait_seconds", "lock wait"),
+                                 ("pdserve:kv_write_call_seconds", "NIXL post")) for q in (0.5, 0.99)],
             "s", "Post delay: from a push's first WRITE being possible to its post. Write tail: from its last "
-            "WRITE posted to all of them done.", width=24),
+            "WRITE posted to all of them done. Lock wait and NIXL post: a push's WRITEs waiting for the agent "
+            "lock and inside NIXL's calls (summed per push).", width=24),
+        timeseries("KV WRITEs per push (p50, p99)", quantile_targets("pdserve:kv_writes_per_push", (0.5, 0.99),
+                                                                      by="node"),
+                   "short", "1: all layers in one WRITE after the prefill; up to one per layer when pushed layer "
+                   "by layer (layers done together go in one).", width=24),
     ]
 
 

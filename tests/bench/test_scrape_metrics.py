@@ -34,3 +34,6 @@ def test_diff_gives_the_mean_of_the_requests_between_two_scrapes():
     assert got["p0"]["kv_transfer_exposed_seconds"] == {"count": 3, "mean_ms": pytest.approx(100.0)}
     assert got["p0"]["time_to_first_token_seconds"] == {"count": 4, "mean_ms": pytest.approx(250.0)}
     assert "gone" not in got and "new" not in got  # unreachable, or nothing observed in between
+    counts = diff({"nodes": {"p0": {"kv_writes_per_push": [27.0, 1.0]}}},
+                  {"nodes": {"p0": {"kv_writes_per_push": [81.0, 3.0]}}})
+    assert counts["p0"]["kv_writes_per_push"] == {"count": 2, "mean": pytest.approx(27.0)}  # not a time

@@ -104,6 +104,8 @@ def test_prometheus_scrapes_the_cluster_and_answers_ttft_tpot_quantiles(tmp_path
                      'sum(pdserve:kv_destination_wait_seconds_count{role="prefill"})',
                      'sum(pdserve:kv_post_delay_seconds_count{role="prefill"})',
                      'sum(pdserve:kv_write_tail_seconds_count{role="prefill"})',
+                     'sum(pdserve:kv_write_call_seconds_count{role="prefill"})',
+                     'sum(pdserve:kv_writes_per_push_count{role="prefill"})',
                      'sum(pdserve:inter_token_latency_seconds_count{role="decode"})',
                      'sum(pdserve:engine_steps_total{role="decode"})'):
             _wait(lambda: (r := _prom_query(port, expr)) and float(r[0]["value"][1]) > 0, 20, expr)
