@@ -32,7 +32,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-tokens", type=_ints, default=[16, 128, 1024, 4096])
     p.add_argument("--interference", action="store_true",
                    help="also time a prefill and a decode engine sharing the GPU, alone and side by side "
-                        "(planner/interference.py: 256- and 2048-token prefills, decode batch 32 at 1024; with NIXL "
+                        "(planner/interference.py: 256- and 2048-token prefills beside decode batches 4 and 32 at 1024; with NIXL "
                         "also the KV hand-off's exposed time, alone and beside the decode)")
     p.add_argument("--serving-prompts", type=_ints, default=[],
                    help="also measure the serving path's fixed TTFT overhead with these prompt lengths through an "

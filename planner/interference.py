@@ -140,7 +140,8 @@ class _Decode:
 def _worker(role: str, cfg: dict, cmds, results) -> None:
     """Runs in its own process: builds the engine, then obeys ("time", n) → median seconds of n units,
     ("loop", None) → units until the parent sets `stop` (the shared event in cfg), ("size", t) → the
-    prefill worker's prompts are now t tokens, ("quit", None). With cfg["push"]: ("prompt", None) → a
+    prefill worker's prompts are now t tokens, ("batch", b) → the decode worker runs b sequences from
+    its next refill, ("quit", None). With cfg["push"]: ("prompt", None) → a
     prompt of the prefill worker's size; ("push", (rid, ids, dest)) → the prefill worker prefills it into
     the decode engine's pages (its push stats); ("reserve", (rid, ids)) → the decode worker's destination
     for it (answered between its steps while it loops); ("serve", None) → the decode worker, its batch
@@ -165,6 +166,9 @@ def _worker(role: str, cfg: dict, cmds, results) -> None:
                 return
             if cmd == "size":
                 work.tokens = n
+                continue
+            if cmd == "batch":  # the decode worker's batch from its next refill on
+                work.batch, work.left = n, 0
                 continue
             if cmd == "push":
                 rid, ids, dest = n
@@ -238,13 +242,17 @@ def _expect(results, role: str, what: str, timeout: float):
 
 
 def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: int | list[int] = 2048,
-            batch: int = 32, context: int = 1024, mem: float = 0.4, decode_units: int = 40, prefill_units: int = 5,
-            timeout: float = 300.0, push: bool = False) -> dict:
+            batch: int | list[int] = 32, context: int = 1024, mem: float = 0.4, decode_units: int = 40,
+            prefill_units: int = 5, timeout: float = 300.0, push: bool = False) -> dict:
     """Decode step and prefill step seconds, alone and beside the other role's continuous work. With
-    several prefill sizes (one pair of engine processes for all), the top-level figures are the largest
-    size's and `by_prefill_tokens` lists every size's: a short prompt's prefill is host-bound and fares
-    differently on a time-sliced GPU than a long, GPU-bound one."""
+    several prefill sizes or decode batches (one pair of engine processes for all), the top-level figures
+    are the largest size's at the largest batch and `by_prefill_tokens` lists every (batch, size) row: a
+    short prompt's prefill is host-bound and fares differently on a time-sliced GPU than a long,
+    GPU-bound one, and an MoE decode step at a small batch reads a fraction of the experts it reads at a
+    large one."""
     sizes = sorted(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+    batches = sorted(batch) if isinstance(batch, (list, tuple)) else [batch]
+    batch = batches[-1]  # the engines are sized for the largest
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     cfg = dict(model=model, dtype=dtype, device=device, mem=mem, tokens=sizes, batch=batch, context=context,
@@ -301,11 +309,13 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
             _expect(results, "decode", "settled", timeout)
             return out
 
-        decode_alone = timed("decode", decode_units)
         rows = []
-        for t in sizes:
+        for b, t in [(b, t) for b in batches for t in sizes]:
+            if t == sizes[0]:  # a new decode batch: its own step time alone
+                cmds["decode"].put(("batch", b))
+                decode_alone = timed("decode", decode_units)
             cmds["prefill"].put(("size", t))
-            row = {"prefill_tokens": t, "decode_alone_s": decode_alone,
+            row = {"prefill_tokens": t, "decode_batch": b, "decode_alone_s": decode_alone,
                    "prefill_alone_s": timed("prefill", prefill_units),
                    "decode_shared_s": beside("prefill", "decode", decode_units),
                    "prefill_shared_s": beside("decode", "prefill", prefill_units)}
@@ -341,7 +351,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prefill-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[2048],
                     help="prompt sizes of the prefill engine, comma-separated (e.g. 256,2048)")
-    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-batch", type=lambda v: [int(x) for x in v.split(",")], default=[32],
+                    help="decode batches beside the prefills, comma-separated (e.g. 4,32: an MoE model's "
+                         "interference grows with the experts a decode step reads)")
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--memory-share", type=float, default=0.4, help="gpu_memory_utilization of each engine")
     ap.add_argument("--decode-steps", type=int, default=40)

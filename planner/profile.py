@@ -30,6 +30,18 @@ from planner.interp import Table1D, Table2D
 VERSION = 1
 
 
+def _log_interp(points: list[tuple[float, float]], x: float | None) -> float:
+    """`points` (x ascending, x > 0) at `x`: linear in log x between neighbours, held at the ends; the last
+    point's value without an `x`."""
+    if not x or len(points) == 1:
+        return points[-1][1]
+    xs = [math.log(p) for p, _ in points]
+    lx = min(max(math.log(x), xs[0]), xs[-1])
+    i = min(max(bisect.bisect_right(xs, lx) - 1, 0), len(xs) - 2)
+    w = (lx - xs[i]) / (xs[i + 1] - xs[i])
+    return points[i][1] * (1 - w) + points[i + 1][1] * w
+
+
 class ProfileError(ValueError):
     """A profile file is malformed or misses what the caller needs."""
 
@@ -135,34 +147,46 @@ class Profile:
             t += max(0.0, self.decode_time(num_decodes, ctx) - self.decode_time(num_decodes, self._ctx0))
         return t
 
-    def slowdown(self, role: str, prefill_tokens: int | None = None) -> float:
+    def slowdown(self, role: str, prefill_tokens: int | None = None, decode_batch: int | None = None) -> float:
         """A `role` step's stretch while the other role's engine works on the same GPU (1 if unmeasured).
         Where the profile measured several prompt sizes (`by_prefill_tokens`), the stretch follows the
         size of the prefill step involved (this one, or the partner's beside a decode step): linear in
-        log tokens between the measured sizes, held at the end values beyond them."""
+        log tokens between the measured sizes, held at the end values beyond them. Where it measured
+        several decode batches too (rows with `decode_batch`), it follows the decode engine's running
+        batch the same way: an MoE decode step at batch 1 reads a few experts, at 32 most of them, and
+        presses on the prefill beside it accordingly."""
         if not self.interference:
             return 1.0
-        return self._by_prefill_size(f"{'prefill' if role == 'prefill' else 'decode'}_slowdown", prefill_tokens, 1.0)
+        key = f"{'prefill' if role == 'prefill' else 'decode'}_slowdown"
+        return self._interference_value(key, prefill_tokens, decode_batch, 1.0)
 
-    def shared_push_exposed(self, prompt_tokens: int) -> float:
+    def shared_push_exposed(self, prompt_tokens: int, decode_batch: int | None = None) -> float:
         """Seconds a prompt's KV hand-off runs on after its prefill while a decode engine works on the
-        same GPU (`planner/interference.py --push`), by prompt size as `slowdown` interpolates; 0 if
-        unmeasured."""
+        same GPU (`planner/interference.py --push`), by prompt size and decode batch as `slowdown`
+        interpolates; 0 if unmeasured."""
         if not self.interference:
             return 0.0
-        return self._by_prefill_size("push_exposed_shared_s", prompt_tokens, 0.0)
+        return self._interference_value("push_exposed_shared_s", prompt_tokens, decode_batch, 0.0)
 
-    def _by_prefill_size(self, key: str, prefill_tokens: int | None, default: float) -> float:
-        """The interference table's `key`: linear in log tokens between the measured prompt sizes, held
-        at the end values beyond them; the top-level (largest size's) figure without a size."""
-        rows = [r for r in self.interference.get("by_prefill_tokens") or [] if key in r]
-        if prefill_tokens and len(rows) > 1:
-            xs = [math.log(r["prefill_tokens"]) for r in rows]
-            x = min(max(math.log(prefill_tokens), xs[0]), xs[-1])
-            i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
-            w = (x - xs[i]) / (xs[i + 1] - xs[i])
-            return float(rows[i][key] * (1 - w) + rows[i + 1][key] * w)
-        return float(self.interference.get(key, default))
+    def _interference_value(self, key: str, prefill_tokens: int | None, decode_batch: int | None,
+                            default: float) -> float:
+        """The interference table's `key` at a prefill size and decode batch: linear in log tokens between
+        the measured prompt sizes of each measured decode batch, then linear in log batch between those,
+        held at the end values beyond either; a table of one size and batch gives its one figure."""
+        table = self.interference
+        rows = [r for r in table.get("by_prefill_tokens") or [] if key in r]
+        if not rows:
+            return float(table.get(key, default))
+        by_batch: dict[int, list[dict]] = {}
+        for r in rows:  # rows of tables measured at one decode batch carry it only at the top level
+            by_batch.setdefault(int(r.get("decode_batch", table.get("decode_batch", 0))), []).append(r)
+        batches = sorted(by_batch)
+        values = [_log_interp([(r["prefill_tokens"], r[key]) for r in sorted(by_batch[b],
+                                                                             key=lambda r: r["prefill_tokens"])],
+                              prefill_tokens) for b in batches]
+        if len(batches) == 1:
+            return float(values[0])
+        return float(_log_interp(list(zip(batches, values)), decode_batch))  # largest batch's without one
 
     def expert_read_scale(self, ep_size: int) -> float:
         """Decode is bound by weight reads; with EP each GPU reads only its share of the experts."""

@@ -182,7 +182,7 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
         # With NIXL, the engines are a prefill and a decode role and the KV hand-off is timed too.
         shared = measure_interference(model, str(mc.dtype).removeprefix("torch."), str(dev.type),
                                       tokens=sorted({min(256, max(prefill_tokens)), min(2048, max(prefill_tokens))}),
-                                      batch=min(32, max(decode_batch)),
+                                      batch=sorted({min(4, max(decode_batch)), min(32, max(decode_batch))}),
                                       context=min(1024, max(decode_context)),
                                       push=importlib.util.find_spec("nixl") is not None)
     offset = 3 + decode_steps // 2  # decode contexts grow while timed: the table holds the mean

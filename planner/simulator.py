@@ -247,13 +247,19 @@ class Simulator:
             return
         partner = node.gpu_partner
         if partner is not None and partner.stepping:  # both engines' kernels share the GPU meanwhile
-            prefill = node if node.role == "prefill" else partner
+            prefill, decode = (node, partner) if node.role == "prefill" else (partner, node)
             tokens = sum(c.num_new_tokens for r in prefill.ranks if r.out is not None for c in r.out.chunks)
-            dt *= self.profile.slowdown(node.role, tokens)
+            dt *= self.profile.slowdown(node.role, tokens, self._decode_batch(decode))
         node.stepping, node.step_started = True, self.now
         if node.role == "prefill":
             self._push_kv(node, dt)
         self._at(self.now + dt, self._step_end, node)
+
+    @staticmethod
+    def _decode_batch(node: Node) -> int:
+        """The sequences a decode engine's step runs (its ranks' running batches): what the interference
+        table's decode-batch dimension is looked up by."""
+        return max(1, sum(len(r.scheduler.running) for r in node.ranks))
 
     def _push_kv(self, node: Node, dt: float) -> None:
         p = self.profile
@@ -301,7 +307,8 @@ class Simulator:
                     t = max(self.now, sim.kv_done) + node.channel.link.latency
                     partner = node.gpu_partner
                     if partner is not None and partner.stepping:  # the hand-off beside a decode on this GPU
-                        t = max(t, self.now + self.profile.shared_push_exposed(sim.prompt_len))
+                        t = max(t, self.now + self.profile.shared_push_exposed(sim.prompt_len,
+                                                                               self._decode_batch(partner)))
                         sim.kv_exposed = t - self.now
                     self._at(t, self._kv_landed, node, rank, sim)
                 continue

@@ -13,7 +13,7 @@ def test_two_engine_processes_measure_slowdowns_into_the_profile(tmp_path):
     path = tmp_path / "p.json"
     synthetic(model="tiny-qwen3").save(str(path))
     assert interference.main(["--profile", str(path), "--model", "tiny-qwen3", "--dtype", "float32", "--device",
-                              "cpu", "--prefill-tokens", "32,64", "--decode-batch", "2", "--decode-context", "32",
+                              "cpu", "--prefill-tokens", "32,64", "--decode-batch", "1,2", "--decode-context", "32",
                               "--decode-steps", "4", "--prefills", "2"]) == 0
     t = Profile.load(str(path)).interference
     for k in ("decode_alone_s", "prefill_alone_s", "decode_shared_s", "prefill_shared_s"):
@@ -21,9 +21,16 @@ def test_two_engine_processes_measure_slowdowns_into_the_profile(tmp_path):
     assert t["decode_slowdown"] == pytest.approx(t["decode_shared_s"] / t["decode_alone_s"])
     assert t["prefill_slowdown"] == pytest.approx(t["prefill_shared_s"] / t["prefill_alone_s"])
     assert (t["decode_batch"], t["decode_context"], t["prefill_tokens"]) == (2, 32, 64)
-    rows = t["by_prefill_tokens"]  # one row per prompt size, the largest's figures also at the top level
-    assert [r["prefill_tokens"] for r in rows] == [32, 64] and rows[-1]["prefill_slowdown"] == t["prefill_slowdown"]
-    assert all(r["prefill_shared_s"] > 0 and r["decode_alone_s"] == t["decode_alone_s"] for r in rows)
+    # one row per decode batch and prompt size, the largest pair's figures also at the top level
+    rows = t["by_prefill_tokens"]
+    assert [(r["decode_batch"], r["prefill_tokens"]) for r in rows] == [(1, 32), (1, 64), (2, 32), (2, 64)]
+    assert rows[-1]["prefill_slowdown"] == t["prefill_slowdown"]
+    assert all(r["prefill_shared_s"] > 0 for r in rows)
+    assert rows[0]["decode_alone_s"] == rows[1]["decode_alone_s"]  # one decode timing per batch
+    assert rows[2]["decode_alone_s"] == rows[3]["decode_alone_s"] == t["decode_alone_s"]
+    p = Profile.load(str(path))  # the simulator's lookup takes the measured batch's row
+    assert p.slowdown("prefill", 32, decode_batch=1) == pytest.approx(rows[0]["prefill_slowdown"])
+    assert p.slowdown("prefill", 64, decode_batch=2) == pytest.approx(rows[3]["prefill_slowdown"])
 
 
 @pytest.mark.slow

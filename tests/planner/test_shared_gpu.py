@@ -93,6 +93,34 @@ def test_slowdown_follows_the_prefill_size_where_several_were_measured():
     assert p.slowdown("prefill") == 2.0 and p.slowdown("decode") == 1.5  # no size: the largest size's figures
 
 
+BY_BATCH = {"decode_slowdown": 1.5, "prefill_slowdown": 2.0, "prefill_tokens": 2048, "decode_batch": 32,
+            "by_prefill_tokens": [
+                {"decode_batch": 1, "prefill_tokens": 64, "prefill_slowdown": 1.2, "decode_slowdown": 1.1},
+                {"decode_batch": 1, "prefill_tokens": 2048, "prefill_slowdown": 1.4, "decode_slowdown": 1.3},
+                {"decode_batch": 32, "prefill_tokens": 64, "prefill_slowdown": 3.0, "decode_slowdown": 1.2},
+                {"decode_batch": 32, "prefill_tokens": 2048, "prefill_slowdown": 2.0, "decode_slowdown": 1.5}]}
+
+
+def test_slowdown_follows_the_decode_batch_where_several_were_measured():
+    """An MoE decode step at batch 1 reads a few experts, at 32 most: the stretch is looked up by the decode
+    engine's running batch, linear in log batch between the measured ones, held beyond them."""
+    p = synthetic(interference=BY_BATCH)
+    assert p.slowdown("prefill", 2048, 1) == pytest.approx(1.4) and p.slowdown("prefill", 2048, 32) == pytest.approx(2.0)
+    assert p.slowdown("prefill", 64, 1) == pytest.approx(1.2) and p.slowdown("decode", 64, 32) == pytest.approx(1.2)
+    assert p.slowdown("prefill", 2048, 128) == pytest.approx(2.0)  # held beyond the largest batch
+    mid = 2 ** 2.5  # halfway between 1 and 32 in log batch
+    assert p.slowdown("prefill", 2048, mid) == pytest.approx(1.7)
+    assert p.slowdown("prefill", 2048) == pytest.approx(2.0)  # no batch: the largest batch's figures
+    assert synthetic(interference=BY_SIZE).slowdown("prefill", 64, 1) == pytest.approx(5.0)  # one batch: no axis
+
+
+def test_a_prefill_beside_a_one_sequence_decode_takes_the_small_batch_stretch():
+    """B's 64-token prefill lands beside A's decode of one sequence: stretched by the batch-1 row (1.2×), not
+    the batch-32 one (3×)."""
+    r = _run("interference", BY_BATCH)
+    assert r["b"].ttft == pytest.approx(1.2 * PREFILL_S, abs=0.011)
+
+
 def test_a_short_prompt_beside_decode_takes_its_own_sizes_stretch():
     """B's 64-token prefill lands in A's decode: stretched by the 64-token row (5×), not the 2k one (2×)."""
     r = _run("interference", BY_SIZE)
