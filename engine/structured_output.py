@@ -202,9 +202,9 @@ class GrammarMatcher:
         self.num_words = (vocab_size + 31) // 32
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        """Write the allowed next tokens into row `row` of an int32 CPU tensor [batch, num_words]."""
         import torch
 
-        """Write the allowed next tokens into row `row` of an int32 CPU tensor [batch, num_words]."""
         target = bitmask[row]
         if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not target.is_contiguous():
             raise ValueError("the bitmask must be a contiguous int32 CPU tensor of shape [batch, num_words]")
