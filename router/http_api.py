@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from engine.structured_output import StructuredOutputError, StructuredOutputSpec
+from engine.structured_output import StructuredOutputError, StructuredOutputSpec, compiler_future, prewarm_enabled
 from router.chat_template import ChatTemplate, ChatTemplateError
 from router.core import BadRequest, Router
 from router.openai_format import Choice, ResponseBuilder, completion_prompts, sampling_params
@@ -42,15 +42,11 @@ class HttpApi:
         self.started = int(time.time())
 
     def _start_grammar_compiler(self):
-        from engine.structured_output import compiler_future
-
         tok = self.router.tokenizer
         eos = [tok.eos_token_id] if getattr(tok, "eos_token_id", None) is not None else None
         return compiler_future(getattr(tok, "directory", None), getattr(tok, "vocab_size", None), eos)
 
     def app(self) -> web.Application:
-        from engine.structured_output import prewarm_enabled
-
         if self._grammar is None and prewarm_enabled():
             self._grammar = self._start_grammar_compiler()
         app = web.Application(client_max_size=32 << 20, middlewares=[self._authorize] if self.api_key else [])
