@@ -105,7 +105,8 @@ def test_slowdown_follows_the_decode_batch_where_several_were_measured():
     """An MoE decode step at batch 1 reads a few experts, at 32 most: the stretch is looked up by the decode
     engine's running batch, linear in log batch between the measured ones, held beyond them."""
     p = synthetic(interference=BY_BATCH)
-    assert p.slowdown("prefill", 2048, 1) == pytest.approx(1.4) and p.slowdown("prefill", 2048, 32) == pytest.approx(2.0)
+    assert p.slowdown("prefill", 2048, 1) == pytest.approx(1.4)
+    assert p.slowdown("prefill", 2048, 32) == pytest.approx(2.0)
     assert p.slowdown("prefill", 64, 1) == pytest.approx(1.2) and p.slowdown("decode", 64, 32) == pytest.approx(1.2)
     assert p.slowdown("prefill", 2048, 128) == pytest.approx(2.0)  # held beyond the largest batch
     mid = 2 ** 2.5  # halfway between 1 and 32 in log batch
