@@ -112,6 +112,16 @@ class EngineCore:
             directory = None
         return compiler_future(directory, self.model_config.vocab_size, list(self.eos_token_ids))
 
+    def wait_grammar_compiler(self, timeout_s: float = 120.0) -> None:
+        """Wait for the compiler started at construction (the engine process does, before it reports ready:
+        built on a slow host it would otherwise still hold the GIL, ~1 s, when the first requests come). A
+        failed build is not an error here: constrained requests report it."""
+        if self._grammars is not None:
+            try:
+                self._grammars.result(timeout=timeout_s)
+            except Exception:  # noqa: BLE001 — reported by `_grammar_matcher`
+                pass
+
     def _grammar_matcher(self, constraint: tuple[str, str], request_id: str):
         """A structured-output matcher over this engine's tokenizer (waits for the compiler only if a
         constrained request comes within its first second)."""

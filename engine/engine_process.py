@@ -123,6 +123,7 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
         except Exception as e:
             outbox.send(pickle.dumps(EngineFailed(f"KV connector failed to start: {type(e).__name__}: {e}")))
             return
+    core.wait_grammar_compiler()
     mc = core.model_config
     outbox.send(pickle.dumps(EngineReady(mc.path, mc.hf, core.max_model_len, core.runner.num_pages,
                                          core.runner.page_size, mc.eos_token_ids, config.kv_role,

@@ -46,6 +46,16 @@ class HttpApi:
         eos = [tok.eos_token_id] if getattr(tok, "eos_token_id", None) is not None else None
         return compiler_future(getattr(tok, "directory", None), getattr(tok, "vocab_size", None), eos)
 
+    async def grammar_compiler_ready(self, timeout_s: float = 120.0) -> None:
+        """Wait for the compiler `app` started (the router does, before it reports ready: its ~1 s holding the
+        GIL would otherwise stall the first requests). A failed build is not an error here: constrained
+        requests report it."""
+        if self._grammar is not None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self._grammar), timeout_s)
+            except Exception:  # noqa: BLE001 — reported by `_check_constraint`
+                pass
+
     def app(self) -> web.Application:
         if self._grammar is None and prewarm_enabled():
             self._grammar = self._start_grammar_compiler()

@@ -40,12 +40,14 @@ async def serve(prefill: list[str], decode: list[str], tokenizer, model_name: st
     server = GrpcServer(GenerateServicer(router, api_key), pb_grpc.add_GenerateServicer_to_server,
                         "pdserve.v1.Generate")
     bound = await server.start(host, grpc_port, tls.server_credentials(require_client_cert=False) if tls else None)
-    runner = web.AppRunner(HttpApi(router, chat_template, api_key).app())
+    api = HttpApi(router, chat_template, api_key)
+    runner = web.AppRunner(api.app())
     await runner.setup()
     site = web.TCPSite(runner, host, http_port, ssl_context=tls.ssl_context() if tls else None)
     await site.start()
     http_bound = site._server.sockets[0].getsockname()[1]
     scheme = "https" if tls else "http"
+    await api.grammar_compiler_ready()
     print(f"router ready: grpc {host}:{bound} http {scheme}://{host}:{http_bound}", flush=True)
     await wait_for_signal()
     probe.cancel()

@@ -84,7 +84,8 @@ def test_compiler_builds_off_the_request_path(llm, tmp_path, monkeypatch):
     llm.core.add_request("lazy", [3, 4], SamplingParams(max_tokens=2, structured_output=("regex", "a")))
     llm.core.abort("lazy")
     assert llm.core._grammars is fut  # the fixture's engine (prewarm off) takes the same one on first use
-    fut.result(timeout=60)
+    core.wait_grammar_compiler()  # what the engine process does before it reports ready
+    assert fut.done()
     t = time.perf_counter()
     core.add_request("first-constrained", [3, 4, 5], SamplingParams(
         max_tokens=4, structured_output=("regex", r"[a-z]{2}")))
@@ -103,6 +104,7 @@ def test_unbuildable_compiler_fails_only_constrained_requests(llm, monkeypatch):
     failed = Future()
     failed.set_exception(ValueError("cannot load tokenizer (bad file)"))
     monkeypatch.setattr(llm.core, "_grammars", failed)
+    llm.core.wait_grammar_compiler()  # a failed build does not stop the engine from starting
     with pytest.raises(RequestError, match="structured output is unavailable.*cannot load tokenizer"):
         llm.core.add_request("c", [3, 4], SamplingParams(max_tokens=2, structured_output=("regex", "a")))
     assert "c" not in llm.core.requests
