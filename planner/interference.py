@@ -295,14 +295,14 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
             cmds["prefill"].put(("push", (rid, ids, dest)))
             return _expect(results, "prefill", "pushed", timeout)
 
-        def pushes(t: int, shared: bool) -> list[dict]:
+        def pushes(tag: str, shared: bool) -> list[dict]:
             """The decode worker decodes its batch (shared) or only serves the hand-offs (alone) meanwhile."""
             stop.clear()
             cmds["decode"].put(("loop" if shared else "serve", None))
             _expect(results, "decode", "looping", timeout)
             if shared:
                 time.sleep(0.2)
-            out = [hand_off(f"x{t}-{'s' if shared else 'a'}{i}") for i in range(prefill_units)]
+            out = [hand_off(f"x{tag}-{'s' if shared else 'a'}{i}") for i in range(prefill_units)]
             stop.set()
             _expect(results, "decode", "stopped", timeout)
             cmds["decode"].put(("settle", None))
@@ -310,25 +310,25 @@ def measure(model: str, dtype: str = "bfloat16", device: str = "cuda", tokens: i
             return out
 
         rows = []
-        for b, t in [(b, t) for b in batches for t in sizes]:
-            if t == sizes[0]:  # a new decode batch: its own step time alone
-                cmds["decode"].put(("batch", b))
-                decode_alone = timed("decode", decode_units)
-            cmds["prefill"].put(("size", t))
-            row = {"prefill_tokens": t, "decode_batch": b, "decode_alone_s": decode_alone,
-                   "prefill_alone_s": timed("prefill", prefill_units),
-                   "decode_shared_s": beside("prefill", "decode", decode_units),
-                   "prefill_shared_s": beside("decode", "prefill", prefill_units)}
-            row.update(decode_slowdown=row["decode_shared_s"] / row["decode_alone_s"],
-                       prefill_slowdown=row["prefill_shared_s"] / row["prefill_alone_s"])
-            if push:
-                for shared, name in ((False, "alone"), (True, "shared")):
-                    stats = pushes(t, shared)
-                    row[f"push_exposed_{name}_s"] = statistics.median(x["exposed_seconds"] for x in stats)
-                    row[f"push_wall_{name}_s"] = statistics.median(x["wall_s"] for x in stats)
-                    row[f"push_destination_wait_{name}_s"] = statistics.median(
-                        x.get("destination_wait_seconds", 0.0) for x in stats)
-            rows.append(row)
+        for b in batches:
+            cmds["decode"].put(("batch", b))
+            decode_alone = timed("decode", decode_units)
+            for t in sizes:
+                cmds["prefill"].put(("size", t))
+                row = {"prefill_tokens": t, "decode_batch": b, "decode_alone_s": decode_alone,
+                       "prefill_alone_s": timed("prefill", prefill_units),
+                       "decode_shared_s": beside("prefill", "decode", decode_units),
+                       "prefill_shared_s": beside("decode", "prefill", prefill_units)}
+                row.update(decode_slowdown=row["decode_shared_s"] / row["decode_alone_s"],
+                           prefill_slowdown=row["prefill_shared_s"] / row["prefill_alone_s"])
+                if push:
+                    for shared, name in ((False, "alone"), (True, "shared")):
+                        stats = pushes(f"{b}-{t}", shared)
+                        row[f"push_exposed_{name}_s"] = statistics.median(x["exposed_seconds"] for x in stats)
+                        row[f"push_wall_{name}_s"] = statistics.median(x["wall_s"] for x in stats)
+                        row[f"push_destination_wait_{name}_s"] = statistics.median(
+                            x.get("destination_wait_seconds", 0.0) for x in stats)
+                rows.append(row)
         for r in cmds:
             cmds[r].put(("quit", None))
     finally:

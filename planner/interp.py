@@ -15,6 +15,19 @@ def _segment(xs: list[float], x: float) -> int:
     return min(max(i, 0), len(xs) - 2)
 
 
+def held_log_linear(points: list[tuple[float, float]], x: float | None) -> float:
+    """y at `x` through `points` (x > 0, ascending; y any sign, zero included): linear in log x between
+    neighbours and held at the end values beyond them (ratios and small times, not power laws: no log
+    of y, no extrapolation); the last point's y without an `x`."""
+    if not x or len(points) == 1:
+        return points[-1][1]
+    lxs = [math.log(p) for p, _ in points]
+    lx = min(max(math.log(x), lxs[0]), lxs[-1])
+    i = _segment(lxs, lx)
+    w = (lx - lxs[i]) / (lxs[i + 1] - lxs[i])
+    return points[i][1] * (1 - w) + points[i + 1][1] * w
+
+
 class Table1D:
     """y(x) through measured points (x > 0, y > 0), log-log piecewise linear."""
 

@@ -20,26 +20,12 @@ attention over their context beyond the smallest one measured.
 """
 from __future__ import annotations
 
-import bisect
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
-from planner.interp import Table1D, Table2D
+from planner.interp import Table1D, Table2D, held_log_linear
 
 VERSION = 1
-
-
-def _log_interp(points: list[tuple[float, float]], x: float | None) -> float:
-    """`points` (x ascending, x > 0) at `x`: linear in log x between neighbours, held at the ends; the last
-    point's value without an `x`."""
-    if not x or len(points) == 1:
-        return points[-1][1]
-    xs = [math.log(p) for p, _ in points]
-    lx = min(max(math.log(x), xs[0]), xs[-1])
-    i = min(max(bisect.bisect_right(xs, lx) - 1, 0), len(xs) - 2)
-    w = (lx - xs[i]) / (xs[i + 1] - xs[i])
-    return points[i][1] * (1 - w) + points[i + 1][1] * w
 
 
 class ProfileError(ValueError):
@@ -177,16 +163,15 @@ class Profile:
         rows = [r for r in table.get("by_prefill_tokens") or [] if key in r]
         if not rows:
             return float(table.get(key, default))
-        by_batch: dict[int, list[dict]] = {}
-        for r in rows:  # rows of tables measured at one decode batch carry it only at the top level
-            by_batch.setdefault(int(r.get("decode_batch", table.get("decode_batch", 0))), []).append(r)
-        batches = sorted(by_batch)
-        values = [_log_interp([(r["prefill_tokens"], r[key]) for r in sorted(by_batch[b],
-                                                                             key=lambda r: r["prefill_tokens"])],
-                              prefill_tokens) for b in batches]
-        if len(batches) == 1:
-            return float(values[0])
-        return float(_log_interp(list(zip(batches, values)), decode_batch))  # largest batch's without one
+        by_batch: dict[int, list[tuple[float, float]]] = {}
+        # rows of tables measured at one decode batch carry it only at the top level
+        for r in sorted(rows, key=lambda r: r["prefill_tokens"]):
+            by_batch.setdefault(int(r.get("decode_batch", table.get("decode_batch", 0))), []).append(
+                (r["prefill_tokens"], r[key]))
+        at_size = [(b, held_log_linear(points, prefill_tokens)) for b, points in sorted(by_batch.items())]
+        if len(at_size) == 1:
+            return float(at_size[0][1])
+        return float(held_log_linear(at_size, decode_batch))  # the largest batch's without one
 
     def expert_read_scale(self, ep_size: int) -> float:
         """Decode is bound by weight reads; with EP each GPU reads only its share of the experts."""
