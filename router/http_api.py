@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import json
 import time
+from concurrent import futures
 
 from aiohttp import web
 
@@ -48,13 +49,10 @@ class HttpApi:
 
     async def grammar_compiler_ready(self, timeout_s: float = 120.0) -> None:
         """Wait for the compiler `app` started (the router does, before it reports ready: its ~1 s holding the
-        GIL would otherwise stall the first requests). A failed build is not an error here: constrained
-        requests report it."""
+        GIL would otherwise stall the first requests). A failed build is not an error here (`futures.wait`
+        does not raise it): constrained requests report it."""
         if self._grammar is not None:
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(self._grammar), timeout_s)
-            except Exception:  # noqa: BLE001 — reported by `_check_constraint`
-                pass
+            await asyncio.to_thread(futures.wait, [self._grammar], timeout_s)
 
     def app(self) -> web.Application:
         if self._grammar is None and prewarm_enabled():
@@ -122,8 +120,8 @@ class HttpApi:
         """Compile the constraint against the served tokenizer (StructuredOutputError: a 400)."""
         if self._grammar is None:
             self._grammar = self._start_grammar_compiler()
-        compiler = await asyncio.wrap_future(self._grammar)
-        await asyncio.to_thread(compiler.validate, spec)
+        grammar = self._grammar  # waited on in a thread: a cancelled request must not cancel the shared future
+        await asyncio.to_thread(lambda: grammar.result().validate(spec))
 
     async def _handle(self, request: web.Request, chat: bool):
         r = self.router

@@ -94,6 +94,7 @@ def test_compiler_builds_off_the_request_path(llm, tmp_path, monkeypatch):
     assert took < 0.5, f"admitting a constrained request took {took:.2f} s"
 
     broken = compiler_future(str(tmp_path), 1000, [1])  # no tokenizer.json there
+    assert not broken.cancel()  # a waiter that gives up (a disconnected client) cannot cancel it for the others
     with pytest.raises(Exception, match="tokenizer"):
         broken.result(timeout=60)
 
