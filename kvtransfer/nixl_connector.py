@@ -76,6 +76,10 @@ def first_tokens(request) -> int | list[int]:
     return [request.output_token_ids[0]] + [c.output_token_ids[0] for c in request.forks]
 
 
+# A WRITE whose post (agent lock + NIXL calls) takes longer than this is logged with its breakdown.
+SLOW_POST_S = float(os.environ.get("PDSERVE_KV_SLOW_POST_S", "0.02"))
+
+
 @dataclass
 class _Push:
     """The WRITEs of one request's prompt KV (layer by layer, or all layers at once)."""
@@ -131,6 +135,7 @@ class NixlConnector(KVConnector):
         self._nixl_lock = threading.Lock()  # the sender thread and the engine loop share the agent
         self._jobs: queue.Queue = queue.Queue()
         self._wake = threading.Event()  # a push may have become ready to notify
+        self._slow_logged_at, self._slow_posts = 0.0, 0  # `_log_slow_post`'s rate limit
         if role == "prefill":
             if self.on_cuda:
                 threading.Thread(target=self._sender_loop, daemon=True, name="kv-layer-sender").start()
@@ -261,15 +266,32 @@ class NixlConnector(KVConnector):
                 t0 = time.monotonic()
                 with self._nixl_lock:  # the sender thread and the engine loop share the agent
                     t1 = time.monotonic()
-                    push.transfers.append(self.agent.write(rid, push.pages, push.dest, layers=layers,
-                                                           runs=push.runs))
+                    transfer = self.agent.write(rid, push.pages, push.dest, layers=layers, runs=push.runs)
+                    push.transfers.append(transfer)
                 push.last_post = time.monotonic()
                 push.lock_wait += t1 - t0
                 push.call_time += push.last_post - t1
                 push.first_post = push.first_post or push.last_post
+                if push.last_post - t0 > SLOW_POST_S:
+                    self._log_slow_post(rid, transfer, t1 - t0, push.last_post - t1)
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"
         push.posted += len(layers) if layers is not None else 1
+
+    def _log_slow_post(self, rid: str, transfer, lock_wait: float, call: float) -> None:
+        """A warning (at most one a second, the rest counted) for a WRITE slow to post, with where its
+        time went: the agent lock, and inside the call the address lists, NIXL's descriptor lists,
+        initialize_xfer and transfer."""
+        now = time.monotonic()
+        self._slow_posts += 1
+        if now - self._slow_logged_at < 1.0:
+            return
+        build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases)
+        log.warning("slow KV WRITE post for %s: %.1f ms (lock wait %.1f ms; call %.1f ms = build %s + descs %s + "
+                    "init %s + transfer %s ms; %d descriptors, %d bytes; %d pushes in flight, %d slow posts "
+                    "since the last warning)", rid, 1e3 * (lock_wait + call), 1e3 * lock_wait, 1e3 * call, build,
+                    descs, init, post, transfer.num_descs, transfer.nbytes, len(self.pushes), self._slow_posts)
+        self._slow_logged_at, self._slow_posts = now, 0
 
     def set_destination(self, request) -> None:
         push = self.pushes.get(request.request_id)

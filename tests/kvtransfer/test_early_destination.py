@@ -248,3 +248,20 @@ def test_prefill_graph_path_pushes_every_layer_and_decode_continues_exactly(monk
     assert ran == [True]  # one prefill step, through the graph path, with the per-layer hook
     assert posted == list(range(len(prefill.runner.kv_pool.layers)))
     assert _pools_full(prefill, decode)
+
+
+def test_a_slow_post_is_logged_with_where_its_time_went(engines, reference, monkeypatch, caplog):
+    """Every post counts as slow at a 0 s threshold: the warning names the request and splits the
+    time into the lock wait and NIXL's calls (the tool for a push whose first WRITE waits)."""
+    import kvtransfer.nixl_connector as nc
+
+    monkeypatch.setattr(nc, "SLOW_POST_S", 0.0)
+    engines[0].connector._slow_logged_at = 0.0  # an earlier test's warning must not rate-limit this one
+    outputs: dict = {}
+    with caplog.at_level("WARNING", logger="kvtransfer.nixl_connector"):
+        tokens = _handoff(engines, "r-slow", "admission", outputs)
+    assert tokens == reference
+    lines = [r.getMessage() for r in caplog.records if "slow KV WRITE post for r-slow" in r.getMessage()]
+    assert len(lines) == 1, lines  # rate-limited to one a second
+    for part in ("lock wait", "build", "descs", "init", "transfer", "descriptors", "pushes in flight"):
+        assert part in lines[0]
