@@ -14,6 +14,6 @@ timeout 120 python -m tests.engine.kernels.check_mla_decode cuda real > "$OUT/ml
 echo "check rc $?" >> "$OUT/mla_check.txt"
 timeout 150 python -m bench.mla_decode_sweep --scratch --workers 8 --out "$OUT/mla" > "$OUT/mla/sweep.log" 2>&1
 echo "sweep rc $? at ${SECONDS}s" >> "$OUT/mla/sweep.log"
-MODEL=deepseek-v2-lite MODEL2= BUDGET_S=$((570 - SECONDS)) OUT=$OUT \
+MODEL=deepseek-v2-lite MODEL2= SWEEP="random_1 sharegpt_4 sharegpt_8" BUDGET_S=$((570 - SECONDS)) OUT=$OUT \
   PROFILE_FROM=bench/results/2026-12-07g_h100_roofline/validation_v2lite/profile_deepseek-v2-lite.json \
   bash bench/run_planner_validation_gpu.sh

@@ -98,10 +98,11 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
 }
 
 # MODEL: the full validation (PROFILE_FROM=FILE: that profile instead, measured by an earlier call on
-# the same device kind; only the serving runs and the re-prediction).
+# the same device kind; only the serving runs, SWEEP="random_1 sharegpt_4 ..." names a subset, and the
+# re-prediction).
 if [ -n "${PROFILE_FROM:-}" ]; then
   cp "$PROFILE_FROM" "$STAGE/profile_$MODEL.json"
-  serve "$MODEL" "random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8"
+  serve "$MODEL" "${SWEEP:-random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8}"
   echo "total $((SECONDS - T0))s" >> "$LOG"; pack; exit 0
 fi
 pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
