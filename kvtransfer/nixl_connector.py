@@ -206,7 +206,7 @@ class NixlConnector(KVConnector):
                 self._wake.clear()
                 continue
             for rid, push in ready:
-                if all(st == "DONE" for st in self._states(push.transfers)):
+                if self._state(push.transfers) == "DONE":
                     with push.lock:
                         if self._may_notify(push):  # nothing ended it meanwhile
                             push.notice_error = self._notify(push.dest, push.first_token)
@@ -355,10 +355,10 @@ class NixlConnector(KVConnector):
                 self._write(rid, push, None)
         with push.lock:
             transfers, error, pending = list(push.transfers), push.error, push.pending_jobs
-        states = self._states(transfers)
-        if "ERR" in states:
+        state = self._state(transfers)
+        if state == "ERR":
             error = error or "KV transfer failed (NIXL reported an error)"
-        in_flight = pending > 0 or "PROC" in states
+        in_flight = pending > 0 or state == "PROC"
         ended = push.aborted or error is not None
         complete = push.compute_done and push.all_posted
         if in_flight or not (ended or complete):
@@ -385,11 +385,20 @@ class NixlConnector(KVConnector):
             error = self._notify(push.dest, push.first_token)
         return SendResult(error=error, stats=self._stats(push, transfers, now))
 
-    def _states(self, transfers: list) -> list[str]:
-        """Each WRITE's NIXL state (the agent keeps a final one); the engine loop and the completion
-        thread share the agent."""
+    def _state(self, transfers: list) -> str:
+        """PROC while any of the WRITEs is in flight, else ERR if one failed, else DONE. The scan stops
+        at the first WRITE in flight, oldest first (they finish about in posting order): one NIXL call per
+        push and poll instead of one per WRITE, which under the agent lock held up the sender's posts
+        while many pushes were in flight. The agent keeps a finished WRITE's state; the engine loop and
+        the completion thread share the agent."""
+        failed = False
         with self._nixl_lock:
-            return [self.agent.poll(t) for t in transfers]
+            for t in transfers:
+                st = self.agent.poll(t)
+                if st == "PROC":
+                    return st
+                failed = failed or st == "ERR"
+        return "ERR" if failed else "DONE"
 
     def _notified(self, rid: str, push: _Push, transfers: list) -> SendResult:
         """The end of a push whose notice the completion thread sent (an abort after it came too late
