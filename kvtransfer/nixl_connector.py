@@ -78,6 +78,8 @@ def first_tokens(request) -> int | list[int]:
 
 # A WRITE whose post (agent lock + NIXL calls) takes longer than this is logged with its breakdown.
 SLOW_POST_S = float(os.environ.get("PDSERVE_KV_SLOW_POST_S", "0.02"))
+# A push whose notice goes out longer than this after its compute ended is logged with its timeline.
+SLOW_PUSH_S = float(os.environ.get("PDSERVE_KV_SLOW_PUSH_S", "0.25"))
 
 
 @dataclass
@@ -136,6 +138,7 @@ class NixlConnector(KVConnector):
         self._jobs: queue.Queue = queue.Queue()
         self._wake = threading.Event()  # a push may have become ready to notify
         self._slow_logged_at, self._slow_posts = 0.0, 0  # `_log_slow_post`'s rate limit
+        self._slow_push_logged_at = 0.0  # the slow-push warning's (one a second)
         if role == "prefill":
             if self.on_cuda:
                 threading.Thread(target=self._sender_loop, daemon=True, name="kv-layer-sender").start()
@@ -263,7 +266,7 @@ class NixlConnector(KVConnector):
             try:
                 if push.runs is None:  # once per push: a Python loop over every page (1,024 at 16k tokens)
                     push.runs = page_runs(push.pages, push.dest["page_ids"])
-                t0 = time.monotonic()
+                t0, cpu0 = time.monotonic(), time.thread_time()
                 with self._nixl_lock:  # the sender thread and the engine loop share the agent
                     t1 = time.monotonic()
                     transfer = self.agent.write(rid, push.pages, push.dest, layers=layers, runs=push.runs)
@@ -273,24 +276,26 @@ class NixlConnector(KVConnector):
                 push.call_time += push.last_post - t1
                 push.first_post = push.first_post or push.last_post
                 if push.last_post - t0 > SLOW_POST_S:
-                    self._log_slow_post(rid, transfer, t1 - t0, push.last_post - t1)
+                    self._log_slow_post(rid, transfer, t1 - t0, push.last_post - t1, time.thread_time() - cpu0)
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"
         push.posted += len(layers) if layers is not None else 1
 
-    def _log_slow_post(self, rid: str, transfer, lock_wait: float, call: float) -> None:
+    def _log_slow_post(self, rid: str, transfer, lock_wait: float, call: float, cpu: float) -> None:
         """A warning (at most one a second, the rest counted) for a WRITE slow to post, with where its
         time went: the agent lock, and inside the call the address lists, NIXL's descriptor lists,
-        initialize_xfer and transfer."""
+        initialize_xfer and transfer; and the posting thread's CPU time (far below the wall time: it
+        waited, for the GIL or inside NIXL)."""
         now = time.monotonic()
         self._slow_posts += 1
         if now - self._slow_logged_at < 1.0:
             return
         build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases)
-        log.warning("slow KV WRITE post for %s: %.1f ms (lock wait %.1f ms; call %.1f ms = build %s + descs %s + "
-                    "init %s + transfer %s ms; %d descriptors, %d bytes; %d pushes in flight, %d slow posts "
-                    "since the last warning)", rid, 1e3 * (lock_wait + call), 1e3 * lock_wait, 1e3 * call, build,
-                    descs, init, post, transfer.num_descs, transfer.nbytes, len(self.pushes), self._slow_posts)
+        log.warning("slow KV WRITE post for %s: %.1f ms, %.1f ms of it on this thread's CPU (lock wait %.1f ms; "
+                    "call %.1f ms = build %s + descs %s + init %s + transfer %s ms; %d descriptors, %d bytes; %d "
+                    "pushes in flight, %d slow posts since the last warning)", rid, 1e3 * (lock_wait + call),
+                    1e3 * cpu, 1e3 * lock_wait, 1e3 * call, build, descs, init, post, transfer.num_descs,
+                    transfer.nbytes, len(self.pushes), self._slow_posts)
         self._slow_logged_at, self._slow_posts = now, 0
 
     def set_destination(self, request) -> None:
@@ -411,6 +416,19 @@ class NixlConnector(KVConnector):
         """A completed push's figures; `now`: when its notice went out."""
         nbytes = sum(t.nbytes for t in transfers)
         self.bytes_sent += nbytes
+        if now - (push.compute_done or now) > SLOW_PUSH_S and now - self._slow_push_logged_at >= 1.0:
+            self._slow_push_logged_at = now
+            t0 = push.compute_done
+
+            def at(t: float) -> str:
+                return f"{1e3 * (t - t0):+.1f}" if t else "-"
+
+            log.warning("slow KV push: notice %.1f ms after its compute ended; ms from then: destination %s, first "
+                        "layer seen %s, first post %s, last layer seen %s, last post %s, notice %s; %d WRITEs "
+                        "(lock wait %.1f ms, in NIXL %.1f ms), %d bytes, %d pushes in flight",
+                        1e3 * (now - t0), at(push.dest_at), at(push.first_layer_at), at(push.first_post),
+                        at(push.kv_ready_at), at(push.last_post), at(now), len(transfers), 1e3 * push.lock_wait,
+                        1e3 * push.call_time, nbytes, len(self.pushes))
         return {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
                  "descriptors": sum(t.num_descs for t in transfers), "writes": len(transfers),
                  # posting the WRITEs: waiting for the agent lock (the completion thread and the engine loop

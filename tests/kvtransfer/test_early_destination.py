@@ -263,5 +263,20 @@ def test_a_slow_post_is_logged_with_where_its_time_went(engines, reference, monk
     assert tokens == reference
     lines = [r.getMessage() for r in caplog.records if "slow KV WRITE post for r-slow" in r.getMessage()]
     assert len(lines) == 1, lines  # rate-limited to one a second
-    for part in ("lock wait", "build", "descs", "init", "transfer", "descriptors", "pushes in flight"):
+    for part in ("on this thread's CPU", "lock wait", "build", "descs", "init", "transfer", "descriptors", "pushes in flight"):
+        assert part in lines[0]
+
+
+def test_a_slow_push_is_logged_with_its_timeline(engines, reference, monkeypatch, caplog):
+    """At a threshold below any push's duration the push that ends logs where its time went."""
+    import kvtransfer.nixl_connector as nc
+
+    monkeypatch.setattr(nc, "SLOW_PUSH_S", -1.0)
+    engines[0].connector._slow_push_logged_at = 0.0
+    outputs: dict = {}
+    with caplog.at_level("WARNING", logger="kvtransfer.nixl_connector"):
+        assert _handoff(engines, "r-slow-push", "admission", outputs) == reference
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow KV push")]
+    assert len(lines) == 1, lines
+    for part in ("destination", "first layer seen", "first post", "last post", "notice", "WRITEs", "lock wait"):
         assert part in lines[0]
