@@ -23,10 +23,6 @@ TILES = {  # heads → (block_h, block_n, warps, stages, value splits) candidate
           (64, 16, 4, 3, 1), (64, 64, 4, 2, 2), (64, 64, 4, 3, 2), (64, 32, 4, 3, 2), (64, 64, 8, 3, 2)],
     16: list(itertools.product((16,), (32, 64, 128), (4, 8), (1, 2, 3), (1,))),
 }
-# `--scratch`: the probabilities-through-scratch kernel's tiles (a 6th field, True) at 128 heads, next to
-# the rule's current tile
-SCRATCH_TILES = {128: [(64, 64, 8, 3, 1), (64, 64, 8, 2, 1, True), (64, 32, 8, 2, 1, True), (64, 32, 8, 3, 1, True),
-                       (64, 32, 8, 4, 1, True), (64, 16, 8, 3, 1, True), (64, 16, 8, 4, 1, True)]}
 
 
 def _inputs(heads: int, batch: int, ctx: int):
@@ -54,7 +50,7 @@ def _tasks(ctx: int, sms: int, only: dict | None = None) -> list[tuple]:
 def _config(tile, splits):
     from engine.kernels.mla_decode import MLADecodeConfig
 
-    return MLADecodeConfig(tile[0], tile[1], splits, tile[2], tile[3], tile[4], *tile[5:])
+    return MLADecodeConfig(tile[0], tile[1], splits, tile[2], tile[3], tile[4])
 
 
 def _compile(tasks: list[tuple]) -> int:
@@ -89,7 +85,7 @@ def run(ctx: int, workers: int, only: dict | None = None) -> dict:
         kv_bytes, flops = batch * ctx * (R + P) * 2, 2 * batch * heads * ctx * (2 * R + P)
         for _, _, _, tile, splits in group:
             row = dict(heads=heads, batch=batch, context=ctx, block_h=tile[0], block_n=tile[1], warps=tile[2],
-                       stages=tile[3], value_splits=tile[4], splits=splits, p_scratch=bool(tile[5:] and tile[5]))
+                       stages=tile[3], value_splits=tile[4], splits=splits)
             fn = lambda: mla_decode(q, cache, tables, seq_lens, 0.04, R, config=_config(tile, splits))  # noqa: E731
             try:
                 row["err"] = (fn().float() - ref).abs().max().item()
@@ -105,8 +101,8 @@ def run(ctx: int, workers: int, only: dict | None = None) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']} ({result['sms']} SMs). Kernel alone, CUDA graph replay, µs per call.", "",
-             "| heads | batch | ctx | block_h | block_n | warps | stages | value splits | P scratch | splits | µs | "
-             "GB/s KV | TFLOP/s | max err |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| heads | batch | ctx | block_h | block_n | warps | stages | value splits | splits | µs | GB/s KV | "
+             "TFLOP/s | max err |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     best = {}
     for r in result["rows"]:
         key = (r["heads"], r["batch"])
@@ -115,13 +111,11 @@ def markdown(result: dict) -> str:
         cells = (f"{r['us']:.1f} | {r['gbps']:.0f} | {r['tflops']:.0f} | {r['err']:.1e}" if "us" in r
                  else f"{r.get('error', '?')} | | |")
         lines.append(f"| {r['heads']} | {r['batch']} | {r['context']} | {r['block_h']} | {r['block_n']} | "
-                     f"{r['warps']} | {r['stages']} | {r.get('value_splits', 1)} | {r.get('p_scratch', False)} | "
-                     f"{r['splits']} | {cells} |")
+                     f"{r['warps']} | {r['stages']} | {r.get('value_splits', 1)} | {r['splits']} | {cells} |")
     lines += ["", "Best per shape:", ""]
     for (heads, batch), r in sorted(best.items()):
         lines.append(f"- heads {heads}, batch {batch}: block_h {r['block_h']}, block_n {r['block_n']}, warps "
-                     f"{r['warps']}, stages {r['stages']}, value splits {r.get('value_splits', 1)}, P scratch "
-                     f"{r.get('p_scratch', False)}, splits "
+                     f"{r['warps']}, stages {r['stages']}, value splits {r.get('value_splits', 1)}, splits "
                      f"{r['splits']}: {r['us']:.1f} µs, "
                      f"{r['gbps']:.0f} GB/s, {r['tflops']:.0f} TFLOP/s")
     return "\n".join(lines) + "\n"
@@ -132,11 +126,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--heads", type=int, default=None, help="only this head count's candidates")
-    ap.add_argument("--scratch", action="store_true", help="only SCRATCH_TILES (128 heads)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    only = SCRATCH_TILES if args.scratch else {args.heads: TILES[args.heads]} if args.heads else None
-    result = run(args.context, args.workers, only)
+    result = run(args.context, args.workers, {args.heads: TILES[args.heads]} if args.heads else None)
     emit(result, markdown(result), args.out, "mla_decode_sweep")
 
 

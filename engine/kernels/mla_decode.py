@@ -41,14 +41,12 @@ class MLADecodeConfig:
     num_warps: int
     num_stages: int
     value_splits: int = 1  # 2: each program accumulates half the latent channels (scores in full)
-    p_scratch: bool = False  # probabilities handed to the value dot through a per-program scratch tile
 
 
 @triton.jit
 def _attend_tile(q_own, q_rest, q_rope, kv, block_tables, row_table, n0, end, qk_scale, m, l, acc, own0, rest0,
-                 stride_kp, stride_ks, p_tile, a_tile, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
-                 P_SCRATCH: tl.constexpr, ON_GPU: tl.constexpr):
+                 stride_kp, stride_ks, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr):
     """Scores of the head block against positions n0..n0+BLOCK_N (< end), then one online-softmax
     update of (running max, running sum, unnormalised output), all in the exp2 domain. The scores
     use all R latent channels (this program's `own0..` slice and, with two value splits, the
@@ -63,47 +61,27 @@ def _attend_tile(q_own, q_rest, q_rope, kv, block_tables, row_table, n0, end, qk
     lat = tl.load(row[:, None] + own0 + cols[None, :], mask=pmask[:, None], other=0.0).to(q_own.dtype)
     pc = tl.arange(0, BLOCK_P)  # BLOCK_P ≥ 16 (a tensor-core dot's K), masked to P
     rope = tl.load(row[:, None] + R + pc[None, :], mask=pmask[:, None] & (pc < P)[None, :], other=0.0).to(q_rope.dtype)
-    # The rope channels first: a dot whose result feeds another dot gets the compiler's chained-dot layout
-    # (every warpgroup computes all of it), which costs least on the 64-deep rope dot.
-    qk = tl.dot(q_rope, tl.trans(rope), out_dtype=tl.float32)
+    qk = tl.dot(q_own, tl.trans(lat), out_dtype=tl.float32)
     if VALUE_SPLITS == 2:
         rest = tl.load(row[:, None] + rest0 + cols[None, :], mask=pmask[:, None], other=0.0).to(q_rest.dtype)
         qk = tl.dot(q_rest, tl.trans(rest), acc=qk, out_dtype=tl.float32)
-    qk = tl.dot(q_own, tl.trans(lat), acc=qk, out_dtype=tl.float32)
+    qk = tl.dot(q_rope, tl.trans(rope), acc=qk, out_dtype=tl.float32)
     qk = tl.where(pmask[None, :], qk * qk_scale, float("-inf"))
     # Position n0 < end is always valid, so m_new is finite and exp2(-inf - m_new) = 0.
     m_new = tl.maximum(m, tl.max(qk, 1))
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m - m_new)
     l = l * alpha + tl.sum(p, 1)
-    p = p.to(lat.dtype)
-    if P_SCRATCH:
-        # Through memory, so the compiler no longer sees the score dot feeding the value dot: it then
-        # splits the score tile's positions between the warpgroups instead of having each compute
-        # all of it (its layout for chained dots), and hands the halves over here.
-        hh = tl.arange(0, p.shape[0])
-        nn = tl.arange(0, BLOCK_N)
-        ptrs = p_tile + hh[:, None] * BLOCK_N + nn[None, :]
-        tl.store(ptrs, p)
-        tl.store(a_tile + hh, alpha)  # the rescale too: through it the scores reach the value dot's accumulator
-        # bar.sync as inline assembly (tl.debug_barrier keeps the compiler from pipelining the loop's
-        # latent loads); its result, always 0, offsets the reads so they cannot move above it
-        zero = 0
-        if ON_GPU:  # (the interpreter runs a program's threads as one, so it needs no barrier)
-            zero = tl.max(tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, 0;", "=r,r", [tl.zeros([1], tl.int32)],
-                                                    dtype=tl.int32, is_pure=False, pack=1), 0)
-        p = tl.load(ptrs + zero, volatile=True)
-        alpha = tl.load(a_tile + hh + zero, volatile=True)
-    acc = acc * alpha[:, None] + tl.dot(p, lat, out_dtype=tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, out_dtype=tl.float32)
     return m_new, l, acc
 
 
 @triton.jit
-def _mla_decode_kernel(q, kv, block_tables, seq_lens, out, part_out, part_lse, scratch, scale_scratch, qk_scale, num_heads,
-                       num_splits, stride_qb, stride_qh, stride_kp, stride_ks, stride_bt, stride_ob, stride_oh,
+def _mla_decode_kernel(q, kv, block_tables, seq_lens, out, part_out, part_lse, qk_scale, num_heads, num_splits,
+                       stride_qb, stride_qh, stride_kp, stride_ks, stride_bt, stride_ob, stride_oh,
                        R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, VALUE_SPLITS: tl.constexpr, DIRECT: tl.constexpr,
-                       BLOCK_P: tl.constexpr, P_SCRATCH: tl.constexpr, ON_GPU: tl.constexpr):
+                       BLOCK_P: tl.constexpr):
     # Fastest grid axis: the (head block, value split) programs sharing one latent tile run together.
     hb = tl.program_id(0) // VALUE_SPLITS
     vs = tl.program_id(0) % VALUE_SPLITS
@@ -129,17 +107,10 @@ def _mla_decode_kernel(q, kv, block_tables, seq_lens, out, part_out, part_lse, s
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, RV], tl.float32)
-    # two scratch tiles per program (alternate tiles), so a tile's store never meets the last one's reads
-    program = (b * num_splits + s) * tl.num_programs(0) + tl.program_id(0)
-    tile_base = scratch + program.to(tl.int64) * (2 * BLOCK_H * BLOCK_N)
-    a_base = scale_scratch + program.to(tl.int64) * (2 * BLOCK_H)
     for n0 in range(start, end, BLOCK_N):
-        parity = (n0 - start) // BLOCK_N % 2
-        p_tile = tile_base + parity * (BLOCK_H * BLOCK_N)
-        a_tile = a_base + parity * BLOCK_H
         m, l, acc = _attend_tile(q_own, q_rest, q_rope, kv, block_tables, b * stride_bt, n0, end, qk_scale, m, l,
-                                 acc, own0, rest0, stride_kp, stride_ks, p_tile, a_tile, R, P, PAGE, BLOCK_N, VALUE_SPLITS,
-                                 BLOCK_P, P_SCRATCH, ON_GPU)
+                                 acc, own0, rest0, stride_kp, stride_ks, R, P, PAGE, BLOCK_N, VALUE_SPLITS,
+                                 BLOCK_P)
     l_safe = tl.where(l > 0, l, 1.0)  # an empty split (or sequence) gives zeros
     o = acc / l_safe[:, None]
     if DIRECT:
@@ -238,20 +209,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         part_lse = torch.empty(batch * num_heads * cfg.num_splits, dtype=torch.float32, device=q.device)
     if cfg.value_splits not in (1, 2):
         raise ValueError(f"MLA decode supports 1 or 2 value splits, got {cfg.value_splits}")
-    programs = head_blocks * cfg.value_splits * cfg.num_splits * batch
-    if cfg.p_scratch:
-        scratch = torch.empty(programs * 2 * cfg.block_h * cfg.block_n, dtype=q.dtype, device=q.device)
-        scale_scratch = torch.empty(programs * 2 * cfg.block_h, dtype=torch.float32, device=q.device)
-    else:
-        scratch, scale_scratch = out, part_lse  # unused
     _mla_decode_kernel[(head_blocks * cfg.value_splits, cfg.num_splits, batch)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scratch, scale_scratch, scale * LOG2E, num_heads,
-        cfg.num_splits,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_heads, cfg.num_splits,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), R=v_dim, P=rope, PAGE=kv_cache.shape[2], BLOCK_H=cfg.block_h,
         BLOCK_N=cfg.block_n, VALUE_SPLITS=cfg.value_splits, DIRECT=direct,
-        BLOCK_P=max(16, triton.next_power_of_2(rope)), P_SCRATCH=cfg.p_scratch,
-        ON_GPU=q.device.type == "cuda", num_warps=cfg.num_warps,
+        BLOCK_P=max(16, triton.next_power_of_2(rope)), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     if not direct:
         _combine_kernel[(batch, num_heads)](part_out, part_lse, out, num_heads, cfg.num_splits, out.stride(0),

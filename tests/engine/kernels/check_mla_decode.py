@@ -16,7 +16,7 @@ from engine.kernels.mla_decode import choose_config, mla_decode, mla_decode_ref
 
 
 def check(heads, rank, rope, page_size, seq_lens, dtype, device, splits=None, value_splits=None,
-          seed=0, tile=None) -> tuple[float, float]:
+          seed=0) -> tuple[float, float]:
     """Max abs error of the kernel against (its reference, the torch backend's reference)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -33,8 +33,6 @@ def check(heads, rank, rope, page_size, seq_lens, dtype, device, splits=None, va
         cfg = dataclasses.replace(cfg, num_splits=splits)
     if value_splits is not None:
         cfg = dataclasses.replace(cfg, value_splits=value_splits)
-    if tile:
-        cfg = dataclasses.replace(cfg, **tile)
     got = mla_decode(q, cache, meta.block_tables, meta.seq_lens, scale, rank, config=cfg).float()
     ref = mla_decode_ref(q, cache, meta.block_tables, meta.seq_lens, scale, rank).float()
     backend = paged_attention_ref(q, cache, meta, scale, v_component=0, v_dim=rank).float()
@@ -63,7 +61,7 @@ def check_graph_replay(device, seed=0) -> float:
 
 
 def cases(size: str):
-    """(name, heads, R, P, page_size, seq_lens, splits, value splits[, config fields]); None: the default rule."""
+    """(name, heads, R, P, page_size, seq_lens, splits, value splits); None: the default rule."""
     if size == "small":
         return [
             ("one split, 4 heads", 4, 32, 8, 4, [1, 7, 33], 1, None),
@@ -72,8 +70,6 @@ def cases(size: str):
             ("more splits than tiles", 16, 16, 8, 8, [9, 70], 8, None),
             ("two value splits, one split", 20, 32, 8, 4, [1, 7, 45], 1, 2),
             ("two value splits, 3 splits", 4, 32, 8, 16, [5, 40, 2], 3, 2),
-            ("P scratch, one split", 4, 32, 8, 4, [1, 7, 33], 1, None, dict(p_scratch=True)),
-            ("P scratch, 3 splits, some empty", 20, 16, 8, 4, [1, 3, 50], 3, None, dict(p_scratch=True)),
         ]
     v3 = (128, 512, 64)
     lite = (16, 512, 64)
@@ -84,11 +80,6 @@ def cases(size: str):
         ("v3 b1 ctx1k, 7 splits", *v3, 16, [1025], 7, None),
         ("v3 b64 ragged, two value splits", *v3, 16, [random.Random(3).randint(1, 5000) for _ in range(64)], 1, 2),
         ("v3 b5, 3 splits, two value splits", *v3, 16, [1, 700, 4097, 33, 2000], 3, 2),
-        ("v3 b64 ragged, P scratch 64x2", *v3, 16, [random.Random(4).randint(1, 5000) for _ in range(64)], None, None,
-         dict(p_scratch=True, block_n=64, num_stages=2)),
-        ("v3 b5, 3 splits, P scratch 32x3", *v3, 16, [1, 700, 4097, 33, 2000], 3, None,
-         dict(p_scratch=True, block_n=32, num_stages=3)),
-        ("v3 b128 ctx4k, P scratch 32x4", *v3, 16, [4097] * 128, None, None, dict(p_scratch=True, block_n=32, num_stages=4)),
         ("v2-lite b16 ctx4k", *lite, 16, [4097] * 16, None, None),
         ("v2-lite b37 ragged", *lite, 16, [random.Random(2).randint(1, 3000) for _ in range(37)], None, None),
         ("tp8 v3 shard: 16 heads b128", *lite, 16, [1024] * 128, None, None),
@@ -102,9 +93,8 @@ def main() -> int:
     bad = 0
     for dtype in dtypes:
         tol = 2e-4 if dtype == torch.float32 else 2e-2
-        for name, heads, rank, rope, page, lens, splits, value_splits, *tile in cases(size):
-            err_ref, err_backend = check(heads, rank, rope, page, lens, dtype, device, splits, value_splits,
-                                         tile=tile[0] if tile else None)
+        for name, heads, rank, rope, page, lens, splits, value_splits in cases(size):
+            err_ref, err_backend = check(heads, rank, rope, page, lens, dtype, device, splits, value_splits)
             ok = max(err_ref, err_backend) < tol
             bad += not ok
             print(f"{'ok ' if ok else 'BAD'} {name} {dtype}: max abs err {err_ref:.2e} vs reference, "
