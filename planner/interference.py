@@ -103,12 +103,21 @@ class _Decode:
         from engine.sampling_params import SamplingParams
         self._end_batch()
         params = SamplingParams(temperature=0, max_tokens=self.horizon, ignore_eos=True)
+        ids = []
         for _ in range(self.batch):
             self.n += 1
-            self.core.add_request(f"d{self.n}", [(self.n * 7 + i) % 1000 + 1 for i in range(self.context)], params)
-        for _ in range(6):  # prefill, first tokens, warm decode steps
+            ids.append(f"d{self.n}")
+            self.core.add_request(ids[-1], [(self.n * 7 + i) % 1000 + 1 for i in range(self.context)], params)
+        # Prefill (batch × context tokens: several chunks at a large batch), then warm decode steps, so a timed
+        # unit is a decode step of the whole batch (six steps were too few at batch 32 × 1k: 2026-12-07j
+        # timed prefill chunks as "decode alone", 48 ms against 13)
+        for _ in range(10_000):
             self.core.step()
-        self.left = self.horizon - 8
+            if all(len(self.core.requests[r].output_token_ids) >= 3 for r in ids):
+                break
+        else:
+            raise RuntimeError(f"the decode batch of {self.batch} did not reach its decode steps")
+        self.left = self.horizon - max(len(self.core.requests[r].output_token_ids) for r in ids) - 2
 
     def ready(self, n: int) -> None:
         """Refill now if fewer than `n` steps are left, so no refill (a prefill) lands in timed work."""

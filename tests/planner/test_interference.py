@@ -50,3 +50,21 @@ def test_push_mode_hands_kv_over_nixl_into_the_decode_engine_alone_and_while_it_
             # the hand-off's wall time holds the prefill and the exposed push
             assert r[f"push_wall_{name}_s"] >= r[f"push_exposed_{name}_s"] > -1e-9
             assert r[f"push_wall_{name}_s"] > 0
+
+
+def test_a_decode_unit_is_a_decode_step_even_when_the_batch_prefills_in_many_chunks():
+    """batch × context far above the chunk budget: the refill runs the whole prefill and warm steps
+    before any timed unit, so every unit decodes one token of every sequence (2026-12-07j timed prefill
+    chunks as decode steps at batch 32 × 1k with a 2k chunk)."""
+    core = interference._engine("tiny-qwen3", "float32", "cpu", 0.4, max_len=256, max_seqs=6, chunk=16)
+    d = interference._Decode(core, batch=6, context=40, horizon=64)  # 240 prompt tokens: 15 chunks
+    d.ready(8)
+    ids = [r for r in core.requests if r.startswith("d")]
+    assert len(ids) == 6
+    before = {r: len(core.requests[r].output_token_ids) for r in ids}
+    assert min(before.values()) >= 3
+    for _ in range(4):
+        d.unit()
+    after = {r: len(core.requests[r].output_token_ids) for r in ids}
+    # one token per sequence per unit (overlap scheduling may report the last one a step late)
+    assert all(3 <= after[r] - before[r] <= 4 for r in ids), (before, after)
