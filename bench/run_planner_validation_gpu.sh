@@ -35,7 +35,7 @@ elif [ -n "${QUICK:-}" ]; then  # a short call: lighter tables, four sweep point
   PROF_ARGS="--prefill-tokens 128,512,2048,8192 --cached 0,2048 --decode-batch 1,16,64,128
     --decode-context 128,2560 --decode-steps 8 --repeats 2"
   PROF2_ARGS=$PROF_ARGS
-  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 4,32 --decode-context 1024 --decode-steps 20 --prefills 3 --push"
+  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 1,4,32 --decode-context 1024 --decode-steps 20 --prefills 3 --push"
   RIN=2048; ROUT=256; RATES_R="2 4"; RATES_S="4 8"; NR=16; NS=32; MAXLEN=6144
 else
   # KV transfer is not profiled: the same-GPU push is modelled as NVLink (the profiler's NIXL loop is slow).
@@ -43,7 +43,7 @@ else
     --decode-context 128,1024,2560 --decode-steps 16 --repeats 3"
   PROF2_ARGS="--prefill-tokens 32,128,512,2048,8192 --cached 0,2048 --decode-batch 1,16,64,128
     --decode-context 128,2560 --decode-steps 16 --repeats 2"
-  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 4,32 --decode-context 1024 --decode-steps 40 --prefills 5 --push"
+  IF_ARGS="--prefill-tokens 256,2048 --decode-batch 1,4,32 --decode-context 1024 --decode-steps 40 --prefills 5 --push"
   RIN=2048; ROUT=256; RATES_R="2 4 1"; RATES_S="4 8 2"; NR=0; NS=0; MAXLEN=6144
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
