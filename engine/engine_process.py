@@ -109,6 +109,9 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
     inbox.bind(input_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(output_addr)
+    from engine.kernels import jit_watch
+
+    jit_watch.install()
     try:
         from engine.engine_core import EngineCore
 
@@ -124,6 +127,7 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
             outbox.send(pickle.dumps(EngineFailed(f"KV connector failed to start: {type(e).__name__}: {e}")))
             return
     core.wait_grammar_compiler()
+    jit_watch.serving()  # a Triton compile from here on holds a served step: logged
     mc = core.model_config
     outbox.send(pickle.dumps(EngineReady(mc.path, mc.hf, core.max_model_len, core.runner.num_pages,
                                          core.runner.page_size, mc.eos_token_ids, config.kv_role,
