@@ -393,9 +393,9 @@ class NixlConnector(KVConnector):
     def _state(self, transfers: list) -> str:
         """PROC while any of the WRITEs is in flight, else ERR if one failed, else DONE. The scan stops
         at the first WRITE in flight, oldest first (they finish about in posting order): one NIXL call per
-        push and poll instead of one per WRITE, which under the agent lock held up the sender's posts
-        while many pushes were in flight. The agent keeps a finished WRITE's state; the engine loop and
-        the completion thread share the agent."""
+        push and poll instead of one per WRITE, under the agent lock the sender posts through (served
+        V2-Lite at 4-8 req/s timed the same either way, bench/results/2026-12-07j_push_ab.md). The agent
+        keeps a finished WRITE's state; the engine loop and the completion thread share the agent."""
         failed = False
         with self._nixl_lock:
             for t in transfers:
