@@ -116,7 +116,10 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
 
 def markdown(res: dict) -> str:
     p = res["profile"]
-    over = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p["serving_overhead"].items()) or "none measured"
+    by_prompt = p.get("serving_overhead_by_prompt") or {}
+    over = ", ".join(f"{k} {v * 1e3:.0f} ms" + (" (" + ", ".join(f"{n} tokens {s * 1e3:.0f} ms" for n, s in by_prompt[k])
+                                                + ")" if by_prompt.get(k) else "")
+                     for k, v in p["serving_overhead"].items()) or "none measured"
     if res.get("request_overhead_ms") is not None:
         over += f" (used instead: {res['request_overhead_ms']:.0f} ms)"
     inter = p.get("interference") or {}
@@ -175,8 +178,8 @@ def main(argv=None) -> int:
         print(f"serving-path overhead from {args.http_probe} (HTTP, idle): {args.request_overhead_ms:.1f} ms",
               file=sys.stderr)
     rows = validate(profile, load_results(args.results), args)
-    res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date",
-                                                                  "serving_overhead", "interference")},
+    res = {"profile": {k: getattr(profile, k) for k in ("model", "dtype", "device", "commit", "date", "serving_overhead",
+                                                        "serving_overhead_by_prompt", "interference")},
            "rows": rows, "shared_gpu": args.shared_gpu, "request_overhead_ms": args.request_overhead_ms,
            "first_token": args.first_token,
            "command": " ".join(sys.argv)}

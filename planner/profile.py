@@ -8,7 +8,8 @@ simulator reads from it. The file (JSON) holds the tables `pdserve profile` meas
   layer) into another process's KV pool on the profiled device, steady state (`kv_probe.py`; `path` says how);
 * `ep` (optional): dispatch / combine seconds of one MoE layer at `tokens` per rank on `ranks` GPUs;
 * `interference` (optional): how much a prefill and a decode engine sharing one GPU slow each other;
-* `serving_overhead` (optional): the idle serving path's TTFT beyond the prefill step, per mode;
+* `serving_overhead` (optional): the idle serving path's TTFT beyond the prefill step, per mode (and
+  `serving_overhead_by_prompt`, per probed prompt size: interpolated log-linearly, held beyond the ends);
 * model facts: KV bytes per token, layers, MoE shape, weight bytes, the KV pool of one GPU.
 
 Costs between measured points are interpolated log-log (`interp.py`); prefills shorter than the
@@ -57,6 +58,9 @@ class Profile:
     gpu_memory_utilization: float = 0.0  # the share kv_capacity_tokens was sized at
     # Idle-cluster TTFT beyond the prefill step (router, RPC hops, reservation), per serving mode.
     serving_overhead: dict = field(default_factory=dict)  # {"disaggregated": s, "collocated": s}
+    # The same per probed prompt size, {mode: [[prompt tokens, s], ...]}: a constant missed both ends (V2-Lite's
+    # overhead over 2k-token prompts was 6-8 ms where the probe's median over 256 and 2k said 12-19 ms).
+    serving_overhead_by_prompt: dict = field(default_factory=dict)
     kv_transfer: dict | None = None  # {"bytes": [...], "seconds": [...], "path": "..."}
     ep: dict | None = None  # {"ranks": [...], "tokens": [...], "dispatch_seconds": [[...]], "combine_seconds": [[...]]}
     # Two engines on one GPU (`interference.py`): {"decode_slowdown": x, "prefill_slowdown": y, ...}, the
@@ -132,6 +136,14 @@ class Profile:
         if num_decodes:
             t += max(0.0, self.decode_time(num_decodes, ctx) - self.decode_time(num_decodes, self._ctx0))
         return t
+
+    def request_overhead(self, mode: str, prompt_tokens: int | None = None) -> float:
+        """The idle serving path's TTFT beyond the prefill step for a prompt of `prompt_tokens` in `mode`
+        (disaggregated or collocated): per probed size where the profile has them, else the mode's one figure."""
+        points = self.serving_overhead_by_prompt.get(mode)
+        if points:
+            return max(0.0, float(held_log_linear(sorted((float(n), float(v)) for n, v in points), prompt_tokens)))
+        return float(self.serving_overhead.get(mode, 0.0))
 
     def slowdown(self, role: str, prefill_tokens: int | None = None, decode_batch: int | None = None) -> float:
         """A `role` step's stretch while the other role's engine works on the same GPU (1 if unmeasured).

@@ -201,12 +201,12 @@ def run(model: str, dtype: str = "auto", device: str = "auto", prefill_tokens=(1
                "kv_cache_dtype": kv_cache_dtype}, **facts)
     if serving_prompts:
         from planner import serving_probe
-        prof.serving_overhead = {
-            mode: serving_probe.measure(model, str(mc.dtype).removeprefix("torch."), str(dev.type),
-                                        list(serving_prompts), prof.prefill_time, num_prefill=n, repeats=repeats,
-                                        extra_argv=(["--quantization", quantization] if quantization else [])
-                                        + ["--kv-cache-dtype", kv_cache_dtype])
-            for mode, n in (("disaggregated", 1), ("collocated", 0))}
+        for mode, n in (("disaggregated", 1), ("collocated", 0)):
+            prof.serving_overhead[mode], prof.serving_overhead_by_prompt[mode] = serving_probe.measure(
+                model, str(mc.dtype).removeprefix("torch."), str(dev.type), list(serving_prompts), prof.prefill_time,
+                num_prefill=n, repeats=repeats,
+                extra_argv=(["--quantization", quantization] if quantization else []) + ["--kv-cache-dtype",
+                                                                                         kv_cache_dtype])
         prof.notes["serving_prompts"] = list(serving_prompts)
     return prof
 

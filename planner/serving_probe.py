@@ -59,19 +59,22 @@ def probe(stub, prompt_lens: list[int], prefill_time, repeats: int, max_tokens: 
     """On an idle cluster: median TTFT minus `prefill_time(len)` over prompts and repeats, and the
     median TPOT of these requests (one at a time, so batch 1), seconds."""
     _ttft(stub, [101] * prompt_lens[0])  # warm-up: first-request compiles
-    over, tpot = [], []
+    over, tpot, by_prompt = [], [], []
     for n in prompt_lens:
+        here = []
         for i in range(repeats):
             ids = [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
             ttft, t = _timed(stub, ids, max_tokens)
-            over.append(ttft - prefill_time(n))
+            here.append(ttft - prefill_time(n))
             if t is not None:
                 tpot.append(t)
-    return {"overhead_s": max(0.0, statistics.median(over)),
+        over += here
+        by_prompt.append([n, max(0.0, statistics.median(here))])
+    return {"overhead_s": max(0.0, statistics.median(over)), "overhead_by_prompt_s": by_prompt,
             "tpot_batch1_s": statistics.median(tpot) if tpot else None, "samples": len(over)}
 
 
-def measure(*args, attempts: int = 2, **kw) -> float:
+def measure(*args, attempts: int = 2, **kw) -> tuple[float, list]:
     """`_measure_once`, started afresh once more if the cluster fails to come up (a port taken by
     another process between choosing and binding it)."""
     for attempt in range(attempts):
@@ -85,9 +88,10 @@ def measure(*args, attempts: int = 2, **kw) -> float:
 
 def _measure_once(model: str, dtype: str, device: str, prompt_lens: list[int], prefill_time, num_prefill: int,
             repeats: int = 5, gpu_memory_utilization: float = 0.4, timeout_s: float = 900.0,
-            extra_argv: list[str] = ()) -> float:
+            extra_argv: list[str] = ()) -> tuple[float, list]:
     """Median over prompts and repeats of TTFT minus `prefill_time(len)` on an idle cluster with
-    `num_prefill` prefill nodes (0: one collocated node) and one decode node."""
+    `num_prefill` prefill nodes (0: one collocated node) and one decode node, and that per prompt length
+    (`[[len, s], ...]`)."""
     port = _free_port()
     argv = [sys.executable, "-m", "deploy.cli", "up", "--model", model, "--load-format", "dummy", "--dtype", dtype,
             "--device", device, "--num-prefill", str(num_prefill), "--num-decode", "1", "--grpc-port", str(port),
@@ -104,7 +108,8 @@ def _measure_once(model: str, dtype: str, device: str, prompt_lens: list[int], p
             time.sleep(0.5)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.GenerateStub(ch)
-            return probe(stub, prompt_lens, prefill_time, repeats)["overhead_s"]
+            res = probe(stub, prompt_lens, prefill_time, repeats)
+            return res["overhead_s"], res["overhead_by_prompt_s"]
     finally:
         proc.terminate()
         try:
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
     with grpc.insecure_channel(args.grpc) as ch:
         res = probe(pb_grpc.GenerateStub(ch), lens, prof.prefill_time, args.repeats, args.max_tokens)
     prof.serving_overhead[args.mode] = res["overhead_s"]
+    prof.serving_overhead_by_prompt[args.mode] = res["overhead_by_prompt_s"]
     prof.notes.setdefault("serving_probe", {})[args.mode] = dict(res, prompts=lens, grpc=args.grpc)
     prof.save(args.profile)
     res.update(mode=args.mode, prompts=lens, engine_decode_batch1_s=prof.decode_time(1, prof.decode["context"][0]))

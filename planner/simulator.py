@@ -172,13 +172,18 @@ class Simulator:
                     d.devices = p.devices
                 else:
                     p.gpu_partner, d.gpu_partner = d, p
-        over = self.spec.request_overhead_s
-        if over is None:
-            over = self.profile.serving_overhead.get("collocated" if self.spec.collocated else "disaggregated", 0.0)
-        for r in requests:
-            self._at(r.arrival + over, self._arrive, r)
-        first = min((r.arrival for r in requests), default=0.0) + over
-        self.last_arrival = max((r.arrival for r in requests), default=0.0) + over
+        mode = "collocated" if self.spec.collocated else "disaggregated"
+
+        def over(r: SimRequest) -> float:  # the serving path before a request reaches its node
+            if self.spec.request_overhead_s is not None:
+                return self.spec.request_overhead_s
+            return self.profile.request_overhead(mode, r.prompt_len)
+
+        reach = [r.arrival + over(r) for r in requests]
+        for r, t in zip(requests, reach):
+            self._at(t, self._arrive, r)
+        first = min(reach, default=0.0)
+        self.last_arrival = max(reach, default=0.0)
         self.load_window = self.last_arrival - first
         while self._heap:
             self.now, _, fn, args = heapq.heappop(self._heap)

@@ -42,6 +42,11 @@ def test_profile_on_cpu_writes_a_valid_profile(tiny_profile):
     # Through two idle `pdserve up` clusters; CPU timings here are too noisy for a value check.
     assert set(p.serving_overhead) == {"disaggregated", "collocated"}
     assert all(v >= 0 for v in p.serving_overhead.values())
+    # and per probed prompt length, which the simulator interpolates
+    prompts = p.notes["serving_prompts"]
+    for mode in ("disaggregated", "collocated"):
+        assert [n for n, _ in p.serving_overhead_by_prompt[mode]] == prompts
+        assert all(v >= 0 for _, v in p.serving_overhead_by_prompt[mode])
 
 
 @pytest.mark.slow

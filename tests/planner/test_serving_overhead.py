@@ -1,0 +1,64 @@
+"""The serving path's idle overhead per prompt length: the probe measures it per size, the profile
+interpolates it (log-linear in prompt length, held beyond the probed sizes), the simulator adds each
+request its own. The probe runs here against a stand-in gRPC stub (no cluster: the stub's replies take
+a known time per prompt length)."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from planner.profile import synthetic
+from planner.serving_probe import probe
+from planner.simulator import ClusterSpec, Simulator
+from planner.workload import SimRequest
+
+
+def test_the_profile_interpolates_the_overhead_by_prompt_length_and_holds_it_beyond():
+    p = synthetic(serving_overhead={"disaggregated": 0.012},
+                  serving_overhead_by_prompt={"disaggregated": [[2048, 0.006], [256, 0.020]]})
+    assert p.request_overhead("disaggregated", 256) == pytest.approx(0.020)
+    assert p.request_overhead("disaggregated", 2048) == pytest.approx(0.006)
+    assert p.request_overhead("disaggregated", 724) == pytest.approx(0.013, abs=2e-4)  # log-middle
+    assert p.request_overhead("disaggregated", 16) == pytest.approx(0.020)  # held, not extrapolated
+    assert p.request_overhead("disaggregated", 65536) == pytest.approx(0.006)
+    # a mode probed with one figure only, and one not probed
+    q = synthetic(serving_overhead={"disaggregated": 0.012, "collocated": 0.003})
+    assert q.request_overhead("disaggregated", 256) == 0.012 and q.request_overhead("collocated") == 0.003
+    assert synthetic().request_overhead("disaggregated", 256) == 0.0
+
+
+def test_each_simulated_request_reaches_its_node_after_its_own_prompt_lengths_overhead():
+    by_prompt = {"disaggregated": [[256, 0.040], [2048, 0.004]]}
+    spec = ClusterSpec(num_prefill=1, num_decode=1)
+    ttft = {}
+    for n in (256, 2048):
+        for name, prof in (("by prompt", synthetic(serving_overhead_by_prompt=by_prompt)), ("none", synthetic())):
+            r = SimRequest(f"r{n}", [(k * 31) % 30000 + 100 for k in range(n)], 4, 0.0)
+            Simulator(prof, spec).run([r])
+            ttft[(n, name)] = r.ttft
+    assert ttft[(256, "by prompt")] - ttft[(256, "none")] == pytest.approx(0.040, abs=1e-9)
+    assert ttft[(2048, "by prompt")] - ttft[(2048, "none")] == pytest.approx(0.004, abs=1e-9)
+
+
+class _Stub:
+    """Streams one token after `delay[len(prompt)]` seconds, then the end."""
+
+    def __init__(self, delay: dict):
+        self.delay = delay
+
+    def Generate(self, msg, timeout=None):  # noqa: N802 — the gRPC method's name
+        time.sleep(self.delay.get(len(msg.token_ids.ids), 0.001))
+        yield SimpleNamespace(token_ids=[7], finished=False, finish_reason="", error="")
+        yield SimpleNamespace(token_ids=[8], finished=False, finish_reason="", error="")
+        yield SimpleNamespace(token_ids=[], finished=True, finish_reason="length", error="")
+
+
+def test_the_probe_reports_the_overhead_per_prompt_length():
+    prefill = {256: 0.010, 2048: 0.070}
+    res = probe(_Stub({256: 0.050, 2048: 0.080}), [256, 2048], lambda n: prefill[n], repeats=3)
+    (n1, o1), (n2, o2) = res["overhead_by_prompt_s"]
+    assert (n1, n2) == (256, 2048)
+    assert o1 == pytest.approx(0.040, abs=0.015) and o2 == pytest.approx(0.010, abs=0.015)
+    assert o1 > o2 and res["samples"] == 6
