@@ -18,6 +18,7 @@ sent the same prompts), which the simulator, starting empty, does not predict: r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -103,6 +104,9 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
         if spec is None:
             print(f"skipping {name}: unknown cluster shape (give --num-prefill/--num-decode)", file=sys.stderr)
             continue
+        if getattr(args, "overhead_single", False) and spec.request_overhead_s is None:
+            mode = "collocated" if spec.collocated else "disaggregated"
+            spec = dataclasses.replace(spec, request_overhead_s=profile.serving_overhead.get(mode, 0.0))
         slos = {k: v / 1e3 for k, v in rep.get("slos_ms", {}).items()}
         pred = simulate(profile, spec, requests_for(rep, args)).summary(slos)
         row = {"run": name, "shape": spec.describe() + (" (one GPU)" if spec.share_gpu else ""),
@@ -167,6 +171,9 @@ def main(argv=None) -> int:
                     help="an idle `pdserve bench` run through the HTTP API (one request at a time, the device "
                          "script's probe_http_*.json): its median TTFT minus the profiled prefill is the overhead "
                          "(the sweep goes through HTTP; the profile's overhead was probed over gRPC)")
+    ap.add_argument("--overhead-single", action="store_true",
+                    help="the profile's one serving-overhead figure for every request, not its per-prompt-length "
+                         "figures (to compare the two)")
     ap.add_argument("--first-token", choices=["sampled", "kv_landed"], default="sampled",
                     help="when the served first token left: when the prefill node sampled it (the product since "
                          "2026-12-07's first-token-ahead change), or after the KV push (runs recorded before it)")

@@ -22,15 +22,16 @@ def _run_file(tmp_path, tpot_ms: float) -> str:
     return str(path)
 
 
-def _profile(tmp_path, interference) -> str:
+def _profile(tmp_path, interference, **kw) -> str:
     path = tmp_path / "profile.json"
-    constant(PREFILL_S, DECODE_S, interference=interference).save(str(path))
+    constant(PREFILL_S, DECODE_S, interference=interference, **kw).save(str(path))
     return str(path)
 
 
-def _rows(tmp_path, capsys, interference, *flags):
+def _rows(tmp_path, capsys, interference, *flags, **profile_kw):
     out = tmp_path / "out"
-    assert validate_simulator.main(["--profile", _profile(tmp_path, interference), _run_file(tmp_path, 12.0),
+    assert validate_simulator.main(["--profile", _profile(tmp_path, interference, **profile_kw),
+                                    _run_file(tmp_path, 12.0),
                                     "--kv-link", "nvlink", "--out", str(out), *flags]) == 0
     text = capsys.readouterr().out
     assert "sweep_synthetic_random_2.json" in text and "12.0 / " in text  # measured / predicted (error)
@@ -61,3 +62,14 @@ def test_an_idle_http_probe_gives_the_overhead_beyond_the_profiled_prefill(tmp_p
     (plain,) = _rows(tmp_path, capsys, None, "--request-overhead-ms", "0")
     # Overhead 80 - 50 ms is added to every request's arrival at the nodes, so to its TTFT.
     assert row["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(30.0, abs=0.5)
+
+
+def test_per_prompt_overheads_apply_unless_the_single_figure_is_asked_for(tmp_path, capsys):
+    over = dict(serving_overhead={"disaggregated": 0.010},
+                serving_overhead_by_prompt={"disaggregated": [[256, 0.040], [1024, 0.030]]})
+    (per,) = _rows(tmp_path, capsys, None, **over)
+    (single,) = _rows(tmp_path, capsys, None, "--overhead-single", **over)
+    (plain,) = _rows(tmp_path, capsys, None, "--request-overhead-ms", "0", **over)
+    # the runs' 512-token prompts sit log-midway between the probed 256 and 1,024: 35 ms; the single figure 10 ms
+    assert per["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(35.0, abs=0.5)
+    assert single["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(10.0, abs=0.5)
