@@ -23,6 +23,7 @@ import torch
 
 from engine import structured_output
 from engine.config import EngineConfig, ModelConfig
+from engine.kernels import jit_watch
 from engine.kv_connector import destination_known
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
@@ -371,7 +372,8 @@ class EngineCore:
 
     def stats(self) -> dict:
         s = dict(self.scheduler.stats())
-        s.update(num_steps=self.num_steps, num_pages=self.runner.num_pages, page_size=self.runner.page_size)
+        s.update(num_steps=self.num_steps, num_pages=self.runner.num_pages, page_size=self.runner.page_size,
+                 jit_compiles_while_serving=jit_watch.compiles_while_serving)
         if self.connector is not None:
             s.update(self.connector.stats())
         if self.runner.ep is not None:

@@ -107,6 +107,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("num_preemptions_total", "counter", "Requests preempted (pages freed, recomputed later).",
                ("rank",)),
     MetricSpec("engine_steps_total", "counter", "Engine steps run.", ("rank",)),
+    MetricSpec("jit_compiles_while_serving_total", "counter",
+               "Triton kernels compiled after the engine reported ready, each holding a served step (over "
+               "PDSERVE_JIT_LOG_S; logged with the kernel).", ("rank",)),
     MetricSpec("expert_tokens_total", "counter", "Tokens routed to each logical expert.", ("layer", "expert")),
     MetricSpec("ep_imbalance", "gauge", "Max / mean token load per EP rank over the EPLB window.", ("layer",)),
     MetricSpec("eplb_rebalances_total", "counter", "Online expert rebalances applied."),
@@ -245,6 +248,7 @@ RANK_METRICS = (
     ("prefix_cache_hits_total", "prefix_cache_hits_tokens"),
     ("num_preemptions_total", "num_preemptions"),
     ("engine_steps_total", "num_steps"),
+    ("jit_compiles_while_serving_total", "jit_compiles_while_serving"),
 )
 
 

@@ -275,6 +275,9 @@ def engine_panels() -> list[dict]:
             max_value=1, width=8),
         timeseries("Preemptions/s", [target(rate_by("pdserve:num_preemptions_total", by_rank), legend)]),
         timeseries("Engine steps/s", [target(rate_by("pdserve:engine_steps_total", by_rank), legend)]),
+        timeseries("Triton compiles while serving", [
+            target(f"max by ({by_rank}) (pdserve:jit_compiles_while_serving_total{{{SEL}}})", legend)],
+            description="Kernels compiled after start-up; each held a served step (the node log names it)."),
     ]
 
 

@@ -109,6 +109,10 @@ def test_prometheus_scrapes_the_cluster_and_answers_ttft_tpot_quantiles(tmp_path
                      'sum(pdserve:inter_token_latency_seconds_count{role="decode"})',
                      'sum(pdserve:engine_steps_total{role="decode"})'):
             _wait(lambda: (r := _prom_query(port, expr)) and float(r[0]["value"][1]) > 0, 20, expr)
+        # Each engine's count of Triton compiles after start-up is there (none on this CPU: it runs no Triton)
+        jit = _prom_query(port, "pdserve:jit_compiles_while_serving_total")
+        assert {r["metric"]["role"] for r in jit} == {"prefill", "decode"}, jit
+        assert all(float(r["value"][1]) == 0 for r in jit), jit
     finally:
         if prom is not None:
             prom.kill(signal.SIGTERM)
