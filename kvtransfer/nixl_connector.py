@@ -82,6 +82,21 @@ SLOW_POST_S = float(os.environ.get("PDSERVE_KV_SLOW_POST_S", "0.02"))
 SLOW_PUSH_S = float(os.environ.get("PDSERVE_KV_SLOW_PUSH_S", "0.25"))
 
 
+class _Throttle:
+    """A warning's rate limit: at most one a second, the calls in between counted."""
+
+    def __init__(self):
+        self.at, self.calls = 0.0, 0
+
+    def due(self, now: float) -> int:
+        """0 within a second of the last warning, else the calls since it (this one included)."""
+        self.calls += 1
+        if now - self.at < 1.0:
+            return 0
+        n, self.at, self.calls = self.calls, now, 0
+        return n
+
+
 @dataclass
 class _Push:
     """The WRITEs of one request's prompt KV (layer by layer, or all layers at once)."""
@@ -137,8 +152,7 @@ class NixlConnector(KVConnector):
         self._nixl_lock = threading.Lock()  # the sender thread and the engine loop share the agent
         self._jobs: queue.Queue = queue.Queue()
         self._wake = threading.Event()  # a push may have become ready to notify
-        self._slow_logged_at, self._slow_posts = 0.0, 0  # `_log_slow_post`'s rate limit
-        self._slow_push_logged_at = 0.0  # the slow-push warning's (one a second)
+        self._slow_post_warnings, self._slow_push_warnings = _Throttle(), _Throttle()
         if role == "prefill":
             if self.on_cuda:
                 threading.Thread(target=self._sender_loop, daemon=True, name="kv-layer-sender").start()
@@ -286,17 +300,15 @@ class NixlConnector(KVConnector):
         time went: the agent lock, and inside the call the address lists, NIXL's descriptor lists,
         initialize_xfer and transfer; and the posting thread's CPU time (far below the wall time: it
         waited, for the GIL or inside NIXL)."""
-        now = time.monotonic()
-        self._slow_posts += 1
-        if now - self._slow_logged_at < 1.0:
+        slow_posts = self._slow_post_warnings.due(time.monotonic())
+        if not slow_posts:
             return
         build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases)
         log.warning("slow KV WRITE post for %s: %.1f ms, %.1f ms of it on this thread's CPU (lock wait %.1f ms; "
                     "call %.1f ms = build %s + descs %s + init %s + transfer %s ms; %d descriptors, %d bytes; %d "
                     "pushes in flight, %d slow posts since the last warning)", rid, 1e3 * (lock_wait + call),
                     1e3 * cpu, 1e3 * lock_wait, 1e3 * call, build, descs, init, post, transfer.num_descs,
-                    transfer.nbytes, len(self.pushes), self._slow_posts)
-        self._slow_logged_at, self._slow_posts = now, 0
+                    transfer.nbytes, len(self.pushes), slow_posts)
 
     def set_destination(self, request) -> None:
         push = self.pushes.get(request.request_id)
@@ -412,23 +424,26 @@ class NixlConnector(KVConnector):
         error = push.notice_error or ("KV transfer abandoned" if push.aborted else None)
         return SendResult(error=error, stats=self._stats(push, transfers, push.notified_at))
 
+    def _log_slow_push(self, push: _Push, writes: int, nbytes: int, now: float) -> None:
+        """The timeline of a push noticed `SLOW_PUSH_S` or more after its compute ended (`now`: the notice)."""
+        t0 = push.compute_done
+
+        def at(t: float) -> str:
+            return f"{1e3 * (t - t0):+.1f}" if t else "-"
+
+        log.warning("slow KV push: notice %.1f ms after its compute ended; ms from then: destination %s, first "
+                    "layer seen %s, first post %s, last layer seen %s, last post %s, notice %s; %d WRITEs "
+                    "(lock wait %.1f ms, in NIXL %.1f ms), %d bytes, %d pushes in flight",
+                    1e3 * (now - t0), at(push.dest_at), at(push.first_layer_at), at(push.first_post),
+                    at(push.kv_ready_at), at(push.last_post), at(now), writes, 1e3 * push.lock_wait,
+                    1e3 * push.call_time, nbytes, len(self.pushes))
+
     def _stats(self, push: _Push, transfers: list, now: float) -> dict:
         """A completed push's figures; `now`: when its notice went out."""
         nbytes = sum(t.nbytes for t in transfers)
         self.bytes_sent += nbytes
-        if now - (push.compute_done or now) > SLOW_PUSH_S and now - self._slow_push_logged_at >= 1.0:
-            self._slow_push_logged_at = now
-            t0 = push.compute_done
-
-            def at(t: float) -> str:
-                return f"{1e3 * (t - t0):+.1f}" if t else "-"
-
-            log.warning("slow KV push: notice %.1f ms after its compute ended; ms from then: destination %s, first "
-                        "layer seen %s, first post %s, last layer seen %s, last post %s, notice %s; %d WRITEs "
-                        "(lock wait %.1f ms, in NIXL %.1f ms), %d bytes, %d pushes in flight",
-                        1e3 * (now - t0), at(push.dest_at), at(push.first_layer_at), at(push.first_post),
-                        at(push.kv_ready_at), at(push.last_post), at(now), len(transfers), 1e3 * push.lock_wait,
-                        1e3 * push.call_time, nbytes, len(self.pushes))
+        if now - (push.compute_done or now) > SLOW_PUSH_S and self._slow_push_warnings.due(now):
+            self._log_slow_push(push, len(transfers), nbytes, now)
         return {"bytes": nbytes, "seconds": max(now - push.first_post, 1e-9),
                  "descriptors": sum(t.num_descs for t in transfers), "writes": len(transfers),
                  # posting the WRITEs: waiting for the agent lock (the completion thread and the engine loop

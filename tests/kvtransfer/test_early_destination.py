@@ -256,7 +256,7 @@ def test_a_slow_post_is_logged_with_where_its_time_went(engines, reference, monk
     import kvtransfer.nixl_connector as nc
 
     monkeypatch.setattr(nc, "SLOW_POST_S", 0.0)
-    engines[0].connector._slow_logged_at = 0.0  # an earlier test's warning must not rate-limit this one
+    engines[0].connector._slow_post_warnings.at = 0.0  # an earlier test's warning must not rate-limit this one
     outputs: dict = {}
     with caplog.at_level("WARNING", logger="kvtransfer.nixl_connector"):
         tokens = _handoff(engines, "r-slow", "admission", outputs)
@@ -272,7 +272,7 @@ def test_a_slow_push_is_logged_with_its_timeline(engines, reference, monkeypatch
     import kvtransfer.nixl_connector as nc
 
     monkeypatch.setattr(nc, "SLOW_PUSH_S", -1.0)
-    engines[0].connector._slow_push_logged_at = 0.0
+    engines[0].connector._slow_push_warnings.at = 0.0
     outputs: dict = {}
     with caplog.at_level("WARNING", logger="kvtransfer.nixl_connector"):
         assert _handoff(engines, "r-slow-push", "admission", outputs) == reference
