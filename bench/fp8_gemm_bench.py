@@ -3,9 +3,11 @@ Qwen3-8B and DeepSeek-V3 linear-layer shapes, as the engine runs it (decode size
 `decode_gemm` times and keeps; prefill: the defaults), against floors measured in the same run: the
 FP8 matmul rate (torch._scaled_mm, per-tensor scales, 8192^3) and the HBM copy rate (read+write,
 the rate bench/roofline.py divides bytes by). Every time is per call inside a CUDA graph (decode
-runs that way; launch cost is not the kernel's). Alongside: bf16 `F.linear`, and torch._scaled_mm
+runs that way; launch cost is not the kernel's). Alongside: bf16 `F.linear`; the Triton block GEMM in
+its default tiles (what prefill ran before the tuner timed prefill sizes); cuBLAS's block-scaled GEMM
+(`fp8_gemm.scaled_mm_gemm`, at every M, with why cuBLAS refused where it did); and torch._scaled_mm
 with rowwise scales (per token, per output channel: coarser than the checkpoints' 128x128 blocks,
-so not a substitute, timed as the rate cuBLAS reaches) and with blockwise scales where supported.
+so not a substitute, timed as the rate cuBLAS reaches).
 
     python -m bench.fp8_gemm_bench --m 1,16,64,2048 --out DIR
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from bench.device_probe import probe
 from bench.record import emit
 from bench.fp8_gemm_sweep import fp8_peak, graph_ms
-from engine.kernels.fp8_gemm import quantize_activation
+from engine.kernels.fp8_gemm import fp8_block_gemm, gemm_tiles, scaled_mm_gemm
 from engine.kernels import decode_gemm
 from engine.quantization import quantize_blocks
 
@@ -54,23 +56,32 @@ def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
         bf16 = graph_ms(lambda: F.linear(x, wb))
         x8, sa = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device="cuda")
         rowwise, row_err = _try(lambda: torch._scaled_mm(x8, wt, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
-        blockwise = None
-        if state.get("blockwise_error") is None:
-            a, a_s = quantize_activation(x, 128)
-            blockwise, state["blockwise_error"] = _try(lambda: torch._scaled_mm(
-                a, wt, scale_a=a_s.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16))
+        # cuBLAS's block-scaled GEMM as the engine runs it (its quantization launch included), at every M
+        blockwise, block_err = _try(lambda: scaled_mm_gemm(x, w8, ws))
+        if block_err:
+            state.setdefault("blockwise_errors", {})[f"{label} m={m}"] = block_err
+        triton = graph_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128), True, gemm_tiles(m, n, k, False)))
         flops, bytes_ = 2 * m * n * k, n * k + 2 * m * (n + k)  # FP8 weight + bf16 in/out (scales < 0.01%)
         floor = max(flops / peak, bytes_ / hbm) * 1e3
-        rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, tiles=dict(dataclasses.asdict(tiles), kernel=type(tiles).__name__),
+        rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, tiles=_tiles_dict(tiles),
                          w8a16_ms=w8a16, bf16_ms=bf16, scaled_mm_rowwise_ms=rowwise, scaled_mm_rowwise_error=row_err,
-                         scaled_mm_blockwise_ms=blockwise, floor_ms=floor, ours_tflops=flops / ours / 1e9,
+                         scaled_mm_blockwise_ms=blockwise, scaled_mm_blockwise_error=block_err,
+                         triton_default_ms=triton, floor_ms=floor, ours_tflops=flops / ours / 1e9,
                          floor_over_ours=floor / ours, speedup_vs_bf16=bf16 / ours))
     return rows
+
+
+def _tiles_dict(tiles) -> dict:
+    if isinstance(tiles, str):  # decode_gemm.SCALED_MM
+        return dict(kernel="str", choice=tiles)
+    return dict(dataclasses.asdict(tiles), kernel=type(tiles).__name__)
 
 
 def _tiles_label(t: dict) -> str:
     if t["kernel"] == "SkinnyTiles":
         return f"skinny n{t['block_n']} k{t['block_k']} w{t['warps']} s{t['stages']}"
+    if t["kernel"] == "str":
+        return t["choice"]
     split = f" sk{t['split_k']}" if t["split_k"] > 1 else ""
     quant = " in-GEMM quant" if t["fuse_quant"] else ""
     return f"{t['block_m']}x{t['block_n']} w{t['warps']} s{t['stages']}{split}{quant}"
@@ -81,15 +92,20 @@ def markdown(result) -> str:
     lines = [f"FP8 peak (torch._scaled_mm 8192^3, same run): {fp8:.0f} TFLOP/s; bf16 {bf16:.0f} TFLOP/s; "
              f"HBM copy {hbm:.2f} TB/s. Floor = max(FLOPs / FP8 peak, bytes / HBM copy rate). "
              "Times per call inside a CUDA graph.",
-             f"torch._scaled_mm blockwise (1x128, 128x128): {result['scaled_mm_blockwise_error'] or 'supported'}", "",
+             "cuBLAS block-scaled (1x128, 128x128; `fp8_gemm.scaled_mm_gemm`, its quantization launch included) "
+             f"refused at: {', '.join(result['scaled_mm_blockwise_errors']) or 'none'}"
+             + (f" ({next(iter(result['scaled_mm_blockwise_errors'].values()))})"
+                if result['scaled_mm_blockwise_errors'] else ""), "",
              "| shape (N x K) | M | ours ms | tiles | floor ms | floor/ours | TFLOP/s | bf16 ms | ours vs bf16 | "
-             "W8A16 ms | _scaled_mm rowwise ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "W8A16 ms | Triton default ms | cuBLAS block ms | _scaled_mm rowwise ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        rw = f"{r['scaled_mm_rowwise_ms']:.4f}" if r["scaled_mm_rowwise_ms"] else "–"
+        rw, blk = ("–" if r.get(key) is None else f"{r[key]:.4f}"
+                   for key in ("scaled_mm_rowwise_ms", "scaled_mm_blockwise_ms"))
         lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {r['ours_ms']:.4f} | "
                      f"{_tiles_label(r['tiles'])} | {r['floor_ms']:.4f} | {r['floor_over_ours']:.0%} | "
                      f"{r['ours_tflops']:.0f} | {r['bf16_ms']:.4f} | {r['speedup_vs_bf16']:.2f}x | "
-                     f"{r['w8a16_ms']:.4f} | {rw} |")
+                     f"{r['w8a16_ms']:.4f} | {r['triton_default_ms']:.4f} | {blk} | {rw} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +122,7 @@ def main(argv=None) -> int:
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_bytes_per_s=hbm,
                   bf16_peak_flops=p["bf16_matmul_flops_per_s"], fp8_peak_flops=peak,
-                  scaled_mm_blockwise_error=state.get("blockwise_error"), rows=rows)
+                  scaled_mm_blockwise_errors=state.get("blockwise_errors", {}), rows=rows)
     emit(result, markdown(result), args.out, "fp8_gemm")
     return 0
 

@@ -5,8 +5,9 @@ fastest kept for the process.
 * bf16/fp16 weights, up to `skinny_gemm.MAX_M` tokens: cuBLAS (`F.linear`) or the skinny Triton
   GEMM (`skinny_gemm.py`) in one of its tilings; more tokens always take cuBLAS.
 * FP8 block-scaled weights, up to `DECODE_MAX_M` tokens: the block GEMM (`fp8_gemm.py`) in one of
-  its decode tilings, or the skinny GEMM at ≤ `skinny_gemm.MAX_M`; prefill sizes take the block
-  GEMM's default tiles.
+  its decode tilings, or the skinny GEMM at ≤ `skinny_gemm.MAX_M`; at prefill sizes the block GEMM in
+  one of two prefill tilings, timed at token buckets up to `PREFILL_TUNE_MAX_M`. At every size, where
+  the weight allows it (`fp8_gemm.scaled_mm_supported`), cuBLASLt's block-scaled FP8 GEMM too.
 
 Decode GEMMs stream the weight once, and which kernel reaches HBM speed depends on the weight's
 shape (rows to spread over the SMs, K to walk) more than any rule we could write down; vLLM and
@@ -32,14 +33,17 @@ import torch.nn.functional as F
 from engine.kernels import pdl
 from engine.kernels import skinny_gemm as sk
 from engine.kernels import tuning_cache
-from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gated_supported, gemm_tiles
+from engine.kernels.fp8_gemm import (GemmTiles, fp8_block_gemm, gated_supported, gemm_tiles, scaled_mm_gemm,
+                                     scaled_mm_supported)
 from engine.kernels.graph_timing import graph_time_ms
 from engine.kernels.norm_act import silu_and_mul
 
 log = logging.getLogger(__name__)
 
 DECODE_MAX_M = 64
+PREFILL_TUNE_MAX_M = 2048  # FP8 steps above DECODE_MAX_M are timed at their bucket up to this, then take its choice
 CUBLAS = "cublas"  # the choice of F.linear for full-precision weights
+SCALED_MM = "scaled_mm"  # FP8 W8A8 through cuBLASLt's block-scaled GEMM (`fp8_gemm.scaled_mm_gemm`)
 Choice = Union[str, GemmTiles, sk.SkinnyTiles]
 ROTATE_BYTES = 2 * 64 * 2**20  # weight copies cycled while timing: twice an H100/H200's 50-60 MB L2
 _chosen: dict[tuple, Choice] = {}  # linear layers' choices, by (device index, *`choose`'s shape key)
@@ -67,6 +71,8 @@ def run(choice: Choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     `gated_fused(choice)`): x is `[gate | up]` and the input is `silu(gate) * up`."""
     if isinstance(choice, sk.SkinnyTiles):
         return sk.skinny_gemm(x, weight, weight_scale, block_size, quantize_activations, choice, gated)
+    if choice == SCALED_MM:
+        return scaled_mm_gemm(x, weight, weight_scale, gated)
     if weight_scale is None:
         return F.linear(x, weight)
     return fp8_block_gemm(x, weight, weight_scale, block_size, quantize_activations, choice, gated)
@@ -75,7 +81,9 @@ def run(choice: Choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 def gated_fused(choice: Choice, quantize_activations: bool = False) -> bool:
     """Whether `choice` can take the SwiGLU input `[gate | up]` itself (`run(..., gated=True)`): the
     skinny GEMM always; the FP8 block GEMM where its activations are quantized ahead (that launch
-    applies the activation too)."""
+    applies the activation too), and so cuBLAS's block-scaled GEMM."""
+    if choice == SCALED_MM:
+        return True
     if isinstance(choice, GemmTiles):
         return gated_supported(choice, quantize_activations)
     return isinstance(choice, sk.SkinnyTiles)
@@ -87,11 +95,24 @@ def _default(m: int, weight: torch.Tensor, weight_scale, block_size, on_cpu: boo
     return gemm_tiles(m, weight.shape[0], weight.shape[1], on_cpu)
 
 
+def prefill_fp8_candidates(m: int, n: int, k: int) -> list[GemmTiles]:
+    """Block-GEMM tiles worth timing above DECODE_MAX_M tokens: the default and the other of its two
+    prefill tilings (128x128 with 8 warps, 64x128 with 4), activations quantized ahead."""
+    default = gemm_tiles(m, n, k, False)
+    return [default] + [t for t in (GemmTiles(128, 128, 8, 4, fuse_quant=False),
+                                    GemmTiles(64, 128, 4, 4, fuse_quant=False)) if t != default]
+
+
 def candidates(m: int, weight: torch.Tensor, weight_scale, block_size, quantize_activations: bool) -> list[Choice]:
-    out: list[Choice] = [CUBLAS] if weight_scale is None else fp8_candidates(m, quantize_activations)
     fp8 = weight_scale is not None
-    out += [t for t in sk.candidates(fp8, quantize_activations)
-            if sk.supports(m, weight, block_size if fp8 else None, t)]
+    if fp8 and m > DECODE_MAX_M:
+        out: list[Choice] = list(prefill_fp8_candidates(m, *weight.shape))
+    else:
+        out = [CUBLAS] if not fp8 else fp8_candidates(m, quantize_activations)
+        out += [t for t in sk.candidates(fp8, quantize_activations)
+                if sk.supports(m, weight, block_size if fp8 else None, t)]
+    if fp8 and scaled_mm_supported(weight, weight_scale, block_size, quantize_activations):
+        out.append(SCALED_MM)
     return out
 
 
@@ -128,21 +149,25 @@ def time_choice(choice: Choice, m: int, copies: list[torch.Tensor], weight_scale
 def choose(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
            block_size: tuple[int, int] | None = None, quantize_activations: bool = False) -> Choice:
     """The kernel to run `x [M, K] @ weight [N, K]^T` with: timed once per (device, bucket, N, K, dtypes,
-    whether x is SwiGLU's `[M, 2K]` input to a down projection, `Linear.forward_gated`)."""
+    whether x is SwiGLU's `[M, 2K]` input to a down projection, `Linear.forward_gated`). FP8 weights are
+    timed at prefill sizes too (Triton block GEMM tilings against cuBLAS's block-scaled GEMM), at buckets
+    up to PREFILL_TUNE_MAX_M tokens; larger steps take that bucket's choice (timing there would hold
+    gigabytes of probes, and both kernels are compute-bound by then)."""
     m = x.shape[0]
     gated = x.shape[1] == 2 * weight.shape[1]
     on_cpu = x.device.type != "cuda"
-    limit = DECODE_MAX_M if weight_scale is not None else sk.MAX_M
-    if on_cpu or m > limit or m == 0:
+    limit = PREFILL_TUNE_MAX_M if weight_scale is not None else sk.MAX_M
+    if on_cpu or m == 0 or (m > limit and weight_scale is None):
         return _default(m, weight, weight_scale, block_size, on_cpu)
-    shape = (bucket(m), tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype, gated)
-    default = _default(m, weight, weight_scale, block_size, False)
+    size = min(bucket(m), PREFILL_TUNE_MAX_M) if weight_scale is not None else bucket(m)
+    shape = (size, tuple(weight.shape), weight.dtype, block_size, quantize_activations, x.dtype, gated)
+    default = _default(size, weight, weight_scale, block_size, False)
 
     def tune() -> Choice:
         copies = weight_copies(weight)  # allocated once for all candidates
         return _fastest((x.device.index, *shape), weight,
-                        candidates(bucket(m), weight, weight_scale, block_size, quantize_activations),
-                        lambda c: time_choice(c, bucket(m), copies, weight_scale, block_size, quantize_activations,
+                        candidates(size, weight, weight_scale, block_size, quantize_activations),
+                        lambda c: time_choice(c, size, copies, weight_scale, block_size, quantize_activations,
                                               x.dtype, gated), default)
     return tuning_cache.tuned(_chosen, "decode_gemm", x.device, shape, TYPES, pdl.disabled()(tune), default)
 

@@ -46,7 +46,7 @@ def _quantize_tile(v, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MAX: tl.constexpr,
+def _quantize_rows_kernel(x, q, s, m, m_out, k, stride_xm, stride_qm, stride_sm, stride_sg, FP8_MAX: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
                           USE_PDL: tl.constexpr):
     signal_then_wait(USE_PDL)  # nothing to load ahead (the GEMM after it may start on its weights)
@@ -54,7 +54,8 @@ def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MA
     g = tl.program_id(1)
     lane = tl.arange(0, BLOCK)
     cols = g * GROUP + lane
-    ok = (rows < m)[:, None] & ((lane < GROUP) & (cols < k))[None, :]
+    cols_ok = ((lane < GROUP) & (cols < k))[None, :]
+    ok = (rows < m)[:, None] & cols_ok
     rows64 = rows.to(tl.int64)[:, None]
     v = tl.load(x + rows64 * stride_xm + cols[None, :], mask=ok, other=0.0)
     if GATED:  # x = [gate | up]: quantize silu(gate) * up, rounded as `silu_and_mul` rounds it
@@ -63,26 +64,34 @@ def _quantize_rows_kernel(x, q, s, m, k, stride_xm, stride_qm, stride_sm, FP8_MA
         act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
         v = (act * up.to(tl.float32)).to(up.dtype)
     y, scale = _quantize_tile(v.to(tl.float32), FP8_MAX)
-    tl.store(q + rows64 * stride_qm + cols[None, :], y.to(q.dtype.element_ty), mask=ok)
-    tl.store(s + rows * stride_sm + g, scale, mask=rows < m)
+    # rows m..m_out are padding: zeros with the smallest scale
+    tl.store(q + rows64 * stride_qm + cols[None, :], y.to(q.dtype.element_ty), mask=(rows < m_out)[:, None] & cols_ok)
+    tl.store(s + rows * stride_sm + g * stride_sg, scale, mask=rows < m_out)
 
 
-def quantize_activation(x: torch.Tensor, group: int, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x: torch.Tensor, group: int, gated: bool = False, scales_by_column: bool = False,
+                        rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[M, K]` → (FP8 `[M, K]`, float32 scales `[M, ceil(K/group)]`); see `quantize_activation_ref`.
     `gated`: x is `[M, 2K]` = `[gate | up]` and what is quantized is `silu(gate) * up` (SwiGLU's
     activation and the down projection's quantization in one launch, the values of `silu_and_mul`
     followed by this). One program per `BLOCK_R` rows and group (one per row and group left prefill
-    launching 10^5 programs of 128 values each)."""
+    launching 10^5 programs of 128 values each). For cuBLAS's block-scaled GEMM (`scaled_mm_gemm`):
+    `scales_by_column` stores the scales column-major (strides `(1, rows)`), and `rows_multiple` pads
+    both outputs with zero rows to a multiple of it."""
     m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     groups = triton.cdiv(k, group)
-    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
-    if m:
-        block_r = min(16, triton.next_power_of_2(m))
-        _quantize_rows_kernel[(triton.cdiv(m, block_r), groups)](
-            x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUP=group,
+    rows = triton.cdiv(m, rows_multiple) * rows_multiple
+    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+    if scales_by_column:
+        s = torch.empty((groups, rows), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((rows, groups), dtype=torch.float32, device=x.device)
+    if rows:
+        block_r = min(16, triton.next_power_of_2(rows))
+        _quantize_rows_kernel[(triton.cdiv(rows, block_r), groups)](
+            x, q, s, m, rows, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), FP8_MAX=FP8_MAX, GROUP=group,
             BLOCK=triton.next_power_of_2(group), BLOCK_R=block_r, GATED=gated,
             **pdl.launch_args(x.device, m))
     return q, s
@@ -220,3 +229,46 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
                            GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages,
                            **pdl.launch_args(x.device, m))
     return c.to(x.dtype) if t.split_k > 1 else c
+
+
+# cuBLASLt's block-scaled FP8 GEMM (CUDA >= 12.9, sm90; `torch._scaled_mm` with DeepSeek's 1x128
+# activation and 128x128 weight scales). The activations' scales go column-major with one column per K
+# block, and their row count padded to SCALED_MM_ROWS (cuBLASLt's alignment of that column; vLLM pads the
+# same); the weight and its scales are used as loaded ([N, K] row-major is B = W^T column-major).
+SCALED_MM_ROWS = 4
+SCALED_MM_BLOCK = (128, 128)
+
+
+def scaled_mm_supported(weight: torch.Tensor, weight_scale: torch.Tensor, block_size,
+                        quantize_activations: bool) -> bool:
+    """Whether `scaled_mm_gemm` takes this weight: e4m3 with 128x128 blocks that tile it exactly,
+    activations quantized (W8A8), and a K-block count that is a multiple of 4 (torch aligns the weight
+    scales' rows to 4 blocks from 2.10 on and not before, so other counts are left to the Triton GEMM)."""
+    if not quantize_activations or tuple(block_size or ()) != SCALED_MM_BLOCK or not hasattr(torch, "_scaled_mm"):
+        return False
+    n, k = weight.shape
+    return (weight.dtype == FP8_DTYPE and weight_scale.dtype == torch.float32 and n % 128 == 0
+            and k % (4 * 128) == 0 and tuple(weight_scale.shape) == (n // 128, k // 128)
+            and weight.is_contiguous() and weight_scale.is_contiguous())
+
+
+def scaled_mm_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, gated: bool = False):
+    """`torch._scaled_mm`'s arguments for x `[M, K]` (or SwiGLU's `[M, 2K]` where `gated`) @ dequant(W)^T:
+    (A `[M', K]` FP8, B `[K, N]` column-major, A's scales `[M', K/128]` column-major, B's `[K/128, N/128]`
+    column-major); M' is M rounded up to SCALED_MM_ROWS."""
+    a, a_scale = quantize_activation(x, SCALED_MM_BLOCK[1], gated, scales_by_column=True,
+                                     rows_multiple=SCALED_MM_ROWS)
+    return a, weight.t(), a_scale, weight_scale.t()
+
+
+def scaled_mm_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   gated: bool = False) -> torch.Tensor:
+    """`fp8_block_gemm(x, weight, weight_scale, (128, 128))` through cuBLASLt (where
+    `scaled_mm_supported`): one quantization launch, then one cuBLAS GEMM. Same quantized operands and
+    scales as the Triton GEMM; the sum's order (and so its last bits) is cuBLAS's."""
+    m = x.shape[0]
+    if m == 0:
+        return torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device)
+    a, b, a_scale, b_scale = scaled_mm_operands(x.contiguous(), weight, weight_scale, gated)
+    out = torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=x.dtype)
+    return out[:m] if out.shape[0] != m else out

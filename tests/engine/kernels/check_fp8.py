@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from engine.kernels.fp8_gemm import GemmTiles, fp8_block_gemm, gemm_tiles, quantize_activation
+from engine.kernels.fp8_gemm import (GemmTiles, fp8_block_gemm, gemm_tiles, quantize_activation, scaled_mm_gemm,
+                                     scaled_mm_operands, scaled_mm_supported)
 from engine.kernels.fp8_ref import fp8_block_gemm_ref, fused_experts_fp8_ref, quantize_activation_ref
 from engine.kernels.decode_gemm import fp8_candidates as candidates
 from engine.kernels.fused_moe_fp8 import fused_experts_fp8
@@ -47,6 +48,37 @@ def check_gemm(m, n, k, block, dtype, device, quantize_activations, tiles=None, 
     w8, ws = quantize_blocks(torch.randn(n, k, device=device) * k ** -0.5, block)
     return _rel(fp8_block_gemm(x, w8, ws, block, quantize_activations, tiles, gated),
                 fp8_block_gemm_ref(silu_and_mul_ref(x) if gated else x, w8, ws, block, quantize_activations))
+
+
+def emulate_scaled_mm(a, b, a_scale, b_scale) -> torch.Tensor:
+    """`torch._scaled_mm`'s block-scaled product as documented (A's scales per row and 128 columns, B's
+    per 128x128 block, each multiplying its block), in float32, from the operands' own strides."""
+    sa = a_scale.repeat_interleave(128, 1)[:, :a.shape[1]]
+    sb = b_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:b.shape[0], :b.shape[1]]
+    return (a.float() * sa) @ (b.float() * sb)
+
+
+def check_scaled_mm(m, n, k, dtype, device, gated: bool = False) -> float:
+    """cuBLAS's block-scaled path against the reference. On CPU the operands (FP8 A padded to 4 rows,
+    column-major scales, W^T views) go through `emulate_scaled_mm`, which checks their layout and values;
+    on CUDA `scaled_mm_gemm` runs cuBLASLt (inf if this torch/cuBLAS refuses it: the tuner then never
+    offers it)."""
+    torch.manual_seed(m + n)
+    x = torch.randn(m, 2 * k if gated else k, device=device).to(dtype)
+    w8, ws = quantize_blocks(torch.randn(n, k, device=device) * k ** -0.5, (128, 128))
+    assert scaled_mm_supported(w8, ws, (128, 128), True)
+    ref = fp8_block_gemm_ref(silu_and_mul_ref(x) if gated else x, w8, ws, (128, 128), True)
+    if device == "cpu":
+        a, b, sa, sb = scaled_mm_operands(x, w8, ws, gated)
+        assert a.shape[0] % 4 == 0 and sa.stride() == (1, a.shape[0]) and b.stride() == (1, k), (a.shape, sa.stride())
+        assert a[m:].float().abs().max().item() == 0 if a.shape[0] > m else True
+        return _rel(emulate_scaled_mm(a, b, sa, sb)[:m], ref)
+    try:
+        got = scaled_mm_gemm(x, w8, ws, gated)
+    except RuntimeError as e:
+        print(f"    scaled_mm refused: {str(e).splitlines()[0][:200]}")
+        return float("inf")
+    return _rel(got, ref)
 
 
 def check_moe(t, e, h, i, k, block, dtype, device, quantize_activations) -> float:
@@ -96,6 +128,11 @@ def main() -> int:
                 *c, block, dtype, device, qa, _variant(gemm_tiles(c[0], c[1], c[2], device == "cpu"), v))))
         cases += [] if gemm_only else [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa))
                                        for c in moes]
+    sm_shapes = [(5, 256, 512), (8, 128, 1024)] if size == "small" else [
+        (m, n, k) for m in (1, 3, 4, 64, 2047) for n, k in ((6144, 4096), (4096, 12288))]
+    sm_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    cases += [(f"scaled_mm {c}", lambda c=c: check_scaled_mm(*c, sm_dtype, device)) for c in sm_shapes]
+    cases.append((f"scaled_mm {sm_shapes[0]} gated", lambda: check_scaled_mm(*sm_shapes[0], sm_dtype, device, True)))
     n, k = gemms[0][1:]
     for m in (1, 33):  # every tiling the decode tuner may pick (engine/kernels/decode_gemm.py)
         cases.append((f"gemm ({m}, {n}, {k}) tuner candidates", lambda m=m: max(
