@@ -117,12 +117,18 @@ def fit_reference(ref: dict) -> dict:
 
 def referenced(model: str, ref: dict, ep: int = 1, quantization: str | None = None, kv_bytes: int = 2,
                gpu_bytes: int = H200_BYTES, util: float = 0.9, fp8_time: bool = False,
-               serving_overhead: dict | None = None) -> Profile:
+               serving_overhead: dict | None = None, rates: dict | None = None) -> Profile:
     """`fp8_time`: FP8 weights also halve the bytes a step reads (off: time as bf16, which is what
-    the engine's FP8 path measured on the H200 so far, 2026-11-29_h200_fp8.md)."""
+    the engine's FP8 path measured on the H200 on 2026-11-29, 2026-11-29_h200_fp8.md; an FP8 reference
+    measures the FP8 path's own efficiency). `rates`: another engine_bench JSON whose measured HBM copy
+    rate and bf16 matmul rate replace the reference's (a reference measured on another device kind than
+    the plan's: the fitted per-layer time and efficiencies are kept, the roofline rates are the target's)."""
     mc = resolve_model(model, "bfloat16")
     fit = fit_reference(ref)
     pc = param_counts(mc)
+    if rates is not None:
+        fit = dict(fit, hbm_bytes_per_s=rates["probe"]["hbm_copy_bytes_per_s"],
+                   matmul_flops_per_s=rates["probe"]["bf16_matmul_flops_per_s"], rates_device=rates["device"])
     hbm, flops = fit["hbm_bytes_per_s"], fit["matmul_flops_per_s"]
     fixed = fit["per_layer_s"] * mc.num_layers
     kv_bpt = _kv_bpt(mc, kv_bytes)
@@ -141,7 +147,8 @@ def referenced(model: str, ref: dict, ep: int = 1, quantization: str | None = No
 
     facts = _facts(mc, ep, quantization, gpu_bytes, util, kv_bpt)
     dtype = "bfloat16" + ("+fp8" if quantization == "fp8" else "")
-    return _profile(model, dtype, ref["device"], ref, prefill, decode, facts, None, serving_overhead,
+    device = ref["device"] if rates is None else f"{rates['device']} (rates; fit on {ref['device']})"
+    return _profile(model, dtype, device, ref, prefill, decode, facts, None, serving_overhead,
                     {"derivation": "referenced", "fit": fit, "fp8_time": fp8_time, "kv_cache_bytes": kv_bytes,
                      "ep_size": ep, "routing": "uniform"})
 
@@ -169,6 +176,9 @@ def main(argv=None) -> int:
     r.add_argument("--quantization", choices=["fp8"], default=None)
     r.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (1: fp8 KV cache)")
     r.add_argument("--fp8-time", action="store_true", help="FP8 weights also halve the bytes a step reads")
+    r.add_argument("--rates-from", default=None,
+                   help="engine_bench JSON measured on the plan's device kind: its HBM and matmul rates replace "
+                        "the reference's (per-layer time and efficiencies stay the reference's)")
     for p in (a, r):
         p.add_argument("--model", required=True)
         p.add_argument("--out", required=True)
@@ -183,7 +193,8 @@ def main(argv=None) -> int:
         prof = anchored(args.model, _load(args.engine_bench), serving_overhead=over, gpu_bytes=int(args.gpu_gib * 2**30))
     else:
         prof = referenced(args.model, _load(args.reference), args.ep_size, args.quantization, args.kv_bytes,
-                          fp8_time=args.fp8_time, serving_overhead=over)
+                          fp8_time=args.fp8_time, serving_overhead=over,
+                          rates=_load(args.rates_from) if args.rates_from else None)
     prof.save(args.out)
     print(f"wrote {args.out}: {prof.model} {prof.dtype} on {prof.device}; prefill 2k "
           f"{prof.prefill_time(2048) * 1e3:.1f} ms, decode b1/b64 at 1k {prof.decode_time(1, 1024) * 1e3:.1f} / "

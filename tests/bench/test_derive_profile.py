@@ -42,3 +42,19 @@ def test_referenced_profile_of_the_reference_itself_matches_its_steps():
     assert v3.ep_size == 8 and v3.kv_capacity_tokens > 100_000
     # More tokens in the EP group touch more experts: decode grows with the batch.
     assert v3.decode_time(64, 1024) > v3.decode_time(1, 1024)
+
+
+def test_rates_from_another_device_keep_the_fit_and_speed_up_only_the_roofline_part():
+    """A reference measured on one device kind, planned on another (`--rates-from`): the fixed per-layer
+    time stays, the bytes and FLOPs parts scale with the target's measured rates."""
+    floors = {1: 1.2, 16: 6.0, 64: 7.5}
+    ref = _bench("deepseek-v2-lite", {b: 2.7 + f / 0.9 for b, f in floors.items()}, floors,
+                 0.0027 + 0.015 / 0.3, 0.015)
+    faster = dict(ref, device="faster-gpu", probe={"hbm_copy_bytes_per_s": 6e12, "bf16_matmul_flops_per_s": 1.4e15})
+    same = referenced("deepseek-v3", ref, ep=8, quantization="fp8")
+    moved = referenced("deepseek-v3", ref, ep=8, quantization="fp8", rates=faster)
+    fixed = 0.0027 / 27 * 61
+    for b in (1, 64):
+        assert moved.decode_time(b, 1024) - fixed == pytest.approx((same.decode_time(b, 1024) - fixed) / 2, rel=1e-6)
+    assert moved.prefill_time(2048) - fixed == pytest.approx((same.prefill_time(2048) - fixed) / 2, rel=1e-6)
+    assert "faster-gpu" in moved.device and "test-gpu" in moved.device
