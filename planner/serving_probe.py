@@ -59,19 +59,21 @@ def probe(stub, prompt_lens: list[int], prefill_time, repeats: int, max_tokens: 
     """On an idle cluster: median TTFT minus `prefill_time(len)` over prompts and repeats, and the
     median TPOT of these requests (one at a time, so batch 1), seconds."""
     _ttft(stub, [101] * prompt_lens[0])  # warm-up: first-request compiles
-    over, tpot, by_prompt = [], [], []
+    over, tpot, by_prompt, raw = [], [], [], []
     for n in prompt_lens:
         here = []
         for i in range(repeats):
             ids = [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
             ttft, t = _timed(stub, ids, max_tokens)
             here.append(ttft - prefill_time(n))
+            raw.append([n, ttft, prefill_time(n)])
             if t is not None:
                 tpot.append(t)
         over += here
         by_prompt.append([n, max(0.0, statistics.median(here))])
     return {"overhead_s": max(0.0, statistics.median(over)), "overhead_by_prompt_s": by_prompt,
-            "tpot_batch1_s": statistics.median(tpot) if tpot else None, "samples": len(over)}
+            "tpot_batch1_s": statistics.median(tpot) if tpot else None, "samples": len(over),
+            "ttft_samples": raw}  # [prompt tokens, TTFT s, profiled prefill s] per request, in order
 
 
 def measure(*args, attempts: int = 2, **kw) -> tuple[float, list]:

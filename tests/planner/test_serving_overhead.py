@@ -62,3 +62,6 @@ def test_the_probe_reports_the_overhead_per_prompt_length():
     assert (n1, n2) == (256, 2048)
     assert o1 == pytest.approx(0.040, abs=0.015) and o2 == pytest.approx(0.010, abs=0.015)
     assert o1 > o2 and res["samples"] == 6
+    # Every request's own TTFT and profiled prefill are kept, in order, for later analysis.
+    assert [n for n, _, _ in res["ttft_samples"]] == [256] * 3 + [2048] * 3
+    assert all(ttft > pre == prefill[n] for n, ttft, pre in res["ttft_samples"])
