@@ -56,9 +56,11 @@ def _ttft(stub, ids: list[int], max_tokens: int = 4) -> float:
 
 
 def probe(stub, prompt_lens: list[int], prefill_time, repeats: int, max_tokens: int = 4) -> dict:
-    """On an idle cluster: median TTFT minus `prefill_time(len)` over prompts and repeats, and the
-    median TPOT of these requests (one at a time, so batch 1), seconds."""
-    _ttft(stub, [101] * prompt_lens[0])  # warm-up: first-request compiles
+    """On an idle cluster, after one untimed request per prompt length: median TTFT minus
+    `prefill_time(len)` over prompts and repeats, and the median TPOT of these requests (one at a time,
+    so batch 1), seconds."""
+    for n in prompt_lens:  # warm-up, one request per length: a length's first request paid a Triton
+        _ttft(stub, [101 + n % 7] * n)  # compile (0.4 s) and its next two still ran 25 ms slow (H100, 12-07m)
     over, tpot, by_prompt, raw = [], [], [], []
     for n in prompt_lens:
         here = []

@@ -45,7 +45,7 @@ def _quantize_tile(v, FP8_MAX: tl.constexpr):
     return _round_to_e4m3(tl.clamp(v / scale[:, None], -FP8_MAX, FP8_MAX)), scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['m', 'm_out'])  # token counts: one compile for every step size
 def _quantize_rows_kernel(x, q, s, m, m_out, k, stride_xm, stride_qm, stride_sm, stride_sg, FP8_MAX: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
                           USE_PDL: tl.constexpr):
@@ -117,7 +117,7 @@ def _gemm_step(acc, x, w, ws, as_ptr, kb, m_ok, A_MODE: tl.constexpr, FP8_MAX: t
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['m'])  # token counts: one compile for every step size
 def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                      SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

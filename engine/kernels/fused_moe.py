@@ -39,7 +39,7 @@ def _slot_tile(sorted_slots, num_slots, n_out, TOP_K: tl.constexpr, A_PER_TOKEN:
     return slots, row_ok, a_rows, offs_n, offs_n < n_out, tl.arange(0, BLOCK_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_slots'])  # token counts: one compile for every step size
 def _grouped_gemm_kernel(a, b, c, weights, sorted_slots, block_expert, num_slots, n_out, k_in,
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                          TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,

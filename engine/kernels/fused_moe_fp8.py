@@ -22,7 +22,7 @@ from engine.kernels.fused_moe import _slot_tile, _tiles, align_by_expert
 from engine.kernels.norm_act import silu_and_mul
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_slots'])  # token counts: one compile for every step size
 def _grouped_fp8_gemm_kernel(a, a_scale, b, b_scale, c, weights, sorted_slots, block_expert, num_slots, n_out, k_in,
                              stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm,
                              SCALE_ROWS: tl.constexpr, A_FP8: tl.constexpr, TOP_K: tl.constexpr,

@@ -151,7 +151,7 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 CHUNK = 64  # slots per program in the alignment kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n'])  # token counts: one compile for every step size
 def _chunk_count_kernel(ids, chunk_counts, local_rank, n, E: tl.constexpr, BLOCK_E: tl.constexpr,
                         CHUNK: tl.constexpr):
     c = tl.program_id(0)
@@ -166,7 +166,7 @@ def _chunk_count_kernel(ids, chunk_counts, local_rank, n, E: tl.constexpr, BLOCK
     tl.store(chunk_counts + c * BLOCK_E + ex, counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'num_chunks', 'num_blocks', 'max_padded'])  # token counts: one compile for every step size
 def _scan_kernel(chunk_counts, chunk_base, expert_start, sorted_slots, block_expert, n, num_chunks, num_blocks,
                  max_padded, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_C: tl.constexpr):
@@ -194,7 +194,7 @@ def _scan_kernel(chunk_counts, chunk_base, expert_start, sorted_slots, block_exp
         tl.store(sorted_slots + p, tl.zeros([1024], tl.int32) + n, mask=p < max_padded)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n'])  # token counts: one compile for every step size
 def _scatter_kernel(ids, chunk_base, expert_start, local_rank, sorted_slots, n, E: tl.constexpr, BLOCK_E: tl.constexpr,
                     CHUNK: tl.constexpr):
     c = tl.program_id(0)

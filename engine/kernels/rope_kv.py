@@ -186,7 +186,7 @@ def mla_query(q_latent: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, 
 ABSORB_MAX_TOKENS = 4  # larger batches take cuBLAS's batched GEMM (the weight is then read once per token here)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_tokens'])  # token counts: one compile for every step size
 def _mla_absorbed_query_kernel(q, w_uk, pos, cos, sin, out, num_tokens, stride_qt, stride_qh, stride_wh, stride_wd,
                                stride_ot, stride_oh, stride_cos, R: tl.constexpr, NOPE: tl.constexpr, P: tl.constexpr,
                                INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,

@@ -55,3 +55,22 @@ def test_an_earlier_hook_that_skips_the_compile_still_decides(hooks, monkeypatch
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: True)
     jit_watch.install()
     assert _compile("k[w4]()", 0.0, monkeypatch) is True
+
+
+def test_token_count_arguments_of_the_eager_prefill_kernels_are_not_specialized():
+    """Triton specializes an integer argument on `== 1` and divisibility by 16, so a prefill of an odd
+    token count compiled new variants of the MoE alignment scan and the grouped GEMM while serving
+    (0.4-0.8 s each, logged by jit_watch on an H100, bench/results/2026-12-07m_h100_fp8_prefill.md). The
+    token counts of the kernels that run eagerly at any step size are left unspecialized."""
+    from engine.kernels import fp8_gemm, fused_moe, fused_moe_fp8, moe_routing, rope_kv
+
+    expected = {
+        fp8_gemm._quantize_rows_kernel: {"m", "m_out"}, fp8_gemm._fp8_gemm_kernel: {"m"},
+        fused_moe._grouped_gemm_kernel: {"num_slots"}, fused_moe_fp8._grouped_fp8_gemm_kernel: {"num_slots"},
+        moe_routing._chunk_count_kernel: {"n"}, moe_routing._scatter_kernel: {"n"},
+        moe_routing._scan_kernel: {"n", "num_chunks", "num_blocks", "max_padded"},
+        rope_kv._mla_absorbed_query_kernel: {"num_tokens"},
+    }
+    for kernel, names in expected.items():
+        free = {p.name for p in kernel.params if p.do_not_specialize}
+        assert free == names, (kernel.fn.__name__, free)
