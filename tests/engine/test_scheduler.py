@@ -80,6 +80,41 @@ def test_block_pool_refcounts_and_double_free():
     assert pool.num_free_pages == 4
 
 
+def test_block_pool_keeps_a_prompts_pages_in_one_run_after_decodes_interleaved_others():
+    """Two sequences decoding page by page interleave their pages; when one finishes, its pages are
+    scattered holes. A prompt's pages must still come as one run of consecutive ids where a free run
+    that long exists (the KV push posts one descriptor per run), and from the lowest free pages, run by
+    run, where none does."""
+    pool = BlockPool(64)
+    a, b = [], []
+    for _ in range(16):  # decode steps: one page each, alternating sequences
+        a += pool.allocate(1)
+        b += pool.allocate(1)
+    assert a == list(range(0, 32, 2)) and b == list(range(1, 32, 2))
+    pool.decref(a)  # sequence a finishes: 16 scattered holes below page 32
+    prompt = pool.allocate(20)
+    assert prompt == list(range(32, 52))  # the first run long enough, not the holes
+    single = pool.allocate(1)
+    assert single == [0]  # single pages fill the lowest hole
+    rest = pool.allocate(pool.num_free_pages)  # no run that long: lowest free pages, ascending
+    assert rest == sorted(rest) and len(set(rest + prompt + single + b)) == 64
+    pool.check_invariants()
+
+
+def test_block_pool_random_allocations_never_hand_out_a_held_page():
+    rng = random.Random(0)
+    pool, held = BlockPool(50), []
+    for _ in range(2000):
+        if held and (rng.random() < 0.5 or pool.num_free_pages == 0):
+            pool.decref(held.pop(rng.randrange(len(held))))
+        else:
+            got = pool.allocate(rng.randint(1, min(8, pool.num_free_pages)))
+            assert not set(got) & {p for h in held for p in h}
+            held.append(got)
+    pool.check_invariants()
+    assert pool.num_used_pages == sum(map(len, held))
+
+
 def test_radix_match_insert_and_lru_eviction_spares_referenced_pages():
     pool = BlockPool(8)
     radix = RadixCache(pool, page_size=2)
