@@ -61,3 +61,25 @@ def test_different_page_sizes_are_refused_with_the_reason():
     dest = dict(receiver.destination(), page_ids=[0], incarnation="y")
     with pytest.raises(KVLayoutMismatch, match="page_size: ours 4 vs theirs 8"):
         sender.write("r2", [0], dest)
+
+
+def test_a_prompt_after_interleaved_decodes_pushes_as_one_run_per_layer():
+    """Both nodes' allocators keep a new prompt's pages consecutive even after decode steps interleaved
+    other sequences' pages (engine/block_pool.py), so the push's WRITE has one descriptor per layer
+    rather than one per page (2,800-3,600 per 2k-token DeepSeek-V2-Lite push with a FIFO free list,
+    which handed the finished sequences' pages out in the order they were freed)."""
+    from engine.block_pool import BlockPool
+
+    pools = []
+    for _ in range(2):
+        pool = BlockPool(130)
+        seqs = [[] for _ in range(4)]
+        for _ in range(30):  # decode steps of four sequences, one page each in turn
+            for s in seqs:
+                s += pool.allocate(1)
+        other = pool.allocate(10)  # the rest of the pool, held
+        for s in seqs[::2] + seqs[1::2]:
+            pool.decref(s)  # all four finish, evens first: pages 0-119 free again
+        pools.append((pool, other))
+    local, remote = (pool.allocate(100) for pool, _ in pools)  # a 1,600-token prompt, 16-token pages
+    assert page_runs(local, remote) == [(local[0], remote[0], 100)]
