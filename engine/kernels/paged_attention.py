@@ -197,7 +197,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                                           NUM_SPLITS=splits, NUM_HEADS=num_heads)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_offset"])  # a mixed step's decode count: one compile for every offset
 def _prefill_kernel(q, kv, block_tables, seq_lens, query_start, out, scale, seq_offset,
                     stride_qt, stride_qh, stride_kp, stride_kc, stride_ks, stride_kh, stride_bt,
                     stride_ot, stride_oh,
