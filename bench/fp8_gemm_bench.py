@@ -3,7 +3,9 @@ Qwen3-8B and DeepSeek-V3 linear-layer shapes, as the engine runs it (decode size
 `decode_gemm` times and keeps; prefill: the defaults), against floors measured in the same run: the
 FP8 matmul rate (torch._scaled_mm, per-tensor scales, 8192^3) and the HBM copy rate (read+write,
 the rate bench/roofline.py divides bytes by). Every time is per call inside a CUDA graph (decode
-runs that way; launch cost is not the kernel's). Alongside: bf16 `F.linear`; the Triton block GEMM in
+runs that way; launch cost is not the kernel's), each call on the next of the weight's rotating
+copies as the tuner times them (before 2026-12-07's seventh session the same weight was reused, so a
+weight that fits in L2 flattered every kernel at decode sizes). Alongside: bf16 `F.linear`; the Triton block GEMM in
 its default tiles (what prefill ran before the tuner timed prefill sizes); cuBLAS's block-scaled GEMM
 (`fp8_gemm.scaled_mm_gemm`, at every M, with why cuBLAS refused where it did); and torch._scaled_mm
 with rowwise scales (per token, per output channel: coarser than the checkpoints' 128x128 blocks,
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -35,32 +38,43 @@ SHAPES = {  # (N, K) of each weight
 }
 
 
-def _try(fn):
+def _try(fn, calls: int = 20):
     try:
-        return graph_ms(fn), None
+        return graph_ms(fn, calls), None
     except Exception as e:  # noqa: BLE001 - record why
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def _rotating(weight: torch.Tensor):
+    """The weight's rotating copies (`decode_gemm.weight_copies`: twice the L2 in all), cycled one per
+    call, so every timed call reads its weight from HBM as in a model step, and the number of calls per
+    graph that covers them."""
+    copies = decode_gemm.weight_copies(weight)
+    return itertools.cycle(copies), max(20, len(copies))
 
 
 def measure(label, n, k, ms_list, hbm, peak, state) -> list[dict]:
     w = torch.randn(n, k, device="cuda") * k ** -0.5
     w8, ws = quantize_blocks(w, (128, 128))
-    wb, wt, sb = w.to(torch.bfloat16), w8.t(), torch.ones(1, n, device="cuda")
+    wb, sb = w.to(torch.bfloat16), torch.ones(1, n, device="cuda")
     del w
+    (c8, calls8), (cb, callsb) = _rotating(w8), _rotating(wb)
     rows = []
     for m in ms_list:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         tiles = decode_gemm.choose(x, w8, ws, (128, 128), True)
-        ours = graph_ms(lambda: decode_gemm.run(tiles, x, w8, ws, (128, 128), True))
-        w8a16 = graph_ms(lambda: decode_gemm.run(tiles, x, w8, ws, (128, 128), False))
-        bf16 = graph_ms(lambda: F.linear(x, wb))
+        ours = graph_ms(lambda: decode_gemm.run(tiles, x, next(c8), ws, (128, 128), True), calls8)
+        w8a16 = graph_ms(lambda: decode_gemm.run(tiles, x, next(c8), ws, (128, 128), False), calls8)
+        bf16 = graph_ms(lambda: F.linear(x, next(cb)), callsb)
         x8, sa = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device="cuda")
-        rowwise, row_err = _try(lambda: torch._scaled_mm(x8, wt, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+        rowwise, row_err = _try(lambda: torch._scaled_mm(x8, next(c8).t(), scale_a=sa, scale_b=sb,
+                                                         out_dtype=torch.bfloat16), calls8)
         # cuBLAS's block-scaled GEMM as the engine runs it (its quantization launch included), at every M
-        blockwise, block_err = _try(lambda: scaled_mm_gemm(x, w8, ws))
+        blockwise, block_err = _try(lambda: scaled_mm_gemm(x, next(c8), ws), calls8)
         if block_err:
             state.setdefault("blockwise_errors", {})[f"{label} m={m}"] = block_err
-        triton = graph_ms(lambda: fp8_block_gemm(x, w8, ws, (128, 128), True, gemm_tiles(m, n, k, False)))
+        triton = graph_ms(lambda: fp8_block_gemm(x, next(c8), ws, (128, 128), True, gemm_tiles(m, n, k, False)),
+                          calls8)
         flops, bytes_ = 2 * m * n * k, n * k + 2 * m * (n + k)  # FP8 weight + bf16 in/out (scales < 0.01%)
         floor = max(flops / peak, bytes_ / hbm) * 1e3
         rows.append(dict(shape=label, m=m, n=n, k=k, ours_ms=ours, tiles=_tiles_dict(tiles),
@@ -91,7 +105,7 @@ def markdown(result) -> str:
     hbm, fp8, bf16 = (result[key] / 1e12 for key in ("hbm_copy_bytes_per_s", "fp8_peak_flops", "bf16_peak_flops"))
     lines = [f"FP8 peak (torch._scaled_mm 8192^3, same run): {fp8:.0f} TFLOP/s; bf16 {bf16:.0f} TFLOP/s; "
              f"HBM copy {hbm:.2f} TB/s. Floor = max(FLOPs / FP8 peak, bytes / HBM copy rate). "
-             "Times per call inside a CUDA graph.",
+             "Times per call inside a CUDA graph, weights rotated (read from HBM).",
              "cuBLAS block-scaled (1x128, 128x128; `fp8_gemm.scaled_mm_gemm`, its quantization launch included) "
              f"refused at: {', '.join(result['scaled_mm_blockwise_errors']) or 'none'}"
              + (f" ({next(iter(result['scaled_mm_blockwise_errors'].values()))})"
