@@ -105,8 +105,7 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
             print(f"skipping {name}: unknown cluster shape (give --num-prefill/--num-decode)", file=sys.stderr)
             continue
         if getattr(args, "overhead_single", False) and spec.request_overhead_s is None:
-            mode = "collocated" if spec.collocated else "disaggregated"
-            spec = dataclasses.replace(spec, request_overhead_s=profile.serving_overhead.get(mode, 0.0))
+            spec = dataclasses.replace(spec, request_overhead_s=profile.serving_overhead.get(spec.serving_mode, 0.0))
         slos = {k: v / 1e3 for k, v in rep.get("slos_ms", {}).items()}
         pred = simulate(profile, spec, requests_for(rep, args)).summary(slos)
         row = {"run": name, "shape": spec.describe() + (" (one GPU)" if spec.share_gpu else ""),

@@ -63,12 +63,12 @@ def probe(stub, prompt_lens: list[int], prefill_time, repeats: int, max_tokens: 
         _ttft(stub, [101 + n % 7] * n)  # compile (0.4 s) and its next two still ran 25 ms slow (H100, 12-07m)
     over, tpot, by_prompt, raw = [], [], [], []
     for n in prompt_lens:
-        here = []
+        here, pre = [], prefill_time(n)
         for i in range(repeats):
             ids = [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
             ttft, t = _timed(stub, ids, max_tokens)
-            here.append(ttft - prefill_time(n))
-            raw.append([n, ttft, prefill_time(n)])
+            here.append(ttft - pre)
+            raw.append([n, ttft, pre])
             if t is not None:
                 tpot.append(t)
         over += here

@@ -71,6 +71,11 @@ class ClusterSpec:
         return self.num_prefill == 0
 
     @property
+    def serving_mode(self) -> str:
+        """The profile's key for this shape's serving-path overhead."""
+        return "collocated" if self.collocated else "disaggregated"
+
+    @property
     def num_gpus(self) -> int:
         n = self.num_prefill * self.prefill_ep + self.num_decode * self.decode_ep
         return n // 2 if self.share_gpu else n
@@ -172,12 +177,10 @@ class Simulator:
                     d.devices = p.devices
                 else:
                     p.gpu_partner, d.gpu_partner = d, p
-        mode = "collocated" if self.spec.collocated else "disaggregated"
-
         def over(r: SimRequest) -> float:  # the serving path before a request reaches its node
             if self.spec.request_overhead_s is not None:
                 return self.spec.request_overhead_s
-            return self.profile.request_overhead(mode, r.prompt_len)
+            return self.profile.request_overhead(self.spec.serving_mode, r.prompt_len)
 
         reach = [r.arrival + over(r) for r in requests]
         for r, t in zip(requests, reach):
