@@ -55,17 +55,27 @@ def _ttft(stub, ids: list[int], max_tokens: int = 4) -> float:
     return _timed(stub, ids, max_tokens)[0]
 
 
+def _prompt(i: int, n: int) -> list[int]:
+    """The probe's `i`-th prompt of `n` tokens: varied tokens, no two prompts sharing a first token."""
+    return [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
+
+
 def probe(stub, prompt_lens: list[int], prefill_time, repeats: int, max_tokens: int = 4) -> dict:
     """On an idle cluster, after one untimed request per prompt length: median TTFT minus
     `prefill_time(len)` over prompts and repeats, and the median TPOT of these requests (one at a time,
     so batch 1), seconds."""
-    for n in prompt_lens:  # warm-up, one request per length: a length's first request paid a Triton
-        _ttft(stub, [101 + n % 7] * n)  # compile (0.4 s) and its next two still ran 25 ms slow (H100, 12-07m)
+    # Warm-up, two requests per length: a length's first request paid a Triton compile (0.4 s) and its
+    # next two still ran 25 ms slow (H100, 12-07m). The warm-up prompts are as varied as the timed ones
+    # (no prefix of them): a prompt of one repeated token routes every token of an MoE model to the same
+    # few experts, so it leaves the grouped GEMM's many-expert shapes and their buffers cold.
+    for n in prompt_lens:
+        for i in range(repeats, repeats + 2):
+            _ttft(stub, _prompt(i, n))
     over, tpot, by_prompt, raw = [], [], [], []
     for n in prompt_lens:
         here, pre = [], prefill_time(n)
         for i in range(repeats):
-            ids = [(i * 977 + k * 31) % 30000 + 100 for k in range(n)]
+            ids = _prompt(i, n)
             ttft, t = _timed(stub, ids, max_tokens)
             here.append(ttft - pre)
             raw.append([n, ttft, pre])

@@ -76,3 +76,25 @@ def test_each_prompt_length_is_warmed_up_before_it_is_timed():
     prefill = {256: 0.010, 2048: 0.070}
     res = probe(_Stub({256: 0.020, 2048: 0.080}, first=0.3), [256, 2048], lambda n: prefill[n], repeats=2)
     assert max(ttft for _, ttft, _ in res["ttft_samples"]) < 0.2
+
+
+class _MoEStub(_Stub):
+    """Slow (as a cold grouped GEMM would be) on a request of a length whose varied prompt it has not yet
+    seen: a prompt of one repeated token warms only the few experts it routes to."""
+
+    def Generate(self, msg, timeout=None):  # noqa: N802 — the gRPC method's name
+        ids = list(msg.token_ids.ids)
+        varied = len(set(ids)) > len(ids) // 2
+        self.first = 0.0 if (len(ids), True) in self.seen else 0.3
+        self.seen.add((len(ids), varied))
+        yield from super().Generate(msg, timeout)
+
+
+def test_the_warm_up_prompts_are_as_varied_as_the_timed_ones_and_share_no_prefix_with_them():
+    prefill = {256: 0.010, 2048: 0.070}
+    stub = _MoEStub({256: 0.020, 2048: 0.080})
+    res = probe(stub, [256, 2048], lambda n: prefill[n], repeats=2)
+    assert max(ttft for _, ttft, _ in res["ttft_samples"]) < 0.2
+    from planner.serving_probe import _prompt
+    timed = {_prompt(i, 256)[0] for i in range(2)}
+    assert not timed & {_prompt(i, 256)[0] for i in range(2, 4)}
