@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.pdl import signal_then_wait
+from engine.kernels.pdl import prefetch_rows, signal_then_wait
 from engine.quantization import FP8_DTYPE, FP8_MAX
 
 
@@ -119,9 +119,9 @@ def _gemm_step(acc, x, w, ws, as_ptr, kb, m_ok, A_MODE: tl.constexpr, FP8_MAX: t
 
 @triton.jit(do_not_specialize=['m'])  # token counts: one compile for every step size
 def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-                     SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
+                     partial, arrived, prefetch, SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     FIXUP: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_m = tl.cdiv(m, BLOCK_M)
@@ -143,7 +143,10 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     blocks = tl.cdiv(k, BLOCK_K)
     # No tile is loaded ahead of the wait here: peeling one off the software-pipelined loop exposed the
-    # next tile's latency (H100, 2026-12-07d)
+    # next tile's latency (H100, 2026-12-07d). L2 is asked for the first `prefetch` bytes of this K
+    # slice's rows instead, which the loop's first loads then find there.
+    prefetch_rows(b + tl.minimum(offs_n, n - 1).to(tl.int64) * stride_bn + split * BLOCK_K,
+                  tl.maximum(tl.minimum(prefetch, k - split * BLOCK_K), 0) // 16 * 16, USE_PDL)
     signal_then_wait(USE_PDL)
     for kb in range(split, blocks, SPLIT_K):  # one K step = one scale block
         k_ok = offs_k < k - kb * BLOCK_K
@@ -154,10 +157,21 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
         a_ptr += BLOCK_K * SPLIT_K
         b_ptr += BLOCK_K * SPLIT_K
     c_ptr = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
-        tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.atomic_add(c_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=ok)
+    elif FIXUP:  # K slices add into a zeroed float32 workspace; the tile's last slice to arrive writes c
+        w_ptr = partial + offs_m[:, None].to(tl.int64) * n + offs_n[None, :]
+        tl.atomic_add(w_ptr, acc, mask=ok)
+        tl.debug_barrier()  # every thread's adds before the count (the count's release orders them)
+        if tl.atomic_add(arrived + pid, 1) == SPLIT_K - 1:  # acq_rel: the other slices' adds are visible
+            # read at L2 and leave zeros (as int32 bits: the interpreter exchanges no floats)
+            bits = tl.atomic_xchg(w_ptr.to(tl.pointer_type(tl.int32)), tl.zeros(acc.shape, tl.int32), mask=ok)
+            total = bits.to(tl.float32, bitcast=True)
+            tl.store(c_ptr, total.to(c.dtype.element_ty), mask=ok)
+            tl.store(arrived + pid, 0)  # zero for the next launch (ordered after this one's end)
+    else:  # c is float32, zeroed by the caller
+        tl.atomic_add(c_ptr, acc, mask=ok)
 
 
 @dataclass(frozen=True)
@@ -220,15 +234,48 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
         mode, a, a_scale = A_QUANTIZE, x, weight_scale  # a_scale unused
     else:
         mode, (a, a_scale) = A_FP8, quantize_activation(x, bk, gated)
-    out = torch.zeros if t.split_k > 1 else torch.empty
-    c = out((m, n), dtype=torch.float32 if t.split_k > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), t.split_k)
+    space = split_k_workspace(x.device, m * n, grid[0]) if t.split_k > 1 else None
+    if t.split_k > 1 and space is None:  # float32 atomics into a zeroed c, then a cast: two more launches
+        c = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        space = (c, c)
+    else:
+        c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        space = space or (c, c)  # unused without split-K
     _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
-                           weight.stride(0), weight_scale.stride(0), c.stride(0), SCALE_ROWS=bn, A_MODE=mode,
-                           FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk,
-                           GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages,
+                           weight.stride(0), weight_scale.stride(0), c.stride(0), *space,
+                           pdl.prefetch_bytes(weight, n, k), SCALE_ROWS=bn, A_MODE=mode, FP8_MAX=FP8_MAX,
+                           SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk, GROUP_M=t.group_m,
+                           FIXUP=space[0] is not c, num_warps=t.warps, num_stages=t.stages,
                            **pdl.launch_args(x.device, m))
-    return c.to(x.dtype) if t.split_k > 1 else c
+    return c.to(x.dtype) if c.dtype != x.dtype else c
+
+
+# Split-K's float32 workspace and per-tile arrival counts, per device: zero between launches (each
+# launch's last K slice of a tile zeroes what it used), so a split-K GEMM needs no zero fill before it
+# nor cast after it, and its PDL chain is unbroken. One per device suffices: a device's GEMMs run one
+# after another on the engine's one compute stream (a PDL launch touches it only after its wait).
+# Every allocation stays alive, since CUDA graphs captured with it keep its address.
+_split_k_space: dict = {}
+_split_k_retired: list = []
+
+
+def split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(float32 `[≥ elems]` zeros, int32 `[≥ tiles]` zeros) for a split-K launch on `device`; None while a
+    CUDA graph is being captured and the current one is too small (nothing can be zeroed then: the
+    caller falls back to a zero fill and a cast)."""
+    have = _split_k_space.get((device.type, device.index))
+    if have is not None and have[0].numel() >= elems and have[1].numel() >= tiles:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if have is not None:
+        _split_k_retired.append(have)
+        elems, tiles = max(elems, 2 * have[0].numel()), max(tiles, 2 * have[1].numel())
+    have = (torch.zeros(max(elems, 1 << 16), dtype=torch.float32, device=device),
+            torch.zeros(max(tiles, 1 << 10), dtype=torch.int32, device=device))
+    _split_k_space[(device.type, device.index)] = have
+    return have
 
 
 # cuBLASLt's block-scaled FP8 GEMM (CUDA >= 12.9, sm90; `torch._scaled_mm` with DeepSeek's 1x128

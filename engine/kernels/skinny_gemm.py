@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.pdl import signal_then_wait
+from engine.kernels.pdl import prefetch_rows, signal_then_wait
 from engine.kernels.fp8_gemm import _quantize_tile, quantize_activation
 from engine.quantization import FP8_MAX
 
@@ -69,7 +69,7 @@ def _skinny_step(acc, wv, x, x_ptr, x_scale, w_scale, k0, k, pid, toks, cols, m_
 
 @triton.jit
 def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn, stride_cm,
-                        stride_xb, stride_wb, stride_cb,
+                        stride_xb, stride_wb, stride_cb, prefetch,
                         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
                         QUANT_X: tl.constexpr, X_FP8: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -87,7 +87,9 @@ def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xs
     x_ptr = x + toks.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     # The first weight tile needs nothing from the kernels before: it is in flight before the wait for
-    # them (engine/kernels/pdl.py), the rest of K after it.
+    # them (engine/kernels/pdl.py), with L2 asked for the next `prefetch` bytes of each row; the rest of
+    # K after it.
+    prefetch_rows(w + tl.minimum(rows, n - 1).to(tl.int64) * stride_wn, prefetch, USE_PDL)
     k_ok = cols < k
     wv = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     signal_then_wait(USE_PDL)
@@ -187,7 +189,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     a, a_scale = quantize_activation(x, scale_cols, gated) if ahead else (x, scale)  # a_scale unused if not ahead
     _skinny_gemm_kernel[(triton.cdiv(n, t.block_n), 1)](
         a, a_scale, weight, scale, c, m, n, k, a.stride(0), a_scale.stride(0), weight.stride(0), scale.stride(0),
-        c.stride(0), 0, 0, 0, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
+        c.stride(0), 0, 0, 0, pdl.prefetch_bytes(weight, n, k * weight.element_size()), SCALE_ROWS=scale_rows,
+        SCALE_COLS=scale_cols, FP8_W=fp8,
         QUANT_X=fp8 and quantize_activations and not ahead, X_FP8=ahead, GATED=gated and not ahead,
         FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages, **pdl.launch_args(x.device))
@@ -212,7 +215,8 @@ def skinny_bmm(x: torch.Tensor, weight: torch.Tensor, tiles: SkinnyTiles | None 
                          f"{x.stride()} do not fit tiles {t}")
     _skinny_gemm_kernel[(triton.cdiv(n, t.block_n), bsz)](
         x, x, weight, x, c, m, n, k, x.stride(0), 0, weight.stride(1), 0, c.stride(0),
-        x.stride(1), weight.stride(0), c.stride(1), SCALE_ROWS=1, SCALE_COLS=t.block_k, FP8_W=False,
+        x.stride(1), weight.stride(0), c.stride(1), pdl.prefetch_bytes(weight, n * bsz, k * weight.element_size()),
+        SCALE_ROWS=1, SCALE_COLS=t.block_k, FP8_W=False,
         QUANT_X=False, X_FP8=False, GATED=False, FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages, **pdl.launch_args(x.device))
     return c

@@ -50,6 +50,19 @@ def check_gemm(m, n, k, block, dtype, device, quantize_activations, tiles=None, 
                 fp8_block_gemm_ref(silu_and_mul_ref(x) if gated else x, w8, ws, block, quantize_activations))
 
 
+def check_split_k_reuse(shapes, block, dtype, device) -> float:
+    """Split-K GEMMs back to back (several shapes, one twice): each adds into the shared workspace and
+    its tiles' last K slices write the output and zero what they used, so each is right and the
+    workspace and arrival counts are all zero afterwards (a nonzero entry counts as an error of 1)."""
+    from engine.kernels import fp8_gemm
+    err = 0.0
+    for m, n, k in shapes + shapes[:1]:
+        t = dataclasses.replace(gemm_tiles(m, n, k, device == "cpu"), split_k=4, fuse_quant=False)
+        err = max(err, check_gemm(m, n, k, block, dtype, device, True, t))
+    space, counts = fp8_gemm._split_k_space[(torch.device(device).type, torch.device(device).index)]
+    return max(err, float(space.count_nonzero().item() + counts.count_nonzero().item()))
+
+
 def emulate_scaled_mm(a, b, a_scale, b_scale) -> torch.Tensor:
     """`torch._scaled_mm`'s block-scaled product as documented (A's scales per row and 128 columns, B's
     per 128x128 block, each multiplying its block), in float32, from the operands' own strides."""
@@ -128,6 +141,7 @@ def main() -> int:
                 *c, block, dtype, device, qa, _variant(gemm_tiles(c[0], c[1], c[2], device == "cpu"), v))))
         cases += [] if gemm_only else [(f"moe {c} qa={qa}", lambda c=c, qa=qa: check_moe(*c, block, dtype, device, qa))
                                        for c in moes]
+    cases.append(("gemm split-K workspace reuse", lambda: check_split_k_reuse(gemms, block, dtype, device)))
     sm_shapes = [(5, 256, 512), (8, 128, 1024)] if size == "small" else [
         (m, n, k) for m in (1, 3, 4, 64, 2047) for n, k in ((6144, 4096), (4096, 12288))]
     sm_dtype = torch.float32 if device == "cpu" else torch.bfloat16
