@@ -60,8 +60,9 @@ def fp8_candidates(m: int, quantize_activations: bool) -> list[GemmTiles]:
     bm = max(16, bucket(m))
     out = [GemmTiles(bm, bn, 4, st, fuse_quant=False) for bn, st in ((32, 6), (64, 4))]
     out.append(GemmTiles(bm, 64, 4, 4, fuse_quant=False, split_k=4))
-    if m == 1 and quantize_activations:  # one launch fewer; measured ahead for narrow, deep weights
-        out.append(GemmTiles(16, 128, 4, 4, fuse_quant=True, split_k=4))
+    if m == 1 and quantize_activations:  # one launch fewer: the one row quantized by every program
+        out += [GemmTiles(16, 128, 4, 4, fuse_quant=True, split_k=4),
+                GemmTiles(16, 32, 4, 6, fuse_quant=True), GemmTiles(16, 64, 4, 4, fuse_quant=True)]
     return out
 
 
