@@ -242,12 +242,12 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     else:
         c = torch.empty((m, n), dtype=x.dtype, device=x.device)
         space = space or (c, c)  # unused without split-K
+    launch = pdl.launch_args(x.device, m)
     _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
                            weight.stride(0), weight_scale.stride(0), c.stride(0), *space,
-                           pdl.prefetch_bytes(weight, n, k), SCALE_ROWS=bn, A_MODE=mode, FP8_MAX=FP8_MAX,
+                           pdl.prefetch_bytes(weight, n, k) if launch["USE_PDL"] else 0, SCALE_ROWS=bn, A_MODE=mode, FP8_MAX=FP8_MAX,
                            SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk, GROUP_M=t.group_m,
-                           FIXUP=space[0] is not c, num_warps=t.warps, num_stages=t.stages,
-                           **pdl.launch_args(x.device, m))
+                           FIXUP=space[0] is not c, num_warps=t.warps, num_stages=t.stages, **launch)
     return c.to(x.dtype) if c.dtype != x.dtype else c
 
 
