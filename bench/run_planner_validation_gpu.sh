@@ -49,19 +49,26 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
 python -c "import sys, torch, grpc, aiohttp, zmq; print(sys.version.split()[0], torch.__version__, 'grpc', grpc.__version__, 'aiohttp', aiohttp.__version__)" >> "$LOG" 2>&1
 
+scrape() {  # before|after NAME: the cluster's histograms into metrics_{before,after}_NAME.json; after: their
+  # difference into ttft_split_NAME.txt (where the requests between spent their time)
+  local t=$STAGE/targets.json
+  [ -f "$t" ] || return 0
+  python -m bench.scrape_metrics scrape --targets "$t" --out "$STAGE/metrics_$1_$2.json"
+  [ "$1" = after ] && python -m bench.scrape_metrics diff "$STAGE/metrics_before_$2.json" \
+    "$STAGE/metrics_after_$2.json" > "$STAGE/ttft_split_$2.txt" 2>&1
+  return 0
+}
+
 SEED=0
 bench() {  # name dataset rate prompts [args...]; the cluster's histograms scraped before and after; each
   # run its own seed (prompts the server's prefix cache holds from an earlier run would prefill cached)
   local name=$1 ds=$2 rate=$3 n=$4; shift 4
   SEED=$((SEED + 1))
-  local targets=$STAGE/targets.json
-  [ -f "$targets" ] && python -m bench.scrape_metrics scrape --targets "$targets" --out "$STAGE/metrics_before_$name.json"
+  scrape before "$name"
   pstep "$name" 60 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name "$ds" \
     --num-prompts "$n" --request-rate "$rate" --goodput ttft:1000 tpot:50 --seed $SEED "$@" --disable-tqdm \
     --save-result --result-dir "$STAGE" --result-filename "$name.json"
-  [ -f "$targets" ] && python -m bench.scrape_metrics scrape --targets "$targets" --out "$STAGE/metrics_after_$name.json" \
-    && python -m bench.scrape_metrics diff "$STAGE/metrics_before_$name.json" "$STAGE/metrics_after_$name.json" \
-    > "$STAGE/ttft_split_$name.txt" 2>&1
+  scrape after "$name"
 }
 
 serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points then ShareGPT-like), down
@@ -76,11 +83,23 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
   for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$STAGE/up_$m.log" && break; kill -0 $up 2>/dev/null || break
     [ "$(left)" -lt 40 ] && break; sleep 1; done
   echo "up after ${i}s" >> "$LOG"
+  scrape before probe_grpc
   pstep "probe_grpc_$m" 40 python -m planner.serving_probe --grpc 127.0.0.1:$GRPC_PORT --profile "$profile" \
     --mode disaggregated --prompts 256,$RIN --repeats 3 --max-tokens 64 --out "$STAGE/probe_grpc_$m.json"
-  pstep "probe_http_$m" 30 python -m deploy.cli bench --base-url http://127.0.0.1:$HTTP_PORT/v1 --dataset-name random \
-    --num-prompts 4 --random-input-len $RIN --random-output-len 64 --request-rate inf --max-concurrency 1 --seed 1000 \
-    --save-result --result-dir "$STAGE" --result-filename "probe_http_$m.json" --disable-tqdm
+  scrape after probe_grpc
+  # The same four-prompt probe over HTTP and over gRPC through one client (`pdserve bench`), each with the
+  # cluster's histograms scraped around it: the gRPC probe above has measured 20-35 ms more at 2k than
+  # HTTP (2026-12-07n, 12-07o), and this says whether the transport or the probe's prompts differ.
+  local be
+  for be in http bgrpc; do  # bgrpc: the bench over gRPC (probe_grpc_*.json is the serving probe's)
+    local url=http://127.0.0.1:$HTTP_PORT/v1 backend=openai seed=1000
+    [ $be = bgrpc ] && url=127.0.0.1:$GRPC_PORT backend=pdserve-grpc seed=1001
+    scrape before "probe_$be"
+    pstep "probe_${be}_$m" 30 python -m deploy.cli bench --backend $backend --base-url $url --dataset-name random \
+      --num-prompts 4 --random-input-len $RIN --random-output-len 64 --request-rate inf --max-concurrency 1 \
+      --seed $seed --save-result --result-dir "$STAGE" --result-filename "probe_${be}_$m.json" --disable-tqdm
+    scrape after "probe_$be"
+  done
   local r n
   for r in $RATES_R; do
     [[ " $sweep " == *" random_$r "* ]] || continue

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.pdl import prefetch_rows, signal_then_wait
+from engine.kernels.pdl import signal_then_wait
 from engine.quantization import FP8_DTYPE, FP8_MAX
 
 
@@ -119,7 +119,8 @@ def _gemm_step(acc, x, w, ws, as_ptr, kb, m_ok, A_MODE: tl.constexpr, FP8_MAX: t
 
 @triton.jit(do_not_specialize=['m'])  # token counts: one compile for every step size
 def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-                     partial, arrived, prefetch, SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
+                     partial, arrived, SCALE_ROWS: tl.constexpr, A_MODE: tl.constexpr, FP8_MAX: tl.constexpr,
+                     SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      FIXUP: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -143,10 +144,8 @@ def _fp8_gemm_kernel(a, a_scale, b, b_scale, c, m, n, k, stride_am, stride_asm, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     blocks = tl.cdiv(k, BLOCK_K)
     # No tile is loaded ahead of the wait here: peeling one off the software-pipelined loop exposed the
-    # next tile's latency (H100, 2026-12-07d). L2 is asked for the first `prefetch` bytes of this K
-    # slice's rows instead, which the loop's first loads then find there.
-    prefetch_rows(b + tl.minimum(offs_n, n - 1).to(tl.int64) * stride_bn + split * BLOCK_K,
-                  tl.maximum(tl.minimum(prefetch, k - split * BLOCK_K), 0) // 16 * 16, USE_PDL)
+    # next tile's latency (H100, 2026-12-07d); nor did asking L2 for the first weight bytes of each
+    # row before it help (0-10 % slower, 2026-12-07o).
     signal_then_wait(USE_PDL)
     for kb in range(split, blocks, SPLIT_K):  # one K step = one scale block
         k_ok = offs_k < k - kb * BLOCK_K
@@ -242,12 +241,11 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     else:
         c = torch.empty((m, n), dtype=x.dtype, device=x.device)
         space = space or (c, c)  # unused without split-K
-    launch = pdl.launch_args(x.device, m)
     _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
-                           weight.stride(0), weight_scale.stride(0), c.stride(0), *space,
-                           pdl.prefetch_bytes(weight, n, k) if launch["USE_PDL"] else 0, SCALE_ROWS=bn, A_MODE=mode, FP8_MAX=FP8_MAX,
-                           SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk, GROUP_M=t.group_m,
-                           FIXUP=space[0] is not c, num_warps=t.warps, num_stages=t.stages, **launch)
+                           weight.stride(0), weight_scale.stride(0), c.stride(0), *space, SCALE_ROWS=bn, A_MODE=mode,
+                           FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk,
+                           GROUP_M=t.group_m, FIXUP=space[0] is not c, num_warps=t.warps, num_stages=t.stages,
+                           **pdl.launch_args(x.device, m))
     return c.to(x.dtype) if c.dtype != x.dtype else c
 
 

@@ -8,8 +8,7 @@ running, once that one's blocks have all signalled (`gdc_launch_dependents`) or 
 here that takes part does, in this order:
 
 1. what needs nothing from earlier kernels: loading its first weight tile (weights are written only
-   at load time), and asking L2 for the next bytes of its weight rows (`prefetch_rows`), which HBM
-   then streams while the kernels ahead finish;
+   at load time);
 2. `gdc_launch_dependents()`: the next PDL kernel may launch once every block of this one has got
    here, and do its own step 1 on the SMs this one leaves free (its wait, step 3, still orders it
    after this kernel's end, so signalling before waiting is safe);
@@ -36,10 +35,6 @@ import triton
 import triton.language as tl
 
 DECODE_MAX_TOKENS = 64  # `launch_args` keeps larger launches plain: prefill tiles keep their loop
-# Weight bytes a PDL-launched GEMM asks L2 for before its wait (`prefetch_rows`), over all its programs:
-# read from HBM while the kernels ahead of it finish, so its own start does not wait a DRAM latency and
-# a ramp. PDSERVE_L2_PREFETCH_MB=0 turns it off.
-L2_PREFETCH_BYTES = int(float(os.environ.get("PDSERVE_L2_PREFETCH_MB", "8")) * 2**20)
 
 
 @triton.jit
@@ -48,25 +43,6 @@ def signal_then_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def prefetch_rows(ptrs, nbytes, USE_PDL: tl.constexpr):
-    """Under PDL (sm_90+), before `signal_then_wait`: ask L2 for `nbytes` (a multiple of 16; 0 asks
-    nothing) from each address of `ptrs` (16-byte aligned; weight row starts), one bulk prefetch per
-    address. A hint: it loads nothing into registers and orders nothing. See `prefetch_bytes`."""
-    if USE_PDL:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptrs, tl.full(ptrs.shape, 0, tl.int32) + nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def prefetch_bytes(weight: torch.Tensor, rows: int, row_bytes: int) -> int:
-    """Bytes per weight row for `prefetch_rows`: `L2_PREFETCH_BYTES` spread over `rows`, at most
-    `row_bytes`, a multiple of 16; 0 (no prefetch) where the rows are not 16-byte aligned."""
-    if weight.data_ptr() % 16 or any(st * weight.element_size() % 16 for st in weight.stride()[:-1]):
-        return 0
-    return min(L2_PREFETCH_BYTES // max(rows, 1), row_bytes) // 16 * 16
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.pdl import prefetch_rows, signal_then_wait
+from engine.kernels.pdl import signal_then_wait
 from engine.kernels.fp8_gemm import _quantize_tile, quantize_activation
 from engine.quantization import FP8_MAX
 
@@ -69,7 +69,7 @@ def _skinny_step(acc, wv, x, x_ptr, x_scale, w_scale, k0, k, pid, toks, cols, m_
 
 @triton.jit
 def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xsm, stride_wn, stride_sn, stride_cm,
-                        stride_xb, stride_wb, stride_cb, prefetch,
+                        stride_xb, stride_wb, stride_cb,
                         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, FP8_W: tl.constexpr,
                         QUANT_X: tl.constexpr, X_FP8: tl.constexpr, GATED: tl.constexpr, FP8_MAX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -87,9 +87,7 @@ def _skinny_gemm_kernel(x, x_scale, w, w_scale, c, m, n, k, stride_xm, stride_xs
     x_ptr = x + toks.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     # The first weight tile needs nothing from the kernels before: it is in flight before the wait for
-    # them (engine/kernels/pdl.py), with L2 asked for the next `prefetch` bytes of each row; the rest of
-    # K after it.
-    prefetch_rows(w + tl.minimum(rows, n - 1).to(tl.int64) * stride_wn, prefetch, USE_PDL)
+    # them (engine/kernels/pdl.py), the rest of K after it.
     k_ok = cols < k
     wv = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     signal_then_wait(USE_PDL)
@@ -164,11 +162,6 @@ def supports(m: int, weight: torch.Tensor, block_size: tuple[int, int] | None, t
     return bn % tiles.block_n == 0 and tiles.block_k % bk == 0
 
 
-def _prefetch(launch: dict, weight: torch.Tensor, rows: int) -> int:
-    """`prefetch_rows`' bytes per row of `weight` (`rows` in all) for a launch with `launch`'s PDL flag."""
-    return pdl.prefetch_bytes(weight, rows, weight.shape[-1] * weight.element_size()) if launch["USE_PDL"] else 0
-
-
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                 block_size: tuple[int, int] | None = None, quantize_activations: bool = False,
                 tiles: SkinnyTiles | None = None, gated: bool = False) -> torch.Tensor:
@@ -192,13 +185,12 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     scale_rows, scale_cols = block_size if fp8 else (1, t.block_k)
     ahead = fp8 and quantize_activations and t.quant_ahead
     a, a_scale = quantize_activation(x, scale_cols, gated) if ahead else (x, scale)  # a_scale unused if not ahead
-    launch = pdl.launch_args(x.device)
     _skinny_gemm_kernel[(triton.cdiv(n, t.block_n), 1)](
         a, a_scale, weight, scale, c, m, n, k, a.stride(0), a_scale.stride(0), weight.stride(0), scale.stride(0),
-        c.stride(0), 0, 0, 0, _prefetch(launch, weight, n), SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
+        c.stride(0), 0, 0, 0, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, FP8_W=fp8,
         QUANT_X=fp8 and quantize_activations and not ahead, X_FP8=ahead, GATED=gated and not ahead,
         FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages, **launch)
+        num_warps=t.warps, num_stages=t.stages, **pdl.launch_args(x.device))
     return c
 
 
@@ -218,11 +210,9 @@ def skinny_bmm(x: torch.Tensor, weight: torch.Tensor, tiles: SkinnyTiles | None 
     if not supports(m, weight, None, t) or x.stride(-1) != 1:
         raise ValueError(f"skinny_bmm: M={m} (max {MAX_M}), weight stride {weight.stride()}, input stride "
                          f"{x.stride()} do not fit tiles {t}")
-    launch = pdl.launch_args(x.device)
     _skinny_gemm_kernel[(triton.cdiv(n, t.block_n), bsz)](
         x, x, weight, x, c, m, n, k, x.stride(0), 0, weight.stride(1), 0, c.stride(0),
-        x.stride(1), weight.stride(0), c.stride(1), _prefetch(launch, weight, n * bsz), SCALE_ROWS=1,
-        SCALE_COLS=t.block_k, FP8_W=False, QUANT_X=False, X_FP8=False, GATED=False, FP8_MAX=FP8_MAX,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps,
-        num_stages=t.stages, **launch)
+        x.stride(1), weight.stride(0), c.stride(1), SCALE_ROWS=1, SCALE_COLS=t.block_k, FP8_W=False,
+        QUANT_X=False, X_FP8=False, GATED=False, FP8_MAX=FP8_MAX, BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages, **pdl.launch_args(x.device))
     return c
