@@ -3,7 +3,9 @@ process of a `pdserve up` (its `--prometheus-targets` file) before and after a l
 process and histogram, the mean over the requests of that run (the difference of `_sum` over the
 difference of `_count`). Beside the client's TTFT this splits it into the router's TTFT, the prefill
 node's queue and prefill times and the KV push; it is what the one-GPU sweeps need to say why a
-simulated TTFT differs from the measured one.
+simulated TTFT differs from the measured one. A few counters come along (engine steps, tokens,
+preemptions): between two scrapes they give each node's mean tokens per step (a decode node's mean
+batch) and wall time per step (its step time while it never idles), what a simulated TPOT is made of.
 
     python -m bench.scrape_metrics scrape --targets T.json --out before.json
     python -m bench.scrape_metrics diff before.json after.json
@@ -23,12 +25,16 @@ HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "requ
               "kv_write_tail_seconds", "kv_post_delay_seconds", "kv_write_lock_wait_seconds",
               "kv_write_call_seconds", "kv_writes_per_push",
               "request_time_per_output_token_seconds", "e2e_request_latency_seconds")
+# Counters kept too (`parse(...)["counters"]`), for steps and tokens between two scrapes.
+COUNTERS = ("engine_steps_total", "generation_tokens_total", "prompt_tokens_total", "num_preemptions_total")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
-def parse(text: str) -> dict[str, list[float]]:
-    """`{histogram: [sum, count]}` over every label set of each histogram in HISTOGRAMS."""
-    out: dict[str, list[float]] = {}
+def parse(text: str) -> dict:
+    """`{histogram: [sum, count]}` over every label set of each histogram in HISTOGRAMS, and under
+    `"counters"` `{counter: value}` summed the same way for those in COUNTERS."""
+    out: dict = {}
+    counters: dict[str, float] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line.strip())
         if not m:
@@ -38,6 +44,11 @@ def parse(text: str) -> dict[str, list[float]]:
             for suffix, i in (("_sum", 0), ("_count", 1)):
                 if name.endswith(h + suffix):
                     out.setdefault(h, [0.0, 0.0])[i] += float(value)
+        for c in COUNTERS:
+            if name.endswith(c):
+                counters[c] = counters.get(c, 0.0) + float(value)
+    if counters:
+        out["counters"] = counters
     return out
 
 
@@ -63,13 +74,31 @@ def diff(before: dict, after: dict) -> dict[str, dict[str, dict]]:
         if "error" in hists:
             continue
         prev = before["nodes"].get(node, {})
-        for h, (s, c) in hists.items():
+        _counter_diff(out, node, prev.get("counters", {}) if "error" not in prev else {}, hists.get("counters", {}),
+                      after.get("time", 0.0) - before.get("time", 0.0))
+        for h, (s, c) in ((h, v) for h, v in hists.items() if h != "counters"):
             s0, c0 = prev.get(h, [0.0, 0.0]) if "error" not in prev else (0.0, 0.0)
             if c - c0 > 0:
                 mean = (s - s0) / (c - c0)
                 out.setdefault(node, {})[h] = ({"count": int(c - c0), "mean_ms": mean * 1e3} if h.endswith("_seconds")
                                                else {"count": int(c - c0), "mean": mean})
     return out
+
+
+def _counter_diff(out: dict, node: str, prev: dict, now: dict, seconds: float) -> None:
+    """The counters' increase between two scrapes `seconds` apart, and from the engine's steps: tokens
+    per step (generated, and prompt tokens for a prefill node) and the wall time per step."""
+    delta = {c: now[c] - prev.get(c, 0.0) for c in now if now[c] - prev.get(c, 0.0) > 0}
+    for c, d in delta.items():
+        out.setdefault(node, {})[c] = {"count": int(d), "mean": d}
+    steps = delta.get("engine_steps_total", 0)
+    if steps:
+        for c, label in (("generation_tokens_total", "generated_tokens_per_step"),
+                         ("prompt_tokens_total", "prompt_tokens_per_step")):
+            if c in delta:
+                out[node][label] = {"count": int(steps), "mean": delta[c] / steps}
+        if seconds > 0:
+            out[node]["wall_seconds_per_step"] = {"count": int(steps), "mean_ms": seconds / steps * 1e3}
 
 
 def main(argv=None) -> int:

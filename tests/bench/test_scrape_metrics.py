@@ -23,7 +23,20 @@ def test_parse_sums_every_label_set_and_keeps_only_the_histograms_it_splits_ttft
     got = parse(TEXT)
     assert got["kv_transfer_exposed_seconds"] == pytest.approx([0.30, 5.0])
     assert got["time_to_first_token_seconds"] == pytest.approx([1.5, 10.0])
-    assert "engine_steps_total" not in got and len(got) == 2
+    assert "engine_steps_total" not in got and len(got) == 3  # the two histograms and the counters
+    assert got["counters"] == {"engine_steps_total": 99.0}
+
+
+def test_the_counters_give_tokens_and_wall_time_per_step_between_two_scrapes():
+    text = ('pdserve:engine_steps_total{rank="0"} %d\npdserve:generation_tokens_total %d\n'
+            'pdserve:request_time_per_output_token_seconds_sum 0.5\npdserve:request_time_per_output_token_seconds_count 5\n')
+    before = {"time": 100.0, "nodes": {"d0": parse(text % (50, 400))}}
+    after = {"time": 102.0, "nodes": {"d0": parse(text % (250, 2400))}}
+    got = diff(before, after)["d0"]
+    assert got["engine_steps_total"]["count"] == 200 and got["generation_tokens_total"]["count"] == 2000
+    assert got["generated_tokens_per_step"]["mean"] == pytest.approx(10.0)  # the mean decode batch
+    assert got["wall_seconds_per_step"]["mean_ms"] == pytest.approx(10.0)
+    assert "request_time_per_output_token_seconds" not in got  # no request finished in between
 
 
 def test_diff_gives_the_mean_of_the_requests_between_two_scrapes():
