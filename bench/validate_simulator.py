@@ -40,12 +40,37 @@ RUNS = {
 }
 
 
+def served_steps(path: str) -> dict | None:
+    """A run's engine steps as the cluster counted them, from the scrapes the validation script takes
+    around it (`metrics_{before,after}_<run>.json` beside `<run>.json`, bench/scrape_metrics.py): per role
+    (node names `decode*` / `prefill*`), tokens per step (a decode node's mean batch) and wall ms per
+    step (its step time where it never idled). None without the scrapes."""
+    from bench.scrape_metrics import diff
+    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    files = [os.path.join(folder, f"metrics_{when}_{stem}.json") for when in ("before", "after")]
+    if not all(os.path.exists(f) for f in files):
+        return None
+    with open(files[0]) as f0, open(files[1]) as f1:
+        per_node = diff(json.load(f0), json.load(f1))
+    out = {}
+    for node, hists in per_node.items():
+        role = next((r for r in ("decode", "prefill", "collocated") if node.startswith(r)), None)
+        if role and "engine_steps_total" in hists:
+            out[role] = {"steps": hists["engine_steps_total"]["count"],
+                         "tokens_per_step": hists.get("generated_tokens_per_step", {}).get("mean"),
+                         "wall_ms_per_step": hists.get("wall_seconds_per_step", {}).get("mean_ms")}
+    return out or None
+
+
 def load_results(paths: list[str]) -> list[tuple[str, dict]]:
     out = []
     for path in paths:
         with open(path) as f:
             d = json.load(f)
         if "median_ttft_ms" in d:
+            steps = served_steps(path)
+            if steps:
+                d["served_steps"] = steps
             out.append((os.path.basename(path), d))
         else:
             out += [(name, r) for name, r in d.items() if isinstance(r, dict) and "median_ttft_ms" in r]
@@ -113,6 +138,8 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
         for key in ("median_ttft_ms", "median_tpot_ms", "goodput", "request_throughput"):
             m, p = rep.get(key, float("nan")), pred.get(key, float("nan"))
             row[key] = {"measured": m, "predicted": p, "error": _err(p, m)}
+        if rep.get("served_steps", {}).get("decode") and "decode" in pred.get("steps", {}):
+            row["decode_steps"] = {"measured": rep["served_steps"]["decode"], "predicted": pred["steps"]["decode"]}
         rows.append(row)
     return rows
 
@@ -142,6 +169,19 @@ def markdown(res: dict) -> str:
     errs = [abs(r[k]["error"]) for r in res["rows"] for k in ("median_ttft_ms", "median_tpot_ms", "goodput")]
     if errs:
         lines += ["", f"Largest |error|: {max(errs):.0%}; within 15%: {sum(e <= 0.15 for e in errs)} of {len(errs)}."]
+    stepped = [r for r in res["rows"] if "decode_steps" in r]
+    if stepped:  # what a TPOT is made of: the decode engine's batch and step, served against simulated
+        lines += ["", "Decode engine over each run (served: the cluster's counters between two scrapes, wall time "
+                  "per step; simulated: mean step time):", "",
+                  "| run | steps meas / sim | tokens per step meas / sim | ms per step meas (wall) / sim |",
+                  "|---|---|---|---|"]
+        for r in stepped:
+            m, p = r["decode_steps"]["measured"], r["decode_steps"]["predicted"]
+
+            def num(v, f):
+                return "–" if v is None else f"{v:{f}}"
+            lines.append(f"| {r['run']} | {m['steps']} / {p['steps']} | {num(m['tokens_per_step'], '.1f')} / "
+                         f"{p['tokens_per_step']:.1f} | {num(m['wall_ms_per_step'], '.2f')} / {p['ms_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

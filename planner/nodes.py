@@ -110,6 +110,8 @@ class Node:
         self.gpu_partner = None  # the other role's node on this GPU, when they step at once (simulator)
         self.busy_seconds = 0.0
         self.num_steps = 0
+        self.step_seconds = 0.0  # every step's time, the drain's included
+        self.sampled_tokens = 0  # tokens its steps sampled (a decode node's: its running batches summed)
 
     @property
     def ep_size(self) -> int:

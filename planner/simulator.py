@@ -99,6 +99,8 @@ class SimResult:
     busy: dict = field(default_factory=dict)  # role -> mean busy share of its nodes while requests arrive
     max_pages_used: dict = field(default_factory=dict)  # node name -> peak pages in use on a rank
     num_preemptions: int = 0
+    # role -> {"steps", "tokens_per_step" (sampled; a decode role's mean batch), "ms_per_step"}, over the run
+    steps: dict = field(default_factory=dict)
 
     def summary(self, slos: dict | None = None) -> dict:
         """`pdserve bench`'s fields: throughput, TTFT/TPOT percentiles (ms), goodput (req/s meeting
@@ -108,7 +110,7 @@ class SimResult:
         dur = max(self.end_time - t0, 1e-9)
         out = {"duration": dur, "completed": len(ok), "failed": len(self.requests) - len(ok),
                "request_throughput": len(ok) / dur, "output_throughput": sum(r.tokens_out for r in ok) / dur,
-               "num_preemptions": self.num_preemptions, "busy": dict(self.busy),
+               "num_preemptions": self.num_preemptions, "busy": dict(self.busy), "steps": dict(self.steps),
                "mean_kv_exposed_ms": float(np.mean([r.kv_exposed for r in ok] or [0.0])) * 1e3,
                "errors": sorted({r.error for r in self.requests if r.error})[:5]}
         for name, vals in (("ttft", [r.ttft for r in ok]), ("tpot", [r.tpot for r in ok if r.tokens_out > 1])):
@@ -200,7 +202,13 @@ class Simulator:
         for role in {n.role for n in nodes}:
             same = [n for n in nodes if n.role == role]
             busy[role] = min(1.0, sum(n.busy_seconds for n in same) / len(same) / max(self.load_window, 1e-9))
-        return SimResult(self.spec, requests, end, busy, dict(self.peak_pages), self.num_preemptions)
+        steps = {}
+        for role in {n.role for n in nodes}:
+            same = [n for n in nodes if n.role == role]
+            num = sum(n.num_steps for n in same)
+            steps[role] = {"steps": num, "tokens_per_step": sum(n.sampled_tokens for n in same) / max(num, 1),
+                           "ms_per_step": sum(n.step_seconds for n in same) / max(num, 1) * 1e3}
+        return SimResult(self.spec, requests, end, busy, dict(self.peak_pages), self.num_preemptions, steps)
 
     def _end(self, r: SimRequest, status: str, error: str = "") -> None:
         """Every request ends here exactly once (finished or failed)."""
@@ -283,6 +291,7 @@ class Simulator:
         if node.step_started <= self.last_arrival:  # utilisation while load arrives, not during the drain
             node.busy_seconds += self.now - node.step_started
         node.num_steps += 1
+        node.step_seconds += self.now - node.step_started
         for rank in node.ranks:
             self._finish_step(node, rank)
         self._release_devices(node)
@@ -302,6 +311,7 @@ class Simulator:
         out, rank.out = rank.out, None
         self.num_preemptions += len(out.preempted)
         sampled = {c.request.request_id: 0 for c in out.chunks if c.sample}
+        node.sampled_tokens += len(sampled)
         finished = {req.request_id for req in s.update(out, sampled)}
         used = s.block_pool.num_used_pages
         self.peak_pages[node.name] = max(self.peak_pages.get(node.name, 0), used)

@@ -73,3 +73,20 @@ def test_per_prompt_overheads_apply_unless_the_single_figure_is_asked_for(tmp_pa
     # the runs' 512-token prompts sit log-midway between the probed 256 and 1,024: 35 ms; the single figure 10 ms
     assert per["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(35.0, abs=0.5)
     assert single["median_ttft_ms"]["predicted"] - plain["median_ttft_ms"]["predicted"] == pytest.approx(10.0, abs=0.5)
+
+
+def test_the_served_decode_steps_from_the_scrapes_beside_a_run_go_next_to_the_simulated(tmp_path, capsys):
+    """The validation script scrapes the cluster around each run; its engine counters give the served
+    decode engine's steps, mean batch and wall time per step, printed beside the simulator's."""
+    def scrape(t, steps, tokens):
+        return {"time": t, "nodes": {"decode0": {"counters": {"engine_steps_total": steps,
+                                                              "generation_tokens_total": tokens}},
+                                     "router": {"time_to_first_token_seconds": [0.0, 0.0]}}}
+    (tmp_path / "metrics_before_sweep_synthetic_random_2.json").write_text(json.dumps(scrape(10.0, 100, 300)))
+    (tmp_path / "metrics_after_sweep_synthetic_random_2.json").write_text(json.dumps(scrape(14.0, 500, 2300)))
+    (row,) = _rows(tmp_path, capsys, None)
+    served, sim = row["decode_steps"]["measured"], row["decode_steps"]["predicted"]
+    assert served == {"steps": 400, "tokens_per_step": pytest.approx(5.0), "wall_ms_per_step": pytest.approx(10.0)}
+    assert sim["steps"] > 0 and sim["tokens_per_step"] >= 1.0 and sim["ms_per_step"] >= DECODE_S * 1e3 * 0.99
+    md = open(tmp_path / "out" / "validate_synthetic.md").read()
+    assert "| sweep_synthetic_random_2.json | 400 / " in md and "5.0 / " in md and "10.00 / " in md
