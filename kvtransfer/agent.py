@@ -69,7 +69,8 @@ class Transfer:
     state: str = "PROC"  # DONE or ERR once a poll saw it end (its handle is then released)
     # seconds in each part of posting it: building the address lists, NIXL's descriptor lists,
     # initialize_xfer, transfer (the connector logs them for a slow post)
-    phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # seconds in `write`: connect (the first WRITE to a peer loads its metadata), build, descs, init, transfer
+    phases: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _nixl_api():
@@ -137,6 +138,7 @@ class KVTransferAgent:
         if len(remote_pages) < len(local_pages):
             raise KVTransferError(f"request {request_id!r}: {len(local_pages)} pages to send but only "
                                   f"{len(remote_pages)} reserved at the destination")
+        tc = time.monotonic()
         remote = self._connect(dest)
         remote_addrs = dest["layer_addrs"]
         if len(remote_addrs) != len(self.layer_addrs):
@@ -161,7 +163,7 @@ class KVTransferAgent:
             self.agent.release_xfer_handle(handle)
             raise KVTransferError(f"request {request_id!r}: NIXL refused the transfer")
         return Transfer(request_id, handle, sum(d[1] for d in src), len(src),
-                        phases=(t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t3))
+                        phases=(t0 - tc, t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t3))
 
     @_nixl_errors("notification")
     def notify(self, dest: dict, message: bytes) -> None:

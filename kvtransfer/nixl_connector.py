@@ -297,18 +297,18 @@ class NixlConnector(KVConnector):
 
     def _log_slow_post(self, rid: str, transfer, lock_wait: float, call: float, cpu: float) -> None:
         """A warning (at most one a second, the rest counted) for a WRITE slow to post, with where its
-        time went: the agent lock, and inside the call the address lists, NIXL's descriptor lists,
-        initialize_xfer and transfer; and the posting thread's CPU time (far below the wall time: it
-        waited, for the GIL or inside NIXL)."""
+        time went: the agent lock, and inside the call the peer's connection (its first WRITE loads the
+        peer's metadata), the address lists, NIXL's descriptor lists, initialize_xfer and transfer; and the
+        posting thread's CPU time (far below the wall time: it waited, for the GIL or inside NIXL)."""
         slow_posts = self._slow_post_warnings.due(time.monotonic())
         if not slow_posts:
             return
-        build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases)
+        connect, build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases)
         log.warning("slow KV WRITE post for %s: %.1f ms, %.1f ms of it on this thread's CPU (lock wait %.1f ms; "
-                    "call %.1f ms = build %s + descs %s + init %s + transfer %s ms; %d descriptors, %d bytes; %d "
-                    "pushes in flight, %d slow posts since the last warning)", rid, 1e3 * (lock_wait + call),
-                    1e3 * cpu, 1e3 * lock_wait, 1e3 * call, build, descs, init, post, transfer.num_descs,
-                    transfer.nbytes, len(self.pushes), slow_posts)
+                    "call %.1f ms = connect %s + build %s + descs %s + init %s + transfer %s ms; %d descriptors, "
+                    "%d bytes; %d pushes in flight, %d slow posts since the last warning)", rid,
+                    1e3 * (lock_wait + call), 1e3 * cpu, 1e3 * lock_wait, 1e3 * call, connect, build, descs, init,
+                    post, transfer.num_descs, transfer.nbytes, len(self.pushes), slow_posts)
 
     def set_destination(self, request) -> None:
         push = self.pushes.get(request.request_id)

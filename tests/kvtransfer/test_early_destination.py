@@ -263,7 +263,8 @@ def test_a_slow_post_is_logged_with_where_its_time_went(engines, reference, monk
     assert tokens == reference
     lines = [r.getMessage() for r in caplog.records if "slow KV WRITE post for r-slow" in r.getMessage()]
     assert len(lines) == 1, lines  # rate-limited to one a second
-    for part in ("on this thread's CPU", "lock wait", "build", "descs", "init", "transfer", "descriptors", "pushes in flight"):
+    for part in ("on this thread's CPU", "lock wait", "connect", "build", "descs", "init", "transfer", "descriptors",
+                 "pushes in flight"):
         assert part in lines[0]
 
 
