@@ -74,7 +74,7 @@ def diff(before: dict, after: dict) -> dict[str, dict[str, dict]]:
         if "error" in hists:
             continue
         prev = before["nodes"].get(node, {})
-        _counter_diff(out, node, prev.get("counters", {}) if "error" not in prev else {}, hists.get("counters", {}),
+        _counter_diff(out, node, prev.get("counters", {}), hists.get("counters", {}),
                       after.get("time", 0.0) - before.get("time", 0.0))
         for h, (s, c) in ((h, v) for h, v in hists.items() if h != "counters"):
             s0, c0 = prev.get(h, [0.0, 0.0]) if "error" not in prev else (0.0, 0.0)

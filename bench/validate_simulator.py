@@ -175,11 +175,10 @@ def markdown(res: dict) -> str:
                   "per step; simulated: mean step time):", "",
                   "| run | steps meas / sim | tokens per step meas / sim | ms per step meas (wall) / sim |",
                   "|---|---|---|---|"]
+        def num(v, f):
+            return "–" if v is None else f"{v:{f}}"
         for r in stepped:
             m, p = r["decode_steps"]["measured"], r["decode_steps"]["predicted"]
-
-            def num(v, f):
-                return "–" if v is None else f"{v:{f}}"
             lines.append(f"| {r['run']} | {m['steps']} / {p['steps']} | {num(m['tokens_per_step'], '.1f')} / "
                          f"{p['tokens_per_step']:.1f} | {num(m['wall_ms_per_step'], '.2f')} / {p['ms_per_step']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -198,13 +198,10 @@ class Simulator:
             raise AssertionError(f"{len(stuck)} requests never ended (first: {stuck[:3]})")
         nodes = self.prefill_nodes + self.decode_nodes
         end = max((r.finish_time or r.arrival for r in requests), default=0.0)
-        busy = {}
+        busy, steps = {}, {}
         for role in {n.role for n in nodes}:
             same = [n for n in nodes if n.role == role]
             busy[role] = min(1.0, sum(n.busy_seconds for n in same) / len(same) / max(self.load_window, 1e-9))
-        steps = {}
-        for role in {n.role for n in nodes}:
-            same = [n for n in nodes if n.role == role]
             num = sum(n.num_steps for n in same)
             steps[role] = {"steps": num, "tokens_per_step": sum(n.sampled_tokens for n in same) / max(num, 1),
                            "ms_per_step": sum(n.step_seconds for n in same) / max(num, 1) * 1e3}

@@ -237,15 +237,14 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     space = split_k_workspace(x.device, m * n, grid[0]) if t.split_k > 1 else None
     if t.split_k > 1 and space is None:  # float32 atomics into a zeroed c, then a cast: two more launches
         c = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-        space = (c, c)
     else:
         c = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        space = space or (c, c)  # unused without split-K
+    partial, arrived = space or (c, c)  # unused without the workspace
     _fp8_gemm_kernel[grid](a, a_scale, weight, weight_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
-                           weight.stride(0), weight_scale.stride(0), c.stride(0), *space, SCALE_ROWS=bn, A_MODE=mode,
-                           FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=bk,
-                           GROUP_M=t.group_m, FIXUP=space[0] is not c, num_warps=t.warps, num_stages=t.stages,
-                           **pdl.launch_args(x.device, m))
+                           weight.stride(0), weight_scale.stride(0), c.stride(0), partial, arrived, SCALE_ROWS=bn,
+                           A_MODE=mode, FP8_MAX=FP8_MAX, SPLIT_K=t.split_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                           BLOCK_K=bk, GROUP_M=t.group_m, FIXUP=space is not None, num_warps=t.warps,
+                           num_stages=t.stages, **pdl.launch_args(x.device, m))
     return c.to(x.dtype) if c.dtype != x.dtype else c
 
 

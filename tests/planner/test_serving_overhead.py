@@ -49,10 +49,16 @@ class _Stub:
     def __init__(self, delay: dict, first: float = 0.0):
         self.delay, self.first, self.seen = delay, first, set()
 
-    def Generate(self, msg, timeout=None):  # noqa: N802 — the gRPC method's name
-        n = len(msg.token_ids.ids)
-        time.sleep(self.delay.get(n, 0.001) + (0.0 if n in self.seen else self.first))
+    def _extra(self, ids: list[int]) -> float:
+        """Seconds this request pays beyond its length's delay."""
+        n = len(ids)
+        extra = 0.0 if n in self.seen else self.first
         self.seen.add(n)
+        return extra
+
+    def Generate(self, msg, timeout=None):  # noqa: N802 — the gRPC method's name
+        ids = list(msg.token_ids.ids)
+        time.sleep(self.delay.get(len(ids), 0.001) + self._extra(ids))
         yield SimpleNamespace(token_ids=[7], finished=False, finish_reason="", error="")
         yield SimpleNamespace(token_ids=[8], finished=False, finish_reason="", error="")
         yield SimpleNamespace(token_ids=[], finished=True, finish_reason="length", error="")
@@ -82,12 +88,10 @@ class _MoEStub(_Stub):
     """Slow (as a cold grouped GEMM would be) on a request of a length whose varied prompt it has not yet
     seen: a prompt of one repeated token warms only the few experts it routes to."""
 
-    def Generate(self, msg, timeout=None):  # noqa: N802 — the gRPC method's name
-        ids = list(msg.token_ids.ids)
-        varied = len(set(ids)) > len(ids) // 2
-        self.first = 0.0 if (len(ids), True) in self.seen else 0.3
-        self.seen.add((len(ids), varied))
-        yield from super().Generate(msg, timeout)
+    def _extra(self, ids: list[int]) -> float:
+        cold = (len(ids), True) not in self.seen
+        self.seen.add((len(ids), len(set(ids)) > len(ids) // 2))
+        return 0.3 if cold else 0.0
 
 
 def test_the_warm_up_prompts_are_as_varied_as_the_timed_ones_and_share_no_prefix_with_them():
