@@ -88,8 +88,9 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
     --mode disaggregated --prompts 256,$RIN --repeats 3 --max-tokens 64 --out "$STAGE/probe_grpc_$m.json"
   scrape after probe_grpc
   # The same four-prompt probe over HTTP and over gRPC through one client (`pdserve bench`), each with the
-  # cluster's histograms scraped around it: the gRPC probe above has measured 20-35 ms more at 2k than
-  # HTTP (2026-12-07n, 12-07o), and this says whether the transport or the probe's prompts differ.
+  # cluster's histograms scraped around it: a check that the two transports agree (the gRPC probe's 2k
+  # prompts measured 20-35 ms more than HTTP in 2026-12-07n/o because each began with one of its 256-token
+  # prompts, a prefix-cache hit that ran the eager path; its prompts share no prefix since 2026-12-08).
   local be
   for be in http bgrpc; do  # bgrpc: the bench over gRPC (probe_grpc_*.json is the serving probe's)
     local url=http://127.0.0.1:$HTTP_PORT/v1 backend=openai seed=1000

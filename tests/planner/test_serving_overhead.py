@@ -102,3 +102,24 @@ def test_the_warm_up_prompts_are_as_varied_as_the_timed_ones_and_share_no_prefix
     from planner.serving_probe import _prompt
     timed = {_prompt(i, 256)[0] for i in range(2)}
     assert not timed & {_prompt(i, 256)[0] for i in range(2, 4)}
+
+
+class _PrefixCacheStub(_Stub):
+    """Slow on a prompt whose first page (16 tokens) an earlier prompt began with, as a server's step over
+    a cached prefix was (the eager path, 2026-12-07o): the probe must time fresh prefills only."""
+
+    def _extra(self, ids: list[int]) -> float:
+        page = tuple(ids[:16])
+        hit = page in self.seen
+        self.seen.add(page)
+        return 0.3 if hit else 0.0
+
+
+def test_no_probe_prompt_starts_like_an_earlier_one_of_any_length():
+    prefill = {256: 0.010, 2048: 0.070}
+    res = probe(_PrefixCacheStub({256: 0.020, 2048: 0.080}), [256, 2048], lambda n: prefill[n], repeats=3)
+    assert max(ttft for _, ttft, _ in res["ttft_samples"]) < 0.2
+    from planner.serving_probe import _prompt
+    firsts = [tuple(_prompt(i, n)[:16]) for n in (256, 512, 2048, 8192) for i in range(6)]
+    assert len(set(firsts)) == len(firsts)
+    assert _prompt(1, 2048) == _prompt(1, 2048)  # the same prompts on every run
