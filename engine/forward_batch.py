@@ -23,3 +23,18 @@ class ForwardBatch:
     # Called with the layer index after each decoder layer wrote its KV (prefill role: push that
     # layer's pages while later layers compute). Never set for CUDA-graph decode steps.
     on_layer_done: Callable[[int], None] | None = None
+    # Set by a piecewise prefill CUDA graph (engine/prefill_graph.py): the attention core runs outside
+    # the captured graphs, over the step's real metadata. See `attend`.
+    attention_cut: Callable | None = None
+
+    def attend(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, out_shape: tuple[int, ...],
+               meta: AttentionMetadata | None = None) -> torch.Tensor:
+        """A layer's attention core, `fn(meta, *inputs)` → a tensor of `out_shape` in `inputs[0]`'s dtype,
+        where `meta` is this step's metadata (or the part of it given). Everything a layer computes before
+        and after it depends only on the token count; the attention alone reads lengths, pages and prefixes.
+        So a piecewise prefill graph cuts its capture here: `attention_cut(fn, inputs, out_shape)` hands
+        the inputs over in static buffers and returns the static tensor the eager attention will fill at
+        each replay, over the replayed step's own metadata."""
+        if self.attention_cut is None:
+            return fn(self.attn if meta is None else meta, *inputs)
+        return self.attention_cut(fn, inputs, out_shape)

@@ -112,8 +112,9 @@ class ModelRunner:
             self.graphs.capture()
         self.prefill_graphs: PrefillGraphs | None = None
         if self._prefill_graphs_planned():
-            pg = PrefillGraphs(self, config.prefill_graph_max_tokens, min(PREFILL_GRAPH_MAX_SEQS,
-                                                                           config.scheduler.max_num_seqs))
+            pg = PrefillGraphs(self, config.prefill_graph_max_tokens,
+                               min(PREFILL_GRAPH_MAX_SEQS, config.scheduler.max_num_seqs),
+                               prefix=config.prefill_graph_prefix)
             self.prefill_graphs = pg if pg.capture() else None
         log.info("model runner ready: %s on %s, %s, %d KV pages of %d tokens (%.1f MiB), backend=%s, graphs=%s, "
                  "prefill graphs=%s", model_config.architecture, self.device, model_config.dtype, self.num_pages,

@@ -36,7 +36,9 @@ class GQAttention(nn.Module):
             self.qkv_proj(hidden), positions, self.rope.cos, self.rope.sin, self.q_norm.weight if norm else None,
             self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, kv_cache, meta.slot_mapping,
             self.num_heads, self.num_kv_heads, self.rope.interleaved)
-        out = batch.backend.gqa(q, k, v, kv_cache, meta, self.scale, kv_written=True)
+        backend, scale = batch.backend, self.scale
+        out = batch.attend(lambda m, q_, k_, v_: backend.gqa(q_, k_, v_, kv_cache, m, scale, kv_written=True),
+                           q, k, v, out_shape=(t, self.num_heads, self.head_dim))
         return self.o_proj(out.reshape(t, self.q_size))
 
     def register_weights(self, table: WeightTable, prefix: str) -> None:

@@ -108,7 +108,8 @@ class MLAttention(nn.Module):
             # q_nope ++ rotated q_pe in one kernel (the same one that builds the absorbed query)
             query = fused_ops.mla_query(q[nd:, :, : self.dn], q[nd:], positions[nd:], self.rope.cos, self.rope.sin,
                                         self.rope.interleaved)
-            out = self._prefill_decompressed(query, entry[nd:], kv_cache, prefill_meta)
+            out = batch.attend(lambda m, q_, e_: self._prefill_decompressed(q_, e_, kv_cache, m), query, entry[nd:],
+                               out_shape=(t - nd, h, self.dv), meta=prefill_meta)
             if nd:
                 out = torch.cat([self._absorbed(q[:nd], positions[:nd], entry[:nd], kv_cache, decode_meta, batch), out])
         else:
@@ -120,7 +121,9 @@ class MLAttention(nn.Module):
         # q_nope @ W_UK ++ rotated q_pe: one kernel at decode sizes (the rotation alone is ~10 torch kernels)
         query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
                                              self.rope.interleaved)
-        out = batch.backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
+        backend, scale, rank = batch.backend, self.scale, self.rank
+        out = batch.attend(lambda m, q_, e_: backend.mla(q_, e_, kv_cache, m, scale, rank, kv_written=True),
+                           query, entry, out_shape=(query.shape[0], self.num_heads, self.rank), meta=meta)
         # `[T, H, R]` through W_UV per head: at a few tokens on CUDA the tuner's pick of torch.bmm and the
         # skinny kernel reading `w_kvb`'s value rows in place and writing `[T, H, dv]` (no transposes)
         w_vu = self.w_kvb[:, self.dn:]

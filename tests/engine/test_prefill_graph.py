@@ -93,7 +93,12 @@ def test_steps_that_do_not_fit_run_eagerly():
     core = _core("tiny-qwen3", "torch")
     chunks = _schedule(core, [list(range(1, 100))])
     assert graphs.can_run(chunks)
-    chunks[0].start = 16  # a chunk over a cached prefix
+    chunks[0].start, chunks[0].num_new_tokens = 16, 83  # a chunk over a cached prefix: the piecewise graphs'
+    assert graphs.can_run(chunks)
+    graphs.prefix = False
+    assert not graphs.can_run(chunks)
+    graphs.prefix = True
+    chunks[0].start = 90  # past the prompt's end (a decode's recomputation): eager
     assert not graphs.can_run(chunks)
 
 
@@ -165,9 +170,10 @@ def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4)
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, prefix=False)
     assert graphs.capture()
     assert sorted(graphs.graphs) == [128, 256] and all(len(g) == layers + 1 for g in graphs.graphs.values())
+    assert not graphs.pieces
     events = [e for e in _FakeGraph.log if e[0] in ("begin", "end")]
     assert len(events) == 2 * 2 * (layers + 1)
     for i in range(0, len(events), 2):  # never nested: each graph ends before the next begins
@@ -186,3 +192,142 @@ def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen
             expected.append(("hook", i))
     assert _FakeGraph.log == expected
     assert out.shape == (3, runner.model_config.vocab_size)
+
+    # Piecewise: per bucket a program of 2L + 1 graphs, cut at every layer's attention and after every
+    # layer; a step over cached prefixes replays it with the eager attention and the hook in between.
+    _FakeGraph.log = []
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4)
+    assert graphs.capture() and graphs.prefix
+    kinds = ["graph"] + ["attend", "graph", "hook", "graph"] * layers
+    assert sorted(graphs.pieces) == [128, 256]
+    assert all([e[0] for e in prog] == kinds for prog in graphs.pieces.values())
+    assert [e[1] for e in graphs.pieces[256] if e[0] == "hook"] == list(range(layers))
+    events = [e for e in _FakeGraph.log if e[0] in ("begin", "end")]
+    assert len(events) == 2 * 2 * (layers + 1) + 2 * 2 * (2 * layers + 1)
+    for i in range(0, len(events), 2):
+        assert events[i][0] == "begin" and events[i + 1] == ("end", events[i][1])
+    _FakeGraph.log = []
+    attend = graphs._attend
+    monkeypatch.setattr(graphs, "_attend", lambda *a: _FakeGraph.log.append(("attend",)) or attend(*a))
+    core = _core("tiny-qwen3", "triton")
+    graphs.runner = core.runner
+    out = graphs.run(ModelRunner._inputs(_prefix_chunks(core, [list(range(3, 100))])),
+                     layer_hook=lambda i: _FakeGraph.log.append(("hook", i)))
+    expected = [("replay", e[1].id) if e[0] == "graph" else ("attend",) if e[0] == "attend" else ("hook", e[1])
+                for e in graphs.pieces[128]]
+    assert _FakeGraph.log == expected and out.shape == (1, runner.model_config.vocab_size)
+
+
+# ------------------------------------------------------------------ piecewise graphs (cached prefixes)
+SHARED = list(range(500, 548))  # three pages of 16: what the second wave's prompts find cached
+
+
+def _prefix_chunks(core, tails):
+    """Runs one prompt of SHARED + 8 tokens to the end (its pages enter the prefix cache), then schedules
+    prompts SHARED + tail: their chunks start after the cached pages."""
+    from engine.sampling_params import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    core.add_request("warm", SHARED + list(range(900, 908)), sp)
+    while core.has_unfinished():
+        core.step()
+    return _schedule(core, [SHARED + t for t in tails])
+
+
+@pytest.mark.parametrize("model,backend", [("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")])
+def test_piecewise_forward_over_cached_prefixes_matches_the_eager_step(varlen_mock, model, backend):
+    """A prefill step whose chunks start after cached prefixes: the piecewise forward (its attention
+    handed out at each layer, run over the step's real metadata, staged and unstaged through the static
+    buffers) against the runner's eager step — logits, the pages written, the hook per layer."""
+    core = _core(model, backend)
+    runner = core.runner
+    chunks = _prefix_chunks(core, [list(range(10, 15)), list(range(20, 60)), list(range(3, 100))])
+    assert [c.start for c in chunks] == [48, 48, 48]
+    inputs = ModelRunner._inputs(chunks)
+    pools = runner.kv_pool.layers
+    before = [p.clone() for p in pools]
+    eager = runner._run_eager(chunks, inputs, None, None)
+    eager_kv = [p.clone() for p in pools]
+    for p, b in zip(pools, before):
+        p.copy_(b)
+
+    graphs = PrefillGraphs(runner, max_tokens=512, max_seqs=4, capture=False)
+    assert graphs.can_run(chunks)
+    layers = []
+    varlen_mock.clear()
+    got = graphs.run(ModelRunner._inputs(chunks), layer_hook=layers.append)
+    assert got.shape == eager.shape == (3, runner.model_config.vocab_size)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    for want, after in zip(eager_kv, pools):  # the same pages written (at the right offsets), none else
+        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    assert layers == list(range(len(pools)))
+    # per layer one varlen call over the real sequences (prefix + chunk keys), not the padded bucket
+    assert varlen_mock and all(c == ([0, 5, 45, 142], 97) for c in varlen_mock)
+    assert graphs._step_meta is None
+
+
+def test_piecewise_padding_rows_keep_finite_values_and_a_second_step_reuses_the_buffers(varlen_mock):
+    core = _core("tiny-qwen3", "triton")
+    runner = core.runner
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, capture=False)
+    chunks = _prefix_chunks(core, [list(range(3, 200))])
+    first = graphs.run(ModelRunner._inputs(chunks))
+    buffers = {k: v.data_ptr() for k, v in graphs._staging.items()}
+    outs = {k: v.data_ptr() for k, v in graphs._attn_out.items()}
+    assert all(torch.isfinite(v).all() for v in graphs._attn_out.values())
+    core2 = _core("tiny-qwen3", "triton")
+    graphs.runner = core2.runner  # the same static buffers serve another step of fewer tokens
+    second = graphs.run(ModelRunner._inputs(_prefix_chunks(core2, [list(range(3, 20))])))
+    assert first.shape == second.shape == (1, runner.model_config.vocab_size)
+    assert torch.isfinite(second).all()
+    assert {k: v.data_ptr() for k, v in graphs._staging.items()} == buffers
+    assert {k: v.data_ptr() for k, v in graphs._attn_out.items()} == outs
+
+
+def test_generation_with_piecewise_graphs_gives_the_eager_tokens(varlen_mock, monkeypatch):
+    """The engine loop over prefix-cache hits and a prompt chunked by the step budget: every prefill step
+    through the graph paths (fresh: whole graphs, later chunks and cached prefixes: piecewise) gives the
+    eager engine's greedy tokens, and the piecewise path really ran."""
+    from engine.attention.metadata import AttentionMetadata
+    from engine.attention.torch_backend import paged_attention_ref
+    from engine.sampling_params import SamplingParams
+
+    def decode_ref(q, kv_cache, tables, seq_lens, scale, k_comp, v_comp, da, db, out, max_seq_len=None):
+        # the Triton decode kernel needs a GPU: the torch reference in its place (a mock)
+        meta = AttentionMetadata.build([1] * len(q), seq_lens.tolist(), [r.tolist() for r in tables],
+                                       kv_cache.shape[2])
+        out.copy_(paged_attention_ref(q, kv_cache, meta, scale, v_comp, da))
+    monkeypatch.setattr(triton_backend, "decode_attention", decode_ref)
+    ran = []
+    orig = PrefillGraphs._run_pieces
+    monkeypatch.setattr(PrefillGraphs, "_run_pieces", lambda self, *a, **k: ran.append(1) or orig(self, *a, **k))
+
+    def generate(with_graphs: bool, model: str, backend: str):
+        from engine.engine_core import EngineCore
+        from engine.llm import build_engine_config
+        config = build_engine_config(model, load_format="dummy", dtype="float32", device="cpu", page_size=16,
+                                     num_pages=96, max_num_batched_tokens=160, max_num_seqs=8,
+                                     attention_backend=backend)
+        core = EngineCore(config)
+        if with_graphs:
+            core.runner.prefill_graphs = PrefillGraphs(core.runner, max_tokens=256, max_seqs=4, capture=False)
+        sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        waves = [[SHARED + list(range(900, 1200))],  # 348 tokens: chunks of 160, 160, 28
+                 [SHARED + list(range(10, 30)), SHARED + list(range(900, 940)), list(range(40, 60))]]
+        out = []
+        for w, prompts in enumerate(waves):
+            ids = [f"{w}-{i}" for i in range(len(prompts))]
+            for rid, p in zip(ids, prompts):
+                core.add_request(rid, p, sp)
+            reqs = {rid: core.requests[rid] for rid in ids}
+            while core.has_unfinished():
+                core.step()
+            out += [list(reqs[rid].output_token_ids) for rid in ids]
+        return out
+
+    for model, backend in (("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")):
+        ref = generate(False, model, backend)
+        ran.clear()
+        got = generate(True, model, backend)
+        assert got == ref and all(len(t) == 4 for t in got), model
+        assert len(ran) >= 3, model  # the two later chunks and the second wave's prefix hits
+

@@ -24,12 +24,13 @@ def generate(model: str, fused: bool, device: str) -> list[list[int]]:
     return greedy(EngineCore(config), PROMPTS)
 
 
-def greedy(core: EngineCore, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
-    """Every prompt's greedy tokens (`max_tokens` each), the engine stepped until all are done."""
+def greedy(core: EngineCore, prompts: list[list[int]], max_tokens: int = 12, first: int = 0) -> list[list[int]]:
+    """Every prompt's greedy tokens (`max_tokens` each), the engine stepped until all are done (request
+    ids from `first` on)."""
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts, first):
         core.add_request(str(i), p, sp)
-    reqs = [core.requests[str(i)] for i in range(len(prompts))]
+    reqs = [core.requests[str(i)] for i in range(first, first + len(prompts))]
     while core.has_unfinished():
         core.step()
     return [list(r.output_token_ids) for r in reqs]
