@@ -395,11 +395,11 @@ class EngineConfig:
     prefill_graph_max_tokens: int = setting(2048, "largest prefill-only step over fresh prompts (tokens) replayed "
                                                    "as CUDA graphs, one per layer, captured at powers of two from "
                                                    "128 (0: eager prefill)")
-    prefill_graph_prefix: bool = setting(True, "prefill-only steps over cached prefixes (prefix-cache hits, a "
-                                               "chunked prompt's later chunks) replay piecewise prefill CUDA "
-                                               "graphs too, the attention eager between them "
-                                               "(--no-prefill-graph-prefix: such steps run eagerly)",
-                                         flag="--no-prefill-graph-prefix")
+    prefill_graph_piecewise: bool = setting(True, "the other steps that fit a prefill graph bucket (chunks over "
+                                                  "cached prefixes, decodes beside prefill chunks) replay piecewise "
+                                                  "prefill CUDA graphs, the attention eager between them "
+                                                  "(--no-prefill-graph-piecewise: such steps run eagerly)",
+                                            flag="--no-prefill-graph-piecewise")
     tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's, else DeepSeek's)")
     kv_role: str | None = setting(None, "None (standalone) | prefill | decode: KV transfer over the connector "
                                         "(set by the node's role)", cli=False, choices=(None, "prefill", "decode"))

@@ -114,7 +114,7 @@ class ModelRunner:
         if self._prefill_graphs_planned():
             pg = PrefillGraphs(self, config.prefill_graph_max_tokens,
                                min(PREFILL_GRAPH_MAX_SEQS, config.scheduler.max_num_seqs),
-                               prefix=config.prefill_graph_prefix)
+                               piecewise=config.prefill_graph_piecewise)
             self.prefill_graphs = pg if pg.capture() else None
         log.info("model runner ready: %s on %s, %s, %d KV pages of %d tokens (%.1f MiB), backend=%s, graphs=%s, "
                  "prefill graphs=%s", model_config.architecture, self.device, model_config.dtype, self.num_pages,
@@ -202,9 +202,9 @@ class ModelRunner:
         if forks:
             chunks = [c for c in chunks if c.fork_of is None]
         inputs = self._inputs(chunks)
-        if (not forks and expert_load is None and self.prefill_graphs is not None and not inputs.pending
+        if (not forks and expert_load is None and self.prefill_graphs is not None
                 and self.prefill_graphs.can_run(chunks)):
-            logits = self.prefill_graphs.run(inputs, layer_hook)
+            logits = self.prefill_graphs.run(inputs, layer_hook, prev)
             sampled = self.sampler.sample_on_device(logits, requests) if sampling else None
             return StepHandle(rows, sampled, len(inputs.ids), self.device)
         logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)

@@ -28,8 +28,9 @@ copies, each guarded by the event of its last upload (as engine/decode_inputs.py
 Padding tokens cost GPU time (buckets are powers of two, so at most 2× the tokens); the MoE layers
 route them like any token.
 
-Piecewise graphs (`prefix=True`, the default) take the prefill-only steps over cached prefixes: a
-prefix-cache hit, or a chunked prompt's later chunks. Eagerly such a step is host-bound like any other
+Piecewise graphs (`piecewise=True`, the default) take the other steps that fit a bucket: chunks over
+cached prefixes (a prefix-cache hit, a chunked prompt's later chunks) and steps mixing decodes with
+prefill chunks (collocated serving, offline batches). Eagerly such a step is host-bound like any other
 (DeepSeek-V2-Lite on an H100: 45 ms for 32 new tokens after a 2,048-token prefix against 12 ms for a
 fresh 32-token prompt, 2026-12-07g), yet only the attention core reads lengths, pages and prefixes:
 everything before and after it depends on the token count alone. So the same bucket is captured a second
@@ -39,8 +40,9 @@ real metadata (the gather of every sequence from the pages and one varlen flash 
 does) into a static output the next graph reads. A layer is then two replays and a few eager launches
 instead of a few dozen. Its padding rows keep the output's previous (finite) values.
 
-Steps that do not fit (more tokens or sequences than the largest bucket, decodes, prompt logprobs,
-forks, EPLB recording, EP; cached prefixes without piecewise graphs) run eagerly.
+Steps that do not fit (more tokens or sequences than the largest bucket, prompt logprobs, forks, EPLB
+recording, EP; any but fresh prefill-only steps without piecewise graphs) run eagerly; decode-only steps
+replay the decode graphs (engine/cuda_graph.py) first.
 """
 from __future__ import annotations
 
@@ -70,9 +72,9 @@ class PrefillGraphs:
     """Per-bucket, per-layer CUDA graphs of the dense prefill forward (`capture=False`: the same padded
     static-buffer forward run eagerly, which is what the CPU tests check against the eager runner)."""
 
-    def __init__(self, runner, max_tokens: int, max_seqs: int, capture: bool = True, prefix: bool = True):
+    def __init__(self, runner, max_tokens: int, max_seqs: int, capture: bool = True, piecewise: bool = True):
         self.runner = runner
-        self.prefix = prefix  # also piecewise graphs, for steps over cached prefixes
+        self.piecewise = piecewise  # also the piecewise graphs, for the steps whole graphs cannot take
         self.device = runner.device
         self.sizes = token_buckets(max_tokens)
         self.max_tokens = self.sizes[-1]
@@ -92,10 +94,10 @@ class PrefillGraphs:
         self.graphs: dict[int, list] = {}
         self.logits: dict[int, torch.Tensor] = {}
         # Piecewise: per bucket the replay's program, ("graph", g) | ("attend", fn, staged inputs, out) |
-        # ("hook", layer), and its logits; the attention's static inputs by (position, dtype) and outputs
-        # by dtype, flat, shared by every layer and bucket (sized by the largest bucket's warm-up).
+        # ("hook", layer), and its final hidden states; the attention's static inputs by (position, dtype)
+        # and outputs by dtype, flat, shared by every layer and bucket (sized by the largest bucket's warm-up).
         self.pieces: dict[int, list] = {}
-        self.piece_logits: dict[int, torch.Tensor] = {}
+        self.piece_hidden: dict[int, torch.Tensor] = {}
         self._staging: dict[tuple, torch.Tensor] = {}
         self._attn_out: dict[torch.dtype, torch.Tensor] = {}
         self._step_meta: AttentionMetadata | None = None  # the step a piecewise forward attends for
@@ -106,23 +108,21 @@ class PrefillGraphs:
         return next((b for b in self.sizes if b >= num_tokens), None)
 
     def can_run(self, chunks: list) -> bool:
-        """A prefill-only step that fits a bucket: over fresh sequences, or (piecewise graphs) any chunks
-        of prompts."""
-        if len(chunks) > self.max_seqs:
+        """A step that fits a bucket: prefill-only over at most `max_seqs` fresh sequences (whole graphs),
+        or with piecewise graphs any step (chunks over cached prefixes, decodes beside them, any number of
+        sequences: their logits are computed after the graphs)."""
+        if len(chunks) > self.max_seqs and not self.piecewise:
             return False
         total = 0
         for c in chunks:  # (forks never reach here: the runner keeps those steps eager)
-            if c.start != 0 and not (self.prefix and c.start + c.num_new_tokens <= c.request.num_prompt_tokens):
-                return False
-            if wants_prompt_logprobs(c.request):
+            if (c.start != 0 and not self.piecewise) or wants_prompt_logprobs(c.request):
                 return False
             total += c.num_new_tokens
         return self.bucket(total) is not None
 
-    @staticmethod
-    def _fresh(inputs) -> bool:
-        """Every sequence of the step starts at position 0 (the whole-graph path)."""
-        return inputs.query_lens == inputs.seq_lens
+    def _whole(self, inputs) -> bool:
+        """The whole-graph path: every sequence starts at position 0 and has a logits slot."""
+        return inputs.query_lens == inputs.seq_lens and len(inputs.query_lens) <= self.max_seqs
 
     # ---------------------------------------------------------------- the forward
     def _views(self, t: int):
@@ -131,8 +131,9 @@ class PrefillGraphs:
                 d[o["rows"]: o["rows"] + self.max_seqs], d[o["cu"]: o["cu"] + self.max_seqs + 2])
 
     def _body(self, t: int, on_layer_done=None, attention_cut=None) -> torch.Tensor:
-        """The padded forward of bucket `t` over the static inputs: logits `[S, vocab]` (`attention_cut`:
-        the piecewise forward, its attention handed to that callable)."""
+        """The padded forward of bucket `t` over the static inputs: logits `[S, vocab]`; with
+        `attention_cut` the piecewise forward, its attention handed to that callable, and the final hidden
+        states `[t, hidden]` (the step's logits rows are picked and projected after the graphs)."""
         r = self.runner
         ids, pos, slots, rows, cu64 = self._views(t)
         cu = cu64.to(torch.int32)
@@ -144,6 +145,8 @@ class PrefillGraphs:
             self._step_meta = meta
         batch = ForwardBatch(meta, r.kv_pool.layers, r.backend, None, on_layer_done, attention_cut)
         hidden = r.model(ids, pos, batch)
+        if attention_cut is not None:
+            return hidden
         return r.model.compute_logits(hidden.index_select(0, rows))
 
     # ---------------------------------------------------------------- the piecewise attention
@@ -210,7 +213,7 @@ class PrefillGraphs:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             return False
-        if self.prefix:
+        if self.piecewise:
             try:
                 for t in reversed(self.sizes):  # the largest first: its warm-up sizes the static buffers
                     self._neutral_inputs(t)
@@ -219,20 +222,20 @@ class PrefillGraphs:
                     finally:
                         self._step_meta = None
                     torch.cuda.synchronize(self.device)
-                    self.pieces[t], self.piece_logits[t] = self._capture_pieces(t, stream)
+                    self.pieces[t], self.piece_hidden[t] = self._capture_pieces(t, stream)
             except RuntimeError as e:
-                log.warning("piecewise prefill CUDA graphs not captured (%s); steps over cached prefixes run "
-                            "eagerly", e)
-                self.prefix = False
+                log.warning("piecewise prefill CUDA graphs not captured (%s); steps over cached prefixes or "
+                            "with decodes run eagerly", e)
+                self.piecewise = False
                 self.pieces.clear()
-                self.piece_logits.clear()
+                self.piece_hidden.clear()
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
         torch.cuda.synchronize(self.device)
         log.info("captured prefill CUDA graphs for %s tokens, up to %d sequences, %d graphs per bucket%s",
                  self.sizes, self.max_seqs, len(self.graphs[self.sizes[0]]),
-                 f"; piecewise for cached prefixes, {sum(e[0] == 'graph' for e in self.pieces[self.sizes[0]])} "
-                 "graphs per bucket" if self.prefix else "")
+                 f"; piecewise for the other steps, {sum(e[0] == 'graph' for e in self.pieces[self.sizes[0]])} "
+                 "graphs per bucket" if self.piecewise else "")
         return True
 
     def _capture_bucket(self, t: int, stream) -> tuple[list, torch.Tensor]:
@@ -253,7 +256,7 @@ class PrefillGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graphs, logits
 
-    def _capture_pieces(self, t: int, stream) -> tuple[list, torch.Tensor]:
+    def _capture_pieces(self, t: int, stream) -> tuple[list, torch.Tensor]:  # (program, final hidden)
         """Bucket `t`'s piecewise program: graphs cut at every attention and after every layer."""
         program: list = []
 
@@ -283,15 +286,16 @@ class PrefillGraphs:
         with torch.cuda.stream(stream):
             begin()
             try:
-                logits = self._body(t, cut_layer, cut_attention)
+                hidden = self._body(t, cut_layer, cut_attention)
             finally:
                 end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        return program, logits
+        return program, hidden
 
     # ---------------------------------------------------------------- a step
-    def _fill(self, inputs, t: int) -> None:
-        """The step's ids, positions, KV slots, logits rows and offsets into the pinned copy, uploaded."""
+    def _fill(self, inputs, t: int, whole: bool = True) -> None:
+        """The step's ids and positions, and for the whole graphs (`whole`) its KV slots, logits rows and
+        query offsets, into the pinned copy, uploaded (a piecewise step's slots come from its metadata)."""
         self._turn ^= 1
         ev = self._events[self._turn]
         if ev is not None:
@@ -303,23 +307,22 @@ class PrefillGraphs:
         h[o["ids"] + n: o["ids"] + t] = 0
         h[o["positions"]: o["positions"] + n] = inputs.positions
         h[o["positions"] + n: o["positions"] + t] = 0
-        slots = h[o["slots"]: o["slots"] + t]
-        at = 0
-        for q, end, table in zip(inputs.query_lens, inputs.seq_lens, inputs.tables):  # positions end-q .. end-1
-            first = (end - q) // ps
-            pages = np.asarray(table[first: -(-end // ps)], dtype=np.int64)
-            skip = end - q - first * ps
-            slots[at: at + q] = (pages[:, None] * ps + np.arange(ps)).reshape(-1)[skip: skip + q]
-            at += q
-        slots[n:] = -1
-        rows = h[o["rows"]: o["rows"] + s]
-        rows[:] = 0
-        rows[: len(inputs.logits_rows)] = inputs.logits_rows
-        cu = h[o["cu"]: o["cu"] + s + 2]
-        cu[0] = 0
-        cu[1: len(inputs.query_lens) + 1] = np.cumsum(inputs.query_lens)
-        cu[len(inputs.query_lens) + 1: s + 1] = n
-        cu[s + 1] = t
+        if whole:
+            slots = h[o["slots"]: o["slots"] + t]
+            at = 0
+            for q, table in zip(inputs.query_lens, inputs.tables):  # every sequence starts at position 0
+                pages = np.asarray(table[: -(-q // ps)], dtype=np.int64)
+                slots[at: at + q] = (pages[:, None] * ps + np.arange(ps)).reshape(-1)[:q]
+                at += q
+            slots[n:] = -1
+            rows = h[o["rows"]: o["rows"] + s]
+            rows[:] = 0
+            rows[: len(inputs.logits_rows)] = inputs.logits_rows
+            cu = h[o["cu"]: o["cu"] + s + 2]
+            cu[0] = 0
+            cu[1: len(inputs.query_lens) + 1] = np.cumsum(inputs.query_lens)
+            cu[len(inputs.query_lens) + 1: s + 1] = n
+            cu[s + 1] = t
         src = self._hosts[self._turn]
         self._dev.copy_(src, non_blocking=True)  # one copy: the few KiB of padding cost less than a second one
         if self.device.type == "cuda":
@@ -328,15 +331,16 @@ class PrefillGraphs:
             self._events[self._turn] = ev
 
     @torch.inference_mode()  # as capture(): the static buffers are inference tensors
-    def run(self, inputs, layer_hook=None) -> torch.Tensor:
-        """One dense prefill step (`inputs`: the runner's `_StepInputs`, no pending tokens): the logits of
-        its sampling sequences, in order. `layer_hook(i)` runs after layer i's graph, as in the eager
-        forward."""
-        if inputs.pending:
-            raise RuntimeError("a prefill graph step cannot take tokens still pending on the device")
+    def run(self, inputs, layer_hook=None, prev=None) -> torch.Tensor:
+        """One step (`inputs`: the runner's `_StepInputs`; tokens still pending on the host are `prev`'s
+        draws, patched into the static inputs on the device): the logits of its sampling sequences, in
+        order. `layer_hook(i)` runs after layer i's graph, as in the eager forward."""
         t = self.bucket(len(inputs.ids))
-        self._fill(inputs, t)
-        if not self._fresh(inputs):
+        whole = self._whole(inputs)
+        self._fill(inputs, t, whole)
+        if inputs.pending:
+            self.runner._patch_pending(self._views(t)[0], inputs, prev)
+        if not whole:
             return self._run_pieces(inputs, t, layer_hook)
         if not self.capture_graphs:
             logits = self._body(t, layer_hook)
@@ -351,14 +355,17 @@ class PrefillGraphs:
         return logits[: len(inputs.logits_rows)]
 
     def _run_pieces(self, inputs, t: int, layer_hook=None) -> torch.Tensor:
-        """A step over cached prefixes: the piecewise program of bucket `t`, its attention over the step's
-        metadata (built as the eager step builds it)."""
+        """A step over cached prefixes or with decodes: the piecewise program of bucket `t`, its attention
+        over the step's metadata (built as the eager step builds it)."""
         r = self.runner
-        self._step_meta = AttentionMetadata.build(inputs.query_lens, inputs.seq_lens, inputs.tables, r.page_size,
-                                                  self.device)
+        self._step_meta = meta = AttentionMetadata.build(inputs.query_lens, inputs.seq_lens, inputs.tables,
+                                                         r.page_size, self.device)
+        n, slots = len(inputs.ids), self._views(t)[2]
+        slots[:n].copy_(meta.slot_mapping)  # after the upload of the static inputs, in stream order
+        slots[n:].fill_(-1)
         try:
             if not self.capture_graphs:
-                logits = self._body(t, layer_hook, self._eager_cut)
+                hidden = self._body(t, layer_hook, self._eager_cut)
             else:
                 for entry in self.pieces[t]:
                     if entry[0] == "graph":
@@ -367,10 +374,13 @@ class PrefillGraphs:
                         self._attend(*entry[1:])
                     elif layer_hook is not None:
                         layer_hook(entry[1])
-                logits = self.piece_logits[t]
+                hidden = self.piece_hidden[t]
         finally:
             self._step_meta = None
-        return logits[: len(inputs.logits_rows)]
+        if not inputs.logits_rows:
+            return hidden.new_empty(0, r.model_config.vocab_size)
+        rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return r.model.compute_logits(hidden[rows])
 
 
 def _numel(shape: tuple[int, ...]) -> int:

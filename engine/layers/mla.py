@@ -102,28 +102,35 @@ class MLAttention(nn.Module):
         entry = fused_ops.mla_kv_entry(self.kv_a_proj_with_mqa(hidden), positions, self.rope.cos, self.rope.sin,
                                        self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.rope.interleaved,
                                        kv_cache, meta.slot_mapping)
-        nd = meta.num_decodes
+        backend = batch.backend
+        out = batch.attend(lambda m, q_, p_, e_: self._attention(q_, p_, e_, kv_cache, m, backend), q, positions,
+                           entry, out_shape=(t, h, self.dv))
+        return self.o_proj(out.reshape(t, h * self.dv))
+
+    def _attention(self, q, positions, entry, kv_cache, meta, backend) -> torch.Tensor:
+        """`[T, H, dv]` from the queries `[T, H, dn + P]` (before rotation) and the step's cache entries:
+        prefill chunks of `DECOMPRESS_MIN_TOKENS` or more new tokens in all decompressed, a step's decodes
+        (and smaller steps) absorbed. Everything that depends on the step's lengths is here, so a
+        piecewise prefill graph runs it eagerly over each replayed step's metadata (`ForwardBatch.attend`)."""
+        t, nd = q.shape[0], meta.num_decodes
         if t - nd >= DECOMPRESS_MIN_TOKENS:  # prefill chunks decompressed; a step's decodes, if any, absorbed
             decode_meta, prefill_meta = meta.split(nd) if nd else (None, meta)
             # q_nope ++ rotated q_pe in one kernel (the same one that builds the absorbed query)
             query = fused_ops.mla_query(q[nd:, :, : self.dn], q[nd:], positions[nd:], self.rope.cos, self.rope.sin,
                                         self.rope.interleaved)
-            out = batch.attend(lambda m, q_, e_: self._prefill_decompressed(q_, e_, kv_cache, m), query, entry[nd:],
-                               out_shape=(t - nd, h, self.dv), meta=prefill_meta)
+            out = self._prefill_decompressed(query, entry[nd:], kv_cache, prefill_meta)
             if nd:
-                out = torch.cat([self._absorbed(q[:nd], positions[:nd], entry[:nd], kv_cache, decode_meta, batch), out])
-        else:
-            out = self._absorbed(q, positions, entry, kv_cache, meta, batch)
-        return self.o_proj(out.reshape(t, h * self.dv))
+                out = torch.cat([self._absorbed(q[:nd], positions[:nd], entry[:nd], kv_cache, decode_meta, backend),
+                                 out])
+            return out
+        return self._absorbed(q, positions, entry, kv_cache, meta, backend)
 
-    def _absorbed(self, q, positions, entry, kv_cache, meta, batch: ForwardBatch) -> torch.Tensor:
+    def _absorbed(self, q, positions, entry, kv_cache, meta, backend) -> torch.Tensor:
         """Weight-absorbed attention (decode; short prefill chunks): `[T, H, dv]`."""
         # q_nope @ W_UK ++ rotated q_pe: one kernel at decode sizes (the rotation alone is ~10 torch kernels)
         query = fused_ops.mla_absorbed_query(q, self.w_uk, positions, self.rope.cos, self.rope.sin,
                                              self.rope.interleaved)
-        backend, scale, rank = batch.backend, self.scale, self.rank
-        out = batch.attend(lambda m, q_, e_: backend.mla(q_, e_, kv_cache, m, scale, rank, kv_written=True),
-                           query, entry, out_shape=(query.shape[0], self.num_heads, self.rank), meta=meta)
+        out = backend.mla(query, entry, kv_cache, meta, self.scale, self.rank, kv_written=True)
         # `[T, H, R]` through W_UV per head: at a few tokens on CUDA the tuner's pick of torch.bmm and the
         # skinny kernel reading `w_kvb`'s value rows in place and writing `[T, H, dv]` (no transposes)
         w_vu = self.w_kvb[:, self.dn:]

@@ -86,8 +86,12 @@ def test_padded_graph_forward_matches_the_eager_step(varlen_mock, model, backend
 
 def test_steps_that_do_not_fit_run_eagerly():
     core = _core("tiny-qwen3", "torch")
+    graphs = PrefillGraphs(core.runner, max_tokens=256, max_seqs=2, capture=False, piecewise=False)
+    assert not graphs.can_run(_schedule(core, PROMPTS))  # three sequences, two logits slots
+    graphs.piecewise = True
+    core = _core("tiny-qwen3", "torch")
+    assert graphs.can_run(_schedule(core, PROMPTS))  # piecewise: logits after the graphs, any number
     graphs = PrefillGraphs(core.runner, max_tokens=128, max_seqs=2, capture=False)
-    assert not graphs.can_run(_schedule(core, PROMPTS))  # three sequences, two slots
     core = _core("tiny-qwen3", "torch")
     assert not graphs.can_run(_schedule(core, [list(range(1, 200))]))  # over the largest bucket
     core = _core("tiny-qwen3", "torch")
@@ -95,10 +99,10 @@ def test_steps_that_do_not_fit_run_eagerly():
     assert graphs.can_run(chunks)
     chunks[0].start, chunks[0].num_new_tokens = 16, 83  # a chunk over a cached prefix: the piecewise graphs'
     assert graphs.can_run(chunks)
-    graphs.prefix = False
+    graphs.piecewise = False
     assert not graphs.can_run(chunks)
-    graphs.prefix = True
-    chunks[0].start = 90  # past the prompt's end (a decode's recomputation): eager
+    graphs.piecewise = True
+    chunks[0].request.sampling_params.prompt_logprobs = 1  # every row's hidden state wanted: eager
     assert not graphs.can_run(chunks)
 
 
@@ -170,7 +174,7 @@ def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, prefix=False)
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, piecewise=False)
     assert graphs.capture()
     assert sorted(graphs.graphs) == [128, 256] and all(len(g) == layers + 1 for g in graphs.graphs.values())
     assert not graphs.pieces
@@ -197,7 +201,7 @@ def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen
     # layer; a step over cached prefixes replays it with the eager attention and the hook in between.
     _FakeGraph.log = []
     graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4)
-    assert graphs.capture() and graphs.prefix
+    assert graphs.capture() and graphs.piecewise
     kinds = ["graph"] + ["attend", "graph", "hook", "graph"] * layers
     assert sorted(graphs.pieces) == [128, 256]
     assert all([e[0] for e in prog] == kinds for prog in graphs.pieces.values())
@@ -265,6 +269,21 @@ def test_piecewise_forward_over_cached_prefixes_matches_the_eager_step(varlen_mo
     assert graphs._step_meta is None
 
 
+def test_fresh_prompts_beyond_the_logits_slots_run_piecewise(varlen_mock, monkeypatch):
+    core = _core("tiny-qwen3", "triton")
+    runner = core.runner
+    chunks = _schedule(core, PROMPTS)
+    inputs = ModelRunner._inputs(chunks)
+    eager = runner._run_eager(chunks, inputs, None, None)
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=2, capture=False)
+    pieces = []
+    orig = PrefillGraphs._run_pieces
+    monkeypatch.setattr(PrefillGraphs, "_run_pieces", lambda self, *a, **k: pieces.append(1) or orig(self, *a, **k))
+    got = graphs.run(ModelRunner._inputs(chunks))
+    assert pieces and got.shape == eager.shape == (3, runner.model_config.vocab_size)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_piecewise_padding_rows_keep_finite_values_and_a_second_step_reuses_the_buffers(varlen_mock):
     core = _core("tiny-qwen3", "triton")
     runner = core.runner
@@ -283,20 +302,24 @@ def test_piecewise_padding_rows_keep_finite_values_and_a_second_step_reuses_the_
     assert {k: v.data_ptr() for k, v in graphs._attn_out.items()} == outs
 
 
-def test_generation_with_piecewise_graphs_gives_the_eager_tokens(varlen_mock, monkeypatch):
-    """The engine loop over prefix-cache hits and a prompt chunked by the step budget: every prefill step
-    through the graph paths (fresh: whole graphs, later chunks and cached prefixes: piecewise) gives the
-    eager engine's greedy tokens, and the piecewise path really ran."""
+@pytest.fixture
+def decode_mock(monkeypatch):
+    """The Triton GQA decode kernel needs a GPU: the torch reference in its place (a mock)."""
     from engine.attention.metadata import AttentionMetadata
     from engine.attention.torch_backend import paged_attention_ref
-    from engine.sampling_params import SamplingParams
 
     def decode_ref(q, kv_cache, tables, seq_lens, scale, k_comp, v_comp, da, db, out, max_seq_len=None):
-        # the Triton decode kernel needs a GPU: the torch reference in its place (a mock)
         meta = AttentionMetadata.build([1] * len(q), seq_lens.tolist(), [r.tolist() for r in tables],
                                        kv_cache.shape[2])
         out.copy_(paged_attention_ref(q, kv_cache, meta, scale, v_comp, da))
     monkeypatch.setattr(triton_backend, "decode_attention", decode_ref)
+
+
+def test_generation_with_piecewise_graphs_gives_the_eager_tokens(varlen_mock, decode_mock, monkeypatch):
+    """The engine loop over prefix-cache hits and a prompt chunked by the step budget: every prefill step
+    through the graph paths (fresh: whole graphs, later chunks and cached prefixes: piecewise) gives the
+    eager engine's greedy tokens, and the piecewise path really ran."""
+    from engine.sampling_params import SamplingParams
     ran = []
     orig = PrefillGraphs._run_pieces
     monkeypatch.setattr(PrefillGraphs, "_run_pieces", lambda self, *a, **k: ran.append(1) or orig(self, *a, **k))
@@ -330,4 +353,84 @@ def test_generation_with_piecewise_graphs_gives_the_eager_tokens(varlen_mock, mo
         got = generate(True, model, backend)
         assert got == ref and all(len(t) == 4 for t in got), model
         assert len(ran) >= 3, model  # the two later chunks and the second wave's prefix hits
+
+
+def _mixed_core(model: str, backend: str, overlap: bool):
+    from engine.engine_core import EngineCore
+    from engine.llm import build_engine_config
+    config = build_engine_config(model, load_format="dummy", dtype="float32", device="cpu", page_size=16,
+                                 num_pages=96, max_num_batched_tokens=256, max_num_seqs=8,
+                                 attention_backend=backend, overlap_schedule=overlap)
+    return EngineCore(config)
+
+
+@pytest.mark.parametrize("model,backend", [("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")])
+def test_piecewise_forward_of_decodes_beside_a_prefill_matches_the_eager_step(varlen_mock, decode_mock, model,
+                                                                               backend):
+    """Two sequences decoding while a third prompt prefills (150 tokens: MLA's prefill rows decompressed,
+    its decode rows absorbed, as the eager step splits them) through the piecewise forward: the eager
+    step's logits for all three, and the same pages written."""
+    from engine.sampling_params import SamplingParams
+    core = _mixed_core(model, backend, overlap=False)
+    runner = core.runner
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    core.add_request("a", list(range(3, 40)), sp)
+    core.add_request("b", list(range(50, 70)), sp)
+    for _ in range(3):
+        core.step()
+    core.add_request("c", list(range(100, 250)), sp)
+    chunks = core.scheduler.schedule().chunks
+    assert [c.num_new_tokens for c in chunks] == [1, 1, 150] and chunks[0].start > 0
+    inputs = ModelRunner._inputs(chunks)
+    assert not inputs.pending
+    pools = runner.kv_pool.layers
+    before = [p.clone() for p in pools]
+    eager = runner._run_eager(chunks, inputs, None, None)
+    eager_kv = [p.clone() for p in pools]
+    for p, b in zip(pools, before):
+        p.copy_(b)
+    graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, capture=False)
+    assert graphs.can_run(chunks)
+    got = graphs.run(ModelRunner._inputs(chunks))
+    assert got.shape == eager.shape == (3, runner.model_config.vocab_size)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    for want, after in zip(eager_kv, pools):
+        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    graphs.piecewise = False  # without piecewise graphs such a step is not theirs
+    assert not graphs.can_run(chunks)
+
+
+@pytest.mark.parametrize("model,backend", [("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")])
+def test_overlapped_generation_with_prompts_joining_decodes_gives_the_eager_tokens(varlen_mock, decode_mock,
+                                                                                    monkeypatch, model, backend):
+    """The overlap scheduler with prompts arriving while others decode: mixed steps whose decode tokens are
+    still pending on the host replay the piecewise graphs (the draws patched into their static inputs on
+    the device) and give the eager engine's greedy tokens."""
+    from engine.sampling_params import SamplingParams
+    pending = []
+    orig = PrefillGraphs._run_pieces
+    monkeypatch.setattr(PrefillGraphs, "_run_pieces",
+                        lambda self, inputs, *a, **k: pending.append(len(inputs.pending)) or orig(self, inputs, *a, **k))
+
+    def generate(with_graphs: bool):
+        core = _mixed_core(model, backend, overlap=True)
+        if with_graphs:
+            core.runner.prefill_graphs = PrefillGraphs(core.runner, max_tokens=256, max_seqs=4, capture=False)
+        sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        arrivals = {0: ("a", list(range(3, 40))), 2: ("b", list(range(100, 240))), 4: ("c", list(range(7, 30)))}
+        reqs, step = {}, 0
+        while step in arrivals or core.has_unfinished():
+            if step in arrivals:
+                rid, prompt = arrivals[step]
+                core.add_request(rid, prompt, sp)
+                reqs[rid] = core.requests[rid]
+            core.step()
+            step += 1
+        return {rid: list(r.output_token_ids) for rid, r in reqs.items()}
+
+    ref = generate(False)
+    pending.clear()
+    got = generate(True)
+    assert got == ref and all(len(t) == 6 for t in got.values())
+    assert any(n > 0 for n in pending)  # a replayed step took decode tokens still pending on the host
 

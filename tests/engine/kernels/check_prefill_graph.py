@@ -87,12 +87,23 @@ def check_step(model: str, prefix: bool = False) -> bool:
 
 
 def generate(model: str, graphs: bool) -> list[list[int]]:
-    """Greedy tokens of PROMPTS, then of a second wave hitting the prefix cache and a chunked prompt."""
+    """Greedy tokens of PROMPTS, then of a second wave hitting the prefix cache and a chunked prompt, then
+    of prompts arriving while others decode (mixed steps, their decode tokens pending on the host)."""
     core = _core(model, graphs)
     first = greedy(core, PROMPTS)
     second = greedy(core, [SHARED + list(range(4000, 4002))] + [SHARED + t for t in PREFIX_TAILS] + [CHUNKED],
                     first=len(PROMPTS))
-    return first + second
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    arrivals = {0: list(range(5000, 5040)), 2: list(range(5100, 5300)), 5: list(range(5400, 5420)),
+                6: SHARED + list(range(5500, 5530))}
+    reqs, step = [], 0
+    while step in arrivals or core.has_unfinished():
+        if step in arrivals:
+            core.add_request(f"m{step}", arrivals[step], sp)
+            reqs.append(core.requests[f"m{step}"])
+        core.step()
+        step += 1
+    return first + second + [list(r.output_token_ids) for r in reqs]
 
 
 def main() -> int:
