@@ -56,6 +56,27 @@ def _schedule(core, prompts):
     return core.scheduler.schedule().chunks
 
 
+def _graph_step_matches_eager(runner, chunks, graphs: PrefillGraphs, varlen_mock) -> None:
+    """The runner's eager step over `chunks`, then (the KV pools put back as they were) the same step
+    through `graphs`: the same logits, the same pages written (at the right offsets, and none for the
+    padding rows), the hook after every layer."""
+    pools = runner.kv_pool.layers
+    before = [p.clone() for p in pools]
+    eager = runner._run_eager(chunks, ModelRunner._inputs(chunks), None, None)
+    eager_kv = [p.clone() for p in pools]
+    for p, b in zip(pools, before):
+        p.copy_(b)
+    assert graphs.can_run(chunks)
+    layers = []
+    varlen_mock.clear()
+    got = graphs.run(ModelRunner._inputs(chunks), layer_hook=layers.append)
+    assert got.shape == eager.shape == (len(chunks), runner.model_config.vocab_size)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    for want, after in zip(eager_kv, pools):
+        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    assert layers == list(range(len(pools)))
+
+
 @pytest.mark.parametrize("model,backend", [("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")])
 def test_padded_graph_forward_matches_the_eager_step(varlen_mock, model, backend):
     """GQA through the Triton backend's dense path, MLA through its decompressed prefill (any backend)."""
@@ -63,23 +84,8 @@ def test_padded_graph_forward_matches_the_eager_step(varlen_mock, model, backend
     runner = core.runner
     chunks = _schedule(core, PROMPTS)
     assert [c.start for c in chunks] == [0, 0, 0]
-    inputs = ModelRunner._inputs(chunks)
-    pools = runner.kv_pool.layers
-    eager = runner._run_eager(chunks, inputs, None, None)
-    eager_kv = [p.clone() for p in pools]
-    for p in pools:
-        p.zero_()
-
-    graphs = PrefillGraphs(runner, max_tokens=512, max_seqs=4, capture=False)
-    assert graphs.can_run(chunks)
-    layers = []
-    varlen_mock.clear()
-    got = graphs.run(ModelRunner._inputs(chunks), layer_hook=layers.append)
-    assert got.shape == eager.shape == (3, runner.model_config.vocab_size)
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
-    for before, after in zip(eager_kv, pools):  # the same pages written, and none for the padding rows
-        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert layers == list(range(len(pools)))
+    _graph_step_matches_eager(runner, chunks, PrefillGraphs(runner, max_tokens=512, max_seqs=4, capture=False),
+                              varlen_mock)
     # one varlen call per layer over the padded layout: 3 sequences, 1 empty slot, the padding sequence
     assert varlen_mock and all(c == ([0, 5, 45, 145, 145, 256], 256) for c in varlen_mock)
 
@@ -246,24 +252,8 @@ def test_piecewise_forward_over_cached_prefixes_matches_the_eager_step(varlen_mo
     runner = core.runner
     chunks = _prefix_chunks(core, [list(range(10, 15)), list(range(20, 60)), list(range(3, 100))])
     assert [c.start for c in chunks] == [48, 48, 48]
-    inputs = ModelRunner._inputs(chunks)
-    pools = runner.kv_pool.layers
-    before = [p.clone() for p in pools]
-    eager = runner._run_eager(chunks, inputs, None, None)
-    eager_kv = [p.clone() for p in pools]
-    for p, b in zip(pools, before):
-        p.copy_(b)
-
     graphs = PrefillGraphs(runner, max_tokens=512, max_seqs=4, capture=False)
-    assert graphs.can_run(chunks)
-    layers = []
-    varlen_mock.clear()
-    got = graphs.run(ModelRunner._inputs(chunks), layer_hook=layers.append)
-    assert got.shape == eager.shape == (3, runner.model_config.vocab_size)
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
-    for want, after in zip(eager_kv, pools):  # the same pages written (at the right offsets), none else
-        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
-    assert layers == list(range(len(pools)))
+    _graph_step_matches_eager(runner, chunks, graphs, varlen_mock)
     # per layer one varlen call over the real sequences (prefix + chunk keys), not the padded bucket
     assert varlen_mock and all(c == ([0, 5, 45, 142], 97) for c in varlen_mock)
     assert graphs._step_meta is None
@@ -381,21 +371,9 @@ def test_piecewise_forward_of_decodes_beside_a_prefill_matches_the_eager_step(va
     core.add_request("c", list(range(100, 250)), sp)
     chunks = core.scheduler.schedule().chunks
     assert [c.num_new_tokens for c in chunks] == [1, 1, 150] and chunks[0].start > 0
-    inputs = ModelRunner._inputs(chunks)
-    assert not inputs.pending
-    pools = runner.kv_pool.layers
-    before = [p.clone() for p in pools]
-    eager = runner._run_eager(chunks, inputs, None, None)
-    eager_kv = [p.clone() for p in pools]
-    for p, b in zip(pools, before):
-        p.copy_(b)
+    assert not ModelRunner._inputs(chunks).pending
     graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, capture=False)
-    assert graphs.can_run(chunks)
-    got = graphs.run(ModelRunner._inputs(chunks))
-    assert got.shape == eager.shape == (3, runner.model_config.vocab_size)
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
-    for want, after in zip(eager_kv, pools):
-        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    _graph_step_matches_eager(runner, chunks, graphs, varlen_mock)
     graphs.piecewise = False  # without piecewise graphs such a step is not theirs
     assert not graphs.can_run(chunks)
 
