@@ -105,7 +105,9 @@ def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int
         rate = probe["bf16_matmul_flops_per_s"]
         for c in cached:
             for n in tokens:
-                flops = roofline.prefill_flops(mc, n) - roofline.attention_flops(mc, n) + roofline.attention_flops(mc, n, c)
+                # the weights over the new tokens, the attention over the prefix and the new tokens
+                flops = roofline.prefill_flops(mc, n) - roofline.attention_flops(mc, n) + roofline.attention_flops(
+                    mc, n, c)
                 floors[f"{n}+{c}"] = flops / rate
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -122,8 +124,8 @@ def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int
 def table(res: dict) -> str:
     lines = [f"{res['model']} ({res['dtype']}) on {res['device']}, commit {res['commit'][:8]}; piecewise graphs "
              f"captured: {res['piecewise_captured']}",
-             "", "| new tokens | cached | fresh prompt ms | over the prefix, piecewise ms | eager ms | eager / piecewise "
-                 "| floor ms (piecewise % of floor) |", "|---|---|---|---|---|---|---|"]
+             "", "| new tokens | cached | fresh prompt ms | over the prefix, piecewise ms | eager ms "
+                 "| eager / piecewise | floor ms (piecewise % of floor) |", "|---|---|---|---|---|---|---|"]
     s = res["seconds"]
     for c in res["cached"]:
         if c == 0:

@@ -388,7 +388,7 @@ def test_overlapped_generation_with_prompts_joining_decodes_gives_the_eager_toke
     pending = []
     orig = PrefillGraphs._run_pieces
     monkeypatch.setattr(PrefillGraphs, "_run_pieces",
-                        lambda self, inputs, *a, **k: pending.append(len(inputs.pending)) or orig(self, inputs, *a, **k))
+                        lambda self, inputs, *a: pending.append(len(inputs.pending)) or orig(self, inputs, *a))
 
     def generate(with_graphs: bool):
         core = _mixed_core(model, backend, overlap=True)

@@ -233,7 +233,8 @@ def test_prefill_graph_path_pushes_every_layer_and_decode_continues_exactly(monk
     graphs = prefill.runner.prefill_graphs = PrefillGraphs(prefill.runner, max_tokens=128, max_seqs=4, capture=False)
     ran = []
     run = graphs.run
-    monkeypatch.setattr(graphs, "run", lambda inputs, hook=None: ran.append(hook is not None) or run(inputs, hook))
+    monkeypatch.setattr(graphs, "run",
+                        lambda inputs, hook=None, prev=None: ran.append(hook is not None) or run(inputs, hook, prev))
     posted = []
     post = prefill.connector._post_layers
     monkeypatch.setattr(prefill.connector, "_post_layers",
