@@ -110,6 +110,8 @@ def up(engine_argv: list[str], model: str, num_prefill: int, num_decode: int, ho
                 name = f"{role}{i}"
                 argv = [role, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),
                         "--node-name", name, *engine_argv]
+                if num_prefill == 0:  # the decode nodes run the prompts too
+                    argv.append("--collocated")
                 if redis_url:
                     argv += ["--redis-url", redis_url]
                 gpus = next(gpu_sets)

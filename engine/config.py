@@ -405,6 +405,9 @@ class EngineConfig:
                                         "(set by the node's role)", cli=False, choices=(None, "prefill", "decode"))
     kv_transfer_timeout_s: float = setting(30.0, "seconds any KV transfer may take", flag="--kv-transfer-timeout",
                                            node_only=True)
+    collocated: bool = setting(False, "a decode node that also runs whole requests (the router's --collocated; "
+                                      "`pdserve up --num-prefill 0` sets it): it captures prefill CUDA graphs as a "
+                                      "prefill node does", node_only=True)
     kv_connector: str = setting("kvtransfer.nixl_connector:NixlConnector", "KVConnector implementation "
                                 "(module:Class)", cli=False)
     load_progress: bool | None = setting(None, "no weight-loading progress bar (it shows only when stderr is a "

@@ -124,9 +124,9 @@ class ModelRunner:
     def _prefill_graphs_planned(self) -> bool:
         """Dense prefill steps replay CUDA graphs on one GPU (no EP) with the Triton backend, in half
         precision (the varlen flash path; others attend per sequence, which cannot be captured); not on a
-        decode node, whose prompts arrive as KV."""
+        decode node, whose prompts arrive as KV, unless it serves collocated (runs prompts itself)."""
         return (self.device.type == "cuda" and not self.config.enforce_eager and self.ep is None
-                and self.config.kv_role != "decode"
+                and (self.config.kv_role != "decode" or self.config.collocated)
                 and self.config.prefill_graph_max_tokens >= PREFILL_GRAPH_MIN_TOKENS
                 and self.backend.name == "triton" and self.model_config.dtype in (torch.float16, torch.bfloat16))
 

@@ -412,3 +412,49 @@ def test_overlapped_generation_with_prompts_joining_decodes_gives_the_eager_toke
     assert got == ref and all(len(t) == 6 for t in got.values())
     assert any(n > 0 for n in pending)  # a replayed step took decode tokens still pending on the host
 
+
+
+def test_a_decode_node_plans_prefill_graphs_only_when_it_serves_collocated():
+    """A decode node's prompts arrive as KV, so it captures no prefill graphs, unless it runs prompts
+    itself (collocated: `pdserve up --num-prefill 0` passes --collocated). The runner's rule, asked of a
+    stand-in GPU runner (the capture itself needs a GPU)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from engine.llm import build_engine_config
+    base = build_engine_config("tiny-qwen3", load_format="dummy", dtype="bfloat16", device="cpu")
+
+    def planned(**kw) -> bool:
+        runner = SimpleNamespace(device=torch.device("cuda"), config=dataclasses.replace(base, **kw), ep=None,
+                                 backend=SimpleNamespace(name="triton"),
+                                 model_config=SimpleNamespace(dtype=torch.bfloat16))
+        return ModelRunner._prefill_graphs_planned(runner)
+    assert planned(kv_role=None) and planned(kv_role="prefill")
+    assert not planned(kv_role="decode")
+    assert planned(kv_role="decode", collocated=True)
+    assert not planned(kv_role="decode", collocated=True, prefill_graph_max_tokens=0)
+
+
+def test_pdserve_up_without_prefill_nodes_starts_its_decode_nodes_collocated(monkeypatch):
+    """The launcher's node command lines, recorded instead of started (Component replaced by a recorder
+    that stops the launch at the router; the signal handlers left as they are)."""
+    import signal
+    from deploy import launcher
+    started = {}
+
+    class Recorder:
+        def __init__(self, name, argv, ready, gpus=None, env=None):
+            if name == "router":
+                raise KeyboardInterrupt
+            started[name] = argv
+
+        def stop(self):
+            pass
+    monkeypatch.setattr(launcher, "Component", Recorder)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    for num_prefill, collocated in ((0, True), (1, False)):
+        started.clear()
+        with pytest.raises(KeyboardInterrupt):
+            launcher.up(["--device", "cpu"], "tiny-llama", num_prefill, 1, "127.0.0.1", 0, 0, "round_robin")
+        assert ("--collocated" in started["decode0"]) == collocated
+        assert all("--collocated" not in argv for name, argv in started.items() if name.startswith("prefill"))
