@@ -71,22 +71,27 @@ bench() {  # name dataset rate prompts [args...]; the cluster's histograms scrap
   scrape after "$name"
 }
 
-serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points then ShareGPT-like), down
-  local m=$1 profile=$STAGE/profile_$1.json sweep=$2
-  [ "$(left)" -lt 70 ] && { echo "=== up $m skipped: $(left)s left" >> "$LOG"; return; }
-  echo "=== up $m (at $((SECONDS - T0))s)" >> "$LOG"
-  python -m deploy.cli up --model "$m" --load-format dummy --dtype "$DTYPE" --device "$DEVICE" \
-    --gpu-memory-utilization 0.45 --max-model-len $MAXLEN --max-num-seqs 128 --grpc-port $GRPC_PORT --http-port $HTTP_PORT \
+serve() {  # model sweep [colloc]: one `pdserve up`, the idle probes, the sweep (random points then
+  # ShareGPT-like), down. colloc: one collocated node with the GPU to itself (`--num-prefill 0`), its runs
+  # and files named with a `c` (sweepc_*, probe_*c_*), its probe's overhead written as the profile's
+  # collocated one; else a prefill and a decode node sharing the GPU.
+  local m=$1 profile=$STAGE/profile_$1.json sweep=$2 c=${3:+c}
+  local mode=disaggregated shape="--gpu-memory-utilization 0.45"
+  [ -n "$c" ] && mode=collocated shape="--num-prefill 0 --num-decode 1 --gpu-memory-utilization 0.85"
+  [ "$(left)" -lt 70 ] && { echo "=== up$c $m skipped: $(left)s left" >> "$LOG"; return; }
+  echo "=== up$c $m (at $((SECONDS - T0))s)" >> "$LOG"
+  python -m deploy.cli up --model "$m" --load-format dummy --dtype "$DTYPE" --device "$DEVICE" $shape \
+    --max-model-len $MAXLEN --max-num-seqs 128 --grpc-port $GRPC_PORT --http-port $HTTP_PORT \
     --prometheus-targets "$STAGE/targets.json" \
-    > "$STAGE/up_$m.log" 2>&1 &
+    > "$STAGE/up${c}_$m.log" 2>&1 &
   local up=$! i
-  for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$STAGE/up_$m.log" && break; kill -0 $up 2>/dev/null || break
+  for i in $(seq 1 150); do grep -q "pdserve up: gRPC" "$STAGE/up${c}_$m.log" && break; kill -0 $up 2>/dev/null || break
     [ "$(left)" -lt 40 ] && break; sleep 1; done
   echo "up after ${i}s" >> "$LOG"
-  scrape before probe_grpc
-  pstep "probe_grpc_$m" 40 python -m planner.serving_probe --grpc 127.0.0.1:$GRPC_PORT --profile "$profile" \
-    --mode disaggregated --prompts 256,$RIN --repeats 3 --max-tokens 64 --out "$STAGE/probe_grpc_$m.json"
-  scrape after probe_grpc
+  scrape before probe_grpc$c
+  pstep "probe_grpc${c}_$m" 40 python -m planner.serving_probe --grpc 127.0.0.1:$GRPC_PORT --profile "$profile" \
+    --mode $mode --prompts 256,$RIN --repeats 3 --max-tokens 64 --out "$STAGE/probe_grpc${c}_$m.json"
+  scrape after probe_grpc$c
   # The same four-prompt probe over HTTP and over gRPC through one client (`pdserve bench`), each with the
   # cluster's histograms scraped around it: a check that the two transports agree (the gRPC probe's 2k
   # prompts measured 20-35 ms more than HTTP in 2026-12-07n/o because each began with one of its 256-token
@@ -95,25 +100,25 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
   for be in http bgrpc; do  # bgrpc: the bench over gRPC (probe_grpc_*.json is the serving probe's)
     local url=http://127.0.0.1:$HTTP_PORT/v1 backend=openai seed=1000
     [ $be = bgrpc ] && url=127.0.0.1:$GRPC_PORT backend=pdserve-grpc seed=1001
-    scrape before "probe_$be"
-    pstep "probe_${be}_$m" 30 python -m deploy.cli bench --backend $backend --base-url $url --dataset-name random \
+    scrape before "probe_$be$c"
+    pstep "probe_${be}${c}_$m" 30 python -m deploy.cli bench --backend $backend --base-url $url --dataset-name random \
       --num-prompts 4 --random-input-len $RIN --random-output-len 64 --request-rate inf --max-concurrency 1 \
-      --seed $seed --save-result --result-dir "$STAGE" --result-filename "probe_${be}_$m.json" --disable-tqdm
-    scrape after "probe_$be"
+      --seed $seed --save-result --result-dir "$STAGE" --result-filename "probe_${be}${c}_$m.json" --disable-tqdm
+    scrape after "probe_$be$c"
   done
   local r n
   for r in $RATES_R; do
     [[ " $sweep " == *" random_$r "* ]] || continue
     n=$NR; [ "$n" = 0 ] && n=$(( r * 10 > 16 ? r * 10 : 16 ))
-    bench "sweep_${m}_random_$r" random "$r" "$n" --random-input-len $RIN --random-output-len $ROUT
+    bench "sweep${c}_${m}_random_$r" random "$r" "$n" --random-input-len $RIN --random-output-len $ROUT
   done
   for r in $RATES_S; do
     [[ " $sweep " == *" sharegpt_$r "* ]] || continue
     n=$NS; [ "$n" = 0 ] && n=$(( r * 8 > 24 ? r * 8 : 24 ))
-    bench "sweep_${m}_sharegpt_$r" sharegpt "$r" "$n"
+    bench "sweep${c}_${m}_sharegpt_$r" sharegpt "$r" "$n"
   done
-  kill -TERM $up; wait $up; echo "down $m (exit $?) at $((SECONDS - T0))s" >> "$LOG"
-  grep -iE "error|traceback" "$STAGE/up_$m.log" | grep -v NIXL | head -5 >> "$LOG"
+  kill -TERM $up; wait $up; echo "down$c $m (exit $?) at $((SECONDS - T0))s" >> "$LOG"
+  grep -iE "error|traceback" "$STAGE/up${c}_$m.log" | grep -v NIXL | head -5 >> "$LOG"
   pack
 }
 
@@ -123,6 +128,7 @@ serve() {  # model: one `pdserve up`, the idle probes, the sweep (random points 
 if [ -n "${PROFILE_FROM:-}" ]; then
   cp "$PROFILE_FROM" "$STAGE/profile_$MODEL.json"
   serve "$MODEL" "${SWEEP:-random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8}"
+  [ -n "${COLLOC:-}" ] && serve "$MODEL" "${SWEEP:-random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8}" colloc
   echo "total $((SECONDS - T0))s" >> "$LOG"; pack; exit 0
 fi
 pstep "profile_$MODEL" 90 python -m deploy.cli profile --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
@@ -132,6 +138,9 @@ pstep "interference_$MODEL" 90 python -m planner.interference --profile "$STAGE/
 [ -z "${QUICK:-}" ] && pstep "engine_bench_$MODEL" 30 python -m bench.engine_bench --model "$MODEL" --dtype "$DTYPE" --batch 1 \
   --decode-steps 48 --prompt-len 128 --prefill-len $RIN --max-model-len $MAXLEN --out "$STAGE/engine_bench_$MODEL"
 serve "$MODEL" "random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8"
+# COLLOC=1: the same sweep on one collocated node (the simulator's collocated path, and the decode node's
+# prefill graphs under collocated traffic), in the time left
+[ -n "${COLLOC:-}" ] && serve "$MODEL" "random_1 random_2 random_4 sharegpt_2 sharegpt_4 sharegpt_8" colloc
 
 # MODEL2 (smaller tables, fewer points) while time is left.
 if [ -n "$MODEL2" ]; then

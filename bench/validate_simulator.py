@@ -35,6 +35,8 @@ from planner.workload import from_samples
 # 6144, chunk budget 8192 (the default).
 RUNS = {
     "sweep_": dict(num_prefill=1, num_decode=1, share_gpu=True, gpu_memory_utilization=0.45, kv="measured"),
+    # COLLOC=1 of bench/run_planner_validation_gpu.sh: one collocated node with the GPU to itself
+    "sweepc_": dict(num_prefill=0, num_decode=1, gpu_memory_utilization=0.85, kv="nvlink"),
     "colloc_disagg_": dict(num_prefill=1, num_decode=1, gpu_memory_utilization=0.85, kv="nvlink"),
     "colloc_colloc_": dict(num_prefill=0, num_decode=2, gpu_memory_utilization=0.85, kv="nvlink"),
 }
@@ -138,8 +140,9 @@ def validate(profile: Profile, results: list[tuple[str, dict]], args) -> list[di
         for key in ("median_ttft_ms", "median_tpot_ms", "goodput", "request_throughput"):
             m, p = rep.get(key, float("nan")), pred.get(key, float("nan"))
             row[key] = {"measured": m, "predicted": p, "error": _err(p, m)}
-        if rep.get("served_steps", {}).get("decode") and "decode" in pred.get("steps", {}):
-            row["decode_steps"] = {"measured": rep["served_steps"]["decode"], "predicted": pred["steps"]["decode"]}
+        role = "collocated" if spec.collocated else "decode"  # the served node is `decode*` either way
+        if rep.get("served_steps", {}).get("decode") and role in pred.get("steps", {}):
+            row["decode_steps"] = {"measured": rep["served_steps"]["decode"], "predicted": pred["steps"][role]}
         rows.append(row)
     return rows
 

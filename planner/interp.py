@@ -18,7 +18,13 @@ def _segment(xs: list[float], x: float) -> int:
 def held_log_linear(points: list[tuple[float, float]], x: float | None) -> float:
     """y at `x` through `points` (x > 0, ascending; y any sign, zero included): linear in log x between
     neighbours and held at the end values beyond them (ratios and small times, not power laws: no log
-    of y, no extrapolation); the last point's y without an `x`."""
+    of y, no extrapolation); the last point's y without an `x`. Points of equal x count as one, their
+    mean (a probe may list a length twice)."""
+    if len({p for p, _ in points}) < len(points):
+        merged: dict[float, list[float]] = {}
+        for p, y in points:
+            merged.setdefault(p, []).append(y)
+        points = [(p, sum(ys) / len(ys)) for p, ys in merged.items()]
     if not x or len(points) == 1:
         return points[-1][1]
     lxs = [math.log(p) for p, _ in points]

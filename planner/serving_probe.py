@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from planner.profile import Profile
     prof = Profile.load(args.profile)
-    lens = [int(x) for x in args.prompts.split(",")]
+    lens = sorted({int(x) for x in args.prompts.split(",")})
     with grpc.insecure_channel(args.grpc) as ch:
         res = probe(pb_grpc.GenerateStub(ch), lens, prof.prefill_time, args.repeats, args.max_tokens)
     prof.serving_overhead[args.mode] = res["overhead_s"]

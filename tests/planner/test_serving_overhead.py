@@ -27,6 +27,10 @@ def test_the_profile_interpolates_the_overhead_by_prompt_length_and_holds_it_bey
     q = synthetic(serving_overhead={"disaggregated": 0.012, "collocated": 0.003})
     assert q.request_overhead("disaggregated", 256) == 0.012 and q.request_overhead("collocated") == 0.003
     assert synthetic().request_overhead("disaggregated", 256) == 0.0
+    # a length probed twice (a probe given `--prompts 256,256`) counts once, at its mean
+    r = synthetic(serving_overhead_by_prompt={"collocated": [[256, 0.010], [256, 0.020]]})
+    assert r.request_overhead("collocated", 256) == pytest.approx(0.015)
+    assert r.request_overhead("collocated", 4096) == pytest.approx(0.015)
 
 
 def test_each_simulated_request_reaches_its_node_after_its_own_prompt_lengths_overhead():
