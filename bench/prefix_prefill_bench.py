@@ -76,10 +76,29 @@ def measure_mixed(core: EngineCore, ids: _Ids, batch: int, prompt: int, steps: i
     return dt
 
 
+def profile_prefix_step(core: EngineCore, ids: _Ids, tokens: int, cached: int) -> dict:
+    """One step of `tokens` new tokens after a cached prefix of `cached` under the torch profiler (the
+    engine bench's view: GPU-busy ms, kernels, host time not hidden, top kernels and host ops)."""
+    from bench.engine_bench import profile_steps
+    from engine.sampling_params import SamplingParams
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prefix = ids(cached)
+    for tag, extra in (("warm", 1), ("profiled", tokens)):
+        core.add_request(ids.rid(tag), prefix + ids(extra), one)
+        if tag == "warm":
+            while core.has_unfinished():
+                core.step()
+    out = profile_steps(core, 1, host_ops=True)
+    while core.has_unfinished():
+        core.step()
+    return out
+
+
 def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int], repeats: int,
-        gpu_memory_utilization: float, mixed_batch: list[int] = (), mixed_prompt: list[int] = ()) -> dict:
+        gpu_memory_utilization: float, mixed_batch: list[int] = (), mixed_prompt: list[int] = (),
+        profile: tuple[int, int] | None = None) -> dict:
     probe = device_probe(device) if device == "cuda" else None
-    rows, pieces, mixed = {}, {}, {}
+    rows, pieces, mixed, profiles = {}, {}, {}, {}
     mc = None
     for prefix in (True, False):
         config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy",
@@ -96,6 +115,8 @@ def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int
         rows[name] = _table(core, tokens, cached, repeats)
         ids = _Ids(core.model_config.vocab_size, seed=2)
         mixed[name] = {f"{b}+{p}": measure_mixed(core, ids, b, p) for b in mixed_batch for p in mixed_prompt}
+        if profile:
+            profiles[name] = profile_prefix_step(core, ids, *profile)
         del core, pg
         gc.collect()
         if device == "cuda":
@@ -118,7 +139,7 @@ def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "probe": probe,
             "piecewise_captured": pieces[True], "tokens": tokens, "cached": cached, "repeats": repeats,
             "seconds": rows, "floor_s": floors, "mixed_batch": list(mixed_batch), "mixed_prompt": list(mixed_prompt),
-            "mixed_seconds": mixed}
+            "mixed_seconds": mixed, "profile_step": list(profile) if profile else None, "profiles": profiles}
 
 
 def table(res: dict) -> str:
@@ -144,6 +165,12 @@ def table(res: dict) -> str:
             b, p = k.split("+")
             lines.append(f"| {b} | {p} | {m['piecewise'][k] * 1e3:.2f} | {m['eager'][k] * 1e3:.2f} | "
                          f"{m['eager'][k] / m['piecewise'][k]:.2f}× |")
+    for name, p in res.get("profiles", {}).items():
+        if p:
+            n, c = res["profile_step"]
+            lines.append(f"\n{name}, {n} new tokens after {c} cached, under the profiler: "
+                         f"{p['profiled_ms_per_step']:.2f} ms, GPU busy {p['gpu_busy_ms']:.2f} ms, "
+                         f"{p['kernels_per_step']:.0f} kernels, host not hidden {p['host_not_hidden_ms']:.2f} ms")
     return "\n".join(lines)
 
 
@@ -157,13 +184,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mixed-batch", default="", help="decoding batches of the mixed-step table (e.g. 16,64)")
     ap.add_argument("--mixed-prompt", default="", help="prompt tokens joining at every step (e.g. 128,512)")
+    ap.add_argument("--profile", default="", help="NEW,CACHED: one such step under the torch profiler per engine")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cached = sorted({0, *(int(x) for x in a.cached.split(","))})
     ints = lambda x: [int(v) for v in x.split(",") if v]  # noqa: E731
     res = run(a.model, a.dtype, a.device, ints(a.tokens), cached, a.repeats, a.gpu_memory_utilization,
-              ints(a.mixed_batch), ints(a.mixed_prompt))
+              ints(a.mixed_batch), ints(a.mixed_prompt), tuple(ints(a.profile)) or None)
     print(table(res))
     if a.out:
         with open(a.out, "w") as f:
