@@ -12,6 +12,6 @@ source "$(dirname "$0")/packed_steps.sh"
 record_run
 step check_prefill_graph 150 python -m tests.engine.kernels.check_prefill_graph
 for m in ${MODELS:-deepseek-v2-lite qwen3-8b}; do
-  step "prefix_$m" 150 python -m bench.prefix_prefill_bench --model "$m" --tokens 32,128,512,2048 --cached 0,2048 \
+  step "prefix_$m" 200 python -m bench.prefix_prefill_bench --model "$m" --tokens 32,128,512,2048 --cached 0,2048 \
     --repeats 5 --mixed-batch 16,64 --mixed-prompt 128,512 --profile 128,2048 --out "$STAGE/prefix_$m.json"
 done
