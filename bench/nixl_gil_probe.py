@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     a, _ = _agent("prefill", pages=args.pages, page_size=4)
     b, _ = _agent("decode", pages=args.pages, page_size=4)
     dest = b.destination()
-    remote = a._connect(dest)
+    remote = a.connect(dest)
     src, dst = [], []
     for layer in range(len(a.layer_addrs)):
         for p in range(0, args.pages, 2):  # scattered pages: one descriptor each

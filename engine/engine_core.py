@@ -77,6 +77,8 @@ class EngineCore:
         req.kv_dest = kv_dest
         self.scheduler.add_request(req)  # may raise SchedulerOverloaded; nothing is kept then
         self.requests[request_id] = req
+        if destination_known(kv_dest):
+            self.connector.prepare_destination(kv_dest)
 
     def add_remote_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                            eos_token_ids: tuple[int, ...] | None = None) -> dict:

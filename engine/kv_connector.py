@@ -76,6 +76,11 @@ class KVConnector(abc.ABC):
     def abort_send(self, request) -> None:
         """Give up a push; `poll` still reports it once no WRITE from its pages is in flight."""
 
+    def prepare_destination(self, dest: dict) -> None:
+        """A request was admitted with its destination `dest`: prepare the way to that receiver now, off
+        the engine loop, so that the request's first WRITE does not pay for it (NIXL: the connection to a
+        peer not seen before). A destination that follows its request comes through `set_destination`."""
+
     def set_destination(self, request) -> None:
         """`request.kv_dest` has just become known (it was `DESTINATION_FOLLOWS`): write what is
         computed already, the rest as it comes."""

@@ -89,7 +89,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Time a push's KV WRITEs waited for the NIXL agent's lock before posting (summed per push).",
                buckets=LATENCY_BUCKETS),
     MetricSpec("kv_write_call_seconds", "histogram",
-               "Time inside NIXL posting a push's KV WRITEs (summed per push).", buckets=LATENCY_BUCKETS),
+               "Time inside NIXL posting a push's KV WRITEs, waiting for a connection to the receiver still "
+               "under way included (summed per push).", buckets=LATENCY_BUCKETS),
     MetricSpec("kv_writes_per_push", "histogram", "KV WRITEs a push posted (1: all layers at once; one per "
                "layer or group of layers done together when pushed layer by layer).",
                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),

@@ -14,6 +14,11 @@ engine loop's poll then only reports the push ended and frees its pages; a push 
 ends otherwise (error, abort, timeout) sends an "abandoned" notice instead, so the receiver frees
 its pages at once. A push is reported ended only when no WRITE from its pages is in flight.
 
+The connection to a receiver (its agent metadata loaded, once per peer and incarnation) is made on a
+connect thread as soon as a destination naming it is known (the request's admission or
+`set_destination`), so that it overlaps the prompt's compute; a WRITE to a peer whose connection is
+still under way waits for it, and one that failed fails the push with its error.
+
 A destination may follow the request (`DESTINATION_FOLLOWS`): layers computed before it arrives
 wait in `ready` and go out as one WRITE when it does (`set_destination`); a push still without one
 at its deadline ends like a timed-out one (nothing was written, so no notice is needed).
@@ -33,10 +38,11 @@ import random
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.kv_connector import ConnectorEvents, KVConnector, RemoteKV, SendResult, destination_known
-from kvtransfer.agent import KVTransferAgent, KVTransferError, page_runs
+from kvtransfer.agent import KVTransferAgent, KVTransferError, page_runs, peer_key
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +131,9 @@ class _Push:
     notified_at: float = 0.0  # when the completion thread sent the notice (0: not sent by it)
     notice_error: str | None = None  # that notice's failure
     lock_wait: float = 0.0  # seconds its WRITEs waited for the agent lock (summed)
-    call_time: float = 0.0  # seconds inside NIXL posting them (descriptor lists, initialize, transfer; summed)
+    # seconds inside NIXL posting them (the peer's connection while still under way, descriptor lists,
+    # initialize, transfer; summed)
+    call_time: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -150,6 +158,9 @@ class NixlConnector(KVConnector):
         if self.faults:
             log.warning("KV transfer fault injection active: %s", self.faults)
         self._nixl_lock = threading.Lock()  # the sender thread and the engine loop share the agent
+        self._connections: dict[str, Future] = {}  # peer_key -> its connection, made or under way (prefill side)
+        self._connections_lock = threading.Lock()
+        self._connect_thread = ThreadPoolExecutor(1, thread_name_prefix="kv-connect") if role == "prefill" else None
         self._jobs: queue.Queue = queue.Queue()
         self._wake = threading.Event()  # a push may have become ready to notify
         self._slow_post_warnings, self._slow_push_warnings = _Throttle(), _Throttle()
@@ -183,6 +194,30 @@ class NixlConnector(KVConnector):
         self.pushes[request.request_id] = push
         request.kv_push_started = True
         return push
+
+    def prepare_destination(self, dest: dict) -> None:
+        self._connection(dest)
+
+    def _connection(self, dest: dict) -> Future:
+        """The connection to `dest`'s receiver, started on the connect thread the first time it is asked for."""
+        key = peer_key(dest)
+        with self._connections_lock:
+            connection = self._connections.get(key)
+            if connection is None:
+                connection = self._connections[key] = self._connect_thread.submit(self._connect, key, dest)
+        return connection
+
+    def _connect(self, key: str, dest: dict) -> None:
+        """A failed connection is forgotten (the next destination naming the peer tries again, as every
+        WRITE did when it connected itself); the WRITEs waiting for it fail with its error."""
+        try:
+            with self._nixl_lock:
+                self.agent.connect(dest)
+        except Exception as e:
+            with self._connections_lock:
+                self._connections.pop(key, None)
+            log.warning("connecting to KV receiver %s failed: %s", key, e)
+            raise
 
     def layer_saver(self, requests: list):
         if self.faults:  # injected faults act on one whole WRITE after compute
@@ -281,36 +316,44 @@ class NixlConnector(KVConnector):
                 if push.runs is None:  # once per push: a Python loop over every page (1,024 at 16k tokens)
                     push.runs = page_runs(push.pages, push.dest["page_ids"])
                 t0, cpu0 = time.monotonic(), time.thread_time()
+                self._connection(push.dest).result()  # made by now unless the compute was quicker
+                tc = time.monotonic()
                 with self._nixl_lock:  # the sender thread and the engine loop share the agent
                     t1 = time.monotonic()
                     transfer = self.agent.write(rid, push.pages, push.dest, layers=layers, runs=push.runs)
                     push.transfers.append(transfer)
                 push.last_post = time.monotonic()
-                push.lock_wait += t1 - t0
-                push.call_time += push.last_post - t1
+                push.lock_wait += t1 - tc
+                push.call_time += push.last_post - t1 + tc - t0
                 push.first_post = push.first_post or push.last_post
                 if push.last_post - t0 > SLOW_POST_S:
-                    self._log_slow_post(rid, transfer, t1 - t0, push.last_post - t1, time.thread_time() - cpu0)
+                    self._log_slow_post(rid, transfer, tc - t0, t1 - tc, push.last_post - t1,
+                                        time.thread_time() - cpu0)
             except (KVTransferError, ValueError) as e:
                 push.error = f"KV transfer failed: {e}"
         push.posted += len(layers) if layers is not None else 1
 
-    def _log_slow_post(self, rid: str, transfer, lock_wait: float, call: float, cpu: float) -> None:
+    def _log_slow_post(self, rid: str, transfer, connect_wait: float, lock_wait: float, call: float,
+                       cpu: float) -> None:
         """A warning (at most one a second, the rest counted) for a WRITE slow to post, with where its
-        time went: the agent lock, and inside the call the peer's connection (its first WRITE loads the
-        peer's metadata), the address lists, NIXL's descriptor lists, initialize_xfer and transfer; and the
-        posting thread's CPU time (far below the wall time: it waited, for the GIL or inside NIXL)."""
+        time went: the peer's connection (waiting for the connect thread to finish loading the peer's
+        metadata, about 0 when it finished during the compute), the agent lock, and inside the call the
+        address lists, NIXL's descriptor lists, initialize_xfer and transfer; and the posting thread's CPU
+        time (far below the wall time: it waited, for the GIL or inside NIXL)."""
         slow_posts = self._slow_post_warnings.due(time.monotonic())
         if not slow_posts:
             return
-        connect, build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases)
-        log.warning("slow KV WRITE post for %s: %.1f ms, %.1f ms of it on this thread's CPU (lock wait %.1f ms; "
-                    "call %.1f ms = connect %s + build %s + descs %s + init %s + transfer %s ms; %d descriptors, "
+        connect = connect_wait + transfer.phases[0]  # the call's own part: looking the connection up
+        call -= transfer.phases[0]
+        build, descs, init, post = (f"{1e3 * x:.1f}" for x in transfer.phases[1:])
+        log.warning("slow KV WRITE post for %s: %.1f ms, %.1f ms of it on this thread's CPU (connect %.1f ms; "
+                    "lock wait %.1f ms; call %.1f ms = build %s + descs %s + init %s + transfer %s ms; %d descriptors, "
                     "%d bytes; %d pushes in flight, %d slow posts since the last warning)", rid,
-                    1e3 * (lock_wait + call), 1e3 * cpu, 1e3 * lock_wait, 1e3 * call, connect, build, descs, init,
-                    post, transfer.num_descs, transfer.nbytes, len(self.pushes), slow_posts)
+                    1e3 * (connect + lock_wait + call), 1e3 * cpu, 1e3 * connect, 1e3 * lock_wait, 1e3 * call, build,
+                    descs, init, post, transfer.num_descs, transfer.nbytes, len(self.pushes), slow_posts)
 
     def set_destination(self, request) -> None:
+        self.prepare_destination(request.kv_dest)
         push = self.pushes.get(request.request_id)
         if push is None:  # not computed yet: its push starts with the destination known
             return
