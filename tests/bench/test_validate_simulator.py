@@ -12,12 +12,12 @@ from planner.profile import constant
 PREFILL_S, DECODE_S = 0.05, 0.01
 
 
-def _run_file(tmp_path, tpot_ms: float) -> str:
+def _run_file(tmp_path, tpot_ms: float, prefix: str = "sweep_") -> str:
     rep = {"model": "synthetic", "dataset": "random", "request_rate": 2.0, "burstiness": 1.0, "num_prompts": 8,
            "completed": 8, "failed": 0, "total_input_tokens": 8 * 512, "total_output_tokens": 8 * 32,
            "median_ttft_ms": 60.0, "median_tpot_ms": tpot_ms, "goodput": 1.5, "request_throughput": 1.5,
            "slos_ms": {"ttft": 1000.0, "tpot": 50.0}}
-    path = tmp_path / "sweep_synthetic_random_2.json"
+    path = tmp_path / f"{prefix}synthetic_random_2.json"
     path.write_text(json.dumps(rep))
     return str(path)
 
@@ -90,3 +90,20 @@ def test_the_served_decode_steps_from_the_scrapes_beside_a_run_go_next_to_the_si
     assert sim["steps"] > 0 and sim["tokens_per_step"] >= 1.0 and sim["ms_per_step"] >= DECODE_S * 1e3 * 0.99
     md = open(tmp_path / "out" / "validate_synthetic.md").read()
     assert "| sweep_synthetic_random_2.json | 400 / " in md and "5.0 / " in md and "10.00 / " in md
+
+
+def test_a_collocated_run_is_simulated_collocated_and_its_node_steps_compared(tmp_path, capsys):
+    """`COLLOC=1` of the validation script names its runs sweepc_*: one collocated node with the GPU to
+    itself; the served node is `decode0`, the simulated role `collocated`."""
+    def scrape(t, steps, tokens):
+        return {"time": t, "nodes": {"decode0": {"counters": {"engine_steps_total": steps,
+                                                              "generation_tokens_total": tokens}}}}
+    (tmp_path / "metrics_before_sweepc_synthetic_random_2.json").write_text(json.dumps(scrape(10.0, 100, 300)))
+    (tmp_path / "metrics_after_sweepc_synthetic_random_2.json").write_text(json.dumps(scrape(14.0, 500, 2300)))
+    out = tmp_path / "out"
+    assert validate_simulator.main(["--profile", _profile(tmp_path, None), _run_file(tmp_path, 12.0, "sweepc_"),
+                                    "--out", str(out)]) == 0
+    (row,) = json.load(open(out / "validate_synthetic.json"))["rows"]
+    assert row["shape"].startswith("1×colloc") and "one GPU" not in row["shape"]
+    assert row["decode_steps"]["measured"]["steps"] == 400 and row["decode_steps"]["predicted"]["steps"] > 0
+
