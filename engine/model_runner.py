@@ -202,12 +202,10 @@ class ModelRunner:
         if forks:
             chunks = [c for c in chunks if c.fork_of is None]
         inputs = self._inputs(chunks)
-        if (not forks and expert_load is None and self.prefill_graphs is not None
-                and self.prefill_graphs.can_run(chunks)):
+        if chunks and expert_load is None and self.prefill_graphs is not None and self.prefill_graphs.can_run(chunks):
             logits = self.prefill_graphs.run(inputs, layer_hook, prev)
-            sampled = self.sampler.sample_on_device(logits, requests) if sampling else None
-            return StepHandle(rows, sampled, len(inputs.ids), self.device)
-        logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
+        else:
+            logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
         if forks:  # every choice of a forked prompt draws from that prompt's last-position logits
             row = {c.request.request_id: i for i, c in enumerate(c for c in chunks if c.sample)}
             index = [row[(c.fork_of or c.request).request_id] for c in sampling]

@@ -40,7 +40,7 @@ real metadata (the gather of every sequence from the pages and one varlen flash 
 does) into a static output the next graph reads. A layer is then two replays and a few eager launches
 instead of a few dozen. Its padding rows keep the output's previous (finite) values.
 
-Steps that do not fit (more tokens or sequences than the largest bucket, prompt logprobs, forks, EPLB
+Steps that do not fit (more tokens or sequences than the largest bucket, prompt logprobs, EPLB
 recording, EP; any but fresh prefill-only steps without piecewise graphs) run eagerly; decode-only steps
 replay the decode graphs (engine/cuda_graph.py) first.
 """
@@ -114,7 +114,7 @@ class PrefillGraphs:
         if len(chunks) > self.max_seqs and not self.piecewise:
             return False
         total = 0
-        for c in chunks:  # (forks never reach here: the runner keeps those steps eager)
+        for c in chunks:  # (no fork chunks: the runner passes those that compute; a fork draws from its row)
             if (c.start != 0 and not self.piecewise) or wants_prompt_logprobs(c.request):
                 return False
             total += c.num_new_tokens

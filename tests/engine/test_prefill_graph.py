@@ -458,3 +458,30 @@ def test_pdserve_up_without_prefill_nodes_starts_its_decode_nodes_collocated(mon
             launcher.up(["--device", "cpu"], "tiny-llama", num_prefill, 1, "127.0.0.1", 0, 0, "round_robin")
         assert ("--collocated" in started["decode0"]) == collocated
         assert all("--collocated" not in argv for name, argv in started.items() if name.startswith("prefill"))
+
+
+def test_parallel_sampling_prompts_run_through_the_prefill_graphs(varlen_mock, decode_mock, monkeypatch):
+    """A step with n > 1 prompts (their forks compute nothing and draw from the prompt's row) takes the
+    graph path for the chunks that compute; every choice gets the eager engine's tokens (seeded
+    sampling: choice i draws with seed + i)."""
+    from engine import LLM, SamplingParams
+    ran = []
+    orig = PrefillGraphs.run
+    monkeypatch.setattr(PrefillGraphs, "run", lambda self, inputs, *a: ran.append(len(inputs.query_lens))
+                        or orig(self, inputs, *a))
+    prompts = [list(range(3, 40)), list(range(100, 150))]
+    params = [SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True),
+              SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True)]
+
+    def generate(with_graphs: bool):
+        llm = LLM("tiny-qwen3", load_format="dummy", dtype="float32", device="cpu", page_size=16, num_pages=64,
+                  max_num_seqs=8, attention_backend="triton")
+        if with_graphs:
+            llm.core.runner.prefill_graphs = PrefillGraphs(llm.core.runner, max_tokens=256, max_seqs=4, capture=False)
+        return [(o.index, o.token_ids) for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+    ref = generate(False)
+    ran.clear()
+    got = generate(True)
+    assert got == ref and len(got) == 5 and all(len(t) == 5 for _, t in got)
+    assert ran and ran[0] == 2  # the step of both prompts (five choices) through the graphs
