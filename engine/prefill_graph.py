@@ -223,9 +223,9 @@ class PrefillGraphs:
                         self._step_meta = None
                     torch.cuda.synchronize(self.device)
                     self.pieces[t], self.piece_hidden[t] = self._capture_pieces(t, stream)
-            except RuntimeError as e:
-                log.warning("piecewise prefill CUDA graphs not captured (%s); steps over cached prefixes or "
-                            "with decodes run eagerly", e)
+            except Exception as e:  # noqa: BLE001 — any failure costs the piecewise graphs, never the engine
+                log.warning("piecewise prefill CUDA graphs not captured (%s: %s); steps over cached prefixes or "
+                            "with decodes run eagerly", type(e).__name__, e)
                 self.piecewise = False
                 self.pieces.clear()
                 self.piece_hidden.clear()

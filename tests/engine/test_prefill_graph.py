@@ -164,14 +164,11 @@ class _FakeGraph:
         _FakeGraph.log.append(("replay", self.id))
 
 
-def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen_mock, monkeypatch):
-    """The capture/replay bookkeeping with torch.cuda's graph API replaced by a recorder (a mock: CUDA
-    graphs cannot run here): per bucket L + 1 graphs, each begun in the shared pool and ended once, in
-    order; a replay runs them in order with the layer hook after each of the first L."""
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """torch.cuda's graph and stream API replaced by `_FakeGraph`'s recorder (a mock: CUDA graphs cannot
+    run here); the forward between begin and end runs eagerly on CPU."""
     import contextlib
-    core = _core("tiny-qwen3", "triton")
-    runner = core.runner
-    layers = len(runner.kv_pool.layers)
     stream = type("S", (), {"wait_stream": lambda self, other: None})()
     _FakeGraph.log = []
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
@@ -180,6 +177,30 @@ def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+def test_a_failed_piecewise_capture_keeps_the_whole_graphs_and_turns_piecewise_off(varlen_mock, fake_graphs,
+                                                                                   monkeypatch, caplog):
+    core = _core("tiny-qwen3", "triton")
+    graphs = PrefillGraphs(core.runner, max_tokens=256, max_seqs=4)
+
+    def broken(self, t, stream):
+        raise KeyError("a bug in the piecewise capture")
+    monkeypatch.setattr(PrefillGraphs, "_capture_pieces", broken)
+    assert graphs.capture()
+    assert sorted(graphs.graphs) == [128, 256] and not graphs.pieces and not graphs.piecewise
+    assert "piecewise prefill CUDA graphs not captured (KeyError" in caplog.text
+    assert not graphs.can_run(_prefix_chunks(core, [list(range(3, 50))]))  # those steps run eagerly now
+
+
+def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen_mock, fake_graphs, monkeypatch):
+    """The capture/replay bookkeeping with the recorder in place of CUDA graphs: per bucket L + 1 graphs,
+    each begun in the shared pool and ended once, in order; a replay runs them in order with the layer
+    hook after each of the first L."""
+    core = _core("tiny-qwen3", "triton")
+    runner = core.runner
+    layers = len(runner.kv_pool.layers)
     graphs = PrefillGraphs(runner, max_tokens=256, max_seqs=4, piecewise=False)
     assert graphs.capture()
     assert sorted(graphs.graphs) == [128, 256] and all(len(g) == layers + 1 for g in graphs.graphs.values())
