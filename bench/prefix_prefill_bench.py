@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -94,33 +94,44 @@ def profile_prefix_step(core: EngineCore, ids: _Ids, tokens: int, cached: int) -
     return out
 
 
+def measure_engine(model: str, dtype: str, device: str, tokens: list[int], cached: list[int], repeats: int,
+                   gpu_memory_utilization: float, piecewise: bool, mixed_batch: list[int] = (),
+                   mixed_prompt: list[int] = (), profile: tuple[int, int] | None = None) -> dict:
+    """One engine (piecewise prefill graphs on or off): its prefill table, mixed steps and profile."""
+    config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy",
+                                 max_model_len=max(cached) + max(tokens) + 256, enable_prefix_cache=True,
+                                 max_num_batched_tokens=max([*tokens, *(b + 8 + p for b in mixed_batch
+                                                                        for p in mixed_prompt)]),
+                                 max_num_seqs=max([16, *(b + 16 for b in mixed_batch)]),
+                                 gpu_memory_utilization=gpu_memory_utilization, prefill_graph_piecewise=piecewise)
+    core = EngineCore(config)
+    pg = core.runner.prefill_graphs
+    ids = _Ids(core.model_config.vocab_size, seed=2)
+    return {"dtype": str(core.model_config.dtype), "piecewise_captured": bool(pg is not None and pg.piecewise
+                                                                               and pg.pieces),
+            "seconds": _table(core, tokens, cached, repeats),
+            "mixed": {f"{b}+{p}": measure_mixed(core, ids, b, p) for b in mixed_batch for p in mixed_prompt},
+            "profile": profile_prefix_step(core, ids, *profile) if profile else None}
+
+
 def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int], repeats: int,
         gpu_memory_utilization: float, mixed_batch: list[int] = (), mixed_prompt: list[int] = (),
         profile: tuple[int, int] | None = None) -> dict:
+    """Both engines, each in a process of its own (one engine's memory never stands in the other's way)."""
     probe = device_probe(device) if device == "cuda" else None
-    rows, pieces, mixed, profiles = {}, {}, {}, {}
-    mc = None
-    for prefix in (True, False):
-        config = build_engine_config(model, dtype=dtype, device=device, load_format="dummy",
-                                     max_model_len=max(cached) + max(tokens) + 256, enable_prefix_cache=True,
-                                     max_num_batched_tokens=max([*tokens, *(b + 8 + p for b in mixed_batch
-                                                                            for p in mixed_prompt)]),
-                                     max_num_seqs=max([16, *(b + 16 for b in mixed_batch)]),
-                                     gpu_memory_utilization=gpu_memory_utilization, prefill_graph_piecewise=prefix)
-        core = EngineCore(config)
-        mc = core.model_config
-        pg = core.runner.prefill_graphs
-        pieces[prefix] = bool(pg is not None and pg.piecewise and pg.pieces)
-        name = "piecewise" if prefix else "eager"
-        rows[name] = _table(core, tokens, cached, repeats)
-        ids = _Ids(core.model_config.vocab_size, seed=2)
-        mixed[name] = {f"{b}+{p}": measure_mixed(core, ids, b, p) for b in mixed_batch for p in mixed_prompt}
-        if profile:
-            profiles[name] = profile_prefix_step(core, ids, *profile)
-        del core, pg
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    parts = {}
+    for name in ("piecewise", "eager"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            csv = lambda xs: ",".join(map(str, xs))  # noqa: E731
+            argv = [sys.executable, "-m", "bench.prefix_prefill_bench", "--model", model, "--dtype", dtype,
+                    "--device", device, "--tokens", csv(tokens), "--cached", csv(cached), "--repeats", str(repeats),
+                    "--gpu-memory-utilization", str(gpu_memory_utilization), "--mixed-batch", csv(mixed_batch),
+                    "--mixed-prompt", csv(mixed_prompt), "--profile", csv(profile or ()), "--one-engine", name,
+                    "--out", f.name]
+            subprocess.run(argv, check=True)
+            parts[name] = json.load(open(f.name))
+    from engine.presets import resolve_model
+    mc = resolve_model(model, dtype)
     floors = {}
     if probe:
         rate = probe["bf16_matmul_flops_per_s"]
@@ -135,11 +146,14 @@ def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int
     except OSError:
         commit = ""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "model": model, "dtype": str(mc.dtype), "commit": commit,
+            "command": " ".join(sys.argv), "model": model, "dtype": parts["piecewise"]["dtype"], "commit": commit,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "probe": probe,
-            "piecewise_captured": pieces[True], "tokens": tokens, "cached": cached, "repeats": repeats,
-            "seconds": rows, "floor_s": floors, "mixed_batch": list(mixed_batch), "mixed_prompt": list(mixed_prompt),
-            "mixed_seconds": mixed, "profile_step": list(profile) if profile else None, "profiles": profiles}
+            "piecewise_captured": parts["piecewise"]["piecewise_captured"], "tokens": tokens, "cached": cached,
+            "repeats": repeats, "seconds": {k: v["seconds"] for k, v in parts.items()}, "floor_s": floors,
+            "mixed_batch": list(mixed_batch), "mixed_prompt": list(mixed_prompt),
+            "mixed_seconds": {k: v["mixed"] for k, v in parts.items()},
+            "profile_step": list(profile) if profile else None,
+            "profiles": {k: v["profile"] for k, v in parts.items() if v["profile"]}}
 
 
 def table(res: dict) -> str:
@@ -185,11 +199,20 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed-batch", default="", help="decoding batches of the mixed-step table (e.g. 16,64)")
     ap.add_argument("--mixed-prompt", default="", help="prompt tokens joining at every step (e.g. 128,512)")
     ap.add_argument("--profile", default="", help="NEW,CACHED: one such step under the torch profiler per engine")
+    ap.add_argument("--one-engine", choices=("piecewise", "eager"), default=None,
+                    help="(internal) measure that engine alone and write its part to --out")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cached = sorted({0, *(int(x) for x in a.cached.split(","))})
     ints = lambda x: [int(v) for v in x.split(",") if v]  # noqa: E731
+    if a.one_engine:
+        part = measure_engine(a.model, a.dtype, a.device, ints(a.tokens), cached, a.repeats, a.gpu_memory_utilization,
+                              a.one_engine == "piecewise", ints(a.mixed_batch), ints(a.mixed_prompt),
+                              tuple(ints(a.profile)) or None)
+        with open(a.out, "w") as f:
+            json.dump(part, f)
+        return 0
     res = run(a.model, a.dtype, a.device, ints(a.tokens), cached, a.repeats, a.gpu_memory_utilization,
               ints(a.mixed_batch), ints(a.mixed_prompt), tuple(ints(a.profile)) or None)
     print(table(res))
