@@ -119,6 +119,8 @@ def run(model: str, dtype: str, device: str, tokens: list[int], cached: list[int
         profile: tuple[int, int] | None = None) -> dict:
     """Both engines, each in a process of its own (one engine's memory never stands in the other's way)."""
     probe = device_probe(device) if device == "cuda" else None
+    if probe:
+        torch.cuda.empty_cache()  # the probe's buffers (2 GiB and more) back to the device for the engines
     parts = {}
     for name in ("piecewise", "eager"):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
