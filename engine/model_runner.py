@@ -26,7 +26,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVPool
 from engine.prefill_graph import MIN_BUCKET as PREFILL_GRAPH_MIN_TOKENS
 from engine.prefill_graph import PrefillGraphs
-from engine.prompt_logprobs import PromptLogprobs
+from engine.prompt_logprobs import PromptLogprobs, computes_prompt_logprobs
 from engine.request import PENDING_TOKEN
 from engine.sampler import Sampled, Sampler, graph_sampling
 from engine.weight_loader import load_model
@@ -203,7 +203,8 @@ class ModelRunner:
             chunks = [c for c in chunks if c.fork_of is None]
         inputs = self._inputs(chunks)
         if chunks and expert_load is None and self.prefill_graphs is not None and self.prefill_graphs.can_run(chunks):
-            logits = self.prefill_graphs.run(inputs, layer_hook, prev)
+            logprobs = any(computes_prompt_logprobs(c) for c in chunks)
+            logits = self.prefill_graphs.run(inputs, layer_hook, prev, chunks if logprobs else None)
         else:
             logits = self._run_eager(chunks, inputs, prev, expert_load, layer_hook)
         if forks:  # every choice of a forked prompt draws from that prompt's last-position logits

@@ -40,9 +40,9 @@ real metadata (the gather of every sequence from the pages and one varlen flash 
 does) into a static output the next graph reads. A layer is then two replays and a few eager launches
 instead of a few dozen. Its padding rows keep the output's previous (finite) values.
 
-Steps that do not fit (more tokens or sequences than the largest bucket, prompt logprobs, EPLB
-recording, EP; any but fresh prefill-only steps without piecewise graphs) run eagerly; decode-only steps
-replay the decode graphs (engine/cuda_graph.py) first.
+Steps that do not fit (more tokens than the largest bucket, EPLB recording, EP; without piecewise graphs any
+but fresh prefill-only steps of at most `max_seqs` prompts, none asking for prompt logprobs) run eagerly;
+decode-only steps replay the decode graphs (engine/cuda_graph.py) first.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata
 from engine.forward_batch import ForwardBatch
-from engine.prompt_logprobs import wants_prompt_logprobs
+from engine.prompt_logprobs import computes_prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,12 @@ class PrefillGraphs:
     def can_run(self, chunks: list) -> bool:
         """A step that fits a bucket: prefill-only over at most `max_seqs` fresh sequences (whole graphs),
         or with piecewise graphs any step (chunks over cached prefixes, decodes beside them, any number of
-        sequences: their logits are computed after the graphs)."""
+        sequences, prompt logprobs: the logits are computed from the hidden states after the graphs)."""
         if len(chunks) > self.max_seqs and not self.piecewise:
             return False
         total = 0
         for c in chunks:  # (no fork chunks: the runner passes those that compute; a fork draws from its row)
-            if (c.start != 0 and not self.piecewise) or wants_prompt_logprobs(c.request):
+            if (c.start != 0 or computes_prompt_logprobs(c)) and not self.piecewise:
                 return False
             total += c.num_new_tokens
         return self.bucket(total) is not None
@@ -331,17 +331,18 @@ class PrefillGraphs:
             self._events[self._turn] = ev
 
     @torch.inference_mode()  # as capture(): the static buffers are inference tensors
-    def run(self, inputs, layer_hook=None, prev=None) -> torch.Tensor:
+    def run(self, inputs, layer_hook=None, prev=None, prompt_logprob_chunks: list | None = None) -> torch.Tensor:
         """One step (`inputs`: the runner's `_StepInputs`; tokens still pending on the host are `prev`'s
         draws, patched into the static inputs on the device): the logits of its sampling sequences, in
-        order. `layer_hook(i)` runs after layer i's graph, as in the eager forward."""
+        order. `layer_hook(i)` runs after layer i's graph, as in the eager forward. `prompt_logprob_chunks`:
+        the step's chunks when some want prompt logprobs (piecewise: every row's hidden state is kept)."""
         t = self.bucket(len(inputs.ids))
-        whole = self._whole(inputs)
+        whole = self._whole(inputs) and not prompt_logprob_chunks
         self._fill(inputs, t, whole)
         if inputs.pending:
             self.runner._patch_pending(self._views(t)[0], inputs, prev)
         if not whole:
-            return self._run_pieces(inputs, t, layer_hook)
+            return self._run_pieces(inputs, t, layer_hook, prompt_logprob_chunks)
         if not self.capture_graphs:
             logits = self._body(t, layer_hook)
         else:
@@ -354,7 +355,7 @@ class PrefillGraphs:
             logits = self.logits[t]
         return logits[: len(inputs.logits_rows)]
 
-    def _run_pieces(self, inputs, t: int, layer_hook=None) -> torch.Tensor:
+    def _run_pieces(self, inputs, t: int, layer_hook=None, prompt_logprob_chunks: list | None = None) -> torch.Tensor:
         """A step over cached prefixes or with decodes: the piecewise program of bucket `t`, its attention
         over the step's metadata (built as the eager step builds it)."""
         r = self.runner
@@ -377,6 +378,8 @@ class PrefillGraphs:
                 hidden = self.piece_hidden[t]
         finally:
             self._step_meta = None
+        if prompt_logprob_chunks:  # reads the rows now (it syncs), before a later step overwrites them
+            r.prompt_logprobs.collect(r.model, hidden[: len(inputs.ids)], prompt_logprob_chunks)
         if not inputs.logits_rows:
             return hidden.new_empty(0, r.model_config.vocab_size)
         rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)

@@ -22,6 +22,12 @@ def wants_prompt_logprobs(request) -> bool:
     return getattr(request.sampling_params, "prompt_logprobs", None) is not None
 
 
+def computes_prompt_logprobs(chunk) -> bool:
+    """The chunk computes prompt positions of a request that wants their logprobs (every row's hidden
+    state is then read, not only the last)."""
+    return wants_prompt_logprobs(chunk.request) and chunk.start < chunk.request.num_prompt_tokens
+
+
 class PromptLogprobs:
     """Per-request prompt logprobs under construction (request id → list aligned with the prompt)."""
 

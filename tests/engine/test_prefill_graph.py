@@ -107,9 +107,11 @@ def test_steps_that_do_not_fit_run_eagerly():
     assert graphs.can_run(chunks)
     graphs.piecewise = False
     assert not graphs.can_run(chunks)
-    graphs.piecewise = True
-    chunks[0].request.sampling_params.prompt_logprobs = 1  # every row's hidden state wanted: eager
+    chunks[0].start, chunks[0].num_new_tokens = 0, 99
+    chunks[0].request.sampling_params.prompt_logprobs = 1  # every row's hidden state wanted: piecewise only
     assert not graphs.can_run(chunks)
+    graphs.piecewise = True
+    assert graphs.can_run(chunks)
 
 
 def test_generation_with_prefill_graphs_gives_the_eager_tokens(varlen_mock):
@@ -506,3 +508,37 @@ def test_parallel_sampling_prompts_run_through_the_prefill_graphs(varlen_mock, d
     got = generate(True)
     assert got == ref and len(got) == 5 and all(len(t) == 5 for _, t in got)
     assert ran and ran[0] == 2  # the step of both prompts (five choices) through the graphs
+
+
+def test_prompt_logprobs_come_from_the_piecewise_graphs_hidden_states(varlen_mock, decode_mock, monkeypatch):
+    """A fresh prompt asking for prompt logprobs (and one over a cached prefix) takes the piecewise path,
+    whose final hidden states the collector reads after the graphs: the eager engine's prompt logprobs
+    and tokens."""
+    from engine import LLM, SamplingParams
+    ran = []
+    orig = PrefillGraphs._run_pieces
+    monkeypatch.setattr(PrefillGraphs, "_run_pieces",
+                        lambda self, inputs, t, hook=None, chunks=None: ran.append(bool(chunks))
+                        or orig(self, inputs, t, hook, chunks))
+    prompts = [list(range(3, 40)), list(range(3, 20)) + list(range(60, 90))]  # the second reuses one cached page
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+
+    def generate(with_graphs: bool):
+        llm = LLM("tiny-qwen3", load_format="dummy", dtype="float32", device="cpu", page_size=16, num_pages=64,
+                  max_num_seqs=8, attention_backend="triton")
+        if with_graphs:
+            llm.core.runner.prefill_graphs = PrefillGraphs(llm.core.runner, max_tokens=256, max_seqs=4, capture=False)
+        return [llm.generate(prompt_token_ids=[p], sampling_params=sp)[0] for p in prompts]
+
+    ref = generate(False)
+    ran.clear()
+    got = generate(True)
+    assert ran.count(True) == 2  # each prompt's step, with its chunks for the collector
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids and len(a.prompt_logprobs) == len(b.prompt_logprobs) > 1
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x["token_id"] == y["token_id"] and x["rank"] == y["rank"]
+            assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+            assert set(x["top_logprobs"]) == set(y["top_logprobs"])
+
