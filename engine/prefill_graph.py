@@ -29,8 +29,10 @@ Padding tokens cost GPU time (buckets are powers of two, so at most 2× the toke
 route them like any token.
 
 Piecewise graphs (`piecewise=True`, the default) take the other steps that fit a bucket: chunks over
-cached prefixes (a prefix-cache hit, a chunked prompt's later chunks) and steps mixing decodes with
-prefill chunks (collocated serving, offline batches). Eagerly such a step is host-bound like any other
+cached prefixes (a prefix-cache hit, a chunked prompt's later chunks), steps mixing decodes with prefill
+chunks (collocated serving, offline batches), more prompts than logits slots, prompt logprobs (the final
+hidden states of every row are the graphs' output; the step's logits rows are picked and projected after
+them). Eagerly such a step is host-bound like any other
 (DeepSeek-V2-Lite on an H100: 45 ms for 32 new tokens after a 2,048-token prefix against 12 ms for a
 fresh 32-token prompt, 2026-12-07g), yet only the attention core reads lengths, pages and prefixes:
 everything before and after it depends on the token count alone. So the same bucket is captured a second
