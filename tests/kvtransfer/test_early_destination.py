@@ -234,7 +234,7 @@ def test_prefill_graph_path_pushes_every_layer_and_decode_continues_exactly(monk
     ran = []
     run = graphs.run
     monkeypatch.setattr(graphs, "run",
-                        lambda inputs, hook=None, prev=None: ran.append(hook is not None) or run(inputs, hook, prev))
+                        lambda inputs, hook=None, *rest: ran.append(hook is not None) or run(inputs, hook, *rest))
     posted = []
     post = prefill.connector._post_layers
     monkeypatch.setattr(prefill.connector, "_post_layers",
