@@ -28,7 +28,8 @@ from bench import roofline
 from bench.device_probe import probe as device_probe
 from engine.engine_args import build_engine_config
 from engine.engine_core import EngineCore
-from planner.profiler import _Ids, measure_prefill
+from engine.sampling_params import SamplingParams
+from planner.profiler import _Ids, _run_to_first_token, _sync, cached_prefix, measure_prefill
 
 
 def _table(core: EngineCore, tokens: list[int], cached: list[int], repeats: int) -> dict:
@@ -38,21 +39,14 @@ def _table(core: EngineCore, tokens: list[int], cached: list[int], repeats: int)
     return {f"{n}+{c}": measure_prefill(core, ids, n, c, repeats) for c in cached for n in tokens}
 
 
-def _sync(core: EngineCore) -> None:
-    if core.runner.device.type == "cuda":
-        torch.cuda.synchronize(core.runner.device)
-
-
 def measure_mixed(core: EngineCore, ids: _Ids, batch: int, prompt: int, steps: int = 8) -> float:
     """Seconds per step while `batch` sequences decode and a fresh `prompt`-token request joins at every
     step (each step: the decodes plus one prompt's prefill, as in collocated serving)."""
-    from engine.sampling_params import SamplingParams
     long = SamplingParams(temperature=0, max_tokens=4 * steps + 64, ignore_eos=True)
     rids = [ids.rid(f"m{batch}") for _ in range(batch)]
     for rid in rids:
         core.add_request(rid, ids(128), long)
-    while any(not core.requests[r].output_token_ids for r in rids):
-        core.step()
+    _run_to_first_token(core, rids)
     for _ in range(3):
         core.step()
     joined = []
@@ -64,10 +58,10 @@ def measure_mixed(core: EngineCore, ids: _Ids, batch: int, prompt: int, steps: i
             joined.append(rid)
             core.step()
     window()  # untimed: the shapes' first runs
-    _sync(core)
+    _sync(core.runner.device)
     t0 = time.perf_counter()
     window()
-    _sync(core)
+    _sync(core.runner.device)
     dt = (time.perf_counter() - t0) / steps
     for rid in rids + joined:
         core.abort(rid)
@@ -80,14 +74,9 @@ def profile_prefix_step(core: EngineCore, ids: _Ids, tokens: int, cached: int) -
     """One step of `tokens` new tokens after a cached prefix of `cached` under the torch profiler (the
     engine bench's view: GPU-busy ms, kernels, host time not hidden, top kernels and host ops)."""
     from bench.engine_bench import profile_steps
-    from engine.sampling_params import SamplingParams
+    prefix = cached_prefix(core, ids, cached)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    prefix = ids(cached)
-    for tag, extra in (("warm", 1), ("profiled", tokens)):
-        core.add_request(ids.rid(tag), prefix + ids(extra), one)
-        if tag == "warm":
-            while core.has_unfinished():
-                core.step()
+    core.add_request(ids.rid("profiled"), prefix + ids(tokens), one)
     out = profile_steps(core, 1, host_ops=True)
     while core.has_unfinished():
         core.step()

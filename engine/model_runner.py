@@ -260,8 +260,14 @@ class ModelRunner:
         self._patch_pending(ids, inputs, prev)
         pos = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
         batch = ForwardBatch(meta, self.kv_pool.layers, self.backend, expert_load, layer_hook)
-        hidden = self.model(ids, pos, batch)
-        self.prompt_logprobs.collect(self.model, hidden, chunks)
+        return self.step_logits(self.model(ids, pos, batch), inputs, chunks)
+
+    def step_logits(self, hidden: torch.Tensor, inputs: "_StepInputs", chunks: list | None) -> torch.Tensor:
+        """The logits of a step's sampling rows from its final hidden states (its rows back to back, in
+        `inputs` order; more rows after them are ignored), the prompt logprobs of `chunks` collected first
+        (None: none wanted)."""
+        if chunks:
+            self.prompt_logprobs.collect(self.model, hidden, chunks)
         if not inputs.logits_rows:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)

@@ -49,6 +49,7 @@ decode-only steps replay the decode graphs (engine/cuda_graph.py) first.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -162,14 +163,16 @@ class PrefillGraphs:
             buf = store[key] = torch.zeros(numel, dtype=dtype, device=self.device)
         return buf[:numel]
 
-    def _stage(self, inputs, allocate: bool) -> list[torch.Tensor]:
-        """The attention's inputs copied into their static buffers (inside the graph being captured)."""
+    def _handover(self, inputs, out_shape, allocate: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The attention's inputs copied into their static buffers (inside the graph being captured), and
+        the static tensor its output goes to."""
         staged = []
         for j, x in enumerate(inputs):
             st = self._static(self._staging, (j, x.dtype), x.numel(), x.dtype, allocate).view(x.shape)
             st.copy_(x)
             staged.append(st)
-        return staged
+        dtype = inputs[0].dtype
+        return staged, self._static(self._attn_out, dtype, math.prod(out_shape), dtype, allocate).view(out_shape)
 
     def _attend(self, fn, staged: list[torch.Tensor], out: torch.Tensor) -> None:
         """The eager attention of a piecewise step over its real metadata, into the static output: the
@@ -180,9 +183,7 @@ class PrefillGraphs:
 
     def _eager_cut(self, fn, inputs, out_shape) -> torch.Tensor:
         """The piecewise forward run eagerly (warm-up; `capture=False`): the replay's data path, inline."""
-        staged = self._stage(inputs, allocate=True)
-        dtype = inputs[0].dtype
-        out = self._static(self._attn_out, dtype, _numel(out_shape), dtype, True).view(out_shape)
+        staged, out = self._handover(inputs, out_shape, allocate=True)
         self._attend(fn, staged, out)
         return out
 
@@ -271,9 +272,7 @@ class PrefillGraphs:
             program[-1][1].capture_end()
 
         def cut_attention(fn, inputs, out_shape) -> torch.Tensor:
-            staged = self._stage(inputs, allocate=False)
-            dtype = inputs[0].dtype
-            out = self._static(self._attn_out, dtype, _numel(out_shape), dtype, False).view(out_shape)
+            staged, out = self._handover(inputs, out_shape, allocate=False)
             end()
             program.append(("attend", fn, staged, out))
             begin()
@@ -380,16 +379,5 @@ class PrefillGraphs:
                 hidden = self.piece_hidden[t]
         finally:
             self._step_meta = None
-        if prompt_logprob_chunks:  # reads the rows now (it syncs), before a later step overwrites them
-            r.prompt_logprobs.collect(r.model, hidden[: len(inputs.ids)], prompt_logprob_chunks)
-        if not inputs.logits_rows:
-            return hidden.new_empty(0, r.model_config.vocab_size)
-        rows = torch.tensor(inputs.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)
-        return r.model.compute_logits(hidden[rows])
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        # the prompt logprobs read their rows now (the collector syncs), before a later step overwrites them
+        return r.step_logits(hidden, inputs, prompt_logprob_chunks)

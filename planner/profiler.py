@@ -54,15 +54,22 @@ def _run_to_first_token(core: EngineCore, rids: list[str]) -> None:
         core.step()
 
 
+def cached_prefix(core: EngineCore, ids: _Ids, cached: int) -> list[int]:
+    """A fresh prompt of `cached` tokens whose pages the engine's prefix cache now holds (one request
+    over it and one token more, run to its end)."""
+    prefix = ids(cached)
+    if cached:
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        core.add_request(ids.rid("warm"), prefix + ids(1), one)
+        while core.has_unfinished():
+            core.step()
+    return prefix
+
+
 def measure_prefill(core: EngineCore, ids: _Ids, tokens: int, cached: int, repeats: int) -> float:
     """Seconds of the step computing `tokens` new prompt tokens after a cached prefix of `cached`."""
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    prefix = ids(cached)
-    if cached:
-        rid = ids.rid("warm")
-        core.add_request(rid, prefix + ids(1), one)
-        while core.has_unfinished():
-            core.step()
+    prefix = cached_prefix(core, ids, cached)
     times = []
     for i in range(repeats + 1):
         rid = ids.rid(f"p{tokens}+{cached}")
