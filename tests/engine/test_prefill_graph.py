@@ -13,6 +13,7 @@ from engine.attention import dense_prefill, triton_backend
 from engine.kernels import kv_write_ref
 from engine.model_runner import ModelRunner
 from engine.prefill_graph import PrefillGraphs, token_buckets
+from tests.engine.kernels.check_prefill_graph import SHARED, _prefix_chunks  # the GPU check's, shared
 from tests.engine.test_attention_kernels import _run
 from tests.engine.test_varlen_prefill import fa2_reference
 
@@ -252,20 +253,6 @@ def test_capture_cuts_one_graph_per_layer_and_replay_interleaves_the_hook(varlen
 
 
 # ------------------------------------------------------------------ piecewise graphs (cached prefixes)
-SHARED = list(range(500, 548))  # three pages of 16: what the second wave's prompts find cached
-
-
-def _prefix_chunks(core, tails):
-    """Runs one prompt of SHARED + 8 tokens to the end (its pages enter the prefix cache), then schedules
-    prompts SHARED + tail: their chunks start after the cached pages."""
-    from engine.sampling_params import SamplingParams
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    core.add_request("warm", SHARED + list(range(900, 908)), sp)
-    while core.has_unfinished():
-        core.step()
-    return _schedule(core, [SHARED + t for t in tails])
-
-
 @pytest.mark.parametrize("model,backend", [("tiny-qwen3", "triton"), ("tiny-deepseek-v2", "torch")])
 def test_piecewise_forward_over_cached_prefixes_matches_the_eager_step(varlen_mock, model, backend):
     """A prefill step whose chunks start after cached prefixes: the piecewise forward (its attention

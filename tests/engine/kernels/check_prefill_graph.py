@@ -26,19 +26,20 @@ def _core(model: str, graphs: bool) -> EngineCore:
     return EngineCore(config)
 
 
-SHARED = list(range(500, 548))  # three pages: the cached prefix of the piecewise checks
+SHARED = list(range(500, 548))  # three pages of 16: the cached prefix of the piecewise checks (CPU tests too)
 # Over SHARED: at least 128 new tokens each, so MLA attends decompressed eagerly too (as the graphs do)
 PREFIX_TAILS = [list(range(1000, 1130)), list(range(2000, 2200))]
 CHUNKED = list(range(3000, 3700))  # 700 tokens over a 512-token step budget: a later chunk of 188
 
 
-def _prefix_chunks(core: EngineCore) -> list:
-    """A prompt of SHARED run to the end (its pages cached), then SHARED + each tail scheduled."""
+def _prefix_chunks(core: EngineCore, tails: list[list[int]]) -> list:
+    """A prompt of SHARED run to the end (its pages enter the prefix cache), then SHARED + each tail
+    scheduled: their chunks start after the cached pages."""
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     core.add_request("warm", SHARED + [7, 7, 7], one)
     while core.has_unfinished():
         core.step()
-    for i, tail in enumerate(PREFIX_TAILS):
+    for i, tail in enumerate(tails):
         core.add_request(f"p{i}", SHARED + tail, one)
     return core.scheduler.schedule().chunks
 
@@ -50,7 +51,7 @@ def check_step(model: str, prefix: bool = False) -> bool:
         print(f"BAD {model}: prefill graphs{' (piecewise)' if prefix else ''} were not captured", flush=True)
         return False
     if prefix:
-        chunks = _prefix_chunks(core)
+        chunks = _prefix_chunks(core, PREFIX_TAILS)
         if [c.start for c in chunks] != [len(SHARED)] * len(PREFIX_TAILS):
             print(f"BAD {model}: expected chunks after a cached prefix, got starts {[c.start for c in chunks]}")
             return False
